@@ -1,0 +1,49 @@
+"""Program + Target -> a TVM library (model.so) and its parameters.
+
+The library's Relax function `main(*inputs, *params)` returns the outputs; dense ops are calls
+into the hand-written kernels (backends/kernels), linked into the same library. Cross-compiled
+libraries (arm64) link with the Debian cross compiler.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from tcc.errors import UserError
+from tcc.program import Program
+from tcc.progress import status
+
+from .lower import to_relax
+from .schedule import pipeline as cpu_pipeline
+from .targets import Target
+
+
+def build_library(program: Program, target: Target, lib_path: Path):
+    """Compile `program` for `target` into `lib_path`; returns [(param name, array)] in call order."""
+    import tvm
+    from tvm import relax
+
+    from tcc.backends.kernels.build import build_kernels
+
+    cc = target.cc.replace("g++", "gcc")
+    if shutil.which(cc) is None:
+        pkg = "gcc-aarch64-linux-gnu" if "aarch64" in cc else "gcc"
+        raise UserError(f"the {target.name} target needs the C compiler '{cc}'", f"apt-get install {pkg}")
+    with status("importing into TVM Relax"):
+        mod, params = to_relax(program)
+    work = Path(tempfile.mkdtemp(prefix="tcc-build-"))
+    try:
+        with status(f"building kernels for {target.arch}"):
+            kernels = build_kernels(target.arch, work, list(target.cflags))
+        mod = mod.with_attr("external_mods", [tvm.runtime.load_static_library(str(kernels.object), list(kernels.functions))])
+        tvm_target = target.tvm_target()
+        with status(f"compiling with TVM for {target.name} ({tvm_target})"):
+            pipeline = cpu_pipeline(tvm_target)
+            ex = relax.build(mod, tvm_target, relax_pipeline=pipeline)
+        (work / "ws").mkdir()
+        with status(f"linking {lib_path.name}"):
+            ex.export_library(str(lib_path), cc=cc, options=kernels.link_options(), workspace_dir=str(work / "ws"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return params

@@ -1,0 +1,160 @@
+"""Lowering a Program to a TVM Relax module whose dense ops call tcc's kernels.
+
+Steps:
+ 1. `kernelize(gm)`: on a copy of the graph, route every dense op to a tcc custom op
+    (aten.linear -> tcc::dense, aten.scaled_dot_product_attention -> tcc::sdpa with an additive
+    float mask); ops already in tcc form (tcc::dense_w8 from quantize-weights) stay.
+ 2. `torch.export` the copy again and import it with `from_exported_program(keep_params_as_input=
+    True, custom_convert_map=...)`: each tcc op becomes `R.call_dps_packed("tcc_...", ...)`, a call
+    into backends/kernels (BLAS-backed); everything else (norms, activations, embeddings, rotary,
+    reshapes) is legalised and fused by TVM's CPU pipeline.
+ 3. Parameters stay function inputs (not constants baked into the library): they are stored in
+    the artifact's safetensors, so the library stays small and building it stays cheap.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from tcc import ops  # noqa: F401  (registers torch.ops.tcc.*)
+from tcc.errors import UserError
+from tcc.program import Program
+
+aten = torch.ops.aten
+tcc_ops = torch.ops.tcc
+
+
+def _additive_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool "keep" mask -> additive float mask (0 keep, most negative float drop), as SDPA does."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask.to(torch.float32)
+
+
+def kernelize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of `gm` whose dense ops are tcc custom ops the TVM backend maps to kernels."""
+    gm = copy.deepcopy(gm)
+    g = gm.graph
+    for n in list(g.nodes):
+        if n.op != "call_function":
+            continue
+        if n.target == aten.linear.default:
+            x, w, *rest = n.args
+            b = rest[0] if rest else n.kwargs.get("bias")
+            with g.inserting_before(n):
+                new = g.call_function(tcc_ops.dense.default, (x, w, b))
+        elif n.target == aten.scaled_dot_product_attention.default:
+            q, k, v, *rest = n.args
+            kw = dict(n.kwargs)
+            names = ["attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+            for name, val in zip(names, rest):
+                kw[name] = val
+            if kw.get("dropout_p", 0.0):
+                raise UserError(f"node {n.name}: attention dropout p={kw['dropout_p']} in an inference graph",
+                                "put the model in eval() mode before tracing")
+            scale = kw.get("scale")
+            if scale is None:
+                scale = float(q.meta["val"].shape[-1]) ** -0.5
+            mask = kw.get("attn_mask")
+            with g.inserting_before(n):
+                if mask is not None:
+                    mask = g.call_function(_additive_mask, (mask,))
+                new = g.call_function(tcc_ops.sdpa.default, (q, k, v, mask, float(scale), bool(kw.get("is_causal", False))))
+        else:
+            continue
+        new.meta = dict(n.meta)
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+    g.lint()
+    gm.recompile()
+    return gm
+
+
+# ---------------------------------------------------------------------------------------------
+# Relax import: tcc ops -> call_dps_packed
+# ---------------------------------------------------------------------------------------------
+
+def _out_sinfo(node):
+    from tvm import relax
+    val = node.meta["val"]
+    return relax.TensorType([int(s) for s in val.shape], str(val.dtype).replace("torch.", ""))
+
+
+def _arg(importer, a):
+    return importer.env[a]
+
+
+def _convert_dense(node, importer):
+    from tvm import relax
+    x, w, b = (list(node.args) + [None])[:3]
+    args = [_arg(importer, x), _arg(importer, w)]
+    name = "tcc_dense_nobias_f32"
+    if b is not None:
+        args.append(_arg(importer, b))
+        name = "tcc_dense_f32"
+    return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(args), _out_sinfo(node)))
+
+
+def _convert_dense_w8(node, importer):
+    from tvm import relax
+    x, qw, scale, b = (list(node.args) + [None])[:4]
+    args = [_arg(importer, x), _arg(importer, qw), _arg(importer, scale)]
+    name = "tcc_dense_w8_nobias_f32"
+    if b is not None:
+        args.append(_arg(importer, b))
+        name = "tcc_dense_w8_f32"
+    return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(args), _out_sinfo(node)))
+
+
+def _convert_sdpa(node, importer):
+    import tvm
+    from tvm import relax
+    q, k, v, mask, scale, causal = node.args
+    args = [_arg(importer, q), _arg(importer, k), _arg(importer, v)]
+    name = "tcc_sdpa_nomask_f32"
+    if mask is not None:
+        args.append(_arg(importer, mask))
+        name = "tcc_sdpa_f32"
+    args += [relax.prim_value(tvm.tirx.FloatImm("float64", float(scale))), relax.prim_value(tvm.tirx.IntImm("bool", bool(causal)))]
+    return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(args), _out_sinfo(node)))
+
+
+CONVERT_MAP = {
+    "dense.default": _convert_dense,
+    "dense_w8.default": _convert_dense_w8,
+    "sdpa.default": _convert_sdpa,
+}
+
+
+def to_relax(program: Program):
+    """Program -> (IRModule with `main(*inputs, *params)`, [(param name, numpy array)])."""
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.torch import from_exported_program
+
+    gm = kernelize(program.gm)
+    feeds = program.example_inputs()
+    args = tuple(torch.from_numpy(feeds[s.name]) for s in program.inputs)
+    with torch.no_grad():
+        ep = torch.export.export(gm, args, strict=False).run_decompositions()
+    try:
+        mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=CONVERT_MAP,
+                                    run_ep_decomposition=False)
+    except AssertionError as e:
+        if "Unsupported function types" in str(e):
+            raise UserError(f"the TVM backend cannot lower these ops: {str(e).split('types')[-1].strip()}",
+                            "try --backend onnxruntime, or a pipeline that removes them")
+        raise
+    mod, _ = detach_params(mod)
+    # The Relax parameters after the user inputs are the lifted tensors, named by their
+    # placeholder (spec.arg.name); store each under its module path (spec.target).
+    tensors = {**ep.state_dict, **dict(ep.named_buffers()), **ep.constants}
+    by_arg = {s.arg.name: s.target for s in ep.graph_signature.input_specs if s.target is not None}
+    func = mod["main"]
+    n_in = int(func.attrs["num_input"])
+    params = []
+    for var in func.params[n_in:]:
+        target = by_arg[var.name]
+        params.append((target, tensors[target].detach().contiguous().numpy()))
+    return mod, params

@@ -1,0 +1,77 @@
+"""Targets: what the user types after --target, and what it means to TVM and to the C++ compiler.
+
+  x86             the host CPU (features detected through LLVM: `llvm_get_system_cpu()`)
+  x86-64-v2/v3/v4 portable x86-64 feature levels (SSE4.2 / AVX2+FMA / AVX-512)
+  arm64           generic AArch64 with NEON (Armv8.0-A), runs on any 64-bit Arm Linux
+  arm64-dotprod   Armv8.2-A with the dot-product extension (Neoverse N1, Cortex-A76 and later)
+  cuda, sm80, sm90  not built yet (see issue 7): a clear error
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from tcc.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str            # what the user typed (canonical)
+    arch: str            # "x86_64" | "aarch64"
+    tvm: dict            # JSON dict for tvm.target.Target
+    cflags: tuple        # for the hand-written kernels
+    cc: str              # C compiler that links the library
+
+    def tvm_target(self):
+        import tvm
+        return tvm.target.Target(self.tvm)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "arch": self.arch, "tvm": self.tvm, "cflags": list(self.cflags), "cc": self.cc}
+
+    @property
+    def is_host(self) -> bool:
+        return self.arch == os.uname().machine
+
+
+def _x86(name: str, mcpu: str) -> Target:
+    return Target(name, "x86_64", {"kind": "llvm", "mcpu": mcpu, "num-cores": os.cpu_count() or 1},
+                  (f"-march={mcpu}",), "g++")
+
+
+def _arm(name: str, mcpu: str, march: str, mattr: list[str]) -> Target:
+    return Target(name, "aarch64", {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu, "mattr": mattr},
+                  (f"-march={march}",), "aarch64-linux-gnu-g++")
+
+
+PRESETS = {
+    "x86-64-v2": lambda: _x86("x86-64-v2", "x86-64-v2"),
+    "x86-64-v3": lambda: _x86("x86-64-v3", "x86-64-v3"),
+    "x86-64-v4": lambda: _x86("x86-64-v4", "x86-64-v4"),
+    "arm64": lambda: _arm("arm64", "generic", "armv8-a", ["+neon"]),
+    "arm64-dotprod": lambda: _arm("arm64-dotprod", "neoverse-n1", "armv8.2-a+dotprod", ["+neon", "+dotprod"]),
+}
+ALIASES = {"x86_64": "x86", "aarch64": "arm64", "arm64-v8.2": "arm64-dotprod", "neoverse-n1": "arm64-dotprod"}
+NOT_YET = ("cuda", "sm80", "sm90")
+
+
+def host_cpu() -> str:
+    from tvm.target import codegen
+    return str(codegen.llvm_get_system_cpu())
+
+
+def get_target(name: str) -> Target:
+    n = ALIASES.get(name.strip().lower(), name.strip().lower())
+    if n == "x86":
+        if os.uname().machine != "x86_64":
+            raise UserError("--target x86 means this host's CPU, and this host is not x86-64",
+                            "use a preset: x86-64-v3 or x86-64-v4")
+        cpu = host_cpu()
+        t = _x86("x86", cpu)
+        return dataclasses.replace(t, cflags=("-march=native",) if cpu not in ("generic", "") else ("-march=x86-64-v2",))
+    if n in PRESETS:
+        return PRESETS[n]()
+    if n in NOT_YET:
+        raise UserError(f"target '{name}' is not available yet: the CUDA backend is not built",
+                        "use x86 or arm64 (presets: " + ", ".join(PRESETS) + ")")
+    raise UserError(f"unknown target '{name}'", "choose one of: x86, " + ", ".join(PRESETS))

@@ -1,0 +1,31 @@
+"""tcc — a transformer compression compiler.
+
+    import tcc
+    program = tcc.trace("minilm", seq_len=128)           # HF folder, .gguf, alias, or nn.Module
+    pipe = tcc.Pipeline.parse("dce,quantize-weights(bits=8)")
+    art = tcc.compile(program, "x86", out="build/minilm", pipeline=str(pipe))
+    outputs = tcc.load("build/minilm")({"input_ids": ..., "attention_mask": ...})
+"""
+__version__ = "0.1.0"
+
+from .errors import AccuracyBudgetError, InternalError, TccError, UserError  # noqa: E402,F401
+
+
+def __getattr__(name):
+    # Lazy: importing tcc must stay cheap (the CLI prints help without importing torch or TVM).
+    if name == "trace":
+        from .frontend import trace
+        return trace
+    if name == "compile":
+        from .compiler import compile
+        return compile
+    if name == "load":
+        from .runtime import load
+        return load
+    if name in ("Pipeline", "Pass", "PassContext", "register"):
+        from . import pipeline
+        return getattr(pipeline, name)
+    if name == "Program":
+        from .program import Program
+        return Program
+    raise AttributeError(name)

@@ -1,0 +1,114 @@
+"""Artifacts: what `tcc compile` writes and `tcc.load` runs.
+
+A directory:
+  model.so            the compiled library (TVM Relax VM executable + tcc kernels) for the target;
+                      its function `main(*inputs, *params)` returns the outputs
+  weights.safetensors the parameters, stored in their compiled dtypes (int8 where quantised)
+  manifest.json       tcc version, source model and its hash, pipeline with options, target,
+                      input/output specs, parameter order, per-pass records, sizes, sha256 of every
+                      file; everything that varies between two identical compiles (time of day,
+                      seconds taken, host) is kept in the one field "run"
+  report.md           a short human report
+It is written to a temporary sibling directory and renamed into place, so a failed compile leaves
+no half-written artifact; an existing artifact at the path is replaced only on success.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+FORMAT = "tcc-artifact/1"
+FILES = ("model.so", "weights.safetensors", "report.md")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Staging:
+    """A temporary directory beside `out` that becomes `out` on commit()."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out).resolve()
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"output path {self.out} exists and is not a directory", "choose another -o path")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+
+    def commit(self) -> Path:
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, old)
+        os.replace(self.dir, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
+
+
+def save_weights(path: Path, params: list[tuple[str, np.ndarray]]) -> None:
+    from safetensors.numpy import save_file
+    save_file({name: np.ascontiguousarray(a) for name, a in params}, str(path))
+
+
+def write_manifest(dir: Path, manifest: dict, run: dict) -> dict:
+    manifest = dict(manifest)
+    manifest["format"] = FORMAT
+    manifest["files"] = {f: sha256(dir / f) for f in sorted(os.listdir(dir)) if f != "manifest.json"}
+    manifest["run"] = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **run}
+    (dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_manifest(dir: Path) -> dict:
+    dir = Path(dir)
+    if not dir.exists():
+        raise UserError(f"artifact '{dir}' not found", "give the directory `tcc compile -o` wrote")
+    path = dir / "manifest.json"
+    if not path.exists():
+        raise UserError(f"{dir} is not a tcc artifact (no manifest.json)", "give the directory `tcc compile -o` wrote")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is corrupt: {e}", "compile the model again")
+    if m.get("format") != FORMAT:
+        raise UserError(f"{dir} has artifact format {m.get('format')!r}, this tcc reads {FORMAT}", "compile the model again")
+    return m
+
+
+def verify_files(dir: Path, manifest: dict) -> None:
+    for f, digest in manifest.get("files", {}).items():
+        p = Path(dir) / f
+        if not p.exists():
+            raise UserError(f"artifact {dir} is missing {f}", "compile the model again")
+        if f != "report.md" and sha256(p) != digest:
+            raise UserError(f"artifact file {p} does not match its sha256 in manifest.json (corrupt or modified)",
+                            "compile the model again")
+
+
+def weight_bytes(params: list[tuple[str, np.ndarray]]) -> int:
+    return int(sum(a.nbytes for _, a in params))

