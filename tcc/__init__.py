@@ -8,6 +8,13 @@
 """
 __version__ = "0.1.0"
 
+import os as _os
+
+# TVM sizes its thread pool once, at first use, assuming hyper-threading on x86 (half the cores):
+# on a 2-core machine that is one thread, and the dense kernels run on that pool. Use every core
+# unless the user said otherwise.
+_os.environ.setdefault("TVM_NUM_THREADS", str(len(_os.sched_getaffinity(0)) if hasattr(_os, "sched_getaffinity") else _os.cpu_count() or 1))
+
 from .errors import AccuracyBudgetError, InternalError, TccError, UserError  # noqa: E402,F401
 
 

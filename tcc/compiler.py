@@ -5,6 +5,7 @@ starts, and the artifact is staged in a temporary directory, so an error leaves 
 """
 from __future__ import annotations
 
+import json
 import platform
 import time
 from pathlib import Path
@@ -28,7 +29,8 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
     from .pipeline import Pipeline, PassContext
 
     tgt = get_target(target)
-    pipe = Pipeline.parse(",".join(p for p in (DEFAULT_CLEANUP, pipeline) if p))
+    user = Pipeline.parse(pipeline) if pipeline else Pipeline([])
+    pipe = Pipeline(list(Pipeline.parse(DEFAULT_CLEANUP)) + list(user))
     t_start = time.perf_counter()
     if isinstance(model, Program):
         program = model.clone()
@@ -64,7 +66,7 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
         }
         (stage.dir / "report.md").write_text(_report(manifest, ctx.records))
         run = {"host": platform.node(), "seconds": {"trace": round(t_trace, 2), "build": round(t_build, 2),
-               "passes": {r["pass"]: round(r.get("seconds", 0.0), 3) for r in ctx.records}}}
+               "passes": [[r["pass"], r["seconds"]] for r in ctx.records]}}
         if verify:
             run["verify"] = _verify(stage.dir, manifest, run, reference)
         write_manifest(stage.dir, manifest, run)
@@ -96,17 +98,18 @@ def _stable_record(r: dict) -> dict:
 
 
 def _report(manifest: dict, records: list[dict]) -> str:
-    lines = [f"# tcc artifact: {manifest['source'].get('path', manifest['source'].get('class', '?'))}", "",
-             f"- target: `{manifest['target']['name']}` ({manifest['target']['tvm']})",
+    src = manifest["source"]
+    sizes = manifest["sizes"]
+    lines = [f"# tcc artifact: {src.get('path', src.get('class', '?'))}", "",
+             f"- target: `{manifest['target']['name']}` (TVM target `{json.dumps(manifest['target']['tvm'], sort_keys=True)}`)",
              f"- task: {manifest['task']}; inputs: " + ", ".join(f"{s['name']}{s['shape']} {s['dtype']}" for s in manifest["inputs"]),
              f"- pipeline: `{manifest['pipeline']}`",
-             f"- weights: {manifest['sizes']['weight_bytes'] / 1e6:.2f} MB"
-             + (f" (source {manifest['sizes']['source_param_bytes'] / 1e6:.2f} MB)" if manifest['sizes'].get('source_param_bytes') else ""),
-             "", "| pass | params before → after (MB) | GFLOPs before → after | max drift |", "| --- | --- | --- | --- |"]
+             f"- weights in the artifact: {sizes['weight_bytes'] / 1e6:.2f} MB"
+             + (f" (source model: {sizes['source_param_bytes'] / 1e6:.2f} MB)" if sizes.get("source_param_bytes") else ""),
+             "", "| pass | params MB before → after | GFLOP before → after | max rel drift |", "| --- | --- | --- | --- |"]
     for r in records:
-        pb, pa = r.get("param_bytes_before", 0) / 1e6, r.get("param_bytes_after", 0) / 1e6
-        fb, fa = r.get("flops_before", 0) / 1e9, r.get("flops_after", 0) / 1e9
-        drift = r.get("drift") or {}
-        d = drift.get("max_abs") if isinstance(drift, dict) else drift
-        lines.append(f"| {r['pass']} | {pb:.2f} → {pa:.2f} | {fb:.2f} → {fa:.2f} | {d if d is not None else '-'} |")
+        pb, fl = r["param_bytes"], r["flops"]
+        drift = (r.get("drift") or {}).get("rel")
+        lines.append(f"| `{r['text']}` | {pb['before'] / 1e6:.2f} → {pb['after'] / 1e6:.2f} | "
+                     f"{fl['before'] / 1e9:.2f} → {fl['after'] / 1e9:.2f} | {'-' if drift is None else f'{drift:.2e}'} |")
     return "\n".join(lines) + "\n"

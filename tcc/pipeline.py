@@ -140,6 +140,14 @@ class PassContext:
     verbose: bool = False
     details: dict = dataclasses.field(default_factory=dict)  # the running pass's notes
 
+    def refresh_info(self, program: Program) -> None:
+        """Recover ModelInfo again after a pass changed the structure."""
+        from .structure import recover
+        vocab = getattr(program.info, "vocab_size", None)
+        program.info = recover(program.gm)
+        if vocab is not None and getattr(program.info, "vocab_size", None) is None:
+            program.info.vocab_size = vocab
+
     def note(self, **details: Any) -> None:
         """Add JSON-able facts about what the running pass did; they land in its record."""
         self.details.update(details)

@@ -8,7 +8,7 @@ import time
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 _quiet = False
 
 

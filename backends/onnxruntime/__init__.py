@@ -20,6 +20,7 @@ every such op; aten ops the exporter cannot translate raise a UserError with its
 `threads` intra-op threads, None = ORT's default of one per core) and is called like a Program:
 `session(feeds) -> {output name: array}`. `reference_session(program)` exports to a temporary
 directory and returns the session (the directory lives as long as the session).
+`quantize_dynamic_int8(src, dst)` makes ORT's own int8 peer (dynamic quantization) of an fp32 file.
 """
 from __future__ import annotations
 
@@ -188,6 +189,20 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(
 def _spec(node) -> TensorSpec:
     shape = tuple(s if isinstance(s, int) else -1 for s in node.shape)
     return TensorSpec(node.name, _ORT_DTYPES.get(node.type, node.type), shape)
+
+
+def quantize_dynamic_int8(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """ORT's own int8 baseline: dynamic quantization (int8 weights per channel, activations
+    quantized per call) of the fp32 ONNX file `src` into `dst`; the peer tcc's int8 is measured
+    against."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it logs a "consider pre-processing" warning on the root logger
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
 
 
 def reference_session(program: Program, threads: int | None = None) -> OrtSession:

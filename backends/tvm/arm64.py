@@ -226,7 +226,7 @@ class Arm64Session:
         self._stderr = Path(self._workdir, "stderr.log")
         with open(self._stderr, "wb") as err:
             self._proc = subprocess.Popen(
-                [qemu, "-L", SYSROOT, "-E", f"LD_LIBRARY_PATH={rt / 'lib'}", str(rt / "tcc_driver"),
+                [qemu, "-cpu", manifest["target"].get("qemu_cpu", "cortex-a72"), "-L", SYSROOT, "-E", f"LD_LIBRARY_PATH={rt / 'lib'}", str(rt / "tcc_driver"),
                  str((art / "model.so").resolve()), "spec.txt", str((art / "weights.safetensors").resolve())],
                 cwd=self._workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
         self._finalizer = weakref.finalize(self, _shutdown, self._proc, self._workdir)

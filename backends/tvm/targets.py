@@ -21,13 +21,19 @@ class Target:
     tvm: dict            # JSON dict for tvm.target.Target
     cflags: tuple        # for the hand-written kernels
     cc: str              # C compiler that links the library
+    qemu_cpu: str = ""   # the CPU qemu-aarch64 emulates to run it here: the target's own features,
+                         # not qemu's default "max" (with SVE/SME), on which OpenBLAS picks kernels
+                         # that computed wrong results under qemu
 
     def tvm_target(self):
         import tvm
         return tvm.target.Target(self.tvm)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "arch": self.arch, "tvm": self.tvm, "cflags": list(self.cflags), "cc": self.cc}
+        d = {"name": self.name, "arch": self.arch, "tvm": self.tvm, "cflags": list(self.cflags), "cc": self.cc}
+        if self.qemu_cpu:
+            d["qemu_cpu"] = self.qemu_cpu
+        return d
 
     @property
     def is_host(self) -> bool:
@@ -39,17 +45,17 @@ def _x86(name: str, mcpu: str) -> Target:
                   (f"-march={mcpu}",), "g++")
 
 
-def _arm(name: str, mcpu: str, march: str, mattr: list[str]) -> Target:
+def _arm(name: str, mcpu: str, march: str, mattr: list[str], qemu_cpu: str) -> Target:
     return Target(name, "aarch64", {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu, "mattr": mattr},
-                  (f"-march={march}",), "aarch64-linux-gnu-g++")
+                  (f"-march={march}",), "aarch64-linux-gnu-g++", qemu_cpu)
 
 
 PRESETS = {
     "x86-64-v2": lambda: _x86("x86-64-v2", "x86-64-v2"),
     "x86-64-v3": lambda: _x86("x86-64-v3", "x86-64-v3"),
     "x86-64-v4": lambda: _x86("x86-64-v4", "x86-64-v4"),
-    "arm64": lambda: _arm("arm64", "generic", "armv8-a", ["+neon"]),
-    "arm64-dotprod": lambda: _arm("arm64-dotprod", "neoverse-n1", "armv8.2-a+dotprod", ["+neon", "+dotprod"]),
+    "arm64": lambda: _arm("arm64", "generic", "armv8-a", ["+neon"], "cortex-a72"),
+    "arm64-dotprod": lambda: _arm("arm64-dotprod", "neoverse-n1", "armv8.2-a+dotprod", ["+neon", "+dotprod"], "neoverse-n1"),
 }
 ALIASES = {"x86_64": "x86", "aarch64": "arm64", "arm64-v8.2": "arm64-dotprod", "neoverse-n1": "arm64-dotprod"}
 NOT_YET = ("cuda", "sm80", "sm90")

@@ -1,0 +1,168 @@
+"""Compile tcc's hand-written CPU kernels (cpu_kernels.cc) into an object a TVM module links in.
+
+Contract:
+  build_kernels(arch, out_dir, cflags=None) -> KernelLib
+    arch     "x86_64" or "aarch64"; the host's own arch compiles with g++, the other one with the
+             Debian cross compiler ({arch}-linux-gnu-g++). A missing compiler is a UserError naming
+             the Debian package.
+    cflags   target flags, e.g. ["-march=x86-64-v3"] or ["-march=armv8.2-a+dotprod"]; default
+             -march=native on an x86-64 host (x86-64-v2 when cross-compiling), -march=armv8-a for
+             aarch64. They come after the fixed flags (-O3 -fPIC -std=c++17 ...).
+    The object is cached under $TCC_CACHE/kernels (default ~/.cache/tcc/kernels), keyed by a hash of
+    the kernel sources, the flags, the compiler's identity (and, for -march=native, the CPU features
+    it resolves to) and the versions of the tvm-ffi and OpenBLAS headers; it is written atomically
+    (temp file + rename) and copied into out_dir as tcc_kernels_{arch}.o.
+
+  KernelLib
+    .object       Path of the object in out_dir
+    .functions    the exported kernel names (TVM_FFI_DLL_EXPORT_TYPED_FUNC in the source), for
+                  tvm.runtime.load_static_library(str(lib.object), list(lib.functions))
+    .link_options()  the options export_library(path, options=...) needs to link the object: OpenBLAS
+                  (-L, -l:libscipy_openblas.so as DT_NEEDED, rpath $ORIGIN and its directory) and
+                  libstdc++. x86_64 uses the scipy-openblas32 wheel's library; aarch64 the aarch64
+                  runtime directory (backends/tvm/arm64.py: aarch64_runtime_dir(), fetched on first
+                  use). The kernels also call TVMBackendParallelLaunch and the tvm-ffi C API; those
+                  stay undefined in the library and resolve from the TVM runtime that loads it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from tcc.errors import InternalError, UserError
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "cpu_kernels.cc"
+ARCHES = ("x86_64", "aarch64")
+BASE_FLAGS = ["-O3", "-fPIC", "-std=c++17", "-DNDEBUG",
+              "-fopenmp-simd",        # `#pragma omp simd` reductions in the softmax, no OpenMP runtime
+              "-fno-trapping-math",   # lets GCC if-convert the branch-free exp so it vectorizes
+              "-frandom-seed=tcc_kernels"]
+DEBIAN_PACKAGE = {"g++": "g++", "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
+                  "x86_64-linux-gnu-g++": "g++-x86-64-linux-gnu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLib:
+    arch: str
+    object: Path
+    functions: tuple[str, ...]
+
+    def link_options(self) -> list[str]:
+        lib_dir = _blas_lib_dir(self.arch)
+        # export_library puts options before the objects: --no-as-needed keeps both libraries.
+        return [f"-L{lib_dir}", f"-Wl,-rpath,$ORIGIN:{lib_dir}",
+                "-Wl,--push-state,--no-as-needed", "-l:libscipy_openblas.so", "-lstdc++", "-Wl,--pop-state"]
+
+
+def build_kernels(arch: str, out_dir: Path, cflags: list[str] | None = None) -> KernelLib:
+    if arch not in ARCHES:
+        raise UserError(f"no CPU kernels for architecture '{arch}'", f"use one of: {', '.join(ARCHES)}")
+    cxx = _compiler(arch)
+    flags = BASE_FLAGS + list(cflags if cflags is not None else _default_cflags(arch))
+    includes = _include_dirs()
+    cached = _cache_dir() / f"cpu_kernels-{arch}-{_key(arch, cxx, flags)}.o"
+    if not cached.exists():
+        _compile(cxx, flags, includes, cached, user_flags=cflags)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    obj = out_dir / f"tcc_kernels_{arch}.o"
+    _atomic_copy(cached, obj)
+    return KernelLib(arch, obj, exported_functions())
+
+
+def exported_functions() -> tuple[str, ...]:
+    return tuple(re.findall(r"^TVM_FFI_DLL_EXPORT_TYPED_FUNC\((\w+),", SOURCE.read_text(), re.M))
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _compiler(arch: str) -> str:
+    cxx = "g++" if arch == platform.machine() else f"{arch}-linux-gnu-g++"
+    if shutil.which(cxx) is None:
+        raise UserError(f"the C++ compiler {cxx} is not installed (needed for the {arch} kernels)",
+                        f"apt-get install {DEBIAN_PACKAGE[cxx]}")
+    return cxx
+
+
+def _default_cflags(arch: str) -> list[str]:
+    if arch == "aarch64":
+        return ["-march=armv8-a"]
+    return ["-march=native"] if platform.machine() == "x86_64" else ["-march=x86-64-v2"]
+
+
+def _include_dirs() -> list[str]:
+    import scipy_openblas32
+    import tvm_ffi.libinfo
+    return [tvm_ffi.libinfo.find_include_path(), tvm_ffi.libinfo.find_dlpack_include_path(),
+            scipy_openblas32.get_include_dir()]
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("TCC_CACHE") or Path.home() / ".cache" / "tcc").expanduser()
+    d = root / "kernels"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _key(arch: str, cxx: str, flags: list[str]) -> str:
+    import scipy_openblas32
+    import tvm_ffi
+    h = hashlib.sha256()
+    for f in sorted(HERE.glob("*.cc")) + sorted(HERE.glob("*.h")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    h.update("\0".join([arch, os.path.realpath(shutil.which(cxx)), _run([cxx, "--version"]), *flags,
+                        tvm_ffi.__version__, scipy_openblas32.__version__]).encode())
+    if any("native" in f for f in flags):  # what "native" means on this CPU
+        h.update(_run([cxx, *flags, "-Q", "--help=target"]).encode())
+    return h.hexdigest()[:20]
+
+
+def _run(cmd: list[str]) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
+def _compile(cxx: str, flags: list[str], includes: list[str], dest: Path, user_flags: list[str] | None) -> None:
+    tmp = _temp_file(dest)
+    # Run in the source directory with a relative file name, and map the include directories
+    # (named by __FILE__ in error messages), so no absolute path enters the object.
+    cmd = [cxx, *flags, *(f"-I{d}" for d in includes), *(f"-ffile-prefix-map={d}=include" for d in includes),
+           "-c", SOURCE.name, "-o", tmp]
+    proc = subprocess.run(cmd, cwd=SOURCE.parent, capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        errors = [line for line in proc.stderr.splitlines() if "error" in line] or proc.stderr.splitlines()[-1:]
+        if user_flags:
+            raise UserError(f"{cxx} rejected the kernel flags {' '.join(user_flags)}: {errors[0] if errors else ''}",
+                            "check the C++ flags (cflags) of the target")
+        raise InternalError(f"{cxx} could not compile {SOURCE.name}:\n{proc.stderr[-3000:]}\ncommand: {' '.join(cmd)}")
+    os.replace(tmp, dest)
+
+
+def _atomic_copy(src: Path, dest: Path) -> None:
+    tmp = _temp_file(dest)
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+def _temp_file(dest: Path) -> str:
+    """A new file beside dest, readable by all like any build output, to os.replace() onto dest."""
+    fd, tmp = tempfile.mkstemp(suffix=dest.suffix, dir=dest.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o644)
+    return tmp
+
+
+def _blas_lib_dir(arch: str) -> Path:
+    if arch == "aarch64":
+        from tcc.backends.tvm.arm64 import aarch64_runtime_dir
+        return aarch64_runtime_dir() / "lib"
+    import scipy_openblas32
+    return Path(scipy_openblas32.get_lib_dir())

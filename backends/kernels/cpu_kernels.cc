@@ -1,0 +1,494 @@
+// tcc's hand-written CPU kernels for the dense ops, called from TVM modules (x86-64 and aarch64).
+//
+// Contract: each kernel computes exactly the reference op in tcc/ops.py, in fp32, on row-major
+// contiguous CPU tensors, and writes its result into the last argument (destination-passing style,
+// as R.call_dps_packed calls it). Every argument's dtype, rank and shape is checked; a mismatch
+// raises a ValueError/TypeError through TVM-FFI that names the kernel and the argument.
+//
+//   tcc_dense_f32(x[..., K], w[N, K], b[N], out[..., N])             out = x w^T + b
+//   tcc_dense_nobias_f32(x, w, out)
+//   tcc_dense_w8_f32(x[..., K], qw int8[N, K], scale[N], b[N], out)  out = x (qw * scale)^T + b
+//   tcc_dense_w8_nobias_f32(x, qw, scale, out)
+//   tcc_sdpa_f32(q[B,H,Sq,D], k[B,Hkv,Sk,D], v[B,Hkv,Sk,Dv], mask, double scale, bool causal,
+//                out[B,H,Sq,Dv])
+//   tcc_sdpa_nomask_f32(q, k, v, double scale, bool causal, out)
+//
+// sdpa: query head h reads KV head h / (H / Hkv); `mask` is an additive float mask of rank <= 4,
+// right-aligned against [B, H, Sq, Sk], each dim 1 (broadcast) or full; `causal` lets query i see
+// keys j <= i + Sk - Sq (torch's tril(Sk - Sq)). A row that sees no key at all is NaN, as in the
+// reference (softmax of all -inf). scale and causal come as Relax PrimValues (relax.prim_value).
+//
+// Math: fp32 GEMMs are cblas_sgemm from scipy-openblas32 (symbols prefixed scipy_). dense_w8 keeps
+// the weights int8 in memory and dequantizes blocks of output channels (64 KiB of fp32 for M <= 16,
+// else 512 KiB) into a per-thread scratch buffer, one sgemm per block. Threads: OpenBLAS is set to
+// one thread and the kernels split their work over TVM's own thread pool (TVMBackendParallelLaunch,
+// resolved from libtvm_runtime when the module is loaded), so TVM's and OpenBLAS's pools never
+// fight for cores: dense splits the longer of M and N, sdpa splits (batch, head, block of 64 query
+// rows). The pool's size is TVM's: TVM_NUM_THREADS, else half the logical CPUs on x86 (TVM assumes
+// hyper-threading), all of them elsewhere.
+#include <cblas.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/function.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+extern "C" {
+typedef struct {
+  void* sync_handle;
+  int32_t num_task;
+} TVMParallelGroupEnv;
+typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
+int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void* cdata, int num_task);
+}
+
+namespace {
+
+using tvm::ffi::TensorView;
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks
+// ---------------------------------------------------------------------------------------------
+
+const char* dtype_name(DLDataType t) {
+  if (t.lanes != 1) return "vector";
+  if (t.code == kDLFloat && t.bits == 32) return "float32";
+  if (t.code == kDLFloat && t.bits == 16) return "float16";
+  if (t.code == kDLFloat && t.bits == 64) return "float64";
+  if (t.code == kDLBfloat && t.bits == 16) return "bfloat16";
+  if (t.code == kDLInt && t.bits == 8) return "int8";
+  if (t.code == kDLInt && t.bits == 32) return "int32";
+  if (t.code == kDLInt && t.bits == 64) return "int64";
+  if (t.code == kDLUInt && t.bits == 8) return "uint8";
+  if (t.code == kDLBool) return "bool";
+  return "other";
+}
+
+std::string shape_str(const TensorView& t) {
+  std::string s = "[";
+  for (int d = 0; d < t.ndim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
+  return s + "]";
+}
+
+// Checks dtype, rank range, CPU device and contiguity; returns the data pointer.
+template <typename T>
+T* data_of(const TensorView& t, const char* kernel, const char* arg, DLDataTypeCode code, int bits,
+           int min_ndim, int max_ndim) {
+  DLDataType dt = t.dtype();
+  if (dt.code != code || dt.bits != bits || dt.lanes != 1) {
+    DLDataType want{static_cast<uint8_t>(code), static_cast<uint8_t>(bits), 1};
+    TVM_FFI_THROW(TypeError) << kernel << ": argument '" << arg << "' must be " << dtype_name(want)
+                             << ", got " << dtype_name(dt);
+  }
+  if (t.ndim() < min_ndim || t.ndim() > max_ndim) {
+    TVM_FFI_THROW(ValueError) << kernel << ": argument '" << arg << "' must have rank "
+                              << (min_ndim == max_ndim ? std::to_string(min_ndim)
+                                  : std::to_string(min_ndim) + " to " + std::to_string(max_ndim))
+                              << ", got shape " << shape_str(t);
+  }
+  if (t.device().device_type != kDLCPU) {
+    TVM_FFI_THROW(ValueError) << kernel << ": argument '" << arg << "' must be on the CPU";
+  }
+  if (!t.IsContiguous()) {
+    TVM_FFI_THROW(ValueError) << kernel << ": argument '" << arg << "' must be contiguous";
+  }
+  return reinterpret_cast<T*>(static_cast<char*>(t.data_ptr()) + t.byte_offset());
+}
+
+const float* f32_in(const TensorView& t, const char* kernel, const char* arg, int min_ndim, int max_ndim) {
+  return data_of<const float>(t, kernel, arg, kDLFloat, 32, min_ndim, max_ndim);
+}
+
+float* f32_out(const TensorView& t, const char* kernel, int min_ndim, int max_ndim) {
+  return data_of<float>(t, kernel, "out", kDLFloat, 32, min_ndim, max_ndim);
+}
+
+void check_dim(const TensorView& t, const char* kernel, const char* arg, int dim, int64_t want,
+               const char* what) {
+  int64_t got = t.size(dim);
+  if (got != want) {
+    TVM_FFI_THROW(ValueError) << kernel << ": argument '" << arg << "' has shape " << shape_str(t)
+                              << ", its dim " << dim << " must be " << want << " (" << what << ")";
+  }
+}
+
+void check_blas_int(int64_t n, const char* kernel, const char* what) {
+  if (n > std::numeric_limits<blasint>::max()) {
+    TVM_FFI_THROW(ValueError) << kernel << ": " << what << " = " << n << " is too large for a 32-bit BLAS";
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Threads: TVM's pool runs the tasks, OpenBLAS runs single-threaded inside each task.
+// ---------------------------------------------------------------------------------------------
+
+void blas_single_threaded() {
+  static const bool once = (scipy_openblas_set_num_threads(1), true);
+  (void)once;
+}
+
+// Runs fn(task, num_tasks) on every thread of TVM's pool.
+template <typename F>
+void parallel(F&& fn) {
+  blas_single_threaded();
+  auto lambda = [](int task, TVMParallelGroupEnv* env, void* cdata) -> int {
+    (*static_cast<F*>(cdata))(task, env->num_task);
+    return 0;
+  };
+  if (TVMBackendParallelLaunch(lambda, &fn, 0) != 0) {
+    TVM_FFI_THROW(RuntimeError) << "TVMBackendParallelLaunch failed";
+  }
+}
+
+// The part [begin, end) of `n` items, in units of `grain`, that task `task` of `num_tasks` owns.
+void split(int64_t n, int64_t grain, int task, int num_tasks, int64_t* begin, int64_t* end) {
+  int64_t units = (n + grain - 1) / grain;
+  int64_t per = units / num_tasks, extra = units % num_tasks;
+  int64_t first = task * per + std::min<int64_t>(task, extra);
+  int64_t count = per + (task < extra ? 1 : 0);
+  *begin = std::min(n, first * grain);
+  *end = std::min(n, (first + count) * grain);
+}
+
+// C[m, n] = alpha * A[m, k] B[n, k]^T + beta * C   (all row-major, given leading dimensions).
+// One row goes to sgemv: sgemm would first copy all of B into its packed layout. (c is zeroed
+// first when beta = 0: it may hold NaNs, and 0 * NaN is NaN if sgemv scales y by beta.)
+void sgemm_nt(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+              int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 1 && k > 0) {
+    if (beta == 0.0f) std::fill(c, c + n, 0.0f);
+    scipy_cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, alpha, b, ldb, a, 1, beta, c, 1);
+    return;
+  }
+  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, alpha, a, std::max<int64_t>(lda, 1),
+                    b, std::max<int64_t>(ldb, 1), beta, c, std::max<int64_t>(ldc, 1));
+}
+
+// C[m, n] = A[m, k] B[k, n]
+void sgemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+              float* c, int64_t ldc) {
+  if (m == 1 && n > 0) {
+    std::fill(c, c + n, 0.0f);
+    scipy_cblas_sgemv(CblasRowMajor, CblasTrans, k, n, 1.0f, b, ldb, a, 1, 0.0f, c, 1);
+    return;
+  }
+  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, 1.0f, a, std::max<int64_t>(lda, 1),
+                    b, std::max<int64_t>(ldb, 1), 0.0f, c, std::max<int64_t>(ldc, 1));
+}
+
+std::vector<float>& scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf;
+}
+
+// ---------------------------------------------------------------------------------------------
+// dense and dense_w8
+// ---------------------------------------------------------------------------------------------
+
+struct DenseShape {
+  int64_t m, n, k;
+};
+
+DenseShape check_dense(const char* kernel, const TensorView& x, const TensorView& w, const TensorView* scale,
+                       const TensorView* b, const TensorView& out) {
+  f32_in(x, kernel, "x", 1, 64);
+  int64_t n = w.size(0), k = x.size(-1);
+  check_dim(w, kernel, scale ? "qw" : "w", 1, k, "K, the last dim of x");
+  if (scale) {
+    f32_in(*scale, kernel, "scale", 1, 1);
+    check_dim(*scale, kernel, "scale", 0, n, "N, the rows of qw");
+  }
+  if (b) {
+    f32_in(*b, kernel, "b", 1, 1);
+    check_dim(*b, kernel, "b", 0, n, scale ? "N, the rows of qw" : "N, the rows of w");
+  }
+  f32_out(out, kernel, x.ndim(), x.ndim());
+  for (int d = 0; d + 1 < x.ndim(); ++d) check_dim(out, kernel, "out", d, x.size(d), "the leading dims of x");
+  check_dim(out, kernel, "out", x.ndim() - 1, n, "N");
+  int64_t m = x.numel() / std::max<int64_t>(k, 1);
+  if (k == 0) m = out.numel() / std::max<int64_t>(n, 1);
+  check_blas_int(m, kernel, "M");
+  check_blas_int(n, kernel, "N");
+  check_blas_int(k, kernel, "K");
+  return {m, n, k};
+}
+
+// out[m0:m1, n0:n1] = b[n0:n1] (or 0) broadcast over rows
+void fill_bias(float* out, const float* b, int64_t n, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t i = m0; i < m1; ++i) {
+    float* row = out + i * n + n0;
+    if (b) std::memcpy(row, b + n0, (n1 - n0) * sizeof(float));
+    else std::memset(row, 0, (n1 - n0) * sizeof(float));
+  }
+}
+
+// The rectangle [m0, m1) x [n0, n1) of out that task `task` of `num_tasks` computes: the longer
+// of M and N is split, in units of 16.
+void dense_tile(const DenseShape& s, int task, int num_tasks, int64_t* m0, int64_t* m1, int64_t* n0,
+                int64_t* n1) {
+  *m0 = 0, *m1 = s.m, *n0 = 0, *n1 = s.n;
+  if (s.n >= s.m) split(s.n, 16, task, num_tasks, n0, n1);
+  else split(s.m, 16, task, num_tasks, m0, m1);
+}
+
+void dense(const TensorView& x, const TensorView& w, const TensorView* b, const TensorView& out,
+           const char* kernel) {
+  f32_in(w, kernel, "w", 2, 2);
+  DenseShape s = check_dense(kernel, x, w, nullptr, b, out);
+  const float* xp = f32_in(x, kernel, "x", 1, 64);
+  const float* wp = f32_in(w, kernel, "w", 2, 2);
+  const float* bp = b ? f32_in(*b, kernel, "b", 1, 1) : nullptr;
+  float* op = f32_out(out, kernel, 1, 64);
+  parallel([&](int task, int num_tasks) {
+    int64_t m0, m1, n0, n1;
+    dense_tile(s, task, num_tasks, &m0, &m1, &n0, &n1);
+    if (m0 >= m1 || n0 >= n1) return;
+    fill_bias(op, bp, s.n, m0, m1, n0, n1);
+    if (s.k == 0) return;
+    sgemm_nt(m1 - m0, n1 - n0, s.k, 1.0f, xp + m0 * s.k, s.k, wp + n0 * s.k, s.k, 1.0f, op + m0 * s.n + n0, s.n);
+  });
+}
+
+// Output channels dequantized per block, a multiple of 16: about 64 KiB of fp32 weights when
+// there are few rows (the block is read once, so it should stay in L1/L2), 512 KiB otherwise (fewer,
+// larger sgemm calls). Measured on M = 1 and M = 128 with K = 384 and 576.
+int64_t w8_block(int64_t m, int64_t k) {
+  const int64_t bytes = (m <= 16 ? 64 : 512) * 1024;
+  return std::max<int64_t>(16, bytes / 4 / std::max<int64_t>(k, 1) / 16 * 16);
+}
+
+void dense_w8(const TensorView& x, const TensorView& qw, const TensorView& scale, const TensorView* b,
+              const TensorView& out, const char* kernel) {
+  const int8_t* qp = data_of<const int8_t>(qw, kernel, "qw", kDLInt, 8, 2, 2);
+  DenseShape s = check_dense(kernel, x, qw, &scale, b, out);
+  const float* xp = f32_in(x, kernel, "x", 1, 64);
+  const float* sp = f32_in(scale, kernel, "scale", 1, 1);
+  const float* bp = b ? f32_in(*b, kernel, "b", 1, 1) : nullptr;
+  float* op = f32_out(out, kernel, 1, 64);
+  const int64_t block = w8_block(s.m, s.k);
+  parallel([&](int task, int num_tasks) {
+    int64_t m0, m1, n0, n1;
+    dense_tile(s, task, num_tasks, &m0, &m1, &n0, &n1);
+    if (m0 >= m1 || n0 >= n1) return;
+    fill_bias(op, bp, s.n, m0, m1, n0, n1);
+    if (s.k == 0) return;
+    float* wf = scratch(block * s.k).data();
+    for (int64_t c0 = n0; c0 < n1; c0 += block) {
+      int64_t c1 = std::min(n1, c0 + block);
+      for (int64_t r = c0; r < c1; ++r) {
+        const int8_t* src = qp + r * s.k;
+        float* dst = wf + (r - c0) * s.k;
+        const float sc = sp[r];
+        for (int64_t i = 0; i < s.k; ++i) dst[i] = static_cast<float>(src[i]) * sc;
+      }
+      sgemm_nt(m1 - m0, c1 - c0, s.k, 1.0f, xp + m0 * s.k, s.k, wf, s.k, 1.0f, op + m0 * s.n + c0, s.n);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// sdpa
+// ---------------------------------------------------------------------------------------------
+
+// exp(x) to ~1 ulp for x <= 88 (Cephes' polynomial), branch-free so the softmax loop vectorizes;
+// exp(-inf) = 0 and exp(NaN) = NaN.
+inline float exp_f32(float x) {
+  const float lo = -87.0f, hi = 88.0f;
+  float xc = x > lo ? x : lo;
+  xc = xc < hi ? xc : hi;
+  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  float r = xc - n * 0.693359375f + n * 2.12194440e-4f;               // x - n ln 2, in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  float y = p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);  // p * 2^n
+  y = x > lo ? y : 0.0f;
+  return x == x ? y : x;
+}
+
+// max(row[0:n]), -inf for n = 0; NaNs are skipped (they reach the output through exp anyway).
+// Written with 16 partial maxima so it vectorizes without -ffast-math.
+float row_max(const float* row, int64_t n) {
+  constexpr int L = 16;
+  float part[L];
+  std::fill(part, part + L, -std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + L <= n; j += L)
+    for (int l = 0; l < L; ++l) part[l] = row[j + l] > part[l] ? row[j + l] : part[l];
+  for (; j < n; ++j) part[0] = row[j] > part[0] ? row[j] : part[0];
+  return *std::max_element(part, part + L);
+}
+
+// row[0:n] = softmax(row[0:n]); a row whose max is -inf (no visible key) becomes NaN.
+void softmax_row(float* row, int64_t n) {
+  const float mx = row_max(row, n);
+  if (mx == -std::numeric_limits<float>::infinity()) {
+    std::fill(row, row + n, std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    float e = exp_f32(row[j] - mx);
+    row[j] = e;
+    sum += e;
+  }
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+}
+
+struct Sdpa {
+  int64_t batch, heads, kv_heads, sq, sk, d, dv;
+  const float *q, *k, *v;
+  const float* mask;        // nullptr: no mask
+  int64_t mask_stride[4];   // element strides over [B, H, Sq, Sk], 0 where broadcast
+  float scale;
+  bool causal;
+  float* out;
+};
+
+constexpr int64_t kQueryBlock = 64;  // query rows per task: the scores block stays in L2
+
+// Rows [i0, i1) of head h of batch b.
+void sdpa_block(const Sdpa& s, int64_t b, int64_t h, int64_t i0, int64_t i1) {
+  const int64_t hkv = h / (s.heads / s.kv_heads);
+  const float* q = s.q + ((b * s.heads + h) * s.sq + i0) * s.d;
+  const float* k = s.k + (b * s.kv_heads + hkv) * s.sk * s.d;
+  const float* v = s.v + (b * s.kv_heads + hkv) * s.sk * s.dv;
+  float* out = s.out + ((b * s.heads + h) * s.sq + i0) * s.dv;
+  const int64_t rows = i1 - i0, shift = s.sk - s.sq;  // causal: row i sees keys j <= i + shift
+  // Keys that any row of this block can see; the later ones are skipped altogether.
+  const int64_t cols = s.causal ? std::clamp<int64_t>(i1 - 1 + shift + 1, 0, s.sk) : s.sk;
+  if (cols == 0) {
+    std::fill(out, out + rows * s.dv, std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
+  float* scores = scratch(rows * cols).data();
+  sgemm_nt(rows, cols, s.d, s.scale, q, s.d, k, s.d, 0.0f, scores, cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    float* row = scores + r * cols;
+    if (s.mask) {
+      const float* m = s.mask + b * s.mask_stride[0] + h * s.mask_stride[1] + i * s.mask_stride[2];
+      const int64_t mj = s.mask_stride[3];
+      if (mj == 0) {
+        for (int64_t j = 0; j < cols; ++j) row[j] += m[0];
+      } else {
+        for (int64_t j = 0; j < cols; ++j) row[j] += m[j];
+      }
+    }
+    if (s.causal) {
+      for (int64_t j = std::max<int64_t>(0, i + shift + 1); j < cols; ++j) row[j] = -std::numeric_limits<float>::infinity();
+    }
+    softmax_row(row, cols);
+  }
+  sgemm_nn(rows, s.dv, cols, scores, cols, v, s.dv, out, s.dv);
+}
+
+void sdpa(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* mask, double scale,
+          bool causal, const TensorView& out, const char* kernel) {
+  Sdpa s{};
+  s.q = f32_in(q, kernel, "q", 4, 4);
+  s.k = f32_in(k, kernel, "k", 4, 4);
+  s.v = f32_in(v, kernel, "v", 4, 4);
+  s.out = f32_out(out, kernel, 4, 4);
+  s.batch = q.size(0), s.heads = q.size(1), s.sq = q.size(2), s.d = q.size(3);
+  s.kv_heads = k.size(1), s.sk = k.size(2), s.dv = v.size(3);
+  check_dim(k, kernel, "k", 0, s.batch, "B, as in q");
+  if (s.kv_heads == 0 || s.heads % s.kv_heads != 0) {
+    TVM_FFI_THROW(ValueError) << kernel << ": q has " << s.heads << " heads and k has " << s.kv_heads
+                              << ": the query heads must be a multiple of the KV heads";
+  }
+  check_dim(k, kernel, "k", 3, s.d, "D, as in q");
+  check_dim(v, kernel, "v", 0, s.batch, "B, as in q");
+  check_dim(v, kernel, "v", 1, s.kv_heads, "Hkv, as in k");
+  check_dim(v, kernel, "v", 2, s.sk, "Sk, as in k");
+  check_dim(out, kernel, "out", 0, s.batch, "B");
+  check_dim(out, kernel, "out", 1, s.heads, "H");
+  check_dim(out, kernel, "out", 2, s.sq, "Sq");
+  check_dim(out, kernel, "out", 3, s.dv, "Dv, the last dim of v");
+  for (int64_t n : {s.sq, s.sk, s.d, s.dv}) check_blas_int(n, kernel, "a dim of q, k or v");
+  if (mask) {
+    s.mask = f32_in(*mask, kernel, "mask", 0, 4);
+    const int64_t full[4] = {s.batch, s.heads, s.sq, s.sk};
+    int64_t stride = 1;
+    for (int d = 3; d >= 0; --d) {
+      const int md = d - (4 - mask->ndim());  // mask dims are right-aligned
+      const int64_t size = md >= 0 ? mask->size(md) : 1;
+      if (size != 1 && size != full[d]) {
+        TVM_FFI_THROW(ValueError) << kernel << ": argument 'mask' has shape " << shape_str(*mask)
+                                  << ", which does not broadcast to [B, H, Sq, Sk] = [" << full[0] << ", "
+                                  << full[1] << ", " << full[2] << ", " << full[3] << "]";
+      }
+      s.mask_stride[d] = size == 1 ? 0 : stride;
+      stride *= size;
+    }
+  }
+  s.scale = static_cast<float>(scale);
+  s.causal = causal;
+  if (s.sq == 0 || s.dv == 0 || s.batch * s.heads == 0) return;
+  if (s.sk == 0) {  // softmax over no keys
+    std::fill(s.out, s.out + out.numel(), std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
+  const int64_t qblocks = (s.sq + kQueryBlock - 1) / kQueryBlock;
+  const int64_t tasks = s.batch * s.heads * qblocks;
+  parallel([&](int task, int num_tasks) {
+    int64_t t0, t1;
+    split(tasks, 1, task, num_tasks, &t0, &t1);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t blk = t % qblocks, bh = t / qblocks;
+      const int64_t i0 = blk * kQueryBlock, i1 = std::min(s.sq, i0 + kQueryBlock);
+      sdpa_block(s, bh / s.heads, bh % s.heads, i0, i1);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exported kernels
+// ---------------------------------------------------------------------------------------------
+
+void dense_f32(TensorView x, TensorView w, TensorView b, TensorView out) {
+  dense(x, w, &b, out, "tcc_dense_f32");
+}
+
+void dense_nobias_f32(TensorView x, TensorView w, TensorView out) {
+  dense(x, w, nullptr, out, "tcc_dense_nobias_f32");
+}
+
+void dense_w8_f32(TensorView x, TensorView qw, TensorView scale, TensorView b, TensorView out) {
+  dense_w8(x, qw, scale, &b, out, "tcc_dense_w8_f32");
+}
+
+void dense_w8_nobias_f32(TensorView x, TensorView qw, TensorView scale, TensorView out) {
+  dense_w8(x, qw, scale, nullptr, out, "tcc_dense_w8_nobias_f32");
+}
+
+void sdpa_f32(TensorView q, TensorView k, TensorView v, TensorView mask, double scale, bool causal,
+              TensorView out) {
+  sdpa(q, k, v, &mask, scale, causal, out, "tcc_sdpa_f32");
+}
+
+void sdpa_nomask_f32(TensorView q, TensorView k, TensorView v, double scale, bool causal, TensorView out) {
+  sdpa(q, k, v, nullptr, scale, causal, out, "tcc_sdpa_nomask_f32");
+}
+
+}  // namespace
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_f32, dense_f32);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_nobias_f32, dense_nobias_f32);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_w8_f32, dense_w8_f32);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_w8_nobias_f32, dense_w8_nobias_f32);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_sdpa_f32, sdpa_f32);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_sdpa_nomask_f32, sdpa_nomask_f32);

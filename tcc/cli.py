@@ -1,0 +1,213 @@
+"""The `tcc` command.
+
+  tcc compile MODEL --target {x86,arm64,...} [-o DIR] [--seq-len N] [--pipeline TEXT]
+  tcc run ARTIFACT --inputs in.npz -o out.npz
+  tcc eval ARTIFACT --text FILE [--max-tokens N] [--json]
+  tcc bench ARTIFACT [--repeats N] [--json]
+  tcc analyze MODEL --structure
+  tcc passes [--json]
+
+Exit codes: 0 ok, 1 internal error, 2 user error (bad path, model, option, input), 3 accuracy
+budget not met, 130 interrupted. User errors print one line (and a hint), no traceback unless --debug.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")          # no model hub, ever
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass
+
+
+def _default_out(model: str, target: str) -> str:
+    return str(Path("build") / f"{Path(model).stem or 'model'}-{target}")
+
+
+def cmd_compile(a) -> int:
+    import tcc
+    out = a.output or _default_out(a.model, a.target)
+    art = tcc.compile(a.model, a.target, out=out, pipeline=a.pipeline or "", seq_len=a.seq_len,
+                      batch=a.batch, task=a.task, verify=not a.no_verify)
+    m = art.manifest
+    art.close()
+    summary = {"artifact": str(Path(out).resolve()), "target": m["target"]["name"], "pipeline": m["pipeline"],
+               "weight_bytes": m["sizes"]["weight_bytes"], "verify": m["run"].get("verify"),
+               "seconds": m["run"]["seconds"]}
+    if a.report:
+        Path(a.report).write_text(json.dumps({"manifest": m}, indent=2) + "\n")
+    if a.json:
+        print(json.dumps(summary))
+    else:
+        for name, v in (summary["verify"] or {}).items():
+            print(f"{name}: max abs error vs PyTorch {v['max_abs_err']:.2e} (relative {v['max_rel_err']:.2e})")
+    return 0
+
+
+def cmd_run(a) -> int:
+    import numpy as np
+
+    from tcc.errors import UserError
+    from tcc.runtime import load
+    if not Path(a.inputs).exists():
+        raise UserError(f"inputs file '{a.inputs}' not found", "give an .npz with one array per input name")
+    try:
+        with np.load(a.inputs, allow_pickle=False) as z:
+            feeds = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise UserError(f"cannot read '{a.inputs}' as .npz: {e}", "save inputs with numpy.savez")
+    with load(a.artifact) as art:
+        outs = art(feeds)
+    tmp = Path(a.output).with_name(Path(a.output).name + ".tmp.npz")
+    np.savez(tmp, **outs)
+    os.replace(tmp, a.output)
+    for k, v in outs.items():
+        print(f"{k}: {v.dtype} {list(v.shape)}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from tcc import evaluate
+    result = evaluate.evaluate_artifact(a.artifact, a.text, max_tokens=a.max_tokens, stride=a.stride,
+                                        max_samples=a.max_samples)
+    if a.json:
+        print(json.dumps(result))
+    else:
+        print(" ".join(f"{k}={v}" for k, v in result.items()))
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from tcc import bench
+    result = bench.bench(a.artifact, repeats=a.repeats, warmup=a.warmup)
+    print(json.dumps(result) if a.json else bench.format_table(result))
+    return 0
+
+
+def cmd_analyze(a) -> int:
+    import tcc
+    program = tcc.trace(a.model, task=a.task, seq_len=a.seq_len)
+    if a.json:
+        print(json.dumps(program.info.to_json(), indent=2))
+    else:
+        print(program.info.describe())
+    return 0
+
+
+def cmd_passes(a) -> int:
+    from tcc.pipeline import all_passes
+    passes = all_passes()
+    if a.json:
+        print(json.dumps({n: {"kind": c.kind, "doc": (c.__doc__ or "").strip(),
+                              "options": {k: {"type": o.type_name, "default": o.default, "help": o.help}
+                                          for k, o in c.options.items()}} for n, c in passes.items()}, indent=2))
+        return 0
+    for name, cls in passes.items():
+        doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()
+        print(f"{name}  [{cls.kind}]  {doc[0] if doc else ''}")
+        for k, o in cls.options.items():
+            print(f"    {k}: {o.type_name} = {o.default!r}  {o.help}")
+        contract = (cls.__doc__ or "").strip()
+        if contract:
+            print("    " + "\n    ".join(contract.splitlines()))
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tcc", description="transformer compression compiler")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compile", help="compile a model to an artifact directory")
+    c.add_argument("model", help="HF model folder, .gguf file, or alias: minilm, smollm2")
+    c.add_argument("--target", "-t", default="x86", help="x86, x86-64-v3, x86-64-v4, arm64, arm64-dotprod")
+    c.add_argument("-o", "--output", help="artifact directory (default build/MODEL-TARGET)")
+    c.add_argument("--seq-len", type=int, default=128)
+    c.add_argument("--batch", type=int, default=1)
+    c.add_argument("--task", choices=["feature-extraction", "causal-lm"])
+    c.add_argument("--pipeline", "-p", default="", help="pass pipeline, e.g. 'quantize-weights(bits=8)'")
+    c.add_argument("--no-verify", action="store_true", help="skip running the artifact against PyTorch")
+    c.add_argument("--report", help="also write the manifest as JSON here")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_compile)
+
+    r = sub.add_parser("run", help="run an artifact on inputs from an .npz")
+    r.add_argument("artifact")
+    r.add_argument("--inputs", "-i", required=True)
+    r.add_argument("-o", "--output", required=True)
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("eval", help="accuracy: perplexity (causal LM) or embedding cosine vs the source (encoder)")
+    e.add_argument("artifact")
+    e.add_argument("--text", required=True, help="text file, e.g. ../shared/data/wikitext-2/test.txt")
+    e.add_argument("--max-tokens", type=int, default=4096)
+    e.add_argument("--stride", type=int, default=None, help="sliding-window stride (default seq_len/2)")
+    e.add_argument("--max-samples", type=int, default=64, help="sentences for encoder cosine")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="latency vs PyTorch eager and ONNX Runtime, same run")
+    b.add_argument("artifact")
+    b.add_argument("--repeats", type=int, default=20)
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
+
+    an = sub.add_parser("analyze", help="show what tcc recovers from a model")
+    an.add_argument("model")
+    an.add_argument("--structure", action="store_true", default=True, help="print the recovered structure (default)")
+    an.add_argument("--seq-len", type=int, default=16)
+    an.add_argument("--task", choices=["feature-extraction", "causal-lm"])
+    an.add_argument("--json", action="store_true")
+    an.set_defaults(func=cmd_analyze)
+
+    ps = sub.add_parser("passes", help="list registered passes, their options and contracts")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(func=cmd_passes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from tcc.errors import TccError
+    from tcc.progress import console, set_quiet
+    set_quiet(args.quiet or getattr(args, "json", False))
+    try:
+        return args.func(args)
+    except TccError as e:
+        if args.debug:
+            raise
+        console.print(f"[bold red]tcc: error:[/bold red] {e.message}", highlight=False, markup=True)
+        if e.hint:
+            console.print(f"  hint: {e.hint}", highlight=False, markup=False)
+        return e.exit_code
+    except KeyboardInterrupt:
+        console.print("tcc: interrupted")
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        console.print(f"[bold red]tcc: internal error:[/bold red] {type(e).__name__}: {e}", markup=True, highlight=False)
+        console.print("  hint: run again with --debug for the traceback, and report it")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
