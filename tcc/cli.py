@@ -47,6 +47,7 @@ def cmd_compile(a) -> int:
     art.close()
     summary = {"artifact": str(Path(out).resolve()), "target": m["target"]["name"], "pipeline": m["pipeline"],
                "weight_bytes": m["sizes"]["weight_bytes"], "verify": m["run"].get("verify"),
+               "drift_vs_source": m["run"].get("drift_vs_source"),
                "seconds": m["run"]["seconds"]}
     if a.report:
         Path(a.report).write_text(json.dumps({"manifest": m}, indent=2) + "\n")
@@ -54,7 +55,10 @@ def cmd_compile(a) -> int:
         print(json.dumps(summary))
     else:
         for name, v in (summary["verify"] or {}).items():
-            print(f"{name}: max abs error vs PyTorch {v['max_abs_err']:.2e} (relative {v['max_rel_err']:.2e})")
+            print(f"{name}: max abs error vs the compiled program in PyTorch {v['max_abs_err']:.2e} (relative {v['max_rel_err']:.2e})")
+        for name, v in (m["run"].get("drift_vs_source") or {}).items():
+            if a.pipeline:
+                print(f"{name}: max abs change vs the source model {v['max_abs_err']:.2e} (relative {v['max_rel_err']:.2e})")
     return 0
 
 

@@ -68,7 +68,7 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
         run = {"host": platform.node(), "seconds": {"trace": round(t_trace, 2), "build": round(t_build, 2),
                "passes": [[r["pass"], r["seconds"]] for r in ctx.records]}}
         if verify:
-            run["verify"] = _verify(stage.dir, manifest, run, reference)
+            run["verify"], run["drift_vs_source"] = _verify(stage.dir, manifest, run, program, reference)
         write_manifest(stage.dir, manifest, run)
         path = stage.commit()
     info(f"[green]wrote[/green] {path}  ({weight_bytes(params) / 1e6:.1f} MB weights, target {tgt.name})")
@@ -76,15 +76,19 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
     return load(path)
 
 
-def _verify(dir: Path, manifest: dict, run: dict, reference: Program) -> dict:
-    """Run the staged artifact on example inputs and compare with the untransformed Program."""
+def _verify(dir: Path, manifest: dict, run: dict, program: Program, source: Program):
+    """Run the staged artifact on example inputs. Returns (its error vs the compiled Program in
+    PyTorch: the backend's fidelity, and vs the source model: what the passes changed)."""
     from .runtime import Loaded
     write_manifest(dir, manifest, run)  # the loader reads the manifest
-    feeds = reference.example_inputs(seed=1)
+    feeds = source.example_inputs(seed=1)
     with status(f"checking the compiled output against PyTorch ({manifest['target']['name']})"):
         with Loaded(dir, verify=False) as art:
             got = art(feeds)
-    want = reference(feeds)
+    return _errors(got, program(feeds)), _errors(got, source(feeds))
+
+
+def _errors(got: dict, want: dict) -> dict:
     out = {}
     for name, ref in want.items():
         err = float(np.max(np.abs(got[name].astype(np.float64) - ref)))

@@ -54,8 +54,10 @@ def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
     if isinstance(model, torch.nn.Module):
         if not example_inputs:
             raise UserError("tracing an nn.Module needs example_inputs={name: tensor}")
-        return _trace_module(model.eval(), example_inputs, output_names, task="custom",
+        prog = _trace_module(model.eval(), example_inputs, output_names, task=task or "custom",
                              source={"kind": "module", "class": type(model).__qualname__})
+        prog.source["sha256"] = prog.fingerprint()
+        return prog
 
     path = models.resolve(model)
     if path.suffix == ".onnx":
