@@ -27,7 +27,6 @@ import numpy as np
 from .errors import UserError
 
 FORMAT = "tcc-artifact/1"
-FILES = ("model.so", "weights.safetensors", "report.md")
 
 
 def sha256(path: Path) -> str:
@@ -49,6 +48,7 @@ class Staging:
         self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
 
     def commit(self) -> Path:
+        os.chmod(self.dir, 0o755)  # mkdtemp makes it private; an artifact is an ordinary directory
         old = None
         if self.out.exists():
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")

@@ -42,7 +42,7 @@ def cmd_compile(a) -> int:
     import tcc
     out = a.output or _default_out(a.model, a.target)
     art = tcc.compile(a.model, a.target, out=out, pipeline=a.pipeline or "", seq_len=a.seq_len,
-                      batch=a.batch, task=a.task, verify=not a.no_verify)
+                      batch=a.batch, task=a.task, verify=not a.no_verify, backend=a.backend)
     m = art.manifest
     art.close()
     summary = {"artifact": str(Path(out).resolve()), "target": m["target"]["name"], "pipeline": m["pipeline"],
@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=int, default=1)
     c.add_argument("--task", choices=["feature-extraction", "causal-lm"])
     c.add_argument("--pipeline", "-p", default="", help="pass pipeline, e.g. 'quantize-weights(bits=8)'")
+    c.add_argument("--backend", default="tvm", choices=["tvm", "onnxruntime"],
+                   help="tvm: native library for the target (default); onnxruntime: ONNX for ORT on this host")
     c.add_argument("--no-verify", action="store_true", help="skip running the artifact against PyTorch")
     c.add_argument("--report", help="also write the manifest as JSON here")
     c.add_argument("--json", action="store_true")

@@ -21,14 +21,25 @@ from .progress import info, status
 DEFAULT_CLEANUP = "dce"
 
 
+BACKENDS = ("tvm", "onnxruntime")
+
+
 def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", seq_len: int = 128,
-            batch: int = 1, task: str | None = None, verify: bool = True, calibration=None):
+            batch: int = 1, task: str | None = None, verify: bool = True, calibration=None,
+            backend: str = "tvm"):
     """Compile `model` (path, alias, nn.Module with example inputs via `trace` first, or a Program)
-    for `target` into the artifact directory `out`. Returns the loaded artifact (tcc.runtime.Loaded)."""
+    for `target` into the artifact directory `out`. Returns the loaded artifact (tcc.runtime.Loaded).
+
+    backend "tvm" (default) builds a native library for the target; "onnxruntime" writes the
+    program as ONNX for ONNX Runtime on this host (the reference and peer baseline)."""
     from tcc.backends.tvm.targets import get_target
     from .pipeline import Pipeline, PassContext
 
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend '{backend}'", f"choose one of: {', '.join(BACKENDS)}")
     tgt = get_target(target)
+    if backend == "onnxruntime" and not tgt.is_host:
+        raise UserError(f"--backend onnxruntime runs on this host only, not on target '{tgt.name}'", "use --target x86")
     user = Pipeline.parse(pipeline) if pipeline else Pipeline([])
     pipe = Pipeline(list(Pipeline.parse(DEFAULT_CLEANUP)) + list(user))
     t_start = time.perf_counter()
@@ -44,11 +55,17 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
     program = pipe.run(program, ctx)
 
     with Staging(Path(out)) as stage:
-        from tcc.backends.tvm.build import build_library
         t0 = time.perf_counter()
-        params = build_library(program, tgt, stage.dir / "model.so")
+        if backend == "tvm":
+            from tcc.backends.tvm.build import build_library
+            params = build_library(program, tgt, stage.dir / "model.so")
+            save_weights(stage.dir / "weights.safetensors", params)
+        else:
+            from tcc.backends.onnxruntime import export_onnx
+            with status("exporting to ONNX"):
+                export_onnx(program, stage.dir / "model.onnx")
+            params = [(n, t.detach().numpy()) for n, t in program.named_tensors().items()]
         t_build = time.perf_counter() - t0
-        save_weights(stage.dir / "weights.safetensors", params)
         manifest = {
             "tcc_version": __version__,
             "source": program.source,
@@ -56,10 +73,10 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
             "pipeline": pipe.canonical(),
             "passes": [_stable_record(r) for r in ctx.records],
             "target": tgt.to_json(),
-            "backend": "tvm",
+            "backend": backend,
             "inputs": [s.to_json() for s in program.inputs],
             "outputs": [s.to_json() for s in program.outputs],
-            "params": [n for n, _ in params],
+            "params": [n for n, _ in params] if backend == "tvm" else [],
             "tokenizer": program.tokenizer_dir,
             "sizes": {"weight_bytes": weight_bytes(params), "program_param_bytes": program.param_bytes(),
                       "source_param_bytes": reference.param_bytes() if reference is not None else None},

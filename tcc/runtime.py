@@ -28,7 +28,10 @@ class Loaded:
         self.target = self.manifest["target"]
         self.task = self.manifest.get("task")
         arch = self.target["arch"]
-        if arch == os.uname().machine:
+        if self.manifest.get("backend") == "onnxruntime":
+            from tcc.backends.onnxruntime import OrtSession
+            self._impl = OrtSession(self.dir / "model.onnx")
+        elif arch == os.uname().machine:
             self._impl = _HostVM(self.dir, self.manifest)
         elif arch == "aarch64":
             from tcc.backends.tvm.arm64 import Arm64Session
