@@ -2,8 +2,9 @@
 the same inputs.
 
 Engines (each one that can be made; one that cannot is listed under "skipped" with the reason):
-  tcc               the artifact, through `tcc.runtime.load` (TVM Relax VM; arm64 runs under qemu,
-                    which says nothing about arm64 speed: noted)
+  tcc               the artifact, through `tcc.runtime.load` (TVM Relax VM; an arm64 artifact runs
+                    under qemu, which says nothing about arm64 speed: noted, and timed only 3 times
+                    after 1 warm-up call, since each emulated call takes seconds)
   pytorch           PyTorch eager on the *source* model re-traced with `tcc.frontend.trace` at the
                     artifact's input shapes: the uncompressed Program's aten GraphModule
   pytorch-hf        PyTorch eager on the original Hugging Face module (the same task wrapper trace uses)
@@ -53,6 +54,7 @@ from .progress import info, status
 BASELINES = ("onnxruntime", "pytorch")
 BLOCKS = 4  # timed calls are split into this many blocks per engine, in rotating engine order
 PAUSE_S = 0.05
+EMULATED_CALLS = 3  # an artifact run under qemu takes seconds per call
 
 
 def bench(artifact_dir, repeats: int = 20, warmup: int = 3, *, ort_int8: bool = True, hf: bool = True) -> dict:
@@ -77,13 +79,13 @@ def _bench(artifact_dir: Path, manifest: dict, repeats: int, warmup: int, ort_in
     program = None
     feeds = None if retrace else _example_feeds(specs)
 
-    def add(name, make, required=False):
+    def add(name, make, required=False, warm=warmup):
         """Make engine `name`, warm it up on `feeds` and note its memory; skip it if it fails."""
         rss0 = _rss()
         try:
             with status(f"preparing {name}"):
                 run = make()
-                for _ in range(warmup):
+                for _ in range(warm):
                     run(feeds)
         except Exception as e:
             if required:
@@ -101,19 +103,25 @@ def _bench(artifact_dir: Path, manifest: dict, repeats: int, warmup: int, ort_in
         sizes["source_param_bytes"] = program.param_bytes()
         return program
 
+    peers = ("pytorch-hf",) * hf + ("onnxruntime",) + ("onnxruntime-int8",) * ort_int8
     if retrace:
         add("pytorch", make_pytorch)
+        if program is None:
+            feeds = _example_feeds(specs)
+            skipped.update({name: "needs the re-traced source Program (see pytorch)" for name in peers})
     else:
-        for name in ("pytorch", "pytorch-hf", "onnxruntime") + (("onnxruntime-int8",) if ort_int8 else ()):
-            skipped[name] = f"the artifact's source is {source.get('kind', 'unknown')!r}, not a model path to re-trace"
-    if retrace and program is None:
-        feeds = _example_feeds(specs)
+        why = f"the artifact's source is {source.get('kind', 'unknown')!r}, not a model path to re-trace"
+        skipped.update({name: why for name in ("pytorch",) + peers})
 
     from .runtime import load
-    art = add("tcc", lambda: load(artifact_dir), required=True)
-    if art.target.get("arch") != platform.machine():
-        notes.append(f"tcc runs a {art.target.get('arch')} artifact under qemu on this {platform.machine()} host: "
-                     "its latency is emulation, not the target's speed")
+    arch = manifest.get("target", {}).get("arch")
+    calls = {}  # engine -> fewer timed calls than `repeats`
+    if arch != platform.machine():
+        calls["tcc"] = min(repeats, EMULATED_CALLS)
+        notes.append(f"tcc runs the {arch} artifact under qemu on this {platform.machine()} host: its latency is "
+                     f"emulation, not the target's speed ({calls['tcc']} timed calls); its memory is in the qemu "
+                     "process, not in RSS Δ")
+    art = add("tcc", lambda: load(artifact_dir), required=True, warm=min(warmup, 1) if calls else warmup)
 
     if program is not None:
         from tcc.backends.onnxruntime import OrtSession, export_onnx, quantize_dynamic_int8
@@ -142,6 +150,8 @@ def _bench(artifact_dir: Path, manifest: dict, repeats: int, warmup: int, ort_in
         for name in names[b % len(names):] + names[:b % len(names)]:
             time.sleep(PAUSE_S)  # let the previous engine's spinning worker threads go idle
             for _ in block:
+                if len(times[name]) >= calls.get(name, repeats):
+                    break
                 t0 = time.perf_counter()
                 engines[name](feeds)
                 times[name].append(time.perf_counter() - t0)
@@ -191,10 +201,8 @@ def format_table(result: dict) -> str:
     for key in ("weight_bytes", "artifact_bytes", "source_param_bytes", "onnx_fp32_bytes", "onnx_int8_bytes"):
         if s.get(key) is not None:
             lines.append(f"| {key.replace('_bytes', '').replace('_', ' ')} | {s[key] / 1e6:.2f} |")
-    for name, why in r["skipped"].items():
-        lines.append(f"\n- skipped {name}: {why}")
-    for note in r["notes"]:
-        lines.append(f"\n- note: {note}")
+    bullets = [f"- skipped {name}: {why}" for name, why in r["skipped"].items()] + [f"- note: {n}" for n in r["notes"]]
+    lines += [""] + bullets if bullets else []
     return "\n".join(lines) + "\n"
 
 

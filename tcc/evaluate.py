@@ -24,12 +24,20 @@ cosine(run, reference, tokenizer_dir, text_path, seq_len, max_samples)
     and the cosine of the two pooled vectors is averaged in float64.
     -> {"metric": "cosine", "value" (mean), "min", "samples", "seq_len"}
 
+evaluate_artifact(artifact_dir, text_path, max_tokens=4096, stride=None, max_samples=64, compare_source=True)
+    What `tcc eval` runs: loads the artifact (tcc.runtime.load) and its tokenizer (the manifest's
+    "tokenizer"); a causal-lm artifact gets `perplexity` at its compiled sequence length and, with
+    `compare_source`, the perplexity of the source model re-traced at the same shapes on the same
+    windows ("source_value", "ratio" = value / source_value); a feature-extraction artifact gets
+    `cosine` against that re-traced source model. Adds "artifact", "model" and "seconds".
+
 A text with fewer tokens than one window (or no usable line) raises a UserError saying how many
 tokens (lines) it has.
 """
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -186,3 +194,42 @@ def cosine(run: Run, reference: Run, tokenizer_dir, text_path, seq_len: int, max
         sims.append(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)))
     return {"metric": "cosine", "value": float(np.mean(sims)), "min": float(np.min(sims)), "samples": len(sims),
             "seq_len": seq_len}
+
+
+# -- what `tcc eval` runs ---------------------------------------------------------------------------
+
+def evaluate_artifact(artifact_dir, text_path, *, max_tokens: int = 4096, stride: int | None = None,
+                      max_samples: int = 64, compare_source: bool = True) -> dict:
+    from .runtime import load
+    t0 = time.perf_counter()
+    _read_text(text_path)
+    with load(artifact_dir) as art:
+        source = art.manifest.get("source") or {}
+        tokenizer_dir = art.manifest.get("tokenizer")
+        batch, seq_len = art.inputs[0].shape[:2]
+        if batch != 1:
+            raise UserError(f"tcc eval runs batch-1 artifacts; this one takes batch {batch}", "compile with --batch 1")
+        if art.task == "causal-lm":
+            result = perplexity(art, tokenizer_dir, text_path, seq_len, max_tokens, stride)
+            if compare_source:
+                ref = perplexity(_source_program(source, art.task, seq_len), tokenizer_dir, text_path, seq_len,
+                                 max_tokens, stride)
+                result.update(source_value=ref["value"], ratio=result["value"] / ref["value"])
+        elif art.task == "feature-extraction":
+            result = cosine(art, _source_program(source, art.task, seq_len), tokenizer_dir, text_path, seq_len,
+                            max_samples)
+        else:
+            raise UserError(f"tcc eval measures causal-lm and feature-extraction artifacts, this one is {art.task!r}",
+                            "run the artifact on your own data with `tcc run`")
+    result.update(artifact=str(artifact_dir), model=source.get("path") or source.get("class"),
+                  seconds=round(time.perf_counter() - t0, 1))
+    return result
+
+
+def _source_program(source: dict, task: str, seq_len: int):
+    """The artifact's source model, traced again at its shapes (the uncompressed reference)."""
+    if source.get("kind") != "huggingface" or not source.get("path"):
+        raise UserError(f"the artifact's source is {source.get('kind', 'unknown')!r}, not a model path tcc can load again",
+                        "compile from a model folder, .gguf or alias to compare against the source")
+    from .frontend import trace
+    return trace(source["path"], task=task, seq_len=seq_len)

@@ -33,7 +33,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnxscript import opset18 as op
 
 from tcc import ops as _ops  # noqa: F401  (registers torch.ops.tcc.*)
 from tcc.errors import UserError
@@ -41,27 +43,24 @@ from tcc.program import Program, TensorSpec
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # above this the weights go to <file>.data (protobuf limit: 2 GiB)
-_BUILTIN_NAMESPACES = {"aten", "prims", "_operator", "builtins", "math"}
+_BUILTIN_NAMESPACES = {"aten", "prims"}
 
 
 # -- translations of tcc's custom ops (onnxscript, traced when the exporter meets the op) ----------
 
 def _dense(x, w, b=None):
-    from onnxscript import opset18 as op
     y = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
     return y if b is None else op.Add(y, b)
 
 
 def _dense_w8(x, qw, scale, b=None):
-    from onnxscript import opset18 as op
     w = op.DequantizeLinear(qw, scale, axis=0)  # int8 [N, K] * scale[N] per row -> float [N, K]
     y = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
     return y if b is None else op.Add(y, b)
 
 
 def _sdpa(q, k, v, mask=None, scale: float = 1.0, causal: bool = False):
-    from onnxscript import opset18 as op
-    b, h, sq, d = (int(s) for s in q.shape)
+    b, h, sq = (int(s) for s in q.shape[:3])
     hkv, sk = int(k.shape[1]), int(k.shape[2])
     if hkv != h:  # query head i reads KV head i // (h / hkv), as repeat_interleave does
         rep = h // hkv
@@ -84,8 +83,6 @@ def _sdpa(q, k, v, mask=None, scale: float = 1.0, causal: bool = False):
 
 
 def _const(array: np.ndarray):
-    import onnx
-    from onnxscript import opset18 as op
     return op.Constant(value=onnx.numpy_helper.from_array(array))
 
 
@@ -104,8 +101,7 @@ def unsupported_ops(program: Program) -> list[str]:
     for n in program.gm.graph.nodes:
         if n.op != "call_function" or n.target in TRANSLATIONS:
             continue
-        ns = getattr(n.target, "namespace", None) or getattr(n.target, "__module__", "") or ""
-        if isinstance(n.target, torch._ops.OpOverload) and ns not in _BUILTIN_NAMESPACES:
+        if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace not in _BUILTIN_NAMESPACES:
             bad.add(str(n.target))
     return sorted(bad)
 
