@@ -48,7 +48,9 @@ class Staging:
         self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
 
     def commit(self) -> Path:
-        os.chmod(self.dir, 0o755)  # mkdtemp makes it private; an artifact is an ordinary directory
+        os.chmod(self.dir, 0o755)  # mkdtemp (and safetensors) make files private; an artifact is ordinary
+        for f in self.dir.iterdir():
+            os.chmod(f, 0o755 if f.suffix == ".so" else 0o644)
         old = None
         if self.out.exists():
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")

@@ -1,6 +1,9 @@
 """Lowering a Program to a TVM Relax module whose dense ops call tcc's kernels.
 
 Steps:
+ 0. `fuse_parallel_linears(gm)`: linears that read the same tensor (q/k/v, gate/up) become one
+    wider linear whose output is split: one GEMM with N = sum of the widths instead of several
+    narrow ones (narrow GEMMs waste the kernel's blocking; MiniLM's q/k/v are 384 wide each).
  1. `kernelize(gm)`: on a copy of the graph, route every dense op to a tcc custom op
     (aten.linear -> tcc::dense, aten.scaled_dot_product_attention -> tcc::sdpa with an additive
     float mask); ops already in tcc form (tcc::dense_w8 from quantize-weights) stay.
@@ -14,6 +17,7 @@ Steps:
 from __future__ import annotations
 
 import copy
+import operator
 
 import numpy as np
 import torch
@@ -33,9 +37,61 @@ def _additive_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask.to(torch.float32)
 
 
+def _attr(gm, node):
+    return gm.get_parameter(node.target) if node.target in dict(gm.named_parameters()) else gm.get_buffer(node.target)
+
+
+def fuse_parallel_linears(gm: torch.fx.GraphModule) -> int:
+    """In place: every group of >= 2 aten.linear nodes reading the same input, with stored weights of
+    one dtype and all or none with biases, becomes one linear over the concatenated weights followed
+    by a split of its output. Returns the number of groups fused."""
+    from tcc.passes.dead_code import remove_dead
+
+    g = gm.graph
+    fused = 0
+    for x in list(g.nodes):
+        group = [u for u in x.users if u.op == "call_function" and u.target == aten.linear.default
+                 and u.args[0] is x and isinstance(u.args[1], torch.fx.Node) and u.args[1].op == "get_attr"]
+        biases = [(u.args[2] if len(u.args) > 2 else u.kwargs.get("bias")) for u in group]
+        if len(group) < 2 or len({b is None for b in biases}) != 1:
+            continue
+        if any(b is not None and (not isinstance(b, torch.fx.Node) or b.op != "get_attr") for b in biases):
+            continue
+        weights = [_attr(gm, u.args[1]) for u in group]
+        if len({(w.dtype, w.shape[1]) for w in weights}) != 1:
+            continue
+        sizes = [int(w.shape[0]) for w in weights]
+        name = f"_tcc_fused_linear_{fused}"
+        # parameters, not buffers: torch.export lifts new buffers of a GraphModule as constants,
+        # which TVM would bake into the library instead of taking them as inputs
+        gm.register_parameter(name + "_w", torch.nn.Parameter(torch.cat([w.detach() for w in weights], 0), requires_grad=False))
+        if biases[0] is not None:
+            gm.register_parameter(name + "_b", torch.nn.Parameter(torch.cat([_attr(gm, b).detach() for b in biases], 0), requires_grad=False))
+        with g.inserting_after(x):
+            w_node = g.get_attr(name + "_w")
+        with g.inserting_after(w_node):
+            b_node = g.get_attr(name + "_b") if biases[0] is not None else None
+        with g.inserting_after(b_node if b_node is not None else w_node):
+            lin = g.call_function(aten.linear.default, (x, w_node, b_node))
+        with g.inserting_after(lin):
+            parts = g.call_function(aten.split_with_sizes.default, (lin, sizes, -1))
+        last = parts
+        for i, u in enumerate(group):
+            with g.inserting_after(last):
+                item = g.call_function(operator.getitem, (parts, i))
+            last = item
+            u.replace_all_uses_with(item)
+            g.erase_node(u)
+        fused += 1
+    if fused:
+        remove_dead(gm)
+    return fused
+
+
 def kernelize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of `gm` whose dense ops are tcc custom ops the TVM backend maps to kernels."""
     gm = copy.deepcopy(gm)
+    fuse_parallel_linears(gm)
     g = gm.graph
     for n in list(g.nodes):
         if n.op != "call_function":
