@@ -40,21 +40,24 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
     tgt = get_target(target)
     if backend == "onnxruntime" and not tgt.is_host:
         raise UserError(f"--backend onnxruntime runs on this host only, not on target '{tgt.name}'", "use --target x86")
+    if backend == "tvm":
+        from tcc.backends.tvm.build import check_toolchain
+        check_toolchain(tgt)
     user = Pipeline.parse(pipeline) if pipeline else Pipeline([])
     pipe = Pipeline(list(Pipeline.parse(DEFAULT_CLEANUP)) + list(user))
-    t_start = time.perf_counter()
-    if isinstance(model, Program):
-        program = model.clone()
-    else:
-        from .frontend import trace
-        program = trace(model, task=task, seq_len=seq_len, batch=batch)
-    t_trace = time.perf_counter() - t_start
-    reference = program.clone() if verify else None
+    with Staging(Path(out)) as stage:  # checks the output path now, before the slow work
+        t_start = time.perf_counter()
+        if isinstance(model, Program):
+            program = model.clone()
+        else:
+            from .frontend import trace
+            program = trace(model, task=task, seq_len=seq_len, batch=batch)
+        t_trace = time.perf_counter() - t_start
+        source_param_bytes = program.param_bytes()
+        reference = program.clone() if verify else None
 
-    ctx = PassContext(calibration=calibration or [program.example_inputs()], verbose=True)
-    program = pipe.run(program, ctx)
-
-    with Staging(Path(out)) as stage:
+        ctx = PassContext(calibration=calibration or [program.example_inputs()], verbose=True)
+        program = pipe.run(program, ctx)
         t0 = time.perf_counter()
         if backend == "tvm":
             from tcc.backends.tvm.build import build_library
@@ -79,7 +82,7 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
             "params": [n for n, _ in params] if backend == "tvm" else [],
             "tokenizer": program.tokenizer_dir,
             "sizes": {"weight_bytes": weight_bytes(params), "program_param_bytes": program.param_bytes(),
-                      "source_param_bytes": reference.param_bytes() if reference is not None else None},
+                      "source_param_bytes": source_param_bytes},
         }
         (stage.dir / "report.md").write_text(_report(manifest, ctx.records))
         run = {"host": platform.node(), "seconds": {"trace": round(t_trace, 2), "build": round(t_build, 2),

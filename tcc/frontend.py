@@ -8,6 +8,7 @@ Task contracts (static batch and sequence length):
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -78,6 +79,7 @@ def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
     source = {"kind": "huggingface", "path": str(model) if str(model) in models.ALIASES else str(path),
               "sha256": models.model_hash(path), "model_type": getattr(cfg, "model_type", None)}
     prog = _trace_module(wrapper, inputs, outs, task=task, source=source)
+    prog.inputs = [dataclasses.replace(s, range=(0, vocab) if s.name == "input_ids" else (0, 2)) for s in prog.inputs]
     prog.tokenizer_dir = tok_dir
     prog.info.vocab_size = vocab
     return prog

@@ -611,12 +611,12 @@ def _enforce_tolerance(p: Pass, drift: dict, ctx: PassContext) -> None:
 
 
 def _print_record(index: int, total: int, r: dict) -> None:
-    from .progress import console
+    from .progress import info
     pb, fl, nd = r["param_bytes"], r["flops"], r["nodes"]
-    console.print(f"[{index}/{total}] [bold]{r['pass']}[/bold] {r['seconds']:.2f} s, "
+    info(f"[{index}/{total}] [bold]{r['pass']}[/bold] {r['seconds']:.2f} s, "
                   f"params {pb['before'] / 1e6:.3g}->{pb['after'] / 1e6:.3g} MB, "
                   f"{fl['before'] / 1e9:.3g}->{fl['after'] / 1e9:.3g} GFLOP, "
-                  f"nodes {nd['before']}->{nd['after']}, drift {r['drift']['rel']:.1e}", soft_wrap=True)
+                  f"nodes {nd['before']}->{nd['after']}, drift {r['drift']['rel']:.1e}")
 
 
 class NodeError(Exception):

@@ -24,13 +24,18 @@ class TensorSpec:
     name: str
     dtype: str  # numpy dtype name: "int64", "float32", ...
     shape: tuple[int, ...]
+    range: tuple[int, int] | None = None  # valid integer values [lo, hi), e.g. token ids < vocab size
 
     def to_json(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.range is not None:
+            d["range"] = list(self.range)
+        return d
 
     @staticmethod
     def from_json(d: dict) -> "TensorSpec":
-        return TensorSpec(d["name"], d["dtype"], tuple(int(s) for s in d["shape"]))
+        r = tuple(int(v) for v in d["range"]) if d.get("range") else None
+        return TensorSpec(d["name"], d["dtype"], tuple(int(s) for s in d["shape"]), r)
 
     def check(self, value: np.ndarray, what: str = "input") -> np.ndarray:
         """Return `value` as this spec's dtype, or raise a UserError naming the mismatch."""
@@ -45,6 +50,12 @@ class TensorSpec:
                 value = value.astype(self.dtype)
             else:
                 raise UserError(f"{what} '{self.name}' has dtype {value.dtype}, expected {self.dtype}")
+        if self.range is not None and value.size:
+            lo, hi = int(value.min()), int(value.max())
+            if lo < self.range[0] or hi >= self.range[1]:
+                bad = lo if lo < self.range[0] else hi
+                raise UserError(f"{what} '{self.name}' holds {bad}, outside the valid range "
+                                f"[{self.range[0]}, {self.range[1]}) (e.g. token ids must be below the vocabulary size {self.range[1]})")
         return np.ascontiguousarray(value)
 
 

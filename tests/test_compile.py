@@ -132,9 +132,6 @@ def test_quantized_minilm_accuracy_and_size(minilm_q8_x86, minilm_x86):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="backends/tvm/lower.py to_relax: from_exported_program(keep_params_as_input=True) "
-                   "keeps only nn.Parameters as inputs; the int8 weights and scales are buffers, so TVM binds them as "
-                   "constants inside model.so and weights.safetensors holds none of them")
 def test_quantized_weights_are_int8_in_safetensors(minilm_q8_x86):
     weights = load_file(str(minilm_q8_x86.dir / "weights.safetensors"))
     quantized = _quantized_records(minilm_q8_x86)
@@ -165,8 +162,6 @@ def without_run(manifest: dict) -> dict:
     return {k: v for k, v in manifest.items() if k != "run"}
 
 
-@pytest.mark.xfail(strict=True, reason="tcc/compiler.py compile: sizes.source_param_bytes is taken from the "
-                   "verify reference, so verify=False writes null there and in report.md")
 def test_skipping_verification_changes_only_the_run_field(tiny_bert_dir, tmp_path):
     dirs = [tmp_path / "verified", tmp_path / "unverified"]
     for d, verify in zip(dirs, (True, False)):

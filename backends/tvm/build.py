@@ -19,6 +19,17 @@ from .schedule import pipeline as cpu_pipeline
 from .targets import Target
 
 
+def check_toolchain(target: Target) -> str:
+    """The C compiler that links libraries for `target`; UserError naming the package if missing."""
+    cc = target.cc.replace("g++", "gcc")
+    for tool in (cc, target.cc):
+        if shutil.which(tool) is None:
+            pkg = tool.replace("aarch64-linux-gnu-", "") + "-aarch64-linux-gnu" if "aarch64" in tool else tool
+            raise UserError(f"the {target.name} target needs the compiler '{tool}', which is not installed",
+                            f"apt-get install {pkg}")
+    return cc
+
+
 def build_library(program: Program, target: Target, lib_path: Path):
     """Compile `program` for `target` into `lib_path`; returns [(param name, array)] in call order."""
     import tvm
@@ -26,10 +37,7 @@ def build_library(program: Program, target: Target, lib_path: Path):
 
     from tcc.backends.kernels.build import build_kernels
 
-    cc = target.cc.replace("g++", "gcc")
-    if shutil.which(cc) is None:
-        pkg = "gcc-aarch64-linux-gnu" if "aarch64" in cc else "gcc"
-        raise UserError(f"the {target.name} target needs the C compiler '{cc}'", f"apt-get install {pkg}")
+    cc = check_toolchain(target)
     with status("importing into TVM Relax"):
         mod, params = to_relax(program)
     work = Path(tempfile.mkdtemp(prefix="tcc-build-"))

@@ -88,9 +88,22 @@ def fuse_parallel_linears(gm: torch.fx.GraphModule) -> int:
     return fused
 
 
+def _buffers_to_parameters(gm: torch.fx.GraphModule) -> None:
+    """Buffers (int8 weights and their scales, folded constants) become parameters: TVM's importer
+    keeps only parameters as function inputs and would bake buffers into the library as constants,
+    while the artifact stores every tensor in weights.safetensors."""
+    for name, buf in list(gm.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        mod = gm.get_submodule(owner) if owner else gm
+        del mod._buffers[leaf]
+        mod._non_persistent_buffers_set.discard(leaf)
+        mod.register_parameter(leaf, torch.nn.Parameter(buf.detach(), requires_grad=False))
+
+
 def kernelize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of `gm` whose dense ops are tcc custom ops the TVM backend maps to kernels."""
     gm = copy.deepcopy(gm)
+    _buffers_to_parameters(gm)
     fuse_parallel_linears(gm)
     g = gm.graph
     for n in list(g.nodes):

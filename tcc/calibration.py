@@ -1,0 +1,284 @@
+"""Calibration data, the calibration loss, and a graph runner that taps and patches node values.
+
+text_feeds(program, text_path=None, n_samples=8, seq_len=None, seed=0, start=None)
+    `n_samples` feeds {input name: array} shaped for the program's inputs: input_ids hold token
+    windows of the program's sequence length cut from the text with the tokenizer in
+    `program.tokenizer_dir` (each window wrapped in the tokenizer's special tokens, e.g. BERT's
+    [CLS] ... [SEP]); attention_mask is all ones, any other integer input zeros. Windows do not
+    overlap and are drawn at random (`seed`) from the first 4 * n_samples * batch windows of the
+    slice of the text that starts `start` of the way into the file (at a line break). `start`
+    defaults to 0.5 for DEFAULT_VALID, so calibration never sees the prefix `tcc eval` scores, and
+    to 0 for any other text. seq_len, when given, must be the program's. Too little text raises a
+    UserError with the token count; a program without a tokenizer, one saying so.
+DEFAULT_VALID, default_text()
+    wikitext-2 valid.txt next to the project (../shared/data/wikitext-2/valid.txt from the project
+    root); default_text() is what text_path=None means: $TCC_CALIBRATION_TEXT when set, else
+    DEFAULT_VALID. A missing file raises a UserError saying how to point at text.
+
+CalibrationLoss(reference, feeds) / calibration_loss(program, feeds, reference=None)
+    Causal LMs (task "causal-lm" or an output named "logits"): mean next-token cross-entropy (nats)
+    over every position of every feed. Encoders: mean over samples of 1 - cosine(mean-pooled
+    last_hidden_state (else the first output), the same from `reference`, the unmodified program),
+    pooled over the attention mask. Lower is better; an unmodified encoder scores 0.
+
+GraphRunner(gm).run(args, record=, patches=, snapshot_at=, resume=)
+    Runs a torch.fx graph node by node (freeing values after their last use), returns the outputs,
+    the values of the `record`ed nodes, and snapshots of the live values before chosen positions;
+    `patches` replace a node's value by fn(value, get) (`get(name)` reads another node's value) and
+    `resume` starts from a snapshot, so a change deep in the model re-runs only what follows it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .errors import UserError
+from .progress import status
+
+DEFAULT_VALID = (Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "wikitext-2" / "valid.txt").resolve()
+
+
+def default_text() -> Path:
+    return Path(os.environ.get("TCC_CALIBRATION_TEXT") or DEFAULT_VALID)
+
+
+# -- feeds from text ---------------------------------------------------------------------------------
+
+def text_feeds(program, text_path=None, n_samples: int = 8, seq_len: int | None = None, seed: int = 0,
+               start: float | None = None) -> list[dict[str, np.ndarray]]:
+    from .evaluate import load_tokenizer
+    path = Path(text_path) if text_path is not None else default_text()
+    if not path.is_file():
+        raise UserError(f"calibration text {path} not found",
+                        "set TCC_CALIBRATION_TEXT to a UTF-8 text file, or give a calibration text file explicitly")
+    if n_samples < 1:
+        raise UserError(f"n_samples must be >= 1 (got {n_samples})")
+    ids_spec = next((s for s in program.inputs if s.name == "input_ids"), None)
+    if ids_spec is None or len(ids_spec.shape) != 2:
+        raise UserError(f"calibration from text needs a program with input_ids [batch, seq]; this one takes "
+                        f"{[s.name for s in program.inputs]}", "give calibration feeds instead of text")
+    batch, program_len = ids_spec.shape
+    if seq_len is not None and seq_len != program_len:
+        raise UserError(f"seq_len={seq_len} but the program takes sequences of {program_len} tokens",
+                        f"leave seq_len unset or trace the model with --seq-len {seq_len}")
+    if start is None:
+        start = 0.5 if path.resolve() == DEFAULT_VALID else 0.0
+    tokenizer = load_tokenizer(program.tokenizer_dir)
+    prefix, suffix = _special_tokens(tokenizer)
+    body = program_len - len(prefix) - len(suffix)
+    if body < 1:
+        raise UserError(f"sequences of {program_len} tokens leave no room for text besides "
+                        f"{len(prefix) + len(suffix)} special tokens")
+    need = 4 * n_samples * batch  # a pool of windows to draw from
+    with status(f"tokenizing calibration text {path.name}"):
+        tokens = _tokens_from(tokenizer, path, start, need * body)
+    available = len(tokens) // body
+    if available < n_samples * batch:
+        raise UserError(f"calibration text {path} (from {start:.0%} of the file on) has {len(tokens)} tokens, fewer than "
+                        f"{n_samples} x {batch} windows of {body}", "give a longer text or fewer samples")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(min(available, need), size=n_samples * batch, replace=False).tolist())
+    rows = [prefix + tokens[w * body:(w + 1) * body] + suffix for w in chosen]
+    rows = np.asarray(rows, dtype=np.int64).reshape(n_samples, batch, program_len)
+    feeds = []
+    for ids in rows:
+        feed = {}
+        for spec in program.inputs:
+            if spec.name == "input_ids":
+                feed[spec.name] = ids.astype(spec.dtype)
+            elif np.issubdtype(np.dtype(spec.dtype), np.integer) or spec.dtype == "bool":
+                fill = 1 if spec.name == "attention_mask" else 0
+                feed[spec.name] = np.full(spec.shape, fill, dtype=spec.dtype)
+            else:
+                raise UserError(f"cannot make input '{spec.name}' ({spec.dtype}) from text", "give calibration feeds")
+        feeds.append(feed)
+    return feeds
+
+
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text by default ([CLS] / [SEP], BOS...)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+    if at is None:
+        return [], []
+    return list(full[:at]), list(full[at + len(plain):])
+
+
+def _tokens_from(tokenizer, path: Path, start: float, want: int) -> list[int]:
+    """At least `want` token ids (when the text has them) from the slice starting `start` into the
+    file, at the next line break; reads a growing piece of the file, not all of it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if start > 0:
+            f.seek(int(size * start) - 1)
+            f.readline()  # on to the start of the next line (or stay, when already at one)
+        chunk = max(4096, 8 * want)
+        data = b""
+        while True:
+            more = f.read(chunk)
+            data += more
+            text = data.decode("utf-8", errors="ignore")
+            ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            if len(ids) > want + 16 or not more:
+                return ids[:want] if len(ids) > want + 16 else ids
+            chunk = len(data)
+
+
+# -- the calibration loss -------------------------------------------------------------------------------
+
+def is_causal(program) -> bool:
+    return program.task == "causal-lm" or any(s.name == "logits" for s in program.outputs)
+
+
+class CalibrationLoss:
+    """loss(outputs_per_feed) for one fixed list of feeds; see the module docstring.
+
+    `terms(i, outputs)` is feed i's (sum, count), so callers can score one feed at a time and
+    `combine` the terms, without keeping every feed's logits."""
+
+    def __init__(self, reference, feeds: list[dict]):
+        self.feeds = feeds
+        self.causal = is_causal(reference)
+        self.names = [s.name for s in reference.outputs]
+        self.kind = ("next-token cross-entropy (nats)" if self.causal
+                     else "1 - cosine of mean-pooled hidden states vs the unmodified program")
+        self.reference = None if self.causal else [self._pooled(i, reference(f)) for i, f in enumerate(feeds)]
+
+    def _output(self, outputs) -> torch.Tensor:
+        if isinstance(outputs, dict):
+            key = "logits" if self.causal else "last_hidden_state"
+            value = outputs[key] if key in outputs else next(iter(outputs.values()))
+        else:  # a sequence in the program's output order
+            key = "logits" if self.causal else "last_hidden_state"
+            value = outputs[self.names.index(key)] if key in self.names else outputs[0]
+        return torch.as_tensor(value)
+
+    def _pooled(self, i: int, outputs) -> torch.Tensor:
+        hidden = self._output(outputs).to(torch.float64)
+        mask = self.feeds[i].get("attention_mask")
+        mask = torch.ones(hidden.shape[:-1], dtype=torch.float64) if mask is None else torch.as_tensor(mask).to(torch.float64)
+        return (hidden * mask[..., None]).sum(-2) / mask.sum(-1, keepdim=True).clamp_min(1e-9)
+
+    def terms(self, i: int, outputs) -> tuple[float, int]:
+        if self.causal:
+            logits = self._output(outputs).to(torch.float32)
+            ids = torch.as_tensor(self.feeds[i]["input_ids"]).to(torch.int64)
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+            return float(nll.to(torch.float64).sum()), nll.numel()
+        pooled, ref = self._pooled(i, outputs), self.reference[i]
+        cos = (pooled * ref).sum(-1) / (pooled.norm(dim=-1) * ref.norm(dim=-1)).clamp_min(1e-30)
+        return float((1 - cos).sum()), cos.numel()
+
+    @staticmethod
+    def combine(terms: list[tuple[float, int]]) -> float:
+        total, count = sum(t[0] for t in terms), sum(t[1] for t in terms)
+        return total / max(count, 1)
+
+    def __call__(self, outputs_per_feed: list) -> float:
+        return self.combine([self.terms(i, o) for i, o in enumerate(outputs_per_feed)])
+
+
+def calibration_loss(program, feeds: list[dict], reference=None) -> float:
+    """The loss of `program` on `feeds`; `reference` (default: the program) anchors encoder losses."""
+    loss = CalibrationLoss(reference if reference is not None else program, feeds)
+    return loss([program(f) for f in feeds])
+
+
+# -- running a graph with taps and patches ---------------------------------------------------------------
+
+Patch = Callable[[torch.Tensor, Callable[[str], torch.Tensor]], torch.Tensor]
+
+
+@dataclasses.dataclass
+class RunResult:
+    outputs: list  # the graph's outputs, flattened, in order
+    values: dict  # {recorded node name: value}
+    snapshots: dict  # {position: {node: value}} live values before that position
+
+
+class GraphRunner:
+    """Runs one GraphModule node by node; see the module docstring."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.position = {n.name: i for i, n in enumerate(self.nodes)}
+        self.by_name = {n.name: n for n in self.nodes}
+        self.last_use = {n: max([self.position[u.name] for u in n.users], default=i) for i, n in enumerate(self.nodes)}
+        self.attrs = {n: _attr(gm, n.target) for n in self.nodes if n.op == "get_attr"}
+        # values that in-place ops overwrite: copied when resuming, so snapshots stay intact
+        self.mutated = {n.args[0] for n in self.nodes if n.op == "call_function" and _mutates(n)
+                        and isinstance(n.args[0], fx.Node)}
+
+    def run(self, args, record=(), patches: dict[str, tuple[Patch, tuple[str, ...]]] | None = None,
+            snapshot_at=(), resume: tuple[int, dict] | None = None) -> RunResult:
+        """`patches`: {node name: (fn, names fn reads through get)}; `resume`: (position, snapshot)."""
+        patches = patches or {}
+        last = dict(self.last_use)
+        for name, (_, needs) in patches.items():
+            for need in needs:
+                node = self.by_name[need]
+                last[node] = max(last[node], self.position[name])
+        keep = {self.by_name[r] for r in record}
+        snapshot_at = set(snapshot_at)
+        start, env = 0, {}
+        if resume is not None:
+            start, snap = resume
+            env = {n: (v.clone() if n in self.mutated and isinstance(v, torch.Tensor) else v) for n, v in snap.items()}
+        placeholders = iter(args or ())
+        values, snapshots, outputs = {}, {}, None
+        get = lambda name: env[self.by_name[name]]
+        with torch.no_grad():
+            for i in range(start, len(self.nodes)):
+                if i in snapshot_at:
+                    snapshots[i] = {m: (v.clone() if m in self.mutated and isinstance(v, torch.Tensor) else v)
+                                    for m, v in env.items()}
+                n = self.nodes[i]
+                if n.op == "placeholder":
+                    if resume is not None:
+                        raise ValueError("cannot resume before a placeholder")
+                    env[n] = next(placeholders)
+                    continue
+                if n.op == "output":
+                    outputs = fx.node.map_arg(n.args[0], env.__getitem__)
+                    break
+                a, kw = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+                if n.op == "get_attr":
+                    v = self.attrs[n]
+                elif n.op == "call_function":
+                    v = n.target(*a, **kw)
+                elif n.op == "call_module":
+                    v = self.gm.get_submodule(n.target)(*a, **kw)
+                else:  # call_method
+                    v = getattr(a[0], n.target)(*a[1:], **kw)
+                if n.name in patches:
+                    v = patches[n.name][0](v, get)
+                env[n] = v
+                if n in keep:  # a copy when a later in-place op would overwrite it
+                    values[n.name] = v.clone() if n in self.mutated and isinstance(v, torch.Tensor) else v
+                for arg in n.all_input_nodes:
+                    if last[arg] <= i and arg not in keep:
+                        env.pop(arg, None)
+        flat = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        return RunResult(flat, values, snapshots)
+
+
+def _mutates(n: fx.Node) -> bool:
+    schema = getattr(n.target, "_schema", None)
+    return bool(schema is not None and schema.arguments and schema.arguments[0].alias_info is not None
+                and schema.arguments[0].alias_info.is_write)
+
+
+def _attr(gm, path: str):
+    obj = gm
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
