@@ -31,9 +31,7 @@ class DeadCode(Pass):
         ctx.note(removed_nodes=nodes, removed_attributes=attributes,
                  bytes_freed=bytes_before - program.param_bytes())
         if nodes or attributes:
-            refresh = getattr(ctx, "refresh_info", None)
-            if refresh is not None:
-                refresh(program)
+            ctx.refresh_info(program)
         return program
 
     def ensures(self, program: Program) -> None:

@@ -56,9 +56,7 @@ class FoldConstants(Pass):
         ctx.note(folded=folded, skipped=skipped, checked=checked, removed_nodes=removed_nodes,
                  removed_attributes=removed_attrs)
         if roots or checked:
-            refresh = getattr(ctx, "refresh_info", None)
-            if refresh is not None:
-                refresh(program)
+            ctx.refresh_info(program)
         return program
 
     def ensures(self, program: Program) -> None:

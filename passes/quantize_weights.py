@@ -59,9 +59,7 @@ class QuantizeWeights(Pass):
         removed_nodes, removed_attrs = remove_dead(gm) if layers else ([], [])
         ctx.note(quantized=quantized, skipped=skipped, removed_attributes=removed_attrs)
         if layers:
-            refresh = getattr(ctx, "refresh_info", None)
-            if refresh is not None:
-                refresh(program)
+            ctx.refresh_info(program)
         return program
 
     def ensures(self, program: Program) -> None:

@@ -15,7 +15,6 @@ no half-written artifact; an existing artifact at the path is replaced only on s
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -29,12 +28,7 @@ from .errors import UserError
 FORMAT = "tcc-artifact/1"
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from .models import file_sha256 as sha256
 
 
 class Staging:

@@ -155,26 +155,19 @@ def _arg(importer, a):
     return importer.env[a]
 
 
-def _convert_dense(node, importer):
-    from tvm import relax
-    x, w, b = (list(node.args) + [None])[:3]
-    args = [_arg(importer, x), _arg(importer, w)]
-    name = "tcc_dense_nobias_f32"
-    if b is not None:
-        args.append(_arg(importer, b))
-        name = "tcc_dense_f32"
-    return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(args), _out_sinfo(node)))
-
-
-def _convert_dense_w8(node, importer):
-    from tvm import relax
-    x, qw, scale, b = (list(node.args) + [None])[:4]
-    args = [_arg(importer, x), _arg(importer, qw), _arg(importer, scale)]
-    name = "tcc_dense_w8_nobias_f32"
-    if b is not None:
-        args.append(_arg(importer, b))
-        name = "tcc_dense_w8_f32"
-    return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(args), _out_sinfo(node)))
+def _dense_converter(kernel: str, n_inputs: int):
+    """tcc dense-family op -> call of `kernel` (`{kernel}_f32` with a bias, `{kernel}_nobias_f32` without);
+    the op's first `n_inputs` arguments are tensors, an optional bias follows."""
+    def convert(node, importer):
+        from tvm import relax
+        args = list(node.args) + [None]
+        bias = args[n_inputs]
+        tensors = [_arg(importer, a) for a in args[:n_inputs]]
+        name = f"{kernel}_nobias_f32" if bias is None else f"{kernel}_f32"
+        if bias is not None:
+            tensors.append(_arg(importer, bias))
+        return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(tensors), _out_sinfo(node)))
+    return convert
 
 
 def _convert_sdpa(node, importer):
@@ -191,8 +184,8 @@ def _convert_sdpa(node, importer):
 
 
 CONVERT_MAP = {
-    "dense.default": _convert_dense,
-    "dense_w8.default": _convert_dense_w8,
+    "dense.default": _dense_converter("tcc_dense", 2),
+    "dense_w8.default": _dense_converter("tcc_dense_w8", 3),
     "sdpa.default": _convert_sdpa,
 }
 
