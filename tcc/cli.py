@@ -42,7 +42,8 @@ def cmd_compile(a) -> int:
     import tcc
     out = a.output or _default_out(a.model, a.target)
     art = tcc.compile(a.model, a.target, out=out, pipeline=a.pipeline or "", seq_len=a.seq_len,
-                      batch=a.batch, task=a.task, verify=not a.no_verify, backend=a.backend)
+                      batch=a.batch, task=a.task, verify=not a.no_verify, backend=a.backend,
+                      calibration_text=a.calibration, calibration_samples=a.calibration_samples)
     m = art.manifest
     art.close()
     summary = {"artifact": str(Path(out).resolve()), "target": m["target"]["name"], "pipeline": m["pipeline"],
@@ -105,6 +106,14 @@ def cmd_bench(a) -> int:
 def cmd_analyze(a) -> int:
     import tcc
     program = tcc.trace(a.model, task=a.task, seq_len=a.seq_len)
+    if a.output:
+        from tcc.calibration import text_feeds
+        from tcc.pipeline import PassContext, Pipeline
+        Path(a.output).mkdir(parents=True, exist_ok=True)
+        ctx = PassContext(calibration=text_feeds(program, a.calibration, n_samples=a.calibration_samples), verbose=True)
+        Pipeline.parse(f"analyze-redundancy(out={a.output})").run(program, ctx)
+        print(f"redundancy analysis written to {a.output}")
+        return 0
     if a.json:
         print(json.dumps(program.info.to_json(), indent=2))
     else:
@@ -146,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=int, default=1)
     c.add_argument("--task", choices=["feature-extraction", "causal-lm"])
     c.add_argument("--pipeline", "-p", default="", help="pass pipeline, e.g. 'quantize-weights(bits=8)'")
+    c.add_argument("--calibration", help="text file for calibrating passes (default ../shared/data/wikitext-2/valid.txt)")
+    c.add_argument("--calibration-samples", type=int, default=8, help="calibration windows of --seq-len tokens")
     c.add_argument("--backend", default="tvm", choices=["tvm", "onnxruntime"],
                    help="tvm: native library for the target (default); onnxruntime: ONNX for ORT on this host")
     c.add_argument("--no-verify", action="store_true", help="skip running the artifact against PyTorch")
@@ -179,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("model")
     an.add_argument("--structure", action="store_true", default=True, help="print the recovered structure (default)")
     an.add_argument("--seq-len", type=int, default=16)
+    an.add_argument("-o", "--output", help="run analyze-redundancy on calibration text and write JSON + heatmap PNG here")
+    an.add_argument("--calibration", help="calibration text (default ../shared/data/wikitext-2/valid.txt)")
+    an.add_argument("--calibration-samples", type=int, default=8)
     an.add_argument("--task", choices=["feature-extraction", "causal-lm"])
     an.add_argument("--json", action="store_true")
     an.set_defaults(func=cmd_analyze)

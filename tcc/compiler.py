@@ -26,7 +26,7 @@ BACKENDS = ("tvm", "onnxruntime")
 
 def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", seq_len: int = 128,
             batch: int = 1, task: str | None = None, verify: bool = True, calibration=None,
-            backend: str = "tvm"):
+            backend: str = "tvm", calibration_text: str | None = None, calibration_samples: int = 8):
     """Compile `model` (path, alias, nn.Module with example inputs via `trace` first, or a Program)
     for `target` into the artifact directory `out`. Returns the loaded artifact (tcc.runtime.Loaded).
 
@@ -56,7 +56,12 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
         source_param_bytes = program.param_bytes()
         reference = program.clone() if verify else None
 
-        ctx = PassContext(calibration=calibration or [program.example_inputs()], verbose=True)
+        if calibration is None:
+            calibration = [program.example_inputs()]
+            if program.tokenizer_dir and any(p.kind != "cleanup" for p in user):
+                from .calibration import text_feeds
+                calibration = text_feeds(program, calibration_text, n_samples=calibration_samples)
+        ctx = PassContext(calibration=calibration, verbose=True)
         program = pipe.run(program, ctx)
         t0 = time.perf_counter()
         if backend == "tvm":

@@ -465,9 +465,9 @@ def _slice_linear(gm: fx.GraphModule, by: dict, lin: Linear, keep: list[int], di
     node = by[lin.node]
     at = 3 if lin.op == "tcc.dense_w8" else 2
     bias = node.args[at] if len(node.args) > at else None
-    if dim == 0 and isinstance(bias, fx.Node) and bias.op != "get_attr":
-        raise UserError(f"cannot prune heads of attention '{where}': the bias of '{lin.node}' is computed, not stored",
-                        "this attention layout is not supported by prune-heads yet")
+    if lin.weight is None or (dim == 0 and isinstance(bias, fx.Node) and bias.op != "get_attr"):
+        raise UserError(f"cannot prune heads of attention '{where}': the weight or bias of '{lin.node}' is computed, "
+                        "not stored", "this attention layout is not supported by prune-heads yet")
     targets = [t for t in ([lin.weight] + ([lin.bias, lin.scale] if dim == 0 else [])) if t is not None]
     for target in targets:
         readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target]

@@ -1,0 +1,336 @@
+"""`analyze-redundancy`: how much each block, attention sub-block, MLP sub-block and head matters.
+
+Contract: an analysis pass; the program is not changed. On calibration feeds (the pipeline's, else
+`samples` windows of calibration text: `text_file=FILE`, default tcc.calibration.DEFAULT_VALID) it
+measures, for every block:
+
+  similarity     cosine similarity between the hidden states entering and leaving the block, its
+                 attention sub-block and its MLP sub-block, per token, averaged over the tokens
+                 (weighted by attention_mask) and feeds - the signal of "What Matters in
+                 Transformers? Not All Attention Is Needed" (He et al., 2024); 1 - similarity is
+                 ShortGPT's Block Influence (Men et al., 2024). High similarity: the part barely
+                 changes the residual stream, so it is redundant. The stream leaving a pre-norm
+                 sub-block is x + its output; a post-norm one's is its LayerNorm's output.
+  loss_increase  (loss=true) per-layer sensitivity: the calibration loss
+                 (tcc.calibration.CalibrationLoss: next-token cross-entropy for causal LMs, 1 - cosine
+                 of mean-pooled hidden states vs the unmodified model for encoders) with that part
+                 removed exactly as drop-attention / drop-mlp / drop-blocks remove it, minus the loss
+                 of the unmodified program.
+  heads          (heads=true) per attention head: `norm`, the mean over tokens of the L2 norm of
+                 its contribution to the output projection's output (x_h @ W_o[:, h]^T; cheap);
+                 `share`, norm / the sum over the layer's heads; and (loss=true, head_loss=true)
+                 `loss_increase`, the calibration-loss increase when that head's input to the output
+                 projection is zeroed.
+
+Results go to ctx.report["analyze-redundancy"] (read by the drop passes), a summary to the pass
+record, and, when `out=DIR` is given or ctx.annotations["artifacts_dir"] is set, to
+DIR/redundancy.json (the report, without "seconds") and DIR/redundancy.png (heatmaps: similarity and loss increase per
+block and part; head importance per layer and head). Report layout:
+
+  {"model", "task", "method", "calibration": {"source", "feeds", "loss_feeds", "batch", "seq_len"},
+   "loss": {"kind", "base"} | null,
+   "blocks": [{"index", "name", "weights", "similarity": {"block", "attention", "mlp"},
+               "loss_increase": {...} | null, "heads": {"norm", "share", "loss_increase"} | null}],
+   "ranking": {"block" | "attention" | "mlp": [block indices, most redundant (most similar) first]},
+   "seconds", "files": {"json", "png"}}
+
+Parts already dropped (or without a residual connection to drop them by) are null. Cost: one run
+per feed for similarity and head norms; loss increases are measured on the first `loss_samples`
+feeds (default 2, 0: all) and cost 3 (+ one per head with head_loss) partial runs per block and
+feed, each resuming at the changed node - for SmolLM2 (30 blocks x 9 heads) about 180 forward
+passes per loss feed (12 minutes for the defaults at seq 128 on 2 busy cores).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tcc.calibration import CalibrationLoss, GraphRunner
+from tcc.elimination import ANALYSIS, PARTS, block_weights, calibration_feeds, sites
+from tcc.errors import UserError
+from tcc.pipeline import Option, Pass, PassContext, register
+from tcc.program import Program
+from tcc.progress import track
+
+
+@register
+class AnalyzeRedundancy(Pass):
+    """Per block / attention / MLP: input-output cosine similarity and calibration-loss increase when
+    removed; per head: output-norm share and loss increase when masked. Writes JSON + heatmap PNG."""
+
+    name = ANALYSIS
+    kind = "analysis"
+    options = {
+        "out": Option(str, "", "directory for redundancy.json and redundancy.png (default: the artifact's)"),
+        "samples": Option(int, 8, "calibration windows taken from text when the pipeline has no calibration feeds",
+                          validator=lambda v: None if v >= 1 else "must be >= 1"),
+        "text_file": Option(str, "", "calibration text file (default: wikitext-2 valid.txt, or $TCC_CALIBRATION_TEXT)"),
+        "heads": Option(bool, True, "measure per-head importance (output-norm share)"),
+        "loss": Option(bool, True, "measure the loss increase when each block / attention / MLP is removed "
+                       "(3 partial runs per block and loss feed)"),
+        "head_loss": Option(bool, True, "with loss and heads: the loss increase when each head is masked "
+                            "(one partial run per head and loss feed)"),
+        "loss_samples": Option(int, 2, "how many of the feeds the loss increases are measured on (0: all)",
+                               validator=lambda v: None if v >= 0 else "must be >= 0"),
+    }
+
+    def run(self, program: Program, ctx: PassContext) -> Program:
+        feeds, source = calibration_feeds(program, ctx, n_samples=self.samples, text=self.text_file or None)
+        report = analyze(program, feeds, heads=self.heads, loss=self.loss, head_loss=self.head_loss,
+                         loss_samples=self.loss_samples, source=source)
+        out = self.out or ctx.annotations.get("artifacts_dir")
+        if out:
+            report["files"] = write(report, out)
+        ctx.report[ANALYSIS] = report
+        ctx.note(**summary(report))
+        return program
+
+
+# -- measure ----------------------------------------------------------------------------------------
+
+def analyze(program: Program, feeds: list[dict], *, heads: bool = True, loss: bool = True, head_loss: bool = True,
+            loss_samples: int = 0, source: str = "") -> dict:
+    """The report described in the module docstring (without "files"); loss increases are measured
+    on the first `loss_samples` feeds (0: all)."""
+    t0 = time.perf_counter()
+    info = program.info
+    if info is None or not info.blocks:
+        raise UserError("analyze-redundancy: no transformer blocks recognised in this model",
+                        "run `tcc inspect MODEL` to see what tcc recovers")
+    if not feeds:
+        raise UserError("analyze-redundancy needs at least one calibration feed")
+    runner = GraphRunner(program.gm)
+    where = sites(program, lenient=True)  # a part without a residual connection gets no numbers
+    heads_at = _head_inputs(program) if heads else {}
+    record = {name for s in where for site in s.values() if site for name in site.needs} | set(heads_at.values())
+    loss_feeds = feeds[:loss_samples or len(feeds)]
+    objective = CalibrationLoss(program, loss_feeds) if loss else None
+    changes = _changes(runner, where, heads_at if head_loss else {}, program) if loss else {}
+    snapshot_at = {pos for pos, _ in changes.values()}
+
+    n_blocks = len(info.blocks)
+    sim = {(i, p): [0.0, 0.0] for i in range(n_blocks) for p in PARTS}  # (sum, weight)
+    norms = {i: np.zeros(len(info.blocks[i].attention.o_heads)) for i in heads_at}
+    base_terms, change_terms = [], {key: [] for key in changes}
+    for f, feed in enumerate(track(feeds, f"analyze-redundancy ({len(feeds)} feeds, {len(changes)} changes each)")):
+        args = [torch.from_numpy(spec.check(feed[spec.name])) for spec in program.inputs]
+        measure_loss = objective is not None and f < len(loss_feeds)
+        clean = runner.run(args, record=record, snapshot_at=snapshot_at if measure_loss else ())
+        weights = _token_weights(feed, clean.values, where)
+        for i, parts in enumerate(where):
+            for p, s in parts.items():
+                if s is not None:
+                    sim[i, p][0] += float(_cosine(*_streams(s, clean.values)) @ weights)
+                    sim[i, p][1] += float(weights.sum())
+        for i, name in heads_at.items():
+            norms[i] += _head_norms(program, info.blocks[i].attention, clean.values[name], weights)
+        if not measure_loss:
+            continue
+        base_terms.append(objective.terms(f, clean.outputs))
+        for key, (pos, patches) in track(list(changes.items()), f"feed {f + 1}: {len(changes)} changes"):
+            changed = runner.run(None, patches=patches, resume=(pos, clean.snapshots[pos]))
+            change_terms[key].append(objective.terms(f, changed.outputs))
+        del clean
+
+    base = CalibrationLoss.combine(base_terms) if objective else None
+    increase = {key: CalibrationLoss.combine(t) - base for key, t in change_terms.items()}
+    blocks = []
+    for i, b in enumerate(info.blocks):
+        similarity = {p: (round(sim[i, p][0] / sim[i, p][1], 6) if sim[i, p][1] else None) for p in PARTS}
+        entry = {"index": i, "name": b.name, "weights": block_weights(b), "similarity": similarity,
+                 "loss_increase": ({p: _round(increase.get((i, p))) for p in PARTS} if loss else None), "heads": None}
+        if i in heads_at:
+            n = norms[i] / len(feeds)
+            entry["heads"] = {"norm": [_round(v) for v in n], "share": [_round(v) for v in n / max(n.sum(), 1e-30)],
+                              "loss_increase": ([_round(increase.get((i, "head", h))) for h in range(len(n))]
+                                                if loss and head_loss else None)}
+        blocks.append(entry)
+    ranking = {p: sorted((e["index"] for e in blocks if e["similarity"][p] is not None),
+                         key=lambda i: (-blocks[i]["similarity"][p], i)) for p in PARTS}
+    batch, seq_len = next(iter(feeds[0].values())).shape[:2]
+    return {
+        "model": program.source.get("path") or program.source.get("class") or "",
+        "task": program.task,
+        "method": "cosine similarity of the hidden states entering and leaving each part, per token; loss increase "
+                  "when the part is removed as drop-* removes it; head norm = |x_h W_o[:, h]^T|",
+        "calibration": {"source": source, "feeds": len(feeds), "loss_feeds": len(loss_feeds) if loss else 0,
+                        "batch": int(batch), "seq_len": int(seq_len)},
+        "loss": {"kind": objective.kind, "base": _round(base)} if objective else None,
+        "blocks": blocks,
+        "ranking": ranking,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _round(v):
+    return None if v is None else round(float(v), 6)
+
+
+def _head_inputs(program: Program) -> dict[int, str]:
+    """{block index: node name of its output projection's input} for attentions with known heads."""
+    out = {}
+    nodes = {n.name: n for n in program.gm.graph.nodes}
+    for b in program.info.blocks:
+        a = b.attention
+        if a is not None and a.o is not None and a.o_heads and a.o.weight:
+            out[b.index] = nodes[a.o.node].args[0].name
+    return out
+
+
+def _changes(runner: GraphRunner, where: list[dict], heads_at: dict[int, str], program: Program) -> dict:
+    """{key: (resume position, patches)}: each part removed as drop-* would, each head masked."""
+    out = {}
+    for i, parts in enumerate(where):
+        for p, s in parts.items():
+            if s is not None:  # the part's output takes the value that replaces it
+                patch = (lambda v, get, by=s.by: get(by), (s.by,))
+                out[i, p] = (runner.position[s.by] + 1, {s.out: patch})
+    for i, name in heads_at.items():
+        for h, ranges in enumerate(program.info.blocks[i].attention.o_heads):
+            cols = torch.tensor([c for r in ranges for c in range(*r)])
+            out[i, "head", h] = (runner.position[name], {name: (lambda v, get, cols=cols: _zero(v, cols), ())})
+    return out
+
+
+def _zero(v: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    v = v.clone()
+    v[..., cols] = 0
+    return v
+
+
+def _streams(s, values: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    x = values[s.x]
+    return x, (x + values[s.branch] if s.branch else values[s.out])
+
+
+def _cosine(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Per-token cosine similarity, flattened over batch and sequence."""
+    x = x.detach().to(torch.float64).reshape(-1, x.shape[-1])
+    y = y.detach().to(torch.float64).reshape(-1, y.shape[-1])
+    return ((x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(1e-30)).numpy()
+
+
+def _token_weights(feed: dict, values: dict, where: list[dict]) -> np.ndarray:
+    mask = feed.get("attention_mask")
+    if mask is not None:
+        return np.asarray(mask, dtype=np.float64).reshape(-1)
+    s = next(site for parts in where for site in parts.values() if site is not None)
+    return np.ones(values[s.x].reshape(-1, values[s.x].shape[-1]).shape[0])
+
+
+def _head_norms(program: Program, attention, x: torch.Tensor, weights: np.ndarray) -> np.ndarray:
+    o = attention.o
+    w = _attr(program.gm, o.weight).detach().to(torch.float32)
+    if o.op == "tcc.dense_w8":
+        w = w * _attr(program.gm, o.scale).detach().to(torch.float32)[:, None]
+    x = x.detach().to(torch.float32).reshape(-1, x.shape[-1])
+    wt = torch.from_numpy(weights).to(torch.float64)
+    out = []
+    for ranges in attention.o_heads:
+        cols = torch.tensor([c for r in ranges for c in range(*r)])
+        contrib = (x[:, cols] @ w[:, cols].T).to(torch.float64).norm(dim=-1)
+        out.append(float((contrib * wt).sum() / wt.sum().clamp_min(1e-30)))
+    return np.asarray(out)
+
+
+def _attr(gm, path: str):
+    obj = gm
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# -- report -------------------------------------------------------------------------------------------
+
+def summary(report: dict) -> dict:
+    """What goes into the pass record: per-part similarities and losses, the top of each ranking."""
+    blocks = report["blocks"]
+    out = {"calibration": report["calibration"], "loss": report["loss"], "seconds": report["seconds"],
+           "most_redundant": {p: r[:5] for p, r in report["ranking"].items()},
+           "similarity": {p: [b["similarity"][p] for b in blocks] for p in PARTS}}
+    if report["loss"]:
+        out["loss_increase"] = {p: [b["loss_increase"][p] for b in blocks] for p in PARTS}
+    if "files" in report:
+        out["files"] = report["files"]
+    return out
+
+
+def write(report: dict, directory) -> dict:
+    """DIR/redundancy.json and DIR/redundancy.png; returns their paths."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    files = {"json": str(d / "redundancy.json"), "png": str(d / "redundancy.png")}
+    timeless = {k: v for k, v in report.items() if k != "seconds"}  # same inputs, same bytes
+    Path(files["json"]).write_text(json.dumps({**timeless, "files": files}, indent=1) + "\n")
+    plot(report, files["png"])
+    return files
+
+
+def plot(report: dict, path) -> None:
+    """Heatmaps, one row per block: similarity (coloured by 1 - similarity, log scale, so the
+    near-1 values stay apart), loss increase when removed and head importance (symmetric log
+    scale: a few essential parts would otherwise wash out the rest)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+
+    blocks = report["blocks"]
+    n = len(blocks)
+    grid = lambda key: np.array([[np.nan if (b[key] or {}).get(p) is None else b[key][p] for p in PARTS]
+                                 for b in blocks], dtype=float)
+    sim = grid("similarity")
+    influence = np.clip(1 - sim, 1e-4, 2)
+    panels = [("similarity", "input/output cosine similarity\n(bright = redundant)", influence, sim, "magma_r",
+               mcolors.LogNorm(vmin=np.nanmin(influence), vmax=np.nanmax(influence)), "1 - similarity")]
+    symlog = lambda d: mcolors.SymLogNorm(linthresh=1e-2, vmin=min(np.nanmin(d), 0), vmax=max(np.nanmax(d), 1e-2))
+    if report["loss"]:
+        inc = grid("loss_increase")
+        panels.append(("loss", f"loss increase when removed\n({report['loss']['kind'].split(' (')[0]}; bright = redundant)",
+                       inc, inc, "viridis_r", symlog(inc), "loss increase"))
+    head_rows = [b["heads"] for b in blocks]
+    width = max((len(h["norm"]) for h in head_rows if h), default=0)
+    if width:
+        by_loss = bool(report["loss"]) and all(h is None or h["loss_increase"] is not None for h in head_rows)
+        key = "loss_increase" if by_loss else "share"
+        heads = np.full((n, width), np.nan)
+        for i, h in enumerate(head_rows):
+            if h:
+                heads[i, :len(h[key])] = [np.nan if v is None else v for v in h[key]]
+        title = "head: loss increase when masked" if by_loss else "head: share of the layer's output norm"
+        panels.append(("heads", title + "\n(bright = redundant)", heads, heads, "viridis_r", symlog(heads) if by_loss else None,
+                       key.replace("_", " ")))
+
+    ratios = [3 if p[0] != "heads" else max(3.0, 0.45 * width) for p in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(ratios) * 1.15 + 1.5, 1.4 + 0.26 * n), squeeze=False,
+                             gridspec_kw={"width_ratios": ratios})
+    for ax, (key, title, colour, values, cmap, norm, label) in zip(axes[0], panels):
+        im = ax.imshow(colour, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_yticks(range(n))
+        ax.set_yticklabels([str(b["index"]) for b in blocks], fontsize=7)
+        ax.set_ylabel("block")
+        columns = list(range(width)) if key == "heads" else list(PARTS)
+        ax.set_xticks(range(len(columns)))
+        ax.set_xticklabels([str(c) for c in columns], fontsize=7 if key == "heads" else 8)
+        if key == "heads":
+            ax.set_xlabel("head")
+        if key != "heads" and n <= 48:  # the values, in the cells
+            for (r, c), v in np.ndenumerate(values):
+                if not np.isnan(v):
+                    red, green, blue, _ = im.cmap(im.norm(colour[r, c]))
+                    ink = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
+                    ax.text(c, r, f"{v:.3f}" if key == "similarity" else f"{v:.2g}", ha="center", va="center",
+                            fontsize=6, color=ink)
+        fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03).set_label(label, fontsize=7)
+    cal = report["calibration"]
+    fig.suptitle(f"{Path(report['model']).name or report['model']}: {n} blocks; {cal['feeds']} feeds of "
+                 f"{cal['batch']} x {cal['seq_len']} tokens" + (f" ({cal['loss_feeds']} for losses)" if report["loss"] else ""),
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)

@@ -1,0 +1,26 @@
+"""`drop-blocks`: remove whole transformer blocks (layers), the most redundant first (ShortGPT).
+
+Contract: each chosen block's output stream becomes its input stream, so the program equals the
+model built without those layers (post-norm: the block's LayerNorms go with it). Dead nodes and
+parameters are removed, so parameter bytes drop by the blocks' weights; the blocks leave ModelInfo
+and the rest are renumbered from 0.
+
+Choosing works as in drop-attention: exactly one of count=N, ratio=R (N = floor(R * blocks)),
+threshold=T (block input/output cosine similarity >= T; 1 - similarity is ShortGPT's Block
+Influence) or layers=[...]; ranked by analyze-redundancy (by=similarity, highest first; by=loss,
+smallest loss increase first), run on the calibration feeds or the default calibration text when the
+pipeline has not run it; keep_ends=true (default) keeps the first and last block out of automatic
+choices. Bad options raise a UserError naming the option.
+"""
+from __future__ import annotations
+
+from tcc.elimination import DropPass
+from tcc.pipeline import register
+
+
+@register
+class DropBlocks(DropPass):
+    """Remove the most redundant (or the given) transformer blocks, exactly."""
+
+    name = "drop-blocks"
+    part = "block"
