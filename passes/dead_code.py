@@ -1,8 +1,13 @@
 """`dce`: remove dead nodes, then the parameters and buffers nothing reads any more.
 
-Contract: outputs are unchanged (a cleanup pass). A node is dead when nothing uses its result and it
-has no side effects (torch.fx `Node.is_impure`: placeholders, outputs, mutating or random ops, the
-`_guards_fn` input check of `torch.export` stay). An attribute (parameter, buffer or plain tensor)
+Contract: outputs are unchanged (a cleanup pass). A node is dead when nothing uses its result and
+  - it has no side effects (torch.fx `Node.is_impure` with random ops counted as pure: attention
+    cores with dropout_p, dropout - random only in name at inference - go; placeholders, outputs,
+    asserts and the `_guards_fn` input check of `torch.export` stay), or
+  - it is an assert (`aten._assert_tensor_metadata`) on a value (not a graph input) that only
+    asserts read, or an in-place op on an intermediate value that nothing but it and asserts read.
+Removal repeats until nothing more is dead, so a dead attention core takes its q/k/v projections
+and their weights with it. An attribute (parameter, buffer or plain tensor)
 is unused when no `get_attr` node reads it and no `call_module` node runs a module that owns it;
 submodules left without anything in use are deleted too. Notes the removed node names, attribute
 names and bytes freed.
@@ -43,10 +48,14 @@ class DeadCode(Pass):
 
 def remove_dead(gm: torch.fx.GraphModule) -> tuple[list[str], list[str]]:
     """Dead nodes, then unread attributes and empty submodules; returns (node names, attribute paths)."""
-    names_before = [n.name for n in gm.graph.nodes]
-    gm.graph.eliminate_dead_code()
-    alive = {n.name for n in gm.graph.nodes}
-    removed_nodes = [name for name in names_before if name not in alive]
+    removed_nodes, changed = [], True
+    while changed:
+        changed = False
+        for n in reversed(list(gm.graph.nodes)):
+            if not n.users and _removable(n):
+                removed_nodes.append(n.name)
+                gm.graph.erase_node(n)
+                changed = True
     removed_attrs = _remove_unused_attributes(gm)
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -54,6 +63,32 @@ def remove_dead(gm: torch.fx.GraphModule) -> tuple[list[str], list[str]]:
 
 
 # -- match ----------------------------------------------------------------------------------------
+
+_ASSERT = torch.ops.aten._assert_tensor_metadata.default
+
+
+def _removable(n: torch.fx.Node) -> bool:
+    """n (which nothing uses) can go: see the module docstring."""
+    if n.op == "get_attr":
+        return True
+    if n.op == "call_module":
+        return not n.is_impure()
+    if n.op != "call_function":
+        return False
+    subject = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
+    if n.target is _ASSERT:  # checks on graph inputs stay
+        return subject is not None and subject.op != "placeholder" and all(u.target is _ASSERT for u in subject.users)
+    if _mutates(n):  # in-place ops on parameters, buffers and inputs stay
+        return (subject is not None and subject.op == "call_function"
+                and all(u is n or u.target is _ASSERT for u in subject.users))
+    return not n.is_impure(impure_random=False)
+
+
+def _mutates(n: torch.fx.Node) -> bool:
+    schema = getattr(n.target, "_schema", None)
+    return bool(schema is not None and schema.arguments and schema.arguments[0].alias_info is not None
+                and schema.arguments[0].alias_info.is_write)
+
 
 def _unused_attributes(gm: torch.fx.GraphModule) -> list[str]:
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}

@@ -82,13 +82,13 @@ class PruneHeads(Pass):
                             "give only one way of choosing how many heads to remove")
         if not getattr(program.info, "blocks", None):
             raise UserError("prune-heads found no attention blocks in this program", "run `tcc inspect` to see its structure")
-        n = len(program.info.blocks)
+        n = len([b for b in program.info.blocks if b.attention is not None])
         if self.counts and len(self.counts) != n:
             raise UserError(f"pass 'prune-heads' option 'counts' has {len(self.counts)} entries, the model has {n} layers",
                             "give one count per layer, e.g. counts=[" + ",".join(["1"] + ["0"] * (n - 1)) + "]")
 
     def run(self, program: Program, ctx: PassContext) -> Program:
-        blocks = program.info.blocks
+        blocks = [b for b in program.info.blocks if b.attention is not None]  # dropped attention has no heads
         modes = [_mode(b.attention, self.mode, b.index) for b in blocks]
         selection = {k: self.opts[k] for k in ("ratio", "counts", "threshold") if self.opts[k] != self.options[k].default}
         ctx.note(mode=sorted(set(modes)), selection=selection or "nothing (no option given)")
@@ -121,13 +121,14 @@ class PruneHeads(Pass):
         new = program.clone()
         for i in changed:
             removed = [h for h in range(blocks[i].attention.num_heads) if h not in plan[i][0]]
-            delta = sum(stats["mean"][i][h] for h in removed) if self.compensate else None
-            prune_attention(new.gm, new.info.blocks[i].attention, *plan[i], o_bias_delta=delta)
+            at = blocks[i].index  # position in ModelInfo.blocks (blocks without attention are skipped here)
+            delta = sum(stats["mean"][at][h] for h in removed) if self.compensate else None
+            prune_attention(new.gm, new.info.blocks[at].attention, *plan[i], o_bias_delta=delta)
         new.gm.graph.lint()
         new.gm.recompile()
         _check_runs(new)
         ctx.refresh_info(new)
-        got = [(b.attention.num_heads, b.attention.num_kv_heads) for b in new.info.blocks]
+        got = [(b.attention.num_heads, b.attention.num_kv_heads) for b in new.info.blocks if b.attention is not None]
         want = [(len(kq), len(kkv)) for kq, kkv in plan]
         if got != want:
             raise InternalError(f"prune-heads: ModelInfo reports (heads, kv heads) {got} after pruning, expected {want}")

@@ -37,7 +37,6 @@ import dataclasses
 import math
 from collections import deque
 
-import torch
 import torch.fx as fx
 
 from .errors import InternalError, UserError
@@ -196,43 +195,11 @@ def drop(program: Program, ctx: PassContext, part: str, indices: list[int]) -> d
 
 
 def prune_dead(gm: fx.GraphModule) -> tuple[list[str], list[str]]:
-    """Remove nodes nothing uses - pure ones, attention cores and dropout (random only in name at
-    inference), asserts on otherwise dead values, in-place ops on otherwise dead values - then
+    """Remove dead nodes - attention cores and asserts on otherwise dead values included - then
     unread parameters (dead_code.remove_dead). Returns (node names, attribute paths)."""
     from tcc.passes.dead_code import remove_dead
 
-    removed, changed = [], True
-    while changed:
-        changed = False
-        for n in reversed(list(gm.graph.nodes)):
-            if not n.users and _removable(n):
-                removed.append(n.name)
-                gm.graph.erase_node(n)
-                changed = True
-    nodes, attrs = remove_dead(gm)
-    return removed + nodes, attrs
-
-
-_ASSERT = torch.ops.aten._assert_tensor_metadata.default
-
-
-def _removable(n: fx.Node) -> bool:
-    if n.op == "get_attr":
-        return True
-    if n.op != "call_function":
-        return False
-    subject = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-    if n.target is _ASSERT:
-        return subject is not None and all(u.target is _ASSERT for u in subject.users)
-    if _mutates(n):
-        return subject is not None and all(u is n or u.target is _ASSERT for u in subject.users)
-    return not n.is_impure(impure_random=False)
-
-
-def _mutates(n: fx.Node) -> bool:
-    schema = getattr(n.target, "_schema", None)
-    return bool(schema is not None and schema.arguments and schema.arguments[0].alias_info is not None
-                and schema.arguments[0].alias_info.is_write)
+    return remove_dead(gm)
 
 
 def _fields(obj):

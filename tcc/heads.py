@@ -75,12 +75,14 @@ def head_statistics(program, feeds: list[dict]) -> dict:
     at = {}
     for i, b in enumerate(blocks):
         a = b.attention
+        if a is None:  # attention dropped: no heads
+            continue
         if a.o is None or a.o_heads is None:
             raise UserError(f"block {i} ({b.name}): the output projection's per-head inputs were not traced",
                             "head importance needs ModelInfo.o_heads")
         at[a.o.node] = i
-    norms = [[0.0] * len(b.attention.o_heads) for b in blocks]
-    sums = [[0.0] * len(b.attention.o_heads) for b in blocks]
+    norms = [[0.0] * (len(b.attention.o_heads) if b.attention else 0) for b in blocks]
+    sums = [[0.0] * (len(b.attention.o_heads) if b.attention else 0) for b in blocks]
     tokens = [0.0] * len(blocks)
 
     class Capture(fx.Interpreter):

@@ -20,6 +20,10 @@ per-architecture table:
               between its input and the next block's input that are no attention projection: down
               feeds a residual add; gate and up are the projections before it, told apart by the
               product act(gate) * up (one projection split in two halves is a fused gate_up).
+              Further MLPs on the stream after that MLP's residual add (or before the first
+              attention) are blocks of their own with attention None (after drop-attention); a
+              block whose MLP was dropped has mlp None. An attention-only block followed by an
+              MLP-only one reads as one block (the graph is the same).
   norms       aten.layer_norm / rms_norm, or decomposed: x [- mean] * rsqrt(mean(..) + eps)
               [* w or (1 + w)] [+ b]. Placement is "post" when the residual stream itself passes
               through the norms (BERT), "pre" when norms only feed the sub-blocks (LLaMA, GPT-2).
@@ -159,7 +163,7 @@ class MLP:
 class Block:
     index: int
     name: str
-    attention: Attention
+    attention: Attention | None  # None after drop-attention
     mlp: MLP | None
     input: str  # residual stream entering the block
     output: str  # residual stream leaving it (the next block's input)
@@ -198,7 +202,7 @@ class ModelInfo:
         out = []
         for b in self.blocks:
             a, m = b.attention, b.mlp
-            out += [x for x in (a.qkv, a.q, a.k, a.v, a.o) if x is not None]
+            out += [x for x in (a.qkv, a.q, a.k, a.v, a.o) if x is not None] if a else []
             out += [x for x in (m.gate_up, m.gate, m.up, m.down) if x is not None] if m else []
         return out
 
@@ -626,6 +630,26 @@ def _mlp(candidates: list[fx.Node], g: _Graph) -> MLP | None:
     return None
 
 
+def _mlp_chain(candidates: list[fx.Node], g: _Graph) -> list[MLP]:
+    """The MLPs among candidates in stream order: _mlp finds the first one (a later down projection
+    has the earlier MLP's projections among its ancestors too), the next is looked for among the
+    candidates after its residual add."""
+    found = []
+    while candidates:
+        m = _mlp(candidates, g)
+        if m is None:
+            break
+        found.append(m)
+        after = _descendants(g.by_name[m.residual_add])
+        candidates = [c for c in candidates if c in after]
+    return found
+
+
+def _mlp_stream_input(m: MLP, g: _Graph) -> fx.Node:
+    """The residual stream entering an MLP-only block: its residual add's other operand."""
+    return _stream_source(_other_operand(g.by_name[m.residual_add], g.by_name[m.down.node]))
+
+
 def _gate_up(m: MLP, ups: list[fx.Node], down: fx.Node, g: _Graph):
     """Fill gate/up (or gate_up) and act: gated when down reads act(gate) * up."""
     between = set().union(*(_descendants(u) for u in ups)) & _ancestors(down)
@@ -802,22 +826,39 @@ def recover(gm: fx.GraphModule) -> ModelInfo:
         x = _other_operand(g.by_name[a.residual_add], g.by_name[a.o.node]) if a.residual_add else g.by_name[a.input]
         inputs.append(_stream_source(x))
 
-    # MLPs: projections between this block's input and the next one's that no attention uses
+    # MLPs: projections between this block's input and the next one's that no attention uses; the
+    # first after an attention is its block's, further ones (and any before the first attention)
+    # are MLP-only blocks
+    def mlps_in(region):
+        cands = sorted((l for l in g.linears - used if l in region and l is not head), key=g.order.get)
+        found = _mlp_chain(cands, g)
+        used.update(g.by_name[l.node] for m in found for l in (m.gate, m.up, m.gate_up, m.down) if l is not None)
+        return found
+
+    parts = []  # (attention, mlp, block input) in stream order
+    if attentions:
+        parts += [(None, m, _mlp_stream_input(m, g)) for m in mlps_in(_ancestors(inputs[0]))]
     for i, a in enumerate(attentions):
         region = _descendants(inputs[i]) - (_descendants(inputs[i + 1]) if i + 1 < len(inputs) else set())
-        cands = sorted((l for l in g.linears - used if l in region and l is not head), key=g.order.get)
-        mlp = _mlp(cands, g)
-        if mlp is not None:
-            used |= {g.by_name[l.node] for l in (mlp.gate, mlp.up, mlp.gate_up, mlp.down) if l is not None}
-        paths = [l.module for l in (a.q or a.qkv, a.o, mlp and mlp.down) if l]
-        info.blocks.append(Block(i, _common_prefix(paths) or f"block{i}", a, mlp, inputs[i].name, ""))
-    _norms_and_outputs(info, g, inputs)
+        found = mlps_in(region)
+        parts.append((a, found[0] if found else None, inputs[i]))
+        parts += [(None, m, _mlp_stream_input(m, g)) for m in found[1:]]
+    for i, (a, mlp, x) in enumerate(parts):
+        paths = [l.module for l in (a and (a.q or a.qkv), a and a.o, mlp and (mlp.up or mlp.gate_up), mlp and mlp.down)
+                 if l]
+        name = _common_prefix(paths)
+        if a is None or mlp is None:  # one sub-block's path: the block's ends at the layer index
+            levels = name.split(".")
+            numbered = [j for j, part in enumerate(levels) if part.isdigit()]
+            name = ".".join(levels[:numbered[-1] + 1]) if numbered else name
+        info.blocks.append(Block(i, name or f"block{i}", a, mlp, x.name, ""))
+    _norms_and_outputs(info, g, [x for _, _, x in parts])
 
     if head is not None and head not in used and (token is None or _shape(head)[-1] == token.num_embeddings):
         info.lm_head = _linear(head)
         info.lm_head_tied = token is not None and _same_tensor(gm, info.lm_head.weight, token.weight)
-    if info.blocks:
-        a0 = info.blocks[0].attention
+    if attentions:
+        a0 = attentions[0]
         info.num_heads, info.num_kv_heads, info.head_dim = a0.num_heads, a0.num_kv_heads, a0.head_dim
         info.hidden_size = (a0.q or a0.qkv).in_features
     elif token is not None:
@@ -830,26 +871,30 @@ def _norms_and_outputs(info: ModelInfo, g: _Graph, inputs: list[fx.Node]):
     """Norm placement, each sub-block's norm, block outputs and the final norm."""
     if not info.blocks:
         return
-    # post-norm when the MLP's residual operand is a norm of the attention's residual sum
-    b0 = info.blocks[0]
-    a0, m0 = b0.attention, b0.mlp
+    # post-norm when the MLP's residual operand is a norm of the attention's residual sum (read in
+    # the first block that has both)
+    b0 = next((b for b in info.blocks if b.attention and b.mlp), None)
+    a0, m0 = (b0.attention, b0.mlp) if b0 else (None, None)
     post = False
-    if m0 is not None and a0.residual_add and m0.residual_add != a0.residual_add:
+    if b0 is not None and a0.residual_add and m0.residual_add != a0.residual_add:
         norm = g.norm_before(_other_operand(g.by_name[m0.residual_add], g.by_name[m0.down.node]))
         post = norm is not None and norm.input == a0.residual_add
-    pre = g.norm_before(g.by_name[a0.input]) is not None
+    first = next(b.attention or b.mlp for b in info.blocks)
+    pre = g.norm_before(g.by_name[first.input]) is not None
     info.norm_placement = "post" if post else ("pre" if pre else "none")
-    info.parallel_residual = bool(m0 and m0.residual_add == a0.residual_add)
+    info.parallel_residual = bool(b0 and m0.residual_add == a0.residual_add)
 
     for i, b in enumerate(info.blocks):
         a, m = b.attention, b.mlp
         last = g.by_name[(m.residual_add if m else None) or a.residual_add or a.core]
         if post:
-            a.norm = g.norm_after(g.by_name[a.residual_add]) if a.residual_add else None
+            if a is not None:
+                a.norm = g.norm_after(g.by_name[a.residual_add]) if a.residual_add else None
             if m is not None:
                 m.norm = g.norm_after(last)
         else:
-            a.norm = g.norm_before(g.by_name[a.input])
+            if a is not None:
+                a.norm = g.norm_before(g.by_name[a.input])
             if m is not None:
                 m.norm = g.norm_before(g.by_name[m.input])
         if i + 1 < len(info.blocks):
@@ -887,14 +932,17 @@ def _describe(info: ModelInfo) -> str:
     for b in info.blocks:
         a, m = b.attention, b.mlp
         lines.append(f"block {b.index}  {b.name}   (input {b.input}, output {b.output})")
-        lines.append(f"  attention ({a.kind}{', fused qkv' if a.qkv else ''})  heads {a.num_heads}, kv heads "
-                     f"{a.num_kv_heads}, head_dim {a.head_dim}   residual add {a.residual_add}")
-        lines += norm("norm", a.norm) + lin("qkv", a.qkv) + slices(a.qkv_slices)
-        for role in "qkvo":
-            lines += lin(role, getattr(a, role))
-        lines += norm("outnorm", a.out_norm)
+        if a is None:
+            lines.append("  attention: none")
+        else:
+            lines.append(f"  attention ({a.kind}{', fused qkv' if a.qkv else ''})  heads {a.num_heads}, kv heads "
+                         f"{a.num_kv_heads}, head_dim {a.head_dim}   residual add {a.residual_add}")
+            lines += norm("norm", a.norm) + lin("qkv", a.qkv) + slices(a.qkv_slices)
+            for role in "qkvo":
+                lines += lin(role, getattr(a, role))
+            lines += norm("outnorm", a.out_norm)
         if m is None:
-            lines.append("  mlp: none recognised")
+            lines.append("  mlp: none")
             continue
         gated = ", gated" if m.gate or m.gate_up else ""
         lines.append(f"  mlp ({m.act or 'unknown activation'}{gated})   residual add {m.residual_add}")

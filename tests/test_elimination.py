@@ -197,6 +197,17 @@ def test_no_dead_attention_left(tiny):
     assert not any("layers.1.self_attn" in name for name, _ in out.gm.named_parameters())
 
 
+def test_later_passes_keep_blocks_without_attention(tiny):
+    """dce refreshes ModelInfo with structure.recover: the block whose attention went stays."""
+    prog, _ = tiny("llama")
+    out, ctx = run(prog, "drop-attention(layers=[1]),dce")
+    assert ctx.records[0]["details"]["model_info"] == "recovered"
+    blocks = out.info.blocks
+    assert len(blocks) == 4 and blocks[1].attention is None and blocks[1].name == "model.model.layers.1"
+    assert blocks[1].mlp.down.weight == "model.model.layers.1.mlp.down_proj.weight"
+    assert all(b.attention is not None for b in blocks if b.index != 1)
+
+
 def test_drop_attention_then_mlp_equals_drop_block(tiny):
     prog, _ = tiny("llama")
     feeds = feeds_for(prog)

@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from tcc import frontend
 from tcc.canonical import canonicalize
 from tcc.frontend import _CausalLM, _FeatureExtraction
-from tcc.structure import ModelInfo, nodes_by_name, op_name, recover
+from tcc.pipeline import PassContext, Pipeline
+from tcc.structure import ModelInfo, _other_operand, nodes_by_name, op_name, recover
 
 TINY = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=100, intermediate_size=128)
 
@@ -118,9 +119,9 @@ CASES = [("bert", "sdpa"), ("bert", "eager"), ("roberta", "sdpa"), ("distilbert"
          ("falcon", "sdpa"), ("bloom", "eager"), ("phi3", "sdpa"), ("gemma2", "eager")]
 
 
-def tiny_program(arch: str, impl: str = "sdpa"):
+def tiny_program(arch: str, impl: str = "sdpa", **config_overrides):
     model_type, causal, overrides, _ = ARCHS[arch]
-    config = AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    config = AutoConfig.for_model(model_type, **{**TINY, **overrides, **config_overrides})
     torch.manual_seed(0)
     ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
     if causal:
@@ -290,6 +291,67 @@ def test_no_attention_gives_empty_info():
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     prog = frontend.trace(mlp, example_inputs={"x": torch.randn(2, 8)})
     assert prog.info.blocks == [] and "no transformer blocks" in prog.info.describe()
+
+
+# -- after sub-blocks were dropped ------------------------------------------------------------------
+@pytest.mark.parametrize("arch,part", [("llama", "attention"), ("llama", "mlp"), ("bert", "attention"), ("bert", "mlp")])
+def test_recovers_blocks_missing_a_sub_block(arch, part):
+    """drop-{part}(layers=[1]),dce on 3 layers: recover still sees 3 blocks, block 1 without that
+    part and with the other's projections named, the stream chained, ModelInfo serialisable."""
+    prog = tiny_program(arch, num_hidden_layers=3)
+    ctx = PassContext()
+    out = Pipeline.parse(f"drop-{part}(layers=[1]),dce").run(prog, ctx)
+    assert ctx.records[0]["details"]["model_info"] == "recovered"  # recover agrees with the edited ModelInfo
+    info, exp = recover(out.gm), ARCHS[arch][3]
+    assert out.info == info
+    assert len(info.blocks) == 3 and [b.index for b in info.blocks] == [0, 1, 2]
+    assert [b.name for b in info.blocks] == [exp["block"].format(i=i) for i in range(3)]
+    assert info.norm_placement == exp["norm"] and (info.num_heads, info.hidden_size) == (4, 64)
+    name = lambda key, i: exp[key].format(i=i) if key in exp else None
+    for b in info.blocks:
+        a, m = b.attention, b.mlp
+        if b.index == 1 and part == "attention":
+            assert a is None
+        else:
+            assert [_weight(a.q), _weight(a.k), _weight(a.v), _weight(a.o)] == [name(p, b.index) for p in "qkvo"]
+            assert a.norm is not None and a.residual_add
+        if b.index == 1 and part == "mlp":
+            assert m is None
+        else:
+            assert [_weight(m.gate), _weight(m.up), _weight(m.down)] == [name(p, b.index) for p in ("gate", "up", "down")]
+            assert m.norm is not None and m.residual_add and m.act == exp["act"]
+        if b.index:
+            assert b.input == info.blocks[b.index - 1].output
+    per_block = 7 if arch == "llama" else 6
+    assert len(info.linears()) == 3 * per_block - (4 if part == "attention" else per_block - 4)
+    assert ModelInfo.from_json(json.loads(json.dumps(info.to_json()))) == info
+    assert f"  {part}: none" in info.describe()
+
+
+def test_dce_removes_dead_attention_and_its_weights():
+    """A bypassed attention leaves its SDPA core (a 'random' op to torch.fx) and q/k/v/o dead: dce
+    removes them and their parameters, outputs unchanged."""
+    prog = Pipeline.parse("dce").run(tiny_program("llama", num_hidden_layers=3))  # buffers nothing reads
+    gm, a = prog.gm, prog.info.blocks[1].attention
+    add = nodes_by_name(gm)[a.residual_add]
+    add.replace_all_uses_with(_other_operand(add, nodes_by_name(gm)[a.o.node]))
+    gm.graph.erase_node(add)
+    gm.recompile()
+    feeds = [prog.example_inputs(1)]
+    before_out = prog(feeds[0])
+    cores = lambda: sum(op_name(n) == "aten.scaled_dot_product_attention" for n in gm.graph.nodes)
+    assert cores() == 3
+    dead = {k: v.numel() * v.element_size() for k, v in gm.named_parameters()
+            if "layers.1.self_attn" in k or "layers.1.input_layernorm" in k}
+    assert len(dead) == 5  # q, k, v, o and the attention's norm
+    bytes_before = prog.param_bytes()
+    ctx = PassContext()
+    out = Pipeline.parse("dce").run(prog, ctx)
+    assert cores() == 2
+    assert bytes_before - out.param_bytes() == sum(dead.values()) == ctx.records[0]["details"]["bytes_freed"]
+    assert not any(k in dict(out.gm.named_parameters()) for k in dead)
+    assert float(abs(out(feeds[0])[out.outputs[0].name] - before_out[out.outputs[0].name]).max()) == 0.0
+    assert len(out.info.blocks) == 3 and out.info.blocks[1].attention is None
 
 
 # -- canonicalize --------------------------------------------------------------------------------------
