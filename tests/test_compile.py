@@ -181,8 +181,8 @@ def test_artifact_manifest_and_files(minilm_x86, minilm_dir):
     assert m["source"]["sha256"] == models.model_hash(minilm_dir)
     assert m["pipeline"] == "dce"
     assert m["target"]["name"] == "x86" and m["target"]["arch"] == "x86_64"
-    assert m["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": [1, 16]},
-                           {"name": "attention_mask", "dtype": "int64", "shape": [1, 16]}]
+    assert m["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": [1, 16], "range": [0, 30522]},
+                           {"name": "attention_mask", "dtype": "int64", "shape": [1, 16], "range": [0, 2]}]
     assert m["outputs"] == [{"name": "last_hidden_state", "dtype": "float32", "shape": [1, 16, 384]}]
     weights = load_file(str(d / "weights.safetensors"))
     assert sorted(m["params"]) == sorted(weights) and len(set(m["params"])) == len(m["params"])
