@@ -237,6 +237,20 @@ void dense_tile(const DenseShape& s, int task, int num_tasks, int64_t* m0, int64
   else split(s.m, 16, task, num_tasks, m0, m1);
 }
 
+// Runs `gemm(m0, m1, n0, n1)` on each thread's output tile after writing the bias into it (the
+// GEMM accumulates onto it); empty tiles and K = 0 stop after the bias.
+template <typename F>
+void for_each_tile(const DenseShape& s, float* op, const float* bp, F gemm) {
+  parallel([&](int task, int num_tasks) {
+    int64_t m0, m1, n0, n1;
+    dense_tile(s, task, num_tasks, &m0, &m1, &n0, &n1);
+    if (m0 >= m1 || n0 >= n1) return;
+    fill_bias(op, bp, s.n, m0, m1, n0, n1);
+    if (s.k == 0) return;
+    gemm(m0, m1, n0, n1);
+  });
+}
+
 void dense(const TensorView& x, const TensorView& w, const TensorView* b, const TensorView& out,
            const char* kernel) {
   f32_in(w, kernel, "w", 2, 2);
@@ -245,12 +259,7 @@ void dense(const TensorView& x, const TensorView& w, const TensorView* b, const 
   const float* wp = f32_in(w, kernel, "w", 2, 2);
   const float* bp = b ? f32_in(*b, kernel, "b", 1, 1) : nullptr;
   float* op = f32_out(out, kernel, 1, 64);
-  parallel([&](int task, int num_tasks) {
-    int64_t m0, m1, n0, n1;
-    dense_tile(s, task, num_tasks, &m0, &m1, &n0, &n1);
-    if (m0 >= m1 || n0 >= n1) return;
-    fill_bias(op, bp, s.n, m0, m1, n0, n1);
-    if (s.k == 0) return;
+  for_each_tile(s, op, bp, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     sgemm_nt(m1 - m0, n1 - n0, s.k, 1.0f, xp + m0 * s.k, s.k, wp + n0 * s.k, s.k, 1.0f, op + m0 * s.n + n0, s.n);
   });
 }
@@ -272,12 +281,7 @@ void dense_w8(const TensorView& x, const TensorView& qw, const TensorView& scale
   const float* bp = b ? f32_in(*b, kernel, "b", 1, 1) : nullptr;
   float* op = f32_out(out, kernel, 1, 64);
   const int64_t block = w8_block(s.m, s.k);
-  parallel([&](int task, int num_tasks) {
-    int64_t m0, m1, n0, n1;
-    dense_tile(s, task, num_tasks, &m0, &m1, &n0, &n1);
-    if (m0 >= m1 || n0 >= n1) return;
-    fill_bias(op, bp, s.n, m0, m1, n0, n1);
-    if (s.k == 0) return;
+  for_each_tile(s, op, bp, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     float* wf = scratch(block * s.k).data();
     for (int64_t c0 = n0; c0 < n1; c0 += block) {
       int64_t c1 = std::min(n1, c0 + block);
