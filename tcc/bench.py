@@ -213,7 +213,7 @@ def _hf_runner(path: str, task: str | None):
     import torch
     from . import frontend, models
     hf, task, _ = models.load_hf(models.resolve(path), task)
-    wrapper = frontend._FeatureExtraction(hf) if task == "feature-extraction" else frontend._CausalLM(hf)
+    wrapper = frontend.FeatureExtraction(hf) if task == "feature-extraction" else frontend.CausalLM(hf)
     names = ["input_ids", "attention_mask"] if task == "feature-extraction" else ["input_ids"]
 
     def run(feeds):

@@ -42,7 +42,7 @@ import torch.fx as fx
 from .errors import InternalError, UserError
 from .pipeline import Option, Pass, PassContext, format_value
 from .program import Program
-from .structure import ADD, PASSTHROUGH, ModelInfo, nodes_by_name, op_name, recover
+from .structure import ADD, PASSTHROUGH, GraphIndex, ModelInfo, nodes_by_name, op_name, recover
 
 PARTS = ("attention", "mlp", "block")
 ANALYSIS = "analyze-redundancy"
@@ -66,14 +66,11 @@ class Site:
         return (self.x, self.branch) if self.branch else (self.x, self.out)
 
 
-class _View:
+class _View(GraphIndex):
     """Node lookup, order and data-dependence of one graph."""
 
     def __init__(self, gm: fx.GraphModule):
-        self.gm = gm
-        self.nodes = list(gm.graph.nodes)
-        self.by_name = {n.name: n for n in self.nodes}
-        self.order = {n: i for i, n in enumerate(self.nodes)}
+        super().__init__(gm)
         self.data = set()  # nodes computed from the inputs (not from parameters alone)
         for n in self.nodes:
             if n.op == "placeholder" or any(a in self.data for a in n.all_input_nodes):

@@ -9,10 +9,7 @@ Task contracts (static batch and sequence length):
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import models
@@ -22,7 +19,9 @@ from .program import Program, TensorSpec
 from .progress import status
 
 
-class _FeatureExtraction(torch.nn.Module):
+class FeatureExtraction(torch.nn.Module):
+    """A transformers encoder as the feature-extraction task: (input_ids, attention_mask) -> last_hidden_state."""
+
     def __init__(self, model):
         super().__init__()
         self.model = model
@@ -31,7 +30,9 @@ class _FeatureExtraction(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-class _CausalLM(torch.nn.Module):
+class CausalLM(torch.nn.Module):
+    """A transformers causal LM as the causal-lm task: input_ids -> logits (all-ones mask made inside)."""
+
     def __init__(self, model):
         super().__init__()
         self.model = model
@@ -73,9 +74,9 @@ def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
     if max_pos and seq_len > max_pos:
         raise UserError(f"--seq-len {seq_len} exceeds the model's maximum of {max_pos} positions")
     if task == "feature-extraction":
-        wrapper, inputs, outs = _FeatureExtraction(hf), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ["last_hidden_state"]
+        wrapper, inputs, outs = FeatureExtraction(hf), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ["last_hidden_state"]
     else:
-        wrapper, inputs, outs = _CausalLM(hf), {"input_ids": ids}, ["logits"]
+        wrapper, inputs, outs = CausalLM(hf), {"input_ids": ids}, ["logits"]
     source = {"kind": "huggingface", "path": str(model) if str(model) in models.ALIASES else str(path),
               "sha256": models.model_hash(path), "model_type": getattr(cfg, "model_type", None)}
     prog = _trace_module(wrapper, inputs, outs, task=task, source=source)

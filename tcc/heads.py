@@ -52,7 +52,7 @@ import torch.fx as fx
 
 from .errors import UserError
 from .pipeline import set_val
-from .structure import IDENTITY, SHAPE, Attention, Linear, _ancestors, _descendants, nodes_by_name, op_name
+from .structure import IDENTITY, SHAPE, Attention, Linear, ancestors, descendants, nodes_by_name, op_name
 
 _SIZES = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.expand"}
 # ops after which every element still belongs to the head of the input element at its position
@@ -211,14 +211,14 @@ class _Site:
             sinks = {"q": core.args[0], "k": core.args[1], "v": core.args[2]}
         projs = {p: by[(getattr(a, p) or a.qkv).node] for p in "qkv"}
         self.sinks = list(sinks.values())
-        self.pre = set().union(*(_descendants(projs[p]) & _ancestors(sinks[p]) for p in "qkv"))
-        self.post = _descendants(core) & _ancestors(self.o_in)
-        self.chain = (_descendants(self.scores) & _ancestors(core)) - {core} if self.scores is not None else set()
-        self.touched = set().union(*(_descendants(p) for p in projs.values())) & _ancestors(self.o_node)
+        self.pre = set().union(*(descendants(projs[p]) & ancestors(sinks[p]) for p in "qkv"))
+        self.post = descendants(core) & ancestors(self.o_in)
+        self.chain = (descendants(self.scores) & ancestors(core)) - {core} if self.scores is not None else set()
+        self.touched = set().union(*(descendants(p) for p in projs.values())) & ancestors(self.o_node)
         self.asserts = [u for n in self.touched for u in n.users
                         if op_name(u) == "aten._assert_tensor_metadata" and (u.kwargs.get("size") or u.kwargs.get("stride"))]
         self.rewritable = (self.pre | self.post | self.chain) - set(projs.values())
-        leaks = set().union(*(_descendants(p) for p in projs.values())) - self.touched - _descendants(self.o_node)
+        leaks = set().union(*(descendants(p) for p in projs.values())) - self.touched - descendants(self.o_node)
         leaks = [n for n in leaks if n.users or n.op == "output"]
         leaks = [n for n in leaks if op_name(n) != "aten._assert_tensor_metadata"]
         if leaks:

@@ -3,7 +3,6 @@ except for one line per step, so CI logs still show what happened."""
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 
 from rich.console import Console

@@ -229,16 +229,23 @@ class ModelInfo:
 
 
 # -- the graph and small helpers -------------------------------------------------------------------
-class _Graph:
-    """The graph being read: node order, live nodes, parameter-only subgraphs, norms."""
+class GraphIndex:
+    """A graph's nodes in order, by name, and their positions (for passes that read a graph)."""
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
         self.by_name = {n.name: n for n in self.nodes}
         self.order = {n: i for i, n in enumerate(self.nodes)}
+
+
+class _Graph(GraphIndex):
+    """The graph being read: node order, live nodes, parameter-only subgraphs, norms."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
         self.output = next(n for n in reversed(self.nodes) if n.op == "output")
-        self.live = _ancestors(self.output)
+        self.live = ancestors(self.output)
         self._const: dict[fx.Node, bool] = {}  # computed from parameters and literals only
         for n in self.nodes:  # graph order is topological
             self._const[n] = n.op == "get_attr" or (
@@ -259,7 +266,7 @@ class _Graph:
             return None
         if n.op == "get_attr":
             return n.target
-        attrs = [a for a in _ancestors(n) if a.op == "get_attr"] if self.const(n) else []
+        attrs = [a for a in ancestors(n) if a.op == "get_attr"] if self.const(n) else []
         return attrs[0].target if len(attrs) == 1 else None
 
     def _find_norms(self):
@@ -298,24 +305,24 @@ def _module(n: fx.Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
-def _ancestors(n: fx.Node) -> set[fx.Node]:
+def _reach(n: fx.Node, step) -> set[fx.Node]:
     seen, todo = {n}, [n]
     while todo:
-        for a in todo.pop().all_input_nodes:
+        for a in step(todo.pop()):
             if a not in seen:
                 seen.add(a)
                 todo.append(a)
     return seen
 
 
-def _descendants(n: fx.Node) -> set[fx.Node]:
-    seen, todo = {n}, [n]
-    while todo:
-        for u in todo.pop().users:
-            if u not in seen:
-                seen.add(u)
-                todo.append(u)
-    return seen
+def ancestors(n: fx.Node) -> set[fx.Node]:
+    """`n` and every node it reads, transitively."""
+    return _reach(n, lambda m: m.all_input_nodes)
+
+
+def descendants(n: fx.Node) -> set[fx.Node]:
+    """`n` and every node that reads it, transitively."""
+    return _reach(n, lambda m: m.users)
 
 
 def _reads(u: fx.Node, n: fx.Node) -> bool:
@@ -544,7 +551,7 @@ def _o_head_features(core: fx.Node, o: fx.Node, head_dim: int, g: _Graph) -> lis
     idx = (torch.arange(heads, dtype=torch.float64)[:, None, None] * head_dim
            + torch.arange(head_dim, dtype=torch.float64)).expand(shape)
     x = o.args[0]
-    t = _propagate(core, idx, _descendants(core) & _ancestors(x), g).get(x)
+    t = _propagate(core, idx, descendants(core) & ancestors(x), g).get(x)
     if t is None:
         return None
     vec = t.reshape(-1, t.shape[-1])[0].to(torch.int64).tolist()
@@ -609,19 +616,19 @@ def _residual_add(out: fx.Node, stream: set, g: _Graph) -> tuple[fx.Node | None,
 def _other_operand(add: fx.Node, inner: fx.Node) -> fx.Node:
     """The add's operand that does not come from `inner`."""
     a, b = add.args[0], add.args[1]
-    return b if inner in _ancestors(a) else a
+    return b if inner in ancestors(a) else a
 
 
 # -- MLP ---------------------------------------------------------------------------------------------
 def _mlp(candidates: list[fx.Node], g: _Graph) -> MLP | None:
     """Among a block's non-attention projections: down feeds a residual add of the MLP's input."""
     for down in reversed(candidates):
-        anc = _ancestors(down)
+        anc = ancestors(down)
         ups = [c for c in candidates if c is not down and c in anc]
         if not 1 <= len(ups) <= 2:
             continue
         mlp_in = ups[0].args[0]
-        add, out_norm = _residual_add(down, _ancestors(mlp_in), g)
+        add, out_norm = _residual_add(down, ancestors(mlp_in), g)
         if add is None:
             continue
         m = MLP(down=_linear(down), up=None, input=mlp_in.name, residual_add=add.name, out_norm=out_norm)
@@ -640,7 +647,7 @@ def _mlp_chain(candidates: list[fx.Node], g: _Graph) -> list[MLP]:
         if m is None:
             break
         found.append(m)
-        after = _descendants(g.by_name[m.residual_add])
+        after = descendants(g.by_name[m.residual_add])
         candidates = [c for c in candidates if c in after]
     return found
 
@@ -652,14 +659,14 @@ def _mlp_stream_input(m: MLP, g: _Graph) -> fx.Node:
 
 def _gate_up(m: MLP, ups: list[fx.Node], down: fx.Node, g: _Graph):
     """Fill gate/up (or gate_up) and act: gated when down reads act(gate) * up."""
-    between = set().union(*(_descendants(u) for u in ups)) & _ancestors(down)
+    between = set().union(*(descendants(u) for u in ups)) & ancestors(down)
     for prod in sorted(between, key=g.order.get):
         if op_name(prod) != "aten.mul" or len(prod.args) != 2 or not all(isinstance(a, fx.Node) for a in prod.args):
             continue
         sides = [_shape_source(a) for a in prod.args]  # the up side reaches a projection by shape ops
         for up_side, gate_side in ((0, 1), (1, 0)):
             up_lin = sides[up_side]
-            gate_lin = next((u for u in ups if u in _ancestors(prod.args[gate_side])), None)
+            gate_lin = next((u for u in ups if u in ancestors(prod.args[gate_side])), None)
             if up_lin not in ups or gate_lin is None or sides[gate_side] in ups:
                 continue
             if gate_lin is not up_lin:
@@ -694,13 +701,13 @@ def _act_input(n: fx.Node) -> fx.Node:
 
 def _features_at(lin: fx.Node, x: fx.Node, g: _Graph) -> Ranges:
     """lin's output features that make up x (x reached from lin by shape ops)."""
-    t = _propagate(lin, _feature_index(lin), _descendants(lin) & _ancestors(x), g).get(x)
+    t = _propagate(lin, _feature_index(lin), descendants(lin) & ancestors(x), g).get(x)
     return _runs(t.reshape(-1, t.shape[-1])[0].to(torch.int64).tolist()) if t is not None else []
 
 
 def _activation(src: fx.Node, dst: fx.Node, g: _Graph) -> str | None:
     """Name the activation on the way from src to dst."""
-    path = sorted(_descendants(src) & _ancestors(dst), key=g.order.get)
+    path = sorted(descendants(src) & ancestors(dst), key=g.order.get)
     ops = {op_name(n) for n in path}
     for n in path:
         name = ACTIVATIONS.get(op_name(n))
@@ -729,7 +736,7 @@ def _embedding(n: fx.Node, g: _Graph) -> Embedding:
     elif op_name(src) in ("aten.gather", "aten.index", "aten.index_select") and g.const(src.args[0]):
         kind = _index_kind(_evaluate(src.args[0], g.gm))  # ids looked up in a buffer
     else:
-        ops = {op_name(a) for a in _ancestors(idx)}
+        ops = {op_name(a) for a in ancestors(idx)}
         kind = "position" if ops & {"aten.arange", "aten.cumsum"} else "other"
     return Embedding(n.name, g.param(w), shape[0], shape[1], kind, _module(n))
 
@@ -821,7 +828,7 @@ def recover(gm: fx.GraphModule) -> ModelInfo:
     inputs = []
     for a in attentions:
         if a.o is not None:
-            add, a.out_norm = _residual_add(g.by_name[a.o.node], _ancestors(g.by_name[a.input]), g)
+            add, a.out_norm = _residual_add(g.by_name[a.o.node], ancestors(g.by_name[a.input]), g)
             a.residual_add = add.name if add is not None else None
         x = _other_operand(g.by_name[a.residual_add], g.by_name[a.o.node]) if a.residual_add else g.by_name[a.input]
         inputs.append(_stream_source(x))
@@ -837,9 +844,9 @@ def recover(gm: fx.GraphModule) -> ModelInfo:
 
     parts = []  # (attention, mlp, block input) in stream order
     if attentions:
-        parts += [(None, m, _mlp_stream_input(m, g)) for m in mlps_in(_ancestors(inputs[0]))]
+        parts += [(None, m, _mlp_stream_input(m, g)) for m in mlps_in(ancestors(inputs[0]))]
     for i, a in enumerate(attentions):
-        region = _descendants(inputs[i]) - (_descendants(inputs[i + 1]) if i + 1 < len(inputs) else set())
+        region = descendants(inputs[i]) - (descendants(inputs[i + 1]) if i + 1 < len(inputs) else set())
         found = mlps_in(region)
         parts.append((a, found[0] if found else None, inputs[i]))
         parts += [(None, m, _mlp_stream_input(m, g)) for m in found[1:]]

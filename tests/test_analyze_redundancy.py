@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModel
 from tcc import frontend, models
 from tcc.calibration import DEFAULT_VALID, CalibrationLoss, GraphRunner, calibration_loss, default_text, text_feeds
 from tcc.errors import UserError
-from tcc.frontend import _FeatureExtraction
+from tcc.frontend import FeatureExtraction
 from tcc.pipeline import PassContext, Pipeline
 
 KEYS = {"model", "task", "method", "calibration", "loss", "blocks", "ranking", "seconds", "files"}
@@ -189,7 +189,7 @@ def minilm_shaped():
     torch.manual_seed(0)
     model = AutoModel.from_config(config).eval()
     ids = torch.zeros(1, 16, dtype=torch.long)
-    prog = frontend.trace(_FeatureExtraction(model), example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+    prog = frontend.trace(FeatureExtraction(model), example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)},
                           output_names=["last_hidden_state"], task="feature-extraction")
     prog.tokenizer_dir = str(models.resolve("minilm"))
     return prog

@@ -27,7 +27,7 @@ from conftest import fresh_feeds
 from tcc import models
 from tcc.artifact import sha256
 from tcc.errors import UserError
-from tcc.frontend import _CausalLM, _FeatureExtraction
+from tcc.frontend import CausalLM, FeatureExtraction
 from test_structure import ARCHS, TINY
 
 FP32_ABS = 1e-4
@@ -222,9 +222,9 @@ def tiny_module(arch: str):
     torch.manual_seed(0)
     ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
     if causal:
-        return _CausalLM(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")).eval(), {"input_ids": ids}
+        return CausalLM(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")).eval(), {"input_ids": ids}
     model = AutoModel.from_config(config, attn_implementation="sdpa")
-    return _FeatureExtraction(model).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return FeatureExtraction(model).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 import tcc
-from tcc.frontend import _CausalLM
+from tcc.frontend import CausalLM
 
 
 def test_drop_prune_quantize_compile(tmp_path):
@@ -13,7 +13,7 @@ def test_drop_prune_quantize_compile(tmp_path):
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
-    program = tcc.trace(_CausalLM(model), example_inputs={"input_ids": torch.randint(0, 100, (1, 16))},
+    program = tcc.trace(CausalLM(model), example_inputs={"input_ids": torch.randint(0, 100, (1, 16))},
                         output_names=["logits"])
     art = tcc.compile(program, "x86", out=tmp_path / "a",
                       pipeline="drop-attention(layers=[1]),prune-heads(ratio=0.5),quantize-weights(bits=8,min_size=16)")

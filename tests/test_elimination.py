@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from tcc import frontend
 from tcc.calibration import calibration_loss
 from tcc.errors import UserError
-from tcc.frontend import _CausalLM, _FeatureExtraction
+from tcc.frontend import CausalLM, FeatureExtraction
 from tcc.pipeline import PassContext, Pipeline
 from tcc.structure import ModelInfo, nodes_by_name
 
@@ -42,10 +42,10 @@ def build(arch: str, edit=None):
         edit(layers_of(model))
     ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
     if causal:
-        prog = frontend.trace(_CausalLM(model), example_inputs={"input_ids": ids}, output_names=["logits"], task="causal-lm")
+        prog = frontend.trace(CausalLM(model), example_inputs={"input_ids": ids}, output_names=["logits"], task="causal-lm")
     else:
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        prog = frontend.trace(_FeatureExtraction(model), example_inputs=inputs, output_names=["last_hidden_state"],
+        prog = frontend.trace(FeatureExtraction(model), example_inputs=inputs, output_names=["last_hidden_state"],
                               task="feature-extraction")
     Pipeline.parse("dce").run(prog)  # drops buffers the graph never reads, so byte counts compare
     return prog, model

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from tcc import frontend
 from tcc.canonical import canonicalize
-from tcc.frontend import _CausalLM, _FeatureExtraction
+from tcc.frontend import CausalLM, FeatureExtraction
 from tcc.pipeline import PassContext, Pipeline
 from tcc.structure import ModelInfo, _other_operand, nodes_by_name, op_name, recover
 
@@ -126,9 +126,9 @@ def tiny_program(arch: str, impl: str = "sdpa", **config_overrides):
     ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
     if causal:
         model = AutoModelForCausalLM.from_config(config, attn_implementation=impl)
-        return frontend.trace(_CausalLM(model), example_inputs={"input_ids": ids})
+        return frontend.trace(CausalLM(model), example_inputs={"input_ids": ids})
     model = AutoModel.from_config(config, attn_implementation=impl)
-    return frontend.trace(_FeatureExtraction(model), example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return frontend.trace(FeatureExtraction(model), example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
 
 
 @pytest.fixture(scope="module")
@@ -361,7 +361,7 @@ def test_canonicalize_gpt2_conv1d():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     ids = torch.randint(0, 100, (1, 8))
-    gm = torch.export.export(_CausalLM(model), (ids,), strict=False).module()
+    gm = torch.export.export(CausalLM(model), (ids,), strict=False).module()
     ref = gm(ids)
     c_attn = model.transformer.h[0].attn.c_attn.weight  # Conv1D stores [in, out]
     assert sum(op_name(n) == "aten.addmm" for n in gm.graph.nodes) == 8

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import operator
 
-import numpy as np
 import torch
 
 from tcc import ops  # noqa: F401  (registers torch.ops.tcc.*)
