@@ -8,6 +8,26 @@ Ops:
   tcc::dense(x, w, b?)                y = x @ w.T + b              x [..., K], w [N, K], b [N]
   tcc::dense_w8(x, qw, scale, b?)     y = x @ (qw * scale[:,None]).T + b
                                       qw int8 [N, K] (symmetric, per output channel), scale f32 [N]
+  tcc::dense_a8w8(x, qw, w_scale, b?, x_scale?, x_zero?, asym)
+                                      W8A8: activations quantized to 8 bits, integer dot products.
+                                      Rows of x (x viewed as [M, K]) quantize with a scale s (and
+                                      zero point z): x_scale None -> dynamic, per row (per token):
+                                        symmetric  s = max|x_m| / 127, z = 0,  q = clamp(round(x/s), -127, 127)
+                                        asym       s = (max(x_m, 0) - min(x_m, 0)) / 255,
+                                                   z = round(-min(x_m, 0) / s), q = clamp(round(x/s) + z, 0, 255)
+                                      (s = 1 for an all-zero row); x_scale f32 [1] (and x_zero f32 [1]
+                                      when asym) -> static per-tensor, the same formulas with the
+                                      given s, z. round is half-to-even, x/s a float32 division.
+                                      y[m, n] = s_m * w_scale[n] * sum_k (q[m,k] - z_m) * qw[n,k] + b[n]
+                                      (the integer sum exact in int32).
+  tcc::dense_w4(x, qw, scale, zero?, group, b?)
+                                      int4 weight-only: qw uint8 [N, K/2], two 4-bit codes per byte,
+                                      k = 2j in the low nibble and k = 2j+1 in the high nibble;
+                                      scale f32 [N, K/group]; zero uint8 [N, K/group] codes 0..15,
+                                      None = 8 (symmetric). w[n,k] = (code - zero[n, k // group]) *
+                                      scale[n, k // group]; y = x @ w.T + b. K % group == 0, group even.
+  tcc::embedding_w8(ids, qw, scale)   rows of an int8 table: out = qw[ids] * scale[ids, None]
+                                      qw int8 [V, D] per-row symmetric, scale f32 [V]
   tcc::sdpa(q, k, v, mask?, scale, causal)
                                       softmax(q k^T * scale + mask [+ causal -inf]) v, per head;
                                       q [B, H, Sq, D], k/v [B, Hkv, Sk, D], H % Hkv == 0 (grouped
@@ -40,6 +60,88 @@ def dense_w8(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, b: torch.Te
 @dense_w8.register_fake
 def _(x, qw, scale, b=None):
     return x.new_empty((*x.shape[:-1], qw.shape[0]))
+
+
+def quantize_rows(x: torch.Tensor, x_scale: torch.Tensor | None, x_zero: torch.Tensor | None,
+                  asym: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dense_a8w8's activation quantization of x [M, K] (fp32): (codes as float32 [M, K] holding
+    exact integers, s [M, 1], z [M, 1]); see the module docstring."""
+    x = x.to(torch.float32)
+    if x_scale is None:
+        if asym:
+            lo = x.amin(dim=1, keepdim=True).clamp_max(0)
+            hi = x.amax(dim=1, keepdim=True).clamp_min(0)
+            s = (hi - lo) / 255.0
+        else:
+            s = x.abs().amax(dim=1, keepdim=True) / 127.0
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        z = torch.round(-lo / s) if asym else torch.zeros_like(s)
+    else:
+        s = x_scale.to(torch.float32).reshape(1, 1).expand(x.shape[0], 1)
+        z = (x_zero.to(torch.float32).reshape(1, 1).expand(x.shape[0], 1) if asym and x_zero is not None
+             else torch.zeros_like(s))
+    q = torch.round(x / s) + z
+    q = q.clamp(0, 255) if asym else q.clamp(-127, 127)
+    return q, s, z
+
+
+@torch.library.custom_op("tcc::dense_a8w8", mutates_args=())
+def dense_a8w8(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, b: torch.Tensor | None = None,
+               x_scale: torch.Tensor | None = None, x_zero: torch.Tensor | None = None,
+               asym: bool = False) -> torch.Tensor:
+    lead, k = x.shape[:-1], x.shape[-1]
+    q, s, z = quantize_rows(x.reshape(-1, k), x_scale, x_zero, asym)
+    # integer dot products, exact in float64 (|sum| < 2^53)
+    acc = (q - z).to(torch.float64) @ qw.to(torch.float64).T
+    y = (acc * s.to(torch.float64) * w_scale.to(torch.float64)[None, :]).to(torch.float32)
+    if b is not None:
+        y = y + b.to(torch.float32)
+    return y.reshape(*lead, qw.shape[0]).to(x.dtype)
+
+
+@dense_a8w8.register_fake
+def _(x, qw, w_scale, b=None, x_scale=None, x_zero=None, asym=False):
+    return x.new_empty((*x.shape[:-1], qw.shape[0]))
+
+
+def unpack_int4(qw: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 [N, K/2] -> codes uint8 [N, K] (low nibble first)."""
+    lo, hi = qw & 0x0F, qw >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(qw.shape[0], k)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes 0..15 [N, K] (K even) -> uint8 [N, K/2] (low nibble first)."""
+    c = codes.to(torch.uint8).reshape(codes.shape[0], -1, 2)
+    return c[..., 0] | (c[..., 1] << 4)
+
+
+def dequantize_w4(qw: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> torch.Tensor:
+    n, k = qw.shape[0], qw.shape[1] * 2
+    codes = unpack_int4(qw, k).to(torch.float32).reshape(n, k // group, group)
+    z = torch.full_like(scale, 8.0) if zero is None else zero.to(torch.float32)
+    return ((codes - z[..., None]) * scale.to(torch.float32)[..., None]).reshape(n, k)
+
+
+@torch.library.custom_op("tcc::dense_w4", mutates_args=())
+def dense_w4(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
+             b: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, dequantize_w4(qw, scale, zero, group).to(x.dtype), b)
+
+
+@dense_w4.register_fake
+def _(x, qw, scale, zero, group, b=None):
+    return x.new_empty((*x.shape[:-1], qw.shape[0]))
+
+
+@torch.library.custom_op("tcc::embedding_w8", mutates_args=())
+def embedding_w8(ids: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return qw[ids].to(torch.float32) * scale[ids][..., None]
+
+
+@embedding_w8.register_fake
+def _(ids, qw, scale):
+    return scale.new_empty((*ids.shape, qw.shape[1]))
 
 
 @torch.library.custom_op("tcc::sdpa", mutates_args=())
