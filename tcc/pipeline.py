@@ -126,6 +126,8 @@ class PassContext:
                     the first feed's shape/NaN check)
     tolerance       max relative drift a single pass may cause (AccuracyBudgetError), None = no limit
     cleanup_tolerance  cleanup and analysis passes must not change outputs by more than this
+    original        the program as it entered the pipeline (a copy), kept when a pass declares
+                    `needs_original` (heal distils from it); None otherwise
     """
 
     calibration: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
@@ -139,6 +141,7 @@ class PassContext:
     check_feeds: int = 4
     verbose: bool = False
     details: dict = dataclasses.field(default_factory=dict)  # the running pass's notes
+    original: Program | None = None
 
     def refresh_info(self, program: Program) -> None:
         """Recover ModelInfo again after a pass changed the structure."""
@@ -160,6 +163,7 @@ class Pass:
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "transform"
     options: ClassVar[dict[str, Option]] = {}
+    needs_original: ClassVar[bool] = False  # Pipeline.run keeps a copy of its input in ctx.original
 
     def __init__(self, **opts: Any):
         unknown = [k for k in opts if k not in self.options]
@@ -510,6 +514,8 @@ class Pipeline:
         if not ctx.check_numerics:
             feeds = feeds[:1]
         before = _observe(program, feeds, None)
+        if ctx.original is None and any(p.needs_original for p in self.passes):
+            ctx.original = program.clone()
         for index, p in enumerate(self.passes, 1):
             ctx.details = {}
             t0 = time.perf_counter()
