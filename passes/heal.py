@@ -57,7 +57,7 @@ class Heal(Pass):
                         validator=lambda v: None if v >= 1 else "must be >= 1"),
         "budget": Option(float, 600.0, "stop training after this many seconds (0: no time limit)",
                          validator=lambda v: None if v >= 0 else "must be >= 0"),
-        "lr": Option(float, 2e-5, "AdamW learning rate (cosine decay to 0 over the steps)",
+        "lr": Option(float, 1e-4, "AdamW learning rate (cosine decay to 0 over the steps)",
                      validator=lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
         "train": Option(str, "all", "which parameters to train", choices=("all", "norms")),
         "samples": Option(int, 64, "calibration windows to train on (cycled when steps exceed them)",
