@@ -177,7 +177,9 @@ def test_kernel_rejects_mismatched_arguments(vm, name):
 def test_exported_functions_are_the_kernels():
     assert set(build.exported_functions()) == {
         "tcc_dense_f32", "tcc_dense_nobias_f32", "tcc_dense_w8_f32", "tcc_dense_w8_nobias_f32",
-        "tcc_sdpa_f32", "tcc_sdpa_nomask_f32"}
+        "tcc_sdpa_f32", "tcc_sdpa_nomask_f32",
+        "tcc_dense_a8w8_f32", "tcc_dense_a8w8_nobias_f32", "tcc_dense_a8w8_static_f32",
+        "tcc_dense_a8w8_static_nobias_f32", "tcc_dense_w4_f32", "tcc_dense_w4_nobias_f32"}
 
 
 def test_build_is_cached(kernels, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""Compile tcc's hand-written CPU kernels (cpu_kernels.cc) into an object a TVM module links in.
+"""Compile tcc's hand-written CPU kernels (cpu_kernels.cc, quant_kernels.cc) into one object a TVM
+module links in.
 
 Contract:
   build_kernels(arch, out_dir, cflags=None) -> KernelLib
@@ -8,6 +9,7 @@ Contract:
     cflags   target flags, e.g. ["-march=x86-64-v3"] or ["-march=armv8.2-a+dotprod"]; default
              -march=native on an x86-64 host (x86-64-v2 when cross-compiling), -march=armv8-a for
              aarch64. They come after the fixed flags (-O3 -fPIC -std=c++17 ...).
+    Each source compiles on its own and a relocatable link (`g++ -r`) joins them into one object.
     The object is cached under $TCC_CACHE/kernels (default ~/.cache/tcc/kernels), keyed by a hash of
     the kernel sources, the flags, the compiler's identity (and, for -march=native, the CPU features
     it resolves to) and the versions of the tvm-ffi and OpenBLAS headers; it is written atomically
@@ -15,7 +17,7 @@ Contract:
 
   KernelLib
     .object       Path of the object in out_dir
-    .functions    the exported kernel names (TVM_FFI_DLL_EXPORT_TYPED_FUNC in the source), for
+    .functions    the exported kernel names (TVM_FFI_DLL_EXPORT_TYPED_FUNC in the sources), for
                   tvm.runtime.load_static_library(str(lib.object), list(lib.functions))
     .link_options()  the options export_library(path, options=...) needs to link the object: OpenBLAS
                   (-L, -l:libscipy_openblas.so as DT_NEEDED, rpath $ORIGIN and its directory) and
@@ -39,7 +41,7 @@ from pathlib import Path
 from tcc.errors import InternalError, UserError
 
 HERE = Path(__file__).resolve().parent
-SOURCE = HERE / "cpu_kernels.cc"
+SOURCES = (HERE / "cpu_kernels.cc", HERE / "quant_kernels.cc")
 ARCHES = ("x86_64", "aarch64")
 BASE_FLAGS = ["-O3", "-fPIC", "-std=c++17", "-DNDEBUG",
               "-fopenmp-simd",        # `#pragma omp simd` reductions in the softmax, no OpenMP runtime
@@ -68,7 +70,7 @@ def build_kernels(arch: str, out_dir: Path, cflags: list[str] | None = None) -> 
     cxx = _compiler(arch)
     flags = BASE_FLAGS + list(cflags if cflags is not None else _default_cflags(arch))
     includes = _include_dirs()
-    cached = _cache_dir() / f"cpu_kernels-{arch}-{_key(arch, cxx, flags)}.o"
+    cached = _cache_dir() / f"tcc_kernels-{arch}-{_key(arch, cxx, flags)}.o"
     if not cached.exists():
         _compile(cxx, flags, includes, cached, user_flags=cflags)
     out_dir = Path(out_dir)
@@ -79,7 +81,8 @@ def build_kernels(arch: str, out_dir: Path, cflags: list[str] | None = None) -> 
 
 
 def exported_functions() -> tuple[str, ...]:
-    return tuple(re.findall(r"^TVM_FFI_DLL_EXPORT_TYPED_FUNC\((\w+),", SOURCE.read_text(), re.M))
+    return tuple(name for src in SOURCES
+                 for name in re.findall(r"^TVM_FFI_DLL_EXPORT_TYPED_FUNC\((\w+),", src.read_text(), re.M))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,19 +134,29 @@ def _run(cmd: list[str]) -> str:
 
 def _compile(cxx: str, flags: list[str], includes: list[str], dest: Path, user_flags: list[str] | None) -> None:
     tmp = _temp_file(dest)
-    # Run in the source directory with a relative file name, and map the include directories
-    # (named by __FILE__ in error messages), so no absolute path enters the object.
-    cmd = [cxx, *flags, *(f"-I{d}" for d in includes), *(f"-ffile-prefix-map={d}=include" for d in includes),
-           "-c", SOURCE.name, "-o", tmp]
-    proc = subprocess.run(cmd, cwd=SOURCE.parent, capture_output=True, text=True)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        errors = [line for line in proc.stderr.splitlines() if "error" in line] or proc.stderr.splitlines()[-1:]
-        if user_flags:
-            raise UserError(f"{cxx} rejected the kernel flags {' '.join(user_flags)}: {errors[0] if errors else ''}",
-                            "check the C++ flags (cflags) of the target")
-        raise InternalError(f"{cxx} could not compile {SOURCE.name}:\n{proc.stderr[-3000:]}\ncommand: {' '.join(cmd)}")
+    with tempfile.TemporaryDirectory(dir=dest.parent) as work:
+        objects = [str(Path(work) / f"{src.stem}.o") for src in SOURCES]
+        for src, obj in zip(SOURCES, objects):
+            # Run in the source directory with a relative file name, and map the include directories
+            # (named by __FILE__ in error messages), so no absolute path enters the object.
+            cmd = [cxx, *flags, *(f"-I{d}" for d in includes), *(f"-ffile-prefix-map={d}=include" for d in includes),
+                   "-c", src.name, "-o", obj]
+            _check(subprocess.run(cmd, cwd=HERE, capture_output=True, text=True), cmd, src.name, cxx, user_flags, tmp)
+        cmd = [cxx, "-r", "-nostdlib", *objects, "-o", tmp]
+        _check(subprocess.run(cmd, capture_output=True, text=True), cmd, "the kernel objects", cxx, None, tmp)
     os.replace(tmp, dest)
+
+
+def _check(proc: subprocess.CompletedProcess, cmd: list[str], what: str, cxx: str, user_flags: list[str] | None,
+           tmp: str) -> None:
+    if proc.returncode == 0:
+        return
+    os.unlink(tmp)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line] or proc.stderr.splitlines()[-1:]
+    if user_flags:
+        raise UserError(f"{cxx} rejected the kernel flags {' '.join(user_flags)}: {errors[0] if errors else ''}",
+                        "check the C++ flags (cflags) of the target")
+    raise InternalError(f"{cxx} could not compile {what}:\n{proc.stderr[-3000:]}\ncommand: {' '.join(cmd)}")
 
 
 def _atomic_copy(src: Path, dest: Path) -> None:

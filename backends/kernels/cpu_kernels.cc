@@ -26,166 +26,9 @@
 // fight for cores: dense splits the longer of M and N, sdpa splits (batch, head, block of 64 query
 // rows). The pool's size is TVM's: TVM_NUM_THREADS, else half the logical CPUs on x86 (TVM assumes
 // hyper-threading), all of them elsewhere.
-#include <cblas.h>
-#include <tvm/ffi/container/tensor.h>
-#include <tvm/ffi/error.h>
-#include <tvm/ffi/function.h>
-
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <string>
-#include <vector>
-
-extern "C" {
-typedef struct {
-  void* sync_handle;
-  int32_t num_task;
-} TVMParallelGroupEnv;
-typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
-int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void* cdata, int num_task);
-}
+#include "common.h"
 
 namespace {
-
-using tvm::ffi::TensorView;
-
-// ---------------------------------------------------------------------------------------------
-// Argument checks
-// ---------------------------------------------------------------------------------------------
-
-const char* dtype_name(DLDataType t) {
-  if (t.lanes != 1) return "vector";
-  if (t.code == kDLFloat && t.bits == 32) return "float32";
-  if (t.code == kDLFloat && t.bits == 16) return "float16";
-  if (t.code == kDLFloat && t.bits == 64) return "float64";
-  if (t.code == kDLBfloat && t.bits == 16) return "bfloat16";
-  if (t.code == kDLInt && t.bits == 8) return "int8";
-  if (t.code == kDLInt && t.bits == 32) return "int32";
-  if (t.code == kDLInt && t.bits == 64) return "int64";
-  if (t.code == kDLUInt && t.bits == 8) return "uint8";
-  if (t.code == kDLBool) return "bool";
-  return "other";
-}
-
-std::string shape_str(const TensorView& t) {
-  std::string s = "[";
-  for (int d = 0; d < t.ndim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + "]";
-}
-
-// Checks dtype, rank range, CPU device and contiguity; returns the data pointer.
-template <typename T>
-T* data_of(const TensorView& t, const char* kernel, const char* arg, DLDataTypeCode code, int bits,
-           int min_ndim, int max_ndim) {
-  DLDataType dt = t.dtype();
-  if (dt.code != code || dt.bits != bits || dt.lanes != 1) {
-    DLDataType want{static_cast<uint8_t>(code), static_cast<uint8_t>(bits), 1};
-    TVM_FFI_THROW(TypeError) << kernel << ": argument '" << arg << "' must be " << dtype_name(want)
-                             << ", got " << dtype_name(dt);
-  }
-  if (t.ndim() < min_ndim || t.ndim() > max_ndim) {
-    TVM_FFI_THROW(ValueError) << kernel << ": argument '" << arg << "' must have rank "
-                              << (min_ndim == max_ndim ? std::to_string(min_ndim)
-                                  : std::to_string(min_ndim) + " to " + std::to_string(max_ndim))
-                              << ", got shape " << shape_str(t);
-  }
-  if (t.device().device_type != kDLCPU) {
-    TVM_FFI_THROW(ValueError) << kernel << ": argument '" << arg << "' must be on the CPU";
-  }
-  if (!t.IsContiguous()) {
-    TVM_FFI_THROW(ValueError) << kernel << ": argument '" << arg << "' must be contiguous";
-  }
-  return reinterpret_cast<T*>(static_cast<char*>(t.data_ptr()) + t.byte_offset());
-}
-
-const float* f32_in(const TensorView& t, const char* kernel, const char* arg, int min_ndim, int max_ndim) {
-  return data_of<const float>(t, kernel, arg, kDLFloat, 32, min_ndim, max_ndim);
-}
-
-float* f32_out(const TensorView& t, const char* kernel, int min_ndim, int max_ndim) {
-  return data_of<float>(t, kernel, "out", kDLFloat, 32, min_ndim, max_ndim);
-}
-
-void check_dim(const TensorView& t, const char* kernel, const char* arg, int dim, int64_t want,
-               const char* what) {
-  int64_t got = t.size(dim);
-  if (got != want) {
-    TVM_FFI_THROW(ValueError) << kernel << ": argument '" << arg << "' has shape " << shape_str(t)
-                              << ", its dim " << dim << " must be " << want << " (" << what << ")";
-  }
-}
-
-void check_blas_int(int64_t n, const char* kernel, const char* what) {
-  if (n > std::numeric_limits<blasint>::max()) {
-    TVM_FFI_THROW(ValueError) << kernel << ": " << what << " = " << n << " is too large for a 32-bit BLAS";
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Threads: TVM's pool runs the tasks, OpenBLAS runs single-threaded inside each task.
-// ---------------------------------------------------------------------------------------------
-
-void blas_single_threaded() {
-  static const bool once = (scipy_openblas_set_num_threads(1), true);
-  (void)once;
-}
-
-// Runs fn(task, num_tasks) on every thread of TVM's pool.
-template <typename F>
-void parallel(F&& fn) {
-  blas_single_threaded();
-  auto lambda = [](int task, TVMParallelGroupEnv* env, void* cdata) -> int {
-    (*static_cast<F*>(cdata))(task, env->num_task);
-    return 0;
-  };
-  if (TVMBackendParallelLaunch(lambda, &fn, 0) != 0) {
-    TVM_FFI_THROW(RuntimeError) << "TVMBackendParallelLaunch failed";
-  }
-}
-
-// The part [begin, end) of `n` items, in units of `grain`, that task `task` of `num_tasks` owns.
-void split(int64_t n, int64_t grain, int task, int num_tasks, int64_t* begin, int64_t* end) {
-  int64_t units = (n + grain - 1) / grain;
-  int64_t per = units / num_tasks, extra = units % num_tasks;
-  int64_t first = task * per + std::min<int64_t>(task, extra);
-  int64_t count = per + (task < extra ? 1 : 0);
-  *begin = std::min(n, first * grain);
-  *end = std::min(n, (first + count) * grain);
-}
-
-// C[m, n] = alpha * A[m, k] B[n, k]^T + beta * C   (all row-major, given leading dimensions).
-// One row goes to sgemv: sgemm would first copy all of B into its packed layout. (c is zeroed
-// first when beta = 0: it may hold NaNs, and 0 * NaN is NaN if sgemv scales y by beta.)
-void sgemm_nt(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
-              int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (m == 1 && k > 0) {
-    if (beta == 0.0f) std::fill(c, c + n, 0.0f);
-    scipy_cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, alpha, b, ldb, a, 1, beta, c, 1);
-    return;
-  }
-  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, alpha, a, std::max<int64_t>(lda, 1),
-                    b, std::max<int64_t>(ldb, 1), beta, c, std::max<int64_t>(ldc, 1));
-}
-
-// C[m, n] = A[m, k] B[k, n]
-void sgemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-              float* c, int64_t ldc) {
-  if (m == 1 && n > 0) {
-    std::fill(c, c + n, 0.0f);
-    scipy_cblas_sgemv(CblasRowMajor, CblasTrans, k, n, 1.0f, b, ldb, a, 1, 0.0f, c, 1);
-    return;
-  }
-  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, 1.0f, a, std::max<int64_t>(lda, 1),
-                    b, std::max<int64_t>(ldb, 1), 0.0f, c, std::max<int64_t>(ldc, 1));
-}
-
-std::vector<float>& scratch(size_t n) {
-  thread_local std::vector<float> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf;
-}
 
 // ---------------------------------------------------------------------------------------------
 // dense and dense_w8
@@ -217,15 +60,6 @@ DenseShape check_dense(const char* kernel, const TensorView& x, const TensorView
   check_blas_int(n, kernel, "N");
   check_blas_int(k, kernel, "K");
   return {m, n, k};
-}
-
-// out[m0:m1, n0:n1] = b[n0:n1] (or 0) broadcast over rows
-void fill_bias(float* out, const float* b, int64_t n, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  for (int64_t i = m0; i < m1; ++i) {
-    float* row = out + i * n + n0;
-    if (b) std::memcpy(row, b + n0, (n1 - n0) * sizeof(float));
-    else std::memset(row, 0, (n1 - n0) * sizeof(float));
-  }
 }
 
 // The rectangle [m0, m1) x [n0, n1) of out that task `task` of `num_tasks` computes: the longer
@@ -282,7 +116,7 @@ void dense_w8(const TensorView& x, const TensorView& qw, const TensorView& scale
   float* op = f32_out(out, kernel, 1, 64);
   const int64_t block = w8_block(s.m, s.k);
   for_each_tile(s, op, bp, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    float* wf = scratch(block * s.k).data();
+    float* wf = scratch<float>(block * s.k);
     for (int64_t c0 = n0; c0 < n1; c0 += block) {
       int64_t c1 = std::min(n1, c0 + block);
       for (int64_t r = c0; r < c1; ++r) {
@@ -378,7 +212,7 @@ void sdpa_block(const Sdpa& s, int64_t b, int64_t h, int64_t i0, int64_t i1) {
     std::fill(out, out + rows * s.dv, std::numeric_limits<float>::quiet_NaN());
     return;
   }
-  float* scores = scratch(rows * cols).data();
+  float* scores = scratch<float>(rows * cols);
   sgemm_nt(rows, cols, s.d, s.scale, q, s.d, k, s.d, 0.0f, scores, cols);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
@@ -397,7 +231,7 @@ void sdpa_block(const Sdpa& s, int64_t b, int64_t h, int64_t i0, int64_t i1) {
     }
     softmax_row(row, cols);
   }
-  sgemm_nn(rows, s.dv, cols, scores, cols, v, s.dv, out, s.dv);
+  sgemm_nn(rows, s.dv, cols, scores, cols, v, s.dv, 0.0f, out, s.dv);
 }
 
 void sdpa(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* mask, double scale,

@@ -1,0 +1,687 @@
+// tcc's low-precision CPU kernels: W8A8 dense (int8 activations x int8 weights, integer dot
+// products) and int4 weight-only dense, called from TVM modules like cpu_kernels.cc (x86-64 and
+// aarch64).
+//
+// Contract: each kernel computes the reference op of tcc/ops.py (tcc::dense_a8w8, tcc::dense_w4) on
+// row-major contiguous CPU tensors and writes its result into the last argument (destination-passing
+// style, as R.call_dps_packed calls it). The weights come pre-packed by quant_layout.py (pack_a8w8,
+// pack_w4), which documents the layouts; every argument's dtype, rank and shape is checked, and a
+// mismatch raises a ValueError/TypeError through TVM-FFI naming the kernel and the argument.
+//
+//   tcc_dense_a8w8_f32(x[..., K], qw int8[ceil(N/16), ceil(K/4), 16, 4], wsum int32[N],
+//                      w_scale[N], b[N], bool asym, out[..., N])      dynamic per-row activation scale
+//   tcc_dense_a8w8_nobias_f32(x, qw, wsum, w_scale, bool asym, out)
+//   tcc_dense_a8w8_static_f32(x, qw, wsum, w_scale, b, x_scale[1], x_zero[1], bool asym, out)
+//   tcc_dense_a8w8_static_nobias_f32(x, qw, wsum, w_scale, x_scale[1], x_zero[1], bool asym, out)
+//   tcc_dense_w4_f32(x[..., K], qw uint8[ceil(N/16), K/2, 16], scale[G, 16 ceil(N/16)],
+//                    zero uint8[G, 16 ceil(N/16)], b[N], out[..., N])     group = K / G
+//   tcc_dense_w4_nobias_f32(x, qw, scale, zero, out)
+//
+// asym comes as a Relax PrimValue. x_zero is read only when asym (then an integer in [0, 255]);
+// x_scale must be positive. x must be finite (a NaN/inf row gives an unspecified result).
+//
+// dense_a8w8 numerics are bit-exact with the reference: activations quantize with its float32
+// division and round-half-even, the dot products are exact in int32 (K <= 65536), and the epilogue
+// is the reference's float64 (acc * s) * w_scale, rounded to float32, plus b in float32. Each ISA
+// stores the codes c = q - o with an offset o that makes them fit its instruction, and adds
+// (o - z) * wsum[n] back:
+//   AVX-512 VNNI  vpdpbusd u8 x s8: c = q + 128 (symmetric) or q (asym) as uint8
+//   AVX2          widened to int16, vpmaddwd: c = q - z as int16 (no correction)
+//   NEON dotprod  sdot s8 x s8: c = q (symmetric) or q - 128 (asym) as int8
+//   NEON          smull s8 x s8 -> s16 (|product| <= 2^14, no overflow), sadalp into int32; codes as sdot
+//   scalar        portable C++ (any other target), codes as AVX2
+// The -march flags choose the path at compile time (__AVX512VNNI__, __AVX2__, __ARM_FEATURE_DOTPROD);
+// the object carries the string "tcc_int8_path=<path>;" naming it.
+//
+// dense_w4 has two paths, both within fp32 rounding of the reference (which dequantizes
+// w = (code - zero) * scale and runs an fp32 GEMM):
+//   M <= 32 (decode, GEMV, small batches): a fused loop over tiles of 16 columns: unpack a byte of
+//     each column (k = 2j and 2j + 1), convert the codes to float, FMA into per-row accumulators;
+//     scale and zero point come out of each group, s * (sum_k x_k code_k - zero * sum_k x_k).
+//     GCC vector extensions at the register width: zmm, 2 ymm, or 4 xmm / NEON q per 16 columns.
+//   M > 32: dequantize blocks of columns exactly as the reference does into a per-thread fp32
+//     buffer (~512 KiB) and call OpenBLAS sgemm (measured faster from M ~ 48 on).
+//
+// Threads: TVM's pool (common.h `parallel`). dense_a8w8 quantizes the rows in one launch, then
+// splits the columns (in tiles of 16) or, when M > N, the rows; dense_w4 splits the longer of M, N.
+#include "common.h"
+
+#include <array>
+#include <cmath>
+#include <utility>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define TCC_INT8_VNNI 1
+#define TCC_INT8_PATH "avx512vnni"
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define TCC_INT8_AVX2 1
+#define TCC_INT8_PATH "avx2"
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
+#define TCC_INT8_SDOT 1
+#define TCC_INT8_PATH "neon-dotprod"
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#define TCC_INT8_NEON 1
+#define TCC_INT8_PATH "neon"
+#else
+#define TCC_INT8_SCALAR 1
+#define TCC_INT8_PATH "scalar"
+#endif
+
+#if defined(__x86_64__) && !defined(TCC_INT8_VNNI) && !defined(TCC_INT8_AVX2)
+#include <immintrin.h>  // SSE2, for the int4 kernel
+#endif
+
+// The chosen path, as a string in the object (tests and people read it with `strings`).
+[[gnu::used]] static const char kInt8PathTag[] = "tcc_int8_path=" TCC_INT8_PATH ";";
+
+namespace {
+
+constexpr int64_t kTile = 16;         // output columns per packed weight tile
+constexpr int64_t kMaxK = 65536;      // int32 accumulators stay exact up to here
+constexpr int64_t kW4DirectRows = 32;  // dense_w4: the fused loop up to this many rows, sgemm above
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Fully unrolls a loop over registers before GCC decides what stays in registers.
+#define UNROLL _Pragma("GCC unroll 64")
+
+// ---------------------------------------------------------------------------------------------
+// int8 tile kernels, one per ISA:
+//   int8_tile<MR, NV>(a, lda, w, tile_bytes, kq, c): for MR rows of codes a (row stride lda) and NV
+//   packed weight tiles w (tile_bytes apart, kq quads of k each), c[r][16 v + j] = sum_k a[r][k] *
+//   w[column 16 v + j][k], exact in int32.
+// ---------------------------------------------------------------------------------------------
+
+#if TCC_INT8_VNNI
+using Code = uint8_t;
+int32_t code_offset(bool asym, int32_t) { return asym ? 0 : -128; }
+constexpr int kMR = 8, kNV = 3;  // 24 zmm accumulators + 3 weight vectors + 1 broadcast
+
+template <int MR, int NV>
+void int8_tile(const Code* a, int64_t lda, const int8_t* w, int64_t tile_bytes, int64_t kq, int32_t* c) {
+  __m512i acc[MR][NV];
+  UNROLL for (int r = 0; r < MR; ++r)
+    UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < kq; ++q) {
+    __m512i wv[NV];
+    UNROLL for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + v * tile_bytes + q * 64);
+    UNROLL for (int r = 0; r < MR; ++r) {
+      int32_t a4;
+      std::memcpy(&a4, a + r * lda + 4 * q, 4);
+      const __m512i av = _mm512_set1_epi32(a4);
+      UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], av, wv[v]);
+    }
+  }
+  UNROLL for (int r = 0; r < MR; ++r)
+    UNROLL for (int v = 0; v < NV; ++v) _mm512_storeu_si512(c + (r * NV + v) * kTile, acc[r][v]);
+}
+
+#elif TCC_INT8_AVX2
+using Code = int16_t;
+int32_t code_offset(bool, int32_t z) { return z; }
+constexpr int kMR = 4, kNV = 1;
+
+// A tile in two halves of 8 columns: per quad, 2 x 16 bytes (4 columns x 4 k each) widen to int16,
+// vpmaddwd against the row's 4 int16 codes gives [c0 k01, c0 k23, c1 k01, ...]; pairs add at the end.
+template <int MR, int NV>
+void int8_tile(const Code* a, int64_t lda, const int8_t* w, int64_t tile_bytes, int64_t kq, int32_t* c) {
+  for (int v = 0; v < NV; ++v) {
+    for (int h = 0; h < 2; ++h) {
+      const int8_t* wt = w + v * tile_bytes + h * 32;
+      __m256i acc[MR][2];
+      UNROLL for (auto& row : acc) row[0] = row[1] = _mm256_setzero_si256();
+      for (int64_t q = 0; q < kq; ++q) {
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wt + q * 64)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wt + q * 64 + 16)));
+        UNROLL for (int r = 0; r < MR; ++r) {
+          int64_t a4;
+          std::memcpy(&a4, a + r * lda + 4 * q, 8);
+          const __m256i av = _mm256_set1_epi64x(a4);
+          acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(w0, av));
+          acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(w1, av));
+        }
+      }
+      UNROLL for (int r = 0; r < MR; ++r) {
+        __m256i s = _mm256_hadd_epi32(acc[r][0], acc[r][1]);    // c0 c1 c4 c5 | c2 c3 c6 c7
+        s = _mm256_permute4x64_epi64(s, _MM_SHUFFLE(3, 1, 2, 0));  // c0 .. c7
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + (r * NV + v) * kTile + h * 8), s);
+      }
+    }
+  }
+}
+
+#elif TCC_INT8_SDOT
+using Code = int8_t;
+int32_t code_offset(bool asym, int32_t) { return asym ? 128 : 0; }
+constexpr int kMR = 4, kNV = 1;  // 16 accumulators + 4 weight registers
+
+template <int MR, int NV>
+void int8_tile(const Code* a, int64_t lda, const int8_t* w, int64_t tile_bytes, int64_t kq, int32_t* c) {
+  int32x4_t acc[MR][NV * 4];
+  UNROLL for (auto& row : acc)
+    UNROLL for (auto& v : row) v = vdupq_n_s32(0);
+  for (int64_t q = 0; q < kq; ++q) {
+    int8x16_t wv[NV * 4];  // 4 columns x 4 k each
+    UNROLL for (int j = 0; j < NV * 4; ++j) wv[j] = vld1q_s8(w + (j / 4) * tile_bytes + q * 64 + (j % 4) * 16);
+    UNROLL for (int r = 0; r < MR; ++r) {
+      int32_t a4;
+      std::memcpy(&a4, a + r * lda + 4 * q, 4);
+      const int8x16_t av = vreinterpretq_s8_s32(vdupq_n_s32(a4));
+      UNROLL for (int j = 0; j < NV * 4; ++j) acc[r][j] = vdotq_s32(acc[r][j], wv[j], av);
+    }
+  }
+  UNROLL for (int r = 0; r < MR; ++r)
+    UNROLL for (int j = 0; j < NV * 4; ++j) vst1q_s32(c + r * NV * kTile + j * 4, acc[r][j]);
+}
+
+#elif TCC_INT8_NEON
+using Code = int8_t;
+int32_t code_offset(bool asym, int32_t) { return asym ? 128 : 0; }
+constexpr int kMR = 2, kNV = 1;  // 16 accumulators + 4 weight registers
+
+template <int MR, int NV>
+void int8_tile(const Code* a, int64_t lda, const int8_t* w, int64_t tile_bytes, int64_t kq, int32_t* c) {
+  int32x4_t lo[MR][NV * 4], hi[MR][NV * 4];  // [c0 k01, c0 k23, c1 k01, c1 k23], the same for c2, c3
+  UNROLL for (int r = 0; r < MR; ++r)
+    UNROLL for (int j = 0; j < NV * 4; ++j) lo[r][j] = hi[r][j] = vdupq_n_s32(0);
+  for (int64_t q = 0; q < kq; ++q) {
+    int8x16_t wv[NV * 4];
+    UNROLL for (int j = 0; j < NV * 4; ++j) wv[j] = vld1q_s8(w + (j / 4) * tile_bytes + q * 64 + (j % 4) * 16);
+    UNROLL for (int r = 0; r < MR; ++r) {
+      int32_t a4;
+      std::memcpy(&a4, a + r * lda + 4 * q, 4);
+      const int8x16_t av = vreinterpretq_s8_s32(vdupq_n_s32(a4));
+      UNROLL for (int j = 0; j < NV * 4; ++j) {
+        lo[r][j] = vpadalq_s16(lo[r][j], vmull_s8(vget_low_s8(wv[j]), vget_low_s8(av)));
+        hi[r][j] = vpadalq_s16(hi[r][j], vmull_high_s8(wv[j], av));
+      }
+    }
+  }
+  UNROLL for (int r = 0; r < MR; ++r)
+    UNROLL for (int j = 0; j < NV * 4; ++j) vst1q_s32(c + r * NV * kTile + j * 4, vpaddq_s32(lo[r][j], hi[r][j]));
+}
+
+#else
+using Code = int16_t;
+int32_t code_offset(bool, int32_t z) { return z; }
+constexpr int kMR = 4, kNV = 1;
+
+template <int MR, int NV>
+void int8_tile(const Code* a, int64_t lda, const int8_t* w, int64_t tile_bytes, int64_t kq, int32_t* c) {
+  int32_t acc[MR][NV * kTile] = {};
+  for (int64_t q = 0; q < kq; ++q) {
+    UNROLL for (int v = 0; v < NV; ++v) {
+      const int8_t* wq = w + v * tile_bytes + q * 64;
+      UNROLL for (int r = 0; r < MR; ++r) {
+        const Code* aq = a + r * lda + 4 * q;
+        for (int j = 0; j < kTile; ++j)
+          acc[r][v * kTile + j] += aq[0] * wq[4 * j] + aq[1] * wq[4 * j + 1] + aq[2] * wq[4 * j + 2] +
+                                   aq[3] * wq[4 * j + 3];
+      }
+    }
+  }
+  std::memcpy(c, acc, sizeof(acc));
+}
+#endif
+
+using Int8Tile = void (*)(const Code*, int64_t, const int8_t*, int64_t, int64_t, int32_t*);
+
+template <int MR, int... V>
+constexpr std::array<Int8Tile, sizeof...(V)> tile_row(std::integer_sequence<int, V...>) {
+  return {int8_tile<MR, V + 1>...};
+}
+template <int... R>
+constexpr std::array<std::array<Int8Tile, kNV>, kMR> tile_table(std::integer_sequence<int, R...>) {
+  return {tile_row<R + 1>(std::make_integer_sequence<int, kNV>{})...};
+}
+// kInt8Tiles[mr - 1][nv - 1] = int8_tile<mr, nv>
+constexpr auto kInt8Tiles = tile_table(std::make_integer_sequence<int, kMR>{});
+
+// ---------------------------------------------------------------------------------------------
+// dense_a8w8
+// ---------------------------------------------------------------------------------------------
+
+struct A8W8 {
+  int64_t m, n, k;
+  int64_t kq;   // quads of k in the packed weights: ceil(K / 4)
+  int64_t lda;  // codes per row in the activation buffer: K rounded up to 16, zero-padded
+  const float* x;
+  const int8_t* qw;
+  const int32_t* wsum;
+  const float* w_scale;
+  const float* b;
+  float* out;
+  bool asym, dynamic;
+  float x_scale, x_zero;  // static quantization only
+};
+
+struct RowScale {
+  float s;       // the row's activation scale
+  int32_t corr;  // o - z: acc + corr * wsum[n] = sum_k (q - z) qw[n, k]
+};
+
+// Round half to even for |v| < 2^22 (the default rounding mode), as torch.round; no -ffast-math.
+inline float round_even(float v) { return (v + 12582912.0f) - 12582912.0f; }
+
+// min and max of x[0:n] (+inf / -inf for n = 0). Exact in any order, so the loop may vectorize.
+void row_range(const float* x, int64_t n, float* lo, float* hi) {
+  float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+#pragma omp simd reduction(min : mn) reduction(max : mx)
+  for (int64_t i = 0; i < n; ++i) {
+    mn = x[i] < mn ? x[i] : mn;
+    mx = x[i] > mx ? x[i] : mx;
+  }
+  *lo = mn, *hi = mx;
+}
+
+// Quantizes row x[0:k] as tcc/ops.py quantize_rows does and writes the codes q - o into out[0:lda]
+// (zero past k). The clamp comes before the rounding: both bounds minus z are integers, so
+// clamp(round(v) + z) = round(clamp(v, lo - z, hi - z)) + z, and the rounded value stays small.
+RowScale quantize_row(const A8W8& p, const float* x, Code* out) {
+  float s = p.x_scale, z = p.asym ? p.x_zero : 0.0f;
+  if (p.dynamic) {
+    float lo, hi;
+    row_range(x, p.k, &lo, &hi);
+    if (p.asym) {
+      lo = std::min(lo, 0.0f), hi = std::max(hi, 0.0f);
+      s = (hi - lo) / 255.0f;
+    } else {
+      s = std::max(hi, -lo) / 127.0f;
+    }
+    s = s > 0.0f ? s : 1.0f;
+    z = p.asym ? round_even(-lo / s) : 0.0f;
+  }
+  const int32_t zi = static_cast<int32_t>(z), o = code_offset(p.asym, zi);
+  const float vlo = (p.asym ? 0.0f : -127.0f) - z, vhi = (p.asym ? 255.0f : 127.0f) - z;
+  const int64_t k = p.k;  // (a local: stores through Code* may alias p)
+  for (int64_t i = 0; i < k; ++i) {
+    float v = x[i] / s;
+    v = v < vlo ? vlo : v;
+    v = v > vhi ? vhi : v;
+    out[i] = static_cast<Code>(static_cast<int32_t>(round_even(v)) + zi - o);
+  }
+  std::fill(out + k, out + p.lda, Code(0));
+  return {s, o - zi};
+}
+
+// out[row0 + r, n0:n1] = float64(acc + corr * wsum) * s * w_scale, to float32, + b  (r < mr)
+void a8w8_epilogue(const A8W8& p, const RowScale* rows, int64_t row0, int mr, int64_t n0, int64_t n1,
+                   const int32_t* acc, int64_t ldc) {
+  for (int r = 0; r < mr; ++r) {
+    const double s = rows[r].s;
+    const uint32_t corr = static_cast<uint32_t>(rows[r].corr);
+    const int32_t* a = acc + r * ldc - n0;
+    float* y = p.out + (row0 + r) * p.n;
+    // (the true sum fits int32; unsigned arithmetic wraps where an intermediate would not)
+    if (p.b) {
+      for (int64_t j = n0; j < n1; ++j) {
+        const int32_t v = static_cast<int32_t>(static_cast<uint32_t>(a[j]) + corr * static_cast<uint32_t>(p.wsum[j]));
+        y[j] = static_cast<float>(static_cast<double>(v) * s * static_cast<double>(p.w_scale[j])) + p.b[j];
+      }
+    } else {
+      for (int64_t j = n0; j < n1; ++j) {
+        const int32_t v = static_cast<int32_t>(static_cast<uint32_t>(a[j]) + corr * static_cast<uint32_t>(p.wsum[j]));
+        y[j] = static_cast<float>(static_cast<double>(v) * s * static_cast<double>(p.w_scale[j]));
+      }
+    }
+  }
+}
+
+void a8w8_run(const A8W8& p) {
+  if (p.m == 0 || p.n == 0) return;
+  Code* codes = scratch<Code, 2>(p.m * p.lda);
+  RowScale* rows = scratch<RowScale>(p.m);
+  parallel([&](int task, int num_tasks) {
+    int64_t r0, r1;
+    split(p.m, 1, task, num_tasks, &r0, &r1);
+    for (int64_t r = r0; r < r1; ++r) rows[r] = quantize_row(p, p.x + r * p.k, codes + r * p.lda);
+  });
+  const int64_t tiles = ceil_div(p.n, kTile), tile_bytes = p.kq * 4 * kTile;
+  parallel([&](int task, int num_tasks) {
+    int64_t m0 = 0, m1 = p.m, t0 = 0, t1 = tiles;
+    if (p.n >= p.m) split(tiles, 1, task, num_tasks, &t0, &t1);
+    else split(p.m, kMR, task, num_tasks, &m0, &m1);
+    int32_t acc[kMR * kNV * kTile];
+    for (int64_t t = t0; t < t1; t += kNV) {
+      const int nv = static_cast<int>(std::min<int64_t>(kNV, t1 - t));
+      const int64_t n0 = t * kTile, n1 = std::min(p.n, (t + nv) * kTile);
+      for (int64_t r = m0; r < m1; r += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - r));
+        kInt8Tiles[mr - 1][nv - 1](codes + r * p.lda, p.lda, p.qw + t * tile_bytes, tile_bytes, p.kq, acc);
+        a8w8_epilogue(p, rows + r, r, mr, n0, n1, acc, nv * kTile);
+      }
+    }
+  });
+}
+
+// Checks the arguments (see the top of the file) and runs the kernel.
+void dense_a8w8(const TensorView& x, const TensorView& qw, const TensorView& wsum, const TensorView& w_scale,
+                const TensorView* b, const TensorView* x_scale, const TensorView* x_zero, bool asym,
+                const TensorView& out, const char* kernel) {
+  A8W8 p{};
+  p.x = f32_in(x, kernel, "x", 1, 64);
+  p.qw = data_of<const int8_t>(qw, kernel, "qw", kDLInt, 8, 4, 4);
+  p.wsum = data_of<const int32_t>(wsum, kernel, "wsum", kDLInt, 32, 1, 1);
+  p.w_scale = f32_in(w_scale, kernel, "w_scale", 1, 1);
+  p.out = f32_out(out, kernel, x.ndim(), x.ndim());
+  p.k = x.size(-1), p.n = w_scale.size(0), p.kq = ceil_div(p.k, 4), p.lda = ceil_div(p.k, 16) * 16;
+  p.m = p.k ? x.numel() / p.k : out.numel() / std::max<int64_t>(p.n, 1);
+  if (p.k > kMaxK) {
+    TVM_FFI_THROW(ValueError) << kernel << ": K = " << p.k << " is larger than " << kMaxK
+                              << ", where int32 accumulation could overflow";
+  }
+  const std::string packed = " (pack the weights with backends/kernels/quant_layout.py pack_a8w8)";
+  check_dim(qw, kernel, "qw", 0, ceil_div(p.n, kTile), ("ceil(N / 16), N = " + std::to_string(p.n) + packed).c_str());
+  check_dim(qw, kernel, "qw", 1, p.kq, ("ceil(K / 4), K = " + std::to_string(p.k) + packed).c_str());
+  check_dim(qw, kernel, "qw", 2, kTile, ("16 columns per tile" + packed).c_str());
+  check_dim(qw, kernel, "qw", 3, 4, ("4 k per quad" + packed).c_str());
+  check_dim(wsum, kernel, "wsum", 0, p.n, "N, the size of w_scale");
+  if (b) {
+    p.b = f32_in(*b, kernel, "b", 1, 1);
+    check_dim(*b, kernel, "b", 0, p.n, "N, the size of w_scale");
+  }
+  for (int d = 0; d + 1 < x.ndim(); ++d) check_dim(out, kernel, "out", d, x.size(d), "the leading dims of x");
+  check_dim(out, kernel, "out", x.ndim() - 1, p.n, "N, the size of w_scale");
+  p.asym = asym, p.dynamic = x_scale == nullptr;
+  if (!p.dynamic) {
+    const float* xs = f32_in(*x_scale, kernel, "x_scale", 1, 1);
+    const float* xz = f32_in(*x_zero, kernel, "x_zero", 1, 1);
+    check_dim(*x_scale, kernel, "x_scale", 0, 1, "one per-tensor scale");
+    check_dim(*x_zero, kernel, "x_zero", 0, 1, "one per-tensor zero point");
+    p.x_scale = *xs, p.x_zero = *xz;
+    if (!(p.x_scale > 0.0f) || !std::isfinite(p.x_scale)) {
+      TVM_FFI_THROW(ValueError) << kernel << ": x_scale must be a positive finite number, got " << p.x_scale;
+    }
+    if (asym && !(p.x_zero >= 0.0f && p.x_zero <= 255.0f && p.x_zero == std::floor(p.x_zero))) {
+      TVM_FFI_THROW(ValueError) << kernel << ": x_zero must be an integer in [0, 255] for asymmetric "
+                                << "activations, got " << p.x_zero;
+    }
+  }
+  a8w8_run(p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dense_w4
+// ---------------------------------------------------------------------------------------------
+
+// 16 columns of float32 as native vectors (GCC vector extensions at the register width, so the
+// arithmetic compiles to plain SIMD): 1 zmm, 2 ymm, or 4 xmm / NEON q registers.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX2__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+constexpr int kVecs = kTile / kLanes;
+typedef float vf __attribute__((vector_size(kLanes * 4)));
+typedef float vf_u __attribute__((vector_size(kLanes * 4), aligned(1), may_alias));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef uint8_t u8x16_u __attribute__((vector_size(16), aligned(1), may_alias));
+
+struct F16 {
+  vf v[kVecs];
+};
+
+inline F16 load_f16(const float* p) {
+  F16 r;
+  UNROLL for (int i = 0; i < kVecs; ++i) r.v[i] = *reinterpret_cast<const vf_u*>(p + i * kLanes);
+  return r;
+}
+
+inline u8x16 load_u8x16(const uint8_t* p) { return *reinterpret_cast<const u8x16_u*>(p); }
+
+// 16 bytes -> 16 floats (GCC 12 scalarizes __builtin_convertvector here, so intrinsics per ISA).
+inline F16 to_float(u8x16 c) {
+  F16 r;
+#if defined(__AVX512F__)
+  r.v[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32((__m128i)c));
+#elif defined(__AVX2__)
+  r.v[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32((__m128i)c));
+  r.v[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64((__m128i)c, (__m128i)c)));
+#elif defined(__aarch64__)
+  const uint16x8_t lo = vmovl_u8(vget_low_u8((uint8x16_t)c)), hi = vmovl_high_u8((uint8x16_t)c);
+  r.v[0] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo)));
+  r.v[1] = vcvtq_f32_u32(vmovl_high_u16(lo));
+  r.v[2] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi)));
+  r.v[3] = vcvtq_f32_u32(vmovl_high_u16(hi));
+#elif defined(__SSE2__)
+  const __m128i zero = _mm_setzero_si128();
+  const __m128i lo = _mm_unpacklo_epi8((__m128i)c, zero), hi = _mm_unpackhi_epi8((__m128i)c, zero);
+  r.v[0] = _mm_cvtepi32_ps(_mm_unpacklo_epi16(lo, zero));
+  r.v[1] = _mm_cvtepi32_ps(_mm_unpackhi_epi16(lo, zero));
+  r.v[2] = _mm_cvtepi32_ps(_mm_unpacklo_epi16(hi, zero));
+  r.v[3] = _mm_cvtepi32_ps(_mm_unpackhi_epi16(hi, zero));
+#else
+  for (int i = 0; i < kTile; ++i) r.v[i / kLanes][i % kLanes] = c[i];
+#endif
+  return r;
+}
+
+struct W4 {
+  int64_t m, n, k;
+  int64_t np;     // columns of scale and zero: N rounded up to 16
+  int64_t group;  // k per scale
+  const float* x;
+  const uint8_t* qw;
+  const float* scale;
+  const uint8_t* zero;
+  const float* b;
+  float* out;
+};
+
+// The weights of tile t for k = 2j (lo) and 2j + 1 (hi), dequantized as the reference does:
+// (code - zero) * scale in float32.
+struct W4Tile {
+  const uint8_t* codes;  // [K/2][16]
+  F16 s, z;              // the current group's scale and zero point, 16 columns
+
+  W4Tile(const W4& p, int64_t t) : codes(p.qw + t * (p.k / 2) * kTile) {}
+  void set_group(const W4& p, int64_t t, int64_t g) {
+    s = load_f16(p.scale + g * p.np + t * kTile);
+    z = to_float(load_u8x16(p.zero + g * p.np + t * kTile));
+  }
+  void pair(int64_t j, F16* lo, F16* hi) const {
+    const u8x16 c = load_u8x16(codes + j * kTile);
+    const F16 l = to_float(c & 15), h = to_float(c >> 4);
+    UNROLL for (int i = 0; i < kVecs; ++i) {
+      lo->v[i] = (l.v[i] - z.v[i]) * s.v[i];
+      hi->v[i] = (h.v[i] - z.v[i]) * s.v[i];
+    }
+  }
+};
+
+// out[row0 : row0 + MR, 16 t : 16 t + 16] (clipped to N) = x W^T + b, the fused loop. The scale
+// and zero point come out of each group: sum_k x_k (c_k - z) s = s (sum_k x_k c_k - z xsum), where
+// xsum[r][g] is the sum of row r's x over group g; per k only the codes convert and multiply.
+template <int MR>
+void w4_direct(const W4& p, const float* xsum, int64_t t, int64_t row0) {
+  const uint8_t* codes = p.qw + t * (p.k / 2) * kTile;
+  const int64_t groups = p.k / p.group;
+  const float* x = p.x + row0 * p.k;
+  F16 acc[MR];
+  UNROLL for (int r = 0; r < MR; ++r)
+    UNROLL for (int i = 0; i < kVecs; ++i) acc[r].v[i] = vf{};
+  for (int64_t g = 0, j = 0; g < groups; ++g) {
+    F16 even[MR], odd[MR];  // sum_k x_k c_k over the group, for even and odd k (two chains)
+    UNROLL for (int r = 0; r < MR; ++r)
+      UNROLL for (int i = 0; i < kVecs; ++i) even[r].v[i] = odd[r].v[i] = vf{};
+    for (const int64_t j1 = j + p.group / 2; j < j1; ++j) {
+      const u8x16 c = load_u8x16(codes + j * kTile);
+      const F16 lo = to_float(c & 15), hi = to_float(c >> 4);
+      UNROLL for (int r = 0; r < MR; ++r) {
+        const float x0 = x[r * p.k + 2 * j], x1 = x[r * p.k + 2 * j + 1];
+        UNROLL for (int i = 0; i < kVecs; ++i) {
+          even[r].v[i] += lo.v[i] * x0;
+          odd[r].v[i] += hi.v[i] * x1;
+        }
+      }
+    }
+    const F16 s = load_f16(p.scale + g * p.np + t * kTile);
+    const F16 z = to_float(load_u8x16(p.zero + g * p.np + t * kTile));
+    UNROLL for (int r = 0; r < MR; ++r) {
+      const float xs = xsum[(row0 + r) * groups + g];
+      UNROLL for (int i = 0; i < kVecs; ++i) acc[r].v[i] += s.v[i] * (even[r].v[i] + odd[r].v[i] - z.v[i] * xs);
+    }
+  }
+  const int64_t n0 = t * kTile, cols = std::min(kTile, p.n - n0);
+  float y[kTile];
+  for (int r = 0; r < MR; ++r) {
+    UNROLL for (int i = 0; i < kVecs; ++i) *reinterpret_cast<vf_u*>(y + i * kLanes) = acc[r].v[i];
+    float* o = p.out + (row0 + r) * p.n + n0;
+    if (p.b) {
+      for (int64_t c = 0; c < cols; ++c) o[c] = y[c] + p.b[n0 + c];
+    } else {
+      std::memcpy(o, y, cols * sizeof(float));
+    }
+  }
+}
+
+void w4_direct_rows(const W4& p, const float* xsum, int64_t t, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; r += 4) {
+    switch (std::min<int64_t>(4, r1 - r)) {
+      case 1: w4_direct<1>(p, xsum, t, r); break;
+      case 2: w4_direct<2>(p, xsum, t, r); break;
+      case 3: w4_direct<3>(p, xsum, t, r); break;
+      default: w4_direct<4>(p, xsum, t, r); break;
+    }
+  }
+}
+
+// out[m0:m1, c0:c1] += x W[c0:c1]^T: dequantizes the block (c0 a multiple of 16) into buf [K][bc]
+// and calls sgemm.
+void w4_sgemm_block(const W4& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1, float* buf) {
+  const int64_t bc = ceil_div(c1 - c0, kTile) * kTile;
+  for (int64_t t = c0 / kTile; t * kTile < c1; ++t) {
+    W4Tile tile(p, t);
+    float* dst = buf + (t * kTile - c0);
+    for (int64_t g = 0, j = 0; g < p.k / p.group; ++g) {
+      tile.set_group(p, t, g);
+      for (const int64_t j1 = j + p.group / 2; j < j1; ++j) {
+        F16 lo, hi;
+        tile.pair(j, &lo, &hi);
+        UNROLL for (int i = 0; i < kVecs; ++i) {
+          *reinterpret_cast<vf_u*>(dst + 2 * j * bc + i * kLanes) = lo.v[i];
+          *reinterpret_cast<vf_u*>(dst + (2 * j + 1) * bc + i * kLanes) = hi.v[i];
+        }
+      }
+    }
+  }
+  sgemm_nn(m1 - m0, c1 - c0, p.k, p.x + m0 * p.k, p.k, buf, bc, 1.0f, p.out + m0 * p.n + c0, p.n);
+}
+
+// Columns per dequantized block: ~512 KiB of fp32 (as dense_w8 in cpu_kernels.cc), a multiple of 16.
+int64_t w4_block(int64_t k) { return std::max<int64_t>(kTile, 512 * 1024 / 4 / std::max<int64_t>(k, 1) / kTile * kTile); }
+
+void w4_run(const W4& p) {
+  if (p.m == 0 || p.n == 0) return;
+  const bool direct = p.m <= kW4DirectRows && p.k > 0;
+  float* xsum = nullptr;  // direct: the sum of each row's x over each group, [M][G]
+  if (direct) {
+    const int64_t groups = p.k / p.group;
+    xsum = scratch<float, 3>(p.m * groups);
+    for (int64_t r = 0; r < p.m; ++r)
+      for (int64_t g = 0; g < groups; ++g) {
+        float sum = 0.0f;
+        for (int64_t i = 0; i < p.group; ++i) sum += p.x[r * p.k + g * p.group + i];
+        xsum[r * groups + g] = sum;
+      }
+  }
+  parallel([&](int task, int num_tasks) {
+    int64_t m0 = 0, m1 = p.m, n0 = 0, n1 = p.n;
+    if (p.n >= p.m) split(p.n, kTile, task, num_tasks, &n0, &n1);
+    else split(p.m, kTile, task, num_tasks, &m0, &m1);
+    if (m0 >= m1 || n0 >= n1) return;
+    if (p.k == 0) return fill_bias(p.out, p.b, p.n, m0, m1, n0, n1);
+    if (direct) {
+      for (int64_t t = n0 / kTile; t * kTile < n1; ++t) w4_direct_rows(p, xsum, t, m0, m1);
+      return;
+    }
+    fill_bias(p.out, p.b, p.n, m0, m1, n0, n1);
+    const int64_t block = w4_block(p.k);
+    float* buf = scratch<float, 1>(p.k * block);
+    for (int64_t c0 = n0; c0 < n1; c0 += block) w4_sgemm_block(p, m0, m1, c0, std::min(n1, c0 + block), buf);
+  });
+}
+
+void dense_w4(const TensorView& x, const TensorView& qw, const TensorView& scale, const TensorView& zero,
+              const TensorView* b, const TensorView& out, const char* kernel) {
+  W4 p{};
+  p.x = f32_in(x, kernel, "x", 1, 64);
+  p.qw = data_of<const uint8_t>(qw, kernel, "qw", kDLUInt, 8, 3, 3);
+  p.scale = f32_in(scale, kernel, "scale", 2, 2);
+  p.zero = data_of<const uint8_t>(zero, kernel, "zero", kDLUInt, 8, 2, 2);
+  p.out = f32_out(out, kernel, x.ndim(), x.ndim());
+  p.k = x.size(-1), p.n = out.size(-1), p.np = ceil_div(p.n, kTile) * kTile;
+  p.m = p.k ? x.numel() / p.k : out.numel() / std::max<int64_t>(p.n, 1);
+  for (int d = 0; d + 1 < x.ndim(); ++d) check_dim(out, kernel, "out", d, x.size(d), "the leading dims of x");
+  if (p.k % 2) {
+    TVM_FFI_THROW(ValueError) << kernel << ": K = " << p.k << " (the last dim of x) must be even for int4 weights";
+  }
+  const std::string packed = " (pack the weights with backends/kernels/quant_layout.py pack_w4)";
+  const std::string n = "N = " + std::to_string(p.n) + ", the last dim of out";
+  check_dim(qw, kernel, "qw", 0, p.np / kTile, ("ceil(N / 16), " + n + packed).c_str());
+  check_dim(qw, kernel, "qw", 1, p.k / 2, ("K / 2, K = " + std::to_string(p.k) + packed).c_str());
+  check_dim(qw, kernel, "qw", 2, kTile, ("16 columns per tile" + packed).c_str());
+  check_dim(scale, kernel, "scale", 1, p.np, ("16 ceil(N / 16), " + n + packed).c_str());
+  const int64_t groups = scale.size(0);
+  if (p.k > 0 && (groups == 0 || p.k % groups != 0 || (p.k / groups) % 2 != 0)) {
+    TVM_FFI_THROW(ValueError) << kernel << ": argument 'scale' has shape " << shape_str(scale) << ": its "
+                              << groups << " groups must divide K = " << p.k << " into groups of even size";
+  }
+  p.group = groups ? p.k / groups : 0;
+  check_dim(zero, kernel, "zero", 0, groups, "G, the groups of scale");
+  check_dim(zero, kernel, "zero", 1, p.np, ("16 ceil(N / 16), " + n + packed).c_str());
+  if (b) {
+    p.b = f32_in(*b, kernel, "b", 1, 1);
+    check_dim(*b, kernel, "b", 0, p.n, n.c_str());
+  }
+  check_blas_int(p.m, kernel, "M");
+  check_blas_int(p.k, kernel, "K");
+  w4_run(p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exported kernels
+// ---------------------------------------------------------------------------------------------
+
+void dense_a8w8_f32(TensorView x, TensorView qw, TensorView wsum, TensorView w_scale, TensorView b, bool asym,
+                    TensorView out) {
+  dense_a8w8(x, qw, wsum, w_scale, &b, nullptr, nullptr, asym, out, "tcc_dense_a8w8_f32");
+}
+
+void dense_a8w8_nobias_f32(TensorView x, TensorView qw, TensorView wsum, TensorView w_scale, bool asym,
+                           TensorView out) {
+  dense_a8w8(x, qw, wsum, w_scale, nullptr, nullptr, nullptr, asym, out, "tcc_dense_a8w8_nobias_f32");
+}
+
+void dense_a8w8_static_f32(TensorView x, TensorView qw, TensorView wsum, TensorView w_scale, TensorView b,
+                           TensorView x_scale, TensorView x_zero, bool asym, TensorView out) {
+  dense_a8w8(x, qw, wsum, w_scale, &b, &x_scale, &x_zero, asym, out, "tcc_dense_a8w8_static_f32");
+}
+
+void dense_a8w8_static_nobias_f32(TensorView x, TensorView qw, TensorView wsum, TensorView w_scale,
+                                  TensorView x_scale, TensorView x_zero, bool asym, TensorView out) {
+  dense_a8w8(x, qw, wsum, w_scale, nullptr, &x_scale, &x_zero, asym, out, "tcc_dense_a8w8_static_nobias_f32");
+}
+
+void dense_w4_f32(TensorView x, TensorView qw, TensorView scale, TensorView zero, TensorView b, TensorView out) {
+  dense_w4(x, qw, scale, zero, &b, out, "tcc_dense_w4_f32");
+}
+
+void dense_w4_nobias_f32(TensorView x, TensorView qw, TensorView scale, TensorView zero, TensorView out) {
+  dense_w4(x, qw, scale, zero, nullptr, out, "tcc_dense_w4_nobias_f32");
+}
+
+}  // namespace
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_a8w8_f32, dense_a8w8_f32);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_a8w8_nobias_f32, dense_a8w8_nobias_f32);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_a8w8_static_f32, dense_a8w8_static_f32);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_a8w8_static_nobias_f32, dense_a8w8_static_nobias_f32);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_w4_f32, dense_w4_f32);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_w4_nobias_f32, dense_w4_nobias_f32);
