@@ -1,0 +1,407 @@
+"""Quantization math and calibration statistics, shared by the quantize passes.
+
+Weight formats (the numerics are tcc/ops.py's; these functions only choose codes and scales):
+  int8  per output channel, symmetric (tcc::dense_w8, tcc::dense_a8w8, tcc::embedding_w8 rows):
+        scale[n] = max_k |W[n,k]| / 127 (1 for an all-zero row), q = clamp(round(W / scale), -127, 127)
+  int4  per row n and group of `group` consecutive input features (tcc::dense_w4):
+        symmetric   zero = 8, scale = max|w| / 8, code = clamp(round(w / scale) + 8, 0, 15): levels
+                    -8..7 times scale; a group's largest positive weight clips to 7/8 of it, which on
+                    SmolLM2's weights gives 20% less squared error than scale = max|w| / 7
+        asymmetric  lo = min(w, 0), hi = max(w, 0), scale = (hi - lo) / 15 (1 when 0),
+                    zero = round(-lo / scale), code = clamp(round(w / scale) + zero, 0, 15)
+  round is half-to-even (torch.round) everywhere.
+
+QWeight(kind, codes, scale, zero, group): one quantized [N, K] weight; .dequantize() is what the op
+    computes with, .packed() the uint8 [N, K/2] nibbles tcc::dense_w4 reads (low nibble = even k).
+Grid(kind, sym): the code grid of a format: fit(w [N, G]) -> (scale [N], zero [N]), codes(), values().
+rtn(w, grid, group) -> QWeight                      round to nearest, group by group
+gptq(w, H, grid, group, damp=0.01, act_order=False) -> QWeight
+    GPTQ (Frantar et al. 2023): columns one by one, each quantized and its error (w - q) / U[i,i] spread
+    over the columns not yet quantized through the upper Cholesky factor U of H^-1 (H = sum x x^T over
+    the calibration tokens, plus damp * mean(diag H) on the diagonal; columns no token touches get
+    H[i,i] = 1 and weight 0); updates inside a block of 128 columns are applied per column, to later
+    blocks lazily once per block. Natural order: a group's scale and zero are fitted on its columns as
+    they are when the group's first column comes up (the paper). act_order: columns by decreasing
+    diag(H), every group's scale and zero fitted up front on the original weights ("static groups", so
+    groups stay contiguous runs of input features as tcc::dense_w4 needs).
+output_error(w, q, H) -> ||(W - Q) X|| / ||W X|| from H.
+awq_scale(x_mean, a, expand) -> s
+    AWQ's (Lin et al. 2024) candidate scales: s = mean|x|^a normalised by sqrt(max s * min s); the
+    pass tries a = 0, 1/20, ..., 19/20 (weights W*s, quantized, divided by s again) and keeps the a with
+    the least output error. `expand` [K] maps each input feature to a shared scale (features tied by a
+    fold, e.g. query heads of one KV head); a shared scale's mean is its features' mean.
+awq_clip(w, h_blocks, grid, group) -> (clipped w, mean ratio)
+    AWQ's weight clipping search, per row and group, against the group's block of the input Hessian.
+smoothquant_scales(act_max, weights, alpha, expand) -> s
+    SmoothQuant (Xiao et al. 2023): s_j = max|X_j|^alpha / max_i|W_ij|^(1-alpha) over all `weights`,
+    both clamped to >= 1e-5; tied features take the max of their members.
+static_scale(stats, sym) -> (x_scale [1], x_zero [1] | None)
+    tcc::dense_a8w8's static per-tensor activation parameters from a calibrated |x| percentile.
+
+run_range(runner, env, start, stop, overrides, taps) -> env
+    Nodes start..stop of a GraphRunner's graph computed from the live values before `start` (a
+    snapshot), some nodes replaced by overrides[node](get), some values tapped: what a sub-block gives
+    with changed layers, or a model run a block at a time.
+
+InputStats / collect(program, feeds, stats): one pass of GraphRunner per feed, tapping chosen nodes'
+    values (the input of a linear) into running statistics: token count, per-channel mean and max of
+    |x|, optionally H = sum x^T x (float64) or only its diagonal blocks, and the top-k |x| (or top-k x
+    and -x, for asymmetric) of the whole tensor for a percentile.
+
+module_path(node), glob_matches(glob, path): the module a node was traced in, and skip globs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import re
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .calibration import GraphRunner
+from .ops import dequantize_w4, pack_int4
+from .progress import track
+
+
+# -- formats -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The code grid of a weight format: kind "int8" (symmetric only) or "int4"."""
+
+    kind: str
+    sym: bool = True
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.kind == "int8" else 4
+
+    def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero (as float codes) for each row of w [N, G]."""
+        if self.kind == "int8":
+            amax = w.abs().amax(dim=1)
+            return torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)), torch.zeros_like(amax)
+        if self.sym:
+            amax = w.abs().amax(dim=1)
+            return torch.where(amax > 0, amax / 8.0, torch.ones_like(amax)), torch.full_like(amax, 8.0)
+        lo, hi = w.amin(dim=1).clamp_max(0), w.amax(dim=1).clamp_min(0)
+        scale = (hi - lo) / 15.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, torch.round(-lo / scale)
+
+    def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Float codes of w [N, ...] with per-row scale/zero broadcast on the trailing dims."""
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        q = torch.round(w / scale.reshape(shape)) + zero.reshape(shape)
+        return q.clamp(-127, 127) if self.kind == "int8" else q.clamp(0, 15)
+
+    def values(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        shape = (-1,) + (1,) * (codes.dim() - 1)
+        return (codes - zero.reshape(shape)) * scale.reshape(shape)
+
+
+@dataclasses.dataclass
+class QWeight:
+    """A quantized [N, K] weight. int8: codes int8 [N, K], scale [N], group K. int4: codes uint8 0..15
+    [N, K] (unpacked), scale [N, K/group], zero uint8 [N, K/group] (None when symmetric: 8)."""
+
+    kind: str
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    group: int
+
+    def dequantize(self) -> torch.Tensor:
+        if self.kind == "int8":
+            return self.codes.to(torch.float32) * self.scale[:, None]
+        return dequantize_w4(self.packed(), self.scale, self.zero, self.group)
+
+    def packed(self) -> torch.Tensor:
+        return pack_int4(self.codes)
+
+    @property
+    def nbytes(self) -> int:
+        n, k = self.codes.shape
+        if self.kind == "int8":
+            return n * k + 4 * n
+        return n * k // 2 + 4 * self.scale.numel() + (self.zero.numel() if self.zero is not None else 0)
+
+
+def bits_per_weight(kind: str, k: int, group: int, sym: bool) -> float:
+    """Storage bits per weight of a format for a layer with k input features (scales included)."""
+    if kind == "fp32":
+        return 32.0
+    if kind == "int8":
+        return 8.0 + 32.0 / k
+    return 4.0 + 32.0 / group + (0.0 if sym else 8.0 / group)
+
+
+def _qweight(grid: Grid, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> QWeight:
+    if grid.kind == "int8":
+        return QWeight("int8", codes.to(torch.int8), scale.reshape(-1).to(torch.float32), None, group)
+    z = None if grid.sym else zero.to(torch.uint8)
+    return QWeight("int4", codes.to(torch.uint8), scale.to(torch.float32), z, group)
+
+
+def rtn(w: torch.Tensor, grid: Grid, group: int) -> QWeight:
+    """Round to nearest, a scale (and zero) per row and group; int8 is per row (group = K)."""
+    w = w.detach().to(torch.float32)
+    n, k = w.shape
+    group = k if grid.kind == "int8" else group
+    g = w.reshape(n, k // group, group)
+    scale, zero = grid.fit(g.reshape(-1, group))
+    scale, zero = scale.reshape(n, k // group), zero.reshape(n, k // group)
+    codes = grid.codes(g.reshape(-1, group), scale.reshape(-1), zero.reshape(-1)).reshape(n, k)
+    return _qweight(grid, codes, scale, zero, group)
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel (row): (qweight int8 [N, K], scale float32 [N])."""
+    q = rtn(w, Grid("int8"), w.shape[1])
+    return q.codes, q.scale
+
+
+# -- GPTQ --------------------------------------------------------------------------------------------
+
+def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, group: int, damp: float = 0.01, act_order: bool = False,
+         block: int = 128) -> QWeight:
+    """GPTQ of w [N, K] against the Hessian h = sum x x^T [K, K]; see the module docstring."""
+    W = w.detach().to(torch.float32).clone()
+    n, k = W.shape
+    group = k if grid.kind == "int8" else group
+    if group < k and block % group:
+        block = group  # every group then starts a block, where its columns are up to date
+    H = h.to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    scale = torch.zeros(n, k // group)
+    zero = torch.zeros(n, k // group)
+    order = torch.arange(k)
+    if act_order:  # static groups: fitted on the weights before any update, then columns by diag(H)
+        for g in range(k // group):
+            scale[:, g], zero[:, g] = grid.fit(W[:, g * group:(g + 1) * group])
+        order = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, order], H[order][:, order]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(torch.float32)
+
+    codes = torch.zeros_like(W)
+    groups = (order // group).tolist()
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1, E1, U1 = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1), U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = groups[col]
+            if not act_order and col % group == 0:
+                scale[:, g], zero[:, g] = grid.fit(W1[:, i:i + group] if col + group <= i2 else
+                                                   torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group])
+            c = grid.codes(W1[:, i], scale[:, g], zero[:, g])
+            codes[:, col] = c
+            err = (W1[:, i] - grid.values(c, scale[:, g], zero[:, g])) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    codes = codes[:, torch.argsort(order)]
+    return _qweight(grid, codes, scale, zero, group)
+
+
+def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    """||(W - Q) X||_F / ||W X||_F over the calibration tokens, from H = sum x x^T."""
+    d = (w - q).to(torch.float64)
+    w = w.to(torch.float64)
+    h = h.to(torch.float64)
+    num = float(torch.einsum("nk,kl,nl->", d, h, d))
+    den = float(torch.einsum("nk,kl,nl->", w, h, w))
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+
+
+# -- activation-aware scaling ------------------------------------------------------------------------
+
+def _pool(values: torch.Tensor, expand: torch.Tensor | None, how: str) -> torch.Tensor:
+    """Per shared scale: the max or mean of the features `expand` maps to it."""
+    if expand is None:
+        return values
+    m = int(expand.max()) + 1
+    if how == "max":
+        return torch.zeros(m, dtype=values.dtype).scatter_reduce(0, expand, values, "amax", include_self=False)
+    return torch.zeros(m, dtype=values.dtype).scatter_reduce(0, expand, values, "mean", include_self=False)
+
+
+def _full(s: torch.Tensor, expand: torch.Tensor | None) -> torch.Tensor:
+    return s if expand is None else s[expand]
+
+
+def awq_scale(x_mean: torch.Tensor, a: float, expand: torch.Tensor | None = None) -> torch.Tensor:
+    """AWQ's candidate scales mean|x|^a per shared scale, normalised by sqrt(max * min)."""
+    s = _pool(x_mean.to(torch.float32), expand, "mean").clamp_min(1e-8).pow(a)
+    return s / (s.max() * s.min()).sqrt()
+
+
+@torch.no_grad()
+def awq_clip(w: torch.Tensor, h_blocks: torch.Tensor, grid: Grid, group: int, n_grid: int = 20,
+             max_shrink: float = 0.5) -> tuple[torch.Tensor, float]:
+    """AWQ's clipping search: per row and group, the bound m = max|w| * (1 - i/n_grid), i < n_grid *
+    max_shrink, whose clamp(w, -m, m), quantized, gives the least output error d^T H_g d (H_g: the
+    group's diagonal block of the input Hessian, h_blocks [K/group, group, group]). Returns the clipped
+    weight and the mean m / max|w|."""
+    n, k = w.shape
+    wg = w.detach().to(torch.float32).reshape(n, k // group, group)
+    h = h_blocks.to(torch.float32)
+    amax = wg.abs().amax(dim=-1, keepdim=True)
+    best_err, best = torch.full(wg.shape[:2], math.inf), amax.clone()
+    for i in range(int(max_shrink * n_grid)):
+        bound = amax * (1 - i / n_grid)
+        d = wg - rtn(torch.clamp(wg, -bound, bound).reshape(n, k), grid, group).dequantize().reshape(wg.shape)
+        err = torch.einsum("ngi,gij,ngj->ng", d, h, d)
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better[..., None], bound, best)
+    ratio = float((best / amax.clamp_min(1e-30)).mean())
+    return torch.clamp(wg, -best, best).reshape(n, k), ratio
+
+
+@torch.no_grad()
+def smoothquant_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float,
+                       expand: torch.Tensor | None = None) -> torch.Tensor:
+    w_max = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
+    a = _pool(act_max.to(torch.float32), expand, "max").clamp_min(1e-5)
+    b = _pool(w_max.to(torch.float32), expand, "max").clamp_min(1e-5)
+    return (a.pow(alpha) / b.pow(1 - alpha)).clamp_min(1e-5)
+
+
+# -- calibration statistics ----------------------------------------------------------------------------
+
+class InputStats:
+    """Running statistics of one node's value x [..., K]; see the module docstring."""
+
+    def __init__(self, k: int, *, hessian: bool = False, blocks: int = 0, percentile: float | None = None,
+                 signed: bool = False, feeds: int = 1):
+        self.k, self.tokens = k, 0
+        self.abs_sum = torch.zeros(k, dtype=torch.float64)
+        self.abs_max = torch.zeros(k)
+        self.H = torch.zeros(k, k, dtype=torch.float64) if hessian else None
+        self.blocks = blocks  # H's diagonal blocks of this size only: [K/blocks, blocks, blocks]
+        self.H_blocks = torch.zeros(k // blocks, blocks, blocks, dtype=torch.float64) if blocks else None
+        self.percentile, self.feeds, self.signed, self.topk = percentile, feeds, signed, 0
+        self.top = torch.empty(0)  # largest |x| (or x), top-k of all values seen
+        self.bottom = torch.empty(0)  # largest -x, when signed
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, self.k).to(torch.float32)
+        a = x.abs()
+        self.tokens += x.shape[0]
+        self.abs_sum += a.sum(dim=0, dtype=torch.float64)
+        self.abs_max = torch.maximum(self.abs_max, a.amax(dim=0))
+        if self.H is not None:
+            self.H += (x.T @ x).to(torch.float64)  # one feed's sum in float32, the total in float64
+        if self.H_blocks is not None:
+            xg = x.reshape(x.shape[0], -1, self.blocks)
+            self.H_blocks += torch.einsum("tgi,tgj->gij", xg, xg).to(torch.float64)
+        if self.percentile is not None:
+            self.topk = self.topk or percentile_k(x.numel() * self.feeds, self.percentile)
+            if self.signed:
+                self.top, self.bottom = _top(self.top, x, self.topk), _top(self.bottom, -x, self.topk)
+            else:
+                self.top = _top(self.top, a, self.topk)
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.tokens, 1)).to(torch.float32)
+
+
+def _top(current: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest of `current` and `values` together, descending."""
+    values = values.flatten()
+    both = torch.cat([current, values.topk(min(k, values.numel())).values])
+    return both.topk(min(k, both.numel())).values
+
+
+def percentile_k(total: int, percentile: float) -> int:
+    """How many of `total` values lie at or above the `percentile` (100 = the max only)."""
+    return max(1, int(math.floor((1.0 - percentile / 100.0) * total)) + 1)
+
+
+def static_scale(stats: InputStats, sym: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x_scale f32 [1], x_zero f32 [1] or None) for dense_a8w8 from the k-th largest value kept."""
+    if sym:
+        s = float(stats.top[-1]) / 127.0
+        return torch.tensor([s if s > 0 else 1.0]), None
+    hi, lo = max(float(stats.top[-1]), 0.0), min(-float(stats.bottom[-1]), 0.0)
+    s = (hi - lo) / 255.0
+    s = s if s > 0 else 1.0
+    return torch.tensor([s], dtype=torch.float32), torch.tensor([float(np.round(-lo / s))], dtype=torch.float32)
+
+
+def run_range(runner: GraphRunner, env: dict, start: int, stop: int, overrides: dict | None = None,
+              taps: dict | None = None) -> dict:
+    """{node: value} after computing nodes start..stop (inclusive) of the runner's graph from `env`
+    (the live values before `start`, e.g. a GraphRunner snapshot, which is not changed); overrides
+    {node: fn(get)} replace a node's computation, taps {node: fn(value)} see a node's value (also of
+    a node already in env)."""
+    overrides, taps = overrides or {}, taps or {}
+    env = {n: (v.clone() if n in runner.mutated and isinstance(v, torch.Tensor) else v) for n, v in env.items()}
+    for n, fn in taps.items():
+        if n in env:
+            fn(env[n])
+    with torch.no_grad():
+        for n in runner.nodes[start:stop + 1]:
+            if n in overrides:
+                v = overrides[n](env.__getitem__)
+            elif n.op == "get_attr":
+                v = runner.attrs[n]
+            elif n.op in ("call_function", "call_method", "call_module"):
+                a, kw = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+                v = (n.target(*a, **kw) if n.op == "call_function" else getattr(a[0], n.target)(*a[1:], **kw)
+                     if n.op == "call_method" else runner.gm.get_submodule(n.target)(*a, **kw))
+            else:
+                raise ValueError(f"cannot run {n.op} node {n.name} inside a range")
+            env[n] = v
+            if n in taps:
+                taps[n](v)
+    return env
+
+
+def feed_args(program, feed: dict) -> list[torch.Tensor]:
+    return [torch.from_numpy(spec.check(feed[spec.name])) for spec in program.inputs]
+
+
+def collect(program, feeds: list[dict], stats: dict[str, InputStats], what: str = "calibrating") -> list:
+    """Run every feed once, tapping node `name`'s value into stats[name]; returns each feed's outputs."""
+    runner = GraphRunner(program.gm)
+
+    def tap(st):
+        def fn(v, get):
+            st.update(v)
+            return v
+        return fn
+
+    patches = {name: (tap(st), ()) for name, st in stats.items()}
+    outputs = []
+    for feed in track(feeds, f"{what} ({len(feeds)} feeds, {len(stats)} inputs)"):
+        outputs.append(runner.run(feed_args(program, feed), patches=patches).outputs)
+    return outputs
+
+
+# -- names ---------------------------------------------------------------------------------------------
+
+def module_path(node: fx.Node) -> str:
+    """The module a node was traced in ('model.layers.0.mlp.up_proj'), else its weight's owner path."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        path = re.sub(r"^L\['self'\]\.?", "", path)
+        return re.sub(r"\[(\d+)\]", r".\1", path).replace("['", ".").replace("']", "").strip(".")
+    w = node.args[1] if len(node.args) > 1 else None
+    if node.target is torch.ops.aten.embedding.default:
+        w = node.args[0]
+    return w.target.rpartition(".")[0] if isinstance(w, fx.Node) and w.op == "get_attr" else ""
+
+
+def glob_matches(glob: str, path: str) -> bool:
+    """A glob matches a module path or any dotted suffix of it ('lm_head' matches 'model.lm_head')."""
+    parts = path.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[i:]), glob) for i in range(len(parts)))

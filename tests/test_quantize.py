@@ -1,0 +1,350 @@
+"""`quantize` (passes/quantize.py) and its math (tcc/quantization.py) on tiny random-init models.
+
+Models: LLaMA (hidden 64, 4 heads over 2 KV heads, 2 layers, vocab 256), BERT and GPT-2 of the same
+size, sequences of 32 tokens; 16 random-token calibration feeds, 4 other feeds to measure. Error is
+the relative RMS error of the output, ||y_q - y|| / ||y||, over the measuring feeds. Bounds are about
+1.5x what was measured (torch 2.13, CPU; the measured values are in each test).
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+import tcc.ops as ops
+from tcc import frontend, models
+from tcc.calibration import GraphRunner
+from tcc.errors import UserError
+from tcc.frontend import CausalLM, FeatureExtraction, reexport
+from tcc.pipeline import PassContext, Pipeline
+from tcc.quantization import Grid, gptq, module_path, rtn
+
+W8, W4, A8W8 = torch.ops.tcc.dense_w8.default, torch.ops.tcc.dense_w4.default, torch.ops.tcc.dense_a8w8.default
+EMB8 = torch.ops.tcc.embedding_w8.default
+TINY = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128, vocab_size=256)
+SEQ = 32
+
+
+def tiny(arch: str, **overrides):
+    causal = arch in ("llama", "gpt2")
+    extra = {"llama": dict(num_key_value_heads=2), "bert": {}, "gpt2": {}}[arch]
+    config = AutoConfig.for_model(arch, **{**TINY, **extra, **overrides})
+    torch.manual_seed(0)
+    ids = torch.zeros(1, SEQ, dtype=torch.long)
+    if causal:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+        return frontend.trace(CausalLM(model), example_inputs={"input_ids": ids}, output_names=["logits"],
+                              task="causal-lm")
+    model = AutoModel.from_config(config, attn_implementation="sdpa").eval()
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return frontend.trace(FeatureExtraction(model), example_inputs=inputs, output_names=["last_hidden_state"],
+                          task="feature-extraction")
+
+
+def feeds(program, n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ids = rng.integers(0, TINY["vocab_size"], (1, SEQ))
+        out.append({s.name: (ids if s.name == "input_ids" else np.ones((1, SEQ))).astype(s.dtype)
+                    for s in program.inputs})
+    return out
+
+
+CALIB, MEASURE = 16, 4
+
+
+def quantize(program, text: str, calibration=None):
+    """(quantized copy, the pass record, relative RMS output error on the measuring feeds)."""
+    fp = program
+    q = program.clone()
+    ctx = PassContext(calibration=feeds(program, CALIB, seed=0) if calibration is None else calibration)
+    q = Pipeline.parse(text).run(q, ctx)
+    name = fp.outputs[0].name
+    test = feeds(fp, MEASURE, seed=1)
+    ref = np.concatenate([fp(f)[name].ravel() for f in test]).astype(np.float64)
+    got = np.concatenate([q(f)[name].ravel() for f in test]).astype(np.float64)
+    return q, ctx.records[-1], float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+def count(program, target) -> int:
+    return sum(1 for n in program.gm.graph.nodes if n.target == target)
+
+
+def attr(program, node):
+    return program.named_tensors()[node.target] if isinstance(node, torch.fx.Node) else None
+
+
+def dequantized(program) -> dict[str, torch.Tensor]:
+    """{module path: the weight the quantized op computes with}."""
+    out = {}
+    for n in program.gm.graph.nodes:
+        if n.target in (W8, A8W8):
+            out[module_path(n)] = attr(program, n.args[1]).float() * attr(program, n.args[2])[:, None]
+        elif n.target is W4:
+            out[module_path(n)] = ops.dequantize_w4(attr(program, n.args[1]), attr(program, n.args[2]),
+                                                    attr(program, n.args[3]), n.args[4])
+    return out
+
+
+def linear_inputs(program, calibration) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module path: (float weight, inputs X [tokens, K] over the calibration feeds)} of the float program."""
+    lins = [n for n in program.gm.graph.nodes if n.target is torch.ops.aten.linear.default]
+    runner = GraphRunner(program.gm)
+    xs = {n: [] for n in lins}
+    for f in calibration:
+        got = runner.run([torch.from_numpy(f[s.name]) for s in program.inputs], record={n.args[0].name for n in lins})
+        for n in lins:
+            xs[n].append(got.values[n.args[0].name].reshape(-1, n.args[0].meta["val"].shape[-1]))
+    return {module_path(n): (attr(program, n.args[1]).detach(), torch.cat(xs[n])) for n in lins}
+
+
+def inject_outliers(program, factor: float, channels=(3, 17, 40)):
+    """Scale a few channels of every pre-norm weight by `factor` and the matching weight columns of
+    the linears reading that norm by 1/factor: the same function, with activation outliers."""
+    gm = program.gm
+    with torch.no_grad():
+        for b in program.info.blocks:
+            for part, lins in ((b.attention, ("q", "k", "v")), (b.mlp, ("gate", "up"))):
+                gm.get_parameter(part.norm.weight)[list(channels)] *= factor
+                for role in lins:
+                    gm.get_parameter(getattr(part, role).weight)[:, list(channels)] /= factor
+    return program
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny("llama")
+
+
+# -- formats and methods ---------------------------------------------------------------------------
+
+# measured (int8, int4 g32, W8A8 dynamic): llama 0.0084 0.13 0.012; bert 0.0003 0.0042 0.0004 (its post-norm
+# output is mostly the last LayerNorm's bias and scale); gpt2 0.0052 0.079 0.0078
+@pytest.mark.parametrize("arch, bounds", [("llama", (0.013, 0.2, 0.018)), ("bert", (0.0006, 0.007, 0.0008)),
+                                          ("gpt2", (0.008, 0.12, 0.012))])
+def test_rtn_formats(arch, bounds):
+    program = tiny(arch)
+    # every live linear: 7 per LLaMA layer + lm_head; 6 per BERT layer (its pooler is dead code); 4 per
+    # GPT-2 layer, whose lm_head is tied to the embedding and stays fp32 without embeddings=true
+    n_linear = {"llama": 15, "bert": 12, "gpt2": 8}[arch]
+    for (text, op), bound in zip([("quantize(min_size=0)", W8), ("quantize(weights=int4,group=32,min_size=0)", W4),
+                                  ("quantize(acts=int8,min_size=0)", A8W8)], bounds):
+        q, record, err = quantize(program, text)
+        assert count(q, op) == n_linear
+        assert 1e-4 < err < bound, (text, err)
+        assert record["details"]["calibration"]["feeds"] == 0  # rtn, dynamic: no calibration
+        assert f"tcc.{op._opname}.default" in str(reexport(q).graph)  # what the backends consume
+
+
+def test_int4_codes_round_trip():
+    torch.manual_seed(0)
+    w = torch.randn(48, 96) * torch.logspace(-2, 1, 48)[:, None]
+    w[5] = 0
+    for sym in (True, False):
+        q = rtn(w, Grid("int4", sym), 32)
+        assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 15 and q.scale.shape == (48, 3)
+        assert (q.zero is None) == sym and (sym or (q.zero.dtype == torch.uint8 and q.zero.shape == (48, 3)))
+        packed = q.packed()
+        assert packed.shape == (48, 48) and torch.equal(ops.unpack_int4(packed, 96), q.codes)
+        assert torch.equal(packed[:, 0] & 0x0F, q.codes[:, 0]) and torch.equal(packed[:, 0] >> 4, q.codes[:, 1])
+        zero = torch.full((48, 3), 8.0) if sym else q.zero.float()
+        manual = (q.codes.float().reshape(48, 3, 32) - zero[..., None]) * q.scale[..., None]
+        assert torch.equal(q.dequantize(), manual.reshape(48, 96))
+        x = torch.eye(96)  # the op computes with exactly that weight
+        assert torch.equal(ops.dense_w4(x, packed, q.scale, q.zero, 32).T, q.dequantize())
+        step = q.scale.repeat_interleave(32, dim=1)
+        err = (q.dequantize() - w).abs()
+        clipped = (w / step).round() > 7 if sym else torch.zeros_like(w, dtype=torch.bool)
+        assert torch.all(err[~clipped] <= step[~clipped] / 2 * (1 + 1e-5) + 1e-12)
+        assert torch.all(err[clipped] <= step[clipped] * (1 + 1e-5))  # symmetric: the top level is 7/8 of max|w|
+        assert torch.equal(q.dequantize()[5], torch.zeros(96))
+
+
+def test_gptq_lowers_layer_output_error(llama):
+    calibration = feeds(llama, CALIB, seed=0)
+    inputs = linear_inputs(llama, calibration)
+    for text in ("weights=int4,group=32", "weights=int4,group=32,act_order=false", "weights=int8"):
+        errors = {}
+        for method in ("rtn", "gptq"):
+            q, record, _ = quantize(llama, f"quantize({text},min_size=0,method={method})", calibration)
+            deq = dequantized(q)
+            errors[method] = {m: float(torch.linalg.norm((w - deq[m]) @ x.T) / torch.linalg.norm(w @ x.T))
+                              for m, (w, x) in inputs.items()}
+        ratio = {m: errors["gptq"][m] / errors["rtn"][m] for m in inputs}
+        # measured gptq / rtn per layer: int4 at most 0.92 (mean 0.83; paper order 0.85), int8 0.92 (0.83); o_proj
+        # gains most (its inputs are strongly correlated), projections of the nearly isotropic residual stream least
+        assert max(ratio.values()) < 0.95 and np.mean(list(ratio.values())) < 0.9, ratio
+        # the pass notes the same error, on its own inputs: those of block 1 and the head come from
+        # the program with block 0 already quantized, block 0's are the float program's
+        noted = {q["modules"][0]: q["error"] for q in record["details"]["quantized"] if ".layers.0." in q["modules"][0]}
+        assert len(noted) == 7 and noted == pytest.approx({m: errors["gptq"][m] for m in noted}, rel=1e-3)
+    gptq_q = gptq(torch.zeros(8, 64), torch.eye(64), Grid("int4"), 32)
+    assert torch.equal(gptq_q.dequantize(), torch.zeros(8, 64))  # no NaN on all-zero groups
+
+
+def test_awq_beats_rtn_int4_and_folds_exactly():
+    program = inject_outliers(tiny("llama"), 20.0)
+    _, _, plain = quantize(program, "quantize(weights=int4,group=32,min_size=0)")
+    q, record, awq = quantize(program, "quantize(weights=int4,group=32,min_size=0,method=awq)")
+    # measured: rtn 0.176, awq 0.137 (on the model without outliers both 0.13)
+    assert awq < 0.85 * plain, (awq, plain)
+    folds = {s["linears"][0]: s["fold"] for s in record["details"]["smoothing"]}
+    layer = "model.model.layers.0"
+    assert folds[f"{layer}.self_attn.q_proj"] == f"norm weight {layer}.input_layernorm.weight"
+    assert folds[f"{layer}.mlp.gate_proj"] == f"norm weight {layer}.post_attention_layernorm.weight"
+    # o and down see no outliers here: their search may keep s = 1; where it does not, v's / up's rows take 1/s
+    assert folds[f"{layer}.self_attn.o_proj"] in (f"rows of {layer}.self_attn.v_proj", "none: the search kept s = 1")
+    assert folds[f"{layer}.mlp.down_proj"] in (f"rows of {layer}.mlp.up_proj", "none: the search kept s = 1")
+    assert count(q, torch.ops.aten.mul.Tensor) == count(program, torch.ops.aten.mul.Tensor)  # no explicit mul
+
+
+def test_smoothquant_w8a8_with_activation_outliers():
+    program = inject_outliers(tiny("llama"), 30.0)
+    _, _, plain = quantize(program, "quantize(acts=int8,min_size=0)")
+    q, record, smooth = quantize(program, "quantize(acts=int8,min_size=0,method=smoothquant,alpha=0.5)")
+    # measured: plain W8A8 0.064, smoothquant 0.013 (without outliers: 0.012, 0.013)
+    assert smooth < 0.3 * plain and smooth < 0.02, (smooth, plain)
+    assert count(q, A8W8) == 15
+    notes = record["details"]["smoothing"]
+    assert all(s["fold"].startswith(("norm weight", "rows of")) for s in notes), notes
+
+
+def test_bert_and_gpt2_smoothing_where_exact():
+    bert = tiny("bert")
+    q, record, err = quantize(bert, "quantize(acts=int8,min_size=0,method=smoothquant)")
+    layer = "model.encoder.layer.1."
+    folds = {s["linears"][0].removeprefix(layer): s["fold"] for s in record["details"]["smoothing"]
+             if s["linears"][0].startswith(layer)}
+    # post-norm: the LayerNorm output is also the residual stream, so q/k/v and the MLP's up stay
+    # unsmoothed, and so does down (gelu between up and down); o takes 1/s into value's rows
+    assert sorted(folds) == ["attention.output.dense", "attention.self.query", "intermediate.dense", "output.dense"]
+    assert all(folds[k].startswith("none") for k in ("attention.self.query", "intermediate.dense", "output.dense"))
+    assert folds["attention.output.dense"] == f"rows of {layer}attention.self.value"
+    assert err < 0.0008  # measured 0.0004
+    _, awq_record, awq_err = quantize(bert, "quantize(weights=int4,group=32,min_size=0,method=awq)")
+    kinds = {s["fold"].split(" ")[0] for s in awq_record["details"]["smoothing"]}
+    assert kinds <= {"explicit", "rows", "none:"} and "explicit" in kinds
+    assert awq_err < 0.007  # measured 0.0042 (rtn 0.0042)
+
+    gpt2 = tiny("gpt2")
+    q, record, err = quantize(gpt2, "quantize(acts=int8,min_size=0,method=smoothquant)")
+    folds = {s["linears"][0].removeprefix("model.transformer.h.0."): s["fold"] for s in record["details"]["smoothing"]
+             if s["linears"][0].startswith("model.transformer.h.0.")}
+    h0 = "model.transformer.h.0"
+    assert folds == {"attn.c_attn": f"norm weight {h0}.ln_1.weight and bias {h0}.ln_1.bias",
+                     "attn.c_proj": f"rows of {h0}.attn.c_attn",
+                     "mlp.c_fc": f"norm weight {h0}.ln_2.weight and bias {h0}.ln_2.bias",
+                     "mlp.c_proj": folds["mlp.c_proj"]}
+    assert folds["mlp.c_proj"].startswith("none")
+    assert err < 0.012  # measured 0.0079
+
+
+def test_static_activations():
+    program = tiny("llama")
+    for sym in (True, False):
+        q, record, err = quantize(program, f"quantize(acts=int8,act_scheme=static,min_size=0,sym={str(sym).lower()})")
+        nodes = [n for n in q.gm.graph.nodes if n.target is A8W8]
+        assert len(nodes) == 15 and all(n.args[4] is not None and (n.args[5] is None) == sym and n.args[6] == (not sym)
+                                        for n in nodes)
+        assert err < 0.03  # measured 0.019 (sym), 0.018 (asym)
+    full, _, _ = quantize(program, "quantize(acts=int8,act_scheme=static,min_size=0)")
+    clipped, _, _ = quantize(program, "quantize(acts=int8,act_scheme=static,min_size=0,percentile=99.9)")
+    scale = lambda p: [float(attr(p, n.args[4])) for n in p.gm.graph.nodes if n.target is A8W8]
+    assert all(c < f for c, f in zip(scale(clipped), scale(full)))
+
+
+# -- bytes, embeddings, mixed precision ----------------------------------------------------------------
+
+def test_embeddings_with_tied_lm_head_and_byte_ratios():
+    program = tiny("llama", tie_word_embeddings=True, vocab_size=1024)
+    table = "model.model.embed_tokens.weight"
+    linears = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128)  # per layer q, o; k, v; gate, up, down
+    rows = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)  # their output channels
+    fp = program.param_bytes()
+    other = 5 * 64 * 4 + 8 * 4  # 5 norms, rotary inv_freq (the unused original_inv_freq goes with dce)
+    assert fp == 4 * (linears + 1024 * 64) + other + 8 * 4 and table in program.named_tensors()
+
+    q, record, err = quantize(program, "quantize(min_size=0,embeddings=true)")
+    assert count(q, EMB8) == 1 and count(q, W8) == 15 and count(q, torch.ops.aten.linear.default) == 0
+    emb = next(n for n in q.gm.graph.nodes if n.target is EMB8)
+    head = next(n for n in q.gm.graph.nodes if n.target is W8 and module_path(n) == "model.lm_head")
+    assert (emb.args[1].target, emb.args[2].target) == (head.args[1].target, head.args[2].target)  # one int8 table
+    assert table not in q.named_tensors()
+    assert q.param_bytes() == linears + 4 * rows + 1024 * 64 + 4 * 1024 + other
+    assert q.param_bytes() / fp < 0.27  # 0.266: a 4-byte scale per row of 64 weights
+    assert err < 0.015  # measured 0.0073
+
+    q4, record, err = quantize(program, "quantize(weights=int4,group=32,min_size=0,embeddings=true)")
+    assert count(q4, W4) == 14 and count(q4, W8) == 1 and count(q4, EMB8) == 1  # the tied head reads the int8 table
+    assert q4.param_bytes() == linears // 2 + 4 * (linears // 32) + 1024 * 64 + 4 * 1024 + other
+    assert err < 0.2  # measured 0.12
+
+    _, record, _ = quantize(program, "quantize(min_size=0)")  # without embeddings: the tied head stays fp32
+    (skip,) = record["details"]["skipped"]
+    assert skip["module"] == "model.lm_head" and "also read by ['embedding']" in skip["reason"]
+
+
+def test_mixed_precision_keeps_the_most_sensitive_layer():
+    program = tiny("llama")
+    victim = "model.model.layers.1.mlp.up_proj"
+    with torch.no_grad():  # one huge weight per row: every other weight of its group rounds to zero in int4
+        program.gm.get_parameter(victim + ".weight")[:, 5] = 2.0
+    q, record, _ = quantize(program, "quantize(weights=int4,group=32,min_size=0,keep=1)")
+    mixed = record["details"]["mixed"]
+    assert next(iter(mixed["sensitivity"])) == victim
+    assert mixed["higher_precision"] == [{"module": victim, "format": "w8"}]
+    formats = {module_path(n): n.target for n in q.gm.graph.nodes if n.target in (W4, W8)}
+    assert formats[victim] is W8 and sum(t is W4 for t in formats.values()) == 14
+    # budget: every layer at int4 g32 is 5 bits; the victim at int8 adds 3.5 bits on 8192 of 90112 weights
+    _, record, _ = quantize(program, "quantize(weights=int4,group=32,min_size=0,budget=5.4)")
+    assert record["details"]["mixed"]["higher_precision"][0] == {"module": victim, "format": "w8"}
+    assert 5.3 < record["details"]["mixed"]["bits_per_weight"] <= 5.4
+    _, record, _ = quantize(program, "quantize(acts=int8,min_size=0,keep=1)")
+    assert record["details"]["mixed"]["higher_precision"] == [{"module": victim, "format": "fp32"}]
+    with pytest.raises(UserError, match=r"option 'budget': budget=4.5 bits per weight is below the 5.000"):
+        quantize(program, "quantize(weights=int4,group=32,min_size=0,budget=4.5)")
+
+
+# -- quantize-weights is a special case ------------------------------------------------------------------
+
+def test_quantize_weights_runs_quantize_int8_rtn(llama):
+    a, _, _ = quantize(llama, "quantize-weights(min_size=0)")
+    b, _, _ = quantize(llama, "quantize(weights=int8,min_size=0)")
+    ta, tb = a.named_tensors(), b.named_tensors()
+    assert sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+# -- bad input --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ("quantize(weights=int4,acts=int8)", r"option 'acts': weights=int4 with acts=int8 is not supported"),
+    ("quantize(method=smoothquant)", r"option 'method': smoothquant needs acts=int8"),
+    ("quantize(method=awq,acts=int8)", r"option 'method': awq is weight-only"),
+    ("quantize(sym=false)", r"option 'sym': int8 weights are always symmetric"),
+    ("quantize(weights=int4,group=33)", r"option 'group': group=33 is odd"),
+    ("quantize(weights=int4,keep=1,budget=5)", r"option 'keep': give keep or budget, not both"),
+    ("quantize(weights=int3)", r"option 'weights' must be one of \['int8', 'int4'\]"),
+    ("quantize(method=awq,alpha=2)", r"option 'alpha' must be in \[0, 1\]"),
+])
+def test_bad_options(text, message):
+    with pytest.raises(UserError, match=message):
+        Pipeline.parse(text)
+
+
+def test_bad_input_for_the_model(llama, tmp_path, monkeypatch):
+    with pytest.raises(UserError, match=re.escape("option 'group': layer model.model.layers.0.self_attn.q_proj cannot "
+                                                  "be quantized to int4 in groups of 48: 48 does not divide its 64")):
+        quantize(llama, "quantize(weights=int4,group=48,min_size=0)")
+    with pytest.raises(UserError, match=r"option 'keep': keep=99 but only 15 layers are quantized"):
+        quantize(llama, "quantize(min_size=0,keep=99)")
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words here\n")
+    monkeypatch.setenv("TCC_CALIBRATION_TEXT", str(short))
+    program = llama.clone()
+    program.tokenizer_dir = str(models.resolve("minilm"))
+    with pytest.raises(UserError, match=r"calibration text .*short.txt .* has 5 tokens, fewer than 16 x 1 windows"):
+        Pipeline.parse("quantize(method=gptq,min_size=0)").run(program, PassContext())
