@@ -49,7 +49,7 @@ import torch
 import torch.fx as fx
 
 # -- op vocabulary ---------------------------------------------------------------------------------
-LINEAR = {"aten.linear", "tcc.dense", "tcc.dense_w8"}
+LINEAR = {"aten.linear", "tcc.dense", "tcc.dense_w8", "tcc.dense_a8w8", "tcc.dense_w4"}
 SDPA = {"aten.scaled_dot_product_attention", "tcc.sdpa"}
 MATMUL = {"aten.matmul", "aten.bmm"}
 SCORES = MATMUL | {"aten.baddbmm"}  # q @ k^T, or bias + q @ k^T (ALiBi)
@@ -357,12 +357,16 @@ def _runs(idx: list[int]) -> Ranges:
 def _linear(n: fx.Node) -> Linear:
     op = op_name(n)
     x, w = n.args[0], n.args[1]
-    at = 3 if op == "tcc.dense_w8" else 2  # tcc::dense_w8(x, qw, scale, b)
+    at = _BIAS_AT.get(op, 2)
     bias = n.args[at] if len(n.args) > at else n.kwargs.get("b", n.kwargs.get("bias"))
     target = lambda a: a.target if isinstance(a, fx.Node) and a.op == "get_attr" else None
     return Linear(node=n.name, weight=target(w), bias=target(bias), in_features=_shape(x)[-1],
                   out_features=_shape(n)[-1], module=_module(n), op=op,
-                  scale=target(n.args[2]) if op == "tcc.dense_w8" else None)
+                  scale=target(n.args[2]) if op in _BIAS_AT else None)
+
+
+# where the quantized ops (tcc/ops.py) take their bias; their args[2] is the weight scale
+_BIAS_AT = {"tcc.dense_w8": 3, "tcc.dense_a8w8": 3, "tcc.dense_w4": 5}
 
 
 # -- norms -------------------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ from __future__ import annotations
 import copy
 import operator
 
+import numpy as np
 import torch
 
-from tcc import ops  # noqa: F401  (registers torch.ops.tcc.*)
+from tcc import ops  # registers torch.ops.tcc.*
 from tcc.errors import UserError
 from tcc.program import Program
 
@@ -40,51 +41,76 @@ def _attr(gm, node):
     return gm.get_parameter(node.target) if node.target in dict(gm.named_parameters()) else gm.get_buffer(node.target)
 
 
+# Dense-family ops: (tensor args concatenated along output channels, args that must be the same
+# node/value across a fused group). Argument positions follow the op schemas in tcc/ops.py.
+_FUSIBLE = {
+    aten.linear.default: ((1, 2), ()),
+    tcc_ops.dense_w8.default: ((1, 2, 3), ()),
+    tcc_ops.dense_a8w8.default: ((1, 2, 3), (4, 5, 6)),
+    tcc_ops.dense_w4.default: ((1, 2, 3, 5), (4,)),
+}
+
+
+def _stored(gm, a):
+    return a is None or (isinstance(a, torch.fx.Node) and a.op == "get_attr")
+
+
 def fuse_parallel_linears(gm: torch.fx.GraphModule) -> int:
-    """In place: every group of >= 2 aten.linear nodes reading the same input, with stored weights of
-    one dtype and all or none with biases, becomes one linear over the concatenated weights followed
-    by a split of its output. Returns the number of groups fused."""
+    """In place: every group of >= 2 dense ops of one kind (aten.linear, tcc::dense_w8,
+    tcc::dense_a8w8, tcc::dense_w4) reading the same input, whose per-output-channel tensors
+    (weights, scales, zero codes, biases) are stored, of one dtype and inner shape, present in all
+    or none, and whose other arguments (activation scale, group) agree, becomes one op over the
+    concatenated tensors followed by a split of its output. Exact: every output channel is computed
+    as before (W8A8's per-row activation scale depends on the shared input only). Returns the number
+    of groups fused."""
     from tcc.passes.dead_code import remove_dead
 
     g = gm.graph
     fused = 0
     for x in list(g.nodes):
-        group = [u for u in x.users if u.op == "call_function" and u.target == aten.linear.default
-                 and u.args[0] is x and isinstance(u.args[1], torch.fx.Node) and u.args[1].op == "get_attr"]
-        biases = [(u.args[2] if len(u.args) > 2 else u.kwargs.get("bias")) for u in group]
-        if len(group) < 2 or len({b is None for b in biases}) != 1:
-            continue
-        if any(b is not None and (not isinstance(b, torch.fx.Node) or b.op != "get_attr") for b in biases):
-            continue
-        weights = [_attr(gm, u.args[1]) for u in group]
-        if len({(w.dtype, w.shape[1]) for w in weights}) != 1:
-            continue
-        sizes = [int(w.shape[0]) for w in weights]
-        name = f"_tcc_fused_linear_{fused}"
-        # parameters, not buffers: torch.export lifts new buffers of a GraphModule as constants,
-        # which TVM would bake into the library instead of taking them as inputs
-        gm.register_parameter(name + "_w", torch.nn.Parameter(torch.cat([w.detach() for w in weights], 0), requires_grad=False))
-        if biases[0] is not None:
-            gm.register_parameter(name + "_b", torch.nn.Parameter(torch.cat([_attr(gm, b).detach() for b in biases], 0), requires_grad=False))
-        with g.inserting_after(x):
-            w_node = g.get_attr(name + "_w")
-        with g.inserting_after(w_node):
-            b_node = g.get_attr(name + "_b") if biases[0] is not None else None
-        with g.inserting_after(b_node if b_node is not None else w_node):
-            lin = g.call_function(aten.linear.default, (x, w_node, b_node))
-        with g.inserting_after(lin):
-            parts = g.call_function(aten.split_with_sizes.default, (lin, sizes, -1))
-        last = parts
-        for i, u in enumerate(group):
-            with g.inserting_after(last):
-                item = g.call_function(operator.getitem, (parts, i))
-            last = item
-            u.replace_all_uses_with(item)
-            g.erase_node(u)
-        fused += 1
+        for op, (cat_idx, same_idx) in _FUSIBLE.items():
+            users = [u for u in x.users if u.op == "call_function" and u.target == op and u.args[0] is x
+                     and not u.kwargs]
+            args = {u: list(u.args) + [None] * (7 - len(u.args)) for u in users}
+            groups: dict = {}
+            for u in users:
+                if not all(_stored(gm, args[u][i]) for i in cat_idx) or args[u][1] is None:
+                    continue
+                key = tuple(args[u][i] for i in same_idx) + tuple(
+                    None if args[u][i] is None else (str(_attr(gm, args[u][i]).dtype), tuple(_attr(gm, args[u][i]).shape[1:]))
+                    for i in cat_idx)
+                groups.setdefault(key, []).append(u)
+            for group in groups.values():
+                if len(group) >= 2:
+                    _fuse(gm, op, group, [args[u] for u in group], cat_idx, f"_tcc_fused_{fused}")
+                    fused += 1
     if fused:
         remove_dead(gm)
     return fused
+
+
+def _fuse(gm, op, group, args, cat_idx, name) -> None:
+    g = gm.graph
+    order = {n: i for i, n in enumerate(g.nodes)}
+    first = min(group, key=order.get)  # everything a member reads is defined before it
+    sizes = [int(_attr(gm, a[1]).shape[0]) for a in args]
+    new_args = list(group[0].args)
+    for i in cat_idx:
+        if i >= len(new_args) or new_args[i] is None:
+            continue
+        # parameters, not buffers: torch.export lifts new buffers of a GraphModule as constants,
+        # which TVM would bake into the library instead of taking them as inputs
+        t = torch.cat([_attr(gm, a[i]).detach() for a in args], 0)
+        gm.register_parameter(f"{name}_{i}", torch.nn.Parameter(t, requires_grad=False))
+        with g.inserting_before(first):
+            new_args[i] = g.get_attr(f"{name}_{i}")
+    with g.inserting_before(first):
+        dense = g.call_function(op, tuple(new_args))
+        parts = g.call_function(aten.split_with_sizes.default, (dense, sizes, -1))
+        items = [g.call_function(operator.getitem, (parts, j)) for j in range(len(group))]
+    for u, item in zip(group, items):
+        u.replace_all_uses_with(item)
+        g.erase_node(u)
 
 
 def _buffers_to_parameters(gm: torch.fx.GraphModule) -> None:
@@ -99,11 +125,83 @@ def _buffers_to_parameters(gm: torch.fx.GraphModule) -> None:
         mod.register_parameter(leaf, torch.nn.Parameter(buf.detach(), requires_grad=False))
 
 
+# -- packed quantized ops: what the kernels take (weights re-laid out once, at compile time) ------------
+
+@torch.library.custom_op("tcc_tvm::dense_a8w8_packed", mutates_args=())
+def dense_a8w8_packed(x: torch.Tensor, qw_p: torch.Tensor, wsum: torch.Tensor, w_scale: torch.Tensor,
+                      b: torch.Tensor | None, x_scale: torch.Tensor | None, x_zero: torch.Tensor | None,
+                      asym: bool) -> torch.Tensor:
+    """tcc::dense_a8w8 on quant_layout.pack_a8w8's layout (same numerics)."""
+    n, k = w_scale.shape[0], x.shape[-1]
+    qw = qw_p.permute(0, 2, 1, 3).reshape(qw_p.shape[0] * qw_p.shape[2], -1)[:n, :k]
+    return ops.dense_a8w8(x, qw.contiguous(), w_scale, b, x_scale, x_zero, asym)
+
+
+@dense_a8w8_packed.register_fake
+def _(x, qw_p, wsum, w_scale, b, x_scale, x_zero, asym):
+    return x.new_empty((*x.shape[:-1], w_scale.shape[0]))
+
+
+@torch.library.custom_op("tcc_tvm::dense_w4_packed", mutates_args=())
+def dense_w4_packed(x: torch.Tensor, qw_p: torch.Tensor, scale_t: torch.Tensor, zero_t: torch.Tensor,
+                    b: torch.Tensor | None, n: int) -> torch.Tensor:
+    """tcc::dense_w4 on quant_layout.pack_w4's layout (same numerics)."""
+    qw = qw_p.permute(0, 2, 1).reshape(qw_p.shape[0] * qw_p.shape[2], -1)[:n]
+    group = x.shape[-1] // scale_t.shape[0]
+    return ops.dense_w4(x, qw.contiguous(), scale_t.T[:n].contiguous(), zero_t.T[:n].contiguous(), group, b)
+
+
+@dense_w4_packed.register_fake
+def _(x, qw_p, scale_t, zero_t, b, n):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _pack_quantized(gm: torch.fx.GraphModule) -> None:
+    """In place: tcc::dense_a8w8 / tcc::dense_w4 with stored weights -> the packed ops, their
+    packed tensors registered as parameters (so they are stored in the artifact)."""
+    from tcc.backends.kernels.quant_layout import pack_a8w8, pack_w4
+
+    g = gm.graph
+    for i, n in enumerate(list(g.nodes)):
+        if n.op != "call_function" or n.target not in (tcc_ops.dense_a8w8.default, tcc_ops.dense_w4.default):
+            continue
+        a = list(n.args) + [None] * (7 - len(n.args))
+        if not all(_stored(gm, t) for t in a[1:4]):
+            raise UserError(f"node {n.name}: {n.target.name()} with computed weights cannot be lowered",
+                            "quantized weights must be stored tensors")
+        if n.target == tcc_ops.dense_a8w8.default:
+            x, qw, w_scale, b, x_scale, x_zero = a[:6]
+            asym = bool(a[6]) if a[6] is not None else False
+            tensors, target = pack_a8w8(_attr(gm, qw)), dense_a8w8_packed
+        else:
+            x, qw, scale, zero, group, b = a[:6]
+            packed = pack_w4(_attr(gm, qw), _attr(gm, scale), None if zero is None else _attr(gm, zero))
+            tensors, target = packed, dense_w4_packed
+        names = []
+        for j, t in enumerate(tensors):
+            name = f"_tcc_packed_{i}_{j}"
+            gm.register_parameter(name, torch.nn.Parameter(torch.from_numpy(t), requires_grad=False))
+            with g.inserting_before(n):
+                names.append(g.get_attr(name))
+        with g.inserting_before(n):
+            if target is dense_a8w8_packed:
+                new = g.call_function(torch.ops.tcc_tvm.dense_a8w8_packed.default,
+                                      (x, names[0], names[1], w_scale, b, x_scale, x_zero, asym))
+            else:
+                new = g.call_function(torch.ops.tcc_tvm.dense_w4_packed.default,
+                                      (x, *names, b, int(_attr(gm, a[1]).shape[0])))
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+    from tcc.passes.dead_code import remove_dead
+    remove_dead(gm)  # the unpacked weights: not stored twice
+
+
 def kernelize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of `gm` whose dense ops are tcc custom ops the TVM backend maps to kernels."""
     gm = copy.deepcopy(gm)
     _buffers_to_parameters(gm)
     fuse_parallel_linears(gm)
+    _pack_quantized(gm)
     g = gm.graph
     for n in list(g.nodes):
         if n.op != "call_function":
@@ -182,10 +280,52 @@ def _convert_sdpa(node, importer):
     return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(args), _out_sinfo(node)))
 
 
+def _convert_a8w8(node, importer):
+    import tvm
+    from tvm import relax
+    x, qw_p, wsum, w_scale, b, x_scale, x_zero, asym = node.args
+    args = [_arg(importer, t) for t in (x, qw_p, wsum, w_scale)]
+    name = "tcc_dense_a8w8"
+    if x_scale is not None:
+        name += "_static"
+    if b is not None:
+        args.append(_arg(importer, b))
+    else:
+        name += "_nobias"
+    if x_scale is not None:
+        zero = _arg(importer, x_zero) if x_zero is not None else relax.const(np.zeros(1, np.float32))
+        args += [_arg(importer, x_scale), zero]
+    args.append(relax.prim_value(tvm.tirx.IntImm("bool", bool(asym))))
+    return importer.block_builder.emit(relax.call_dps_packed(name + "_f32", relax.Tuple(args), _out_sinfo(node)))
+
+
+def _convert_w4(node, importer):
+    from tvm import relax
+    x, qw_p, scale_t, zero_t, b, _n = node.args
+    args = [_arg(importer, t) for t in (x, qw_p, scale_t, zero_t)]
+    name = "tcc_dense_w4_nobias_f32" if b is None else "tcc_dense_w4_f32"
+    if b is not None:
+        args.append(_arg(importer, b))
+    return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(args), _out_sinfo(node)))
+
+
+def _convert_embedding_w8(node, importer):
+    """Rows of the int8 table, dequantised: plain Relax ops TVM fuses into one gather kernel."""
+    from tvm import relax
+    ids, qw, scale = (_arg(importer, t) for t in node.args)
+    bb = importer.block_builder
+    rows = bb.emit(relax.op.astype(relax.op.take(qw, ids, axis=0), "float32"))
+    scales = bb.emit(relax.op.expand_dims(relax.op.take(scale, ids, axis=0), -1))
+    return bb.emit(relax.op.multiply(rows, scales))
+
+
 CONVERT_MAP = {
     "dense.default": _dense_converter("tcc_dense", 2),
     "dense_w8.default": _dense_converter("tcc_dense_w8", 3),
     "sdpa.default": _convert_sdpa,
+    "dense_a8w8_packed.default": _convert_a8w8,
+    "dense_w4_packed.default": _convert_w4,
+    "embedding_w8.default": _convert_embedding_w8,
 }
 
 
