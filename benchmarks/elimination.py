@@ -1,9 +1,10 @@
 """Prints the structural-elimination tables of docs/BENCHMARKS.md (issue 4) and draws their plots.
 
     python benchmarks/elimination.py [--phase all|accuracy|latency|minilm|table] [--out build/elimination]
-                                     [--counts 2 4 8 12 15] [--heal-steps 30] [--max-tokens 4096]
+                                     [--counts 2 4 8 12 15] [--other-counts 2 4 8] [--heal-steps 20]
 
-SmolLM2-135M (30 blocks), for each part (attention, mlp, block) and each count N:
+SmolLM2-135M (30 blocks), for each part and each count N (attention: --counts; mlp and whole
+blocks: --other-counts, fewer, since each row costs minutes on 2 cores):
   analysis   `drop-<part>(count=N)` ranked by analyze-redundancy (input/output cosine similarity) on
              8 windows of the calibration text (second half of wikitext-2 valid.txt)
   +heal      the same, then `heal(steps=S)` (distillation from the unpruned model on calibration text)
@@ -55,6 +56,10 @@ class Results:
         return row
 
 
+def counts_of(a, part: str) -> list[int]:
+    return list(a.counts if part == "attention" else a.other_counts)
+
+
 # -- SmolLM2 accuracy ----------------------------------------------------------------------------------
 
 def accuracy(res: Results, a) -> None:
@@ -77,7 +82,7 @@ def accuracy(res: Results, a) -> None:
                  "tokens": r["tokens"], "param_bytes": base.param_bytes()})
     report = None
     for part, pass_name in PARTS.items():
-        for count in a.counts:
+        for count in counts_of(a, part):
             todo = [("analysis", f"{pass_name}(count={count})"), ("analysis+heal", f"{pass_name}(count={count}),"
                                                                                     f"heal(steps={a.heal_steps})")]
             rng_layers = {}
@@ -191,7 +196,7 @@ def tables(res: Results, a) -> str:
         lines.append(f"| {part}s dropped | analysis | +heal | random (mean of 3; each) | layers (analysis) | "
                      "weights MB | GFLOP | tcc ms (min) | PyTorch ms (min) | latency vs unpruned |")
         lines.append("| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
-        for count in a.counts:
+        for count in counts_of(a, part):
             g = res.get(model="smollm2", part=part, count=count, choice="analysis")
             if not g:
                 continue
@@ -237,7 +242,7 @@ def plot(res: Results, a, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
     for ax, part in zip(axes, PARTS):
-        counts = [0] + list(a.counts)
+        counts = [0] + counts_of(a, part)
         for choice, style in (("analysis", "o-"), ("analysis+heal", "s-"), ("random", "x--")):
             ys = []
             for c in counts:
@@ -268,8 +273,9 @@ def main() -> int:
     ap.add_argument("--phase", default="all", choices=("all", "accuracy", "latency", "minilm", "table"))
     ap.add_argument("--out", default="build/elimination")
     ap.add_argument("--counts", nargs="+", type=int, default=[2, 4, 8, 12, 15])
+    ap.add_argument("--other-counts", nargs="+", type=int, default=[2, 4, 8], help="counts for mlp and block")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--heal-steps", type=int, default=30)
+    ap.add_argument("--heal-steps", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--stride", type=int, default=128, help="perplexity window stride (128: windows do not overlap)")
     ap.add_argument("--repeats", type=int, default=20)
@@ -280,7 +286,7 @@ def main() -> int:
     if a.phase in ("all", "minilm"):
         minilm(res, a)
     if a.phase in ("all", "latency"):
-        cfgs = [("none", 0, "")] + [(p, c, f"{PARTS[p]}(count={c})") for p in PARTS for c in a.counts]
+        cfgs = [("none", 0, "")] + [(p, c, f"{PARTS[p]}(count={c})") for p in PARTS for c in counts_of(a, p)]
         latency(res, a, "smollm2", cfgs)
         latency(res, a, "minilm", [("heads", int(r * 100), f"prune-heads(ratio={r})" if r else "")
                                    for r in (0.0, *MINILM_RATIOS)])
