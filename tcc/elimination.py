@@ -313,7 +313,8 @@ class DropPass(Pass):
             ends = " (keep_ends=true keeps blocks 0 and {})".format(n_blocks - 1) if self.keep_ends else ""
             raise UserError(f"{self.name} option '{given[0]}' asks for {want} {what}, only {len(candidates)} can be "
                             f"dropped{ends}", "ask for fewer" + (", or set keep_ends=false" if self.keep_ends else ""))
-        report, how = redundancy(program, ctx, need_loss=self.by == "loss")
+        report, how = redundancy(program, ctx, need_loss=self.by == "loss",
+                                 who=f"{self.name}({given[0]}={format_value(self.opts[given[0]])})")
         scores = _scores(report, program, self.part)
         similarity = {i: scores.get(i, {}).get("similarity") for i in candidates}
         if self.by == "loss":
@@ -349,7 +350,7 @@ def _scores(report: dict, program: Program, part: str) -> dict[int, dict]:
     return out
 
 
-def redundancy(program: Program, ctx: PassContext, need_loss: bool = False) -> tuple[dict, str]:
+def redundancy(program: Program, ctx: PassContext, need_loss: bool = False, who: str = ANALYSIS) -> tuple[dict, str]:
     """analyze-redundancy's report for this program: the pipeline's when it covers every block (and
     has loss increases when `need_loss`), else a fresh one on the calibration feeds (the default
     calibration text when the context has none). Returns (report, how it was obtained)."""
@@ -360,6 +361,11 @@ def redundancy(program: Program, ctx: PassContext, need_loss: bool = False) -> t
         covered = [set(e["weights"]) for e in report["blocks"]]
         if all(any(set(block_weights(b)) <= c for c in covered) for b in program.info.blocks):
             return report, f"from {ANALYSIS} earlier in this pipeline"
+    if not ctx.calibration and not program.tokenizer_dir:
+        raise UserError(f"{who} ranks by {ANALYSIS}, which needs calibration data: the pipeline has no calibration "
+                        "feeds and the model no tokenizer to make them from text",
+                        "give explicit layers=[...], a model folder with its tokenizer, or calibration feeds "
+                        "(Python: PassContext(calibration=[...]))")
     feeds, source = calibration_feeds(program, ctx)
     report = analyze(program, feeds, heads=False, loss=need_loss, loss_samples=2, source=source)
     ctx.report[ANALYSIS] = report

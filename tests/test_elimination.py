@@ -287,6 +287,14 @@ def test_bad_options(tiny, text, option):
         assert "keep_ends" in str(e.value)
 
 
+def test_ranking_without_any_calibration_data_is_a_clear_error(tiny):
+    prog, _ = tiny("llama")  # no tokenizer, and no calibration feeds given
+    with pytest.raises(UserError) as e:
+        Pipeline.parse("drop-mlp(ratio=0.25)").run(prog.clone(), PassContext())
+    assert "drop-mlp(ratio=0.25)" in str(e.value) and "layers=[...]" in e.value.hint
+    Pipeline.parse("drop-mlp(layers=[1])").run(prog.clone(), PassContext())  # an explicit list needs none
+
+
 # -- real model ------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
