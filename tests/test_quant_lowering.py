@@ -79,3 +79,22 @@ def test_structure_and_flops_see_quantized_layers(text):
     a = q.info.blocks[0].attention
     assert a.q.op in ("tcc.dense_a8w8", "tcc.dense_w4") and a.q.scale is not None and a.o.weight
     assert estimate_flops(q.gm) == flops  # the same multiply-adds, now in low precision
+
+
+@pytest.mark.arm64
+@pytest.mark.parametrize("target,text", [("arm64-dotprod", "quantize(acts=int8,min_size=0)"),
+                                         ("arm64", "quantize(acts=int8,sym=false,min_size=0)"),
+                                         ("arm64", "quantize(weights=int4,group=32,min_size=0,embeddings=true)")])
+def test_arm64_quantized_program_matches_under_qemu(tmp_path, target, text):
+    """sdot (Neoverse N1) and plain-NEON (Cortex-A72) W8A8 kernels and int4 in a whole model, under qemu."""
+    import shutil
+    if not all(shutil.which(t) for t in ("aarch64-linux-gnu-g++", "qemu-aarch64")):
+        pytest.skip("needs g++-aarch64-linux-gnu and qemu-user")
+    prog, _ = build("llama")
+    q = Pipeline.parse(text).run(prog)
+    art = tcc.compile(q, target, out=tmp_path / "a")
+    try:
+        feeds = q.example_inputs(1)
+        assert np.abs(art(feeds)["logits"] - q(feeds)["logits"]).max() <= 1e-5
+    finally:
+        art.close()
