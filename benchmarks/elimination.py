@@ -1,10 +1,11 @@
 """Prints the structural-elimination tables of docs/BENCHMARKS.md (issue 4) and draws their plots.
 
     python benchmarks/elimination.py [--phase all|accuracy|latency|minilm|table] [--out build/elimination]
-                                     [--counts 2 4 8 12 15] [--other-counts 2 4 8] [--heal-steps 20]
+                                     [--counts 2 4 8 12 15] [--mlp-counts 2 4 8]
+                                     [--block-counts 4 8] [--heal-steps 20]
 
-SmolLM2-135M (30 blocks), for each part and each count N (attention: --counts; mlp and whole
-blocks: --other-counts, fewer, since each row costs minutes on 2 cores):
+SmolLM2-135M (30 blocks), for each part and each count N (attention: --counts; MLPs and whole
+blocks: --mlp-counts, --block-counts, fewer, since each row costs minutes on 2 cores):
   analysis   `drop-<part>(count=N)` ranked by analyze-redundancy (input/output cosine similarity) on
              8 windows of the calibration text (second half of wikitext-2 valid.txt)
   +heal      the same, then `heal(steps=S)` (distillation from the unpruned model on calibration text)
@@ -57,7 +58,7 @@ class Results:
 
 
 def counts_of(a, part: str) -> list[int]:
-    return list(a.counts if part == "attention" else a.other_counts)
+    return list({"attention": a.counts, "mlp": a.mlp_counts, "block": a.block_counts}[part])
 
 
 # -- SmolLM2 accuracy ----------------------------------------------------------------------------------
@@ -125,37 +126,49 @@ def time_min(fn, feeds, repeats: int) -> tuple[float, float]:
     return float(np.min(times)), float(np.median(times))
 
 
+def compile_all(a, model: str, configs: list[tuple[str, int, str]]) -> None:
+    """Compile every config's artifact (kept when OUT/<model>-<part>-<count> already has one), so
+    that the timed phase can run later on an idle machine."""
+    import tcc
+
+    for part, count, text in configs:
+        out = Path(a.out) / f"{model}-{part}-{count}"
+        if (out / "manifest.json").exists():
+            continue
+        t0 = time.perf_counter()
+        tcc.compile(model, "x86", out=out, pipeline=text, seq_len=128).close()
+        (out / "compile_seconds").write_text(f"{time.perf_counter() - t0:.1f}")
+
+
 def latency(res: Results, a, model: str, configs: list[tuple[str, int, str]]) -> None:
-    """configs: (part, count, pipeline); compiled for x86 and timed beside the Program in PyTorch."""
+    """configs: (part, count, pipeline); the compiled artifact timed beside the same pruned Program
+    in PyTorch, and the unpruned model in ONNX Runtime."""
     import tcc
     from tcc.backends.onnxruntime import reference_session
+    from tcc.pipeline import Pipeline, estimate_flops
 
+    compile_all(a, model, configs)
     base = tcc.trace(model, seq_len=128)
     feeds = base.example_inputs()
     if not res.get(model=model, kind="latency", part="ort"):
-        ort = reference_session(base, Path(a.out) / f"{model}-ort")
+        ort = reference_session(base)
         mn, med = time_min(ort, feeds, a.repeats)
         res.add({"model": model, "kind": "latency", "part": "ort", "count": 0, "min_ms": mn, "median_ms": med})
     for part, count, text in configs:
         if res.get(model=model, kind="latency", part=part, count=count):
             continue
         out = Path(a.out) / f"{model}-{part}-{count}"
-        t0 = time.perf_counter()
-        art = tcc.compile(model, "x86", out=out, pipeline=text, seq_len=128)
-        compile_s = time.perf_counter() - t0
         manifest = json.loads((out / "manifest.json").read_text())
-        program = tcc.trace(model, seq_len=128)
-        if text:
-            from tcc.pipeline import Pipeline
-            program = Pipeline.parse(text).run(program)
+        program = Pipeline.parse(text).run(tcc.trace(model, seq_len=128)) if text else tcc.trace(model, seq_len=128)
+        art = tcc.load(out)
         t_mn, t_med = time_min(art, feeds, a.repeats)
         p_mn, p_med = time_min(program, feeds, a.repeats)
         art.close()
-        from tcc.pipeline import estimate_flops
         res.add({"model": model, "kind": "latency", "part": part, "count": count, "pipeline": text,
                  "tcc_min_ms": t_mn, "tcc_median_ms": t_med, "pytorch_min_ms": p_mn, "pytorch_median_ms": p_med,
                  "weight_bytes": manifest["sizes"]["weight_bytes"], "flops": estimate_flops(program.gm),
-                 "compile_s": round(compile_s, 1), "verify": manifest.get("run", {}).get("verify")})
+                 "compile_s": float((out / "compile_seconds").read_text()) if (out / "compile_seconds").exists() else None,
+                 "verify": manifest.get("run", {}).get("verify")})
 
 
 # -- MiniLM heads --------------------------------------------------------------------------------------------
@@ -194,7 +207,7 @@ def tables(res: Results, a) -> str:
         lines.append("")
     for part in PARTS:
         lines.append(f"| {part}s dropped | analysis | +heal | random (mean of 3; each) | layers (analysis) | "
-                     "weights MB | GFLOP | tcc ms (min) | PyTorch ms (min) | latency vs unpruned |")
+                     "weights MB | GFLOP | tcc ms (min) | PyTorch ms (min) | FLOPs / latency vs unpruned |")
         lines.append("| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
         for count in counts_of(a, part):
             g = res.get(model="smollm2", part=part, count=count, choice="analysis")
@@ -205,7 +218,8 @@ def tables(res: Results, a) -> str:
             rnd = [r["perplexity"] for r in rnd if r]
             L = lat.get((part, count))
             lat_cells = (f"{L['weight_bytes'] / 1e6:.1f} | {L['flops'] / 1e9:.2f} | {L['tcc_min_ms']:.1f} | "
-                         f"{L['pytorch_min_ms']:.1f} | {L['tcc_min_ms'] / l0['tcc_min_ms']:.2f}×") if L and l0 else \
+                         f"{L['pytorch_min_ms']:.1f} | {L['flops'] / l0['flops']:.2f}× / "
+                         f"{L['tcc_min_ms'] / l0['tcc_min_ms']:.2f}×") if L and l0 else \
                 f"{g['param_bytes'] / 1e6:.1f} | – | – | – | –"
             lines.append(f"| {count} | {_p(g['perplexity'])} | {_p(h['perplexity']) if h else '–'} | "
                          f"{_p(np.mean(rnd)) if rnd else '–'} ({', '.join(_p(x) for x in rnd)}) | "
@@ -216,12 +230,13 @@ def tables(res: Results, a) -> str:
     mort = res.get(model="minilm", kind="latency", part="ort")
     if all(m):
         lines.append("| MiniLM heads pruned | cosine vs original (mean / min, 64 sentences) | weights MB | GFLOP | "
-                     "tcc ms (min) | PyTorch ms (min) | latency vs unpruned |")
+                     "tcc ms (min) | PyTorch ms (min) | FLOPs / latency vs unpruned |")
         lines.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in m:
             L, L0 = mlat.get(int(r["ratio"] * 100)), mlat.get(0)
             cells = (f"{L['weight_bytes'] / 1e6:.1f} | {L['flops'] / 1e9:.2f} | {L['tcc_min_ms']:.1f} | "
-                     f"{L['pytorch_min_ms']:.1f} | {L['tcc_min_ms'] / L0['tcc_min_ms']:.2f}×") if L and L0 else "– | – | – | – | –"
+                     f"{L['pytorch_min_ms']:.1f} | {L['flops'] / L0['flops']:.2f}× / "
+                     f"{L['tcc_min_ms'] / L0['tcc_min_ms']:.2f}×") if L and L0 else "– | – | – | – | –"
             lines.append(f"| {r['ratio']:.0%} | {r['cosine']:.4f} / {r['cosine_min']:.4f} | {cells} |")
         if mort:
             lines.append(f"\nMiniLM unpruned in ONNX Runtime fp32, same run: {mort['min_ms']:.1f} ms (min).")
@@ -270,10 +285,11 @@ def plot(res: Results, a, path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", default="all", choices=("all", "accuracy", "latency", "minilm", "table"))
+    ap.add_argument("--phase", default="all", choices=("all", "accuracy", "compile", "latency", "minilm", "table"))
     ap.add_argument("--out", default="build/elimination")
     ap.add_argument("--counts", nargs="+", type=int, default=[2, 4, 8, 12, 15])
-    ap.add_argument("--other-counts", nargs="+", type=int, default=[2, 4, 8], help="counts for mlp and block")
+    ap.add_argument("--mlp-counts", nargs="+", type=int, default=[2, 4, 8])
+    ap.add_argument("--block-counts", nargs="+", type=int, default=[4, 8])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--heal-steps", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=4096)
@@ -285,11 +301,14 @@ def main() -> int:
         accuracy(res, a)
     if a.phase in ("all", "minilm"):
         minilm(res, a)
+    smollm2 = [("none", 0, "")] + [(p, c, f"{PARTS[p]}(count={c})") for p in PARTS for c in counts_of(a, p)]
+    minilm_cfgs = [("heads", int(r * 100), f"prune-heads(ratio={r})" if r else "") for r in (0.0, *MINILM_RATIOS)]
+    if a.phase == "compile":
+        compile_all(a, "smollm2", smollm2)
+        compile_all(a, "minilm", minilm_cfgs)
     if a.phase in ("all", "latency"):
-        cfgs = [("none", 0, "")] + [(p, c, f"{PARTS[p]}(count={c})") for p in PARTS for c in counts_of(a, p)]
-        latency(res, a, "smollm2", cfgs)
-        latency(res, a, "minilm", [("heads", int(r * 100), f"prune-heads(ratio={r})" if r else "")
-                                   for r in (0.0, *MINILM_RATIOS)])
+        latency(res, a, "smollm2", smollm2)
+        latency(res, a, "minilm", minilm_cfgs)
     print(tables(res, a))
     plot(res, a, ROOT / "docs" / "img" / "elimination_smollm2.png")
     return 0
