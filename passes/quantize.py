@@ -6,7 +6,7 @@ quantize-weights: a module path or any dotted suffix of it) and whose weight not
 becomes one of (tcc/ops.py defines the numerics; tcc/quantization.py the codes and scales):
 
     weights=int8, acts=none   tcc::dense_w8(x, q int8 [N,K], scale [N], b)        per output channel
-    weights=int4, acts=none   tcc::dense_w4(x, q uint8 [N,K/2], scale [N,K/g], zero uint8 [N,K/g] | None, g, b)
+    weights=int4, acts=none   tcc::dense_w4(x, q uint8 [N,K/2], scale f16 [N,K/g], zero uint8 [N,K/g] | None, g, b)
     weights=int8, acts=int8   tcc::dense_a8w8(x, q, w_scale, b, x_scale, x_zero, asym)
                               act_scheme=dynamic: x_scale None, per token in the op; static: x_scale
                               (and x_zero when sym=false) f32 [1] from the `percentile` of the
@@ -14,7 +14,12 @@ becomes one of (tcc/ops.py defines the numerics; tcc/quantization.py the codes a
 
 with buffers next to the old weight (`<w>_int8` / `<w>_int4`, `<w>_scale`, `<w>_zero`,
 `<w>_act_scale`, `<w>_act_zero`); the float weight is deleted. `group` is the int4 group (input
-features per scale, even, dividing K; 0 = one group per row); int8 weights are always per row. `sym`
+features per scale, even; 0 = one group per row); int8 weights are always per row. A layer whose K the
+group does not divide uses the largest even divisor of K below the group instead (SmolLM2's K=576
+with group=128: 96; its K=1536 keeps 128), noted per layer ("group") and summarised in the record's
+`group_fallback` and the log ("group 128 does not divide K=576 for 180 layers: used 96"); a layer
+with an odd K has no even divisor and is an error (skip it). int4 scales are float16 (see
+tcc/quantization.py; every method fits its codes to the rounded scale). `sym`
 picks symmetric int4 weights (zero 8) or asymmetric ones (zero codes), and symmetric or asymmetric
 int8 activations; int8 weights are always symmetric.
 
@@ -44,7 +49,14 @@ Methods (`method`):
                head share one s) and gated MLP up -> down, else (3) an explicit `mul(x, 1/s)`.
   smoothquant  W8A8 only: s_j = max|X_j|^alpha / max|W_j|^(1-alpha) (max over the group's linears),
                folded as (1) or (2) above ((2) goes beyond the paper: exact, and free for int8 rows);
-               a group with neither stays unsmoothed (noted with the reason).
+               a group with neither stays unsmoothed (noted with the reason). alpha=auto (default)
+               picks one alpha for the model from 0.3, 0.4 .. 0.8: the one whose output, with every
+               candidate linear emulated as quantized (smoothed W8A8 rtn, activations per token
+               whatever act_scheme; embedding tables float), moves least from the float program's on
+               the first 8 calibration feeds: mean KL of the next-token distributions for causal
+               LMs, 1 - cosine of the pooled output for encoders (tcc.calibration.CalibrationLoss).
+               The record's `alpha_search` holds each alpha's score, its calibration loss, and the
+               float program's loss.
   A tied lm_head is never smoothed (its weight is the embedding table).
 
 Calibration: ctx.calibration (the first `samples` feeds) when given, else `samples` windows of
@@ -58,16 +70,17 @@ promotes layers in that order as long as the average storage bits per weight (sc
 included) of the candidate linears stays <= B. Tied lm_heads are no candidates.
 
 Checks (UserError, naming the option): weights=int4 with acts=int8; method=smoothquant without
-acts=int8; method=awq with acts=int8; sym=false with int8 weight-only; an int4 group that is odd or
-does not divide a layer's K (the layer is named); keep with budget; keep above the number of
+acts=int8; method=awq with acts=int8; sym=false with int8 weight-only; an odd int4 group; int4 for
+a layer with an odd K (the layer is named); keep with budget; keep above the number of
 layers; a budget below what the base format needs; calibration text too short (text_feeds).
 After rewriting: every quantized op's buffers have the dtypes and shapes the op needs, and no
 candidate linear is left in float unless mixed precision kept it there.
 
 Notes: options, calibration feeds, per layer and table {weight, modules, shape, format,
-bytes_before, bytes_after[, error, rtn_error, shares]} (error = ||(W-Q)X|| / ||WX|| on the
-calibration tokens, with gptq), skipped layers with the reason, smoothing per group {linears, fold,
-ratio, clip | alpha}, mixed-precision sensitivities and choices, removed attributes.
+bytes_before, bytes_after[, group, error, rtn_error, shares]} (error = ||(W-Q)X|| / ||WX|| on the
+calibration tokens, with gptq), group fallbacks, skipped layers with the reason, smoothing per group
+{linears, fold, ratio, clip | alpha}, the alpha search, mixed-precision sensitivities and choices,
+removed attributes.
 """
 from __future__ import annotations
 
@@ -82,9 +95,10 @@ from tcc.errors import InternalError, UserError
 from tcc.pipeline import Option, Pass, PassContext, register, set_val
 from tcc.program import Program
 from tcc.progress import track
+from tcc.ops import quantize_rows
 from tcc.quantization import (Grid, InputStats, QWeight, awq_clip, awq_scale, bits_per_weight, collect, feed_args,
-                              glob_matches, gptq, module_path, output_error, rtn, run_range, smoothquant_scales,
-                              static_scale)
+                              glob_matches, gptq, int4_group, module_path, output_error, rtn, run_range,
+                              smoothquant_scales, static_scale)
 from tcc.structure import IDENTITY, op_name
 
 from .dead_code import remove_dead
@@ -96,7 +110,18 @@ ASSERT = aten._assert_tensor_metadata.default
 OPS = {"w8": tcc_ops.dense_w8.default, "w4": tcc_ops.dense_w4.default, "a8w8": tcc_ops.dense_a8w8.default}
 HIGHER = {"w4": "w8", "w8": "fp32", "a8w8": "fp32"}
 AWQ_FEEDS, AWQ_GRID = 8, 20
+ALPHA_FEEDS, ALPHA_GRID = 8, (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 SENSITIVITY_FEEDS = 4
+
+
+def _alpha_problem(v: str) -> str | None:
+    if v == "auto":
+        return None
+    try:
+        ok = 0 <= float(v) <= 1
+    except ValueError:
+        ok = False
+    return None if ok else f"must be auto or a number in [0, 1], got {v}"
 
 
 @register
@@ -107,7 +132,8 @@ class Quantize(Pass):
     kind = "transform"
     options = {
         "weights": Option(str, "int8", "weight format", choices=("int8", "int4")),
-        "group": Option(int, 128, "int4: input features per scale (even, divides K); 0 = one group per row",
+        "group": Option(int, 128, "int4: input features per scale (even; a K it does not divide uses the largest even "
+                        "divisor below it); 0 = one group per row",
                         validator=lambda v: None if v >= 0 else "must be >= 0"),
         "acts": Option(str, "none", "activation format", choices=("none", "int8")),
         "act_scheme": Option(str, "dynamic", "int8 activations: per token at run time, or per tensor from calibration",
@@ -116,8 +142,8 @@ class Quantize(Pass):
                              validator=lambda v: None if 0 < v <= 100 else "must be in (0, 100]"),
         "sym": Option(bool, True, "symmetric int4 weights / int8 activations (false: zero points)"),
         "method": Option(str, "rtn", "how weights are quantized", choices=("rtn", "gptq", "awq", "smoothquant")),
-        "alpha": Option(float, 0.5, "SmoothQuant migration strength",
-                        validator=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"),
+        "alpha": Option(str, "auto", "SmoothQuant migration strength in [0, 1], or auto: the one of 0.3 .. 0.8 "
+                        "that moves the calibration output least", validator=lambda v: _alpha_problem(v)),
         "damp": Option(float, 0.01, "GPTQ damping, a fraction of the mean Hessian diagonal",
                        validator=lambda v: None if v > 0 else "must be > 0"),
         "act_order": Option(bool, True, "GPTQ: columns by decreasing Hessian diagonal, groups fitted up front "
@@ -157,14 +183,23 @@ class Quantize(Pass):
             raise bad("keep", "give keep or budget, not both", "keep=N layers, or budget=bits per weight")
 
     @property
+    def auto_alpha(self) -> bool:
+        return self.alpha == "auto"
+
+    @property
     def base_format(self) -> str:
         return "w4" if self.weights == "int4" else ("a8w8" if self.acts == "int8" else "w8")
 
     def run(self, program: Program, ctx: PassContext) -> Program:
         gm = program.gm
         plan = match(program, self)
+        fallback = group_fallback(plan, self.group)
+        for line in fallback:
+            ctx.logger.warning("quantize: %s", line)
         feeds = self._feeds(program, ctx) if plan.layers and self._calibrates() else []
-        smoothing = smooth(program, plan, feeds, self) if feeds and self.method in ("awq", "smoothquant") else []
+        smoothing, alpha_search = [], None
+        if feeds and self.method in ("awq", "smoothquant"):
+            smoothing, alpha_search = smooth(program, plan, feeds, self)
         if self.method == "gptq":
             stats = gptq_blocks(program, plan, feeds, self)
         else:
@@ -179,7 +214,8 @@ class Quantize(Pass):
         removed = remove_dead(gm)[1] if quantized or plan.tables else []
         gm.recompile()
         ctx.note(options=dict(self.opts), calibration={"feeds": len(feeds)}, quantized=quantized,
-                 skipped=plan.skipped, smoothing=smoothing, mixed=mixed, removed_attributes=removed)
+                 group_fallback=fallback, skipped=plan.skipped, smoothing=smoothing, alpha_search=alpha_search,
+                 mixed=mixed, removed_attributes=removed)
         if quantized or plan.tables:
             ctx.refresh_info(program)
         return program
@@ -211,6 +247,7 @@ class Layer:
     shape: tuple[int, int]  # [N, K]
     format: str  # "w8" | "w4" | "a8w8" | "fp32"
     tied: str | None = None  # the embedding table whose int8 buffers it reads
+    group: int = 0  # int4: the input features per scale this layer uses (int4_group)
     q: QWeight | None = None
     act: dict = dataclasses.field(default_factory=dict)  # node name -> (x_scale, x_zero) when static
     info: dict = dataclasses.field(default_factory=dict)
@@ -270,21 +307,25 @@ def match(program: Program, opts: Quantize, check_groups: bool = True) -> Plan:
             reason = f"weight '{target}' is also read by {sorted(u.name for u in others)}"
             skipped += [{"module": module_path(n), "node": n.name, "reason": reason} for n in nodes]
         else:
-            layers[target] = Layer(target, nodes, shape, opts.base_format)
-            if check_groups and opts.base_format == "w4":
-                _check_group(layers[target], opts.group)
+            layer = layers[target] = Layer(target, nodes, shape, opts.base_format)
+            if opts.base_format == "w4":
+                layer.group = int4_group(shape[1], opts.group) or 0
+                if check_groups and not layer.group:
+                    raise UserError(f"pass 'quantize' option 'weights': layer {layer.modules[0] or target} cannot be "
+                                    f"quantized to int4: its {shape[1]} input features are odd (two int4 codes "
+                                    "share a byte, so a group must be even)",
+                                    f"skip=[{layer.modules[0] or target}] the layer, or use weights=int8")
     return Plan(layers, tables, skipped)
 
 
-def _check_group(layer: Layer, group: int) -> None:
-    k = layer.shape[1]
-    g = group or k
-    if k % g or g % 2:
-        why = f"{g} does not divide its {k} input features" if k % g else f"its {k} input features are odd"
-        raise UserError(f"pass 'quantize' option 'group': layer {layer.modules[0] or layer.weight} cannot be "
-                        f"quantized to int4 in groups of {g}: {why}",
-                        "choose a group dividing every layer's input features (e.g. group=32), group=0 for one "
-                        "group per row, or skip=[...] the layer")
+def group_fallback(plan: Plan, group: int) -> list[str]:
+    """One line per (K, group used) where int4 layers could not use the requested group."""
+    counts: dict[tuple[int, int], int] = {}
+    for l in plan.layers.values():
+        if l.format == "w4" and l.group != (group or l.shape[1]):
+            counts[(l.shape[1], l.group)] = counts.get((l.shape[1], l.group), 0) + 1
+    return [f"group {group} does not divide K={k} for {n} layer{'s' * (n > 1)}: used {g}"
+            for (k, g), n in sorted(counts.items())]
 
 
 # -- calibrate -----------------------------------------------------------------------------------------
@@ -366,7 +407,8 @@ def smooth(program: Program, plan: Plan, feeds: list[dict], opts: Quantize) -> l
     width = lambda lins: _attr(gm, lins[0].args[1].target).shape[1]
     groups = _input_groups(gm, plan)
     clip = opts.method == "awq" and opts.weights == "int4"
-    stats = {x.name: InputStats(width(lins), blocks=(opts.group or width(lins)) if clip else 0) for x, lins in groups}
+    stats = {x.name: InputStats(width(lins), blocks=int4_group(width(lins), opts.group) if clip else 0)
+             for x, lins in groups}
     reference = collect(program, feeds, stats, f"quantize: calibrating {opts.method}")[0]
     notes, todo = [], []
     for x, lins in groups:
@@ -381,15 +423,19 @@ def smooth(program: Program, plan: Plan, feeds: list[dict], opts: Quantize) -> l
             note["fold"] = "none: no quantized linear reads it"
         else:
             todo.append((x, lins, fold, note))
+    search = None
     if opts.method == "awq":
         scales = awq_scales(program, plan, todo, stats, feeds[:AWQ_FEEDS], opts)
     else:
-        scales = [smoothquant_scales(stats[x.name].abs_max, [_attr(gm, n.args[1].target) for n in lins], opts.alpha,
-                                     fold[-1]) for x, lins, fold, _ in todo]
+        alpha = None if opts.auto_alpha else float(opts.alpha)
+        if alpha is None and todo:  # nothing to smooth: no alpha to choose
+            search = search_alpha(program, plan, todo, stats, feeds[:ALPHA_FEEDS], opts)
+            alpha = search["chosen"]
+        scales = _smoothquant_scales(gm, todo, stats, alpha)
     applied = {}  # x name -> the per-feature s its linears' weights were multiplied by
     for (x, lins, fold, note), s in zip(todo, scales):
         if opts.method == "smoothquant":
-            note["alpha"] = opts.alpha
+            note["alpha"] = alpha
         elif note["ratio"] == 0:
             note["fold"] = "none: the search kept s = 1"
             continue
@@ -403,7 +449,84 @@ def smooth(program: Program, plan: Plan, feeds: list[dict], opts: Quantize) -> l
     _check_exact(program, feeds[0], reference)
     if clip:
         _clip(gm, plan, groups, stats, applied, notes, opts)
-    return notes
+    return notes, search
+
+
+def _smoothquant_scales(gm, todo: list, stats: dict, alpha: float) -> list[torch.Tensor]:
+    return [smoothquant_scales(stats[x.name].abs_max, [_attr(gm, n.args[1].target) for n in lins], alpha, fold[-1])
+            for x, lins, fold, _ in todo]
+
+
+def search_alpha(program: Program, plan: Plan, todo: list, stats: dict, feeds: list[dict], opts: Quantize) -> dict:
+    """SmoothQuant's alpha for the whole model: for each alpha in ALPHA_GRID, run `feeds` through the
+    program with every quantized linear emulated as smoothed W8A8 (x / s fake-quantized per token,
+    times Q(W * s) with Q int8 per row; float32 products, which differ from the op's exact integer
+    sums only by rounding; the float program is not changed) and score it by how far its output
+    moves from the float program's: causal LMs the mean KL(float || quantized) of the next-token
+    distributions (less noisy than the cross-entropy against the text, also recorded as "loss"),
+    encoders the calibration loss (1 - cosine to the float program). Returns {chosen, losses, float}."""
+    gm = program.gm
+    runner = GraphRunner(gm)
+    objective = CalibrationLoss(program, feeds)
+    args = [feed_args(program, f) for f in feeds]
+    base, reference = [], []
+    for i, a in enumerate(args):
+        out = runner.run(a).outputs
+        base.append(objective.terms(i, out))
+        if objective.causal:
+            reference.append(_log_probs(program, out))
+    smoothed = {x.name: (fold[-1], i) for i, (x, _, fold, _) in enumerate(todo)}
+    asym = not opts.sym
+    losses = []
+    for alpha in track(ALPHA_GRID, f"quantize: smoothquant alpha on {len(feeds)} feeds"):
+        scales = _smoothquant_scales(gm, todo, stats, alpha)
+        patches = {}
+        for layer in plan.layers.values():
+            w = _attr(gm, layer.tied or layer.weight).detach().to(torch.float32)
+            for n in layer.nodes:
+                x, b = _x(n), _bias(n)
+                s = None
+                if x.name in smoothed and not layer.tied:
+                    expand, i = smoothed[x.name]
+                    s = scales[i] if expand is None else scales[i][expand]
+                wq = rtn(w if s is None else w * s[None, :], Grid("int8"), w.shape[1]).dequantize()
+                patches[n.name] = (_fake_a8w8(x.name, wq, s, b.name if isinstance(b, fx.Node) else b, asym), _needs(n))
+        terms, kl = [], []
+        for i, a in enumerate(args):
+            out = runner.run(a, patches=patches).outputs
+            terms.append(objective.terms(i, out))
+            if objective.causal:
+                p = reference[i]
+                kl.append((float((p.exp() * (p - _log_probs(program, out))).sum()), p.shape[0]))
+        losses.append({"alpha": alpha, "loss": _digits(CalibrationLoss.combine(terms))})
+        if kl:
+            losses[-1]["kl"] = _digits(CalibrationLoss.combine(kl))
+    key = "kl" if objective.causal else "loss"
+    best = min(losses, key=lambda r: r[key])
+    return {"chosen": best["alpha"], "by": key, "losses": losses, "float": _digits(CalibrationLoss.combine(base)),
+            "feeds": len(feeds), "metric": objective.kind}
+
+
+def _digits(v: float) -> float:
+    return float(f"{v:.6g}")
+
+
+def _log_probs(program: Program, outputs: list) -> torch.Tensor:
+    """log-softmax of a causal LM's logits output, [positions, vocab]."""
+    names = [s.name for s in program.outputs]
+    logits = torch.as_tensor(outputs[names.index("logits") if "logits" in names else 0]).to(torch.float32)
+    return torch.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+
+
+def _fake_a8w8(x: str, wq: torch.Tensor, s: torch.Tensor | None, b, asym: bool):
+    """A GraphRunner patch: linear(fake-quantized x / s, wq) + b."""
+    def fn(v, get):
+        xv = get(x).to(torch.float32)
+        xv = xv if s is None else xv / s
+        q, scale, zero = quantize_rows(xv.reshape(-1, xv.shape[-1]), None, None, asym)
+        y = torch.nn.functional.linear(((q - zero) * scale).reshape(xv.shape), wq)
+        return y + get(b) if isinstance(b, str) else (y + b if b is not None else y)
+    return fn
 
 
 def _clip(gm, plan: Plan, groups: list, stats: dict, applied: dict, notes: list[dict], opts: Quantize) -> None:
@@ -419,7 +542,7 @@ def _clip(gm, plan: Plan, groups: list, stats: dict, applied: dict, notes: list[
         for n in lins:
             if n.args[1].target in plan.layers:
                 w = _attr(gm, n.args[1].target)
-                clipped, ratio = awq_clip(w, h, grid, opts.group or k)
+                clipped, ratio = awq_clip(w, h, grid, int4_group(k, opts.group))
                 with torch.no_grad():
                     w.copy_(clipped)
                 ratios.append(ratio)
@@ -470,7 +593,8 @@ def awq_scales(program: Program, plan: Plan, todo: list, stats: dict, feeds: lis
 
 def _dequantized_scaled(gm, n: fx.Node, full: torch.Tensor, grid: Grid, opts: Quantize) -> torch.Tensor:
     w = _attr(gm, n.args[1].target).detach()
-    return rtn(w * full[None, :], grid, opts.group or w.shape[1]).dequantize() / full[None, :]
+    group = int4_group(w.shape[1], opts.group) if grid.kind == "int4" else w.shape[1]
+    return rtn(w * full[None, :], grid, group).dequantize() / full[None, :]
 
 
 def _with_weight(n: fx.Node, w: torch.Tensor):
@@ -680,7 +804,7 @@ def quantize_layer(gm, layer: Layer, stats: dict[str, InputStats], opts: Quantiz
     w = _attr(gm, layer.weight).detach().to(torch.float32)
     k = layer.shape[1]
     grid = Grid("int4", opts.sym) if layer.format == "w4" else Grid("int8")
-    group = (opts.group or k) if layer.format == "w4" else k
+    group = layer.group if layer.format == "w4" else k
     h = None
     if opts.method == "gptq":
         h = sum(stats[_x(n).name].H for n in layer.nodes)
@@ -703,7 +827,7 @@ def choose_precision(program: Program, plan: Plan, feeds: list[dict], stats: dic
         raise UserError(f"pass 'quantize' option 'keep': keep={opts.keep} but only {len(cands)} layers are quantized",
                         f"use keep <= {len(cands)}")
     bits = lambda l, fmt: bits_per_weight({"w4": "int4", "w8": "int8", "a8w8": "int8", "fp32": "fp32"}[fmt],
-                                          l.shape[1], opts.group or l.shape[1], opts.sym) * l.shape[0] * l.shape[1]
+                                          l.shape[1], l.group or l.shape[1], opts.sym) * l.shape[0] * l.shape[1]
     total = sum(l.shape[0] * l.shape[1] for l in cands)
     used = sum(bits(l, l.format) for l in cands)
     if opts.budget and used > opts.budget * total + 1e-6:
@@ -807,6 +931,8 @@ def rewrite(gm: fx.GraphModule, plan: Plan, opts: Quantize) -> list[dict]:
                 tensors["zero"] = q.zero
             names = _register(gm, layer.weight, tensors)
             note["bytes_after"] = q.nbytes
+            if q.kind == "int4":
+                note["group"] = q.group
         for n in layer.nodes:
             x, b = _x(n), _bias(n)
             names_n = dict(names)
@@ -877,8 +1003,8 @@ def verify(gm: fx.GraphModule) -> None:
             need(qw is not None and qw.dtype == torch.uint8 and qw.dim() == 2, n, "weight must be uint8 [N, K/2]")
             k = qw.shape[1] * 2
             need(g % 2 == 0 and k % g == 0, n, f"group {g} must be even and divide K={k}")
-            need(s is not None and s.dtype == torch.float32 and tuple(s.shape) == (qw.shape[0], k // g), n,
-                 "scale must be f32 [N, K/group]")
+            need(s is not None and s.dtype == torch.float16 and tuple(s.shape) == (qw.shape[0], k // g), n,
+                 "scale must be f16 [N, K/group]")
             need(n.args[3] is None or (z is not None and z.dtype == torch.uint8 and z.shape == s.shape), n,
                  "zero must be uint8 [N, K/group]")
         elif n.target is tcc_ops.embedding_w8.default:

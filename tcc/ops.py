@@ -23,7 +23,8 @@ Ops:
   tcc::dense_w4(x, qw, scale, zero?, group, b?)
                                       int4 weight-only: qw uint8 [N, K/2], two 4-bit codes per byte,
                                       k = 2j in the low nibble and k = 2j+1 in the high nibble;
-                                      scale f32 [N, K/group]; zero uint8 [N, K/group] codes 0..15,
+                                      scale f32 or f16 [N, K/group] (the quantize pass stores f16; the
+                                      value is used as float32); zero uint8 [N, K/group] codes 0..15,
                                       None = 8 (symmetric). w[n,k] = (code - zero[n, k // group]) *
                                       scale[n, k // group]; y = x @ w.T + b. K % group == 0, group even.
   tcc::embedding_w8(ids, qw, scale)   rows of an int8 table: out = qw[ids] * scale[ids, None]

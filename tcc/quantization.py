@@ -3,7 +3,9 @@
 Weight formats (the numerics are tcc/ops.py's; these functions only choose codes and scales):
   int8  per output channel, symmetric (tcc::dense_w8, tcc::dense_a8w8, tcc::embedding_w8 rows):
         scale[n] = max_k |W[n,k]| / 127 (1 for an all-zero row), q = clamp(round(W / scale), -127, 127)
-  int4  per row n and group of `group` consecutive input features (tcc::dense_w4):
+  int4  per row n and group of `group` consecutive input features (tcc::dense_w4), scales stored as
+        float16 (rounded to float16 before the codes are chosen, so the codes fit the stored scale;
+        clamped to [2^-24, 65504], float16's range):
         symmetric   zero = 8, scale = max|w| / 8, code = clamp(round(w / scale) + 8, 0, 15): levels
                     -8..7 times scale; a group's largest positive weight clips to 7/8 of it, which on
                     SmolLM2's weights gives 20% less squared error than scale = max|w| / 7
@@ -14,6 +16,9 @@ Weight formats (the numerics are tcc/ops.py's; these functions only choose codes
 QWeight(kind, codes, scale, zero, group): one quantized [N, K] weight; .dequantize() is what the op
     computes with, .packed() the uint8 [N, K/2] nibbles tcc::dense_w4 reads (low nibble = even k).
 Grid(kind, sym): the code grid of a format: fit(w [N, G]) -> (scale [N], zero [N]), codes(), values().
+int4_group(k, group) -> int | None                  the group a layer with k input features uses: `group`
+    when it divides k (0: k), else the largest even divisor of k below it (576 -> 96 for 128);
+    None when k is odd (no even divisor: two codes share a byte).
 rtn(w, grid, group) -> QWeight                      round to nearest, group by group
 gptq(w, H, grid, group, damp=0.01, act_order=False) -> QWeight
     GPTQ (Frantar et al. 2023): columns one by one, each quantized and its error (w - q) / U[i,i] spread
@@ -86,10 +91,10 @@ class Grid:
             return torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)), torch.zeros_like(amax)
         if self.sym:
             amax = w.abs().amax(dim=1)
-            return torch.where(amax > 0, amax / 8.0, torch.ones_like(amax)), torch.full_like(amax, 8.0)
+            return _f16(torch.where(amax > 0, amax / 8.0, torch.ones_like(amax))), torch.full_like(amax, 8.0)
         lo, hi = w.amin(dim=1).clamp_max(0), w.amax(dim=1).clamp_min(0)
         scale = (hi - lo) / 15.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = _f16(torch.where(scale > 0, scale, torch.ones_like(scale)))
         return scale, torch.round(-lo / scale)
 
     def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -103,10 +108,26 @@ class Grid:
         return (codes - zero.reshape(shape)) * scale.reshape(shape)
 
 
+F16_MIN, F16_MAX = 2.0 ** -24, 65504.0  # float16's smallest subnormal and largest finite value
+
+
+def _f16(scale: torch.Tensor) -> torch.Tensor:
+    """int4 scales as float16 will store them (float32 values that float16 holds exactly)."""
+    return scale.clamp(F16_MIN, F16_MAX).to(torch.float16).to(torch.float32)
+
+
+def int4_group(k: int, group: int) -> int | None:
+    """The int4 group of a layer with k input features; see the module docstring."""
+    if k % 2:
+        return None
+    group = group or k
+    return next(d for d in range(min(group, k) - min(group, k) % 2, 1, -2) if k % d == 0)
+
+
 @dataclasses.dataclass
 class QWeight:
-    """A quantized [N, K] weight. int8: codes int8 [N, K], scale [N], group K. int4: codes uint8 0..15
-    [N, K] (unpacked), scale [N, K/group], zero uint8 [N, K/group] (None when symmetric: 8)."""
+    """A quantized [N, K] weight. int8: codes int8 [N, K], scale f32 [N], group K. int4: codes uint8
+    0..15 [N, K] (unpacked), scale f16 [N, K/group], zero uint8 [N, K/group] (None when symmetric: 8)."""
 
     kind: str
     codes: torch.Tensor
@@ -127,7 +148,8 @@ class QWeight:
         n, k = self.codes.shape
         if self.kind == "int8":
             return n * k + 4 * n
-        return n * k // 2 + 4 * self.scale.numel() + (self.zero.numel() if self.zero is not None else 0)
+        scales = self.scale.numel() * self.scale.element_size()
+        return n * k // 2 + scales + (self.zero.numel() if self.zero is not None else 0)
 
 
 def bits_per_weight(kind: str, k: int, group: int, sym: bool) -> float:
@@ -136,14 +158,14 @@ def bits_per_weight(kind: str, k: int, group: int, sym: bool) -> float:
         return 32.0
     if kind == "int8":
         return 8.0 + 32.0 / k
-    return 4.0 + 32.0 / group + (0.0 if sym else 8.0 / group)
+    return 4.0 + 16.0 / group + (0.0 if sym else 8.0 / group)
 
 
 def _qweight(grid: Grid, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> QWeight:
     if grid.kind == "int8":
         return QWeight("int8", codes.to(torch.int8), scale.reshape(-1).to(torch.float32), None, group)
     z = None if grid.sym else zero.to(torch.uint8)
-    return QWeight("int4", codes.to(torch.uint8), scale.to(torch.float32), z, group)
+    return QWeight("int4", codes.to(torch.uint8), scale.to(torch.float16), z, group)
 
 
 def rtn(w: torch.Tensor, grid: Grid, group: int) -> QWeight:

@@ -158,7 +158,9 @@ def _(x, qw_p, scale_t, zero_t, b, n):
 
 def _pack_quantized(gm: torch.fx.GraphModule) -> None:
     """In place: tcc::dense_a8w8 / tcc::dense_w4 with stored weights -> the packed ops, their
-    packed tensors registered as parameters (so they are stored in the artifact)."""
+    packed tensors registered as parameters (so they are stored in the artifact). An int4 scale
+    stored as float16 (the quantize pass's) stays float16 in the artifact, packed, and a cast to the
+    float32 the kernels read goes before the op (G x N values per call: negligible)."""
     from tcc.backends.kernels.quant_layout import pack_a8w8, pack_w4
 
     g = gm.graph
@@ -175,14 +177,19 @@ def _pack_quantized(gm: torch.fx.GraphModule) -> None:
             tensors, target = pack_a8w8(_attr(gm, qw)), dense_a8w8_packed
         else:
             x, qw, scale, zero, group, b = a[:6]
-            packed = pack_w4(_attr(gm, qw), _attr(gm, scale), None if zero is None else _attr(gm, zero))
+            s = _attr(gm, scale)
+            packed = pack_w4(_attr(gm, qw), s.to(torch.float32), None if zero is None else _attr(gm, zero))
             tensors, target = packed, dense_w4_packed
         names = []
         for j, t in enumerate(tensors):
             name = f"_tcc_packed_{i}_{j}"
-            gm.register_parameter(name, torch.nn.Parameter(torch.from_numpy(t), requires_grad=False))
+            t = torch.from_numpy(t)
+            half = target is dense_w4_packed and j == 1 and s.dtype == torch.float16
+            gm.register_parameter(name, torch.nn.Parameter(t.to(torch.float16) if half else t, requires_grad=False))
             with g.inserting_before(n):
                 names.append(g.get_attr(name))
+                if half:
+                    names[-1] = g.call_function(aten._to_copy.default, (names[-1],), {"dtype": torch.float32})
         with g.inserting_before(n):
             if target is dense_a8w8_packed:
                 new = g.call_function(torch.ops.tcc_tvm.dense_a8w8_packed.default,
