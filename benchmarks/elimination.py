@@ -40,21 +40,7 @@ TEST = (ROOT / ".." / "shared" / "data" / "wikitext-2" / "test.txt").resolve()
 PARTS = {"attention": "drop-attention", "mlp": "drop-mlp", "block": "drop-blocks"}
 
 
-class Results:
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.rows = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
-
-    def get(self, **key):
-        return next((r for r in self.rows if all(r.get(k) == v for k, v in key.items())), None)
-
-    def add(self, row: dict) -> dict:
-        self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
-        return row
+from _results import Results  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def counts_of(a, part: str) -> list[int]:

@@ -171,7 +171,7 @@ def test_passes_lists_builtin_passes_with_options():
     listed = json.loads(tcc_cli("passes", "--json").stdout)
     assert listed["quantize-weights"]["kind"] == "transform"
     assert listed["quantize-weights"]["options"]["bits"] == {"type": "int", "default": 8,
-                                                             "help": "weight bit width (only 8 is supported so far)"}
+                                                             "help": "weight bit width (8; int4 is quantize(weights=int4))"}
 
 
 @pytest.mark.slow
