@@ -172,12 +172,7 @@ def check(name, case, got):
 # x86-64: one module with every case per build
 # ---------------------------------------------------------------------------------------------
 
-def add_function(bb, name, kernel, arrays, scalars, out_shape):
-    params = [relax.Var(f"a{i}", relax.TensorType(a.shape, str(a.dtype))) for i, a in enumerate(arrays)]
-    with bb.function(name, params):
-        args = params + [relax.prim_value(s) for s in scalars]
-        y = bb.emit(relax.call_dps_packed(kernel, args, relax.TensorType(out_shape, "float32")))
-        bb.emit_func_output(y)
+from test_kernels import add_function  # noqa: E402  (one Relax function per case, as for the fp32 kernels)
 
 
 def x86_vm(lib, out_dir):
