@@ -322,3 +322,22 @@ def test_smollm2_analysis_beats_random_layers():
     assert base < similarity_loss < base + 0.25
     assert similarity_loss < np.median(random_losses) - 0.1 and similarity_loss < np.mean(random_losses) - 0.5
     assert loss_loss < min(random_losses) and loss_loss < base + 0.05
+
+
+@pytest.mark.slow
+def test_smollm2_drop_attention_perplexity_on_test_text():
+    """Bound from docs/BENCHMARKS.md's table: SmolLM2 without its 4 most redundant attention
+    sub-blocks (ranked on the default calibration text) costs x1.166 perplexity on test.txt (4064
+    tokens, stride 128). Here, on its first 1024 tokens (8 windows of 128): 37.11 -> 43.81 (x1.18)."""
+    from pathlib import Path
+
+    from tcc.calibration import DEFAULT_VALID
+    from tcc.evaluate import perplexity
+
+    test = Path(DEFAULT_VALID).with_name("test.txt")
+    base = frontend.trace("smollm2", seq_len=128)
+    before = perplexity(base, base.tokenizer_dir, test, 128, 1024, 128)["value"]
+    pruned = Pipeline.parse("drop-attention(count=4)").run(base.clone(), PassContext(check_feeds=1))
+    after = perplexity(pruned, base.tokenizer_dir, test, 128, 1024, 128)["value"]
+    assert before == pytest.approx(37.11, rel=0.01)
+    assert 1.0 < after / before <= 1.25, (before, after)
