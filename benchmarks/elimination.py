@@ -145,7 +145,7 @@ def latency(res: Results, a, model: str, configs: list[tuple[str, int, str]]) ->
             continue
         out = Path(a.out) / f"{model}-{part}-{count}"
         manifest = json.loads((out / "manifest.json").read_text())
-        program = Pipeline.parse(text).run(tcc.trace(model, seq_len=128)) if text else tcc.trace(model, seq_len=128)
+        program = Pipeline.parse(text).run(base.clone()) if text else base  # one trace per model
         art = tcc.load(out)
         t_mn, t_med = time_min(art, feeds, a.repeats)
         p_mn, p_med = time_min(program, feeds, a.repeats)
