@@ -202,10 +202,11 @@ def _report_scores(program: Program, ctx: PassContext) -> tuple[list[list[float]
     report = ctx.report.get(ANALYSIS)
     entries = report.get("blocks") if isinstance(report, dict) else None
     if isinstance(entries, list):
-        rows = [_report_row(b, entries) for b in program.info.blocks]
+        # by position in ModelInfo.blocks; a block whose attention was dropped has no heads
+        rows = [_report_row(b, entries) if b.attention is not None else () for b in program.info.blocks]
         if all(r is not None for r in rows):
-            key = "loss_increase" if all(r[0] == "loss_increase" for r in rows) else "norm"
-            return [r[1] if r[0] == key else r[2] for r in rows], f"{ANALYSIS} report ({key})"
+            key = "loss_increase" if all(r[0] == "loss_increase" for r in rows if r) else "norm"
+            return [(r[1] if r[0] == key else r[2]) if r else [] for r in rows], f"{ANALYSIS} report ({key})"
     return None, None
 
 

@@ -220,6 +220,20 @@ def test_uses_analysis_report():
     assert rec["details"]["importance"] == "analyze-redundancy report (norm)"
 
 
+def test_after_drop_attention_with_analysis_report():
+    """drop-attention leaves blocks without attention and an analysis report; prune-heads still uses
+    the report for the blocks that keep their heads (found by the composed benchmark pipeline)."""
+    prog = tiny_program("llama")
+    ctx = PassContext(calibration=[prog.example_inputs(s) for s in range(2)])
+    out = Pipeline.parse("analyze-redundancy,drop-attention(count=1,keep_ends=false),prune-heads(mode=query,ratio=0.5)").run(prog, ctx)
+    rec = ctx.records[-1]["details"]
+    assert rec["importance"].startswith("analyze-redundancy report")
+    kept = [b.attention for b in out.info.blocks if b.attention is not None]
+    assert len(kept) == len(prog.info.blocks) - 1
+    assert all(a.num_heads == prog.info.num_heads // 2 and a.num_kv_heads == prog.info.num_kv_heads for a in kept)
+    assert np.isfinite(next(iter(out(prog.example_inputs()).values()))).all()
+
+
 def test_ratio_zero_is_noop():
     prog = tiny_program("llama")
     fp = prog.fingerprint()
