@@ -59,6 +59,13 @@ Methods (`method`):
                float program's loss.
   A tied lm_head is never smoothed (its weight is the embedding table).
 
+Sparse weights (annotated by `sparsify`, see tcc/sparsity.py) stay sparse: every format stores a
+zero weight as the code of exactly 0.0 (int8: 0; int4 sym: 8; int4 asym: the zero point, an integer
+code since lo <= 0 <= hi); gptq keeps the weight's zeros at that code and spreads their whole value
+as error to the columns not yet quantized instead of filling them in; awq and smoothquant only scale
+columns and rows, which keeps zeros. The annotation moves to the codes (`<w>_int8` / `<w>_int4`)
+with format, scale, zero and group (a layer mixed precision keeps in fp32 keeps it on the weight).
+
 Calibration: ctx.calibration (the first `samples` feeds) when given, else `samples` windows of
 the default text (tcc.calibration.text_feeds). Needed by gptq, awq, smoothquant, static
 activations and mixed precision; plain rtn with dynamic activations needs none.
@@ -73,8 +80,9 @@ Checks (UserError, naming the option): weights=int4 with acts=int8; method=smoot
 acts=int8; method=awq with acts=int8; sym=false with int8 weight-only; an odd int4 group; int4 for
 a layer with an odd K (the layer is named); keep with budget; keep above the number of
 layers; a budget below what the base format needs; calibration text too short (text_feeds).
-After rewriting: every quantized op's buffers have the dtypes and shapes the op needs, and no
-candidate linear is left in float unless mixed precision kept it there.
+After rewriting: every quantized op's buffers have the dtypes and shapes the op needs, no
+candidate linear is left in float unless mixed precision kept it there, and every annotated sparse
+tensor still holds its pattern.
 
 Notes: options, calibration feeds, per layer and table {weight, modules, shape, format,
 bytes_before, bytes_after[, group, error, rtn_error, shares]} (error = ||(W-Q)X|| / ||WX|| on the
@@ -90,14 +98,15 @@ import math
 import torch
 import torch.fx as fx
 
+from tcc import sparsity
 from tcc.calibration import CalibrationLoss, GraphRunner, text_feeds
 from tcc.errors import InternalError, UserError
 from tcc.pipeline import Option, Pass, PassContext, register, set_val
 from tcc.program import Program
 from tcc.progress import track
 from tcc.ops import quantize_rows
-from tcc.quantization import (Grid, InputStats, QWeight, awq_clip, awq_scale, bits_per_weight, collect, feed_args,
-                              glob_matches, gptq, int4_group, module_path, output_error, rtn, run_range,
+from tcc.quantization import (Grid, InputStats, QWeight, awq_clip, awq_scale, bits_per_weight, blockwise, collect,
+                              feed_args, glob_matches, gptq, int4_group, module_path, output_error, rtn, run_range,
                               smoothquant_scales, static_scale)
 from tcc.structure import IDENTITY, op_name
 
@@ -211,6 +220,7 @@ class Quantize(Pass):
             mixed = choose_precision(program, plan, feeds, stats, self)
         self._kept_float = {l.weight for l in plan.layers.values() if l.format == "fp32"}
         quantized = rewrite(gm, plan, self)
+        carry_sparsity(program, plan)
         removed = remove_dead(gm)[1] if quantized or plan.tables else []
         gm.recompile()
         ctx.note(options=dict(self.opts), calibration={"feeds": len(feeds)}, quantized=quantized,
@@ -222,6 +232,9 @@ class Quantize(Pass):
 
     def ensures(self, program: Program) -> None:
         verify(program.gm)
+        broken = sparsity.violations(program)
+        if broken:
+            raise InternalError(f"quantize broke the sparsity of {broken}")
         left = [t for t in match(program, self, check_groups=False).layers if t not in self._kept_float]
         if left:
             raise InternalError(f"quantize left float weights it should have quantized: {sorted(left)}")
@@ -251,6 +264,8 @@ class Layer:
     q: QWeight | None = None
     act: dict = dataclasses.field(default_factory=dict)  # node name -> (x_scale, x_zero) when static
     info: dict = dataclasses.field(default_factory=dict)
+    sparsity: dict | None = None  # the weight's sparsity annotation (tcc.sparsity), carried to its codes
+    stored: dict = dataclasses.field(default_factory=dict)  # suffix ("int8", "scale", ...) -> new buffer target
 
     @property
     def modules(self) -> list[str]:
@@ -307,7 +322,8 @@ def match(program: Program, opts: Quantize, check_groups: bool = True) -> Plan:
             reason = f"weight '{target}' is also read by {sorted(u.name for u in others)}"
             skipped += [{"module": module_path(n), "node": n.name, "reason": reason} for n in nodes]
         else:
-            layer = layers[target] = Layer(target, nodes, shape, opts.base_format)
+            layer = layers[target] = Layer(target, nodes, shape, opts.base_format,
+                                           sparsity=sparsity.annotation(program, target))
             if opts.base_format == "w4":
                 layer.group = int4_group(shape[1], opts.group) or 0
                 if check_groups and not layer.group:
@@ -358,45 +374,21 @@ def _input_stats(layers, n_feeds: int, opts: Quantize) -> dict[str, InputStats]:
 
 
 def gptq_blocks(program: Program, plan: Plan, feeds: list[dict], opts: Quantize) -> dict[str, InputStats]:
-    """GPTQ block by block: the Hessians of block i's linears come from the inputs the program computes
-    with blocks 0..i-1 already quantized (each feed's live values carried from block to block, so the
-    model runs about twice per feed in all). The lm head goes with the last block. Returns the stats
-    (Hessians kept only when mixed precision will re-quantize)."""
-    gm = program.gm
-    runner = GraphRunner(gm)
-    first = lambda nodes: min(runner.position[n.name] for n in nodes)
-    layers = list(plan.layers.values())
-    nodes = {n.name: n for n in gm.graph.nodes}
-    blocks = [[nodes[l.node] for l in _block_linears(b) if l.node in nodes]
-              for b in (program.info.blocks if program.info else [])]
-    starts = [first(lins) for lins in blocks if lins]
-    x_first = min(runner.position[_x(n).name] for l in layers for n in l.nodes)
-    starts = sorted({min([x_first] + starts)} | {s for s in starts if s > x_first})
-    end = len(runner.nodes) - 2  # the node before the output
-    envs = [runner.run(feed_args(program, f), snapshot_at={starts[0]}).snapshots[starts[0]]
-            for f in track(feeds, "quantize: gptq inputs")]
+    """GPTQ block by block (tcc.quantization.blockwise): the Hessians of block i's linears come from the
+    inputs the program computes with blocks 0..i-1 already quantized. Returns the stats (Hessians kept
+    only when mixed precision will re-quantize)."""
     kept: dict[str, InputStats] = {}
-    for a, b in zip(starts, starts[1:] + [end + 1]):
-        here = [l for l in layers if a <= first(l.nodes) < b]
-        stats = _input_stats(here, len(feeds), opts)
-        taps = {nodes[name]: st.update for name, st in stats.items()}
-        for env in envs:
-            run_range(runner, env, a, b - 1, taps=taps)
+
+    def process(here, stats):
         for l in here:
-            quantize_layer(gm, l, stats, opts)
-        overrides = {n: _emulate(l, n, not opts.sym) for l in here if l.q is not None for n in l.nodes}
-        if b <= end:
-            envs = [{n: v for n, v in run_range(runner, env, a, b - 1, overrides).items() if runner.last_use[n] >= b}
-                    for env in envs]
+            quantize_layer(program.gm, l, stats, opts)
         if opts.keep or opts.budget:
             kept.update(stats)
+        return {n: _emulate(l, n, not opts.sym) for l in here if l.q is not None for n in l.nodes}
+
+    blockwise(program, list(plan.layers.values()), feeds, lambda here: _input_stats(here, len(feeds), opts),
+              process, "quantize: gptq inputs")
     return kept
-
-
-def _block_linears(b) -> list:
-    a, m = b.attention, b.mlp
-    return ([l for l in (a.qkv, a.q, a.k, a.v, a.o) if l] if a else []) + \
-           ([l for l in (m.gate_up, m.gate, m.up, m.down) if l] if m else [])
 
 
 # -- smooth (awq, smoothquant) ------------------------------------------------------------------------
@@ -808,7 +800,7 @@ def quantize_layer(gm, layer: Layer, stats: dict[str, InputStats], opts: Quantiz
     h = None
     if opts.method == "gptq":
         h = sum(stats[_x(n).name].H for n in layer.nodes)
-        layer.q = gptq(w, h, grid, group, opts.damp, opts.act_order)
+        layer.q = gptq(w, h, grid, group, opts.damp, opts.act_order, zeros=_zeros(w, layer))
         layer.info["error"] = round(output_error(w, layer.q.dequantize(), h), 6)
         layer.info["rtn_error"] = round(output_error(w, rtn(w, grid, group).dequantize(), h), 6)
     else:
@@ -929,7 +921,7 @@ def rewrite(gm: fx.GraphModule, plan: Plan, opts: Quantize) -> list[dict]:
             tensors["scale"] = q.scale
             if q.zero is not None:
                 tensors["zero"] = q.zero
-            names = _register(gm, layer.weight, tensors)
+            names = layer.stored = _register(gm, layer.weight, tensors)
             note["bytes_after"] = q.nbytes
             if q.kind == "int4":
                 note["group"] = q.group
@@ -1011,6 +1003,22 @@ def verify(gm: fx.GraphModule) -> None:
             qw, s = t(n.args[1]), t(n.args[2])
             need(qw is not None and qw.dtype == torch.int8 and s is not None and tuple(s.shape) == (qw.shape[0],), n,
                  "table must be int8 [V, D] with f32 [V] scales")
+
+
+def carry_sparsity(program: Program, plan: Plan) -> None:
+    """Move each quantized weight's sparsity annotation to its codes, saying how to read them."""
+    for layer in plan.layers.values():
+        if layer.sparsity is None or not layer.stored:
+            continue
+        kind = "int4" if "int4" in layer.stored else "int8"
+        ann = sparsity.move_annotation(program, layer.weight, layer.stored[kind])
+        ann.update(format=kind, scale=layer.stored["scale"], zero=layer.stored.get("zero"),
+                   group=layer.q.group if kind == "int4" else None)
+
+
+def _zeros(w: torch.Tensor, layer: Layer) -> torch.Tensor | None:
+    """The entries a sparse weight must keep at exactly 0 (its stored zeros), None for a dense one."""
+    return (w == 0) if layer.sparsity is not None else None
 
 
 def _free_name(module: torch.nn.Module, name: str) -> str:

@@ -68,6 +68,9 @@ class Program:
     info: Any = None  # tcc.structure.ModelInfo, recovered after tracing
     source: dict = dataclasses.field(default_factory=dict)  # {"path", "sha256", "kind", "model_type"}
     tokenizer_dir: str | None = None  # where a tokenizer for text inputs lives (HF folders)
+    # facts about stored tensors that later passes and backends use, by get_attr target, e.g.
+    # {"layers.0.mlp.up_proj.weight": {"sparsity": {"pattern": "2:4", ...}}} (see tcc.sparsity)
+    annotations: dict = dataclasses.field(default_factory=dict)
 
     # -- running -----------------------------------------------------------------------------
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -98,7 +101,8 @@ class Program:
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def clone(self) -> "Program":
-        return dataclasses.replace(self, gm=copy.deepcopy(self.gm), info=copy.deepcopy(self.info))
+        return dataclasses.replace(self, gm=copy.deepcopy(self.gm), info=copy.deepcopy(self.info),
+                                   annotations=copy.deepcopy(self.annotations))
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Every parameter and buffer the graph reads, by attribute path."""

@@ -20,7 +20,7 @@ int4_group(k, group) -> int | None                  the group a layer with k inp
     when it divides k (0: k), else the largest even divisor of k below it (576 -> 96 for 128);
     None when k is odd (no even divisor: two codes share a byte).
 rtn(w, grid, group) -> QWeight                      round to nearest, group by group
-gptq(w, H, grid, group, damp=0.01, act_order=False) -> QWeight
+gptq(w, H, grid, group, damp=0.01, act_order=False, zeros=None) -> QWeight
     GPTQ (Frantar et al. 2023): columns one by one, each quantized and its error (w - q) / U[i,i] spread
     over the columns not yet quantized through the upper Cholesky factor U of H^-1 (H = sum x x^T over
     the calibration tokens, plus damp * mean(diag H) on the diagonal; columns no token touches get
@@ -28,7 +28,10 @@ gptq(w, H, grid, group, damp=0.01, act_order=False) -> QWeight
     blocks lazily once per block. Natural order: a group's scale and zero are fitted on its columns as
     they are when the group's first column comes up (the paper). act_order: columns by decreasing
     diag(H), every group's scale and zero fitted up front on the original weights ("static groups", so
-    groups stay contiguous runs of input features as tcc::dense_w4 needs).
+    groups stay contiguous runs of input features as tcc::dense_w4 needs). zeros (bool [N, K], a
+    sparsity mask): those entries take the code of exactly 0 and their whole value is error spread to
+    the columns not yet quantized (so the updates never fill a pruned weight back in); scales are
+    fitted on the weights with those entries zeroed.
 output_error(w, q, H) -> ||(W - Q) X|| / ||W X|| from H.
 awq_scale(x_mean, a, expand) -> s
     AWQ's (Lin et al. 2024) candidate scales: s = mean|x|^a normalised by sqrt(max s * min s); the
@@ -50,8 +53,12 @@ run_range(runner, env, start, stop, overrides, taps) -> env
 
 InputStats / collect(program, feeds, stats): one pass of GraphRunner per feed, tapping chosen nodes'
     values (the input of a linear) into running statistics: token count, per-channel mean and max of
-    |x|, optionally H = sum x^T x (float64) or only its diagonal blocks, and the top-k |x| (or top-k x
-    and -x, for asymmetric) of the whole tensor for a percentile.
+    |x| and sum of x^2 (.l2 = the per-channel L2 norm over all tokens, Wanda's ||X_j||), optionally
+    H = sum x^T x (float64) or only its diagonal blocks, and the top-k |x| (or top-k x and -x, for
+    asymmetric) of the whole tensor for a percentile.
+blockwise(program, layers, feeds, stats_for, process, what)
+    Layers processed block by block (GPTQ, SparseGPT): each block's layers see the inputs the program
+    computes with the blocks before them already processed; see its docstring.
 
 module_path(node), glob_matches(glob, path): the module a node was traced in, and skip globs.
 """
@@ -189,10 +196,12 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # -- GPTQ --------------------------------------------------------------------------------------------
 
 def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, group: int, damp: float = 0.01, act_order: bool = False,
-         block: int = 128) -> QWeight:
+         block: int = 128, zeros: torch.Tensor | None = None) -> QWeight:
     """GPTQ of w [N, K] against the Hessian h = sum x x^T [K, K]; see the module docstring."""
     W = w.detach().to(torch.float32).clone()
     n, k = W.shape
+    Z = torch.zeros(n, k, dtype=torch.bool) if zeros is None else zeros.to(torch.bool).clone()
+    W[Z] = 0.0
     group = k if grid.kind == "int8" else group
     if group < k and block % group:
         block = group  # every group then starts a block, where its columns are up to date
@@ -207,7 +216,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, group: int, damp: float =
         for g in range(k // group):
             scale[:, g], zero[:, g] = grid.fit(W[:, g * group:(g + 1) * group])
         order = torch.argsort(torch.diag(H), descending=True, stable=True)
-        W, H = W[:, order], H[order][:, order]
+        W, H, Z = W[:, order], H[order][:, order], Z[:, order]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=torch.float64)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(torch.float32)
 
@@ -220,9 +229,9 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, group: int, damp: float =
             col = i1 + i
             g = groups[col]
             if not act_order and col % group == 0:
-                scale[:, g], zero[:, g] = grid.fit(W1[:, i:i + group] if col + group <= i2 else
-                                                   torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group])
-            c = grid.codes(W1[:, i], scale[:, g], zero[:, g])
+                cols = W1[:, i:i + group] if col + group <= i2 else torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group]
+                scale[:, g], zero[:, g] = grid.fit(cols.masked_fill(Z[:, col:col + group], 0.0))
+            c = torch.where(Z[:, col], zero[:, g], grid.codes(W1[:, i], scale[:, g], zero[:, g]))
             codes[:, col] = c
             err = (W1[:, i] - grid.values(c, scale[:, g], zero[:, g])) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
@@ -305,6 +314,7 @@ class InputStats:
         self.k, self.tokens = k, 0
         self.abs_sum = torch.zeros(k, dtype=torch.float64)
         self.abs_max = torch.zeros(k)
+        self.sq_sum = torch.zeros(k, dtype=torch.float64)
         self.H = torch.zeros(k, k, dtype=torch.float64) if hessian else None
         self.blocks = blocks  # H's diagonal blocks of this size only: [K/blocks, blocks, blocks]
         self.H_blocks = torch.zeros(k // blocks, blocks, blocks, dtype=torch.float64) if blocks else None
@@ -318,6 +328,7 @@ class InputStats:
         self.tokens += x.shape[0]
         self.abs_sum += a.sum(dim=0, dtype=torch.float64)
         self.abs_max = torch.maximum(self.abs_max, a.amax(dim=0))
+        self.sq_sum += (x * x).sum(dim=0, dtype=torch.float64)
         if self.H is not None:
             self.H += (x.T @ x).to(torch.float64)  # one feed's sum in float32, the total in float64
         if self.H_blocks is not None:
@@ -333,6 +344,11 @@ class InputStats:
     @property
     def abs_mean(self) -> torch.Tensor:
         return (self.abs_sum / max(self.tokens, 1)).to(torch.float32)
+
+    @property
+    def l2(self) -> torch.Tensor:
+        """Per-channel L2 norm over every token seen."""
+        return self.sq_sum.sqrt().to(torch.float32)
 
 
 def _top(current: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
@@ -385,6 +401,45 @@ def run_range(runner: GraphRunner, env: dict, start: int, stop: int, overrides: 
             if n in taps:
                 taps[n](v)
     return env
+
+
+def blockwise(program, layers: list, feeds: list[dict], stats_for, process, what: str) -> None:
+    """Process `layers` (objects with .nodes: the linear fx nodes reading one weight) block by block,
+    each block's layers from the inputs the program computes with the blocks before them already
+    processed (GPTQ, SparseGPT). ModelInfo's blocks cut the graph into spans (the first starts at the
+    earliest input of any layer; layers after the last block, an lm head, go with it). For each span:
+    every feed's live values run through it, tapping stats_for(span's layers) -> {input node name:
+    InputStats}; process(span's layers, stats) changes them and returns overrides {fx node: fn(get)}
+    saying how they compute from then on ({} when it changed their weights in place); the feeds'
+    values move on to the next span with those overrides. The model runs about twice per feed."""
+    gm = program.gm
+    runner = GraphRunner(gm)
+    first = lambda nodes: min(runner.position[n.name] for n in nodes)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    blocks = [[nodes[l.node] for l in _block_linears(b) if l.node in nodes]
+              for b in (program.info.blocks if program.info else [])]
+    starts = [first(lins) for lins in blocks if lins]
+    x_first = min(runner.position[n.args[0].name] for l in layers for n in l.nodes)
+    starts = sorted({min([x_first] + starts)} | {s for s in starts if s > x_first})
+    end = len(runner.nodes) - 2  # the node before the output
+    envs = [runner.run(feed_args(program, f), snapshot_at={starts[0]}).snapshots[starts[0]]
+            for f in track(feeds, what)]
+    for a, b in zip(starts, starts[1:] + [end + 1]):
+        here = [l for l in layers if a <= first(l.nodes) < b]
+        stats = stats_for(here)
+        taps = {nodes[name]: st.update for name, st in stats.items()}
+        for env in envs:
+            run_range(runner, env, a, b - 1, taps=taps)
+        overrides = process(here, stats)
+        if b <= end:
+            envs = [{n: v for n, v in run_range(runner, env, a, b - 1, overrides).items() if runner.last_use[n] >= b}
+                    for env in envs]
+
+
+def _block_linears(b) -> list:
+    a, m = b.attention, b.mlp
+    return ([l for l in (a.qkv, a.q, a.k, a.v, a.o) if l] if a else []) + \
+           ([l for l in (m.gate_up, m.gate, m.up, m.down) if l] if m else [])
 
 
 def feed_args(program, feed: dict) -> list[torch.Tensor]:
