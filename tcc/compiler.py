@@ -64,9 +64,10 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
         ctx = PassContext(calibration=calibration, verbose=True)
         program = pipe.run(program, ctx)
         t0 = time.perf_counter()
+        sparsity: list[dict] = []  # how each sparse weight was lowered
         if backend == "tvm":
             from tcc.backends.tvm.build import build_library
-            params = build_library(program, tgt, stage.dir / "model.so")
+            params = build_library(program, tgt, stage.dir / "model.so", sparsity)
             save_weights(stage.dir / "weights.safetensors", params)
         else:
             from tcc.backends.onnxruntime import export_onnx
@@ -89,6 +90,9 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
             "sizes": {"weight_bytes": weight_bytes(params), "program_param_bytes": program.param_bytes(),
                       "source_param_bytes": source_param_bytes},
         }
+        if sparsity or _annotated_sparse(program):
+            manifest["sparsity"] = sparsity or [{"tensor": t, "storage": "dense", "kernel": f"dense ({backend} backend "
+                                                 "stores and runs sparse weights dense)"} for t in _annotated_sparse(program)]
         (stage.dir / "report.md").write_text(_report(manifest, ctx.records))
         run = {"host": platform.node(), "seconds": {"trace": round(t_trace, 2), "build": round(t_build, 2),
                "passes": [[r["pass"], r["seconds"]] for r in ctx.records]}}
@@ -99,6 +103,10 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
     info(f"[green]wrote[/green] {path}  ({weight_bytes(params) / 1e6:.1f} MB weights, target {tgt.name})")
     from .runtime import load
     return load(path)
+
+
+def _annotated_sparse(program: Program) -> list[str]:
+    return sorted(t for t, a in program.annotations.items() if "sparsity" in a)
 
 
 def _verify(dir: Path, manifest: dict, run: dict, program: Program, source: Program):
@@ -141,4 +149,12 @@ def _report(manifest: dict, records: list[dict]) -> str:
         drift = (r.get("drift") or {}).get("rel")
         lines.append(f"| `{r['text']}` | {pb['before'] / 1e6:.2f} → {pb['after'] / 1e6:.2f} | "
                      f"{fl['before'] / 1e9:.2f} → {fl['after'] / 1e9:.2f} | {'-' if drift is None else f'{drift:.2e}'} |")
+    if manifest.get("sparsity"):
+        lines += ["", "## Sparse weights on this target", "",
+                  "| tensor | pattern | sparsity | storage | bytes before → after | kernel |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in manifest["sparsity"]:
+            sp = r.get("sparsity")
+            pat = (r.get("pattern") or "-") + (f" {r['block'][0]}x{r['block'][1]}" if r.get("block") else "")
+            size = f"{r['bytes_before']} → {r['bytes_after']}" if "bytes_before" in r else "-"
+            lines.append(f"| `{r['tensor']}` | {pat} | {'-' if sp is None else f'{sp:.2f}'} | {r['storage']} | {size} | {r['kernel']} |")
     return "\n".join(lines) + "\n"

@@ -1,5 +1,5 @@
-"""Compile tcc's hand-written CPU kernels (cpu_kernels.cc, quant_kernels.cc) into one object a TVM
-module links in.
+"""Compile tcc's hand-written CPU kernels (cpu_kernels.cc, quant_kernels.cc, sparse_kernels.cc) into
+one object a TVM module links in.
 
 Contract:
   build_kernels(arch, out_dir, cflags=None) -> KernelLib
@@ -41,7 +41,7 @@ from pathlib import Path
 from tcc.errors import InternalError, UserError
 
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "cpu_kernels.cc", HERE / "quant_kernels.cc")
+SOURCES = (HERE / "cpu_kernels.cc", HERE / "quant_kernels.cc", HERE / "sparse_kernels.cc")
 ARCHES = ("x86_64", "aarch64")
 BASE_FLAGS = ["-O3", "-fPIC", "-std=c++17", "-DNDEBUG",
               "-fopenmp-simd",        # `#pragma omp simd` reductions in the softmax, no OpenMP runtime
@@ -119,6 +119,7 @@ def _key(arch: str, cxx: str, flags: list[str]) -> str:
     import scipy_openblas32
     import tvm_ffi
     h = hashlib.sha256()
+    h.update(" ".join(src.name for src in SOURCES).encode() + b"\0")  # which sources the object holds
     for f in sorted(HERE.glob("*.cc")) + sorted(HERE.glob("*.h")):
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     h.update("\0".join([arch, os.path.realpath(shutil.which(cxx)), _run([cxx, "--version"]), *flags,

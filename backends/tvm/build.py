@@ -30,8 +30,9 @@ def check_toolchain(target: Target) -> str:
     return cc
 
 
-def build_library(program: Program, target: Target, lib_path: Path):
-    """Compile `program` for `target` into `lib_path`; returns [(param name, array)] in call order."""
+def build_library(program: Program, target: Target, lib_path: Path, report: list | None = None):
+    """Compile `program` for `target` into `lib_path`; returns [(param name, array)] in call order.
+    How each sparse weight was lowered (kernel, storage) is appended to `report`."""
     import tvm
     from tvm import relax
 
@@ -39,7 +40,7 @@ def build_library(program: Program, target: Target, lib_path: Path):
 
     cc = check_toolchain(target)
     with status("importing into TVM Relax"):
-        mod, params = to_relax(program)
+        mod, params = to_relax(program, report)
     work = Path(tempfile.mkdtemp(prefix="tcc-build-"))
     try:
         with status(f"building kernels for {target.arch}"):

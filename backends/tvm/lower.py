@@ -55,14 +55,15 @@ def _stored(gm, a):
     return a is None or (isinstance(a, torch.fx.Node) and a.op == "get_attr")
 
 
-def fuse_parallel_linears(gm: torch.fx.GraphModule) -> int:
+def fuse_parallel_linears(gm: torch.fx.GraphModule, sparse: dict | None = None) -> int:
     """In place: every group of >= 2 dense ops of one kind (aten.linear, tcc::dense_w8,
     tcc::dense_a8w8, tcc::dense_w4) reading the same input, whose per-output-channel tensors
     (weights, scales, zero codes, biases) are stored, of one dtype and inner shape, present in all
     or none, and whose other arguments (activation scale, group) agree, becomes one op over the
     concatenated tensors followed by a split of its output. Exact: every output channel is computed
     as before (W8A8's per-row activation scale depends on the shared input only). Returns the number
-    of groups fused."""
+    of groups fused. `sparse` (weight target -> its sparsity annotation): a fused weight whose parts
+    all are sparse joins it."""
     from tcc.passes.dead_code import remove_dead
 
     g = gm.graph
@@ -82,7 +83,11 @@ def fuse_parallel_linears(gm: torch.fx.GraphModule) -> int:
                 groups.setdefault(key, []).append(u)
             for group in groups.values():
                 if len(group) >= 2:
-                    _fuse(gm, op, group, [args[u] for u in group], cat_idx, f"_tcc_fused_{fused}")
+                    name = f"_tcc_fused_{fused}"
+                    if sparse is not None and all(args[u][1].target in sparse for u in group):
+                        parts = [args[u][1].target for u in group]
+                        sparse[f"{name}_1"] = {**sparse[parts[0]], "fused": parts}
+                    _fuse(gm, op, group, [args[u] for u in group], cat_idx, name)
                     fused += 1
     if fused:
         remove_dead(gm)
@@ -156,11 +161,12 @@ def _(x, qw_p, scale_t, zero_t, b, n):
     return x.new_empty((*x.shape[:-1], n))
 
 
-def _pack_quantized(gm: torch.fx.GraphModule) -> None:
+def _pack_quantized(gm: torch.fx.GraphModule, sparse: dict | None = None, report: list | None = None) -> None:
     """In place: tcc::dense_a8w8 / tcc::dense_w4 with stored weights -> the packed ops, their
     packed tensors registered as parameters (so they are stored in the artifact). An int4 scale
     stored as float16 (the quantize pass's) stays float16 in the artifact, packed, and a cast to the
-    float32 the kernels read goes before the op (G x N values per call: negligible)."""
+    float32 the kernels read goes before the op (G x N values per call: negligible). A sparse int8
+    weight's packed codes stay sparse (packing only moves elements) and join `sparse`."""
     from tcc.backends.kernels.quant_layout import pack_a8w8, pack_w4
 
     g = gm.graph
@@ -175,10 +181,16 @@ def _pack_quantized(gm: torch.fx.GraphModule) -> None:
             x, qw, w_scale, b, x_scale, x_zero = a[:6]
             asym = bool(a[6]) if a[6] is not None else False
             tensors, target = pack_a8w8(_attr(gm, qw)), dense_a8w8_packed
+            if sparse is not None and qw.target in sparse:
+                sparse[f"_tcc_packed_{i}_0"] = {**sparse[qw.target], "packed": qw.target}
         else:
             x, qw, scale, zero, group, b = a[:6]
             s = _attr(gm, scale)
             packed = pack_w4(_attr(gm, qw), s.to(torch.float32), None if zero is None else _attr(gm, zero))
+            if sparse is not None and qw.target in sparse:
+                nbytes = _attr(gm, qw).numel()
+                _note(report, qw.target, sparse[qw.target], None, "dense", "tcc_dense_w4 (int4 zeros are nonzero codes, "
+                      "stored and multiplied as any other: no saving)", nbytes, nbytes)
             tensors, target = packed, dense_w4_packed
         names = []
         for j, t in enumerate(tensors):
@@ -203,12 +215,143 @@ def _pack_quantized(gm: torch.fx.GraphModule) -> None:
     remove_dead(gm)  # the unpacked weights: not stored twice
 
 
-def kernelize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of `gm` whose dense ops are tcc custom ops the TVM backend maps to kernels."""
+# -- sparse weights: block-sparse kernels where they pay, compressed storage everywhere ------------------
+
+# The lowest block sparsity at which tcc_dense_bsr beats the dense kernel on x86 (measured by
+# `python benchmarks/sparse_kernels.py`, docs/BENCHMARKS.md "Sparsity"); below it a block-sparse
+# weight is stored compressed and run dense.
+BSR_MIN_SPARSITY = 0.3
+
+
+@torch.library.custom_op("tcc_tvm::dense_bsr", mutates_args=())
+def dense_bsr(x: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor,
+              b: torch.Tensor | None, k: int) -> torch.Tensor:
+    """y = x @ W.T + b with W [N, k] in BSR (values [nnzb, r, c], block columns, block-row pointers)."""
+    nnzb, r, c = values.shape
+    rows = row_ptr.shape[0] - 1
+    block_row = torch.repeat_interleave(torch.arange(rows), (row_ptr[1:] - row_ptr[:-1]).long(), output_size=nnzb)
+    w = torch.zeros(rows, k // c, r, c, dtype=values.dtype)
+    w[block_row, col_idx.long()] = values
+    return torch.nn.functional.linear(x, w.permute(0, 2, 1, 3).reshape(rows * r, k), b)
+
+
+@dense_bsr.register_fake
+def _(x, values, col_idx, row_ptr, b, k):
+    return x.new_empty((*x.shape[:-1], (row_ptr.shape[0] - 1) * values.shape[1]))
+
+
+@torch.library.custom_op("tcc_tvm::unmask", mutates_args=())
+def unmask(values: torch.Tensor, mask: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """The dense tensor of `shape`: bit i of mask byte j says whether flat element 8j+i is stored;
+    the stored ones are `values`, in order; the rest are zero."""
+    n = 1
+    for d in shape:
+        n *= d
+    bits = (mask[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1
+    keep = bits.reshape(-1)[:n].bool()
+    out = torch.zeros(n, dtype=values.dtype)
+    out[keep] = values
+    return out.reshape(shape)
+
+
+@unmask.register_fake
+def _(values, mask, shape):
+    return values.new_empty(shape)
+
+
+def _sparsity(annotations: dict | None) -> dict:
+    return {t: a["sparsity"] for t, a in (annotations or {}).items() if isinstance(a, dict) and "sparsity" in a}
+
+
+def _note(report, tensor, ann, t, storage, kernel, before, after, **extra):
+    """One row of the manifest's "sparsity": the annotation's pattern, the zeros actually stored in `t`
+    (both storages are lossless, so a stale annotation costs speed or bytes, never correctness)."""
+    if report is not None:
+        report.append({"tensor": tensor, "pattern": ann.get("pattern"), "block": ann.get("block"),
+                       "sparsity": ann.get("sparsity") if t is None else round(float((t == 0).float().mean()), 4), "storage": storage, "kernel": kernel,
+                       "bytes_before": int(before), "bytes_after": int(after), **extra})
+
+
+def _block_sparse(gm: torch.fx.GraphModule, anns: dict, report: list | None) -> set:
+    """aten.linear with a stored fp32 weight annotated `block` at >= BSR_MIN_SPARSITY -> tcc_tvm::dense_bsr
+    on the BSR arrays (registered as parameters). Returns the weight targets so lowered."""
+    from tcc.backends.kernels.sparse_layout import to_bsr
+
+    g, done = gm.graph, set()
+    for i, n in enumerate(list(g.nodes)):
+        if n.op != "call_function" or n.target != aten.linear.default:
+            continue
+        x, w, *rest = n.args
+        b = rest[0] if rest else n.kwargs.get("bias")
+        ann = anns.get(getattr(w, "target", None))
+        if not (_stored(gm, w) and w is not None and ann and ann.get("pattern") == "block"):
+            continue
+        weight = _attr(gm, w).detach()
+        r, c = ann["block"]
+        if weight.dtype != torch.float32 or weight.shape[0] % r or weight.shape[1] % c \
+                or float(ann["sparsity"]) < BSR_MIN_SPARSITY:
+            continue
+        values, col_idx, row_ptr = to_bsr(weight.numpy(), (r, c))
+        names = []
+        for j, t in enumerate((values, col_idx, row_ptr)):
+            names.append(f"_tcc_bsr_{i}_{j}")
+            gm.register_parameter(names[-1], torch.nn.Parameter(torch.from_numpy(t), requires_grad=False))
+        with g.inserting_before(n):
+            new = g.call_function(torch.ops.tcc_tvm.dense_bsr.default,
+                                  (x, *[g.get_attr(m) for m in names], b, int(weight.shape[1])))
+        new.meta = dict(n.meta)
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+        done.add(w.target)
+        _note(report, w.target, ann, weight, "bsr", "tcc_dense_bsr (block-sparse: skips the zero blocks)",
+              weight.numel() * 4, values.nbytes + col_idx.nbytes + row_ptr.nbytes)
+    return done
+
+
+def _compress_sparse(gm: torch.fx.GraphModule, sparse: dict, report: list | None) -> None:
+    """Every stored tensor in `sparse` (annotated, or fused/packed from annotated ones) that is smaller
+    as nonzeros + a one-bit-per-element mask is stored so and restored per call by tcc_unmask before
+    the dense kernel: the artifact's bytes drop with sparsity; the speed stays the dense kernel's."""
+    from tcc.backends.kernels.sparse_layout import compress
+
+    g = gm.graph
+    for n in list(g.nodes):
+        if n.op != "get_attr" or n.target not in sparse:
+            continue
+        t = _attr(gm, n).detach()
+        values, mask = compress(t.numpy())
+        ann = sparse[n.target]
+        if values.nbytes + mask.nbytes >= 0.9 * t.numel() * t.element_size():
+            _note(report, n.target, ann, t, "dense", "dense (too few zeros to compress)", t.nbytes, t.nbytes)
+            continue
+        base = "_tcc_sparse_" + n.target.replace(".", "_")
+        gm.register_parameter(base + "_v", torch.nn.Parameter(torch.from_numpy(values), requires_grad=False))
+        gm.register_parameter(base + "_m", torch.nn.Parameter(torch.from_numpy(mask), requires_grad=False))
+        with g.inserting_before(n):
+            new = g.call_function(torch.ops.tcc_tvm.unmask.default,
+                                  (g.get_attr(base + "_v"), g.get_attr(base + "_m"), list(t.shape)))
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+        _note(report, n.target, ann, t, "bitmask", f"dense {str(t.dtype).replace('torch.', '')} kernel after tcc_unmask: smaller artifact, "
+              "no speed-up (the zeros are multiplied)", t.numel() * t.element_size(), values.nbytes + mask.nbytes,
+              **{k: ann[k] for k in ("fused", "packed") if k in ann})
+    from tcc.passes.dead_code import remove_dead
+    remove_dead(gm)
+
+
+def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
+              report: list | None = None) -> torch.fx.GraphModule:
+    """A copy of `gm` whose dense ops are tcc custom ops the TVM backend maps to kernels.
+    `annotations` (Program.annotations): sparse weights take the block-sparse kernel or compressed
+    storage; what each got is appended to `report`."""
     gm = copy.deepcopy(gm)
     _buffers_to_parameters(gm)
-    fuse_parallel_linears(gm)
-    _pack_quantized(gm)
+    anns = _sparsity(annotations)
+    bsr = _block_sparse(gm, anns, report)
+    sparse = {t: a for t, a in anns.items() if t not in bsr}
+    fuse_parallel_linears(gm, sparse)
+    _pack_quantized(gm, sparse, report)
+    _compress_sparse(gm, sparse, report)
     g = gm.graph
     for n in list(g.nodes):
         if n.op != "call_function":
@@ -326,7 +469,26 @@ def _convert_embedding_w8(node, importer):
     return bb.emit(relax.op.multiply(rows, scales))
 
 
+def _convert_bsr(node, importer):
+    from tvm import relax
+    x, values, col_idx, row_ptr, b, _k = node.args
+    args = [_arg(importer, t) for t in (x, values, col_idx, row_ptr)]
+    name = "tcc_dense_bsr_nobias_f32" if b is None else "tcc_dense_bsr_f32"
+    if b is not None:
+        args.append(_arg(importer, b))
+    return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(args), _out_sinfo(node)))
+
+
+def _convert_unmask(node, importer):
+    from tvm import relax
+    values, mask, _shape = node.args
+    args = relax.Tuple([_arg(importer, values), _arg(importer, mask)])
+    return importer.block_builder.emit(relax.call_dps_packed("tcc_unmask", args, _out_sinfo(node)))
+
+
 CONVERT_MAP = {
+    "dense_bsr.default": _convert_bsr,
+    "unmask.default": _convert_unmask,
     "dense.default": _dense_converter("tcc_dense", 2),
     "dense_w8.default": _dense_converter("tcc_dense_w8", 3),
     "sdpa.default": _convert_sdpa,
@@ -336,12 +498,13 @@ CONVERT_MAP = {
 }
 
 
-def to_relax(program: Program):
-    """Program -> (IRModule with `main(*inputs, *params)`, [(param name, numpy array)])."""
+def to_relax(program: Program, report: list | None = None):
+    """Program -> (IRModule with `main(*inputs, *params)`, [(param name, numpy array)]); how sparse
+    weights were lowered is appended to `report`."""
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.torch import from_exported_program
 
-    gm = kernelize(program.gm)
+    gm = kernelize(program.gm, program.annotations, report)
     feeds = program.example_inputs()
     args = tuple(torch.from_numpy(feeds[s.name]) for s in program.inputs)
     with torch.no_grad():
