@@ -1,6 +1,6 @@
 """Prints the quantization tables of docs/BENCHMARKS.md (issue 5).
 
-    python benchmarks/quantization.py [--phase all|accuracy|latency|table] [--out build/quantization]
+    python benchmarks/quantization.py [--phase all|accuracy|compile|latency|table] [--out build/quantization]
                                       [--max-tokens 4096] [--stride 128] [--samples 16] [--repeats 20]
 
 Formats (every quantized one with embeddings=true: the int8 embedding table, which a tied lm_head
@@ -14,6 +14,9 @@ such as SmolLM2's reads too; without it that table, a fifth of SmolLM2, stays fp
                 scales; a K that 128 does not divide (SmolLM2's 576) uses the largest even divisor
                 below it (96), as the pass notes; "asym": sym=false (a zero point per group: in the
                 artifact no bigger, since the kernels store zero points for symmetric groups too)
+  composed      structure passes then W8A8 SmoothQuant (COMPOSED below): SmolLM2 drops 4 attention
+                sub-blocks, prunes a third of the query heads in every KV group and heals 20 steps;
+                MiniLM drops 1 attention sub-block, prunes 25 % of the heads and heals 20 steps
 Calibration: --samples windows of 128 tokens from the second half of wikitext-2 valid.txt (the
 pass's default text; tcc.calibration.text_feeds, seed 0).
 
@@ -24,9 +27,9 @@ accuracy  SmolLM2-135M perplexity on ../shared/data/wikitext-2/test.txt: the fir
           and 1536: group 128 divides both): cosine of the mean-pooled embedding vs the fp32 model
           on the first 64 sentences of test.txt, seq 128. Weight bytes: the quantized Program's
           parameters (codes, scales, zero points, and what stays fp32: norms, biases).
-latency   (run it on an idle machine) every format compiled for x86 at seq 128 (tcc.compile,
-          same calibration) and timed by tcc.bench.bench(artifact): the artifact beside PyTorch
-          eager and ONNX Runtime fp32 and ORT quantize_dynamic int8 of the unquantized model, in
+compile   every format compiled for x86 at seq 128 (tcc.compile, same calibration) into OUT
+latency   (run it on an idle machine) each compiled artifact timed by tcc.bench.bench(artifact):
+          the artifact beside PyTorch eager and ONNX Runtime fp32 and ORT quantize_dynamic int8 of the unquantized model, in
           one process, batch 1, --repeats calls after 3 warm-up calls; weight bytes of the
           artifact (packed kernels' layouts, as stored).
 
@@ -36,17 +39,11 @@ are printed as markdown.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-TEST = (ROOT / ".." / "shared" / "data" / "wikitext-2" / "test.txt").resolve()
-SEQ = 128
+from _results import Results  # benchmarks/ is on sys.path when run as a script
+from _suite import SEQ, add_arguments, latency_cells, run_phases
 
 # (name, method shown, pipeline); the same for both models
 FORMATS = [
@@ -60,74 +57,20 @@ FORMATS = [
     ("int4 g128 asym", "rtn", "quantize(weights=int4,group=128,sym=false,embeddings=true)"),
     ("int4 g128 asym", "gptq", "quantize(weights=int4,group=128,sym=false,method=gptq,embeddings=true)"),
 ]
-MODELS = {"smollm2": FORMATS, "minilm": [f for f in FORMATS if f[1] != "awq"]}
+# the structure passes composed with quantization: one row with size, latency and accuracy together
+COMPOSED = {
+    "smollm2": ("drop-attention(count=4),prune-heads(mode=query,ratio=0.34),heal(steps=20),"
+                "quantize(acts=int8,method=smoothquant,embeddings=true)"),
+    "minilm": "drop-attention(count=1),prune-heads(ratio=0.25),heal(steps=20),quantize(acts=int8,method=smoothquant,embeddings=true)",
+}
+MODELS = {m: fs + [("composed", "smoothquant", COMPOSED[m])]
+          for m, fs in {"smollm2": FORMATS, "minilm": [f for f in FORMATS if f[1] != "awq"]}.items()}
 
 
-from _results import Results  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-
-
-def _pipeline(text: str, samples: int) -> str:
-    """The format's pipeline with the calibration sample count (a quantize pass that calibrates)."""
-    return text.replace(")", f",samples={samples})") if text else ""
-
-
-# -- accuracy ---------------------------------------------------------------------------------------------
-
-def accuracy(res: Results, a) -> None:
-    import tcc
-    from tcc.calibration import text_feeds
-    from tcc.evaluate import cosine, perplexity
-    from tcc.pipeline import PassContext, Pipeline
-
-    for model, formats in MODELS.items():
-        todo = [f for f in formats if not res.get(model=model, kind="accuracy", format=f[0], method=f[1])]
-        if not todo:
-            continue
-        base = tcc.trace(model, seq_len=SEQ)
-        Pipeline.parse("dce").run(base)
-        calibration = text_feeds(base, n_samples=a.samples)
-        for fmt, method, text in todo:
-            program, details, seconds = base, {}, 0.0
-            if text:
-                ctx = PassContext(calibration=calibration, check_feeds=1)
-                t0 = time.perf_counter()
-                program = Pipeline.parse(_pipeline(text, a.samples)).run(base.clone(), ctx)
-                seconds = time.perf_counter() - t0
-                details = ctx.records[-1]["details"]
-            row = {"model": model, "kind": "accuracy", "format": fmt, "method": method, "pipeline": text,
-                   "param_bytes": program.param_bytes(), "fp32_param_bytes": base.param_bytes(),
-                   "quantize_seconds": round(seconds, 1), "group_fallback": details.get("group_fallback") or [],
-                   "alpha": (details.get("alpha_search") or {}).get("chosen"),
-                   "alpha_losses": (details.get("alpha_search") or {}).get("losses")}
-            if model == "smollm2":
-                r = perplexity(program, base.tokenizer_dir, TEST, SEQ, a.max_tokens, a.stride)
-                row.update(perplexity=r["value"], tokens=r["tokens"], windows=r["windows"], stride=r["stride"])
-            else:
-                r = cosine(program, base, base.tokenizer_dir, TEST, SEQ, 64)
-                row.update(cosine=r["value"], cosine_min=r["min"], samples=r["samples"])
-            res.add(row)
-            del program
-
-
-# -- latency ----------------------------------------------------------------------------------------------
-
-def latency(res: Results, a) -> None:
-    import tcc
-    from tcc.bench import bench
-
-    for model, formats in MODELS.items():
-        for fmt, method, text in formats:
-            if res.get(model=model, kind="latency", format=fmt, method=method):
-                continue
-            out = Path(a.out) / re.sub(r"[^A-Za-z0-9]+", "-", f"{model}-{fmt}-{method}").strip("-")
-            t0 = time.perf_counter()
-            tcc.compile(model, "x86", out=out, pipeline=_pipeline(text, a.samples), seq_len=SEQ,
-                        calibration_samples=a.samples).close()
-            compile_s = time.perf_counter() - t0
-            r = bench(out, repeats=a.repeats, warmup=3, hf=False)
-            res.add({"model": model, "kind": "latency", "format": fmt, "method": method, "pipeline": text,
-                     "compile_s": round(compile_s, 1), "engines": r["engines"], "skipped": r["skipped"],
-                     "sizes": r["sizes"], "host": r["host"]})
+def _details(d: dict) -> dict:
+    """The quantize pass's choices worth a table note."""
+    return {"group_fallback": d.get("group_fallback") or [], "alpha": (d.get("alpha_search") or {}).get("chosen"),
+            "alpha_losses": (d.get("alpha_search") or {}).get("losses")}
 
 
 # -- tables -----------------------------------------------------------------------------------------------
@@ -161,14 +104,7 @@ def tables(res: Results, a) -> str:
             else:
                 cells = f"{r['cosine']:.4f} | {r['cosine_min']:.4f}"
             size = L["sizes"]["weight_bytes"] if L else r["param_bytes"]
-            cells += f" | {size / 1e6:.1f} | {size / fp['param_bytes']:.3f}"
-            if L:
-                e = L["engines"]
-                ms = lambda k: e[k]["median_ms"] if k in e else float("nan")
-                t, o, o8 = ms("tcc"), ms("onnxruntime"), ms("onnxruntime-int8")
-                cells += f" | {t:.1f} | {ms('pytorch'):.1f} | {o:.1f} | {o8:.1f} | {o / t:.2f}× | {o8 / t:.2f}×"
-            else:
-                cells += " | – | – | – | – | – | –"
+            cells += f" | {size / 1e6:.1f} | {size / fp['param_bytes']:.3f}" + latency_cells(L)
             lines.append(f"| {name} | {m} | {cells} |")
         fallback = sorted({g for r in acc.values() if r for g in r["group_fallback"]})
         if fallback:
@@ -191,18 +127,10 @@ def tables(res: Results, a) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", default="all", choices=("all", "accuracy", "latency", "table"))
-    ap.add_argument("--out", default="build/quantization")
-    ap.add_argument("--max-tokens", type=int, default=4096)
-    ap.add_argument("--stride", type=int, default=128, help="perplexity window stride (128: windows do not overlap)")
-    ap.add_argument("--samples", type=int, default=16, help="calibration windows")
-    ap.add_argument("--repeats", type=int, default=20)
+    add_arguments(ap, "build/quantization")
     a = ap.parse_args()
     res = Results(Path(a.out) / "results.jsonl")
-    if a.phase in ("all", "accuracy"):
-        accuracy(res, a)
-    if a.phase in ("all", "latency"):
-        latency(res, a)
+    run_phases(res, a, MODELS, _details)
     print(tables(res, a))
     return 0
 
