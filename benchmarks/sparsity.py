@@ -12,6 +12,8 @@ stay dense), each with method magnitude, wanda and sparsegpt:
                      the artifact runs tcc_dense_bsr (below it, block weights are stored compressed
                      and run dense)
   2:4 + int8         2:4 sparsegpt, then quantize(weights=int8): sparse int8 codes, stored compressed
+  sparsegpt+heal     the sparsegpt rows followed by heal(steps=50): distillation from the dense model
+                     on valid.txt windows, the pruned weights held at zero
 Compiled and timed: the dense model and the sparsegpt row of each pattern (the kernel depends on
 the pattern, not on the method). The phases, calibration and accuracy measures are benchmarks/_suite.py's (perplexity on test.txt
 for SmolLM2, embedding cosine for MiniLM; calibration from valid.txt). Weight bytes: the artifact's
@@ -34,7 +36,8 @@ PATTERNS = [
     ("block 1x16 75%", "pattern=block,block=1x16,sparsity=0.75"),
 ]
 FORMATS = [("dense", "-", "")] + [(name, m, f"sparsify({opts},method={m})") for name, opts in PATTERNS for m in METHODS] \
-    + [("2:4 + int8", "sparsegpt", "sparsify(pattern=2:4,method=sparsegpt),quantize(weights=int8)")]
+    + [("2:4 + int8", "sparsegpt", "sparsify(pattern=2:4,method=sparsegpt),quantize(weights=int8)")] \
+    + [(name, "sparsegpt+heal", f"sparsify({opts},method=sparsegpt),heal(steps=50)") for name, opts in PATTERNS[:3]]
 MODELS = {"smollm2": FORMATS, "minilm": FORMATS}
 # compiled and timed: the kernel depends on the pattern, not the method, so one method per pattern
 TIMED = {m: [f for f in fs if f[1] in ("-", "sparsegpt")] for m, fs in MODELS.items()}

@@ -14,7 +14,9 @@ tcc.calibration - the second half of wikitext-2 valid.txt - never test.txt), one
 in a fixed order (`seed`), with AdamW (`lr`, cosine decay to 0 over `steps`, gradient norm clipped
 to 1). `train=all` trains every float parameter, `train=norms` only the normalisation weights and
 biases (cheap, and much less able to overfit). The graph is not changed - only parameter values -
-so the compiled artifact's size and speed are those of the pruned program.
+so the compiled artifact's size and speed are those of the pruned program. Weights the `sparsify`
+pass annotated keep their zeros: after every optimizer step the pruned entries are set back to 0,
+so the pattern (and what the backend does with it) survives healing.
 
 Checked, not assumed: before and after, on `eval_samples` held-out windows (drawn with the
 training windows, never trained on) the pass measures the distillation loss and, for causal LMs,
@@ -95,6 +97,7 @@ class Heal(Pass):
         targets = [self._target(teacher, f, causal) for f in eval_feeds]
         before = self._measure(program, teacher, eval_feeds, targets, causal)
         saved = {name: p.detach().clone() for name, p in params.items()}
+        sparse = {name: p != 0 for name, p in params.items() if "sparsity" in program.annotations.get(name, {})}
 
         # -- rewrite: train ---------------------------------------------------------------------------
         torch.manual_seed(self.seed)
@@ -113,6 +116,9 @@ class Heal(Pass):
                 torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
                 opt.step()
                 sched.step()
+                with torch.no_grad():
+                    for name, keep in sparse.items():  # pruned weights stay pruned
+                        params[name].mul_(keep)
                 steps_done += 1
                 losses.append(loss.item())
                 if not math.isfinite(losses[-1]):
@@ -137,6 +143,7 @@ class Heal(Pass):
                     p.copy_(saved[name])
         ctx.note(steps=steps_done, stopped_by=stopped, seconds=round(seconds, 1), train=self.train,
                  parameters=sum(p.numel() for p in params.values()), data=source,
+                 sparse_weights_kept_zero=len(sparse),
                  train_loss_first_last=[round(losses[0], 5), round(losses[-1], 5)] if losses else None,
                  held_out_before=before, held_out_after=after,
                  result="healed" if kept else "restored the weights from before healing (held-out distillation "

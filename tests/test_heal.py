@@ -69,6 +69,20 @@ def test_train_norms_changes_only_norm_weights():
     assert d["parameters"] == sum(old[k].numel() for k in old if "norm" in k)
 
 
+def test_sparse_weights_keep_their_pattern():
+    """After sparsify, heal trains the surviving weights only: the annotated pattern still holds."""
+    from tcc.sparsity import violations
+    prog, _ = build("llama")
+    sparse, _, _ = run(prog.clone(), "sparsify(pattern=2:4,min_size=0)")
+    old = params(sparse)
+    healed, _, d = run(prog, "sparsify(pattern=2:4,min_size=0),heal(steps=10,lr=1e-3,eval_samples=2)")
+    assert d["result"] == "healed" and d["sparse_weights_kept_zero"] == len(sparse.annotations) > 0
+    assert violations(healed) == []
+    for name in sparse.annotations:
+        new = dict(healed.gm.named_parameters())[name]
+        assert torch.equal(new == 0, old[name] == 0) and not torch.equal(new, old[name])
+
+
 def test_nothing_to_heal_restores_the_weights():
     prog, _ = build("llama")
     old = params(prog)
