@@ -53,14 +53,16 @@ ENTRY_POINT_GROUP = "tcc.passes"
 # Options
 # ---------------------------------------------------------------------------------------------
 
-_TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "str", list[int]: "list[int]", list[str]: "list[str]"}
+_TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "str", list[int]: "list[int]", list[str]: "list[str]",
+               list[float]: "list[float]"}
+_ITEM_TYPE = {list[int]: int, list[str]: str, list[float]: float}
 
 
 @dataclasses.dataclass(frozen=True)
 class Option:
     """One typed pass option. `validator(value)` returns an error message, or None when fine."""
 
-    type: Any  # int | float | bool | str | list[int] | list[str]
+    type: Any  # int | float | bool | str | list[int] | list[str] | list[float]
     default: Any
     help: str
     choices: tuple | None = None
@@ -90,8 +92,8 @@ class Option:
 
 
 def _convert(value: Any, typ: Any) -> Any:
-    if typ in (list[int], list[str]):
-        inner = int if typ == list[int] else str
+    if typ in _ITEM_TYPE:
+        inner = _ITEM_TYPE[typ]
         items = list(value) if isinstance(value, (list, tuple)) else [value]
         return [_convert(v, inner) for v in items]
     if isinstance(value, (list, tuple)):
