@@ -64,7 +64,7 @@ class _HostVM:
         from safetensors.numpy import load_file
         from tvm import relax
 
-        self.lib = tvm.runtime.load_module(str(dir / "model.so"))
+        self.lib = tvm.runtime.load_module(_unique_path(dir / "model.so", manifest))
         self.vm = relax.VirtualMachine(self.lib, tvm.cpu())
         weights = load_file(str(dir / "weights.safetensors"))
         self.params = [tvm.runtime.tensor(weights[n]) for n in manifest["params"]]
@@ -77,6 +77,32 @@ class _HostVM:
         out = self.main(*args)
         outs = [out] if hasattr(out, "numpy") else list(out)
         return {s.name: o.numpy() for s, o in zip(self.outputs, outs)}
+
+
+_LINKS: list[str] = []  # a per-process directory of hard links (or copies) of loaded libraries
+
+
+def _unique_path(lib: Path, manifest: dict) -> str:
+    """A path naming this library by its content: the dynamic loader returns an already loaded
+    library for a path it has seen, so an artifact rebuilt in place and loaded again in the same
+    process would otherwise run the old code."""
+    import atexit
+    import shutil
+    import tempfile
+
+    sha = (manifest.get("files") or {}).get("model.so")
+    if not sha:
+        return str(lib)
+    if not _LINKS:
+        _LINKS.append(tempfile.mkdtemp(prefix="tcc-libs-"))
+        atexit.register(shutil.rmtree, _LINKS[0], True)
+    link = Path(_LINKS[0]) / f"{sha[:32]}.so"
+    if not link.exists():
+        try:  # a hard link (TVM resolves symbolic links to the original path)
+            os.link(lib, link)
+        except OSError:  # another file system
+            shutil.copyfile(lib, link)
+    return str(link)
 
 
 def load(dir, verify: bool = True) -> Loaded:

@@ -238,3 +238,24 @@ def test_random_init_architecture_matches_eager(arch, tmp_path):
             want = module(*(torch.from_numpy(v) for v in feed.values())).numpy()
         err = float(np.max(np.abs(got["output"] - want)))
         assert err <= FP32_ABS, f"{arch}: max abs error {err:.2e}"
+
+
+def test_artifact_rebuilt_in_place_loads_the_new_library(tmp_path):
+    """Compiling a different program into the same directory and loading it again in the same
+    process runs the new library (the loader names libraries by content; with the plain path the
+    dynamic loader handed back the first one)."""
+    from test_elimination import build
+    from tcc.pipeline import Pipeline
+
+    prog, _ = build("llama")
+    pruned = Pipeline.parse("drop-attention(layers=[1,2])").run(prog.clone())
+    feeds = prog.example_inputs(1)
+    first = tcc.compile(prog, "x86", out=tmp_path / "a", verify=False)
+    got_first = first(feeds)["logits"]
+    second = tcc.compile(pruned, "x86", out=tmp_path / "a", verify=False)
+    try:
+        np.testing.assert_allclose(second(feeds)["logits"], pruned(feeds)["logits"], atol=1e-5)
+        assert np.abs(got_first - second(feeds)["logits"]).max() > 1e-3
+    finally:
+        first.close()
+        second.close()
