@@ -23,43 +23,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from kernels import tcc_library, timeit  # benchmarks/ is on sys.path when run as a script
 
 SHAPES = [  # (model, N, K): the MLP's up and down projections
     ("MiniLM", 1536, 384), ("MiniLM", 384, 1536), ("SmolLM2", 1536, 576), ("SmolLM2", 576, 1536)]
 ROWS = (128, 1)
 BLOCKS = ((1, 16), (4, 4))
 SPARSITIES = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-
-
-def timeit(fn, repeats: int) -> float:
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    number = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-7)))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / number)
-    return best
-
-
-def tcc_library(work: Path):
-    import tvm
-
-    from tcc.backends.kernels import build
-    lib = build.build_kernels("x86_64", work)
-    so = work / "tcc_kernels.so"
-    subprocess.run(["g++", "-shared", "-fPIC", "-o", str(so), str(lib.object), *lib.link_options()], check=True)
-    return tvm.runtime.load_module(str(so))
 
 
 def block_sparse(n: int, k: int, block: tuple[int, int], sparsity: float, rng) -> np.ndarray:

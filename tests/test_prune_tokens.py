@@ -395,14 +395,7 @@ def test_compiled_matches(tmp_path, case):
 
 # -- real MiniLM -----------------------------------------------------------------------------------------------
 
-def _sentence_feeds(program, lines: list[str], seq_len: int) -> list[dict]:
-    from tcc.evaluate import load_tokenizer
-    tok = load_tokenizer(program.tokenizer_dir)
-    feeds = []
-    for line in lines:
-        enc = tok(line, max_length=seq_len, truncation=True, padding="max_length", return_tensors="np")
-        feeds.append({"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)})
-    return feeds
+from test_prune_heads import _sentence_feeds  # noqa: E402  (one tokenisation for both MiniLM tests)
 
 
 @pytest.mark.slow
