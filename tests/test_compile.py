@@ -259,3 +259,32 @@ def test_artifact_rebuilt_in_place_loads_the_new_library(tmp_path):
     finally:
         first.close()
         second.close()
+
+
+def test_patch_embedding_convolution_runs_as_a_gemm(tmp_path):
+    """A ViT's patch embedding (conv, stride = kernel) is lowered to patches -> tcc::dense; a
+    convolution that is not one (stride 1, padding) stays a convolution. Both match PyTorch."""
+    from tcc import frontend
+    from tcc.backends.tvm.lower import kernelize
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = torch.nn.Conv2d(3, 24, 8, 8)
+            self.conv = torch.nn.Conv2d(24, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(self.patch(x))
+
+    torch.manual_seed(0)
+    prog = frontend.trace(Net().eval(), example_inputs={"x": torch.randn(1, 3, 32, 48)})
+    ops = [str(n.target) for n in kernelize(prog.gm).graph.nodes if n.op == "call_function"]
+    assert ops.count("aten.conv2d.default") == 1 and "tcc.dense.default" in ops
+    art = tcc.compile(prog, "x86", out=tmp_path / "a")
+    try:
+        feeds = prog.example_inputs(3)
+        want = prog(feeds)
+        for name, got in art(feeds).items():
+            np.testing.assert_allclose(got, want[name], rtol=1e-4, atol=1e-5)
+    finally:
+        art.close()

@@ -87,7 +87,7 @@ def test_block_sparse_weights_run_the_bsr_kernel(tmp_path, arch):
     assert manifest["sizes"]["weight_bytes"] <= dense_bytes - saved + 1024
 
 
-@pytest.mark.parametrize("pattern,sparsity", [("n:m", 0.5), ("unstructured", 0.5), ("block", BSR_MIN_SPARSITY / 2)])
+@pytest.mark.parametrize("pattern,sparsity", [("n:m", 0.5), ("unstructured", 0.5), ("block", BSR_MIN_SPARSITY - 0.1)])
 def test_other_sparse_weights_are_stored_compressed(tmp_path, pattern, sparsity):
     prog, _ = build("llama")
     _sparsify(prog, pattern, sparsity)
@@ -100,7 +100,7 @@ def test_other_sparse_weights_are_stored_compressed(tmp_path, pattern, sparsity)
     # q/k/v and gate/up are fused first; the fused weights are stored compressed, naming their parts
     assert any(r.get("fused") for r in rows)
     ratio = sum(r["bytes_after"] for r in rows) / sum(r["bytes_before"] for r in rows)
-    assert ratio <= (1 - sparsity) + 1 / 32 + 0.02  # fp32 nonzeros + 1 bit per element
+    assert ratio <= (1 - sparsity) + 1 / 32 + 0.05  # fp32 nonzeros + 1 bit per element (random masks)
     assert "Sparse weights on this target" in (tmp_path / "a" / "report.md").read_text()
 
 
