@@ -486,16 +486,6 @@ def _convert_a8w8(node, importer):
     return importer.block_builder.emit(relax.call_dps_packed(name + "_f32", relax.Tuple(args), _out_sinfo(node)))
 
 
-def _convert_w4(node, importer):
-    from tvm import relax
-    x, qw_p, scale_t, zero_t, b, _n = node.args
-    args = [_arg(importer, t) for t in (x, qw_p, scale_t, zero_t)]
-    name = "tcc_dense_w4_nobias_f32" if b is None else "tcc_dense_w4_f32"
-    if b is not None:
-        args.append(_arg(importer, b))
-    return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(args), _out_sinfo(node)))
-
-
 def _convert_embedding_w8(node, importer):
     """Rows of the int8 table, dequantised: plain Relax ops TVM fuses into one gather kernel."""
     from tvm import relax
@@ -506,16 +496,6 @@ def _convert_embedding_w8(node, importer):
     return bb.emit(relax.op.multiply(rows, scales))
 
 
-def _convert_bsr(node, importer):
-    from tvm import relax
-    x, values, col_idx, row_ptr, b, _k = node.args
-    args = [_arg(importer, t) for t in (x, values, col_idx, row_ptr)]
-    name = "tcc_dense_bsr_nobias_f32" if b is None else "tcc_dense_bsr_f32"
-    if b is not None:
-        args.append(_arg(importer, b))
-    return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(args), _out_sinfo(node)))
-
-
 def _convert_unmask(node, importer):
     from tvm import relax
     values, mask, _shape = node.args
@@ -524,13 +504,13 @@ def _convert_unmask(node, importer):
 
 
 CONVERT_MAP = {
-    "dense_bsr.default": _convert_bsr,
+    "dense_bsr.default": _dense_converter("tcc_dense_bsr", 4),  # (x, values, col_idx, row_ptr, b?, k)
     "unmask.default": _convert_unmask,
     "dense.default": _dense_converter("tcc_dense", 2),
     "dense_w8.default": _dense_converter("tcc_dense_w8", 3),
     "sdpa.default": _convert_sdpa,
     "dense_a8w8_packed.default": _convert_a8w8,
-    "dense_w4_packed.default": _convert_w4,
+    "dense_w4_packed.default": _dense_converter("tcc_dense_w4", 4),  # (x, qw_p, scale_t, zero_t, b?, n)
     "embedding_w8.default": _convert_embedding_w8,
 }
 
