@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     except TccError as e:
         if args.debug:
             raise
-        console.print(f"[bold red]tcc: error:[/bold red] {e.message}", highlight=False, markup=True)
+        from rich.markup import escape
+        console.print(f"[bold red]tcc: error:[/bold red] {escape(e.message)}", highlight=False, markup=True)
         if e.hint:
             console.print(f"  hint: {e.hint}", highlight=False, markup=False)
         return e.exit_code

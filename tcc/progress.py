@@ -7,7 +7,7 @@ import time
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)
+console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # "n:m" is text, not an emoji code
 _quiet = False
 
 
