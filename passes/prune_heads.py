@@ -47,7 +47,7 @@ import math
 
 from tcc.errors import InternalError, UserError
 from tcc.heads import head_statistics, prune_attention
-from tcc.pipeline import Option, Pass, PassContext, register
+from tcc.pipeline import Option, Pass, PassContext, check_runs, register
 from tcc.program import Program
 from tcc.structure import Attention
 
@@ -126,7 +126,7 @@ class PruneHeads(Pass):
             prune_attention(new.gm, new.info.blocks[at].attention, *plan[i], o_bias_delta=delta)
         new.gm.graph.lint()
         new.gm.recompile()
-        _check_runs(new)
+        check_runs(new, "prune-heads", "this attention layout is not supported by prune-heads yet")
         ctx.refresh_info(new)
         got = [(b.attention.num_heads, b.attention.num_kv_heads) for b in new.info.blocks if b.attention is not None]
         want = [(len(kq), len(kkv)) for kq, kkv in plan]
@@ -225,15 +225,3 @@ def _report_row(block, entries: list) -> tuple | None:
         if ok(norm):
             return "norm", norm, norm
     return None
-
-
-def _check_runs(program: Program) -> None:
-    import torch
-
-    from tcc.pipeline import NodeError, propagate_shapes
-    feeds = program.example_inputs()
-    try:
-        propagate_shapes(program.gm, [torch.from_numpy(s.check(feeds[s.name])) for s in program.inputs])
-    except NodeError as e:
-        raise UserError(f"prune-heads left a graph that does not run: {e}",
-                        "this attention layout is not supported by prune-heads yet") from e

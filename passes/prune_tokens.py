@@ -70,7 +70,7 @@ import torch
 import torch.fx as fx
 
 from tcc.errors import InternalError, UserError
-from tcc.pipeline import NodeError, Option, Pass, PassContext, propagate_shapes, register
+from tcc.pipeline import Option, Pass, PassContext, check_runs, register
 from tcc.program import Program
 from tcc.structure import SDPA, ancestors, descendants, nodes_by_name, op_name
 from tcc.tokens import (add_log_size, drop_key, inline, keep_top, keys_metric, merge_round, pyramid,
@@ -156,7 +156,7 @@ class PruneTokens(Pass):
         _refuse_causal(program)
         new = program.clone()
         notes = _Rewriter(new, self, batch, seq).apply(stages)
-        _check_runs(new)
+        check_runs(new, "prune-tokens", "this model is not supported by prune-tokens yet")
         before = _signature(new.info)
         ctx.refresh_info(new)
         if _signature(new.info) != before:
@@ -511,15 +511,6 @@ def _refuse_causal(program: Program) -> None:
         raise UserError("prune-tokens: token pruning is for encoders/ViTs; this model's attention hides positions "
                         "from each other (causal or sliding-window)",
                         "use it on an encoder (feature-extraction) or a vision transformer")
-
-
-def _check_runs(program: Program) -> None:
-    feeds = program.example_inputs()
-    try:
-        propagate_shapes(program.gm, [torch.from_numpy(s.check(feeds[s.name])) for s in program.inputs])
-    except NodeError as e:
-        raise UserError(f"prune-tokens left a graph that does not run: {e}",
-                        "this model is not supported by prune-tokens yet") from e
 
 
 def _signature(info) -> tuple:

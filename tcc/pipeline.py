@@ -716,3 +716,14 @@ def set_val(gm: torch.fx.GraphModule, node: torch.fx.Node, tensor: torch.Tensor 
         elif node.op == "call_function":
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
             node.meta["val"] = node.target(*args, **kwargs)
+
+
+def check_runs(program, what: str, hint: str) -> None:
+    """Run `program`'s graph on fake tensors of its example inputs; a node that fails -> UserError
+    "`what` left a graph that does not run: ..." with `hint` (a structural pass checking its rewrite)."""
+    feeds = program.example_inputs()
+    try:
+        propagate_shapes(program.gm, [torch.from_numpy(s.check(feeds[s.name])) for s in program.inputs])
+    except NodeError as e:
+        raise UserError(f"{what} left a graph that does not run: {e}", hint) from e
+
