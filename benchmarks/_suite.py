@@ -44,7 +44,7 @@ def accuracy(res: Results, a, models: Formats, details: Callable[[dict], dict] =
         if not todo:
             continue
         base = tcc.trace(model, seq_len=SEQ)
-        Pipeline.parse("dce").run(base)
+        base = Pipeline.parse("dce").run(base)
         calibration = text_feeds(base, n_samples=a.samples)
         for fmt, method, text in todo:
             program, extra, seconds = base, {}, 0.0

@@ -57,7 +57,7 @@ def accuracy(res: Results, a) -> None:
     from tcc.pipeline import PassContext, Pipeline
 
     base = tcc.trace("smollm2", seq_len=128)
-    Pipeline.parse("dce").run(base)
+    base = Pipeline.parse("dce").run(base)
     n_blocks = len(base.info.blocks)
 
     def ppl(program):

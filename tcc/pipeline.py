@@ -505,13 +505,17 @@ class Pipeline:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Pipeline) and self.passes == other.passes
 
-    def run(self, program: Program, ctx: PassContext | None = None) -> Program:
-        """Run every pass in order, checking and recording each (see the module docstring).
+    def run(self, program: Program, ctx: PassContext | None = None, *, in_place: bool = False) -> Program:
+        """Run every pass in order, checking and recording each (see the module docstring); returns
+        the new Program. Passes rewrite the Program they are given, so the input is cloned first
+        unless `in_place` (callers that no longer need it save a copy of the weights).
 
         Each record: {pass, text, kind, options, seconds, param_bytes, flops, nodes (each
         {before, after}), drift {max_abs, rel, output, feeds}, details (what the pass noted)}.
         """
         ctx = ctx if ctx is not None else PassContext()
+        if not in_place and self.passes:
+            program = program.clone()
         feeds = ctx.calibration[: max(1, ctx.check_feeds)] or [program.example_inputs()]
         if not ctx.check_numerics:
             feeds = feeds[:1]

@@ -94,7 +94,8 @@ class Program:
             if s.name == "attention_mask":
                 feeds[s.name] = np.ones(s.shape, dtype=s.dtype)
             elif np.issubdtype(np.dtype(s.dtype), np.integer):
-                feeds[s.name] = rng.integers(0, vocab, size=s.shape).astype(s.dtype)
+                lo, hi = s.range or (0, vocab)
+                feeds[s.name] = rng.integers(lo, hi, size=s.shape).astype(s.dtype)
             else:
                 feeds[s.name] = rng.standard_normal(s.shape).astype(s.dtype)
         return feeds

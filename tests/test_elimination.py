@@ -47,7 +47,7 @@ def build(arch: str, edit=None):
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         prog = frontend.trace(FeatureExtraction(model), example_inputs=inputs, output_names=["last_hidden_state"],
                               task="feature-extraction")
-    Pipeline.parse("dce").run(prog)  # drops buffers the graph never reads, so byte counts compare
+    prog = Pipeline.parse("dce").run(prog)  # drops buffers the graph never reads, so byte counts compare
     return prog, model
 
 

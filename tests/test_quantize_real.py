@@ -33,7 +33,7 @@ def test_minilm_w8a8_compiled(tmp_path):
     mean 0.9979, min 0.9970 (alpha=auto chose 0.5); weight bytes 0.254x fp32 (int8 codes, a float32
     scale and an int32 code sum per output channel, fp32 biases and norms)."""
     base = tcc.trace("minilm", seq_len=SEQ)
-    Pipeline.parse("dce").run(base)
+    base = Pipeline.parse("dce").run(base)
     q, details = quantized(base, "quantize(acts=int8,method=smoothquant,embeddings=true,samples=8)",
                            text_feeds(base, n_samples=8))
     assert details["alpha_search"]["chosen"] in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -55,7 +55,7 @@ def test_smollm2_w8a8_and_int4_gptq(tmp_path):
     within 1e-6 of the program on both; its weight bytes 0.158x fp32 (float16 group scales; the
     program's 0.156x plus the kernels' zero points, 8 for symmetric groups)."""
     base = tcc.trace("smollm2", seq_len=SEQ)
-    Pipeline.parse("dce").run(base)
+    base = Pipeline.parse("dce").run(base)
     calibration = text_feeds(base, n_samples=8)
     held = text_feeds(base, n_samples=8, start=0.0)
     loss = CalibrationLoss(base, held)
