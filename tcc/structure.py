@@ -12,8 +12,9 @@ per-architecture table:
               through the shape ops, so GPT-2's split, GPT-NeoX's per-head interleaving and BLOOM's
               [head, part, dim] layout all come out exact; likewise which input features of the
               output projection each head feeds.
-  residuals   forward from the output projection through dropout / casts / views (and a norm, for
-              Gemma-2 style sandwich norms) to the add whose other operand is the block's input
+  residuals   forward from the output projection through dropout / casts / views / layer scales
+              (x * gamma with a stored per-channel gamma: CaiT, DINOv2) (and a norm, for Gemma-2 style
+              sandwich norms) to the add whose other operand is the block's input
               stream (an ancestor of the projection inputs); parallel-residual blocks (GPT-NeoX,
               Phi, GPT-J) share one add for attention and MLP.
   blocks      block i's input is that residual operand. Its MLP is found among the projections
@@ -336,6 +337,13 @@ def _is_scalar_scale(n: fx.Node) -> bool:
             and isinstance(n.args[0], fx.Node) and isinstance(n.args[1], (int, float)))
 
 
+def _is_layer_scale(n: fx.Node, g: "_Graph") -> bool:
+    """x * gamma with a stored per-channel gamma (CaiT / DINOv2 layer scale)."""
+    return (op_name(n) == "aten.mul" and len(n.args) == 2 and isinstance(n.args[1], fx.Node)
+            and g.const(n.args[1]) and _shape(n.args[1]) is not None and len(_shape(n.args[1])) == 1
+            and _shape(n.args[1]) == _shape(n.args[0])[-1:])
+
+
 def _stream_source(n: fx.Node) -> fx.Node:
     """Walk back through value-keeping ops (cast, dropout, view...) to the producing node."""
     while op_name(n) in PASSTHROUGH and isinstance(n.args[0], fx.Node):
@@ -606,7 +614,7 @@ def _residual_add(out: fx.Node, stream: set, g: _Graph) -> tuple[fx.Node | None,
                 if other in stream:
                     return u, out_norm
                 nxt = nxt or u  # a parallel sibling's output (attn + mlp), keep going
-            elif _reads(u, n) and (op_name(u) in PASSTHROUGH or _is_scalar_scale(u)):
+            elif _reads(u, n) and (op_name(u) in PASSTHROUGH or _is_scalar_scale(u) or _is_layer_scale(u, g)):
                 nxt = nxt or u
         if nxt is None and out_norm is None and g.norms_of.get(_stream_source(n).name):
             out_norm = g.norms_of[_stream_source(n).name][0]
