@@ -2,6 +2,8 @@
 
 x86-64 artifacts on an x86-64 host run in-process on TVM's Relax VM; arm64 artifacts run under
 qemu-aarch64 with the aarch64 TVM runtime (backends/tvm/arm64.py), so their output is checked here.
+cuda artifacts load (manifest, inputs, outputs) but calling one is a UserError: tcc has no GPU
+runtime and this host no GPU (docs/CUDA.md says how to run one on a GPU host).
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ class Loaded:
         self.target = self.manifest["target"]
         self.task = self.manifest.get("task")
         arch = self.target["arch"]
-        if self.manifest.get("backend") == "onnxruntime":
+        if self.target.get("device") == "cuda":
+            self._impl = _NoGPU(self.target)
+        elif self.manifest.get("backend") == "onnxruntime":
             from tcc.backends.onnxruntime import OrtSession
             self._impl = OrtSession(self.dir / "model.onnx")
         elif arch == os.uname().machine:
@@ -56,6 +60,17 @@ class Loaded:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _NoGPU:
+    def __init__(self, target: dict):
+        self.archs = ", ".join(target.get("gpu_archs") or [target["tvm"].get("arch", "?")])
+
+    def __call__(self, feeds):
+        raise UserError(f"this artifact is compiled for CUDA {self.archs}; this host has no GPU and tcc "
+                        "cannot run it (it was compiled, never run)",
+                        "run model.so on an NVIDIA GPU host with TVM's CUDA runtime (docs/CUDA.md), "
+                        "or compile for --target x86 to run it here")
 
 
 class _HostVM:

@@ -25,10 +25,25 @@ Contract:
                   runtime directory (backends/tvm/arm64.py: aarch64_runtime_dir(), fetched on first
                   use). The kernels also call TVMBackendParallelLaunch and the tvm-ffi C API; those
                   stay undefined in the library and resolve from the TVM runtime that loads it.
+
+CUDA (the cuda targets): the kernels in cuda/*.cu, compiled with nvcc for each GPU architecture.
+  build_cuda_kernels(out_dir, archs=("sm_80", "sm_90")) -> KernelLib (arch "cuda")
+    Each .cu compiles with nvcc -c (host code for x86-64, device code as SASS for every arch in
+    one fatbin), a relocatable link joins them, and objcopy --strip-unneeded drops the local
+    symbols that name nvcc's temporary files (so a rebuild is byte-identical). Cached like the CPU
+    object, keyed by the CUDA sources, the archs and nvcc's version. link_options() adds libcudart
+    (shared: the TVM CUDA runtime that loads the library needs it anyway). Kernel names are the
+    TVM_FFI_DLL_EXPORT_TYPED_FUNC in the .cu files (cuda_functions()).
+  find_nvcc() -> path      $CUDA_HOME/bin/nvcc, nvcc on PATH, or /usr/local/cuda/bin/nvcc;
+                           a UserError saying how to install it when there is none
+  nvcc_version() -> str    e.g. "13.0.88"
+  cuda_lib_dir() -> Path   where libcudart is (nvcc --dryrun's library path)
+  run_nvcc(args, what)     nvcc with args; a failure is a UserError quoting nvcc's first error
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import platform
@@ -43,6 +58,10 @@ from tcc.errors import InternalError, UserError
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "cpu_kernels.cc", HERE / "quant_kernels.cc", HERE / "sparse_kernels.cc")
 ARCHES = ("x86_64", "aarch64")
+CUDA_DIR = HERE / "cuda"
+CUDA_SOURCES = (CUDA_DIR / "quant_gemm.cu", CUDA_DIR / "sparse24_gemm.cu")
+CUDA_ARCHS = ("sm_80", "sm_90")
+NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-DNDEBUG"]
 BASE_FLAGS = ["-O3", "-fPIC", "-std=c++17", "-DNDEBUG",
               "-fopenmp-simd",        # `#pragma omp simd` reductions in the softmax, no OpenMP runtime
               "-fno-trapping-math",   # lets GCC if-convert the branch-free exp so it vectorizes
@@ -58,6 +77,10 @@ class KernelLib:
     functions: tuple[str, ...]
 
     def link_options(self) -> list[str]:
+        if self.arch == "cuda":
+            lib_dir = cuda_lib_dir()
+            return [f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}",
+                    "-Wl,--push-state,--no-as-needed", "-lcudart", "-lstdc++", "-Wl,--pop-state"]
         lib_dir = _blas_lib_dir(self.arch)
         # export_library puts options before the objects: --no-as-needed keeps both libraries.
         return [f"-L{lib_dir}", f"-Wl,-rpath,$ORIGIN:{lib_dir}",
@@ -80,9 +103,77 @@ def build_kernels(arch: str, out_dir: Path, cflags: list[str] | None = None) -> 
     return KernelLib(arch, obj, exported_functions())
 
 
-def exported_functions() -> tuple[str, ...]:
-    return tuple(name for src in SOURCES
+def exported_functions(sources=SOURCES) -> tuple[str, ...]:
+    return tuple(name for src in sources
                  for name in re.findall(r"^TVM_FFI_DLL_EXPORT_TYPED_FUNC\((\w+),", src.read_text(), re.M))
+
+
+def cuda_functions() -> tuple[str, ...]:
+    return exported_functions(CUDA_SOURCES)
+
+
+def build_cuda_kernels(out_dir: Path, archs=CUDA_ARCHS) -> KernelLib:
+    nvcc = find_nvcc()
+    gencode = [f for a in archs for f in ("-gencode", f"arch=compute_{a[3:]},code={a}")]
+    flags = NVCC_FLAGS + gencode + [f"-I{d}" for d in _include_dirs()[:2]]
+    h = hashlib.sha256()
+    for f in sorted(CUDA_DIR.glob("*.cu")) + sorted(CUDA_DIR.glob("*.cuh")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    import tvm_ffi
+    h.update("\0".join([nvcc_version(), *flags, tvm_ffi.__version__]).encode())
+    cached = _cache_dir() / f"tcc_cuda_kernels-{'-'.join(archs)}-{h.hexdigest()[:20]}.o"
+    if not cached.exists():
+        tmp = _temp_file(cached)
+        with tempfile.TemporaryDirectory(dir=cached.parent) as work:
+            objects = [str(Path(work) / f"{src.stem}.o") for src in CUDA_SOURCES]
+            for src, obj in zip(CUDA_SOURCES, objects):
+                run_nvcc([*flags, "-c", src.name, "-o", obj], f"the CUDA kernels ({src.name})", cwd=CUDA_DIR)
+            cmd = ["g++", "-r", "-nostdlib", *objects, "-o", tmp]
+            _check(subprocess.run(cmd, capture_output=True, text=True), cmd, "the CUDA kernel objects", "g++", None, tmp)
+            # local symbols name nvcc's temporary files (tmpxft_<pid>_...): dropped, so a rebuild is byte-identical
+            cmd = ["objcopy", "--strip-unneeded", tmp]
+            _check(subprocess.run(cmd, capture_output=True, text=True), cmd, "the CUDA kernel object", "objcopy", None, tmp)
+        os.replace(tmp, cached)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    obj = out_dir / "tcc_kernels_cuda.o"
+    _atomic_copy(cached, obj)
+    return KernelLib("cuda", obj, cuda_functions())
+
+
+def find_nvcc() -> str:
+    candidates = [Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc"] if os.environ.get("CUDA_HOME") else []
+    candidates += [Path(p) for p in (shutil.which("nvcc"),) if p] + [Path("/usr/local/cuda/bin/nvcc")]
+    for c in candidates:
+        if c.exists():
+            return str(c)
+    raise UserError("the cuda targets need nvcc (the CUDA toolkit), which is not installed",
+                    "install the CUDA toolkit (12.5 or later) and put nvcc on PATH or set CUDA_HOME")
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_lib_dir() -> Path:
+    """The directory of libcudart that nvcc links with (from `nvcc --dryrun`: nvcc may be a wrapper)."""
+    out = subprocess.run([find_nvcc(), "--dryrun", "-c", "x.cu"], capture_output=True, text=True).stderr
+    dirs = [d for d in re.findall(r'"-L([^"]+)"', out) if not d.rstrip("/").endswith("stubs")]
+    if not dirs:
+        raise UserError("cannot find the CUDA runtime library directory from nvcc --dryrun",
+                        "check the CUDA toolkit installation (libcudart.so)")
+    return Path(dirs[-1]).resolve()
+
+
+def nvcc_version() -> str:
+    out = _run([find_nvcc(), "--version"])
+    m = re.search(r"V(\d+\.\d+\.\d+)", out)
+    return m.group(1) if m else out.strip().splitlines()[-1]
+
+
+def run_nvcc(args: list[str], what: str, cwd: Path | None = None) -> None:
+    proc = subprocess.run([find_nvcc(), *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines() if "error" in line] or proc.stderr.splitlines()[-1:]
+        raise UserError(f"nvcc {nvcc_version()} rejected {what}: {errors[0].strip() if errors else 'no message'}",
+                        "use CUDA 12.5 or later (nvcc), or report it to tcc's maintainers")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The library's Relax function `main(*inputs, *params)` returns the outputs; dense ops are calls
 into the hand-written kernels (backends/kernels), linked into the same library. Cross-compiled
-libraries (arm64) link with the Debian cross compiler.
+libraries (arm64) link with the Debian cross compiler. cuda targets build in backends/tvm/cuda.py
+(which also writes the device code beside the library and describes it in `device_code`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ from .targets import Target
 def check_toolchain(target: Target) -> str:
     """The C compiler that links libraries for `target`; UserError naming the package if missing."""
     cc = target.cc.replace("g++", "gcc")
+    if target.device == "cuda":
+        from tcc.backends.kernels.build import find_nvcc
+        find_nvcc()
     for tool in (cc, target.cc):
         if shutil.which(tool) is None:
             pkg = tool.replace("aarch64-linux-gnu-", "") + "-aarch64-linux-gnu" if "aarch64" in tool else tool
@@ -30,15 +34,20 @@ def check_toolchain(target: Target) -> str:
     return cc
 
 
-def build_library(program: Program, target: Target, lib_path: Path, report: list | None = None):
+def build_library(program: Program, target: Target, lib_path: Path, report: list | None = None,
+                  device_code: dict | None = None):
     """Compile `program` for `target` into `lib_path`; returns [(param name, array)] in call order.
-    How each sparse weight was lowered (kernel, storage) is appended to `report`."""
+    How each sparse weight was lowered (kernel, storage) is appended to `report`; a cuda target's
+    device code (cuda.build_library) is described in `device_code`."""
     import tvm
     from tvm import relax
 
     from tcc.backends.kernels.build import build_kernels
 
     cc = check_toolchain(target)
+    if target.device == "cuda":
+        from .cuda import build_library as build_cuda
+        return build_cuda(program, target, lib_path, report, device_code)
     with status("importing into TVM Relax"):
         mod, params = to_relax(program, report)
     work = Path(tempfile.mkdtemp(prefix="tcc-build-"))

@@ -273,39 +273,51 @@ def _note(report, tensor, ann, t, storage, kernel, before, after, **extra):
                        "bytes_before": int(before), "bytes_after": int(after), **extra})
 
 
-def _block_sparse(gm: torch.fx.GraphModule, anns: dict, report: list | None) -> set:
-    """aten.linear with a stored fp32 weight annotated `block` at >= BSR_MIN_SPARSITY -> tcc_tvm::dense_bsr
-    on the BSR arrays (registered as parameters). Returns the weight targets so lowered."""
-    from tcc.backends.kernels.sparse_layout import to_bsr
-
-    g, done = gm.graph, set()
-    for i, n in enumerate(list(g.nodes)):
+def _annotated_linears(gm: torch.fx.GraphModule, anns: dict, accept):
+    """(index, node, x, weight node, bias, annotation, weight) for each aten.linear whose stored float32
+    weight has an annotation that `accept(annotation, weight)` takes."""
+    for i, n in enumerate(list(gm.graph.nodes)):
         if n.op != "call_function" or n.target != aten.linear.default:
             continue
         x, w, *rest = n.args
         b = rest[0] if rest else n.kwargs.get("bias")
         ann = anns.get(getattr(w, "target", None))
-        if not (_stored(gm, w) and w is not None and ann and ann.get("pattern") == "block"):
+        if not (w is not None and _stored(gm, w) and ann):
             continue
         weight = _attr(gm, w).detach()
-        r, c = ann["block"]
-        if weight.dtype != torch.float32 or weight.shape[0] % r or weight.shape[1] % c \
-                or float(ann["sparsity"]) < BSR_MIN_SPARSITY:
-            continue
-        values, col_idx, row_ptr = to_bsr(weight.numpy(), (r, c))
-        names = []
-        for j, t in enumerate((values, col_idx, row_ptr)):
-            names.append(f"_tcc_bsr_{i}_{j}")
-            gm.register_parameter(names[-1], torch.nn.Parameter(torch.from_numpy(t), requires_grad=False))
-        with g.inserting_before(n):
-            new = g.call_function(torch.ops.tcc_tvm.dense_bsr.default,
-                                  (x, *[g.get_attr(m) for m in names], b, int(weight.shape[1])))
-        new.meta = dict(n.meta)
-        n.replace_all_uses_with(new)
-        g.erase_node(n)
+        if weight.dtype == torch.float32 and weight.dim() == 2 and accept(ann, weight):
+            yield i, n, x, w, b, ann, weight
+
+
+def _replace_linear(gm: torch.fx.GraphModule, n, op, x, arrays: list[tuple[str, np.ndarray]], b, k: int) -> None:
+    """Linear node `n` -> op(x, *arrays, b, k), the arrays registered as parameters under their names."""
+    g = gm.graph
+    for name, a in arrays:
+        gm.register_parameter(name, torch.nn.Parameter(torch.from_numpy(a), requires_grad=False))
+    with g.inserting_before(n):
+        new = g.call_function(op, (x, *[g.get_attr(name) for name, _ in arrays], b, int(k)))
+    new.meta = dict(n.meta)
+    n.replace_all_uses_with(new)
+    g.erase_node(n)
+
+
+def _block_sparse(gm: torch.fx.GraphModule, anns: dict, report: list | None) -> set:
+    """aten.linear with a stored fp32 weight annotated `block` at >= BSR_MIN_SPARSITY -> tcc_tvm::dense_bsr
+    on the BSR arrays (registered as parameters). Returns the weight targets so lowered."""
+    from tcc.backends.kernels.sparse_layout import to_bsr
+
+    def accept(ann, weight):
+        return ann.get("pattern") == "block" and not weight.shape[0] % ann["block"][0] \
+            and not weight.shape[1] % ann["block"][1] and float(ann["sparsity"]) >= BSR_MIN_SPARSITY
+
+    done = set()
+    for i, n, x, w, b, ann, weight in _annotated_linears(gm, anns, accept):
+        arrays = to_bsr(weight.numpy(), tuple(ann["block"]))
+        _replace_linear(gm, n, torch.ops.tcc_tvm.dense_bsr.default, x,
+                        [(f"_tcc_bsr_{i}_{j}", a) for j, a in enumerate(arrays)], b, weight.shape[1])
         done.add(w.target)
         _note(report, w.target, ann, weight, "bsr", "tcc_dense_bsr (block-sparse: skips the zero blocks)",
-              weight.numel() * 4, values.nbytes + col_idx.nbytes + row_ptr.nbytes)
+              weight.numel() * 4, sum(a.nbytes for a in arrays))
     return done
 
 
@@ -376,18 +388,26 @@ def _patch_convolutions(gm: torch.fx.GraphModule) -> None:
 
 
 def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
-              report: list | None = None) -> torch.fx.GraphModule:
+              report: list | None = None, device: str = "cpu") -> torch.fx.GraphModule:
     """A copy of `gm` whose dense ops are tcc custom ops the TVM backend maps to kernels.
     `annotations` (Program.annotations): sparse weights take the block-sparse kernel or compressed
-    storage; what each got is appended to `report`."""
+    storage (device "cuda": the 2:4 kernel, else dense, backends/tvm/cuda.py); what each got is
+    appended to `report`."""
     gm = copy.deepcopy(gm)
     _buffers_to_parameters(gm)
     anns = _sparsity(annotations)
-    bsr = _block_sparse(gm, anns, report)
-    sparse = {t: a for t, a in anns.items() if t not in bsr}
+    if device == "cuda":
+        from . import cuda
+        lowered = cuda.sparse_24(gm, anns, report)
+    else:
+        lowered = _block_sparse(gm, anns, report)
+    sparse = {t: a for t, a in anns.items() if t not in lowered}
     fuse_parallel_linears(gm, sparse)
     _pack_quantized(gm, sparse, report)
-    _compress_sparse(gm, sparse, report)
+    if device == "cuda":
+        cuda.note_dense(gm, sparse, report)
+    else:
+        _compress_sparse(gm, sparse, report)
     _patch_convolutions(gm)
     g = gm.graph
     for n in list(g.nodes):
@@ -467,12 +487,18 @@ def _convert_sdpa(node, importer):
     return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(args), _out_sinfo(node)))
 
 
-def _convert_a8w8(node, importer):
+def _a8w8_converter(kernel: str):
+    """tcc_tvm::dense_a8w8_packed -> `kernel`{_static}{_nobias}_f32 (quant_kernels.cc's argument lists)."""
+    def convert(node, importer):
+        return _convert_a8w8(node, importer, kernel)
+    return convert
+
+
+def _convert_a8w8(node, importer, name: str):
     import tvm
     from tvm import relax
     x, qw_p, wsum, w_scale, b, x_scale, x_zero, asym = node.args
     args = [_arg(importer, t) for t in (x, qw_p, wsum, w_scale)]
-    name = "tcc_dense_a8w8"
     if x_scale is not None:
         name += "_static"
     if b is not None:
@@ -509,25 +535,29 @@ CONVERT_MAP = {
     "dense.default": _dense_converter("tcc_dense", 2),
     "dense_w8.default": _dense_converter("tcc_dense_w8", 3),
     "sdpa.default": _convert_sdpa,
-    "dense_a8w8_packed.default": _convert_a8w8,
+    "dense_a8w8_packed.default": _a8w8_converter("tcc_dense_a8w8"),
     "dense_w4_packed.default": _dense_converter("tcc_dense_w4", 4),  # (x, qw_p, scale_t, zero_t, b?, n)
     "embedding_w8.default": _convert_embedding_w8,
 }
 
 
-def to_relax(program: Program, report: list | None = None):
+def to_relax(program: Program, report: list | None = None, device: str = "cpu"):
     """Program -> (IRModule with `main(*inputs, *params)`, [(param name, numpy array)]); how sparse
-    weights were lowered is appended to `report`."""
+    weights were lowered is appended to `report`. device "cuda" takes backends/tvm/cuda.py's
+    lowering (its CONVERT_MAP: TVM schedules the float ops, tcc's CUDA kernels the quantized ones)."""
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.torch import from_exported_program
 
-    gm = kernelize(program.gm, program.annotations, report)
+    convert_map = CONVERT_MAP
+    if device == "cuda":
+        from .cuda import CONVERT_MAP as convert_map
+    gm = kernelize(program.gm, program.annotations, report, device)
     feeds = program.example_inputs()
     args = tuple(torch.from_numpy(feeds[s.name]) for s in program.inputs)
     with torch.no_grad():
         ep = torch.export.export(gm, args, strict=False).run_decompositions()
     try:
-        mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=CONVERT_MAP,
+        mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=convert_map,
                                     run_ep_decomposition=False)
     except AssertionError as e:
         if "Unsupported function types" in str(e):

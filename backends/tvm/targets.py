@@ -4,7 +4,12 @@
   x86-64-v2/v3/v4 portable x86-64 feature levels (SSE4.2 / AVX2+FMA / AVX-512)
   arm64           generic AArch64 with NEON (Armv8.0-A), runs on any 64-bit Arm Linux
   arm64-dotprod   Armv8.2-A with the dot-product extension (Neoverse N1, Cortex-A76 and later)
-  cuda, sm80, sm90  not built yet (see issue 7): a clear error
+  sm80 (= cuda)   NVIDIA GPUs from Ampere on (A100, A10, RTX 30xx/40xx, H100): TVM schedules for
+                  sm_80; device code compiled for sm_80 and sm_90
+  sm90            Hopper (H100, H200): TVM schedules and device code for sm_90 only
+A cuda target's host code is generic x86-64 (x86-64-v2), linked with g++; `device` is "cuda",
+`gpu_archs` the architectures nvcc compiles device code for. tcc builds these artifacts but never
+runs them (`runs_here` is False: tcc's runtime has no GPU path); see docs/CUDA.md.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ class Target:
     qemu_cpu: str = ""   # the CPU qemu-aarch64 emulates to run it here: the target's own features,
                          # not qemu's default "max" (with SVE/SME), on which OpenBLAS picks kernels
                          # that computed wrong results under qemu
+    device: str = "cpu"  # "cpu" | "cuda": where the model's kernels run
+    gpu_archs: tuple = ()  # cuda: the SASS architectures compiled, e.g. ("sm_80", "sm_90")
 
     def tvm_target(self):
         import tvm
@@ -33,11 +40,19 @@ class Target:
         d = {"name": self.name, "arch": self.arch, "tvm": self.tvm, "cflags": list(self.cflags), "cc": self.cc}
         if self.qemu_cpu:
             d["qemu_cpu"] = self.qemu_cpu
+        if self.device != "cpu":
+            d["device"], d["gpu_archs"] = self.device, list(self.gpu_archs)
         return d
 
     @property
     def is_host(self) -> bool:
-        return self.arch == os.uname().machine
+        """The library runs natively on this machine's CPU."""
+        return self.device == "cpu" and self.arch == os.uname().machine
+
+    @property
+    def runs_here(self) -> bool:
+        """tcc can run the artifact here: natively, or under qemu (arm64). Never for cuda."""
+        return self.device == "cpu"
 
 
 def _x86(name: str, mcpu: str) -> Target:
@@ -50,15 +65,23 @@ def _arm(name: str, mcpu: str, march: str, mattr: list[str], qemu_cpu: str) -> T
                   (f"-march={march}",), "aarch64-linux-gnu-g++", qemu_cpu)
 
 
+def _cuda(name: str, sm: str, archs: tuple) -> Target:
+    host = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v2"}
+    return Target(name, "x86_64", {"kind": "cuda", "arch": sm, "host": host}, (), "g++", device="cuda",
+                  gpu_archs=archs)
+
+
 PRESETS = {
     "x86-64-v2": lambda: _x86("x86-64-v2", "x86-64-v2"),
     "x86-64-v3": lambda: _x86("x86-64-v3", "x86-64-v3"),
     "x86-64-v4": lambda: _x86("x86-64-v4", "x86-64-v4"),
     "arm64": lambda: _arm("arm64", "generic", "armv8-a", ["+neon"], "cortex-a72"),
     "arm64-dotprod": lambda: _arm("arm64-dotprod", "neoverse-n1", "armv8.2-a+dotprod", ["+neon", "+dotprod"], "neoverse-n1"),
+    "sm80": lambda: _cuda("sm80", "sm_80", ("sm_80", "sm_90")),
+    "sm90": lambda: _cuda("sm90", "sm_90", ("sm_90",)),
 }
-ALIASES = {"x86_64": "x86", "aarch64": "arm64", "arm64-v8.2": "arm64-dotprod", "neoverse-n1": "arm64-dotprod"}
-NOT_YET = ("cuda", "sm80", "sm90")
+ALIASES = {"x86_64": "x86", "aarch64": "arm64", "arm64-v8.2": "arm64-dotprod", "neoverse-n1": "arm64-dotprod",
+           "cuda": "sm80", "sm_80": "sm80", "sm_90": "sm90", "ampere": "sm80", "hopper": "sm90"}
 
 
 def host_cpu() -> str:
@@ -77,7 +100,4 @@ def get_target(name: str) -> Target:
         return dataclasses.replace(t, cflags=("-march=native",) if cpu not in ("generic", "") else ("-march=x86-64-v2",))
     if n in PRESETS:
         return PRESETS[n]()
-    if n in NOT_YET:
-        raise UserError(f"target '{name}' is not available yet: the CUDA backend is not built",
-                        "use x86 or arm64 (presets: " + ", ".join(PRESETS) + ")")
     raise UserError(f"unknown target '{name}'", "choose one of: x86, " + ", ".join(PRESETS))
