@@ -106,7 +106,7 @@ from tcc.program import Program
 from tcc.progress import track
 from tcc.ops import quantize_rows
 from tcc.quantization import (Grid, InputStats, QWeight, awq_clip, awq_scale, bits_per_weight, blockwise, collect,
-                              feed_args, glob_matches, gptq, int4_group, module_path, output_error, rtn, run_range,
+                              collect_stats, feed_args, glob_matches, gptq, int4_group, module_path, output_error, rtn, run_range,
                               smoothquant_scales, static_scale)
 from tcc.structure import IDENTITY, op_name
 
@@ -357,7 +357,7 @@ def _bias(n: fx.Node):
 def calibrate(program: Program, plan: Plan, feeds: list[dict], opts: Quantize) -> dict[str, InputStats]:
     """Statistics of every quantized linear's input (the |x| percentile for static activations)."""
     stats = _input_stats(plan.layers.values(), len(feeds), opts)
-    collect(program, feeds, stats, "quantize: calibrating")
+    collect_stats(program, feeds, stats, "quantize: calibrating")
     return stats
 
 

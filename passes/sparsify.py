@@ -60,7 +60,7 @@ from tcc.calibration import text_feeds
 from tcc.errors import InternalError, UserError
 from tcc.pipeline import Option, Pass, PassContext, register
 from tcc.program import Program
-from tcc.quantization import InputStats, blockwise, collect, glob_matches, module_path, output_error
+from tcc.quantization import InputStats, blockwise, collect_stats, glob_matches, module_path, output_error
 
 FLOAT_LINEARS = ("aten.linear", "tcc.dense")
 SPEED_NOTE = ("zeros alone speed nothing up: the weights are still dense tensors; a backend with a kernel for "
@@ -230,7 +230,7 @@ def match(program: Program, opts: Sparsify) -> tuple[list[Layer], list[dict]]:
 def input_norms(program: Program, layers: list[Layer], feeds: list[dict]) -> dict[str, torch.Tensor]:
     """{weight: ||X_j|| per input feature} over the feeds (one run of the program per feed)."""
     stats = {n.args[0].name: InputStats(l.tensor.shape[1]) for l in layers for n in l.nodes}
-    collect(program, feeds, stats, "sparsify: input norms")
+    collect_stats(program, feeds, stats, "sparsify: input norms")
     inputs = lambda l: {n.args[0].name for n in l.nodes}
     return {l.weight: sum(stats[x].sq_sum for x in inputs(l)).sqrt().to(torch.float32) for l in layers}
 

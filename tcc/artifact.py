@@ -8,7 +8,8 @@ A directory:
                       input/output specs, parameter order, per-pass records, sizes, sha256 of every
                       file; everything that varies between two identical compiles (time of day,
                       seconds taken, host) is kept in the one field "run"
-  report.md           a short human report
+  report.md           a short human report; report.json and report.html: the full report (tcc.report),
+                      not hashed in the manifest (their "run" section differs between compiles)
 It is written to a temporary sibling directory and renamed into place, so a failed compile leaves
 no half-written artifact; an existing artifact at the path is replaced only on success.
 """
@@ -26,6 +27,7 @@ import numpy as np
 from .errors import UserError
 
 FORMAT = "tcc-artifact/1"
+UNHASHED = ("manifest.json", "report.json", "report.html")
 
 
 from .models import file_sha256 as sha256
@@ -74,7 +76,7 @@ def save_weights(path: Path, params: list[tuple[str, np.ndarray]]) -> None:
 def write_manifest(dir: Path, manifest: dict, run: dict) -> dict:
     manifest = dict(manifest)
     manifest["format"] = FORMAT
-    manifest["files"] = {f: sha256(dir / f) for f in sorted(os.listdir(dir)) if f != "manifest.json"}
+    manifest["files"] = {f: sha256(dir / f) for f in sorted(os.listdir(dir)) if f not in UNHASHED}
     manifest["run"] = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **run}
     (dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest

@@ -1,6 +1,8 @@
 """The `tcc` command.
 
-  tcc compile MODEL --target {x86,arm64,...} [-o DIR] [--seq-len N] [--pipeline TEXT]
+  tcc compile MODEL --target {x86,arm64,...} [-o DIR] [--seq-len N] [--pipeline TEXT] [--report PATH]
+  tcc compile --recipe FILE.toml [MODEL] [flags: given explicitly, they win over the recipe]
+  tcc compile MODEL --max-accuracy-drop 1% [--objective latency|size] [--budget 20m] [--search-dir DIR]
   tcc run ARTIFACT --inputs in.npz -o out.npz
   tcc eval ARTIFACT --text FILE [--max-tokens N] [--json]
   tcc bench ARTIFACT [--repeats N] [--json]
@@ -38,24 +40,61 @@ def _default_out(model: str, target: str) -> str:
     return str(Path("build") / f"{Path(model).stem or 'model'}-{target}")
 
 
+def _apply_recipe(a):
+    """The compile arguments with the recipe's settings parsed in front of the command line's flags
+    (so explicit flags win); the recipe's model when no MODEL was given."""
+    from tcc import recipe
+    from tcc.errors import UserError
+    r = recipe.load(a.recipe)
+    flags = {o for action in _compile_parser(build_parser())._actions for o in action.option_strings}
+    missing = [f for f in r.settings if f not in flags]
+    if missing:
+        raise UserError(f"recipe {r.path.name} sets {missing[0]}, which this tcc compile does not have",
+                        "remove the key (the [budget] table needs the accuracy-budget search)")
+    argv = list(a.argv)
+    at = argv.index("compile") + 1
+    args = build_parser().parse_args(argv[:at] + [f"{k}={v}" for k, v in r.settings.items()] + argv[at:])
+    args.model = args.model or r.model
+    return args
+
+
 def cmd_compile(a) -> int:
     import tcc
+    from tcc.errors import UserError
+    if a.recipe:
+        a = _apply_recipe(a)
+    for key, value in COMPILE_DEFAULTS.items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    if not a.model:
+        raise UserError("no model given", "tcc compile MODEL, or a recipe with model = \"...\"")
+    if a.max_accuracy_drop is not None:
+        from tcc import cache
+        from tcc.search import cli_compile
+        with cache.use(not a.no_cache):
+            return cli_compile(a)
+    if a.objective or a.budget or a.search_dir:
+        from tcc.errors import UserError
+        raise UserError("--objective, --budget and --search-dir set up the accuracy-budget search",
+                        "add --max-accuracy-drop (e.g. 1%)")
     out = a.output or _default_out(a.model, a.target)
     art = tcc.compile(a.model, a.target, out=out, pipeline=a.pipeline or "", seq_len=a.seq_len,
                       batch=a.batch, task=a.task, verify=not a.no_verify, backend=a.backend,
-                      calibration_text=a.calibration, calibration_samples=a.calibration_samples)
+                      calibration_text=a.calibration, calibration_samples=a.calibration_samples,
+                      max_drift=a.max_drift, latency=not a.no_latency, cache=not a.no_cache, report=a.report)
     m = art.manifest
     art.close()
     summary = {"artifact": str(Path(out).resolve()), "target": m["target"]["name"], "pipeline": m["pipeline"],
                "weight_bytes": m["sizes"]["weight_bytes"], "verify": m["run"].get("verify"),
                "drift_vs_source": m["run"].get("drift_vs_source"),
                "seconds": m["run"]["seconds"]}
-    if a.report:
-        Path(a.report).write_text(json.dumps({"manifest": m}, indent=2) + "\n")
     if a.json:
         print(json.dumps(summary))
     else:
-        for name, v in (summary["verify"] or {}).items():
+        verify = summary["verify"]
+        if isinstance(verify, str):  # e.g. "not run: no GPU on this host"
+            print(f"verify: {verify}")
+        for name, v in (verify if isinstance(verify, dict) else {}).items():
             print(f"{name}: max abs error vs the compiled program in PyTorch {v['max_abs_err']:.2e} (relative {v['max_rel_err']:.2e})")
         for name, v in (m["run"].get("drift_vs_source") or {}).items():
             if a.pipeline:
@@ -141,6 +180,15 @@ def cmd_passes(a) -> int:
     return 0
 
 
+COMPILE_DEFAULTS = {"target": "x86", "seq_len": 128, "batch": 1, "pipeline": "", "calibration_samples": 8,
+                    "backend": "tvm"}
+
+
+def _compile_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["compile"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tcc", description="transformer compression compiler")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -148,20 +196,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("compile", help="compile a model to an artifact directory")
-    c.add_argument("model", help="HF model folder, .gguf file, or alias: minilm, smollm2")
-    c.add_argument("--target", "-t", default="x86", help="x86, x86-64-v3, x86-64-v4, arm64, arm64-dotprod")
+    # Defaults are None here and filled from COMPILE_DEFAULTS after a --recipe is applied.
+    c.add_argument("model", nargs="?", help="HF model folder, .gguf file, or alias: minilm, smollm2 (or the recipe's)")
+    c.add_argument("--recipe", help="TOML file with the compile's settings (docs/PIPELINES.md); flags given here win")
+    c.add_argument("--target", "-t", help="x86 (default), x86-64-v3, x86-64-v4, arm64, arm64-dotprod")
     c.add_argument("-o", "--output", help="artifact directory (default build/MODEL-TARGET)")
-    c.add_argument("--seq-len", type=int, default=128)
-    c.add_argument("--batch", type=int, default=1)
+    c.add_argument("--seq-len", type=int, help="sequence length (default 128)")
+    c.add_argument("--batch", type=int, help="batch size (default 1)")
     c.add_argument("--task", choices=["feature-extraction", "causal-lm"])
-    c.add_argument("--pipeline", "-p", default="", help="pass pipeline, e.g. 'quantize-weights(bits=8)'")
+    c.add_argument("--pipeline", "-p", help="pass pipeline, e.g. 'quantize-weights(bits=8)'")
     c.add_argument("--calibration", help="text file for calibrating passes (default ../shared/data/wikitext-2/valid.txt)")
-    c.add_argument("--calibration-samples", type=int, default=8, help="calibration windows of --seq-len tokens")
-    c.add_argument("--backend", default="tvm", choices=["tvm", "onnxruntime"],
+    c.add_argument("--calibration-samples", type=int, help="calibration windows of --seq-len tokens (default 8)")
+    c.add_argument("--backend", choices=["tvm", "onnxruntime"],
                    help="tvm: native library for the target (default); onnxruntime: ONNX for ORT on this host")
+    c.add_argument("--max-drift", type=float, help="accuracy budget: fail with exit 3, writing no artifact, when an "
+                   "output differs from the source model's by more than this (max relative error)")
     c.add_argument("--no-verify", action="store_true", help="skip running the artifact against PyTorch")
-    c.add_argument("--report", help="also write the manifest as JSON here")
+    c.add_argument("--no-latency", action="store_true", help="skip the short latency measurement in report.json")
+    c.add_argument("--no-cache", action="store_true", help="neither read nor write tcc's caches ($TCC_CACHE)")
+    c.add_argument("--report", help="copy report.json here (written on failure too, with the exit status)")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--max-accuracy-drop", metavar="DROP",
+                   help="search for the pipeline: most compressed within this accuracy drop (1%% or 0.01)")
+    c.add_argument("--objective", choices=["latency", "size"], help="search: minimise latency (default) or weight bytes")
+    c.add_argument("--budget", metavar="TIME", help="search: start no new trial after this long (20m, 90s, 1h)")
+    c.add_argument("--search-dir", metavar="DIR", help="search: trials, Pareto front, plot (default OUTPUT-search; "
+                   "a rerun resumes)")
     c.set_defaults(func=cmd_compile)
 
     r = sub.add_parser("run", help="run an artifact on inputs from an .npz")
@@ -204,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # a --recipe is parsed in front of these flags
     _quiet_libraries()
     from tcc.errors import TccError
     from tcc.progress import console, set_quiet

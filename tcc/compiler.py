@@ -2,19 +2,27 @@
 
 Everything a user can get wrong (target, pipeline text, paths) is checked before the slow work
 starts, and the artifact is staged in a temporary directory, so an error leaves nothing behind.
+Each compile writes report.json, report.html and report.md into the artifact (tcc.report); with
+`report=PATH` report.json is copied there, and written there on failure too (exit status, error,
+the passes that ran). `max_drift` is an accuracy budget: the compiled program's outputs may differ
+from the source model's by at most this much (max relative error, checked in PyTorch before the
+build), else AccuracyBudgetError (exit 3) and no artifact. Traced programs and built libraries come
+from tcc.cache when it has them (`cache=False` turns it off).
 """
 from __future__ import annotations
 
-import json
 import platform
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
+from . import cache as caches
+from . import report as reports
 from .artifact import Staging, save_weights, weight_bytes, write_manifest
-from .errors import UserError
+from .errors import AccuracyBudgetError, UserError
 from .program import Program
 from .progress import info, status
 
@@ -26,26 +34,61 @@ BACKENDS = ("tvm", "onnxruntime")
 
 def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", seq_len: int = 128,
             batch: int = 1, task: str | None = None, verify: bool = True, calibration=None,
-            backend: str = "tvm", calibration_text: str | None = None, calibration_samples: int = 8):
+            backend: str = "tvm", calibration_text: str | None = None, calibration_samples: int = 8,
+            max_drift: float | None = None, latency: bool = True, cache: bool = True, report: str | Path | None = None):
     """Compile `model` (path, alias, nn.Module with example inputs via `trace` first, or a Program)
     for `target` into the artifact directory `out`. Returns the loaded artifact (tcc.runtime.Loaded).
 
     backend "tvm" (default) builds a native library for the target; "onnxruntime" writes the
-    program as ONNX for ONNX Runtime on this host (the reference and peer baseline)."""
+    program as ONNX for ONNX Runtime on this host (the reference and peer baseline). `latency`:
+    time a few calls of the artifact when the target runs on this host (report.json run.latency)."""
+    facts: dict = {"backend": backend, "pipeline": pipeline}
+    records: list[dict] = []
+    final: dict = {}
+    run: dict = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+                 "seconds": {}}
+    try:
+        with caches.use(cache):
+            path = _compile(model, target, Path(out), facts, records, final, run, pipeline=pipeline, seq_len=seq_len,
+                            batch=batch, task=task, verify=verify, calibration=calibration, backend=backend,
+                            calibration_text=calibration_text, calibration_samples=calibration_samples,
+                            max_drift=max_drift, latency=latency)
+    except BaseException as e:
+        if report is not None:
+            final.update(exit_status=reports.exit_status(e), error=reports.error_json(e))
+            reports.write_json(report, reports.build(facts, records, final, run))
+        raise
+    if report is not None:
+        reports.write_json(report, reports.read(path))
+    info(f"[green]wrote[/green] {path}  ({final['size']['weight_bytes'] / 1e6:.1f} MB weights, target {facts['target']['name']})")
+    from .runtime import load
+    return load(path)
+
+
+def _compile(model, target: str, out: Path, facts: dict, records: list, final: dict, run: dict, *, pipeline: str,
+             seq_len: int, batch: int, task: str | None, verify: bool, calibration, backend: str,
+             calibration_text: str | None, calibration_samples: int, max_drift: float | None, latency: bool) -> Path:
+    """compile()'s work; fills `facts` (what the manifest says), `records`, `final` and `run` (the
+    report's sections) as it goes, so a failure can still be reported."""
     from tcc.backends.tvm.targets import get_target
     from .pipeline import Pipeline, PassContext
 
     if backend not in BACKENDS:
         raise UserError(f"unknown backend '{backend}'", f"choose one of: {', '.join(BACKENDS)}")
     tgt = get_target(target)
+    facts["target"] = tgt.to_json()
     if backend == "onnxruntime" and not tgt.is_host:
         raise UserError(f"--backend onnxruntime runs on this host only, not on target '{tgt.name}'", "use --target x86")
     if backend == "tvm":
         from tcc.backends.tvm.build import check_toolchain
         check_toolchain(tgt)
+    if max_drift is not None and not max_drift >= 0:
+        raise UserError(f"--max-drift must be a number >= 0, got {max_drift}", "e.g. --max-drift 0.05 (5 % relative)")
     user = Pipeline.parse(pipeline) if pipeline else Pipeline([])
     pipe = Pipeline(list(Pipeline.parse(DEFAULT_CLEANUP)) + list(user))
-    with Staging(Path(out)) as stage:  # checks the output path now, before the slow work
+    facts["pipeline"] = pipe.canonical()
+    seen_events = len(caches.events())
+    with Staging(out) as stage:  # checks the output path now, before the slow work
         t_start = time.perf_counter()
         if isinstance(model, Program):
             program = model.clone()
@@ -53,72 +96,133 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
             from .frontend import trace
             program = trace(model, task=task, seq_len=seq_len, batch=batch)
         t_trace = time.perf_counter() - t_start
+        facts.update(source=program.source, task=program.task, inputs=[s.to_json() for s in program.inputs],
+                     outputs=[s.to_json() for s in program.outputs])
+        run["seconds"]["trace"] = round(t_trace, 2)
         source_param_bytes = program.param_bytes()
-        reference = program.clone() if verify else None
+        reference = program.clone() if verify or max_drift is not None else None
 
         if calibration is None:
             calibration = [program.example_inputs()]
             if program.tokenizer_dir and any(p.kind != "cleanup" for p in user):
                 from .calibration import text_feeds
                 calibration = text_feeds(program, calibration_text, n_samples=calibration_samples)
-        ctx = PassContext(calibration=calibration, verbose=True)
-        program = pipe.run(program, ctx)
+        ctx = PassContext(calibration=calibration, verbose=True, records=records)
+        program = pipe.run(program, ctx, in_place=True)  # this Program is already compile's own copy
+        if max_drift is not None:
+            _check_drift(program, reference, max_drift, final)
         t0 = time.perf_counter()
-        sparsity: list[dict] = []  # how each sparse weight was lowered
-        if backend == "tvm":
-            from tcc.backends.tvm.build import build_library
-            params = build_library(program, tgt, stage.dir / "model.so", sparsity)
-            save_weights(stage.dir / "weights.safetensors", params)
-        else:
-            from tcc.backends.onnxruntime import export_onnx
-            with status("exporting to ONNX"):
-                export_onnx(program, stage.dir / "model.onnx")
-            params = [(n, t.detach().numpy()) for n, t in program.named_tensors().items()]
+        library = _build(program, tgt, backend, stage.dir)
         t_build = time.perf_counter() - t0
         manifest = {
             "tcc_version": __version__,
             "source": program.source,
             "task": program.task,
             "pipeline": pipe.canonical(),
-            "passes": [_stable_record(r) for r in ctx.records],
+            "passes": [_stable_record(r) for r in records],
             "target": tgt.to_json(),
             "backend": backend,
             "inputs": [s.to_json() for s in program.inputs],
             "outputs": [s.to_json() for s in program.outputs],
-            "params": [n for n, _ in params] if backend == "tvm" else [],
+            "params": library["params"],
             "tokenizer": program.tokenizer_dir,
-            "sizes": {"weight_bytes": weight_bytes(params), "program_param_bytes": program.param_bytes(),
+            "sizes": {"weight_bytes": library["weight_bytes"], "program_param_bytes": program.param_bytes(),
                       "source_param_bytes": source_param_bytes},
         }
+        sparsity = library["sparsity"]
         if sparsity or _annotated_sparse(program):
             manifest["sparsity"] = sparsity or [{"tensor": t, "storage": "dense", "kernel": f"dense ({backend} backend "
                                                  "stores and runs sparse weights dense)"} for t in _annotated_sparse(program)]
-        (stage.dir / "report.md").write_text(_report(manifest, ctx.records))
-        run = {"host": platform.node(), "seconds": {"trace": round(t_trace, 2), "build": round(t_build, 2),
-               "passes": [[r["pass"], r["seconds"]] for r in ctx.records]}}
-        if verify:
-            run["verify"], run["drift_vs_source"] = _verify(stage.dir, manifest, run, program, reference)
-        write_manifest(stage.dir, manifest, run)
-        path = stage.commit()
-    info(f"[green]wrote[/green] {path}  ({weight_bytes(params) / 1e6:.1f} MB weights, target {tgt.name})")
-    from .runtime import load
-    return load(path)
+            facts["sparsity"] = manifest["sparsity"]
+        final["size"] = reports.size(library["weight_bytes"], source_param_bytes)
+        if library.get("device_code"):
+            manifest["device_code"] = library["device_code"]
+        run_m = {"host": platform.node(), "seconds": {"trace": round(t_trace, 2), "build": round(t_build, 2),
+                 "passes": [[r["pass"], r["seconds"]] for r in records]}}
+        run["seconds"]["build"] = round(t_build, 2)
+        time_it = latency and tgt.is_host
+        final["latency"] = {"measured": time_it, "reason": None if time_it else (
+            "turned off (--no-latency)" if not latency else
+            f"the {tgt.name} target does not run natively on this host (emulated time says nothing about it)")}
+        if not tgt.runs_here:
+            run_m["verify"] = "not run: no GPU on this host"
+            final["accuracy_note"] = f"not measured: compiled for {tgt.name} ({tgt.device}), not run (no GPU on this host)"
+        elif verify or time_it:
+            errors, drift, run["latency"] = _run_artifact(stage.dir, manifest, run_m, program, reference, verify, time_it)
+            if verify:
+                run_m["verify"], run_m["drift_vs_source"] = errors, drift
+                final["accuracy"] = {"measured_with": "artifact", "vs_source": drift, "vs_program": errors}
+        if not final.get("accuracy"):
+            final.setdefault("accuracy_note", "not measured: verification was skipped (--no-verify)")
+        run["cache"] = {e["kind"]: e["outcome"] for e in caches.events()[seen_events:]}
+        run["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
+        reports.write(stage.dir, reports.build(facts, records, final, run))
+        write_manifest(stage.dir, manifest, run_m)
+        return stage.commit()
+
+
+def _build(program: Program, tgt, backend: str, dir: Path) -> dict:
+    """The backend's files in `dir`; returns {"params": [names in call order], "weight_bytes",
+    "sparsity": [how each sparse weight was lowered]}. TVM libraries come from tcc.cache when it has one."""
+    if backend == "onnxruntime":
+        from tcc.backends.onnxruntime import export_onnx
+        with status("exporting to ONNX"):
+            export_onnx(program, dir / "model.onnx")
+        params = [(n, t.detach().numpy()) for n, t in program.named_tensors().items()]
+        return {"params": [], "weight_bytes": weight_bytes(params), "sparsity": []}
+    # (cuda libraries are not cached: the cache keeps model.so and weights, not their device code files)
+    key = caches.library_key(program, tgt) if caches.enabled() and tgt.runs_here else None
+    library = caches.load_library(key, dir) if key else None
+    if library is not None:
+        info(f"library for {tgt.name} from the cache ({caches.cache_dir('libs')})")
+        return library
+    from tcc.backends.tvm.build import build_library
+    sparsity: list[dict] = []
+    device_code: dict = {}
+    params = build_library(program, tgt, dir / "model.so", sparsity, device_code)
+    save_weights(dir / "weights.safetensors", params)
+    library = {"params": [n for n, _ in params], "weight_bytes": weight_bytes(params), "sparsity": sparsity}
+    if device_code:
+        library["device_code"] = device_code
+    if key:
+        caches.save_library(key, dir, library)
+    return library
+
+
+def _check_drift(program: Program, source: Program, limit: float, final: dict) -> None:
+    """The accuracy budget: AccuracyBudgetError when an output moved more than `limit` (max relative
+    error vs the source model, PyTorch, on the inputs verification uses)."""
+    feeds = source.example_inputs(seed=1)
+    with status("checking the compressed program against the source model"):
+        errors = _errors(program(feeds), source(feeds))
+    name, worst = max(((n, e["max_rel_err"]) for n, e in errors.items()), key=lambda t: t[1])
+    final["max_drift"] = {"limit": limit, "drift": worst, "met": worst <= limit}
+    final["accuracy"] = {"measured_with": "pytorch", "vs_source": errors}
+    if worst > limit:
+        raise AccuracyBudgetError(f"output '{name}' differs from the source model's by {worst:.2e} (max relative error), "
+                                  f"more than --max-drift {limit:g}; no artifact written",
+                                  "use fewer or milder passes, or raise --max-drift")
 
 
 def _annotated_sparse(program: Program) -> list[str]:
     return sorted(t for t, a in program.annotations.items() if "sparsity" in a)
 
 
-def _verify(dir: Path, manifest: dict, run: dict, program: Program, source: Program):
+def _run_artifact(dir: Path, manifest: dict, run: dict, program: Program, source: Program | None, verify: bool,
+                  time_it: bool):
     """Run the staged artifact on example inputs. Returns (its error vs the compiled Program in
-    PyTorch: the backend's fidelity, and vs the source model: what the passes changed)."""
+    PyTorch: the backend's fidelity, its error vs the source model: what the passes changed, a short
+    latency measurement); the errors are None without `verify`, the latency without `time_it`."""
     from .runtime import Loaded
     write_manifest(dir, manifest, run)  # the loader reads the manifest
-    feeds = source.example_inputs(seed=1)
-    with status(f"checking the compiled output against PyTorch ({manifest['target']['name']})"):
+    feeds = (source or program).example_inputs(seed=1)
+    with status(f"running the compiled artifact ({manifest['target']['name']})"):
         with Loaded(dir, verify=False) as art:
             got = art(feeds)
-    return _errors(got, program(feeds)), _errors(got, source(feeds))
+            latency = reports.measure_latency(art, feeds) if time_it else None
+    if not verify:
+        return None, None, latency
+    return _errors(got, program(feeds)), _errors(got, source(feeds)), latency
 
 
 def _errors(got: dict, want: dict) -> dict:
@@ -132,29 +236,3 @@ def _errors(got: dict, want: dict) -> dict:
 def _stable_record(r: dict) -> dict:
     """A pass record without its timing (timings live in manifest['run'])."""
     return {k: v for k, v in r.items() if k not in ("seconds",)}
-
-
-def _report(manifest: dict, records: list[dict]) -> str:
-    src = manifest["source"]
-    sizes = manifest["sizes"]
-    lines = [f"# tcc artifact: {src.get('path', src.get('class', '?'))}", "",
-             f"- target: `{manifest['target']['name']}` (TVM target `{json.dumps(manifest['target']['tvm'], sort_keys=True)}`)",
-             f"- task: {manifest['task']}; inputs: " + ", ".join(f"{s['name']}{s['shape']} {s['dtype']}" for s in manifest["inputs"]),
-             f"- pipeline: `{manifest['pipeline']}`",
-             f"- weights in the artifact: {sizes['weight_bytes'] / 1e6:.2f} MB"
-             + (f" (source model: {sizes['source_param_bytes'] / 1e6:.2f} MB)" if sizes.get("source_param_bytes") else ""),
-             "", "| pass | params MB before → after | GFLOP before → after | max rel drift |", "| --- | --- | --- | --- |"]
-    for r in records:
-        pb, fl = r["param_bytes"], r["flops"]
-        drift = (r.get("drift") or {}).get("rel")
-        lines.append(f"| `{r['text']}` | {pb['before'] / 1e6:.2f} → {pb['after'] / 1e6:.2f} | "
-                     f"{fl['before'] / 1e9:.2f} → {fl['after'] / 1e9:.2f} | {'-' if drift is None else f'{drift:.2e}'} |")
-    if manifest.get("sparsity"):
-        lines += ["", "## Sparse weights on this target", "",
-                  "| tensor | pattern | sparsity | storage | bytes before → after | kernel |", "| --- | --- | --- | --- | --- | --- |"]
-        for r in manifest["sparsity"]:
-            sp = r.get("sparsity")
-            pat = (r.get("pattern") or "-") + (f" {r['block'][0]}x{r['block'][1]}" if r.get("block") else "")
-            size = f"{r['bytes_before']} → {r['bytes_after']}" if "bytes_before" in r else "-"
-            lines.append(f"| `{r['tensor']}` | {pat} | {'-' if sp is None else f'{sp:.2f}'} | {r['storage']} | {size} | {r['kernel']} |")
-    return "\n".join(lines) + "\n"

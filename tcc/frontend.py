@@ -1,4 +1,5 @@
-"""Frontends: a Hugging Face folder, a GGUF file or an `nn.Module` -> `torch.export` -> Program.
+"""Frontends: a Hugging Face folder, a GGUF file, an ONNX file (tcc.onnx_frontend) or an `nn.Module`
+-> `torch.export` -> Program.
 
 Task contracts (static batch and sequence length):
   feature-extraction  inputs input_ids[B,S] int64, attention_mask[B,S] int64 -> last_hidden_state[B,S,H]
@@ -12,7 +13,7 @@ import dataclasses
 
 import torch
 
-from . import models
+from . import cache, models
 from .canonical import canonicalize
 from .errors import UserError
 from .program import Program, TensorSpec
@@ -63,7 +64,17 @@ def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
 
     path = models.resolve(model)
     if path.suffix == ".onnx":
-        raise UserError(f"{path}: the ONNX frontend is not built yet", "give a Hugging Face folder or a .gguf file")
+        from .onnx_frontend import trace_onnx
+        return trace_onnx(path, task=task, seq_len=seq_len, batch=batch,
+                          source_name=str(model) if str(model) in models.ALIASES else None)
+    model_sha = models.model_hash(path)
+    key = cache.trace_key(model_sha, path, task, seq_len, batch) if cache.enabled() else None
+    hit = cache.load_trace(key) if key else None
+    shown_path = str(model) if str(model) in models.ALIASES else str(path)  # the key holds the resolved path
+    if hit is not None:
+        ep, inputs, meta = hit
+        with status("traced program from the cache"):
+            return _hf_program(ep, inputs, {**meta, "source": {**meta["source"], "path": shown_path}})
     with status(f"loading {model}"):
         hf, task, tok_dir = models.load_hf(path, task)
     cfg = hf.config
@@ -77,23 +88,41 @@ def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
         wrapper, inputs, outs = FeatureExtraction(hf), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ["last_hidden_state"]
     else:
         wrapper, inputs, outs = CausalLM(hf), {"input_ids": ids}, ["logits"]
-    source = {"kind": "huggingface", "path": str(model) if str(model) in models.ALIASES else str(path),
-              "sha256": models.model_hash(path), "model_type": getattr(cfg, "model_type", None)}
-    prog = _trace_module(wrapper, inputs, outs, task=task, source=source)
+    source = {"kind": "huggingface", "path": shown_path, "sha256": model_sha, "model_type": getattr(cfg, "model_type", None)}
+    ep = _export(wrapper, inputs)
+    meta = {"outputs": outs, "task": task, "source": source, "tokenizer_dir": tok_dir, "vocab": vocab}
+    if key:
+        cache.save_trace(key, ep, inputs, meta)
+    return _hf_program(ep, inputs, meta)
+
+
+def _hf_program(ep, inputs: dict, meta: dict) -> Program:
+    """The Program of a traced Hugging Face model (fresh, or from tcc.cache)."""
+    prog = _from_export(ep, inputs, meta["outputs"], task=meta["task"], source=meta["source"])
+    vocab = meta["vocab"]
     prog.inputs = [dataclasses.replace(s, range=(0, vocab) if s.name == "input_ids" else (0, 2)) for s in prog.inputs]
-    prog.tokenizer_dir = tok_dir
+    prog.tokenizer_dir = meta["tokenizer_dir"]
     prog.info.vocab_size = vocab
     return prog
 
 
 def _trace_module(module, example_inputs, output_names, task, source) -> Program:
-    args = tuple(example_inputs.values())
+    return _from_export(_export(module, example_inputs), example_inputs, output_names, task, source)
+
+
+def _export(module, example_inputs) -> torch.export.ExportedProgram:
     with status("tracing with torch.export"), torch.no_grad():
         try:
-            ep = torch.export.export(module, args, strict=False)
+            return torch.export.export(module, tuple(example_inputs.values()), strict=False)
         except Exception as e:
             raise UserError(f"torch.export could not trace the model: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
                             "the model must be traceable with static shapes; run with --debug for the full trace")
+
+
+def _from_export(ep, example_inputs, output_names, task, source) -> Program:
+    """canonicalize + structure recovery of an ExportedProgram; output specs from running it once."""
+    args = tuple(example_inputs.values())
+    with torch.no_grad():
         gm = canonicalize(ep.module())
         out = gm(*args)
     outs = list(out) if isinstance(out, (tuple, list)) else [out]

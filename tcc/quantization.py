@@ -463,6 +463,15 @@ def collect(program, feeds: list[dict], stats: dict[str, InputStats], what: str 
     return outputs
 
 
+def collect_stats(program, feeds: list[dict], stats: dict[str, InputStats], what: str = "calibrating") -> None:
+    """`collect` for callers that need only the statistics: reused from tcc's cache (keyed by the
+    program's content, the feeds and what is collected) when the same calibration ran before."""
+    from . import cache
+    if not cache.load_stats(program, feeds, stats):
+        collect(program, feeds, stats, what)
+        cache.save_stats(program, feeds, stats)
+
+
 # -- names ---------------------------------------------------------------------------------------------
 
 def module_path(node: fx.Node) -> str:

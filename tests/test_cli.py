@@ -1,6 +1,7 @@
 """The `tcc` command, run as a subprocess: happy paths print what they promise, and every bad input
 exits 2 with one `tcc: error:` line naming the problem, no traceback, and nothing left behind (no
-artifact directory, no hidden temp sibling, no half-written output file).
+artifact directory, no hidden temp sibling, no half-written output file). The other exit codes are
+real too: 3 for a missed accuracy budget, 1 for a bug (a pass that crashes), 130 for Ctrl-C.
 
 Model inputs are small on purpose: a random-init BERT saved as a Hugging Face folder (conftest
 `tiny_bert_dir`) compiles in seconds; MiniLM's real folder is used where the brief asks for it.
@@ -12,8 +13,10 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +32,18 @@ def tcc_cli(*args, env: dict | None = None, timeout: float = 600) -> subprocess.
 
 def assert_user_error(r: subprocess.CompletedProcess, *words: str) -> str:
     """Exit code 2, no traceback, exactly one error line, and it contains every one of `words`."""
+    line = assert_error(r, 2, *words)
+    assert "internal error" not in line, line
+    return line
+
+
+def assert_error(r: subprocess.CompletedProcess, code: int, *words: str) -> str:
+    """Exit code `code`, no traceback, exactly one error line, and it contains every one of `words`."""
     out = r.stdout + r.stderr
-    assert r.returncode == 2, f"exit code {r.returncode}:\n{out}"
+    assert r.returncode == code, f"exit code {r.returncode}:\n{out}"
     assert "Traceback" not in out, out
     errors = [line for line in r.stderr.splitlines() if ERROR_LINE.match(line)]
     assert len(errors) == 1, f"expected one error line:\n{r.stderr}"
-    assert "internal error" not in errors[0], errors[0]
     for w in words:
         assert w.lower() in errors[0].lower(), f"{w!r} not in {errors[0]!r}"
     return errors[0]
@@ -104,7 +113,6 @@ def test_corrupt_config_json(work, tmp_path, tiny_bert_dir):
 
 @pytest.mark.parametrize("args,words", [
     (["--target", "sparc"], ["unknown target 'sparc'"]),
-    (["--target", "cuda"], ["cuda", "not available"]),
     (["--task", "translation"], ["--task", "invalid choice"]),
     (["--pipeline", "quantize-weights(bits=8"], ["pipeline text", "column 24"]),
     (["--pipeline", "frobnicate"], ["unknown pass 'frobnicate'"]),
@@ -112,7 +120,7 @@ def test_corrupt_config_json(work, tmp_path, tiny_bert_dir):
     (["--pipeline", "quantize-weights(bits=4)"], ["option 'bits'", "got 4"]),
     (["--frobnicate"], ["unrecognized arguments", "--frobnicate"]),
     (["--seq-len", "0"], ["seq-len", "positive"]),
-], ids=["target", "target-cuda", "task", "pipeline-syntax", "pass", "pass-option", "option-value", "flag", "seq-len"])
+], ids=["target", "task", "pipeline-syntax", "pass", "pass-option", "option-value", "flag", "seq-len"])
 def test_bad_compile_options(work, tiny_bert_dir, args, words):
     assert_user_error(compile_fails(tiny_bert_dir, work, *args), *words)
 
@@ -150,15 +158,70 @@ def test_arm64_without_cross_compiler_names_the_debian_package(work, tmp_path, t
 
 # -- compile, passes, analyze: happy paths -------------------------------------------------------------
 
-def test_compile_json_prints_parseable_summary(work, tiny_bert_dir):
-    r = tcc_cli("compile", tiny_bert_dir, "-o", work / "art", "--seq-len", 8, "--json")
+def test_compile_json_prints_parseable_summary(work, tiny_bert_dir, tmp_path):
+    r = tcc_cli("compile", tiny_bert_dir, "-o", work / "art", "--seq-len", 8, "--json", "--report", tmp_path / "r.json")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["artifact"] == str((work / "art").resolve())
     assert summary["target"] == "x86" and summary["pipeline"] == "dce"
     assert summary["verify"]["last_hidden_state"]["max_abs_err"] <= 1e-4
     assert os.listdir(work) == ["art"]  # the staging directory was renamed, not copied
-    assert sorted(os.listdir(work / "art")) == ["manifest.json", "model.so", "report.md", "weights.safetensors"]
+    assert sorted(os.listdir(work / "art")) == ["manifest.json", "model.so", "report.html", "report.json", "report.md",
+                                                "weights.safetensors"]
+    assert (tmp_path / "r.json").read_text() == (work / "art" / "report.json").read_text()  # --report: a copy
+    assert json.loads((tmp_path / "r.json").read_text())["final"]["exit_status"] == 0
+
+
+# -- exit codes other than 0 and 2 ---------------------------------------------------------------------
+
+def test_exit_3_when_the_accuracy_budget_is_missed(work, tiny_bert_dir, tmp_path):
+    r = compile_fails(tiny_bert_dir, work, "--pipeline", "quantize-weights(bits=8)", "--max-drift", "1e-6",
+                      "--report", tmp_path / "report.json")
+    assert_error(r, 3, "last_hidden_state", "more than --max-drift 1e-06", "no artifact")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["final"]["exit_status"] == 3 and not report["final"]["max_drift"]["met"]
+    assert report["final"]["max_drift"]["drift"] > 1e-6
+
+
+BUGGY_PASS = """
+import sys
+from tcc.cli import main
+from tcc.pipeline import Pass, register
+
+@register
+class Crash(Pass):
+    \"\"\"A pass with a bug.\"\"\"
+    name = "crash"
+
+    def run(self, program, ctx):
+        return program.gm.no_such_attribute
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_exit_1_when_a_pass_crashes(work, tiny_bert_dir, tmp_path):
+    args = ["compile", tiny_bert_dir, "-o", work / "out", "--seq-len", 8, "--pipeline", "crash", "--report", tmp_path / "r.json"]
+    r = subprocess.run([sys.executable, "-c", BUGGY_PASS, *map(str, args)], capture_output=True, text=True)
+    assert_error(r, 1, "internal error", "AttributeError", "no_such_attribute")
+    assert "--debug" in r.stderr  # the hint: run again with --debug for the traceback
+    assert os.listdir(work) == []
+    assert json.loads((tmp_path / "r.json").read_text())["final"]["exit_status"] == 1
+
+
+def test_exit_130_when_interrupted(work, tiny_bert_dir):
+    proc = subprocess.Popen([sys.executable, "-m", "tcc.cli", "compile", str(tiny_bert_dir), "-o", str(work / "out"),
+                             "--seq-len", "8", "--no-cache"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not any(p.name.startswith(".out.tmp-") for p in work.iterdir()):  # it is compiling (staging)
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "tcc: interrupted" in err and "Traceback" not in err
+    assert os.listdir(work) == []  # the staged artifact was removed
 
 
 def test_passes_lists_builtin_passes_with_options():

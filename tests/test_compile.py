@@ -149,7 +149,7 @@ def test_quantized_weights_are_int8_in_safetensors(minilm_q8_x86):
 def test_same_inputs_give_byte_identical_artifact(minilm_q8_x86, tmp_path):
     again = tmp_path / "again"
     program = tcc.trace("minilm", seq_len=16)
-    tcc.compile(program, "x86", out=again, pipeline="quantize-weights(bits=8)").close()
+    tcc.compile(program, "x86", out=again, pipeline="quantize-weights(bits=8)", cache=False).close()  # a real second build
     for f in ("weights.safetensors", "model.so", "report.md"):
         assert sha256(again / f) == sha256(minilm_q8_x86.dir / f), f"{f} differs between two compiles"
     first, second = (json.loads((d / "manifest.json").read_text()) for d in (minilm_q8_x86.dir, again))
@@ -191,7 +191,8 @@ def test_artifact_manifest_and_files(minilm_x86, minilm_dir):
         assert sha256(d / f) == digest
     assert "dce" in (d / "report.md").read_text()
     assert m["run"]["verify"]["last_hidden_state"]["max_abs_err"] <= FP32_ABS
-    assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "model.so", "report.md", "weights.safetensors"]
+    assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "model.so", "report.html", "report.json",
+                                                   "report.md", "weights.safetensors"]
 
 
 @pytest.mark.slow
