@@ -9,11 +9,12 @@ Engines (each one that can be made; one that cannot is listed under "skipped" wi
                     artifact's input shapes: the uncompressed Program's aten GraphModule
   pytorch-hf        PyTorch eager on the original Hugging Face module (the same task wrapper trace uses)
   onnxruntime       ONNX Runtime fp32 on that same uncompressed Program (exported by
-                    tcc.backends.onnxruntime), all graph optimisations
+                    tcc.backends.onnxruntime), all graph optimisations; for an ONNX source, ORT on
+                    the original file itself
   onnxruntime-int8  ORT dynamic int8 quantization of that file: ORT's own int8, the peer of a
                     quantized artifact (option `ort_int8`)
-The re-trace needs the manifest's source to be a model path (an alias, HF folder or GGUF); for an
-artifact compiled from an nn.Module only `tcc` is timed.
+The re-trace needs the manifest's source to be a model path (an alias, HF folder, GGUF or ONNX
+file); for an artifact compiled from an nn.Module only `tcc` is timed.
 
 Timing: `warmup` untimed calls per engine, then `repeats` timed calls per engine, split into up to
 4 blocks; each block runs every engine's calls back to back (as a deployment would), engines in a
@@ -68,14 +69,20 @@ def bench(artifact_dir, repeats: int = 20, warmup: int = 3, *, ort_int8: bool = 
 
 def _bench(artifact_dir: Path, manifest: dict, repeats: int, warmup: int, ort_int8: bool, hf: bool, tmp: Path) -> dict:
     specs = manifest["inputs"]
-    batch, seq_len = (int(d) for d in specs[0]["shape"][:2])
     source = manifest.get("source") or {}
+    tokens = [s for s in specs if np.issubdtype(np.dtype(s["dtype"]), np.integer) and len(s["shape"]) >= 2]
+    batch = int(specs[0]["shape"][0])
+    seq_len = int(tokens[0]["shape"][1]) if tokens else 128  # only used to re-trace token models
     task = manifest.get("task")
     engines, skipped, memory, notes = {}, {}, {}, []
     sizes = {"artifact_files": {f.name: f.stat().st_size for f in sorted(artifact_dir.iterdir()) if f.is_file()}}
     sizes["artifact_bytes"] = sum(sizes["artifact_files"].values())
     sizes["weight_bytes"] = _safetensors_bytes(artifact_dir / "weights.safetensors")
-    retrace = source.get("kind") == "huggingface" and bool(source.get("path"))
+    onnx_source = source.get("kind") == "onnx"
+    retrace = source.get("kind") in ("huggingface", "onnx") and bool(source.get("path"))
+    if onnx_source:
+        hf = False
+        skipped["pytorch-hf"] = "the source is an ONNX file: its PyTorch engine is the imported Program (pytorch)"
     program = None
     feeds = None if retrace else _example_feeds(specs)
 
@@ -125,10 +132,13 @@ def _bench(artifact_dir: Path, manifest: dict, repeats: int, warmup: int, ort_in
 
     if program is not None:
         from tcc.backends.onnxruntime import OrtSession, export_onnx, quantize_dynamic_int8
-        fp32, int8 = tmp / "model.onnx", tmp / "model.int8.onnx"
+        from .models import resolve
+        # an ONNX source: the peer runs the user's own file, else an export of the source Program
+        fp32, int8 = resolve(source["path"]) if onnx_source else tmp / "model.onnx", tmp / "model.int8.onnx"
 
         def make_ort():
-            export_onnx(program, fp32)
+            if not onnx_source:
+                export_onnx(program, fp32)
             sizes["onnx_fp32_bytes"] = _file_bytes(fp32)
             return OrtSession(fp32)
 

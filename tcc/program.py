@@ -23,7 +23,7 @@ from .errors import UserError
 class TensorSpec:
     name: str
     dtype: str  # numpy dtype name: "int64", "float32", ...
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # -1: any size (a dynamic dimension)
     range: tuple[int, int] | None = None  # valid integer values [lo, hi), e.g. token ids < vocab size
 
     def to_json(self) -> dict:
@@ -40,7 +40,7 @@ class TensorSpec:
     def check(self, value: np.ndarray, what: str = "input") -> np.ndarray:
         """Return `value` as this spec's dtype, or raise a UserError naming the mismatch."""
         value = np.asarray(value)
-        if tuple(value.shape) != tuple(self.shape):
+        if len(value.shape) != len(self.shape) or any(d >= 0 and d != v for d, v in zip(self.shape, value.shape)):
             raise UserError(
                 f"{what} '{self.name}' has shape {list(value.shape)}, the artifact expects {list(self.shape)}",
                 "compile with the matching --seq-len/--batch, or pad/crop the input",

@@ -199,6 +199,14 @@ def test_tiny_compile_matches_onnxruntime(tiny_models, tmp_path):
     with art:
         got = art(feeds)
     assert rel_err(got["last_hidden_state"], ort_run(path, feeds)["last_hidden_state"]) < REL
+    # tcc bench on an ONNX-sourced artifact: the PyTorch engine is the imported Program and the ORT
+    # peer runs the user's own file (not a re-export); both agree with the artifact
+    from tcc.bench import bench
+    r = bench(tmp_path / "art", repeats=2, warmup=0, ort_int8=False)
+    assert r["sizes"]["onnx_fp32_bytes"] == sum(p.stat().st_size for p in (path, Path(f"{path}.data")))  # + external data
+    assert {"tcc", "pytorch", "onnxruntime"} <= set(r["engines"]) and "pytorch-hf" in r["skipped"]
+    for name in ("tcc", "onnxruntime"):
+        assert r["engines"][name]["max_abs_diff_vs_pytorch"] < 1e-4
 
 
 # -- errors ----------------------------------------------------------------------------------------
