@@ -53,7 +53,7 @@ from tcc.calibration import CalibrationLoss, GraphRunner
 from tcc.elimination import ANALYSIS, PARTS, block_weights, calibration_feeds, sites
 from tcc.errors import UserError
 from tcc.pipeline import Option, Pass, PassContext, register
-from tcc.program import Program
+from tcc.program import Program, attribute as _attr
 from tcc.progress import track
 
 
@@ -236,12 +236,6 @@ def _head_norms(program: Program, attention, x: torch.Tensor, weights: np.ndarra
         out.append(float((contrib * wt).sum() / wt.sum().clamp_min(1e-30)))
     return np.asarray(out)
 
-
-def _attr(gm, path: str):
-    obj = gm
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # -- report -------------------------------------------------------------------------------------------

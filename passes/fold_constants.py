@@ -27,7 +27,7 @@ from torch.fx.node import map_arg
 
 from tcc.errors import InternalError
 from tcc.pipeline import Option, Pass, PassContext, register, set_val
-from tcc.program import Program
+from tcc.program import Program, attribute as _attr
 
 from .dead_code import remove_dead
 
@@ -151,9 +151,3 @@ def _fold(gm: torch.fx.GraphModule, node: torch.fx.Node, values: dict) -> dict:
     return {"node": node.name, "into": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
             "from": sorted(a.target for a in _attr_sources(node, values)), "elements": math.prod(tensor.shape)}
 
-
-def _attr(gm, path: str):
-    obj = gm
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-    return obj

@@ -102,7 +102,7 @@ from tcc import sparsity
 from tcc.calibration import CalibrationLoss, GraphRunner, text_feeds
 from tcc.errors import InternalError, UserError
 from tcc.pipeline import Option, Pass, PassContext, register, set_val
-from tcc.program import Program
+from tcc.program import Program, attribute as _attr
 from tcc.progress import track
 from tcc.ops import quantize_rows
 from tcc.quantization import (Grid, InputStats, QWeight, awq_clip, awq_scale, bits_per_weight, blockwise, collect,
@@ -1026,9 +1026,3 @@ def _free_name(module: torch.nn.Module, name: str) -> str:
         name += "_"
     return name
 
-
-def _attr(gm, path: str):
-    obj = gm
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-    return obj

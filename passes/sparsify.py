@@ -59,7 +59,7 @@ from tcc import sparsity as sp
 from tcc.calibration import text_feeds
 from tcc.errors import InternalError, UserError
 from tcc.pipeline import Option, Pass, PassContext, register
-from tcc.program import Program
+from tcc.program import Program, attribute as _attr
 from tcc.quantization import InputStats, blockwise, collect_stats, glob_matches, module_path, output_error
 
 FLOAT_LINEARS = ("aten.linear", "tcc.dense")
@@ -265,9 +265,3 @@ def prune_sparsegpt(program: Program, layers: list[Layer], feeds: list[dict], sh
 
     blockwise(program, layers, feeds, stats_for, process, "sparsify: sparsegpt inputs")
 
-
-def _attr(gm, path: str):
-    obj = gm
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-    return obj

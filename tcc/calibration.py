@@ -40,6 +40,7 @@ import torch.fx as fx
 
 from .errors import UserError
 from .progress import status
+from .program import attribute as _attr
 
 DEFAULT_VALID = (Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "wikitext-2" / "valid.txt").resolve()
 
@@ -276,9 +277,3 @@ def _mutates(n: fx.Node) -> bool:
     return bool(schema is not None and schema.arguments and schema.arguments[0].alias_info is not None
                 and schema.arguments[0].alias_info.is_write)
 
-
-def _attr(gm, path: str):
-    obj = gm
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj

@@ -53,6 +53,7 @@ import torch.fx as fx
 from .errors import UserError
 from .pipeline import set_val
 from .structure import IDENTITY, SHAPE, Attention, Linear, ancestors, descendants, nodes_by_name, op_name
+from .program import attribute as _attr
 
 _SIZES = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.expand"}
 # ops after which every element still belongs to the head of the input element at its position
@@ -453,12 +454,6 @@ def _dim_arg(n: fx.Node) -> int:
 def _kept_before(keep: torch.Tensor, i: int) -> int:
     return int(keep[:max(0, i)].sum())
 
-
-def _attr(gm, path: str):
-    obj = gm
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _slice_linear(gm: fx.GraphModule, by: dict, lin: Linear, keep: list[int], dim: int, where: str) -> int:

@@ -111,7 +111,7 @@ class Program:
         out.update(dict(self.gm.named_buffers()))
         for n in self.gm.graph.nodes:
             if n.op == "get_attr" and n.target not in out:
-                t = _getattr_path(self.gm, n.target)
+                t = attribute(self.gm, n.target)
                 if isinstance(t, torch.Tensor):
                     out[n.target] = t
         return out
@@ -134,7 +134,8 @@ class Program:
         return h.hexdigest()
 
 
-def _getattr_path(obj, path: str):
+def attribute(obj, path: str):
+    """obj.a.b.c for path "a.b.c" (a get_attr node's target in a GraphModule); None if missing."""
     for part in path.split("."):
-        obj = getattr(obj, part)
+        obj = getattr(obj, part, None)
     return obj

@@ -218,13 +218,13 @@ def estimate_cost(program, target_name: str) -> dict:
     import torch
     from tcc.backends.tvm.lower import kernelize
     from .pipeline import propagate_shapes
-    from .program import _getattr_path
+    from .program import attribute
 
     gm = kernelize(program.gm, program.annotations)
     feeds = program.example_inputs()
     propagate_shapes(gm, [torch.from_numpy(s.check(feeds[s.name])) for s in program.inputs])
     scale = TARGET_SCALE.get(target_name, {"fp32": 1.0, "int8": 1.0, "memory": 1.0})
-    attrs = {n.name: _getattr_path(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    attrs = {n.name: attribute(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     seconds, flops = CALL_MS / 1e3, 0
     for n in gm.graph.nodes:
         if n.op != "call_function":

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+from .program import attribute as _attr
 
 # -- op vocabulary ---------------------------------------------------------------------------------
 LINEAR = {"aten.linear", "tcc.dense", "tcc.dense_w8", "tcc.dense_a8w8", "tcc.dense_w4"}
@@ -784,12 +785,6 @@ def _evaluate(n: fx.Node, gm: fx.GraphModule):
         except Exception:
             return None
 
-
-def _attr(gm, path: str):
-    obj = gm
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _lm_head(g: _Graph) -> fx.Node | None:
