@@ -41,11 +41,15 @@ token keeps its representative's mask). Any other tensor of sequence length read
 (rotary cos/sin, position ids) raises a UserError: not supported yet. Static view / reshape sizes
 holding S are rewritten (tcc.tokens.resize).
 
-Restore: when an output is token-level ([B, S, ...], e.g. last_hidden_state), the full length is
-rebuilt after the last layer: a dropped token takes the hidden state it had when it was dropped (the
-stream at the input of the layer it was dropped before), a merged token its merged token's final
-state (ToMe's un-merge); the final norm (pre-norm models) then runs on all S positions. The record's
-`restore` says which. Pooled / CLS-only outputs need no restore and run on the reduced tokens.
+Restore: when anything after the last layer reads more than the protected tokens - a token-level
+output ([B, S, ...], e.g. last_hidden_state), a decoder that reshapes the patch tokens into a grid,
+a pooling over the tokens (`_reads_beyond_protected` follows the last layer's output through
+per-token ops to where the token axis is indexed) - the full length is rebuilt after the last
+layer: a dropped token takes the hidden state it had when it was dropped (the stream at the input of
+the layer it was dropped before), a merged token its merged token's final state (ToMe's un-merge);
+the final norm (pre-norm models) and everything after it then run on all S positions. The record's
+`restore` says which. Outputs that read only the protected tokens (a CLS pooler) need no restore and
+run on the reduced tokens.
 
 Errors (UserError naming the option): keep outside (0, 1]; a schedule entry that keeps no tokens
 (<= 0), above 1, increasing, or longer than the model's depth; keep and schedule together;
@@ -185,7 +189,8 @@ class _Rewriter:
         self.by = nodes_by_name(self.gm)
         blocks = self.info.blocks
         self.y = self.by[blocks[-1].output]
-        self.restore = any(len(s.shape) >= 2 and tuple(s.shape[:2]) == (batch, seq) for s in program.outputs)
+        self.restore = _reads_beyond_protected(self.gm, self.y, seq, opts.protect)
+        self.until = self.y if self.restore else None  # what comes after y sees the full length again
         self.cls = opts.score == "cls" or (opts.score == "auto" and opts.protect >= 1)
         self.attn = {b.index: b.attention for b in blocks if b.attention is not None}
         self.eager_in: dict[fx.Node, fx.Node] = {}  # softmax -> its input before proportional attention
@@ -215,7 +220,7 @@ class _Rewriter:
             x.replace_all_uses_with(x_new, delete_user_cb=lambda u: u not in mine)
             self._reduce_masks(layer, rep, n_cur, st)
             self._erase_dead(st)
-            resize(self.gm, old)
+            resize(self.gm, old, self.until)
             if self.o.method == "merge" and self.o.proportional:
                 self._proportional_eager(layer, st)
             notes.append({"layer": layer, "tokens": [n_cur, n_new], "scored_by": how,
@@ -392,7 +397,7 @@ class _Rewriter:
                 sm = self.node(a.softmax)
                 scores = self.eager_in.setdefault(sm, sm.args[0])
                 sm.update_arg(0, inline(self.gm, _scores_plus_log_size, [scores, st.size], sm)[0])
-        resize(self.gm, old)
+        resize(self.gm, old, self.until)
 
     # -- restore -------------------------------------------------------------------------------------
     def _restore(self, st: _State) -> str:
@@ -443,6 +448,83 @@ def _scores_plus_log_size(scores, size):
     B, n = size.shape
     logs = torch.log(size)[:, None, None, :].to(scores.dtype)
     return (scores.reshape(B, -1, scores.shape[-2], n) + logs).reshape(scores.shape)
+
+
+# -- what reads the last layer's tokens -------------------------------------------------------------------
+
+# ops whose token t depends on token t of each operand only (the token axis, 1, stays where it is)
+_ELEMENTWISE = {"aten.add", "aten.sub", "aten.mul", "aten.div", "aten.gelu", "aten.relu", "aten.silu", "aten.tanh",
+                "aten.sigmoid", "aten.pow", "aten.rsqrt", "aten.sqrt", "aten.neg", "aten.exp", "aten.clone",
+                "aten._to_copy", "aten.to", "aten.contiguous", "aten.dropout", "aten.alias", "aten.detach"}
+_FEATURE_REDUCTIONS = {"aten.mean", "aten.sum", "aten.amax", "aten.softmax", "aten._softmax", "aten.log_softmax"}
+
+
+def _reads_beyond_protected(gm: fx.GraphModule, y: fx.Node, seq: int, protect: int) -> bool:
+    """Whether anything after the last layer reads more of its output `y` [B, S, ...] than the first
+    `protect` tokens. y is followed (in graph order) through per-token ops - elementwise ops, norms,
+    linears and reductions over the feature dims, reshapes that keep (B, S) in front - to where the
+    token axis is indexed: a select or slice inside the first `protect` tokens (a CLS pooler) reads
+    only those. Anything else reads more: an output, a reshape of the tokens (into a grid), a pooling
+    or any op across them, an index past the protected tokens, a sequence-length operand from
+    elsewhere."""
+    nodes = list(gm.graph.nodes)
+    tokens = {y}  # values whose axis 1 is y's tokens, each from the same token
+    for u in nodes[nodes.index(y) + 1:]:
+        if not any(a in tokens for a in u.all_input_nodes):
+            continue
+        use = _token_use(u, tokens, seq, protect)
+        if use == "more":
+            return True
+        if use == "per-token":
+            tokens.add(u)
+    return False
+
+
+def _token_use(u: fx.Node, tokens: set, seq: int, protect: int) -> str:
+    """How `u` reads the token values in `tokens`: "protected" (only the first `protect` tokens),
+    "per-token" (u is [B, S, ...] again, each token from the same tokens), or "more"."""
+    name, out, x = op_name(u), _shape(u), u.args[0] if u.args else None
+    if name in _ELEMENTWISE:
+        if out is None or len(out) < 2 or out[1] != seq:
+            return "more"
+        for a in u.all_input_nodes:  # the others broadcast along the tokens (no axis of length S there)
+            o = _shape(a)
+            at = 1 - (len(out) - len(o)) if o is not None else -1
+            if a not in tokens and at >= 0 and o[at] != 1:
+                return "more"
+        return "per-token"
+    if x not in tokens or any(a in tokens for a in u.all_input_nodes[1:]):
+        return "more"
+    rank = len(_shape(x))
+    dim = lambda d: int(d) % rank
+    if name in ("aten.select", "aten.slice") and dim(u.args[1] if len(u.args) > 1 else 0) == 1:
+        if name == "aten.select":
+            last = int(u.args[2]) % seq
+        else:
+            end = u.args[3] if len(u.args) > 3 and u.args[3] is not None else seq
+            last = min(int(end) + (seq if int(end) < 0 else 0), seq) - 1
+        return "protected" if last < protect else "more"
+    if out is None or len(out) < 2 or out[1] != seq:
+        return "more"  # the token axis moved or went away
+    if name in ("aten.reshape", "aten.view"):
+        keeps = out[0] == _shape(x)[0]  # (B, S) in front: only the feature dims are reshaped
+    elif name == "aten.permute":
+        keeps = [dim(d) for d in u.args[1][:2]] == [0, 1]
+    elif name == "aten.transpose":
+        keeps = min(dim(u.args[1]), dim(u.args[2])) >= 2
+    elif name == "aten.slice":  # of the batch or the features
+        keeps = dim(u.args[1] if len(u.args) > 1 else 0) != 1
+    elif name == "aten.select":  # of the features
+        keeps = dim(u.args[1]) >= 2
+    elif name in _FEATURE_REDUCTIONS:
+        dims = u.args[1] if len(u.args) > 1 else None
+        dims = [dims] if isinstance(dims, int) else dims
+        keeps = bool(dims) and all(dim(d) >= 2 for d in dims)
+    elif name == "aten.layer_norm":
+        keeps = len(u.args[1]) <= rank - 2
+    else:
+        keeps = (name == "aten.linear" or name.startswith("tcc.dense")) and rank >= 3
+    return "per-token" if keeps else "more"
 
 
 # -- small helpers ------------------------------------------------------------------------------------------

@@ -25,10 +25,11 @@ odd width: "dtype mismatch on BufferStore: buffer's dtype is T.bool ... RHS's dt
 Graph helpers
     inline(gm, fn, inputs, before, **static) -> output nodes: traces fn with make_fx on tensors shaped
         like the input nodes' values and copies its aten nodes into gm before `before`.
-    resize(gm, old_vals): after the sequence of some nodes changed, rewrites the static sizes of
-        view / reshape / expand nodes that read them (the S of view(B, S, H, D)) and refreshes every
-        node's meta["val"] (what ModelInfo reads shapes from). A size is rewritten when it is the
-        input's changed dim carried to the same place: same product of the sizes before it.
+    resize(gm, old_vals, until=None): after the sequence of some nodes changed, rewrites the static
+        sizes of view / reshape / expand nodes that read them (the S of view(B, S, H, D)) and refreshes
+        every node's meta["val"] (what ModelInfo reads shapes from), up to the node `until`. A size
+        is rewritten when it is the input's changed dim carried to the same place: same product of
+        the sizes before it.
 """
 from __future__ import annotations
 
@@ -244,13 +245,17 @@ def _shape(v) -> tuple | None:
     return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
 
 
-def resize(gm: fx.GraphModule, old_vals: dict) -> list[str]:
+def resize(gm: fx.GraphModule, old_vals: dict, until: fx.Node | None = None) -> list[str]:
     """Rewrite static sizes after a sequence change (see the module docstring) and refresh every
-    node's meta["val"]. Returns the names of the nodes whose sizes were rewritten."""
+    node's meta["val"], up to `until` when given (the nodes after it are left as they are: the
+    caller restores the full sequence before them). Returns the names of the nodes whose sizes were
+    rewritten."""
     from .structure import op_name
 
     rewritten = []
     for n in gm.graph.nodes:
+        if until is not None and n.prev is until:
+            break
         if n.op != "call_function":
             continue
         x = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None

