@@ -16,6 +16,8 @@ nvcc-dependent tests skip with a reason when the CUDA toolkit is absent.
 """
 from __future__ import annotations
 
+import json
+
 import re
 import shutil
 from pathlib import Path
@@ -263,6 +265,10 @@ def test_cuda_artifact_holds_device_code_for_both_archs(cuda_artifact):
         assert kernel.encode() in lib                             # the host code calls it by name
     if "sparsity" in m:
         assert {r["storage"] for r in m["sparsity"]} == {"2:4 (float16 values + 2-bit indices)"}
+    final = json.loads((art.dir / "report.json").read_text())["final"]    # what the passes changed, in PyTorch
+    assert final["accuracy"]["measured_with"] == "pytorch" and "not run" in final["accuracy_note"]
+    worst = max(e["max_rel_err"] for e in final["accuracy"]["vs_source"].values())
+    assert (worst == 0.0) == (not m["pipeline"].replace("dce", "").strip(","))  # fp32: unchanged; compressed: moved
 
 
 @needs_nvcc
