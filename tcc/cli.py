@@ -81,7 +81,8 @@ def cmd_compile(a) -> int:
     art = tcc.compile(a.model, a.target, out=out, pipeline=a.pipeline or "", seq_len=a.seq_len,
                       batch=a.batch, task=a.task, verify=not a.no_verify, backend=a.backend,
                       calibration_text=a.calibration, calibration_samples=a.calibration_samples,
-                      max_drift=a.max_drift, latency=not a.no_latency, cache=not a.no_cache, report=a.report)
+                      max_drift=a.max_drift, latency=not a.no_latency, cache=not a.no_cache, report=a.report,
+                      max_seq_len=a.max_seq_len)
     m = art.manifest
     art.close()
     summary = {"artifact": str(Path(out).resolve()), "target": m["target"]["name"], "pipeline": m["pipeline"],
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", "-t", help="x86 (default), x86-64-v3, x86-64-v4, arm64, arm64-dotprod")
     c.add_argument("-o", "--output", help="artifact directory (default build/MODEL-TARGET)")
     c.add_argument("--seq-len", type=int, help="sequence length (default 128)")
+    c.add_argument("--max-seq-len", type=int, help="any sequence length from 1 to N (x86; default: static --seq-len)")
     c.add_argument("--batch", type=int, help="batch size (default 1)")
     c.add_argument("--task", choices=["feature-extraction", "causal-lm"])
     c.add_argument("--pipeline", "-p", help="pass pipeline, e.g. 'quantize-weights(bits=8)'")

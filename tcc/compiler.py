@@ -35,13 +35,15 @@ BACKENDS = ("tvm", "onnxruntime")
 def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", seq_len: int = 128,
             batch: int = 1, task: str | None = None, verify: bool = True, calibration=None,
             backend: str = "tvm", calibration_text: str | None = None, calibration_samples: int = 8,
-            max_drift: float | None = None, latency: bool = True, cache: bool = True, report: str | Path | None = None):
+            max_drift: float | None = None, latency: bool = True, cache: bool = True, report: str | Path | None = None,
+            max_seq_len: int | None = None):
     """Compile `model` (path, alias, nn.Module with example inputs via `trace` first, or a Program)
     for `target` into the artifact directory `out`. Returns the loaded artifact (tcc.runtime.Loaded).
 
     backend "tvm" (default) builds a native library for the target; "onnxruntime" writes the
     program as ONNX for ONNX Runtime on this host (the reference and peer baseline). `latency`:
-    time a few calls of the artifact when the target runs on this host (report.json run.latency)."""
+    time a few calls of the artifact when the target runs on this host (report.json run.latency).
+    `max_seq_len`: trace with a dynamic sequence length 1..max_seq_len (tcc.trace; x86 targets)."""
     facts: dict = {"backend": backend, "pipeline": pipeline}
     records: list[dict] = []
     final: dict = {}
@@ -52,7 +54,7 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
             path = _compile(model, target, Path(out), facts, records, final, run, pipeline=pipeline, seq_len=seq_len,
                             batch=batch, task=task, verify=verify, calibration=calibration, backend=backend,
                             calibration_text=calibration_text, calibration_samples=calibration_samples,
-                            max_drift=max_drift, latency=latency)
+                            max_drift=max_drift, latency=latency, max_seq_len=max_seq_len)
     except BaseException as e:
         if report is not None:
             final.update(exit_status=reports.exit_status(e), error=reports.error_json(e))
@@ -67,7 +69,8 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
 
 def _compile(model, target: str, out: Path, facts: dict, records: list, final: dict, run: dict, *, pipeline: str,
              seq_len: int, batch: int, task: str | None, verify: bool, calibration, backend: str,
-             calibration_text: str | None, calibration_samples: int, max_drift: float | None, latency: bool) -> Path:
+             calibration_text: str | None, calibration_samples: int, max_drift: float | None, latency: bool,
+             max_seq_len: int | None = None) -> Path:
     """compile()'s work; fills `facts` (what the manifest says), `records`, `final` and `run` (the
     report's sections) as it goes, so a failure can still be reported."""
     from tcc.backends.tvm.targets import get_target
@@ -82,6 +85,10 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
     if backend == "tvm":
         from tcc.backends.tvm.build import check_toolchain
         check_toolchain(tgt)
+    dynamic = max_seq_len is not None or (isinstance(model, Program) and any(s.dynamic_dims for s in model.inputs))
+    if dynamic and (backend != "tvm" or tgt.arch != "x86_64" or tgt.device == "cuda"):
+        raise UserError(f"a dynamic sequence length (--max-seq-len) is supported by the tvm backend on x86 targets only, "
+                        f"not {backend} / {tgt.name}", "compile with a static --seq-len for this target")
     if max_drift is not None and not max_drift >= 0:
         raise UserError(f"--max-drift must be a number >= 0, got {max_drift}", "e.g. --max-drift 0.05 (5 % relative)")
     user = Pipeline.parse(pipeline) if pipeline else Pipeline([])
@@ -94,7 +101,7 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             program = model.clone()
         else:
             from .frontend import trace
-            program = trace(model, task=task, seq_len=seq_len, batch=batch)
+            program = trace(model, task=task, seq_len=seq_len, batch=batch, max_seq_len=max_seq_len)
         t_trace = time.perf_counter() - t_start
         facts.update(source=program.source, task=program.task, inputs=[s.to_json() for s in program.inputs],
                      outputs=[s.to_json() for s in program.outputs])

@@ -1,11 +1,15 @@
 """Frontends: a Hugging Face folder, a GGUF file, an ONNX file (tcc.onnx_frontend) or an `nn.Module`
 -> `torch.export` -> Program.
 
-Task contracts (static batch and sequence length):
+Task contracts (static batch; static sequence length, or any length 1..max_seq_len when given):
   feature-extraction  inputs input_ids[B,S] int64, attention_mask[B,S] int64 -> last_hidden_state[B,S,H]
   causal-lm           inputs input_ids[B,S] int64 -> logits[B,S,V]
                       (the all-ones attention mask is made inside the graph: without an explicit
                       mask transformers 5 emits a packed-sequence check TVM cannot build)
+
+With `max_seq_len=N` the token inputs (input_ids, attention_mask, token_type_ids) are exported with
+one `torch.export.Dim("seq", min=1, max=N)` on their sequence axis (dim 1); the specs record the
+range in `min_shape`/`max_shape` and keep the example length in `shape` (Program.example_inputs).
 """
 from __future__ import annotations
 
@@ -43,32 +47,44 @@ class CausalLM(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
 
 
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
 def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
           example_inputs: dict[str, torch.Tensor] | None = None,
-          output_names: list[str] | None = None) -> Program:
+          output_names: list[str] | None = None, max_seq_len: int | None = None) -> Program:
     """Trace a model into a Program.
 
     `model` is a path or alias (see tcc.models.resolve) or an `nn.Module`. For a module, give
     `example_inputs` by name (positional order = dict order); outputs are named from `output_names`,
     or `output`, `output_1`... For HF models the task decides inputs and outputs.
+    `max_seq_len`: export the token inputs with a dynamic sequence length 1..max_seq_len (the example
+    length is min(seq_len, max_seq_len)); None keeps every shape static.
     """
     if seq_len < 1 or batch < 1:
         raise UserError(f"--seq-len and --batch must be positive (got seq_len={seq_len}, batch={batch})")
+    if max_seq_len is not None and max_seq_len < 2:
+        raise UserError(f"--max-seq-len must be at least 2 (got {max_seq_len})",
+                        "leave it out for a static sequence length")
     if isinstance(model, torch.nn.Module):
         if not example_inputs:
             raise UserError("tracing an nn.Module needs example_inputs={name: tensor}")
         prog = _trace_module(model.eval(), example_inputs, output_names, task=task or "custom",
-                             source={"kind": "module", "class": type(model).__qualname__})
+                             source={"kind": "module", "class": type(model).__qualname__},
+                             dynamic=_dynamic_shapes(example_inputs, max_seq_len))
         prog.source["sha256"] = prog.fingerprint()
         return prog
 
     path = models.resolve(model)
     if path.suffix == ".onnx":
+        if max_seq_len is not None:
+            raise UserError("--max-seq-len is not supported for ONNX models yet", "leave it out for a static length")
         from .onnx_frontend import trace_onnx
         return trace_onnx(path, task=task, seq_len=seq_len, batch=batch,
                           source_name=str(model) if str(model) in models.ALIASES else None)
     model_sha = models.model_hash(path)
-    key = cache.trace_key(model_sha, path, task, seq_len, batch) if cache.enabled() else None
+    # the trace cache holds static programs only
+    key = cache.trace_key(model_sha, path, task, seq_len, batch) if cache.enabled() and max_seq_len is None else None
     hit = cache.load_trace(key) if key else None
     shown_path = str(model) if str(model) in models.ALIASES else str(path)  # the key holds the resolved path
     if hit is not None:
@@ -79,17 +95,20 @@ def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
         hf, task, tok_dir = models.load_hf(path, task)
     cfg = hf.config
     vocab = int(getattr(cfg, "vocab_size", 1000))
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    if max_pos and max(seq_len, max_seq_len or 0) > max_pos:
+        flag = "--max-seq-len" if (max_seq_len or 0) > seq_len else "--seq-len"
+        raise UserError(f"{flag} {max(seq_len, max_seq_len or 0)} exceeds the model's maximum of {max_pos} positions")
+    if max_seq_len is not None:
+        seq_len = min(seq_len, max_seq_len)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
-    max_pos = getattr(cfg, "max_position_embeddings", None)
-    if max_pos and seq_len > max_pos:
-        raise UserError(f"--seq-len {seq_len} exceeds the model's maximum of {max_pos} positions")
     if task == "feature-extraction":
         wrapper, inputs, outs = FeatureExtraction(hf), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ["last_hidden_state"]
     else:
         wrapper, inputs, outs = CausalLM(hf), {"input_ids": ids}, ["logits"]
     source = {"kind": "huggingface", "path": shown_path, "sha256": model_sha, "model_type": getattr(cfg, "model_type", None)}
-    ep = _export(wrapper, inputs)
+    ep = _export(wrapper, inputs, _dynamic_shapes(inputs, max_seq_len))
     meta = {"outputs": outs, "task": task, "source": source, "tokenizer_dir": tok_dir, "vocab": vocab}
     if key:
         cache.save_trace(key, ep, inputs, meta)
@@ -106,14 +125,55 @@ def _hf_program(ep, inputs: dict, meta: dict) -> Program:
     return prog
 
 
-def _trace_module(module, example_inputs, output_names, task, source) -> Program:
-    return _from_export(_export(module, example_inputs), example_inputs, output_names, task, source)
+def _trace_module(module, example_inputs, output_names, task, source, dynamic=None) -> Program:
+    return _from_export(_export(module, example_inputs, dynamic), example_inputs, output_names, task, source)
 
 
-def _export(module, example_inputs) -> torch.export.ExportedProgram:
+def _dynamic_shapes(example_inputs: dict, max_seq_len: int | None) -> tuple | None:
+    """torch.export's dynamic_shapes (by position): one Dim("seq", 1..max_seq_len) on dim 1 of the
+    token inputs; None (static) without max_seq_len."""
+    if max_seq_len is None:
+        return None
+    if not any(n in TOKEN_INPUTS and t.dim() >= 2 for n, t in example_inputs.items()):
+        raise UserError(f"--max-seq-len needs a token input ({', '.join(TOKEN_INPUTS)}) of shape [batch, seq]; "
+                        f"the model takes {list(example_inputs)}")
+    seq = torch.export.Dim("seq", min=1, max=max_seq_len)
+    return tuple({1: seq} if n in TOKEN_INPUTS and t.dim() >= 2 else None for n, t in example_inputs.items())
+
+
+def dynamic_shapes(program: Program) -> tuple | None:
+    """The dynamic_shapes that export `program.gm` again with its inputs' ranges (None: static)."""
+    if not any(s.dynamic_dims for s in program.inputs):
+        return None
+    dims = {}
+    def dim(spec, i):
+        key = (spec.min_shape[i], spec.max_shape[i])
+        return dims.setdefault(key, torch.export.Dim(f"seq{len(dims)}", min=key[0], max=key[1]))
+    return tuple({i: dim(s, i) for i in s.dynamic_dims} or None for s in program.inputs)
+
+
+def _spec(name: str, value: torch.Tensor, val, ranges: dict) -> TensorSpec:
+    """The spec of a graph input or output: `value` its example, `val` its fake tensor in the graph
+    (symbolic sizes give min_shape/max_shape from the export's `ranges`, its range_constraints)."""
+    from torch.utils._sympy.value_ranges import bound_sympy
+    spec = TensorSpec(name, str(value.detach().numpy().dtype), tuple(value.shape))
+    sizes = list(val.shape) if isinstance(val, torch.Tensor) else []
+    if not any(isinstance(d, torch.SymInt) for d in sizes):
+        return spec
+    lo, hi = [], []
+    for d in sizes:
+        if isinstance(d, torch.SymInt):
+            r = bound_sympy(d.node.expr, ranges)
+            lo.append(int(r.lower)), hi.append(int(r.upper))
+        else:
+            lo.append(int(d)), hi.append(int(d))
+    return dataclasses.replace(spec, min_shape=tuple(lo), max_shape=tuple(hi))
+
+
+def _export(module, example_inputs, dynamic=None) -> torch.export.ExportedProgram:
     with status("tracing with torch.export"), torch.no_grad():
         try:
-            return torch.export.export(module, tuple(example_inputs.values()), strict=False)
+            return torch.export.export(module, tuple(example_inputs.values()), dynamic_shapes=dynamic, strict=False)
         except Exception as e:
             raise UserError(f"torch.export could not trace the model: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
                             "the model must be traceable with static shapes; run with --debug for the full trace")
@@ -127,8 +187,12 @@ def _from_export(ep, example_inputs, output_names, task, source) -> Program:
         out = gm(*args)
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     names = output_names or (["output"] + [f"output_{i}" for i in range(1, len(outs))])
-    in_specs = [TensorSpec(n, str(t.numpy().dtype), tuple(t.shape)) for n, t in example_inputs.items()]
-    out_specs = [TensorSpec(n, str(o.detach().numpy().dtype), tuple(o.shape)) for n, o in zip(names, outs)]
+    in_vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+    results = gm.graph.output_node().args[0]
+    results = list(results) if isinstance(results, (tuple, list)) else [results]
+    out_vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else None for a in results]
+    in_specs = [_spec(n, t, v, ep.range_constraints) for (n, t), v in zip(example_inputs.items(), in_vals)]
+    out_specs = [_spec(n, o, v, ep.range_constraints) for n, o, v in zip(names, outs, out_vals)]
     prog = Program(gm=gm, inputs=in_specs, outputs=out_specs, task=task, source=source)
     from .structure import recover
     prog.info = recover(gm)
@@ -140,4 +204,4 @@ def reexport(program: Program) -> torch.export.ExportedProgram:
     feeds = program.example_inputs()
     args = tuple(torch.from_numpy(feeds[s.name]) for s in program.inputs)
     with torch.no_grad():
-        return torch.export.export(program.gm, args, strict=False)
+        return torch.export.export(program.gm, args, dynamic_shapes=dynamic_shapes(program), strict=False)

@@ -52,7 +52,8 @@ import torch.fx as fx
 
 from .errors import UserError
 from .pipeline import set_val
-from .structure import IDENTITY, SHAPE, Attention, Linear, ancestors, descendants, nodes_by_name, op_name
+from .structure import (IDENTITY, SHAPE, Attention, Linear, ancestors, descendants, is_size, nodes_by_name,
+                        op_name, size_hint)
 from .program import attribute as _attr
 
 _SIZES = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.expand"}
@@ -321,10 +322,10 @@ class _Site:
         if n not in canon:
             self._cannot(n, "its surviving elements cannot be followed")
         args, out = list(n.args), self._sizes(n, canon[n])
-        if op in _SIZES:
-            if any(isinstance(s, fx.Node) for s in n.args[1]):
-                self._cannot(n, "it has symbolic sizes")
-            args[1] = [s if s == -1 else out[i] for i, s in enumerate(n.args[1])]
+        if op in _SIZES:  # a symbolic size stays, on a dim that pruning leaves alone
+            if any(isinstance(s, fx.Node) and out[i] != size_hint(s.meta["val"]) for i, s in enumerate(n.args[1])):
+                self._cannot(n, "a pruned dim has a symbolic size")
+            args[1] = [s if isinstance(s, fx.Node) or s == -1 else out[i] for i, s in enumerate(n.args[1])]
         elif op == "aten.unflatten":
             d = n.args[1] % len(_shape(x))
             args[2] = out[d:d + len(n.args[2])]
@@ -395,7 +396,7 @@ class _Site:
 
 def _shape(n) -> tuple | None:
     v = n.meta.get("val") if isinstance(n, fx.Node) else None
-    return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
+    return tuple(size_hint(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
 
 
 def _ids(shape) -> torch.Tensor:
@@ -432,6 +433,8 @@ def _replay(u: fx.Node, env: dict):
     def value(a):
         if a in env:
             return env[a]
+        if is_size(a):  # a symbolic size replays with its example value
+            return size_hint(a.meta["val"])
         shape = _shape(a)
         return torch.full(shape, -1.0, dtype=torch.float64) if shape is not None else a
 

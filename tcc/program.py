@@ -23,28 +23,52 @@ from .errors import UserError
 class TensorSpec:
     name: str
     dtype: str  # numpy dtype name: "int64", "float32", ...
-    shape: tuple[int, ...]  # -1: any size (a dynamic dimension)
+    shape: tuple[int, ...]  # the example shape (-1: any size); dims in max_shape may vary
     range: tuple[int, int] | None = None  # valid integer values [lo, hi), e.g. token ids < vocab size
+    # dynamic dims: each dim i takes sizes min_shape[i]..max_shape[i] (None: static, exactly `shape`)
+    min_shape: tuple[int, ...] | None = None
+    max_shape: tuple[int, ...] | None = None
+
+    @property
+    def dynamic_dims(self) -> list[int]:
+        """Dims whose size may vary (those traced with a torch.export Dim)."""
+        if self.max_shape is None:
+            return [i for i, d in enumerate(self.shape) if d < 0]
+        return [i for i, (lo, hi) in enumerate(zip(self.min_shape, self.max_shape)) if lo != hi]
 
     def to_json(self) -> dict:
         d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
         if self.range is not None:
             d["range"] = list(self.range)
+        if self.max_shape is not None:
+            d["min_shape"], d["max_shape"] = list(self.min_shape), list(self.max_shape)
         return d
 
     @staticmethod
     def from_json(d: dict) -> "TensorSpec":
-        r = tuple(int(v) for v in d["range"]) if d.get("range") else None
-        return TensorSpec(d["name"], d["dtype"], tuple(int(s) for s in d["shape"]), r)
+        ints = lambda key: tuple(int(v) for v in d[key]) if d.get(key) else None
+        return TensorSpec(d["name"], d["dtype"], tuple(int(v) for v in d["shape"]), ints("range"), ints("min_shape"), ints("max_shape"))
 
     def check(self, value: np.ndarray, what: str = "input") -> np.ndarray:
         """Return `value` as this spec's dtype, or raise a UserError naming the mismatch."""
         value = np.asarray(value)
+        if self.max_shape is not None and len(value.shape) == len(self.shape):
+            bad = [i for i, (lo, hi, v) in enumerate(zip(self.min_shape, self.max_shape, value.shape)) if not lo <= v <= hi]
+            if bad:
+                i = bad[0]
+                raise UserError(
+                    f"{what} '{self.name}' has size {value.shape[i]} in dim {i}, the artifact takes "
+                    f"{self.min_shape[i]}..{self.max_shape[i]} (shape {list(value.shape)}, maximum {list(self.max_shape)})",
+                    "crop or split the input, or recompile with a larger --max-seq-len")
+            return self._cast(value, what)
         if len(value.shape) != len(self.shape) or any(d >= 0 and d != v for d, v in zip(self.shape, value.shape)):
             raise UserError(
                 f"{what} '{self.name}' has shape {list(value.shape)}, the artifact expects {list(self.shape)}",
                 "compile with the matching --seq-len/--batch, or pad/crop the input",
             )
+        return self._cast(value, what)
+
+    def _cast(self, value: np.ndarray, what: str) -> np.ndarray:
         if value.dtype != np.dtype(self.dtype):
             if np.can_cast(value.dtype, self.dtype, casting="same_kind"):
                 value = value.astype(self.dtype)

@@ -297,9 +297,20 @@ def _val(n):
     return n.meta.get("val") if isinstance(n, fx.Node) else None
 
 
+def size_hint(s) -> int:
+    """A size as an int; a symbolic size (a dynamic-length graph's torch.SymInt) by its example
+    value, without the guard int() would add (which specialises the graph to that length)."""
+    return s.node.hint if isinstance(s, torch.SymInt) else int(s)
+
+
+def is_size(a) -> bool:
+    """Whether `a` is a node computing a symbolic size (aten.sym_size.int and arithmetic on it)."""
+    return isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.SymInt)
+
+
 def _shape(n) -> tuple | None:
     v = _val(n)
-    return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
+    return tuple(size_hint(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
 
 
 def _module(n: fx.Node) -> str:
@@ -520,13 +531,18 @@ def _propagate(start: fx.Node, t0: torch.Tensor, allowed: set, g: _Graph) -> dic
         for u in n.users:
             if u in env or u not in allowed or not (op_name(u) in SHAPE or _is_scalar_scale(u)):
                 continue
-            if any(a is not n and not g.const(a) for a in u.all_input_nodes):
+            if any(a is not n and not g.const(a) and not is_size(a) for a in u.all_input_nodes):
                 continue  # data-dependent (e.g. indices computed from the input)
             if op_name(u) in IDENTITY or _is_scalar_scale(u):
                 env[u] = env[n]
                 todo.append(u)
                 continue
-            swap = lambda a: env[n] if a is n else (g.value(a) if isinstance(a, fx.Node) else a)
+            def swap(a):  # symbolic sizes replay with their example value
+                if a is n:
+                    return env[n]
+                if is_size(a):
+                    return size_hint(a.meta["val"])
+                return g.value(a) if isinstance(a, fx.Node) else a
             try:
                 env[u] = u.target(*fx.node.map_arg(u.args, swap), **fx.node.map_arg(u.kwargs, swap))
             except Exception:  # an op we cannot replay on the index tensor: stop this branch

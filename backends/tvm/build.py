@@ -45,6 +45,9 @@ def build_library(program: Program, target: Target, lib_path: Path, report: list
     from tcc.backends.kernels.build import build_kernels
 
     cc = check_toolchain(target)
+    if (target.device == "cuda" or target.arch != "x86_64") and any(s.dynamic_dims for s in program.inputs):
+        raise UserError(f"a dynamic sequence length (--max-seq-len) is supported on the x86 target only, not {target.name}",
+                        "compile for this target without --max-seq-len (a static --seq-len)")
     if target.device == "cuda":
         from .cuda import build_library as build_cuda
         return build_cuda(program, target, lib_path, report, device_code)

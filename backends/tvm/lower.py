@@ -15,10 +15,16 @@ Steps:
     reshapes) is legalised and fused by TVM's CPU pipeline.
  3. Parameters stay function inputs (not constants baked into the library): they are stored in
     the artifact's safetensors, so the library stays small and building it stays cheap.
+
+Dynamic sequence lengths (inputs with min_shape/max_shape): the copy is exported with the same
+torch.export Dims, TVM imports them as size variables (bounded by the function attributes
+tir_var_lower_bound / tir_var_upper_bound), and the tcc ops' output types are built from those
+variables (`_out_sinfo`); slices of position buffers by the length keep the length (`_convert_slice`).
 """
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 
 import numpy as np
@@ -26,6 +32,7 @@ import torch
 
 from tcc import ops  # registers torch.ops.tcc.*
 from tcc.errors import UserError
+from tcc.frontend import dynamic_shapes
 from tcc.program import Program
 
 aten = torch.ops.aten
@@ -597,10 +604,53 @@ def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
 # Relax import: tcc ops -> call_dps_packed
 # ---------------------------------------------------------------------------------------------
 
-def _out_sinfo(node):
+def _size_vars(importer) -> dict:
+    """The importer's TIR size variables by name: TVM names them after the torch symbols (s70...)
+    when it creates the Relax types of the graph inputs."""
+    from tvm import relax, tirx
+    table = {}
+    for node, expr in importer.env.items():
+        ty = getattr(expr, "ty", None)
+        if getattr(node, "op", None) == "placeholder" and isinstance(ty, relax.TensorType) and ty.shape is not None:
+            table.update({d.name: d for d in ty.shape if isinstance(d, tirx.Var)})
+    return table
+
+
+def _tir_size(e, table: dict):
+    """A sympy size expression of torch.export (s70, s70 + 1, 2*s70, s70 // 2...) as a TIR expression
+    over the importer's own variables (a fresh tirx.Var of the same name would be another variable)."""
+    import sympy
+    from tvm import tirx
+    if isinstance(e, sympy.Integer):
+        return tirx.IntImm("int64", int(e))
+    if isinstance(e, sympy.Symbol):
+        if str(e) not in table:
+            raise UserError(f"the symbolic size {e} is not a dimension of any graph input",
+                            "compile without --max-seq-len")
+        return table[str(e)]
+    parts = [_tir_size(a, table) for a in e.args]
+    if isinstance(e, sympy.Add):
+        return functools.reduce(operator.add, parts)
+    if isinstance(e, sympy.Mul):
+        return functools.reduce(operator.mul, parts)
+    if type(e).__name__ == "FloorDiv":
+        return tirx.floordiv(*parts)
+    if type(e).__name__ in ("Mod", "PythonMod"):
+        return tirx.floormod(*parts)
+    raise UserError(f"the symbolic size {e} ({type(e).__name__}) cannot be lowered to TVM", "compile without --max-seq-len")
+
+
+def _out_sinfo(node, importer=None):
+    """The Relax type of a tcc op's output; symbolic sizes (a dynamic-length graph) become TIR
+    expressions over the importer's size variables."""
     from tvm import relax
     val = node.meta["val"]
-    return relax.TensorType([int(s) for s in val.shape], str(val.dtype).replace("torch.", ""))
+    if importer is not None and any(isinstance(s, torch.SymInt) for s in val.shape):
+        table = _size_vars(importer)
+        shape = [_tir_size(s.node.expr, table) if isinstance(s, torch.SymInt) else int(s) for s in val.shape]
+    else:
+        shape = [int(s) for s in val.shape]
+    return relax.TensorType(shape, str(val.dtype).replace("torch.", ""))
 
 
 def _arg(importer, a):
@@ -618,7 +668,7 @@ def _dense_converter(kernel: str, n_inputs: int):
         name = f"{kernel}_nobias_f32" if bias is None else f"{kernel}_f32"
         if bias is not None:
             tensors.append(_arg(importer, bias))
-        return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(tensors), _out_sinfo(node)))
+        return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(tensors), _out_sinfo(node, importer)))
     return convert
 
 
@@ -632,7 +682,7 @@ def _convert_sdpa(node, importer):
         args.append(_arg(importer, mask))
         name = "tcc_sdpa_f32"
     args += [relax.prim_value(tvm.tirx.FloatImm("float64", float(scale))), relax.prim_value(tvm.tirx.IntImm("bool", bool(causal)))]
-    return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(args), _out_sinfo(node)))
+    return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(args), _out_sinfo(node, importer)))
 
 
 def _a8w8_converter(kernel: str):
@@ -657,7 +707,7 @@ def _convert_a8w8(node, importer, name: str):
         zero = _arg(importer, x_zero) if x_zero is not None else relax.const(np.zeros(1, np.float32))
         args += [_arg(importer, x_scale), zero]
     args.append(relax.prim_value(tvm.tirx.IntImm("bool", bool(asym))))
-    return importer.block_builder.emit(relax.call_dps_packed(name + "_f32", relax.Tuple(args), _out_sinfo(node)))
+    return importer.block_builder.emit(relax.call_dps_packed(name + "_f32", relax.Tuple(args), _out_sinfo(node, importer)))
 
 
 def _convert_embedding_w8(node, importer):
@@ -674,10 +724,29 @@ def _convert_unmask(node, importer):
     from tvm import relax
     values, mask, _shape = node.args
     args = relax.Tuple([_arg(importer, values), _arg(importer, mask)])
-    return importer.block_builder.emit(relax.call_dps_packed("tcc_unmask", args, _out_sinfo(node)))
+    return importer.block_builder.emit(relax.call_dps_packed("tcc_unmask", args, _out_sinfo(node, importer)))
+
+
+def _convert_slice(node, importer):
+    """aten.slice with a symbolic end, e.g. BERT's position_ids[:, 0:S] of a buffer longer than any
+    allowed S: strided_slice with assume_inbound, so the result has size S rather than min(S, 512)
+    (which TVM cannot prove equal to S, and the next add then has an unknown shape). Safe because
+    the artifact rejects lengths above the exported maximum, which torch.export proved in range."""
+    import tvm
+    from tvm import relax
+    _, dim, start, end, step = list(node.args) + [None, 0, None, None, 1][len(node.args):]
+    x = importer.env[node.args[0]]
+    if not (isinstance(end, torch.fx.Node) and start in (0, None) and step == 1):
+        return importer._slice(node)
+    e, shape = importer.env[end], importer.shape_of(x)
+    d = dim % len(shape)
+    if tvm.ir.prim.expr_deep_equal(e, shape[d]):
+        return x
+    return importer.block_builder.emit(relax.op.strided_slice(x, [d], [0], [e], [1], assume_inbound=True))
 
 
 CONVERT_MAP = {
+    "slice.Tensor": _convert_slice,
     "dense_bsr.default": _dense_converter("tcc_dense_bsr", 4),  # (x, values, col_idx, row_ptr, b?, k)
     "unmask.default": _convert_unmask,
     "dense.default": _dense_converter("tcc_dense", 2),
@@ -703,7 +772,7 @@ def to_relax(program: Program, report: list | None = None, device: str = "cpu"):
     feeds = program.example_inputs()
     args = tuple(torch.from_numpy(feeds[s.name]) for s in program.inputs)
     with torch.no_grad():
-        ep = torch.export.export(gm, args, strict=False).run_decompositions()
+        ep = torch.export.export(gm, args, dynamic_shapes=dynamic_shapes(program), strict=False).run_decompositions()
     try:
         mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=convert_map,
                                     run_ep_decomposition=False)

@@ -4,7 +4,9 @@ Plain `relax.build` leaves legalised TIR as naive, single-threaded scalar loops;
 cover reductions (softmax, layer/RMS norm) and GEMV only. `Injective` covers the rest of what a
 transformer graph has between its dense ops (activations, residual adds, rotary embeddings,
 reshapes/transposes, masks): inline what can be inlined, fuse the spatial loops of each remaining
-block, vectorise the innermost chunk and parallelise the outer loop across cores.
+block, vectorise the innermost chunk and parallelise the outer loop across cores. Loops over a
+dynamic length (a symbolic extent) are parallel over the length and vectorised over the static
+loops inside it.
 
 `pipeline(target)` is TVM's CPU pipeline with two additions: `FastMathTransform` (erf/exp/tanh as
 vectorisable polynomials instead of scalar libm calls: GELU was 1/3 of MiniLM's time before it) and
@@ -43,19 +45,38 @@ class Injective(CPUScheduleRule):
             loops = sch.get_loops(b.block_rv)
             if not loops:
                 continue
-            fused = sch.fuse(*loops)
-            extent = sch.get(fused).extent
-            if not isinstance(extent, tirx.IntImm):
-                continue
-            n = int(extent)
-            if n % lanes == 0 and n >= lanes:
-                outer, inner = sch.split(fused, factors=[None, lanes])
-                sch.vectorize(inner)
+            static = [isinstance(sch.get(l).extent, tirx.IntImm) for l in loops]
+            if all(static):
+                self._static(sch, sch.fuse(*loops), lanes)
             else:
-                outer = fused
-            if n >= MIN_PARALLEL:
-                sch.parallel(outer)
+                self._symbolic(sch, loops, static, lanes)
         return sch
+
+    @staticmethod
+    def _static(sch, fused, lanes: int) -> None:
+        n = int(sch.get(fused).extent)
+        if n % lanes == 0 and n >= lanes:
+            outer, inner = sch.split(fused, factors=[None, lanes])
+            sch.vectorize(inner)
+        else:
+            outer = fused
+        if n >= MIN_PARALLEL:
+            sch.parallel(outer)
+
+    @staticmethod
+    def _symbolic(sch, loops, static: list[bool], lanes: int) -> None:
+        """Loops over a dynamic length: the loops inside the last symbolic one (static extents,
+        e.g. the hidden size) are fused and vectorised, the loops down to it are fused and run in
+        parallel (a length of 1 runs on one thread)."""
+        last = max(i for i, s in enumerate(static) if not s)
+        outer = sch.fuse(*loops[:last + 1]) if last else loops[0]
+        if last + 1 < len(loops):
+            inner = sch.fuse(*loops[last + 1:]) if len(loops) - last > 2 else loops[last + 1]
+            n = int(sch.get(inner).extent)
+            if n % lanes == 0 and n >= lanes:
+                rest, vec = sch.split(inner, factors=[None, lanes])
+                sch.vectorize(vec)
+        sch.parallel(outer)
 
 
 @relax.expr_functor.mutator
