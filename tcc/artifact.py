@@ -8,6 +8,7 @@ A directory:
                       input/output specs, parameter order, per-pass records, sizes, sha256 of every
                       file; everything that varies between two identical compiles (time of day,
                       seconds taken, host) is kept in the one field "run"
+  tokenizer/          (generation artifacts) the tokenizer, saved by transformers' save_pretrained
   report.md           a short human report; report.json and report.html: the full report (tcc.report),
                       not hashed in the manifest (their "run" section differs between compiles)
 It is written to a temporary sibling directory and renamed into place, so a failed compile leaves
@@ -45,8 +46,8 @@ class Staging:
 
     def commit(self) -> Path:
         os.chmod(self.dir, 0o755)  # mkdtemp (and safetensors) make files private; an artifact is ordinary
-        for f in self.dir.iterdir():
-            os.chmod(f, 0o755 if f.suffix == ".so" else 0o644)
+        for f in self.dir.rglob("*"):
+            os.chmod(f, 0o755 if f.is_dir() or f.suffix == ".so" else 0o644)
         old = None
         if self.out.exists():
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
@@ -76,7 +77,8 @@ def save_weights(path: Path, params: list[tuple[str, np.ndarray]]) -> None:
 def write_manifest(dir: Path, manifest: dict, run: dict) -> dict:
     manifest = dict(manifest)
     manifest["format"] = FORMAT
-    manifest["files"] = {f: sha256(dir / f) for f in sorted(os.listdir(dir)) if f not in UNHASHED}
+    manifest["files"] = {f.relative_to(dir).as_posix(): sha256(f) for f in sorted(Path(dir).rglob("*"))
+                         if f.is_file() and f.name not in UNHASHED}
     manifest["run"] = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **run}
     (dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest

@@ -90,7 +90,7 @@ def key(*parts: Any) -> str:
 DEPENDS = {  # package -> the files (globs) a cached value is computed by
     "programs": {"tcc": ["frontend.py", "models.py"]},
     "stats": {"tcc": ["quantization.py", "calibration.py"]},
-    "libs": {"tcc": ["ops.py", "program.py"], "tcc.passes": ["dead_code.py"],
+    "libs": {"tcc": ["ops.py", "program.py", "generation.py"], "tcc.passes": ["dead_code.py"],
              "tcc.backends": ["**/*.py", "**/*.cc", "**/*.h", "**/*.cu", "**/*.cuh"]},
 }
 
@@ -338,13 +338,13 @@ def save_stats(program, feeds: list[dict], stats: dict) -> None:
 
 # -- built libraries ---------------------------------------------------------------------------------------
 
-def library_key(program, target) -> str:
+def library_key(program, target, extra=None) -> str:
     import scipy_openblas32
     import tvm
     import tvm_ffi
     return key("library", program.fingerprint(), program.annotations, [s.to_json() for s in program.inputs],
                [s.to_json() for s in program.outputs], target.to_json(), _compiler_identity(target.cc),
-               tvm.__version__, tvm_ffi.__version__, scipy_openblas32.__version__, source_hash("libs"))
+               tvm.__version__, tvm_ffi.__version__, scipy_openblas32.__version__, source_hash("libs"), extra)
 
 
 @functools.lru_cache(maxsize=4)

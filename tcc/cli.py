@@ -5,6 +5,7 @@
   tcc compile MODEL --max-accuracy-drop 1% [--objective latency|size] [--budget 20m] [--search-dir DIR]
   tcc run ARTIFACT --inputs in.npz -o out.npz
   tcc eval ARTIFACT --text FILE [--max-tokens N] [--json]
+  tcc generate ARTIFACT --prompt TEXT [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S] [--json]
   tcc bench ARTIFACT [--repeats N] [--json]
   tcc analyze MODEL --structure
   tcc passes [--json]
@@ -82,7 +83,8 @@ def cmd_compile(a) -> int:
                       batch=a.batch, task=a.task, verify=not a.no_verify, backend=a.backend,
                       calibration_text=a.calibration, calibration_samples=a.calibration_samples,
                       max_drift=a.max_drift, latency=not a.no_latency, cache=not a.no_cache, report=a.report,
-                      max_seq_len=a.max_seq_len)
+                      max_seq_len=a.max_seq_len, generate=False if a.no_generate else None,
+                      max_context=a.max_context)
     m = art.manifest
     art.close()
     summary = {"artifact": str(Path(out).resolve()), "target": m["target"]["name"], "pipeline": m["pipeline"],
@@ -133,6 +135,31 @@ def cmd_eval(a) -> int:
         print(json.dumps(result))
     else:
         print(" ".join(f"{k}={v}" for k, v in result.items()))
+    return 0
+
+
+def cmd_generate(a) -> int:
+    import tcc
+    from tcc.errors import UserError
+    if a.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
+    shown = [0]
+
+    def stream(token, text):
+        if text is not None and not a.json:
+            sys.stdout.write(text[shown[0]:])
+            sys.stdout.flush()
+            shown[0] = len(text)
+
+    with tcc.load(a.artifact) as art:
+        r = art.generate(a.prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                         seed=a.seed, stream=stream)
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print()
+        print(f"[{len(r['token_ids'])} tokens; prefill {r['prompt_tokens']} tokens at {r['prefill_tokens_per_s']} tok/s, "
+              f"decode {r['decode_tokens_per_s']} tok/s]", file=sys.stderr)
     return 0
 
 
@@ -205,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=int, help="sequence length (default 128)")
     c.add_argument("--max-seq-len", type=int, help="any sequence length from 1 to N (x86; default: static --seq-len)")
     c.add_argument("--batch", type=int, help="batch size (default 1)")
+    c.add_argument("--max-context", type=int, help="causal LMs: KV-cache positions of the prefill/decode entry points "
+                   "(default min(model maximum, 2048))")
+    c.add_argument("--no-generate", action="store_true", help="causal LMs: build the forward pass only, no prefill/decode")
     c.add_argument("--task", choices=["feature-extraction", "causal-lm"])
     c.add_argument("--pipeline", "-p", help="pass pipeline, e.g. 'quantize-weights(bits=8)'")
     c.add_argument("--calibration", help="text file for calibrating passes (default ../shared/data/wikitext-2/valid.txt)")
@@ -240,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-samples", type=int, default=64, help="sentences for encoder cosine")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    gn = sub.add_parser("generate", help="generate text with a causal-LM artifact (KV cache, streamed)")
+    gn.add_argument("artifact")
+    gn.add_argument("--prompt", required=True, help="the prompt text")
+    gn.add_argument("--max-new-tokens", type=int, default=64)
+    gn.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
+    gn.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    gn.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this probability")
+    gn.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gn.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    gn.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="latency vs PyTorch eager and ONNX Runtime, same run")
     b.add_argument("artifact")

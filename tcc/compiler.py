@@ -36,14 +36,17 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
             batch: int = 1, task: str | None = None, verify: bool = True, calibration=None,
             backend: str = "tvm", calibration_text: str | None = None, calibration_samples: int = 8,
             max_drift: float | None = None, latency: bool = True, cache: bool = True, report: str | Path | None = None,
-            max_seq_len: int | None = None):
+            max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None):
     """Compile `model` (path, alias, nn.Module with example inputs via `trace` first, or a Program)
     for `target` into the artifact directory `out`. Returns the loaded artifact (tcc.runtime.Loaded).
 
     backend "tvm" (default) builds a native library for the target; "onnxruntime" writes the
     program as ONNX for ONNX Runtime on this host (the reference and peer baseline). `latency`:
     time a few calls of the artifact when the target runs on this host (report.json run.latency).
-    `max_seq_len`: trace with a dynamic sequence length 1..max_seq_len (tcc.trace; x86 targets)."""
+    `max_seq_len`: trace with a dynamic sequence length 1..max_seq_len (tcc.trace; x86 targets).
+    `generate`: give a causal LM's artifact `prefill` and `decode` entry points over a KV cache of
+    `max_context` positions (tcc.generation; default on for causal LMs on CPU targets with the tvm
+    backend, the context min(model maximum, 2048)); False leaves them out."""
     facts: dict = {"backend": backend, "pipeline": pipeline}
     records: list[dict] = []
     final: dict = {}
@@ -54,7 +57,8 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
             path = _compile(model, target, Path(out), facts, records, final, run, pipeline=pipeline, seq_len=seq_len,
                             batch=batch, task=task, verify=verify, calibration=calibration, backend=backend,
                             calibration_text=calibration_text, calibration_samples=calibration_samples,
-                            max_drift=max_drift, latency=latency, max_seq_len=max_seq_len)
+                            max_drift=max_drift, latency=latency, max_seq_len=max_seq_len, generate=generate,
+                            max_context=max_context)
     except BaseException as e:
         if report is not None:
             final.update(exit_status=reports.exit_status(e), error=reports.error_json(e))
@@ -70,7 +74,7 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
 def _compile(model, target: str, out: Path, facts: dict, records: list, final: dict, run: dict, *, pipeline: str,
              seq_len: int, batch: int, task: str | None, verify: bool, calibration, backend: str,
              calibration_text: str | None, calibration_samples: int, max_drift: float | None, latency: bool,
-             max_seq_len: int | None = None) -> Path:
+             max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None) -> Path:
     """compile()'s work; fills `facts` (what the manifest says), `records`, `final` and `run` (the
     report's sections) as it goes, so a failure can still be reported."""
     from tcc.backends.tvm.targets import get_target
@@ -85,12 +89,13 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
     if backend == "tvm":
         from tcc.backends.tvm.build import check_toolchain
         check_toolchain(tgt)
-    dynamic = max_seq_len is not None or (isinstance(model, Program) and any(s.dynamic_dims for s in model.inputs))
-    if dynamic and (backend != "tvm" or tgt.arch != "x86_64" or tgt.device == "cuda"):
+    user_dynamic = max_seq_len is not None or (isinstance(model, Program) and any(s.dynamic_dims for s in model.inputs))
+    if user_dynamic and (backend != "tvm" or tgt.arch != "x86_64" or tgt.device == "cuda"):
         raise UserError(f"a dynamic sequence length (--max-seq-len) is supported by the tvm backend on x86 targets only, "
                         f"not {backend} / {tgt.name}", "compile with a static --seq-len for this target")
     if max_drift is not None and not max_drift >= 0:
         raise UserError(f"--max-drift must be a number >= 0, got {max_drift}", "e.g. --max-drift 0.05 (5 % relative)")
+    gen_context = _generation_context(model, task, tgt, backend, generate, max_context, seq_len, max_seq_len)
     user = Pipeline.parse(pipeline) if pipeline else Pipeline([])
     pipe = Pipeline(list(Pipeline.parse(DEFAULT_CLEANUP)) + list(user))
     facts["pipeline"] = pipe.canonical()
@@ -101,7 +106,8 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             program = model.clone()
         else:
             from .frontend import trace
-            program = trace(model, task=task, seq_len=seq_len, batch=batch, max_seq_len=max_seq_len)
+            traced_max = max(max_seq_len or 0, gen_context or 0) or None  # generation traces a dynamic length
+            program = trace(model, task=task, seq_len=seq_len, batch=batch, max_seq_len=traced_max)
         t_trace = time.perf_counter() - t_start
         facts.update(source=program.source, task=program.task, inputs=[s.to_json() for s in program.inputs],
                      outputs=[s.to_json() for s in program.outputs])
@@ -118,8 +124,19 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
         program = pipe.run(program, ctx, in_place=True)  # this Program is already compile's own copy
         if max_drift is not None:
             _check_drift(program, reference, max_drift, final)
+        functions, generation = {}, None
+        if gen_context:
+            from .generation import at_length, kv_cached
+            with status(f"adding a KV cache of {gen_context} positions (prefill, decode)"):
+                gen = kv_cached(program, gen_context)
+            chunk = min(program.inputs[0].shape[1], gen_context)
+            functions = {"prefill": at_length(gen.program, chunk), "decode": at_length(gen.program, 1)}
+            generation = gen.manifest(chunk)
+        if gen_context and not user_dynamic:  # main at the example length, as without generation
+            from .generation import at_length
+            program = at_length(program, program.inputs[0].shape[1])
         t0 = time.perf_counter()
-        library = _build(program, tgt, backend, stage.dir)
+        library = _build(program, tgt, backend, stage.dir, functions, generation)
         t_build = time.perf_counter() - t0
         manifest = {
             "tcc_version": __version__,
@@ -133,9 +150,12 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             "outputs": [s.to_json() for s in program.outputs],
             "params": library["params"],
             "tokenizer": program.tokenizer_dir,
+            **({"generation": {**generation, "functions": library["functions"]}} if generation else {}),
             "sizes": {"weight_bytes": library["weight_bytes"], "program_param_bytes": program.param_bytes(),
                       "source_param_bytes": source_param_bytes},
         }
+        if generation:
+            manifest["generation"].update(_store_tokenizer(program, stage.dir))
         sparsity = library["sparsity"]
         if sparsity or _annotated_sparse(program):
             manifest["sparsity"] = sparsity or [{"tensor": t, "storage": "dense", "kernel": f"dense ({backend} backend "
@@ -172,9 +192,11 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
         return stage.commit()
 
 
-def _build(program: Program, tgt, backend: str, dir: Path) -> dict:
+def _build(program: Program, tgt, backend: str, dir: Path, functions: dict | None = None,
+           generation: dict | None = None) -> dict:
     """The backend's files in `dir`; returns {"params": [names in call order], "weight_bytes",
-    "sparsity": [how each sparse weight was lowered]}. TVM libraries come from tcc.cache when it has one."""
+    "sparsity": [how each sparse weight was lowered], "functions": {name: {"inputs", "params"}} of
+    the further entry points}. TVM libraries come from tcc.cache when it has one."""
     if backend == "onnxruntime":
         from tcc.backends.onnxruntime import export_onnx
         with status("exporting to ONNX"):
@@ -182,7 +204,7 @@ def _build(program: Program, tgt, backend: str, dir: Path) -> dict:
         params = [(n, t.detach().numpy()) for n, t in program.named_tensors().items()]
         return {"params": [], "weight_bytes": weight_bytes(params), "sparsity": []}
     # (cuda libraries are not cached: the cache keeps model.so and weights, not their device code files)
-    key = caches.library_key(program, tgt) if caches.enabled() and tgt.runs_here else None
+    key = caches.library_key(program, tgt, generation) if caches.enabled() and tgt.runs_here else None
     library = caches.load_library(key, dir) if key else None
     if library is not None:
         info(f"library for {tgt.name} from the cache ({caches.cache_dir('libs')})")
@@ -190,9 +212,11 @@ def _build(program: Program, tgt, backend: str, dir: Path) -> dict:
     from tcc.backends.tvm.build import build_library
     sparsity: list[dict] = []
     device_code: dict = {}
-    params = build_library(program, tgt, dir / "model.so", sparsity, device_code)
+    params, signatures = build_library(program, tgt, dir / "model.so", sparsity, device_code, functions)
     save_weights(dir / "weights.safetensors", params)
-    library = {"params": [n for n, _ in params], "weight_bytes": weight_bytes(params), "sparsity": sparsity}
+    library = {"params": signatures["main"], "weight_bytes": weight_bytes(params), "sparsity": sparsity,
+               "functions": {name: {"inputs": [s.to_json() for s in prog.inputs], "params": signatures[name]}
+                             for name, prog in (functions or {}).items()}}
     if device_code:
         library["device_code"] = device_code
     if key:
@@ -247,3 +271,65 @@ def _errors(got: dict, want: dict) -> dict:
 def _stable_record(r: dict) -> dict:
     """A pass record without its timing (timings live in manifest['run'])."""
     return {k: v for k, v in r.items() if k not in ("seconds",)}
+
+
+def _generation_context(model, task, tgt, backend: str, generate: bool | None, max_context: int | None,
+                        seq_len: int, max_seq_len: int | None) -> int | None:
+    """The KV-cache size when the artifact gets generation entry points, else None. Checked before any
+    slow work: an explicit generate=True that cannot be honoured is a UserError."""
+    from . import models
+    from .generation import default_max_context
+
+    def off(reason: str):
+        if generate:
+            raise UserError(f"generation (prefill/decode) cannot be built: {reason}", "compile with --no-generate")
+        return None
+
+    if generate is False:
+        if max_context is not None:
+            raise UserError("--max-context sizes the KV cache of generation, which --no-generate turns off")
+        return None
+    if backend != "tvm":
+        return off(f"the {backend} backend runs single forward passes only")
+    if tgt.device == "cuda":
+        return off(f"generation is built for CPU targets, not {tgt.name}")
+    if isinstance(model, Program):
+        if model.task != "causal-lm":
+            return off(f"the program's task is {model.task}, not causal-lm")
+        ids = next((sp for sp in model.inputs if sp.name == "input_ids"), None)
+        if ids is None or 1 not in ids.dynamic_dims:
+            return off("the program was traced with a static length (trace it with max_seq_len=N)")
+        limit = ids.max_shape[1]
+    elif not isinstance(model, (str, Path)) or Path(str(model)).suffix == ".onnx" or str(model) == "vit":
+        return off("generation is built for Hugging Face causal LMs (folders, .gguf files, aliases)")
+    else:
+        path = models.resolve(model)
+        if path.suffix == ".onnx":
+            return off("generation is built for Hugging Face causal LMs, not ONNX files")
+        config = models.load_config(path)
+        if (task or models.infer_task(config)) != "causal-lm":
+            return off("the model is not a causal LM")
+        limit = getattr(config, "max_position_embeddings", None)
+    context = max_context if max_context is not None else default_max_context(limit)
+    if context < 2 or (limit and context > limit):
+        raise UserError(f"--max-context {context} must be between 2 and the model's {limit} positions",
+                        "choose a smaller --max-context")
+    if seq_len > context:
+        raise UserError(f"--seq-len {seq_len} is longer than the --max-context {context}", "lower --seq-len")
+    return context
+
+
+def _store_tokenizer(program: Program, dir: Path) -> dict:
+    """The tokenizer saved into the artifact (tokenizer/), so `tcc generate` needs nothing else; its
+    end-of-sequence ids stop generation."""
+    if not program.tokenizer_dir:
+        return {"tokenizer": None, "eos_token_ids": []}
+    from .evaluate import load_tokenizer
+    try:
+        tok = load_tokenizer(program.tokenizer_dir)
+    except UserError:  # a model folder without tokenizer files: generation takes token ids
+        info(f"no tokenizer in {program.tokenizer_dir}: the artifact generates from token ids only")
+        return {"tokenizer": None, "eos_token_ids": []}
+    tok.save_pretrained(str(dir / "tokenizer"))
+    eos = tok.eos_token_id
+    return {"tokenizer": "tokenizer", "eos_token_ids": [] if eos is None else [int(eos)]}

@@ -117,6 +117,20 @@ def model_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def load_config(path: Path):
+    """The transformers config of a model folder or .gguf file (no weights read)."""
+    from transformers import AutoConfig
+    ggufs = [path] if path.is_file() and path.suffix == ".gguf" else (
+        sorted(path.glob("*.gguf")) if path.is_dir() and not (path / "config.json").exists() else [])
+    try:
+        if ggufs:
+            return AutoConfig.from_pretrained(ggufs[0].parent, gguf_file=ggufs[0].name)
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise UserError(f"cannot read the model config in {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                        "give a Hugging Face folder with config.json, or a .gguf file")
+
+
 def infer_task(config) -> str:
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):

@@ -34,6 +34,14 @@ Ops:
                                       q [B, H, Sq, D], k/v [B, Hkv, Sk, D], H % Hkv == 0 (grouped
                                       KV heads: query head h reads KV head h // (H / Hkv)); mask is
                                       additive float, broadcastable to [B, H, Sq, Sk]
+  tcc::sdpa_kv(q, k, v, k_cache, v_cache, pos, scale)
+                                      causal attention over a KV cache (generation): writes k and v
+                                      ([B, Hkv, L, D], the new positions' keys/values, before any
+                                      repeat for grouped heads) into k_cache/v_cache [B, Hkv, C, D] at
+                                      rows pos..pos+L-1 (pos int64 [1]; pos + L <= C), then query i of q
+                                      [B, H, L, D] (absolute position pos + i) attends to cache rows
+                                      0..pos+i: tcc::sdpa(q, k_cache[:, :, :pos+L], ..., causal=True).
+                                      Mutates the caches (declared), returns [B, H, L, Dv].
 """
 from __future__ import annotations
 
@@ -163,4 +171,20 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 
 @sdpa.register_fake
 def _(q, k, v, mask, scale, causal):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("tcc::sdpa_kv", mutates_args=("k_cache", "v_cache"))
+def sdpa_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            pos: torch.Tensor, scale: float) -> torch.Tensor:
+    p, length = int(pos.reshape(-1)[0]), k.shape[2]
+    if not 0 <= p <= k_cache.shape[2] - length:
+        raise ValueError(f"tcc::sdpa_kv: positions {p}..{p + length - 1} do not fit a cache of {k_cache.shape[2]}")
+    k_cache[:, :, p:p + length] = k
+    v_cache[:, :, p:p + length] = v
+    return sdpa(q, k_cache[:, :, :p + length], v_cache[:, :, :p + length], None, scale, True)
+
+
+@sdpa_kv.register_fake
+def _(q, k, v, k_cache, v_cache, pos, scale):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))

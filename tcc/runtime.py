@@ -51,6 +51,55 @@ class Loaded:
                             f"the artifact takes {[s.to_json() for s in self.inputs]}")
         return self._impl({s.name: s.check(feeds[s.name]) for s in self.inputs})
 
+    # -- generation (causal LMs compiled with prefill/decode entry points) ------------------------
+    def session(self) -> "GenerationSession":
+        """A fresh KV cache and the artifact's prefill/decode; UserError for an artifact without them."""
+        gen = self.manifest.get("generation")
+        if not gen:
+            raise UserError(f"the artifact {self.dir} was compiled without generation support (no prefill/decode)",
+                            "compile a causal LM for a CPU target without --no-generate")
+        if not hasattr(self._impl, "function"):
+            raise UserError(f"generation is not supported for {self.target['name']} artifacts in this tcc",
+                            "compile for --target x86 to generate here")
+        return GenerationSession(self._impl, gen)
+
+    def tokenizer(self):
+        from .evaluate import load_tokenizer
+        gen = self.manifest.get("generation") or {}
+        stored = gen.get("tokenizer")
+        return load_tokenizer(self.dir / stored if stored else self.manifest.get("tokenizer"))
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 32, *, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stream=None, stop_at_eos: bool = True) -> dict:
+        """Generate up to `max_new_tokens` after `prompt` (text, tokenized with the artifact's tokenizer, or
+        token ids). Greedy by default; temperature > 0 samples (top_k, top_p, seed). `stream(token_id,
+        text_so_far)` is called per new token. Returns {"text", "token_ids", "prompt_tokens",
+        "prefill_tokens_per_s", "decode_tokens_per_s", ...}."""
+        from .generation import decode_loop, rates
+        session = self.session()
+        gen = self.manifest["generation"]
+        tok = None
+        if isinstance(prompt, str):
+            tok = self.tokenizer()
+            ids = tok(prompt)["input_ids"]
+        else:
+            ids = [int(t) for t in prompt]
+        stats: dict = {}
+        new: list[int] = []
+        stop = set(gen.get("eos_token_ids") or []) if stop_at_eos else None
+        for token in decode_loop(session.prefill, session.decode, ids, max_new_tokens, gen["max_context"],
+                                 gen["prefill_len"], temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                 stop=stop, stats=stats):
+            new.append(token)
+            if stream is not None:
+                stream(token, None if tok is None else tok.decode(new, skip_special_tokens=True))
+        if tok is None and gen.get("tokenizer"):
+            tok = self.tokenizer()
+        text = tok.decode(new, skip_special_tokens=True) if tok is not None else None
+        return {"text": text, "token_ids": new, "prompt_tokens": len(ids), **rates(stats),
+                "prefill_seconds": round(stats.get("prefill_seconds", 0.0), 4),
+                "decode_seconds": round(stats.get("decode_seconds", 0.0), 4)}
+
     def close(self):
         if hasattr(self._impl, "close"):
             self._impl.close()
@@ -81,10 +130,35 @@ class _HostVM:
 
         self.lib = tvm.runtime.load_module(_unique_path(dir / "model.so", manifest))
         self.vm = relax.VirtualMachine(self.lib, tvm.cpu())
-        weights = load_file(str(dir / "weights.safetensors"))
-        self.params = [tvm.runtime.tensor(weights[n]) for n in manifest["params"]]
+        self.weights = load_file(str(dir / "weights.safetensors"))
+        self.by_name = {n: tvm.runtime.tensor(self.weights[n]) for n in manifest["params"]}
+        self.params = [self.by_name[n] for n in manifest["params"]]
+        if not manifest.get("generation"):
+            self.weights = {}  # main's tensors are loaded; nothing else will ask
         self.outputs = [TensorSpec.from_json(s) for s in manifest["outputs"]]
         self.main = self.vm["main"]
+
+    def function(self, name: str, signature: dict):
+        """Relax function `name` as fn(inputs [numpy], state [tvm tensors]) -> first output (numpy);
+        its parameters (stored tensors, shared with main by name) are bound."""
+        import tvm
+        fn = self.vm[name]
+        params = [self._param(n) for n in signature["params"]]
+
+        def call(inputs, state):
+            out = fn(*[tvm.runtime.tensor(a) for a in inputs], *state, *params)
+            return (out if hasattr(out, "numpy") else out[0]).numpy()
+        return call
+
+    def tensors(self, arrays):
+        import tvm
+        return [tvm.runtime.tensor(a) for a in arrays]
+
+    def _param(self, name: str):
+        import tvm
+        if name not in self.by_name:
+            self.by_name[name] = tvm.runtime.tensor(self.weights[name])
+        return self.by_name[name]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tvm
@@ -92,6 +166,48 @@ class _HostVM:
         out = self.main(*args)
         outs = [out] if hasattr(out, "numpy") else list(out)
         return {s.name: o.numpy() for s, o in zip(self.outputs, outs)}
+
+
+class GenerationSession:
+    """One sequence's KV cache and the calls that fill it: prefill(ids [chunk], pos, last) and
+    decode(token, pos) each return the logits [V] of one position. Positions must continue where the
+    last call ended: decode before a prefill, or out of order, is a UserError."""
+
+    def __init__(self, impl, gen: dict):
+        from .generation import empty_caches
+        self.gen = gen
+        self.max_context, self.chunk = gen["max_context"], gen["prefill_len"]
+        fns = gen["functions"]
+        self._prefill, self._decode = impl.function("prefill", fns["prefill"]), impl.function("decode", fns["decode"])
+        self.caches = impl.tensors(empty_caches(gen))
+        self.next_pos = 0  # rows of the cache filled so far
+
+    def prefill(self, ids, pos: int, last: int):
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        if ids.shape[1] != self.chunk:
+            raise UserError(f"prefill takes chunks of {self.chunk} tokens, got {ids.shape[1]}", "pad the last chunk")
+        if pos != self.next_pos:
+            raise UserError(f"prefill at position {pos}, but the cache holds {self.next_pos} positions",
+                            "prefill the prompt from its start, chunk after chunk")
+        if pos + last >= self.max_context or not 0 <= last < self.chunk:
+            raise UserError(f"tokens up to position {pos + last} do not fit the context of {self.max_context}",
+                            "shorten the prompt or recompile with a larger --max-context")
+        out = self._prefill([ids, np.array([pos]), np.array([last])], self.caches)
+        self.next_pos = pos + last + 1
+        return out[0, 0]
+
+    def decode(self, token: int, pos: int):
+        if self.next_pos == 0:
+            raise UserError("decode called before prefill: the KV cache is empty", "prefill the prompt first")
+        if pos != self.next_pos:
+            raise UserError(f"decode at position {pos}, but the next position is {self.next_pos}",
+                            "decode one token after another")
+        if pos >= self.max_context:
+            raise UserError(f"position {pos} is past the context of {self.max_context}",
+                            "recompile with a larger --max-context")
+        out = self._decode([np.array([[token]], dtype=np.int64), np.array([pos]), np.array([0])], self.caches)
+        self.next_pos = pos + 1
+        return out[0, 0]
 
 
 _LINKS: list[str] = []  # a per-process directory of hard links (or copies) of loaded libraries

@@ -12,6 +12,10 @@
 //   tcc_sdpa_f32(q[B,H,Sq,D], k[B,Hkv,Sk,D], v[B,Hkv,Sk,Dv], mask, double scale, bool causal,
 //                out[B,H,Sq,Dv])
 //   tcc_sdpa_nomask_f32(q, k, v, double scale, bool causal, out)
+//   tcc_sdpa_kv_f32(q[B,H,L,D], k[B,Hkv,L,D], v[B,Hkv,L,Dv], k_cache[B,Hkv,C,D], v_cache[B,Hkv,C,Dv],
+//                   pos int64[1], double scale, out[B,H,L,Dv])
+//       writes k/v into the caches at rows pos..pos+L-1 (in place: the caches are inputs the runtime
+//       keeps between calls), then causal attention of the L queries over cache rows 0..pos+L-1
 //
 // sdpa: query head h reads KV head h / (H / Hkv); `mask` is an additive float mask of rank <= 4,
 // right-aligned against [B, H, Sq, Sk], each dim 1 (broadcast) or full; `causal` lets query i see
@@ -188,6 +192,7 @@ void softmax_row(float* row, int64_t n) {
 
 struct Sdpa {
   int64_t batch, heads, kv_heads, sq, sk, d, dv;
+  int64_t kv_rows;          // rows stored per KV head: sk, or a KV cache's capacity (>= sk)
   const float *q, *k, *v;
   const float* mask;        // nullptr: no mask
   int64_t mask_stride[4];   // element strides over [B, H, Sq, Sk], 0 where broadcast
@@ -202,8 +207,8 @@ constexpr int64_t kQueryBlock = 64;  // query rows per task: the scores block st
 void sdpa_block(const Sdpa& s, int64_t b, int64_t h, int64_t i0, int64_t i1) {
   const int64_t hkv = h / (s.heads / s.kv_heads);
   const float* q = s.q + ((b * s.heads + h) * s.sq + i0) * s.d;
-  const float* k = s.k + (b * s.kv_heads + hkv) * s.sk * s.d;
-  const float* v = s.v + (b * s.kv_heads + hkv) * s.sk * s.dv;
+  const float* k = s.k + (b * s.kv_heads + hkv) * s.kv_rows * s.d;
+  const float* v = s.v + (b * s.kv_heads + hkv) * s.kv_rows * s.dv;
   float* out = s.out + ((b * s.heads + h) * s.sq + i0) * s.dv;
   const int64_t rows = i1 - i0, shift = s.sk - s.sq;  // causal: row i sees keys j <= i + shift
   // Keys that any row of this block can see; the later ones are skipped altogether.
@@ -234,6 +239,8 @@ void sdpa_block(const Sdpa& s, int64_t b, int64_t h, int64_t i0, int64_t i1) {
   sgemm_nn(rows, s.dv, cols, scores, cols, v, s.dv, 0.0f, out, s.dv);
 }
 
+void run_sdpa(const Sdpa& s, int64_t out_numel);
+
 void sdpa(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* mask, double scale,
           bool causal, const TensorView& out, const char* kernel) {
   Sdpa s{};
@@ -243,6 +250,7 @@ void sdpa(const TensorView& q, const TensorView& k, const TensorView& v, const T
   s.out = f32_out(out, kernel, 4, 4);
   s.batch = q.size(0), s.heads = q.size(1), s.sq = q.size(2), s.d = q.size(3);
   s.kv_heads = k.size(1), s.sk = k.size(2), s.dv = v.size(3);
+  s.kv_rows = s.sk;
   check_dim(k, kernel, "k", 0, s.batch, "B, as in q");
   if (s.kv_heads == 0 || s.heads % s.kv_heads != 0) {
     TVM_FFI_THROW(ValueError) << kernel << ": q has " << s.heads << " heads and k has " << s.kv_heads
@@ -275,9 +283,13 @@ void sdpa(const TensorView& q, const TensorView& k, const TensorView& v, const T
   }
   s.scale = static_cast<float>(scale);
   s.causal = causal;
+  run_sdpa(s, out.numel());
+}
+
+void run_sdpa(const Sdpa& s, int64_t out_numel) {
   if (s.sq == 0 || s.dv == 0 || s.batch * s.heads == 0) return;
   if (s.sk == 0) {  // softmax over no keys
-    std::fill(s.out, s.out + out.numel(), std::numeric_limits<float>::quiet_NaN());
+    std::fill(s.out, s.out + out_numel, std::numeric_limits<float>::quiet_NaN());
     return;
   }
   const int64_t qblocks = (s.sq + kQueryBlock - 1) / kQueryBlock;
@@ -291,6 +303,59 @@ void sdpa(const TensorView& q, const TensorView& k, const TensorView& v, const T
       sdpa_block(s, bh / s.heads, bh % s.heads, i0, i1);
     }
   });
+}
+
+// sdpa_kv: write the new keys/values into the caches at rows pos..pos+L-1, then causal attention of
+// the L queries over cache rows 0..pos+L-1 (tcc::sdpa_kv). The caches are the Relax function's
+// inputs, held by the runtime between calls; this kernel is their only writer.
+void sdpa_kv(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& k_cache,
+             const TensorView& v_cache, const TensorView& pos, double scale, const TensorView& out) {
+  const char* kernel = "tcc_sdpa_kv_f32";
+  Sdpa s{};
+  s.q = f32_in(q, kernel, "q", 4, 4);
+  const float* kn = f32_in(k, kernel, "k", 4, 4);
+  const float* vn = f32_in(v, kernel, "v", 4, 4);
+  float* kc = const_cast<float*>(f32_in(k_cache, kernel, "k_cache", 4, 4));
+  float* vc = const_cast<float*>(f32_in(v_cache, kernel, "v_cache", 4, 4));
+  const int64_t* p = data_of<const int64_t>(pos, kernel, "pos", kDLInt, 64, 1, 1);
+  s.out = f32_out(out, kernel, 4, 4);
+  s.batch = q.size(0), s.heads = q.size(1), s.sq = q.size(2), s.d = q.size(3);
+  s.kv_heads = k.size(1), s.dv = v.size(3), s.kv_rows = k_cache.size(2);
+  const int64_t len = k.size(2);
+  if (s.kv_heads == 0 || s.heads % s.kv_heads != 0) {
+    TVM_FFI_THROW(ValueError) << kernel << ": q has " << s.heads << " heads and k has " << s.kv_heads
+                              << ": the query heads must be a multiple of the KV heads";
+  }
+  check_dim(k, kernel, "k", 0, s.batch, "B, as in q");
+  check_dim(k, kernel, "k", 2, s.sq, "L, the query length");
+  check_dim(k, kernel, "k", 3, s.d, "D, as in q");
+  for (const TensorView* t : {&v, &k_cache, &v_cache}) {
+    const char* name = t == &v ? "v" : t == &k_cache ? "k_cache" : "v_cache";
+    check_dim(*t, kernel, name, 0, s.batch, "B, as in q");
+    check_dim(*t, kernel, name, 1, s.kv_heads, "Hkv, as in k");
+  }
+  check_dim(v, kernel, "v", 2, len, "L, as in k");
+  check_dim(k_cache, kernel, "k_cache", 3, s.d, "D, as in q");
+  check_dim(v_cache, kernel, "v_cache", 2, s.kv_rows, "C, as in k_cache");
+  check_dim(v_cache, kernel, "v_cache", 3, s.dv, "Dv, as in v");
+  check_dim(out, kernel, "out", 0, s.batch, "B");
+  check_dim(out, kernel, "out", 1, s.heads, "H");
+  check_dim(out, kernel, "out", 2, s.sq, "L");
+  check_dim(out, kernel, "out", 3, s.dv, "Dv, the last dim of v");
+  const int64_t p0 = p[0];
+  if (p0 < 0 || p0 + len > s.kv_rows) {
+    TVM_FFI_THROW(ValueError) << kernel << ": positions " << p0 << ".." << p0 + len - 1
+                              << " do not fit the KV cache of " << s.kv_rows << " positions";
+  }
+  for (int64_t bh = 0; bh < s.batch * s.kv_heads; ++bh) {
+    std::memcpy(kc + (bh * s.kv_rows + p0) * s.d, kn + bh * len * s.d, sizeof(float) * len * s.d);
+    std::memcpy(vc + (bh * s.kv_rows + p0) * s.dv, vn + bh * len * s.dv, sizeof(float) * len * s.dv);
+  }
+  s.k = kc, s.v = vc, s.sk = p0 + len;
+  for (int64_t n : {s.sq, s.sk, s.d, s.dv}) check_blas_int(n, kernel, "a dim of q or the cache");
+  s.scale = static_cast<float>(scale);
+  s.causal = true;
+  run_sdpa(s, out.numel());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -322,6 +387,11 @@ void sdpa_nomask_f32(TensorView q, TensorView k, TensorView v, double scale, boo
   sdpa(q, k, v, nullptr, scale, causal, out, "tcc_sdpa_nomask_f32");
 }
 
+void sdpa_kv_f32(TensorView q, TensorView k, TensorView v, TensorView k_cache, TensorView v_cache, TensorView pos,
+                 double scale, TensorView out) {
+  sdpa_kv(q, k, v, k_cache, v_cache, pos, scale, out);
+}
+
 }  // namespace
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_f32, dense_f32);
@@ -330,3 +400,4 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_w8_f32, dense_w8_f32);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_w8_nobias_f32, dense_w8_nobias_f32);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_sdpa_f32, sdpa_f32);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_sdpa_nomask_f32, sdpa_nomask_f32);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_sdpa_kv_f32, sdpa_kv_f32);

@@ -35,10 +35,13 @@ def check_toolchain(target: Target) -> str:
 
 
 def build_library(program: Program, target: Target, lib_path: Path, report: list | None = None,
-                  device_code: dict | None = None):
-    """Compile `program` for `target` into `lib_path`; returns [(param name, array)] in call order.
-    How each sparse weight was lowered (kernel, storage) is appended to `report`; a cuda target's
-    device code (cuda.build_library) is described in `device_code`."""
+                  device_code: dict | None = None, functions: dict[str, Program] | None = None):
+    """Compile `program` for `target` into `lib_path` as the function `main`, and each of `functions`
+    (name -> static Program, e.g. generation's prefill and decode) as a further Relax function of the
+    same library. Returns ([(param name, array)] to store, {function: [param names in call order]}):
+    a tensor the functions share (byte-identical) is stored once. How each sparse weight was lowered
+    (kernel, storage) is appended to `report`; a cuda target's device code (cuda.build_library) is
+    described in `device_code`."""
     import tvm
     from tvm import relax
 
@@ -49,10 +52,19 @@ def build_library(program: Program, target: Target, lib_path: Path, report: list
         raise UserError(f"a dynamic sequence length (--max-seq-len) is supported on the x86 target only, not {target.name}",
                         "compile for this target without --max-seq-len (a static --seq-len)")
     if target.device == "cuda":
+        if functions:
+            raise UserError(f"generation entry points are built for CPU targets only, not {target.name}",
+                            "compile with --no-generate for a cuda target")
         from .cuda import build_library as build_cuda
-        return build_cuda(program, target, lib_path, report, device_code)
+        params = build_cuda(program, target, lib_path, report, device_code)
+        return params, {"main": [n for n, _ in params]}
     with status("importing into TVM Relax"):
         mod, params = to_relax(program, report)
+        named = {"main": params}
+        for name, prog in (functions or {}).items():
+            extra, named[name] = to_relax(prog)
+            mod[name] = extra["main"].with_attr("global_symbol", name)
+        params, signatures = share_params(named)
     work = Path(tempfile.mkdtemp(prefix="tcc-build-"))
     try:
         with status(f"building kernels for {target.arch}"):
@@ -67,4 +79,23 @@ def build_library(program: Program, target: Target, lib_path: Path, report: list
             ex.export_library(str(lib_path), cc=cc, options=kernels.link_options(), workspace_dir=str(work / "ws"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return params
+    return params, signatures
+
+
+def share_params(named: dict[str, list]) -> tuple[list, dict[str, list[str]]]:
+    """{function: [(name, array)]} -> ([(name, array)] with each distinct tensor once, {function:
+    [stored names]}). Tensors are the same when dtype, shape and bytes are; a name taken by another
+    tensor gets the function's name as a prefix."""
+    import hashlib
+    stored, by_key, signatures = [], {}, {}
+    for fn, params in named.items():
+        names = []
+        for name, a in params:
+            key = (a.dtype.str, a.shape, hashlib.sha256(memoryview(a).cast("B")).digest())
+            if key not in by_key:
+                taken = {n for n, _ in stored}
+                by_key[key] = name if name not in taken else f"{fn}.{name}"
+                stored.append((by_key[key], a))
+            names.append(by_key[key])
+        signatures[fn] = names
+    return stored, signatures

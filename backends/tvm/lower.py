@@ -224,6 +224,23 @@ def _pack_quantized(gm: torch.fx.GraphModule, sparse: dict | None = None, report
     remove_dead(gm)  # the unpacked weights: not stored twice
 
 
+# -- KV-cache attention: the kernel writes the caches the runtime holds -------------------------------
+
+@torch.library.custom_op("tcc_tvm::sdpa_kv", mutates_args=())
+def sdpa_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """tcc::sdpa_kv as the TVM import sees it: a call with one result. The kernel (tcc_sdpa_kv_f32)
+    also writes the caches, which are function inputs the runtime keeps between calls and nothing else
+    in the function reads; declaring that mutation would make torch.export functionalize it into
+    copies of the whole cache per call."""
+    return ops.sdpa_kv(q, k, v, k_cache, v_cache, pos, scale)
+
+
+@sdpa_kv.register_fake
+def _(q, k, v, k_cache, v_cache, pos, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
 # -- sparse weights: block-sparse kernels where they pay, compressed storage everywhere ------------------
 
 # The lowest block sparsity at which tcc_dense_bsr beats the dense kernel on x86 (measured by
@@ -573,6 +590,9 @@ def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
             b = rest[0] if rest else n.kwargs.get("bias")
             with g.inserting_before(n):
                 new = g.call_function(tcc_ops.dense.default, (x, w, b))
+        elif n.target == tcc_ops.sdpa_kv.default:
+            with g.inserting_before(n):
+                new = g.call_function(torch.ops.tcc_tvm.sdpa_kv.default, n.args, n.kwargs)
         elif n.target == aten.scaled_dot_product_attention.default:
             q, k, v, *rest = n.args
             kw = dict(n.kwargs)
@@ -685,6 +705,14 @@ def _convert_sdpa(node, importer):
     return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(args), _out_sinfo(node, importer)))
 
 
+def _convert_sdpa_kv(node, importer):
+    import tvm
+    from tvm import relax
+    *tensors, scale = node.args
+    args = [_arg(importer, t) for t in tensors] + [relax.prim_value(tvm.tirx.FloatImm("float64", float(scale)))]
+    return importer.block_builder.emit(relax.call_dps_packed("tcc_sdpa_kv_f32", relax.Tuple(args), _out_sinfo(node, importer)))
+
+
 def _a8w8_converter(kernel: str):
     """tcc_tvm::dense_a8w8_packed -> `kernel`{_static}{_nobias}_f32 (quant_kernels.cc's argument lists)."""
     def convert(node, importer):
@@ -752,6 +780,7 @@ CONVERT_MAP = {
     "dense.default": _dense_converter("tcc_dense", 2),
     "dense_w8.default": _dense_converter("tcc_dense_w8", 3),
     "sdpa.default": _convert_sdpa,
+    "sdpa_kv.default": _convert_sdpa_kv,
     "dense_a8w8_packed.default": _a8w8_converter("tcc_dense_a8w8"),
     "dense_w4_packed.default": _dense_converter("tcc_dense_w4", 4),  # (x, qw_p, scale_t, zero_t, b?, n)
     "embedding_w8.default": _convert_embedding_w8,

@@ -1,0 +1,299 @@
+"""Generation: a causal LM's Program with a KV cache (prefill / decode), and the decoding loop.
+
+`kv_cached(program, max_context) -> Generation` rewrites a dynamic-length causal-LM Program (traced
+with a symbolic sequence length, tcc.trace(max_seq_len=...)) after its passes, so whatever they did
+carries over: a dropped attention layer has no attention core and so no cache, pruned heads and
+KV groups shrink their layer's cache, quantized projections stay quantized.
+
+  match    the sequence length is input_ids' symbolic dim 1. Position indices are the aranges of
+           that length (rotary angles, learned position embeddings, masks); attention cores are
+           ModelInfo's SDPA nodes, their k and v walked back through repeat_kv (unsqueeze ->
+           expand -> reshape) to the [B, Hkv, L, D] tensors the projections and rotary made.
+  rewrite  new inputs: pos int64 [1] (the absolute position of the first token), last int64 [1]
+           (the row whose logits are returned) and per attention layer k/v caches [B, Hkv, C, D].
+           Every position arange becomes arange + pos; every core becomes tcc::sdpa_kv(q, k, v,
+           k_cache, v_cache, pos, scale), which writes rows pos..pos+L-1 of the caches and attends
+           causally over rows 0..pos+L-1 (the model's own mask becomes dead and is removed); the LM
+           head reads only row `last` of its input, so logits are [B, 1, V].
+  verify   `check(original, gen)`: prefill of a prompt in two chunks + one decode step give the
+           original program's logits at those positions (tests use it; the compiler runs it on the
+           calibration text when it builds a generation artifact).
+
+The artifact (tcc.compiler) builds this graph twice: `prefill` at a fixed chunk of `prefill_len`
+tokens (a prompt is fed in chunks; the last one is padded at the end: later positions never see the
+padding, and decode overwrites its cache rows) and `decode` at one token.
+
+Decoding (`decode_loop`) is runtime-agnostic: it takes `step(ids, pos, last) -> logits [V]` and
+streams token ids; greedy by default, or temperature / top-k / top-p sampling from a seeded numpy
+generator.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .program import Program, TensorSpec
+from .structure import op_name
+
+aten = torch.ops.aten
+DEFAULT_MAX_CONTEXT = 2048
+
+
+@dataclasses.dataclass
+class Generation:
+    program: Program            # inputs input_ids [B, L], pos, last, caches...; output logits [B, 1, V]
+    max_context: int
+    caches: list[TensorSpec]    # the cache inputs, in input order (zeros at the start of a sequence)
+    layers: list[int]           # block index of each k/v cache pair
+
+    def manifest(self, prefill_len: int) -> dict:
+        return {"max_context": self.max_context, "prefill_len": prefill_len, "cache_layers": self.layers,
+                "caches": [c.to_json() for c in self.caches],
+                "cache_bytes": int(sum(np.prod(c.shape) * np.dtype(c.dtype).itemsize for c in self.caches))}
+
+
+def default_max_context(config_max: int | None) -> int:
+    return min(DEFAULT_MAX_CONTEXT, config_max or DEFAULT_MAX_CONTEXT)
+
+
+# -- match ------------------------------------------------------------------------------------------
+
+def _seq_symbol(program: Program):
+    ids = next((n for n in program.gm.graph.nodes if n.op == "placeholder" and n.target == "input_ids"), None)
+    spec = next((s for s in program.inputs if s.name == "input_ids"), None)
+    if program.task != "causal-lm" or ids is None or spec is None:
+        raise UserError("generation needs a causal LM (task causal-lm, input input_ids)",
+                        "compile without generation (--no-generate)")
+    if 1 not in spec.dynamic_dims:
+        raise UserError("generation needs a program traced with a dynamic sequence length",
+                        "trace with tcc.trace(model, max_seq_len=N), or compile the model path with tcc compile")
+    return ids, ids.meta["val"].shape[1]
+
+
+def _position_aranges(gm, seq) -> list:
+    """aten.arange(L) / arange(0, L) whose length is the sequence length: the positions."""
+    out = []
+    for n in gm.graph.nodes:
+        if op_name(n) != "aten.arange":
+            continue
+        val = n.meta.get("val")
+        if val is None or val.dim() != 1 or not isinstance(val.shape[0], torch.SymInt):
+            continue
+        start = n.args[0] if len(n.args) >= 2 else 0
+        if str(val.shape[0].node.expr) == str(seq.node.expr) and start == 0:
+            out.append(n)
+    return out
+
+
+def _unrepeat(x):
+    """repeat_kv's reshape(expand(unsqueeze(kv, 2), [B, Hkv, n, L, D]), [B, Hkv n, L, D]) -> kv."""
+    if op_name(x) in ("aten.reshape", "aten.view", "aten._unsafe_view"):
+        e = x.args[0]
+        if op_name(e) == "aten.expand" and op_name(e.args[0]) == "aten.unsqueeze" and e.args[0].args[1] == 2:
+            return e.args[0].args[0]
+    return x
+
+
+def _core_args(n) -> tuple:
+    """(q, k, v, scale) of an attention core that must be plain causal attention."""
+    if op_name(n) == "tcc.sdpa":
+        q, k, v, _mask, scale, _causal = n.args
+    else:
+        names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+        a = dict(zip(names, n.args))
+        a.update(n.kwargs)
+        q, k, v, scale = a["query"], a["key"], a["value"], a.get("scale")
+    if scale is None:
+        scale = float(q.meta["val"].shape[-1]) ** -0.5
+    return q, k, v, float(scale)
+
+
+# -- rewrite ----------------------------------------------------------------------------------------
+
+def kv_cached(program: Program, max_context: int) -> Generation:
+    """The Program with a KV cache (see the module doc). The input program is not changed."""
+    from tcc.passes.dead_code import remove_dead
+    from .structure import nodes_by_name
+
+    ids, seq = _seq_symbol(program)
+    spec = next(s for s in program.inputs if s.name == "input_ids")
+    if max_context < 2 or max_context > spec.max_shape[1]:
+        raise UserError(f"--max-context {max_context} must be between 2 and the traced maximum length "
+                        f"{spec.max_shape[1]}", "trace with a larger max_seq_len or ask for a smaller context")
+    info = program.info
+    if info is None or not info.blocks or info.lm_head is None:
+        raise UserError("generation needs the model's attention blocks and LM head, which tcc could not recover",
+                        "run `tcc analyze MODEL --structure` to see what was found")
+    gm = copy.deepcopy(program.gm)
+    g = gm.graph
+    by_name = nodes_by_name(gm)
+    last_placeholder = [n for n in g.nodes if n.op == "placeholder"][-1]
+
+    def placeholder(name, after):
+        with g.inserting_after(after):
+            return g.placeholder(name)
+
+    pos = placeholder("pos", last_placeholder)
+    last = placeholder("last", pos)
+    after = last
+    for a in _position_aranges(gm, seq):
+        with g.inserting_after(a):
+            shifted = g.call_function(aten.add.Tensor, (a, pos))
+        a.replace_all_uses_with(shifted, delete_user_cb=lambda u: u is not shifted)
+
+    batch = int(spec.shape[0])
+    caches, layers = [], []
+    for i, block in enumerate(info.blocks):
+        att = block.attention
+        if att is None:
+            continue
+        core = by_name[att.core]
+        if att.kind != "sdpa" or op_name(core) not in ("aten.scaled_dot_product_attention", "tcc.sdpa"):
+            raise UserError(f"attention of block {i} ({att.core}) is not an SDPA node; tcc cannot give it a KV cache",
+                            "compile without generation (--no-generate)")
+        q, k, v, scale = _core_args(core)
+        k, v = _unrepeat(k), _unrepeat(v)
+        kv = []
+        for part, t in (("k", k), ("v", v)):
+            _, heads, _, dim = t.meta["val"].shape
+            shape = (batch, int(heads), max_context, int(dim))
+            spec_c = TensorSpec(f"cache_{part}.{i}", "float32", shape)
+            after = placeholder(f"cache_{part}_{i}", after)
+            after.meta["val"] = torch.empty(shape)
+            kv.append(after)
+            caches.append(spec_c)
+        layers.append(i)
+        with g.inserting_before(core):
+            new = g.call_function(torch.ops.tcc.sdpa_kv.default, (q, k, v, kv[0], kv[1], pos, scale))
+        core.replace_all_uses_with(new)
+        g.erase_node(core)
+
+    head = by_name[info.lm_head.node]
+    x = head.args[0]
+    with g.inserting_before(head):
+        row = g.call_function(aten.index_select.default, (x, 1, last))
+    head.replace_input_with(x, row)
+    g._codegen = torch.fx.graph.CodeGen()  # plain positional inputs (export's pytree spec has one fewer)
+    remove_dead(gm)
+    g.lint()
+    gm.recompile()
+
+    vocab = program.outputs[0].shape[-1]
+    inputs = [dataclasses.replace(spec), TensorSpec("pos", "int64", (1,), (0, max_context)),
+              TensorSpec("last", "int64", (1,), (0, max_context))] + caches
+    outputs = [TensorSpec("logits", "float32", (batch, 1, vocab))]
+    gen = dataclasses.replace(program, gm=gm, inputs=inputs, outputs=outputs, info=copy.deepcopy(info),
+                              annotations=copy.deepcopy(program.annotations))
+    return Generation(gen, max_context, caches, layers)
+
+
+def at_length(program: Program, length: int) -> Program:
+    """A shallow copy of a dynamic-length Program whose input_ids spec is static at `length` (what
+    the backend exports at that length)."""
+    inputs = [dataclasses.replace(s, shape=(s.shape[0], length), min_shape=None, max_shape=None)
+              if s.name == "input_ids" else s for s in program.inputs]
+    return dataclasses.replace(program, inputs=inputs)
+
+
+# -- running ----------------------------------------------------------------------------------------
+
+def empty_caches(gen_manifest: dict) -> list[np.ndarray]:
+    return [np.zeros(c["shape"], dtype=c["dtype"]) for c in gen_manifest["caches"]]
+
+
+def prefill_chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    """[(start, stop)) chunks of a prompt of n tokens."""
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
+def sample(logits: np.ndarray, rng: np.random.Generator | None, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0) -> int:
+    """Greedy (temperature 0) or sampled next token from a [V] row of logits."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k and top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        cum = np.cumsum(p[order])
+        cut = order[np.searchsorted(cum, top_p) + 1:]  # keep the smallest prefix reaching top_p
+        p[cut] = 0.0
+        p /= p.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    if not temperature >= 0:
+        raise UserError(f"--temperature must be >= 0, got {temperature}", "0 is greedy decoding")
+    if top_k < 0:
+        raise UserError(f"--top-k must be >= 0, got {top_k}", "0 keeps every token")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}", "1 keeps every token")
+
+
+def decode_loop(prefill: Callable, decode: Callable, prompt: list[int], max_new_tokens: int, max_context: int,
+                chunk: int, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                stop: set[int] | None = None, stats: dict | None = None) -> Iterator[int]:
+    """Yield up to `max_new_tokens` new token ids. `prefill(ids [chunk], pos, last) -> logits [V]`
+    runs one padded chunk; `decode(id, pos) -> logits [V]`. `stats` gets prefill/decode seconds and
+    token counts (tokens per second are computed from them)."""
+    check_sampling(temperature, top_k, top_p)
+    if not prompt:
+        raise UserError("the prompt is empty", "give a prompt of at least one token")
+    if len(prompt) >= max_context:
+        raise UserError(f"the prompt is {len(prompt)} tokens; the artifact's context holds {max_context}, "
+                        "with room for at least one new token", "shorten the prompt or recompile with a larger --max-context")
+    rng = np.random.default_rng(seed)
+    stats = stats if stats is not None else {}
+    t0 = time.perf_counter()
+    logits = None
+    for start, stop_ in prefill_chunks(len(prompt), chunk):
+        ids = np.zeros(chunk, dtype=np.int64)
+        ids[:stop_ - start] = prompt[start:stop_]
+        logits = prefill(ids, start, stop_ - start - 1)
+    stats.update(prefill_seconds=time.perf_counter() - t0, prefill_tokens=len(prompt), decode_seconds=0.0,
+                 decode_tokens=0)
+    pos = len(prompt)
+    budget = min(max_new_tokens, max_context - len(prompt))
+    for i in range(budget):
+        token = sample(logits, rng, temperature, top_k, top_p)
+        yield token
+        if (stop and token in stop) or i == budget - 1:
+            break
+        t1 = time.perf_counter()
+        logits = decode(token, pos)
+        stats["decode_seconds"] += time.perf_counter() - t1
+        stats["decode_tokens"] += 1
+        pos += 1
+
+
+def rates(stats: dict) -> dict:
+    per_s = lambda n, s: round(n / s, 2) if s > 0 and n else None
+    return {"prefill_tokens_per_s": per_s(stats.get("prefill_tokens", 0), stats.get("prefill_seconds", 0)),
+            "decode_tokens_per_s": per_s(stats.get("decode_tokens", 0), stats.get("decode_seconds", 0))}
+
+
+class ProgramSession:
+    """Prefill/decode of a Generation in PyTorch (the reference the artifact is checked against)."""
+
+    def __init__(self, gen: Generation):
+        self.gen = gen
+        self.caches = [torch.zeros(c.shape) for c in gen.caches]
+
+    def step(self, ids: np.ndarray, pos: int, last: int) -> np.ndarray:
+        args = [torch.from_numpy(np.asarray(ids, dtype=np.int64).reshape(1, -1)),
+                torch.tensor([pos]), torch.tensor([last])] + self.caches
+        with torch.no_grad():
+            out = self.gen.program.gm(*args)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return out[0, 0].numpy()
