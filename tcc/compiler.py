@@ -314,7 +314,7 @@ def _generation_context(model, task, tgt, backend: str, generate: bool | None, m
     if context < 2 or (limit and context > limit):
         raise UserError(f"--max-context {context} must be between 2 and the model's {limit} positions",
                         "choose a smaller --max-context")
-    if seq_len > context:
+    if seq_len > context and not isinstance(model, Program):  # a Program's prefill chunk is min(its length, context)
         raise UserError(f"--seq-len {seq_len} is longer than the --max-context {context}", "lower --seq-len")
     return context
 
