@@ -215,7 +215,8 @@ def _build(program: Program, tgt, backend: str, dir: Path, functions: dict | Non
     params, signatures = build_library(program, tgt, dir / "model.so", sparsity, device_code, functions)
     save_weights(dir / "weights.safetensors", params)
     library = {"params": signatures["main"], "weight_bytes": weight_bytes(params), "sparsity": sparsity,
-               "functions": {name: {"inputs": [s.to_json() for s in prog.inputs], "params": signatures[name]}
+               "functions": {name: {"inputs": [s.to_json() for s in prog.inputs],
+                                    "outputs": [s.to_json() for s in prog.outputs], "params": signatures[name]}
                              for name, prog in (functions or {}).items()}}
     if device_code:
         library["device_code"] = device_code

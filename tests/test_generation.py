@@ -122,11 +122,7 @@ def test_compiled_prefill_decode_match_the_program(llama, tmp_path, pipeline, to
 
 def test_artifact_greedy_equals_transformers(tmp_path):
     """Greedy generation of the compiled tiny LLaMA equals transformers' generate (same weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from test_dynamic import TINY
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY, num_key_value_heads=2))
-    model.eval().save_pretrained(tmp_path / "tiny", safe_serialization=True)
+    model = _tiny_folder(tmp_path / "tiny")
     prompt = [int(t) for t in np.random.default_rng(3).integers(0, 128, 11)]
     with tcc.compile(str(tmp_path / "tiny"), "x86", out=tmp_path / "a", seq_len=8, max_context=40,
                      latency=False) as art:
@@ -200,3 +196,28 @@ def test_smollm2_greedy_equals_transformers(tmp_path):
         assert main(["generate", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "8", "--json"]) == 0
     r = json.loads(buf.getvalue())
     assert r["token_ids"] and r["text"] and r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+
+
+def _tiny_folder(path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from test_dynamic import TINY
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY, num_key_value_heads=2)).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+@pytest.mark.arm64
+def test_arm64_generation_under_qemu(tmp_path):
+    """The arm64 artifact's prefill/decode run under qemu (the driver keeps the KV cache): greedy
+    tokens equal transformers' on the same weights; a second generate starts from an empty cache."""
+    from conftest import missing_arm64_tools
+    if missing_arm64_tools():
+        pytest.skip(f"arm64 needs {', '.join(missing_arm64_tools())}")
+    model = _tiny_folder(tmp_path / "tiny")
+    prompt = [int(t) for t in np.random.default_rng(5).integers(0, 128, 10)]
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, 10:].tolist()
+    with tcc.compile(str(tmp_path / "tiny"), "arm64", out=tmp_path / "a", seq_len=8, max_context=24,
+                     verify=False) as art:
+        for _ in range(2):
+            assert art.generate(prompt, max_new_tokens=8, stop_at_eos=False)["token_ids"] == want

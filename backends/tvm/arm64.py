@@ -175,6 +175,40 @@ def _param_lines(weights: Path, names: list[str]) -> list[str]:
     return lines
 
 
+def _function_specs(manifest: dict) -> dict:
+    """{function: ([per-call input specs], [output specs])} of the generation entry points."""
+    gen = manifest.get("generation")
+    if not gen:
+        return {}
+    n_state = len(gen["caches"])
+    out = {}
+    for name, f in gen["functions"].items():
+        inputs = [TensorSpec.from_json(d) for d in f["inputs"]]
+        out[name] = (inputs[:len(inputs) - n_state], [TensorSpec.from_json(d) for d in f["outputs"]])
+    return out
+
+
+def _generation_lines(weights: Path, manifest: dict, functions: dict) -> list[str]:
+    """Spec lines of the generation entry points: the stored tensors main does not take, the KV
+    caches (driver state), each function's parameters, inputs and outputs (names FN/NAME)."""
+    gen = manifest.get("generation")
+    if not gen:
+        return []
+    main = set(manifest["params"])
+    extra = sorted({n for f in gen["functions"].values() for n in f["params"]} - main)
+    lines = [line.replace("param ", "tensor ", 1) for line in _param_lines(weights, extra)]
+    lines += [_spec_line("state", c["name"], c["dtype"], 0, _nbytes(TensorSpec.from_json(c)), c["shape"])
+              for c in gen["caches"]]
+    for name, f in gen["functions"].items():
+        lines += [f"use {name}/{n} x 0 0 0" for n in f["params"]]
+        inputs, outputs = functions[name]
+        lines += [_spec_line("input", f"{name}/{s.name}", s.dtype, o, _nbytes(s), s.shape)
+                  for s, o in zip(inputs, _layout(inputs))]
+        lines += [_spec_line("output", f"{name}/{s.name}", s.dtype, o, _nbytes(s), s.shape)
+                  for s, o in zip(outputs, _layout(outputs))]
+    return lines
+
+
 def _nbytes(spec: TensorSpec) -> int:
     return int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
 
@@ -222,6 +256,8 @@ class Arm64Session:
                  for s, o in zip(self.inputs, _layout(self.inputs))]
         spec += [_spec_line("output", s.name, s.dtype, o, _nbytes(s), s.shape)
                  for s, o in zip(self.outputs, _layout(self.outputs))]
+        self._functions = _function_specs(manifest)
+        spec += _generation_lines(art / "weights.safetensors", manifest, self._functions)
         Path(self._workdir, "spec.txt").write_text("\n".join(spec) + "\n")
         self._stderr = Path(self._workdir, "stderr.log")
         with open(self._stderr, "wb") as err:
@@ -250,6 +286,28 @@ class Arm64Session:
         raw = Path(self._workdir, "out.bin").read_bytes()
         return {s.name: np.frombuffer(raw, s.dtype, int(np.prod(s.shape, dtype=np.int64)), o).reshape(s.shape).copy()
                 for s, o in zip(self.outputs, _layout(self.outputs))}
+
+    # -- generation: the driver keeps the KV caches (its "state") between calls ----------------------
+    def function(self, name: str, signature: dict):
+        """`name` as fn(inputs [numpy], state) -> first output (numpy); the state is the driver's."""
+        inputs, outputs = self._functions[name]
+
+        def call(arrays, _state):
+            with open(Path(self._workdir, "in.bin"), "wb") as f:
+                for spec, a in zip(inputs, arrays):
+                    f.write(spec.check(a).tobytes())
+            self._send(f"call {name} in.bin out.bin")
+            self._expect("ok", f"running {name}")
+            raw = Path(self._workdir, "out.bin").read_bytes()
+            o = outputs[0]
+            return np.frombuffer(raw, o.dtype, int(np.prod(o.shape, dtype=np.int64))).reshape(o.shape).copy()
+        return call
+
+    def tensors(self, arrays):
+        """A new sequence: the driver zeroes its caches (the arrays only say their shapes)."""
+        self._send("reset")
+        self._expect("ok", "resetting the KV cache")
+        return []
 
     def close(self) -> None:
         self._finalizer()

@@ -8,10 +8,17 @@
 //   output NAME DTYPE OFFSET NBYTES NDIM D0 D1 ...   (bytes written at OFFSET of each request's OUT file)
 // DTYPE is a TVM dtype string ("float32", "int64", "bool"...). The Relax function "main" is called
 // as main(inputs..., params...) and returns one tensor or a tuple of tensors, one per output line.
+// Further functions (generation's prefill and decode) are described by lines whose NAME is FN/NAME:
+//   tensor NAME ...     a stored tensor main does not take (bytes at OFFSET of WEIGHTS_FILE)
+//   state  NAME ...     a tensor kept between calls, zero at the start and after "reset" (KV caches)
+//   use    FN/NAME x 0 0 0   the next parameter of FN: the param or tensor NAME
+//   input  FN/NAME ... / output FN/NAME ...   FN's inputs (read per call) and outputs
+// FN is called as FN(inputs..., states..., its parameters...).
 //
 // Protocol: after loading the model and the parameters (once) the driver prints "ready". Then each
 // stdin line "run IN_FILE OUT_FILE" reads the inputs, calls main, writes the outputs and prints "ok",
-// or "error <message>" on one line. EOF (or "quit") ends the process. Anything the libraries print
+// or "error <message>" on one line; "call FN IN_FILE OUT_FILE" does the same for FN, and "reset"
+// zeroes the states. EOF (or "quit") ends the process. Anything the libraries print
 // on stdout is redirected to stderr so the protocol stream stays clean.
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/tensor.h>
@@ -23,8 +30,10 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -119,33 +128,74 @@ ffi::Module LoadVM(const std::string& model_so) {
   return vm;
 }
 
+// One Relax function: its per-call inputs and outputs, and the stored tensors it takes after them.
+struct Entry {
+  ffi::Function fn;
+  std::vector<Spec> inputs, outputs;
+  std::vector<ffi::Tensor> params;
+  bool takes_state = false;
+};
+
 class Model {
  public:
   Model(const std::string& model_so, const std::string& spec_file, const std::string& weights)
       : vm_(LoadVM(model_so)) {
+    std::vector<Spec> stored, uses;
     for (Spec& s : ReadSpecs(spec_file)) {
-      if (s.kind == "param") params_.push_back(s);
-      else if (s.kind == "input") inputs_.push_back(s);
-      else if (s.kind == "output") outputs_.push_back(s);
+      const size_t slash = s.name.find('/');
+      const std::string fn = slash == std::string::npos ? "main" : s.name.substr(0, slash);
+      if (slash != std::string::npos) s.name = s.name.substr(slash + 1);
+      if (s.kind == "param" || s.kind == "tensor") stored.push_back(s);
+      else if (s.kind == "state") states_.push_back(s);
+      else if (s.kind == "use") uses.push_back(Spec{fn, s.name});
+      else if (s.kind == "input") entries_[fn].inputs.push_back(s);
+      else if (s.kind == "output") entries_[fn].outputs.push_back(s);
       else throw std::runtime_error("unknown spec kind " + s.kind);
     }
-    auto main = vm_->GetFunction("main", true);
-    if (!main) throw std::runtime_error("the model library has no Relax function 'main'");
-    main_ = *main;
     File w(weights, "rb");
-    for (const Spec& s : params_) weights_.push_back(ReadTensor(w.f, s));
+    std::map<std::string, ffi::Tensor> by_name;
+    for (const Spec& s : stored) {
+      by_name[s.name] = ReadTensor(w.f, s);
+      if (s.kind == "param") entries_["main"].params.push_back(by_name[s.name]);
+    }
+    for (const Spec& u : uses) {  // u.kind holds the function's name
+      auto it = by_name.find(u.name);
+      if (it == by_name.end()) throw std::runtime_error("function " + u.kind + " uses unknown tensor " + u.name);
+      entries_[u.kind].params.push_back(it->second);
+      entries_[u.kind].takes_state = true;
+    }
+    for (auto& [name, e] : entries_) {
+      auto fn = vm_->GetFunction(name, true);
+      if (!fn) throw std::runtime_error("the model library has no Relax function '" + name + "'");
+      e.fn = *fn;
+    }
+    for (const Spec& s : states_) {
+      state_.push_back(ffi::Tensor::FromNDAlloc(AlignedAlloc(), ffi::ShapeView(s.shape.data(), s.shape.size()),
+                                                ffi::StringToDLDataType(s.dtype), kCPU));
+    }
+    Reset();
   }
 
-  void Run(const std::string& in_file, const std::string& out_file) {
+  void Reset() {
+    for (ffi::Tensor& t : state_) std::memset(t.data_ptr(), 0, ffi::GetDataSize(t.numel(), t.dtype()));
+  }
+
+  void Run(const std::string& fn, const std::string& in_file, const std::string& out_file) {
+    auto it = entries_.find(fn);
+    if (it == entries_.end()) throw std::runtime_error("no function " + fn + " in the spec");
+    const Entry& e = it->second;
     std::vector<ffi::Any> args;
     {
       File in(in_file, "rb");
-      for (const Spec& s : inputs_) args.push_back(ReadTensor(in.f, s));
+      for (const Spec& s : e.inputs) args.push_back(ReadTensor(in.f, s));
     }
-    for (const ffi::Tensor& w : weights_) args.push_back(w);
+    if (e.takes_state)
+      for (const ffi::Tensor& t : state_) args.push_back(t);
+    for (const ffi::Tensor& w : e.params) args.push_back(w);
     std::vector<ffi::AnyView> views(args.begin(), args.end());
     ffi::Any result;
-    main_.CallPacked(views.data(), static_cast<int32_t>(views.size()), &result);
+    e.fn.CallPacked(views.data(), static_cast<int32_t>(views.size()), &result);
+    const std::vector<Spec>& outputs_ = e.outputs;
 
     std::vector<ffi::Tensor> outs;
     if (auto t = result.as<ffi::Tensor>()) {
@@ -153,24 +203,24 @@ class Model {
     } else if (auto tup = result.as<ffi::Array<ffi::Any>>()) {
       for (const ffi::Any& item : *tup) {
         auto t = item.as<ffi::Tensor>();
-        if (!t) throw std::runtime_error("main returned a tuple holding a non-tensor " + item.GetTypeKey());
+        if (!t) throw std::runtime_error(fn + " returned a tuple holding a non-tensor " + item.GetTypeKey());
         outs.push_back(*t);
       }
     } else {
-      throw std::runtime_error("main returned " + result.GetTypeKey() + ", not a tensor or a tuple");
+      throw std::runtime_error(fn + " returned " + result.GetTypeKey() + ", not a tensor or a tuple");
     }
     if (outs.size() != outputs_.size())
-      throw std::runtime_error("main returned " + std::to_string(outs.size()) + " outputs, the manifest lists " +
+      throw std::runtime_error(fn + " returned " + std::to_string(outs.size()) + " outputs, the manifest lists " +
                                std::to_string(outputs_.size()));
     File out(out_file, "wb");
     for (size_t i = 0; i < outs.size(); ++i) WriteTensor(out.f, outputs_[i], outs[i]);
   }
 
  private:
-  std::vector<Spec> params_, inputs_, outputs_;
   ffi::Module vm_;
-  ffi::Function main_;
-  std::vector<ffi::Tensor> weights_;
+  std::map<std::string, Entry> entries_;
+  std::vector<Spec> states_;
+  std::vector<ffi::Tensor> state_;
 };
 
 std::string OneLine(std::string s) {
@@ -207,12 +257,18 @@ int main(int argc, char** argv) {
   std::string line;
   while (std::getline(std::cin, line)) {
     std::istringstream ls(line);
-    std::string cmd, in_file, out_file;
+    std::string cmd, fn = "main", in_file, out_file;
     ls >> cmd;
     if (cmd == "quit") break;
     try {
-      if (cmd != "run" || !(ls >> in_file >> out_file)) throw std::runtime_error("bad request: " + line);
-      model->Run(in_file, out_file);
+      if (cmd == "reset") {
+        model->Reset();
+      } else {
+        if (cmd == "call" && !(ls >> fn)) throw std::runtime_error("bad request: " + line);
+        if ((cmd != "run" && cmd != "call") || !(ls >> in_file >> out_file))
+          throw std::runtime_error("bad request: " + line);
+        model->Run(fn, in_file, out_file);
+      }
       std::fprintf(proto, "ok\n");
     } catch (const std::exception& e) {
       std::fprintf(proto, "error %s\n", OneLine(Describe(e)).c_str());

