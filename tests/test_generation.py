@@ -221,3 +221,23 @@ def test_arm64_generation_under_qemu(tmp_path):
                      verify=False) as art:
         for _ in range(2):
             assert art.generate(prompt, max_new_tokens=8, stop_at_eos=False)["token_ids"] == want
+
+
+@pytest.mark.slow
+@pytest.mark.arm64
+def test_smollm2_arm64_greedy_under_qemu(tmp_path):
+    """SmolLM2-135M for arm64 (prefill chunks of 8, context 32) under qemu: 8 greedy tokens after a
+    5-token prompt equal transformers' (measured: equal; ~5 s under emulation)."""
+    from conftest import missing_arm64_tools
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tcc import models
+    if missing_arm64_tools():
+        pytest.skip(f"arm64 needs {', '.join(missing_arm64_tools())}")
+    prompt = "The capital of France is"
+    path = models.resolve("smollm2")
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    want = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+    with tcc.compile("smollm2", "arm64", out=tmp_path / "a", seq_len=8, max_context=32, verify=False) as art:
+        assert art.generate(prompt, max_new_tokens=8)["token_ids"] == want
