@@ -40,6 +40,9 @@ import numpy as np
 
 from _results import Results  # benchmarks/ is on sys.path when run as a script
 
+# ... and then off it: benchmarks/kernels.py would shadow the `kernels` package transformers imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 ROOT = Path(__file__).resolve().parents[1]
 TEST = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
 PASSES_W8A8 = "quantize(acts=int8,method=smoothquant,embeddings=true)"
@@ -158,6 +161,7 @@ def main() -> int:
                      "first_tokens": r["token_ids"][:16]})
         if not res.get(kind="llama.cpp"):
             try:
+                sys.path.append(str(Path(__file__).resolve().parent))
                 import llamacpp
                 gguf = llamacpp.gguf_path()
                 r = llamacpp.tokens_per_s(gguf, ids, a.new, threads=2, repeats=a.repeats)

@@ -183,6 +183,8 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             if verify:
                 run_m["verify"], run_m["drift_vs_source"] = errors, drift
                 final["accuracy"] = {"measured_with": "artifact", "vs_source": drift, "vs_program": errors}
+        if generation and verify and tgt.runs_here and reference is not None:
+            final["generation"] = _check_generation(stage.dir, manifest, run_m, reference, program, generation)
         if not final.get("accuracy"):
             final.setdefault("accuracy_note", "not measured: verification was skipped (--no-verify)")
         run["cache"] = {e["kind"]: e["outcome"] for e in caches.events()[seen_events:]}
@@ -334,3 +336,31 @@ def _store_tokenizer(program: Program, dir: Path) -> dict:
     tok.save_pretrained(str(dir / "tokenizer"))
     eos = tok.eos_token_id
     return {"tokenizer": "tokenizer", "eos_token_ids": [] if eos is None else [int(eos)]}
+
+
+def _check_generation(dir: Path, manifest: dict, run: dict, source: Program, program: Program, generation: dict) -> dict:
+    """The artifact's prefill/decode against the source model's greedy continuation (its Program with a
+    KV cache, in PyTorch) of a fixed prompt: teacher-forced agreement (1.0 for an uncompressed model up
+    to float ties; what compression costs otherwise)."""
+    from .generation import CHECK_PROMPT, CHECK_TOKENS, ProgramSession, agreement, greedy_tokens, kv_cached
+    from .runtime import Loaded
+    context, chunk = generation["max_context"], generation["prefill_len"]
+    prompt = list(range(1, 13))
+    if program.tokenizer_dir:
+        from .evaluate import load_tokenizer
+        try:
+            prompt = load_tokenizer(program.tokenizer_dir)(CHECK_PROMPT)["input_ids"]
+        except UserError:
+            pass
+    prompt = prompt[:max(1, context // 2)]
+    n = min(CHECK_TOKENS, context - len(prompt))
+    with status(f"checking generation: {n} greedy tokens vs the source model"):
+        want = greedy_tokens(ProgramSession(kv_cached(source, context)), prompt, n, chunk, context)
+        write_manifest(dir, manifest, run)  # the loader reads the manifest
+        with Loaded(dir, verify=False) as art:
+            rate = agreement(art.session(), prompt, want, chunk)
+    out = {"max_context": context, "prefill_len": chunk, "cache_bytes": generation["cache_bytes"],
+           "agreement": {"rate": rate, "tokens": len(want), "prompt_tokens": len(prompt),
+                         "reference": "the source model's greedy tokens (PyTorch), teacher-forced"}}
+    run["generation_agreement"] = rate
+    return out

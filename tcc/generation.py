@@ -43,6 +43,9 @@ from .structure import op_name
 
 aten = torch.ops.aten
 DEFAULT_MAX_CONTEXT = 2048
+# what a compile checks generation on (tokens of this text, or ids 1..12 without a tokenizer)
+CHECK_PROMPT = "The history of the city goes back to the Roman era, when"
+CHECK_TOKENS = 32
 
 
 @dataclasses.dataclass
@@ -283,12 +286,40 @@ def rates(stats: dict) -> dict:
             "decode_tokens_per_s": per_s(stats.get("decode_tokens", 0), stats.get("decode_seconds", 0))}
 
 
+def greedy_tokens(session, prompt: list[int], n: int, chunk: int, max_context: int) -> list[int]:
+    """n greedy tokens after `prompt` from any session with prefill(ids, pos, last) / decode(token, pos)."""
+    return list(decode_loop(session.prefill, session.decode, prompt, n, max_context, chunk))
+
+
+def agreement(session, prompt: list[int], reference: list[int], chunk: int) -> float:
+    """Teacher-forced greedy agreement: the fraction of `reference`'s tokens (a reference model's greedy
+    continuation of `prompt`) that `session` predicts as its argmax when fed the reference prefix; one
+    early difference does not count against every later token."""
+    logits = None
+    for start, stop in prefill_chunks(len(prompt), chunk):
+        ids = np.zeros(chunk, dtype=np.int64)
+        ids[:stop - start] = prompt[start:stop]
+        logits = session.prefill(ids, start, stop - start - 1)
+    hits = 0
+    for i, token in enumerate(reference):
+        hits += int(np.argmax(logits)) == token
+        if i + 1 < len(reference):
+            logits = session.decode(token, len(prompt) + i)
+    return hits / max(len(reference), 1)
+
+
 class ProgramSession:
     """Prefill/decode of a Generation in PyTorch (the reference the artifact is checked against)."""
 
     def __init__(self, gen: Generation):
         self.gen = gen
         self.caches = [torch.zeros(c.shape) for c in gen.caches]
+
+    def prefill(self, ids, pos: int, last: int) -> np.ndarray:
+        return self.step(ids, pos, last)
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        return self.step(np.array([token]), pos, 0)
 
     def step(self, ids: np.ndarray, pos: int, last: int) -> np.ndarray:
         args = [torch.from_numpy(np.asarray(ids, dtype=np.int64).reshape(1, -1)),

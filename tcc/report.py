@@ -20,7 +20,9 @@ report.json, schema "tcc.report/1":
               accuracy {measured_with: "artifact" | "pytorch", vs_source: {output: {max_abs_err,
               max_rel_err}}, vs_program: {...} (artifact only: the backend's own error)} or null,
               with accuracy_note saying why; max_drift {limit, drift, met} when a limit was set;
-              latency {measured: bool, reason: why not, or null} - the numbers are in run.latency
+              latency {measured: bool, reason: why not, or null} - the numbers are in run.latency;
+              generation (causal LMs with prefill/decode, checked on this host) {max_context,
+              prefill_len, cache_bytes, agreement {rate, tokens, prompt_tokens, reference}}
   run         created (UTC), host, seconds {trace, passes: [[name, s]], build, total},
               latency {engine, calls, median_ms, p10_ms, p90_ms, min_ms} or null, cache {kind: outcome}
   extra sections added later by `add_section` (e.g. the accuracy-budget search's), by name
@@ -163,6 +165,11 @@ def render_markdown(report: dict) -> str:
         s = final["size"]
         lines.append(f"- weights in the artifact: {s['weight_bytes'] / 1e6:.2f} MB"
                      + (f" (source model: {s['source_param_bytes'] / 1e6:.2f} MB)" if s.get("source_param_bytes") else ""))
+    if final.get("generation"):
+        g = final["generation"]
+        lines.append(f"- generation: prefill (chunks of {g['prefill_len']}) and decode over a KV cache of "
+                     f"{g['max_context']} positions ({g['cache_bytes'] / 1e6:.1f} MB); greedy agreement with the "
+                     f"source model {g['agreement']['rate']:.3f} over {g['agreement']['tokens']} tokens")
     if final["exit_status"]:
         lines.append(f"- failed: exit status {final['exit_status']}: {final['error']['message'] if final['error'] else ''}")
     lines += ["", "| pass | params MB before → after | GFLOP before → after | max rel drift |", "| --- | --- | --- | --- |"]
@@ -231,6 +238,12 @@ def _summary_table(final: dict, run: dict) -> str:
     if final.get("max_drift"):
         m = final["max_drift"]
         rows.append(("--max-drift", f"{m['drift']:.2e} vs limit {m['limit']:g}: {'met' if m['met'] else 'NOT met'}"))
+    gen = final.get("generation")
+    if gen:
+        a = gen["agreement"]
+        rows.append(("generation", f"prefill/decode, KV cache of {gen['max_context']} positions "
+                     f"({gen['cache_bytes'] / 1e6:.1f} MB); greedy agreement with the source "
+                     f"{a['rate']:.3f} over {a['tokens']} tokens"))
     lat = run.get("latency")
     rows.append(("latency", f"{lat['median_ms']:.2f} ms median of {lat['calls']} calls (p10 {lat['p10_ms']:.2f}, "
                  f"p90 {lat['p90_ms']:.2f})" if lat else f"not measured: {final['latency'].get('reason')}"))
