@@ -52,6 +52,17 @@ def dense_case(lead, k, n, bias):
     return ("tcc_dense_f32" if bias else "tcc_dense_nobias_f32", [x, w, b] if bias else [x, w], [], ref)
 
 
+def sdpa_kv_case(b, h, hkv, length, ctx, d, pos):
+    """New k/v rows written at pos into caches whose earlier rows hold values (and later ones junk that
+    must not be read), then causal attention over rows 0..pos+length-1."""
+    q, k, v = f32(b, h, length, d), f32(b, hkv, length, d), f32(b, hkv, length, d)
+    kc, vc = f32(b, hkv, ctx, d), f32(b, hkv, ctx, d)
+    kc[:, :, pos + length:] *= 1000  # junk past the new rows: reading it would show
+    vc[:, :, pos + length:] *= 1000
+    ref = ops.sdpa_kv(t(q), t(k), t(v), t(kc.copy()), t(vc.copy()), torch.tensor([pos]), 0.35).numpy()
+    return "tcc_sdpa_kv_f32", [q, k, v, kc, vc, np.array([pos], np.int64)], [0.35], ref
+
+
 def dense_w8_case(lead, k, n, bias):
     x, qw, scale, b = f32(*lead, k), i8(n, k), (rng.random(n) * 0.02 + 1e-3).astype(np.float32), f32(n)
     ref = ops.dense_w8(t(x), t(qw), t(scale), t(b) if bias else None).numpy()
@@ -89,6 +100,9 @@ CASES = {
     "sdpa_gqa_decode": sdpa_case(2, 6, 2, 1, 20, 16, 16, None, True),
     "sdpa_causal_sq_gt_sk": sdpa_case(1, 2, 1, 6, 4, 8, 8, None, True),  # first rows see no key: NaN
     "sdpa_nomask": sdpa_case(1, 6, 2, 33, 17, 32, 32, None, False),
+    "sdpa_kv_prefill": sdpa_kv_case(1, 6, 2, 3, 16, 8, pos=5),     # 3 new rows after 5 cached ones
+    "sdpa_kv_decode_last_row": sdpa_kv_case(2, 4, 4, 1, 16, 8, pos=15),
+    "sdpa_kv_chunk_67": sdpa_kv_case(1, 2, 1, 67, 80, 8, pos=9),   # crosses the 64-row query block
 }
 
 # Mismatched arguments the kernels must reject: name -> (kernel, inputs, scalars, out shape, message)
@@ -105,6 +119,9 @@ BAD = {
                        [0.5, False], (1, 5, 4, 8), r"multiple of the KV heads"),
     "bad_sdpa_mask": ("tcc_sdpa_f32", [f32(2, 6, 5, 8), f32(2, 2, 9, 8), f32(2, 2, 9, 8), f32(2, 3, 5, 9)],
                       [0.5, True], (2, 6, 5, 8), r"argument 'mask' has shape \[2, 3, 5, 9\], which does not broadcast"),
+    "bad_sdpa_kv_full": ("tcc_sdpa_kv_f32", [f32(1, 2, 3, 8), f32(1, 1, 3, 8), f32(1, 1, 3, 8), f32(1, 1, 8, 8),
+                                             f32(1, 1, 8, 8), np.array([6], np.int64)], [0.5], (1, 2, 3, 8),
+                         r"positions 6\.\.8 do not fit the KV cache of 8 positions"),
     "bad_sdpa_rank": ("tcc_sdpa_nomask_f32", [f32(6, 5, 8), f32(1, 2, 9, 8), f32(1, 2, 9, 8)],
                       [0.5, False], (1, 6, 5, 8), r"argument 'q' must have rank 4, got shape \[6, 5, 8\]"),
 }
@@ -177,7 +194,7 @@ def test_kernel_rejects_mismatched_arguments(vm, name):
 def test_exported_functions_are_the_kernels():
     assert set(build.exported_functions()) == {
         "tcc_dense_f32", "tcc_dense_nobias_f32", "tcc_dense_w8_f32", "tcc_dense_w8_nobias_f32",
-        "tcc_sdpa_f32", "tcc_sdpa_nomask_f32",
+        "tcc_sdpa_f32", "tcc_sdpa_nomask_f32", "tcc_sdpa_kv_f32",
         "tcc_dense_a8w8_f32", "tcc_dense_a8w8_nobias_f32", "tcc_dense_a8w8_static_f32",
         "tcc_dense_a8w8_static_nobias_f32", "tcc_dense_w4_f32", "tcc_dense_w4_nobias_f32",
         "tcc_dense_bsr_f32", "tcc_dense_bsr_nobias_f32", "tcc_unmask"}
