@@ -184,7 +184,8 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
                 run_m["verify"], run_m["drift_vs_source"] = errors, drift
                 final["accuracy"] = {"measured_with": "artifact", "vs_source": drift, "vs_program": errors}
         if generation and verify and tgt.runs_here and reference is not None:
-            final["generation"] = _check_generation(stage.dir, manifest, run_m, reference, program, generation)
+            final["generation"] = _check_generation(stage.dir, manifest, run_m, reference, program, generation,
+                                                    tokens=None if tgt.is_host else 8)  # qemu: ~1 s a token
         if not final.get("accuracy"):
             final.setdefault("accuracy_note", "not measured: verification was skipped (--no-verify)")
         run["cache"] = {e["kind"]: e["outcome"] for e in caches.events()[seen_events:]}
@@ -338,7 +339,8 @@ def _store_tokenizer(program: Program, dir: Path) -> dict:
     return {"tokenizer": "tokenizer", "eos_token_ids": [] if eos is None else [int(eos)]}
 
 
-def _check_generation(dir: Path, manifest: dict, run: dict, source: Program, program: Program, generation: dict) -> dict:
+def _check_generation(dir: Path, manifest: dict, run: dict, source: Program, program: Program, generation: dict,
+                      tokens: int | None = None) -> dict:
     """The artifact's prefill/decode against the source model's greedy continuation (its Program with a
     KV cache, in PyTorch) of a fixed prompt: teacher-forced agreement (1.0 for an uncompressed model up
     to float ties; what compression costs otherwise)."""
@@ -353,7 +355,7 @@ def _check_generation(dir: Path, manifest: dict, run: dict, source: Program, pro
         except UserError:
             pass
     prompt = prompt[:max(1, context // 2)]
-    n = min(CHECK_TOKENS, context - len(prompt))
+    n = min(tokens or CHECK_TOKENS, context - len(prompt))
     with status(f"checking generation: {n} greedy tokens vs the source model"):
         want = greedy_tokens(ProgramSession(kv_cached(source, context)), prompt, n, chunk, context)
         write_manifest(dir, manifest, run)  # the loader reads the manifest
