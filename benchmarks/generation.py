@@ -9,6 +9,10 @@ one chunk of PROMPT tokens, decode one token per call, KV cache of 512 positions
   fp32        no passes
   W8A8        quantize(acts=int8,method=smoothquant,embeddings=true)
   int4        quantize(weights=int4,group=128,sym=false,method=gptq,embeddings=true)
+  int4 Q4_1 grid  quantize(weights=int4,group=32,sym=false,zero=float,embeddings=true): rtn with
+              fractional zero points in groups of 32, which gives the Q4_1 weights of the GGUF (whose
+              dequantized fp32 copy is tcc's smollm2) back exactly; the tied embedding / LM head
+              (Q8_0 in the GGUF) is int8 per row
   structural  drop-attention(count=4),prune-heads(ratio=0.34,mode=query),heal(steps=20) then W8A8
 Calibration: the passes' default (wikitext-2 valid.txt).
 
@@ -50,9 +54,14 @@ ARTIFACTS = [
     ("fp32", ""),
     ("W8A8", PASSES_W8A8),
     ("int4", "quantize(weights=int4,group=128,sym=false,method=gptq,embeddings=true)"),
+    ("int4 Q4_1 grid", "quantize(weights=int4,group=32,sym=false,zero=float,embeddings=true)"),
     ("structural+W8A8", "drop-attention(count=4),prune-heads(ratio=0.34,mode=query),heal(steps=20)," + PASSES_W8A8),
 ]
 CONTEXT = 512
+
+
+def _dir(name: str) -> str:
+    return name.replace("+", "-").replace(" ", "-")
 
 
 def prompt_ids(n: int) -> list[int]:
@@ -139,7 +148,7 @@ def main() -> int:
     ids = prompt_ids(a.prompt)
     if a.phase in ("all", "compile"):
         for name, pipeline in ARTIFACTS:
-            d = out / name.replace("+", "-")
+            d = out / _dir(name)
             if not (d / "manifest.json").exists():
                 tcc.compile("smollm2", "x86", out=d, pipeline=pipeline, seq_len=a.prompt, max_context=CONTEXT,
                             latency=False).close()
@@ -148,7 +157,7 @@ def main() -> int:
         for name, _ in ARTIFACTS:
             if res.get(kind="tcc", name=name):
                 continue
-            with tcc.load(out / name.replace("+", "-")) as art:
+            with tcc.load(out / _dir(name)) as art:
                 r = time_tcc(art, ids, a.new, a.repeats)
                 ppl = perplexity(art, art.dir / "tokenizer", TEST, a.prompt, 4096, stride=a.prompt)["value"]
                 nbytes = decode_bytes(art)

@@ -21,7 +21,10 @@ with group=128: 96; its K=1536 keeps 128), noted per layer ("group") and summari
 with an odd K has no even divisor and is an error (skip it). int4 scales are float16 (see
 tcc/quantization.py; every method fits its codes to the rounded scale). `sym`
 picks symmetric int4 weights (zero 8) or asymmetric ones (zero codes), and symmetric or asymmetric
-int8 activations; int8 weights are always symmetric.
+int8 activations; int8 weights are always symmetric. `zero=float` (int4, sym=false): fractional
+float32 zero points, the grid min + scale * code of each group as llama.cpp's Q4_1 stores it (with
+group=32 and method=rtn a Q4_1 checkpoint's dequantized weights come back exactly); not with sparse
+weights (0.0 is not a level of such a grid).
 
 embeddings=true: every `aten.embedding` table (>= min_size, not skipped) becomes int8 per row,
 `tcc::embedding_w8(ids, q, scale)`, and a linear reading the same table (a tied lm_head) reads
@@ -150,6 +153,8 @@ class Quantize(Pass):
         "percentile": Option(float, 100.0, "static activations: clip at this percentile of |x| (100 = max)",
                              validator=lambda v: None if 0 < v <= 100 else "must be in (0, 100]"),
         "sym": Option(bool, True, "symmetric int4 weights / int8 activations (false: zero points)"),
+        "zero": Option(str, "int", "int4 zero points with sym=false: int (codes 0..15) or float (fractional, "
+                       "float32: each group's grid starts at its minimum, as llama.cpp's Q4_1)", choices=("int", "float")),
         "method": Option(str, "rtn", "how weights are quantized", choices=("rtn", "gptq", "awq", "smoothquant")),
         "alpha": Option(str, "auto", "SmoothQuant migration strength in [0, 1], or auto: the one of 0.3 .. 0.8 "
                         "that moves the calibration output least", validator=lambda v: _alpha_problem(v)),
@@ -186,6 +191,8 @@ class Quantize(Pass):
         if not self.sym and self.weights == "int8" and self.acts == "none":
             raise bad("sym", "int8 weights are always symmetric; sym=false applies to int4 weights or int8 activations",
                       "drop sym=false, or use weights=int4 / acts=int8")
+        if self.zero == "float" and (self.weights != "int4" or self.sym):
+            raise bad("zero", "zero=float is for asymmetric int4 weights", "add weights=int4,sym=false, or drop zero=float")
         if self.group and self.group % 2:
             raise bad("group", f"group={self.group} is odd; two int4 codes share a byte", "use an even group, e.g. 128")
         if self.keep and self.budget:
@@ -523,7 +530,7 @@ def _fake_a8w8(x: str, wq: torch.Tensor, s: torch.Tensor | None, b, asym: bool):
 
 def _clip(gm, plan: Plan, groups: list, stats: dict, applied: dict, notes: list[dict], opts: Quantize) -> None:
     """AWQ's clipping of every quantized int4 weight, against its (smoothed: x / s) input."""
-    grid = Grid("int4", opts.sym)
+    grid = Grid("int4", opts.sym, opts.zero == "float")
     for (x, lins), note in zip(groups, notes):
         h = stats[x.name].H_blocks
         k = h.shape[0] * h.shape[1]
@@ -549,7 +556,7 @@ def awq_scales(program: Program, plan: Plan, todo: list, stats: dict, feeds: lis
     the values its sub-block reads (kept per feed from one run of the graph)."""
     gm = program.gm
     runner = GraphRunner(gm)
-    grid = Grid("int4" if opts.weights == "int4" else "int8", opts.sym)
+    grid = Grid("int4", opts.sym, opts.zero == "float") if opts.weights == "int4" else Grid("int8", opts.sym)
     spans, reads = [], []
     for _, lins, _, _ in todo:
         start, stop = min(runner.position[n.name] for n in lins), runner.position[_inspect_end(program, lins).name]
@@ -795,7 +802,10 @@ def quantize_layer(gm, layer: Layer, stats: dict[str, InputStats], opts: Quantiz
         return
     w = _attr(gm, layer.weight).detach().to(torch.float32)
     k = layer.shape[1]
-    grid = Grid("int4", opts.sym) if layer.format == "w4" else Grid("int8")
+    grid = Grid("int4", opts.sym, opts.zero == "float") if layer.format == "w4" else Grid("int8")
+    if grid.float_zero and layer.sparsity is not None:
+        raise UserError(f"pass 'quantize' option 'zero': {layer.weight} is sparse and zero=float has no level at "
+                        "exactly 0.0", "use zero=int (the default) for sparse weights")
     group = layer.group if layer.format == "w4" else k
     h = None
     if opts.method == "gptq":
@@ -819,7 +829,7 @@ def choose_precision(program: Program, plan: Plan, feeds: list[dict], stats: dic
         raise UserError(f"pass 'quantize' option 'keep': keep={opts.keep} but only {len(cands)} layers are quantized",
                         f"use keep <= {len(cands)}")
     bits = lambda l, fmt: bits_per_weight({"w4": "int4", "w8": "int8", "a8w8": "int8", "fp32": "fp32"}[fmt],
-                                          l.shape[1], l.group or l.shape[1], opts.sym) * l.shape[0] * l.shape[1]
+                                          l.shape[1], l.group or l.shape[1], opts.sym, opts.zero == "float") * l.shape[0] * l.shape[1]
     total = sum(l.shape[0] * l.shape[1] for l in cands)
     used = sum(bits(l, l.format) for l in cands)
     if opts.budget and used > opts.budget * total + 1e-6:

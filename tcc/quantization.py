@@ -11,11 +11,15 @@ Weight formats (the numerics are tcc/ops.py's; these functions only choose codes
                     SmolLM2's weights gives 20% less squared error than scale = max|w| / 7
         asymmetric  lo = min(w, 0), hi = max(w, 0), scale = (hi - lo) / 15 (1 when 0),
                     zero = round(-lo / scale), code = clamp(round(w / scale) + zero, 0, 15)
+        float zero  (asymmetric, zero=float) lo = min(w), hi = max(w), scale = (hi - lo) / 15,
+                    zero = -lo / scale unrounded, stored float32, code = clamp(round(w / scale + zero),
+                    0, 15): the grid lo + scale * code, as llama.cpp's Q4_1 (group 32) - on weights
+                    that already lie on such a grid it gives them back exactly; 0.0 is not a level
   round is half-to-even (torch.round) everywhere.
 
 QWeight(kind, codes, scale, zero, group): one quantized [N, K] weight; .dequantize() is what the op
     computes with, .packed() the uint8 [N, K/2] nibbles tcc::dense_w4 reads (low nibble = even k).
-Grid(kind, sym): the code grid of a format: fit(w [N, G]) -> (scale [N], zero [N]), codes(), values().
+Grid(kind, sym, float_zero): the code grid of a format: fit(w [N, G]) -> (scale [N], zero [N]), codes(), values().
 int4_group(k, group) -> int | None                  the group a layer with k input features uses: `group`
     when it divides k (0: k), else the largest even divisor of k below it (576 -> 96 for 128);
     None when k is odd (no even divisor: two codes share a byte).
@@ -86,6 +90,7 @@ class Grid:
 
     kind: str
     sym: bool = True
+    float_zero: bool = False  # asymmetric int4 with a fractional zero point (see the module doc)
 
     @property
     def bits(self) -> int:
@@ -99,15 +104,20 @@ class Grid:
         if self.sym:
             amax = w.abs().amax(dim=1)
             return _f16(torch.where(amax > 0, amax / 8.0, torch.ones_like(amax))), torch.full_like(amax, 8.0)
-        lo, hi = w.amin(dim=1).clamp_max(0), w.amax(dim=1).clamp_min(0)
+        lo, hi = w.amin(dim=1), w.amax(dim=1)
+        if not self.float_zero:
+            lo, hi = lo.clamp_max(0), hi.clamp_min(0)
         scale = (hi - lo) / 15.0
         scale = _f16(torch.where(scale > 0, scale, torch.ones_like(scale)))
-        return scale, torch.round(-lo / scale)
+        return scale, (-lo / scale) if self.float_zero else torch.round(-lo / scale)
 
     def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Float codes of w [N, ...] with per-row scale/zero broadcast on the trailing dims."""
         shape = (-1,) + (1,) * (w.dim() - 1)
-        q = torch.round(w / scale.reshape(shape)) + zero.reshape(shape)
+        if self.float_zero:
+            q = torch.round(w / scale.reshape(shape) + zero.reshape(shape))
+        else:
+            q = torch.round(w / scale.reshape(shape)) + zero.reshape(shape)
         return q.clamp(-127, 127) if self.kind == "int8" else q.clamp(0, 15)
 
     def values(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -134,7 +144,8 @@ def int4_group(k: int, group: int) -> int | None:
 @dataclasses.dataclass
 class QWeight:
     """A quantized [N, K] weight. int8: codes int8 [N, K], scale f32 [N], group K. int4: codes uint8
-    0..15 [N, K] (unpacked), scale f16 [N, K/group], zero uint8 [N, K/group] (None when symmetric: 8)."""
+    0..15 [N, K] (unpacked), scale f16 [N, K/group], zero uint8 [N, K/group] (float32 with float zero
+    points; None when symmetric: 8)."""
 
     kind: str
     codes: torch.Tensor
@@ -156,22 +167,22 @@ class QWeight:
         if self.kind == "int8":
             return n * k + 4 * n
         scales = self.scale.numel() * self.scale.element_size()
-        return n * k // 2 + scales + (self.zero.numel() if self.zero is not None else 0)
+        return n * k // 2 + scales + (self.zero.numel() * self.zero.element_size() if self.zero is not None else 0)
 
 
-def bits_per_weight(kind: str, k: int, group: int, sym: bool) -> float:
+def bits_per_weight(kind: str, k: int, group: int, sym: bool, float_zero: bool = False) -> float:
     """Storage bits per weight of a format for a layer with k input features (scales included)."""
     if kind == "fp32":
         return 32.0
     if kind == "int8":
         return 8.0 + 32.0 / k
-    return 4.0 + 16.0 / group + (0.0 if sym else 8.0 / group)
+    return 4.0 + 16.0 / group + (0.0 if sym else (32.0 if float_zero else 8.0) / group)
 
 
 def _qweight(grid: Grid, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> QWeight:
     if grid.kind == "int8":
         return QWeight("int8", codes.to(torch.int8), scale.reshape(-1).to(torch.float32), None, group)
-    z = None if grid.sym else zero.to(torch.uint8)
+    z = None if grid.sym else zero.to(torch.float32 if grid.float_zero else torch.uint8)
     return QWeight("int4", codes.to(torch.uint8), scale.to(torch.float16), z, group)
 
 

@@ -89,7 +89,9 @@ CASES = {
     "dense_3d_nobias": dense_case((2, 3), 33, 65, False),
     "dense_tall": dense_case((70,), 33, 20, True),          # M > N: the work is split over rows
     "dense_k1": dense_case((3,), 1, 5, False),
-    "w8_m1": dense_w8_case((1,), 33, 1100, True),           # several dequantized blocks
+    "w8_m1": dense_w8_case((1,), 33, 1100, True),           # GEMV over the codes (M <= 4)
+    "w8_m4_gemv": dense_w8_case((2, 2), 577, 300, False),   # GEMV, K not a multiple of the vector width
+    "w8_m5_blocks": dense_w8_case((5,), 33, 1100, True),    # several dequantized blocks
     "w8_m7_nobias": dense_w8_case((7,), 33, 65, False),
     "w8_3d": dense_w8_case((4, 5), 600, 500, True),         # M = 20 > 16: large blocks, still several
     "w8_tall": dense_w8_case((70,), 40, 20, False),

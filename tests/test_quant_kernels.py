@@ -80,6 +80,8 @@ def w4_case(lead, k, n, group, bias=True, zero=True):
     qw = rng.integers(0, 256, (n, k // 2)).astype(np.uint8)
     scale = (rng.random((n, k // group)) * 0.02 + 1e-3).astype(np.float32)
     z = rng.integers(0, 16, (n, k // group)).astype(np.uint8) if zero else None
+    if zero == "float":  # fractional zero points (quantize zero=float), also outside 0..15
+        z = (rng.random((n, k // group)) * 20 - 2).astype(np.float32)
     b = f32(n)
     ref = ops.dense_w4(t(x), t(qw), t(scale), t(z), group, t(b) if bias else None).numpy()
     wmax = 15 * np.repeat(scale, group, axis=1)  # |code - zero| and |code| are at most 15
@@ -126,6 +128,8 @@ CASES = {
     "w4_m20_nobias": w4_case((20,), 1024, 300, 64, bias=False),  # direct loop, 5 blocks of 4 rows
     "w4_m40": w4_case((40,), 1024, 300, 64),                 # sgemm path, several dequantized blocks
     "w4_tall": w4_case((70,), 40, 20, 2),                     # M > N, group 2
+    "w4_m1_float_zero": w4_case((1,), 576, 70, 32, zero="float"),   # direct loop, fractional zeros
+    "w4_m64_float_zero": w4_case((64,), 96, 40, 32, zero="float"),  # sgemm path, fractional zeros
 }
 
 # Mismatched arguments the kernels must reject: name -> (kernel, arrays, scalars, out shape, message)
@@ -265,6 +269,9 @@ def test_pack_w4_layout():
     assert zero_t.shape == (3, 32) and (zero_t == 8).all()  # symmetric: zero code 8
     z = rng.integers(0, 16, (20, 3)).astype(np.uint8)
     assert quant_layout.pack_w4(qw, scale, z)[2][1, 7] == z[7, 1]
+    zf = rng.random((20, 3)).astype(np.float32) * 15
+    zero_t = quant_layout.pack_w4(qw, scale, torch.from_numpy(zf))[2]  # fractional zero points stay float32
+    assert zero_t.dtype == np.float32 and zero_t[1, 7] == zf[7, 1] and (zero_t[:, 20:] == 8).all()
     with pytest.raises(UserError, match="even group"):
         quant_layout.pack_w4(qw, rng.random((20, 4)).astype(np.float32))  # K = 12 in 4 groups of 3
 
@@ -285,6 +292,7 @@ ARM_CASES = {
     "a8w8_static_ties": a8w8_case((), 32, 17, asym=True, static=(0.5, 77.0), x=ties(3, 32)),
     "w4_m3": w4_case((3,), 64, 37, 16),
     "w4_m40_sym": w4_case((40,), 48, 33, 8, bias=False, zero=False),  # sgemm path
+    "w4_m2_float_zero": w4_case((2,), 64, 20, 32, zero="float"),
 }
 
 

@@ -169,6 +169,26 @@ def test_int4_codes_round_trip():
         assert torch.equal(q.dequantize()[5], torch.zeros(96))
 
 
+def test_float_zero_points_give_a_q4_1_grid_back_exactly():
+    """Weights on llama.cpp Q4_1's grid (per group of 32: m + d q, d and m float16, q = 0..15 with both
+    ends used, as Q4_1's min/max fit makes them) come back as the same codes and, to float32
+    rounding, the same values with zero=float; integer zero points cannot hold such a grid."""
+    torch.manual_seed(0)
+    n, k, g = 16, 128, 32
+    d = (torch.rand(n, k // g) * 0.02 + 1e-3).half().float()
+    m = (-torch.rand(n, k // g) * 0.1).half().float()
+    q = torch.randint(0, 16, (n, k // g, g))
+    q[..., 0], q[..., 1] = 0, 15
+    w = (m[..., None] + d[..., None] * q).reshape(n, k)
+    exact = rtn(w, Grid("int4", sym=False, float_zero=True), g)
+    assert exact.zero.dtype == torch.float32 and torch.equal(exact.codes, q.reshape(n, k).to(torch.uint8))
+    assert float((exact.dequantize() - w).abs().max()) <= 1e-6 * float(w.abs().max())
+    rounded = rtn(w, Grid("int4", sym=False), g)
+    assert float((rounded.dequantize() - w).abs().max()) > 100 * float((exact.dequantize() - w).abs().max())
+    x = torch.randn(3, k)  # the op takes the float zero points as they are
+    assert torch.allclose(ops.dense_w4(x, exact.packed(), exact.scale, exact.zero, g), x @ exact.dequantize().T, atol=1e-5)
+
+
 def test_gptq_lowers_layer_output_error(llama):
     calibration = feeds(llama, CALIB, seed=0)
     inputs = linear_inputs(llama, calibration)
@@ -373,6 +393,8 @@ def test_quantize_weights_runs_quantize_int8_rtn(llama):
     ("quantize(weights=int4,group=33)", r"option 'group': group=33 is odd"),
     ("quantize(weights=int4,keep=1,budget=5)", r"option 'keep': give keep or budget, not both"),
     ("quantize(weights=int3)", r"option 'weights' must be one of \['int8', 'int4'\]"),
+    ("quantize(weights=int4,zero=float)", r"option 'zero': zero=float is for asymmetric int4 weights"),
+    ("quantize(zero=half)", r"option 'zero' must be one of \['int', 'float'\]"),
     ("quantize(method=awq,alpha=2)", r"option 'alpha' must be auto or a number in \[0, 1\], got 2"),
     ("quantize(alpha=half)", r"option 'alpha' must be auto or a number in \[0, 1\], got half"),
 ])

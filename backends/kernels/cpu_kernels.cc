@@ -23,7 +23,7 @@
 // reference (softmax of all -inf). scale and causal come as Relax PrimValues (relax.prim_value).
 //
 // Math: fp32 GEMMs are cblas_sgemm from scipy-openblas32 (symbols prefixed scipy_). dense_w8 keeps
-// the weights int8 in memory and dequantizes blocks of output channels (64 KiB of fp32 for M <= 16,
+// the weights int8 in memory; up to 4 rows it is a GEMV over the codes, above that it dequantizes blocks of output channels (64 KiB of fp32 for M <= 16,
 // else 512 KiB) into a per-thread scratch buffer, one sgemm per block. Threads: OpenBLAS is set to
 // one thread and the kernels split their work over TVM's own thread pool (TVMBackendParallelLaunch,
 // resolved from libtvm_runtime when the module is loaded), so TVM's and OpenBLAS's pools never
@@ -102,6 +102,10 @@ void dense(const TensorView& x, const TensorView& w, const TensorView* b, const 
   });
 }
 
+// Up to this many rows of x, dense_w8 is a GEMV over the int8 codes (a decode step reads a quarter
+// of the bytes a dequantized fp32 copy would take: SmolLM2's tied int8 LM head 2.0 -> 0.6 ms).
+constexpr int64_t kW8GemvRows = 4;
+
 // Output channels dequantized per block, a multiple of 16: about 64 KiB of fp32 weights when
 // there are few rows (the block is read once, so it should stay in L1/L2), 512 KiB otherwise (fewer,
 // larger sgemm calls). Measured on M = 1 and M = 128 with K = 384 and 576.
@@ -118,6 +122,21 @@ void dense_w8(const TensorView& x, const TensorView& qw, const TensorView& scale
   const float* sp = f32_in(scale, kernel, "scale", 1, 1);
   const float* bp = b ? f32_in(*b, kernel, "b", 1, 1) : nullptr;
   float* op = f32_out(out, kernel, 1, 64);
+  if (s.m <= kW8GemvRows) {  // decode: straight from the int8 codes, out[i, r] += scale[r] * (x[i] . q[r])
+    for_each_tile(s, op, bp, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+      for (int64_t r = n0; r < n1; ++r) {
+        const int8_t* q = qp + r * s.k;
+        for (int64_t i = m0; i < m1; ++i) {
+          const float* xr = xp + i * s.k;
+          float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t j = 0; j < s.k; ++j) acc += xr[j] * static_cast<float>(q[j]);
+          op[i * s.n + r] += acc * sp[r];
+        }
+      }
+    });
+    return;
+  }
   const int64_t block = w8_block(s.m, s.k);
   for_each_tile(s, op, bp, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     float* wf = scratch<float>(block * s.k);

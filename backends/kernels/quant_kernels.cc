@@ -14,7 +14,7 @@
 //   tcc_dense_a8w8_static_f32(x, qw, wsum, w_scale, b, x_scale[1], x_zero[1], bool asym, out)
 //   tcc_dense_a8w8_static_nobias_f32(x, qw, wsum, w_scale, x_scale[1], x_zero[1], bool asym, out)
 //   tcc_dense_w4_f32(x[..., K], qw uint8[ceil(N/16), K/2, 16], scale[G, 16 ceil(N/16)],
-//                    zero uint8[G, 16 ceil(N/16)], b[N], out[..., N])     group = K / G
+//                    zero uint8 or float32 [G, 16 ceil(N/16)], b[N], out[..., N])     group = K / G
 //   tcc_dense_w4_nobias_f32(x, qw, scale, zero, out)
 //
 // asym comes as a Relax PrimValue. x_zero is read only when asym (then an integer in [0, 255]);
@@ -469,10 +469,16 @@ struct W4 {
   const float* x;
   const uint8_t* qw;
   const float* scale;
-  const uint8_t* zero;
+  const uint8_t* zero;       // integer zero points (codes), or
+  const float* zero_f32;     // fractional ones (quantize zero=float); one of the two is set
   const float* b;
   float* out;
 };
+
+// 16 columns' zero points at offset `at` of zero_t, as float32.
+inline F16 w4_zero(const W4& p, int64_t at) {
+  return p.zero_f32 ? load_f16(p.zero_f32 + at) : to_float(load_u8x16(p.zero + at));
+}
 
 // The weights of tile t for k = 2j (lo) and 2j + 1 (hi), dequantized as the reference does:
 // (code - zero) * scale in float32.
@@ -483,7 +489,7 @@ struct W4Tile {
   W4Tile(const W4& p, int64_t t) : codes(p.qw + t * (p.k / 2) * kTile) {}
   void set_group(const W4& p, int64_t t, int64_t g) {
     s = load_f16(p.scale + g * p.np + t * kTile);
-    z = to_float(load_u8x16(p.zero + g * p.np + t * kTile));
+    z = w4_zero(p, g * p.np + t * kTile);
   }
   void pair(int64_t j, F16* lo, F16* hi) const {
     const u8x16 c = load_u8x16(codes + j * kTile);
@@ -522,7 +528,7 @@ void w4_direct(const W4& p, const float* xsum, int64_t t, int64_t row0) {
       }
     }
     const F16 s = load_f16(p.scale + g * p.np + t * kTile);
-    const F16 z = to_float(load_u8x16(p.zero + g * p.np + t * kTile));
+    const F16 z = w4_zero(p, g * p.np + t * kTile);
     UNROLL for (int r = 0; r < MR; ++r) {
       const float xs = xsum[(row0 + r) * groups + g];
       UNROLL for (int i = 0; i < kVecs; ++i) acc[r].v[i] += s.v[i] * (even[r].v[i] + odd[r].v[i] - z.v[i] * xs);
@@ -614,7 +620,11 @@ void dense_w4(const TensorView& x, const TensorView& qw, const TensorView& scale
   p.x = f32_in(x, kernel, "x", 1, 64);
   p.qw = data_of<const uint8_t>(qw, kernel, "qw", kDLUInt, 8, 3, 3);
   p.scale = f32_in(scale, kernel, "scale", 2, 2);
-  p.zero = data_of<const uint8_t>(zero, kernel, "zero", kDLUInt, 8, 2, 2);
+  if (zero.dtype().code == kDLFloat) {
+    p.zero_f32 = f32_in(zero, kernel, "zero", 2, 2);
+  } else {
+    p.zero = data_of<const uint8_t>(zero, kernel, "zero", kDLUInt, 8, 2, 2);
+  }
   p.out = f32_out(out, kernel, x.ndim(), x.ndim());
   p.k = x.size(-1), p.n = out.size(-1), p.np = ceil_div(p.n, kTile) * kTile;
   p.m = p.k ? x.numel() / p.k : out.numel() / std::max<int64_t>(p.n, 1);

@@ -14,11 +14,13 @@ pack_a8w8(qw) -> (qw_packed, wsum)                       for tcc::dense_a8w8, qw
 
 pack_w4(qw, scale, zero=None) -> (qw_packed, scale_t, zero_t)   for tcc::dense_w4, with the op's
     arguments: qw uint8 [N, K/2] (two codes per byte, k = 2j low nibble, k = 2j + 1 high nibble),
-    scale float32 [N, G], zero uint8 [N, G] codes 0..15 or None (= 8, symmetric); group = K / G.
+    scale float32 [N, G], zero uint8 [N, G] codes 0..15, float32 [N, G] fractional zero points, or
+    None (= 8, symmetric); group = K / G.
     qw_packed  uint8   [ceil(N/16), K/2, 16]             qw_packed[t, j, c] = qw[16 t + c, j]
                (the same bytes, 16 columns side by side; 0 past N); 0.5 byte per weight.
     scale_t    float32 [G, 16 ceil(N/16)]                scale_t[g, n] = scale[n, g], 0 past N
-    zero_t     uint8   [G, 16 ceil(N/16)]                zero_t[g, n] = zero[n, g] (8 if None), 8 past N
+    zero_t     uint8   [G, 16 ceil(N/16)]                zero_t[g, n] = zero[n, g] (8 if None), 8 past N;
+               float32 when the zero points are
 """
 from __future__ import annotations
 
@@ -49,7 +51,10 @@ def pack_w4(qw, scale, zero=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                         f"(K = {2 * half_k}): it must be [N, K / group] with an even group",
                         "pass the scale of tcc::dense_w4 as the op takes it")
     groups = scale.shape[1]
-    zero = np.full((n, groups), 8, np.uint8) if zero is None else _array(zero, np.uint8, "zero", 2)
+    if zero is None:
+        zero = np.full((n, groups), 8, np.uint8)
+    else:
+        zero = _array(zero, np.float32 if _dtype(zero) == np.float32 else np.uint8, "zero", 2)
     if zero.shape != scale.shape:
         raise UserError(f"pack_w4: zero has shape {list(zero.shape)}, scale {list(scale.shape)}: they must match")
     tiles = -(-n // TILE)
@@ -57,9 +62,13 @@ def pack_w4(qw, scale, zero=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     packed[:n] = qw
     scale_t = np.zeros((groups, tiles * TILE), np.float32)
     scale_t[:, :n] = scale.T
-    zero_t = np.full((groups, tiles * TILE), 8, np.uint8)
+    zero_t = np.full((groups, tiles * TILE), 8, zero.dtype)
     zero_t[:, :n] = zero.T
     return np.ascontiguousarray(packed.reshape(tiles, TILE, half_k).transpose(0, 2, 1)), scale_t, zero_t
+
+
+def _dtype(a) -> np.dtype:
+    return np.dtype(str(a.dtype).replace("torch.", ""))
 
 
 def _array(a, dtype, name: str, ndim: int) -> np.ndarray:

@@ -576,6 +576,10 @@ def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
     sparse = {t: a for t, a in anns.items() if t not in lowered}
     fuse_parallel_linears(gm, sparse)
     _pack_quantized(gm, sparse, report)
+    if device == "cuda" and any(n.target == torch.ops.tcc_tvm.dense_w4_packed.default
+                                and _attr(gm, n.args[3]).dtype == torch.float32 for n in gm.graph.nodes):
+        raise UserError("int4 weights with fractional zero points (quantize zero=float) run on the CPU kernels only; "
+                        "tcc's CUDA int4 kernel takes integer zero points", "use zero=int for a cuda target")
     if device == "cuda":
         cuda.note_dense(gm, sparse, report)
     else:
