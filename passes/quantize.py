@@ -1007,8 +1007,8 @@ def verify(gm: fx.GraphModule) -> None:
             need(g % 2 == 0 and k % g == 0, n, f"group {g} must be even and divide K={k}")
             need(s is not None and s.dtype == torch.float16 and tuple(s.shape) == (qw.shape[0], k // g), n,
                  "scale must be f16 [N, K/group]")
-            need(n.args[3] is None or (z is not None and z.dtype == torch.uint8 and z.shape == s.shape), n,
-                 "zero must be uint8 [N, K/group]")
+            need(n.args[3] is None or (z is not None and z.dtype in (torch.uint8, torch.float32) and z.shape == s.shape),
+                 n, "zero must be uint8 (codes) or float32 (zero=float) [N, K/group]")
         elif n.target is tcc_ops.embedding_w8.default:
             qw, s = t(n.args[1]), t(n.args[2])
             need(qw is not None and qw.dtype == torch.int8 and s is not None and tuple(s.shape) == (qw.shape[0],), n,

@@ -199,6 +199,17 @@ def test_cuda_lowering_routes_ops_to_the_kernels():
     assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
 
 
+def test_cuda_lowering_refuses_fractional_int4_zero_points():
+    """quantize zero=float runs on the CPU int4 kernel only: the CUDA lowering says so."""
+    from tcc.backends.tvm.lower import kernelize
+    prog, _ = build("llama")
+    text = "quantize(weights=int4,group=32,sym=false,zero=float,min_size=0)"
+    prog = Pipeline.parse(text).run(prog, PassContext(calibration=[prog.example_inputs()]))
+    with pytest.raises(UserError, match="fractional zero points .* CPU kernels only"):
+        kernelize(prog.gm, prog.annotations, [], device="cuda")
+    kernelize(prog.gm, prog.annotations, [], device="cpu")
+
+
 # -- nvcc: hand-written kernels ---------------------------------------------------------------------
 
 @needs_nvcc
