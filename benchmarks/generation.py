@@ -83,15 +83,18 @@ def bandwidth() -> float:
 
 
 def decode_bytes(art) -> int:
-    """Bytes of the stored tensors a decode step reads: all but tables only gathered from."""
+    """Bytes of the stored tensors a decode step reads: all of decode's parameters but an embedding
+    table that is only gathered from (one row a step) - the row-major int8 table of a tied LM head
+    whose matmul reads its own packed copy (W8A8). A table the LM head reads itself counts."""
     from safetensors.numpy import load_file
     weights = load_file(str(art.dir / "weights.safetensors"))
     names = art.manifest["generation"]["functions"]["decode"]["params"]
     vocab = art.manifest["outputs"][0]["shape"][-1]
-    gathered = [n for n in names if weights[n].ndim == 2 and weights[n].shape[0] == vocab and "embed" in n]
-    lm_read = any(weights[n].ndim == 2 and weights[n].shape[0] == vocab and n not in gathered for n in names)
-    skip = gathered if lm_read or len(gathered) > 1 else []  # a tied table read by the LM head counts
-    return int(sum(weights[n].nbytes for n in names if n not in skip))
+    tables = [n for n in names if weights[n].ndim == 2 and weights[n].shape[0] == vocab]
+    copies = lambda t: [n for n in names if n != t and weights[n].itemsize == weights[t].itemsize
+                        and abs(weights[n].size - weights[t].size) <= 0.01 * weights[t].size]
+    gathered = [t for t in tables if copies(t)]
+    return int(sum(weights[n].nbytes for n in names if n not in gathered))
 
 
 def time_tcc(art, ids, new, repeats) -> dict:

@@ -138,15 +138,23 @@ class _HostVM:
         self.outputs = [TensorSpec.from_json(s) for s in manifest["outputs"]]
         self.main = self.vm["main"]
 
-    def function(self, name: str, signature: dict):
-        """Relax function `name` as fn(inputs [numpy], state [tvm tensors]) -> first output (numpy);
-        its parameters (stored tensors, shared with main by name) are bound."""
+    def function(self, name: str, signature: dict, state: list):
+        """Relax function `name` as fn(inputs [numpy]) -> first output (numpy). Its per-call inputs are
+        tensors bound once with the state (the KV caches) and the parameters (stored tensors, shared
+        with main by name), and refilled in place each call: converting several hundred arguments per
+        call cost more than a small model's decode step."""
         import tvm
-        fn = self.vm[name]
-        params = [self._param(n) for n in signature["params"]]
+        specs = [TensorSpec.from_json(d) for d in signature["inputs"]][:len(signature["inputs"]) - len(state)]
+        inputs = [tvm.runtime.empty(s.shape, s.dtype) for s in specs]
+        # one saved name per function: a new session's binding replaces the VM's reference to the last
+        # one (whose caches are then freed with its session; `fn` keeps its own closure)
+        self.vm.save_function(name, f"{name}_bound", *inputs, *state, *[self._param(n) for n in signature["params"]])
+        fn = self.vm[f"{name}_bound"]
 
-        def call(inputs, state):
-            out = fn(*[tvm.runtime.tensor(a) for a in inputs], *state, *params)
+        def call(arrays):
+            for spec, t, a in zip(specs, inputs, arrays):
+                t.copyfrom(np.ascontiguousarray(a, dtype=spec.dtype).reshape(spec.shape))
+            out = fn()
             return (out if hasattr(out, "numpy") else out[0]).numpy()
         return call
 
@@ -178,8 +186,9 @@ class GenerationSession:
         self.gen = gen
         self.max_context, self.chunk = gen["max_context"], gen["prefill_len"]
         fns = gen["functions"]
-        self._prefill, self._decode = impl.function("prefill", fns["prefill"]), impl.function("decode", fns["decode"])
         self.caches = impl.tensors(empty_caches(gen))
+        self._prefill = impl.function("prefill", fns["prefill"], self.caches)
+        self._decode = impl.function("decode", fns["decode"], self.caches)
         self.next_pos = 0  # rows of the cache filled so far
 
     def prefill(self, ids, pos: int, last: int):
@@ -192,7 +201,7 @@ class GenerationSession:
         if pos + last >= self.max_context or not 0 <= last < self.chunk:
             raise UserError(f"tokens up to position {pos + last} do not fit the context of {self.max_context}",
                             "shorten the prompt or recompile with a larger --max-context")
-        out = self._prefill([ids, np.array([pos]), np.array([last])], self.caches)
+        out = self._prefill([ids, np.array([pos]), np.array([last])])
         self.next_pos = pos + last + 1
         return out[0, 0]
 
@@ -205,7 +214,7 @@ class GenerationSession:
         if pos >= self.max_context:
             raise UserError(f"position {pos} is past the context of {self.max_context}",
                             "recompile with a larger --max-context")
-        out = self._decode([np.array([[token]], dtype=np.int64), np.array([pos]), np.array([0])], self.caches)
+        out = self._decode([np.array([[token]], dtype=np.int64), np.array([pos]), np.array([0])])
         self.next_pos = pos + 1
         return out[0, 0]
 

@@ -288,11 +288,11 @@ class Arm64Session:
                 for s, o in zip(self.outputs, _layout(self.outputs))}
 
     # -- generation: the driver keeps the KV caches (its "state") between calls ----------------------
-    def function(self, name: str, signature: dict):
-        """`name` as fn(inputs [numpy], state) -> first output (numpy); the state is the driver's."""
+    def function(self, name: str, signature: dict, state: list):
+        """`name` as fn(inputs [numpy]) -> first output (numpy); the state (KV caches) is the driver's."""
         inputs, outputs = self._functions[name]
 
-        def call(arrays, _state):
+        def call(arrays):
             with open(Path(self._workdir, "in.bin"), "wb") as f:
                 for spec, a in zip(inputs, arrays):
                     f.write(spec.check(a).tobytes())
