@@ -260,6 +260,21 @@ void sdpa_block(const Sdpa& s, int64_t b, int64_t h, int64_t i0, int64_t i1) {
 
 void run_sdpa(const Sdpa& s, int64_t out_numel);
 
+// Checks sdpa and sdpa_kv share: query heads a multiple of the KV heads; out is [B, H, Sq, Dv].
+void check_heads(const Sdpa& s, const char* kernel) {
+  if (s.kv_heads == 0 || s.heads % s.kv_heads != 0) {
+    TVM_FFI_THROW(ValueError) << kernel << ": q has " << s.heads << " heads and k has " << s.kv_heads
+                              << ": the query heads must be a multiple of the KV heads";
+  }
+}
+
+void check_out(const Sdpa& s, const TensorView& out, const char* kernel) {
+  check_dim(out, kernel, "out", 0, s.batch, "B");
+  check_dim(out, kernel, "out", 1, s.heads, "H");
+  check_dim(out, kernel, "out", 2, s.sq, "Sq, the query length");
+  check_dim(out, kernel, "out", 3, s.dv, "Dv, the last dim of v");
+}
+
 void sdpa(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* mask, double scale,
           bool causal, const TensorView& out, const char* kernel) {
   Sdpa s{};
@@ -271,18 +286,12 @@ void sdpa(const TensorView& q, const TensorView& k, const TensorView& v, const T
   s.kv_heads = k.size(1), s.sk = k.size(2), s.dv = v.size(3);
   s.kv_rows = s.sk;
   check_dim(k, kernel, "k", 0, s.batch, "B, as in q");
-  if (s.kv_heads == 0 || s.heads % s.kv_heads != 0) {
-    TVM_FFI_THROW(ValueError) << kernel << ": q has " << s.heads << " heads and k has " << s.kv_heads
-                              << ": the query heads must be a multiple of the KV heads";
-  }
+  check_heads(s, kernel);
   check_dim(k, kernel, "k", 3, s.d, "D, as in q");
   check_dim(v, kernel, "v", 0, s.batch, "B, as in q");
   check_dim(v, kernel, "v", 1, s.kv_heads, "Hkv, as in k");
   check_dim(v, kernel, "v", 2, s.sk, "Sk, as in k");
-  check_dim(out, kernel, "out", 0, s.batch, "B");
-  check_dim(out, kernel, "out", 1, s.heads, "H");
-  check_dim(out, kernel, "out", 2, s.sq, "Sq");
-  check_dim(out, kernel, "out", 3, s.dv, "Dv, the last dim of v");
+  check_out(s, out, kernel);
   for (int64_t n : {s.sq, s.sk, s.d, s.dv}) check_blas_int(n, kernel, "a dim of q, k or v");
   if (mask) {
     s.mask = f32_in(*mask, kernel, "mask", 0, 4);
@@ -341,10 +350,7 @@ void sdpa_kv(const TensorView& q, const TensorView& k, const TensorView& v, cons
   s.batch = q.size(0), s.heads = q.size(1), s.sq = q.size(2), s.d = q.size(3);
   s.kv_heads = k.size(1), s.dv = v.size(3), s.kv_rows = k_cache.size(2);
   const int64_t len = k.size(2);
-  if (s.kv_heads == 0 || s.heads % s.kv_heads != 0) {
-    TVM_FFI_THROW(ValueError) << kernel << ": q has " << s.heads << " heads and k has " << s.kv_heads
-                              << ": the query heads must be a multiple of the KV heads";
-  }
+  check_heads(s, kernel);
   check_dim(k, kernel, "k", 0, s.batch, "B, as in q");
   check_dim(k, kernel, "k", 2, s.sq, "L, the query length");
   check_dim(k, kernel, "k", 3, s.d, "D, as in q");
@@ -357,10 +363,7 @@ void sdpa_kv(const TensorView& q, const TensorView& k, const TensorView& v, cons
   check_dim(k_cache, kernel, "k_cache", 3, s.d, "D, as in q");
   check_dim(v_cache, kernel, "v_cache", 2, s.kv_rows, "C, as in k_cache");
   check_dim(v_cache, kernel, "v_cache", 3, s.dv, "Dv, as in v");
-  check_dim(out, kernel, "out", 0, s.batch, "B");
-  check_dim(out, kernel, "out", 1, s.heads, "H");
-  check_dim(out, kernel, "out", 2, s.sq, "L");
-  check_dim(out, kernel, "out", 3, s.dv, "Dv, the last dim of v");
+  check_out(s, out, kernel);
   const int64_t p0 = p[0];
   if (p0 < 0 || p0 + len > s.kv_rows) {
     TVM_FFI_THROW(ValueError) << kernel << ": positions " << p0 << ".." << p0 + len - 1
