@@ -51,6 +51,7 @@ TOP = {
     "backend": ("--backend", str, "tvm or onnxruntime"),
     "output": ("--output", str, "an artifact directory"),
     "max_drift": ("--max-drift", float, "a number >= 0 (max relative error vs the source model)"),
+    "max_context": ("--max-context", int, "a positive integer (KV-cache positions of a causal LM's prefill/decode)"),
     "pipeline": (None, (str, list), "pipeline text or a list of pass tables"),
     "calibration": (None, dict, "a table with text and samples"),
     "budget": (None, dict, "a table with max_accuracy_drop, objective and time"),

@@ -34,6 +34,7 @@ def test_encoder_example():
 def test_causal_lm_example():
     r = recipe.load(EXAMPLES / "causal_lm.toml")
     assert r.model == "smollm2" and r.settings["--task"] == "causal-lm" and r.settings["--calibration-samples"] == "16"
+    assert r.settings["--max-context"] == "1024"
     (q,) = Pipeline.parse(r.settings["--pipeline"])
     assert (q.name, q.weights, q.acts, q.method, q.alpha, q.embeddings) == ("quantize", "int8", "int8", "smoothquant", "0.6", True)
 
