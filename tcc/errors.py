@@ -33,3 +33,29 @@ class AccuracyBudgetError(TccError):
     """The compressed program misses the accuracy budget the user set."""
 
     exit_code = 3
+
+
+class deferred_interrupts:
+    """Ctrl-C (SIGINT) inside a TVM build lands in Python code TVM calls back (schedule rules, module
+    passes), where the FFI boundary swallows the KeyboardInterrupt and the build goes on. Within this
+    context SIGINT only sets a flag; KeyboardInterrupt is raised when the context exits (after the TVM
+    call returns). A no-op off the main thread, where signals cannot be handled."""
+
+    def __enter__(self):
+        import signal
+        import threading
+        self.hit, self.old = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def _note(self, *_):
+        self.hit = True
+
+    def __exit__(self, exc_type, exc, tb):
+        import signal
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        if self.hit and exc_type is None:
+            raise KeyboardInterrupt
+        return False

@@ -320,3 +320,16 @@ def test_run_on_a_folder_that_is_not_an_artifact(tiny_bert_dir, tmp_path, work):
     inputs = npz(tmp_path / "in.npz", input_ids=np.zeros((1, 8), np.int64))
     assert_user_error(run_fails(tiny_bert_dir, inputs, work), "not a tcc artifact")
     assert_user_error(run_fails(tmp_path / "nowhere", inputs, work), "nowhere", "not found")
+
+
+def test_interrupts_inside_a_tvm_build_are_deferred_not_lost():
+    """SIGINT within deferred_interrupts (what build_library runs TVM in) becomes KeyboardInterrupt
+    when the block ends: TVM's FFI would otherwise swallow it and the build would go on."""
+    from tcc.errors import deferred_interrupts
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            reached_end = True
+    assert reached_end

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tcc.errors import UserError
+from tcc.errors import UserError, deferred_interrupts
 from tcc.program import Program
 from tcc.progress import status
 
@@ -41,7 +41,14 @@ def build_library(program: Program, target: Target, lib_path: Path, report: list
     same library. Returns ([(param name, array)] to store, {function: [param names in call order]}):
     a tensor the functions share (byte-identical) is stored once. How each sparse weight was lowered
     (kernel, storage) is appended to `report`; a cuda target's device code (cuda.build_library) is
-    described in `device_code`."""
+    described in `device_code`. Ctrl-C is honoured when the build returns (deferred_interrupts: inside
+    TVM's import and build the FFI would swallow it)."""
+    with deferred_interrupts():
+        return _build_library(program, target, lib_path, report, device_code, functions)
+
+
+def _build_library(program: Program, target: Target, lib_path: Path, report: list | None,
+                   device_code: dict | None, functions: dict[str, Program] | None):
     import tvm
     from tvm import relax
 
