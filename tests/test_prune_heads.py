@@ -138,6 +138,17 @@ def test_fused_qkv(arch, removed):
         assert shapes(out, layer) == {"qkv": (16 * (a.num_heads + 2 * a.num_kv_heads), 64), "o": (64, 16 * a.num_heads)}
 
 
+def test_falcon_multi_query_fused_qkv():
+    """Falcon's fused qkv with one KV head (MQA, split through an index op): query heads prune exactly
+    (they were refused before the symbolic-size rewrite of tcc/heads.py followed the index op)."""
+    prog = tiny_program("falcon", "sdpa")
+    zero_heads(prog, [[0, 3], []])  # the two least important heads: zeroed, their removal changes nothing
+    out, rec = prune(prog.clone(), "prune-heads(counts=[2,0])")
+    assert rec["details"]["layers"][0]["removed"] == [0, 3]
+    assert heads(out) == [(2, 1), (4, 1)]
+    assert max_err(out, prog, prog.example_inputs(seed=3)) <= EXACT
+
+
 def test_quantized_weights():
     """Pruning after quantize-weights slices the int8 rows/columns and the per-row scales."""
     prog = tiny_program("llama")
@@ -251,7 +262,6 @@ def test_ratio_zero_is_noop():
     ("bert", "prune-heads(mode=sideways)", "option 'mode' must be one of"),
     ("llama", "prune-heads(counts=[1,0])", "option 'counts': layer 0 (groups mode): 1 is not a multiple of 2"),
     ("llama", "prune-heads(ratio=0.5,mode=heads)", "option 'mode': layer 0 has grouped KV heads"),
-    ("falcon", "prune-heads(counts=[2,0])", "fused-qkv pruning is not supported yet"),   # MQA through an index op
     ("bloom", "prune-heads(counts=[1,0])", "such as ALiBi slopes"),
 ])
 def test_errors(arch, text, words):
