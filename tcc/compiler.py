@@ -129,12 +129,12 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             from .generation import at_length, kv_cached
             with status(f"adding a KV cache of {gen_context} positions (prefill, decode)"):
                 gen = kv_cached(program, gen_context)
-            chunk = min(program.inputs[0].shape[1], gen_context)
+            length = program.inputs[0].shape[1]  # the example length
+            chunk = min(length, gen_context)
             functions = {"prefill": at_length(gen.program, chunk), "decode": at_length(gen.program, 1)}
             generation = gen.manifest(chunk)
-        if gen_context and not user_dynamic:  # main at the example length, as without generation
-            from .generation import at_length
-            program = at_length(program, program.inputs[0].shape[1])
+            if not user_dynamic:  # main at the example length, as without generation
+                program = at_length(program, length)
         t0 = time.perf_counter()
         library = _build(program, tgt, backend, stage.dir, functions, generation)
         t_build = time.perf_counter() - t0
@@ -154,8 +154,10 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             "sizes": {"weight_bytes": library["weight_bytes"], "program_param_bytes": program.param_bytes(),
                       "source_param_bytes": source_param_bytes},
         }
+        tokenizer = None
         if generation:
-            manifest["generation"].update(_store_tokenizer(program, stage.dir))
+            stored, tokenizer = _store_tokenizer(program, stage.dir)
+            manifest["generation"].update(stored)
         sparsity = library["sparsity"]
         if sparsity or _annotated_sparse(program):
             manifest["sparsity"] = sparsity or [{"tensor": t, "storage": "dense", "kernel": f"dense ({backend} backend "
@@ -184,7 +186,7 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
                 run_m["verify"], run_m["drift_vs_source"] = errors, drift
                 final["accuracy"] = {"measured_with": "artifact", "vs_source": drift, "vs_program": errors}
         if generation and verify and tgt.runs_here and reference is not None:
-            final["generation"] = _check_generation(stage.dir, manifest, run_m, reference, program, generation,
+            final["generation"] = _check_generation(stage.dir, manifest, run_m, reference, tokenizer, generation,
                                                     tokens=None if tgt.is_host else 8)  # qemu: ~1 s a token
         if not final.get("accuracy"):
             final.setdefault("accuracy_note", "not measured: verification was skipped (--no-verify)")
@@ -323,23 +325,24 @@ def _generation_context(model, task, tgt, backend: str, generate: bool | None, m
     return context
 
 
-def _store_tokenizer(program: Program, dir: Path) -> dict:
+def _store_tokenizer(program: Program, dir: Path):
     """The tokenizer saved into the artifact (tokenizer/), so `tcc generate` needs nothing else; its
-    end-of-sequence ids stop generation."""
+    end-of-sequence ids stop generation. Returns (manifest fields, the tokenizer or None)."""
+    none = {"tokenizer": None, "eos_token_ids": []}
     if not program.tokenizer_dir:
-        return {"tokenizer": None, "eos_token_ids": []}
+        return none, None
     from .evaluate import load_tokenizer
     try:
         tok = load_tokenizer(program.tokenizer_dir)
     except UserError:  # a model folder without tokenizer files: generation takes token ids
         info(f"no tokenizer in {program.tokenizer_dir}: the artifact generates from token ids only")
-        return {"tokenizer": None, "eos_token_ids": []}
+        return none, None
     tok.save_pretrained(str(dir / "tokenizer"))
     eos = tok.eos_token_id
-    return {"tokenizer": "tokenizer", "eos_token_ids": [] if eos is None else [int(eos)]}
+    return {"tokenizer": "tokenizer", "eos_token_ids": [] if eos is None else [int(eos)]}, tok
 
 
-def _check_generation(dir: Path, manifest: dict, run: dict, source: Program, program: Program, generation: dict,
+def _check_generation(dir: Path, manifest: dict, run: dict, source: Program, tokenizer, generation: dict,
                       tokens: int | None = None) -> dict:
     """The artifact's prefill/decode against the source model's greedy continuation (its Program with a
     KV cache, in PyTorch) of a fixed prompt: teacher-forced agreement (1.0 for an uncompressed model up
@@ -347,13 +350,7 @@ def _check_generation(dir: Path, manifest: dict, run: dict, source: Program, pro
     from .generation import CHECK_PROMPT, CHECK_TOKENS, ProgramSession, agreement, greedy_tokens, kv_cached
     from .runtime import Loaded
     context, chunk = generation["max_context"], generation["prefill_len"]
-    prompt = list(range(1, 13))
-    if program.tokenizer_dir:
-        from .evaluate import load_tokenizer
-        try:
-            prompt = load_tokenizer(program.tokenizer_dir)(CHECK_PROMPT)["input_ids"]
-        except UserError:
-            pass
+    prompt = tokenizer(CHECK_PROMPT)["input_ids"] if tokenizer is not None else list(range(1, 13))
     prompt = prompt[:max(1, context // 2)]
     n = min(tokens or CHECK_TOKENS, context - len(prompt))
     with status(f"checking generation: {n} greedy tokens vs the source model"):

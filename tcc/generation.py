@@ -206,13 +206,16 @@ def at_length(program: Program, length: int) -> Program:
 
 # -- running ----------------------------------------------------------------------------------------
 
-def empty_caches(gen_manifest: dict) -> list[np.ndarray]:
-    return [np.zeros(c["shape"], dtype=c["dtype"]) for c in gen_manifest["caches"]]
-
-
-def prefill_chunks(n: int, chunk: int) -> list[tuple[int, int]]:
-    """[(start, stop)) chunks of a prompt of n tokens."""
-    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+def prefill_prompt(prefill: Callable, prompt: list[int], chunk: int) -> np.ndarray:
+    """Feed `prompt` through `prefill(ids [chunk], pos, last)` in chunks (the last one padded at its
+    end); returns the logits of the prompt's last token."""
+    logits = None
+    for start in range(0, len(prompt), chunk):
+        stop = min(start + chunk, len(prompt))
+        ids = np.zeros(chunk, dtype=np.int64)
+        ids[:stop - start] = prompt[start:stop]
+        logits = prefill(ids, start, stop - start - 1)
+    return logits
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator | None, temperature: float = 0.0, top_k: int = 0,
@@ -259,11 +262,7 @@ def decode_loop(prefill: Callable, decode: Callable, prompt: list[int], max_new_
     rng = np.random.default_rng(seed)
     stats = stats if stats is not None else {}
     t0 = time.perf_counter()
-    logits = None
-    for start, stop_ in prefill_chunks(len(prompt), chunk):
-        ids = np.zeros(chunk, dtype=np.int64)
-        ids[:stop_ - start] = prompt[start:stop_]
-        logits = prefill(ids, start, stop_ - start - 1)
+    logits = prefill_prompt(prefill, prompt, chunk)
     stats.update(prefill_seconds=time.perf_counter() - t0, prefill_tokens=len(prompt), decode_seconds=0.0,
                  decode_tokens=0)
     pos = len(prompt)
@@ -295,11 +294,7 @@ def agreement(session, prompt: list[int], reference: list[int], chunk: int) -> f
     """Teacher-forced greedy agreement: the fraction of `reference`'s tokens (a reference model's greedy
     continuation of `prompt`) that `session` predicts as its argmax when fed the reference prefix; one
     early difference does not count against every later token."""
-    logits = None
-    for start, stop in prefill_chunks(len(prompt), chunk):
-        ids = np.zeros(chunk, dtype=np.int64)
-        ids[:stop - start] = prompt[start:stop]
-        logits = session.prefill(ids, start, stop - start - 1)
+    logits = prefill_prompt(session.prefill, prompt, chunk)
     hits = 0
     for i, token in enumerate(reference):
         hits += int(np.argmax(logits)) == token

@@ -158,9 +158,10 @@ class _HostVM:
             return (out if hasattr(out, "numpy") else out[0]).numpy()
         return call
 
-    def tensors(self, arrays):
+    def new_state(self, specs: list[dict]):
+        """Zeroed KV caches for a new sequence, from the manifest's cache specs."""
         import tvm
-        return [tvm.runtime.tensor(a) for a in arrays]
+        return [tvm.runtime.tensor(np.zeros(c["shape"], dtype=c["dtype"])) for c in specs]
 
     def _param(self, name: str):
         import tvm
@@ -182,11 +183,10 @@ class GenerationSession:
     last call ended: decode before a prefill, or out of order, is a UserError."""
 
     def __init__(self, impl, gen: dict):
-        from .generation import empty_caches
         self.gen = gen
         self.max_context, self.chunk = gen["max_context"], gen["prefill_len"]
         fns = gen["functions"]
-        self.caches = impl.tensors(empty_caches(gen))
+        self.caches = impl.new_state(gen["caches"])
         self._prefill = impl.function("prefill", fns["prefill"], self.caches)
         self._decode = impl.function("decode", fns["decode"], self.caches)
         self.next_pos = 0  # rows of the cache filled so far

@@ -303,8 +303,8 @@ class Arm64Session:
             return np.frombuffer(raw, o.dtype, int(np.prod(o.shape, dtype=np.int64))).reshape(o.shape).copy()
         return call
 
-    def tensors(self, arrays):
-        """A new sequence: the driver zeroes its caches (the arrays only say their shapes)."""
+    def new_state(self, specs: list[dict]):
+        """A new sequence: the driver zeroes the caches it holds."""
         self._send("reset")
         self._expect("ok", "resetting the KV cache")
         return []
