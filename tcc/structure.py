@@ -744,8 +744,8 @@ def _activation(src: fx.Node, dst: fx.Node, g: _Graph) -> str | None:
             return "gelu_tanh"
         if name == "tanh" and "aten.mul" in ops:
             return "gelu_tanh"  # 0.5 x (1 + tanh(c (x + 0.044715 x^3)))
-        if name == "sigmoid" and "aten.mul" in ops:
-            return "silu"
+        if name == "sigmoid" and "aten.mul" in ops:  # x * sigmoid(x), or x * sigmoid(1.702 x)
+            return "quick_gelu" if _is_scalar_scale(n.args[0]) else "silu"
         if name:
             return name
     return None
@@ -869,7 +869,8 @@ def recover(gm: fx.GraphModule) -> ModelInfo:
     if attentions:
         parts += [(None, m, _mlp_stream_input(m, g)) for m in mlps_in(ancestors(inputs[0]))]
     for i, a in enumerate(attentions):
-        region = descendants(inputs[i]) - (descendants(inputs[i + 1]) if i + 1 < len(inputs) else set())
+        # not the input itself: a projection can make the stream (ELECTRA's embeddings_project)
+        region = descendants(inputs[i]) - {inputs[i]} - (descendants(inputs[i + 1]) if i + 1 < len(inputs) else set())
         found = mlps_in(region)
         parts.append((a, found[0] if found else None, inputs[i]))
         parts += [(None, m, _mlp_stream_input(m, g)) for m in found[1:]]
