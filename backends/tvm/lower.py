@@ -46,6 +46,12 @@ def _additive_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask.to(torch.float32)
 
 
+def _zero_unattended_rows(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA's output for a query row whose bool mask keeps no key is 0 (the additive mask would give
+    the mean of v): e.g. a padding query in a sliding-window layer (ModernBERT's local attention)."""
+    return out * mask.any(-1, keepdim=True).to(out.dtype)
+
+
 def _attr(gm, node):
     return gm.get_parameter(node.target) if node.target in dict(gm.named_parameters()) else gm.get_buffer(node.target)
 
@@ -612,8 +618,12 @@ def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
             mask = kw.get("attn_mask")
             with g.inserting_before(n):
                 if mask is not None:
+                    bool_mask = mask if getattr(mask.meta.get("val"), "dtype", None) == torch.bool else None
                     mask = g.call_function(_additive_mask, (mask,))
                 new = g.call_function(tcc_ops.sdpa.default, (q, k, v, mask, float(scale), bool(kw.get("is_causal", False))))
+                if mask is not None and bool_mask is not None:
+                    new.meta = dict(n.meta)
+                    new = g.call_function(_zero_unattended_rows, (new, bool_mask))
         else:
             continue
         new.meta = dict(n.meta)
