@@ -223,13 +223,12 @@ def _hf_runner(path: str, task: str | None):
     import torch
     from . import frontend, models
     hf, task, _ = models.load_hf(models.resolve(path), task)
-    wrapper = frontend.FeatureExtraction(hf) if task == "feature-extraction" else frontend.CausalLM(hf)
-    names = ["input_ids", "attention_mask"] if task == "feature-extraction" else ["input_ids"]
+    wrapper, names, _ = frontend.task_module(hf, task)
 
     def run(feeds):
         with torch.no_grad():
             out = wrapper(*(torch.from_numpy(feeds[n]) for n in names))
-        return {"output": out.numpy()}
+        return {"output": (out[0] if isinstance(out, tuple) else out).numpy()}
     return run
 
 

@@ -218,6 +218,7 @@ def _compile_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import models
     p = argparse.ArgumentParser(prog="tcc", description="transformer compression compiler")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -235,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-context", type=int, help="causal LMs: KV-cache positions of the prefill/decode entry points "
                    "(default min(model maximum, 2048))")
     c.add_argument("--no-generate", action="store_true", help="causal LMs: build the forward pass only, no prefill/decode")
-    c.add_argument("--task", choices=["feature-extraction", "causal-lm"])
+    c.add_argument("--task", choices=models.TASKS)
     c.add_argument("--pipeline", "-p", help="pass pipeline, e.g. 'quantize-weights(bits=8)'")
     c.add_argument("--calibration", help="text file for calibrating passes (default ../shared/data/wikitext-2/valid.txt)")
     c.add_argument("--calibration-samples", type=int, help="calibration windows of --seq-len tokens (default 8)")
@@ -296,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("-o", "--output", help="run analyze-redundancy on calibration text and write JSON + heatmap PNG here")
     an.add_argument("--calibration", help="calibration text (default ../shared/data/wikitext-2/valid.txt)")
     an.add_argument("--calibration-samples", type=int, default=8)
-    an.add_argument("--task", choices=["feature-extraction", "causal-lm"])
+    an.add_argument("--task", choices=models.TASKS)
     an.add_argument("--json", action="store_true")
     an.set_defaults(func=cmd_analyze)
 

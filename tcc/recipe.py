@@ -47,7 +47,7 @@ TOP = {
     "target": ("--target", str, "a target name, e.g. x86 or arm64"),
     "seq_len": ("--seq-len", int, "a positive integer"),
     "batch": ("--batch", int, "a positive integer"),
-    "task": ("--task", str, "feature-extraction or causal-lm"),
+    "task": ("--task", str, "feature-extraction, causal-lm or image-feature-extraction"),
     "backend": ("--backend", str, "tvm or onnxruntime"),
     "output": ("--output", str, "an artifact directory"),
     "max_drift": ("--max-drift", float, "a number >= 0 (max relative error vs the source model)"),
