@@ -37,6 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST = (ROOT / ".." / "shared" / "data" / "wikitext-2" / "test.txt").resolve()
+os.environ.setdefault("TCC_CALIBRATION_TEXT", str(TEST.with_name("valid.txt")))  # as docs/BENCHMARKS.md measured
 PARTS = {"attention": "drop-attention", "mlp": "drop-mlp", "block": "drop-blocks"}
 
 

@@ -14,7 +14,7 @@ one chunk of PROMPT tokens, decode one token per call, KV cache of 512 positions
               dequantized fp32 copy is tcc's smollm2) back exactly; the tied embedding / LM head
               (Q8_0 in the GGUF) is int8 per row
   structural  drop-attention(count=4),prune-heads(ratio=0.34,mode=query),heal(steps=20) then W8A8
-Calibration: the passes' default (wikitext-2 valid.txt).
+Calibration: wikitext-2 valid.txt ($TCC_CALIBRATION_TEXT, set here unless given).
 
 Prompt: the first PROMPT tokens of ../shared/data/wikitext-2/test.txt (SmolLM2's tokenizer; llama.cpp
 gets the same ids). Each row: best of --repeats runs of prefill (PROMPT tokens) + NEW greedy decode
@@ -49,6 +49,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+os.environ.setdefault("TCC_CALIBRATION_TEXT", str(TEST.with_name("valid.txt")))  # as docs/BENCHMARKS.md measured
 PASSES_W8A8 = "quantize(acts=int8,method=smoothquant,embeddings=true)"
 ARTIFACTS = [
     ("fp32", ""),

@@ -1,7 +1,7 @@
 """`analyze-redundancy`: how much each block, attention sub-block, MLP sub-block and head matters.
 
 Contract: an analysis pass; the program is not changed. On calibration feeds (the pipeline's, else
-`samples` windows of calibration text: `text_file=FILE`, default tcc.calibration.DEFAULT_VALID) it
+`samples` windows of calibration text: `text_file=FILE`, default tcc.calibration.default_text()) it
 measures, for every block:
 
   similarity     cosine similarity between the hidden states entering and leaving the block, its
@@ -68,7 +68,7 @@ class AnalyzeRedundancy(Pass):
         "out": Option(str, "", "directory for redundancy.json and redundancy.png (default: the artifact's)"),
         "samples": Option(int, 8, "calibration windows taken from text when the pipeline has no calibration feeds",
                           validator=lambda v: None if v >= 1 else "must be >= 1"),
-        "text_file": Option(str, "", "calibration text file (default: wikitext-2 valid.txt, or $TCC_CALIBRATION_TEXT)"),
+        "text_file": Option(str, "", "calibration text file (default: $TCC_CALIBRATION_TEXT, else tcc's own, tcc/data/calibration.txt)"),
         "heads": Option(bool, True, "measure per-head importance (output-norm share)"),
         "loss": Option(bool, True, "measure the loss increase when each block / attention / MLP is removed "
                        "(3 partial runs per block and loss feed)"),

@@ -10,7 +10,7 @@ are trained for a few steps to imitate the program as it entered the pipeline (t
               divided by the teacher's mean square, every token
 
 on `samples` windows of calibration text (`text_file=FILE`, default the calibration text of
-tcc.calibration - the second half of wikitext-2 valid.txt - never test.txt), one window per step,
+tcc.calibration - the second half of $TCC_CALIBRATION_TEXT or tcc/data/calibration.txt), one window per step,
 in a fixed order (`seed`), with AdamW (`lr`, cosine decay to 0 over `steps`, gradient norm clipped
 to 1). `train=all` trains every float parameter, `train=norms` only the normalisation weights and
 biases (cheap, and much less able to overfit). The graph is not changed - only parameter values -
@@ -66,7 +66,7 @@ class Heal(Pass):
                           validator=lambda v: None if v >= 1 else "must be >= 1"),
         "eval_samples": Option(int, 4, "held-out windows to measure before and after",
                                validator=lambda v: None if v >= 1 else "must be >= 1"),
-        "text_file": Option(str, "", "calibration text file (default: wikitext-2 valid.txt, or $TCC_CALIBRATION_TEXT)"),
+        "text_file": Option(str, "", "calibration text file (default: $TCC_CALIBRATION_TEXT, else tcc's own, tcc/data/calibration.txt)"),
         "seed": Option(int, 0, "window choice and order"),
     }
 

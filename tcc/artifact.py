@@ -11,6 +11,8 @@ A directory:
   tokenizer/          (generation artifacts) the tokenizer, saved by transformers' save_pretrained
   report.md           a short human report; report.json and report.html: the full report (tcc.report),
                       not hashed in the manifest (their "run" section differs between compiles)
+  build.log           what the libraries tcc called (TVM, PyTorch, transformers) printed while
+                      compiling, kept off the terminal (tcc --debug shows it there); not hashed
 It is written to a temporary sibling directory and renamed into place, so a failed compile leaves
 no half-written artifact; an existing artifact at the path is replaced only on success.
 """
@@ -28,7 +30,7 @@ import numpy as np
 from .errors import UserError
 
 FORMAT = "tcc-artifact/1"
-UNHASHED = ("manifest.json", "report.json", "report.html")
+UNHASHED = ("manifest.json", "report.json", "report.html", "build.log")
 
 
 from .models import file_sha256 as sha256

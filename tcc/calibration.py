@@ -7,13 +7,16 @@ text_feeds(program, text_path=None, n_samples=8, seq_len=None, seed=0, start=Non
     [CLS] ... [SEP]); attention_mask is all ones, any other integer input zeros. Windows do not
     overlap and are drawn at random (`seed`) from the first 4 * n_samples * batch windows of the
     slice of the text that starts `start` of the way into the file (at a line break). `start`
-    defaults to 0.5 for DEFAULT_VALID, so calibration never sees the prefix `tcc eval` scores, and
-    to 0 for any other text. seq_len, when given, must be the program's. Too little text raises a
+    defaults to 0.5 for the default text (text_path None: $TCC_CALIBRATION_TEXT or DEFAULT_TEXT) and
+    for DEFAULT_TEXT, so calibration never sees the prefix the search scores, and to 0 for any other
+    text. seq_len, when given, must be the program's. Too little text raises a
     UserError with the token count; a program without a tokenizer, one saying so.
-DEFAULT_VALID, default_text()
-    wikitext-2 valid.txt next to the project (../shared/data/wikitext-2/valid.txt from the project
-    root); default_text() is what text_path=None means: $TCC_CALIBRATION_TEXT when set, else
-    DEFAULT_VALID. A missing file raises a UserError saying how to point at text.
+DEFAULT_TEXT, HELD_OUT_TEXT, default_text()
+    The calibration text shipped in the package (tcc/data/calibration.txt, ~6k tokens of public-domain
+    and original English prose; sources in tcc/data/README.md) and a second, disjoint one the search
+    holds out (tcc/data/held_out.txt). default_text() is what text_path=None means:
+    $TCC_CALIBRATION_TEXT when set, else DEFAULT_TEXT. A missing file raises a UserError saying how
+    to point at text.
 
 CalibrationLoss(reference, feeds) / calibration_loss(program, feeds, reference=None)
     Causal LMs (task "causal-lm" or an output named "logits"): mean next-token cross-entropy (nats)
@@ -42,11 +45,12 @@ from .errors import UserError
 from .progress import status
 from .program import attribute as _attr
 
-DEFAULT_VALID = (Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "wikitext-2" / "valid.txt").resolve()
+DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "calibration.txt"
+HELD_OUT_TEXT = DEFAULT_TEXT.with_name("held_out.txt")
 
 
 def default_text() -> Path:
-    return Path(os.environ.get("TCC_CALIBRATION_TEXT") or DEFAULT_VALID)
+    return Path(os.environ.get("TCC_CALIBRATION_TEXT") or DEFAULT_TEXT)
 
 
 # -- feeds from text ---------------------------------------------------------------------------------
@@ -69,7 +73,7 @@ def text_feeds(program, text_path=None, n_samples: int = 8, seq_len: int | None 
         raise UserError(f"seq_len={seq_len} but the program takes sequences of {program_len} tokens",
                         f"leave seq_len unset or trace the model with --seq-len {seq_len}")
     if start is None:
-        start = 0.5 if path.resolve() == DEFAULT_VALID else 0.0
+        start = 0.5 if text_path is None or path.resolve() == DEFAULT_TEXT else 0.0
     tokenizer = load_tokenizer(program.tokenizer_dir)
     prefix, suffix = _special_tokens(tokenizer)
     body = program_len - len(prefix) - len(suffix)

@@ -9,6 +9,7 @@
   tcc bench ARTIFACT [--repeats N] [--json]
   tcc analyze MODEL --structure
   tcc passes [--json]
+  tcc targets [--json]
 
 Exit codes: 0 ok, 1 internal error, 2 user error (bad path, model, option, input), 3 accuracy
 budget not met, 130 interrupted. User errors print one line (and a hint), no traceback unless --debug.
@@ -188,6 +189,18 @@ def cmd_analyze(a) -> int:
     return 0
 
 
+def cmd_targets(a) -> int:
+    from tcc.backends.tvm.targets import describe
+    targets = describe()
+    if a.json:
+        print(json.dumps(dict(targets), indent=2))
+    else:
+        width = max(len(n) for n, _ in targets)
+        for name, line in targets:
+            print(f"{name:<{width}}  {line}")
+    return 0
+
+
 def cmd_passes(a) -> int:
     from tcc.pipeline import all_passes
     passes = all_passes()
@@ -220,7 +233,7 @@ def _compile_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     from . import models
     p = argparse.ArgumentParser(prog="tcc", description="transformer compression compiler")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks, and what the libraries (TVM, PyTorch) print (else kept in the artifact's build.log)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -228,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Defaults are None here and filled from COMPILE_DEFAULTS after a --recipe is applied.
     c.add_argument("model", nargs="?", help="HF model folder, .gguf file, or alias: minilm, smollm2 (or the recipe's)")
     c.add_argument("--recipe", help="TOML file with the compile's settings (docs/PIPELINES.md); flags given here win")
-    c.add_argument("--target", "-t", help="x86 (default), x86-64-v3, x86-64-v4, arm64, arm64-dotprod")
+    from tcc.backends.tvm.targets import describe
+    c.add_argument("--target", "-t", help="x86 (default: portable x86-64-v3, AVX2), native (this CPU: fastest here, "
+                   "may not run elsewhere), " + ", ".join(n for n, _ in describe()[2:]) + "; `tcc targets` describes them")
     c.add_argument("-o", "--output", help="artifact directory (default build/MODEL-TARGET)")
     c.add_argument("--seq-len", type=int, help="sequence length (default 128)")
     c.add_argument("--max-seq-len", type=int, help="any sequence length from 1 to N (x86; default: static --seq-len)")
@@ -238,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-generate", action="store_true", help="causal LMs: build the forward pass only, no prefill/decode")
     c.add_argument("--task", choices=models.TASKS)
     c.add_argument("--pipeline", "-p", help="pass pipeline, e.g. 'quantize-weights(bits=8)'")
-    c.add_argument("--calibration", help="text file for calibrating passes (default ../shared/data/wikitext-2/valid.txt)")
+    c.add_argument("--calibration", help="text file for calibrating passes (default: $TCC_CALIBRATION_TEXT, else the "
+                   "English text shipped with tcc, tcc/data/calibration.txt: its second half)")
     c.add_argument("--calibration-samples", type=int, help="calibration windows of --seq-len tokens (default 8)")
     c.add_argument("--backend", choices=["tvm", "onnxruntime"],
                    help="tvm: native library for the target (default); onnxruntime: ONNX for ORT on this host")
@@ -295,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--structure", action="store_true", default=True, help="print the recovered structure (default)")
     an.add_argument("--seq-len", type=int, default=16)
     an.add_argument("-o", "--output", help="run analyze-redundancy on calibration text and write JSON + heatmap PNG here")
-    an.add_argument("--calibration", help="calibration text (default ../shared/data/wikitext-2/valid.txt)")
+    an.add_argument("--calibration", help="calibration text (default: $TCC_CALIBRATION_TEXT, else tcc/data/calibration.txt)")
     an.add_argument("--calibration-samples", type=int, default=8)
     an.add_argument("--task", choices=models.TASKS)
     an.add_argument("--json", action="store_true")
@@ -304,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("passes", help="list registered passes, their options and contracts")
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(func=cmd_passes)
+
+    tg = sub.add_parser("targets", help="list the compile targets (--target), one line each")
+    tg.add_argument("--json", action="store_true")
+    tg.set_defaults(func=cmd_targets)
     return p
 
 
@@ -313,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # a --recipe is parsed in front of these flags
     _quiet_libraries()
     from tcc.errors import TccError
-    from tcc.progress import console, set_quiet
+    from tcc.progress import console, set_quiet, show_library_output
     set_quiet(args.quiet or getattr(args, "json", False))
+    show_library_output(args.debug)  # else TVM's log and other libraries' output go to the artifact's build.log
     try:
         return args.func(args)
     except TccError as e:

@@ -24,7 +24,7 @@ from . import report as reports
 from .artifact import Staging, save_weights, weight_bytes, write_manifest
 from .errors import AccuracyBudgetError, UserError
 from .program import Program
-from .progress import info, status
+from .progress import info, library_output, status
 
 DEFAULT_CLEANUP = "dce"
 
@@ -100,7 +100,8 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
     pipe = Pipeline(list(Pipeline.parse(DEFAULT_CLEANUP)) + list(user))
     facts["pipeline"] = pipe.canonical()
     seen_events = len(caches.events())
-    with Staging(out) as stage:  # checks the output path now, before the slow work
+    # Staging checks the output path now, before the slow work; the libraries' own output goes to build.log
+    with Staging(out) as stage, library_output(stage.dir / "build.log"):
         t_start = time.perf_counter()
         if isinstance(model, Program):
             program = model.clone()
@@ -174,9 +175,9 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             "turned off (--no-latency)" if not latency else
             f"the {tgt.name} target does not run natively on this host (emulated time says nothing about it)")}
         if not tgt.runs_here:
-            run_m["verify"] = "not run: no GPU on this host"
-            final["accuracy_note"] = (f"the artifact was not run: compiled for {tgt.name} ({tgt.device}), no GPU on this "
-                                      "host; accuracy is the compressed Program's in PyTorch")
+            run_m["verify"] = f"not run: {tgt.why_not_run}"
+            final["accuracy_note"] = (f"the artifact was not run: compiled for {tgt.name} ({tgt.device}), "
+                                      f"{tgt.why_not_run}; accuracy is the compressed Program's in PyTorch")
             if verify and reference is not None and not final.get("accuracy"):  # what the passes changed
                 feeds = reference.example_inputs(seed=1)
                 final["accuracy"] = {"measured_with": "pytorch", "vs_source": _errors(program(feeds), reference(feeds))}

@@ -12,7 +12,7 @@ Accuracy drop (measured on the Program in PyTorch: the IR runs, no backend neede
   custom        relative output error ||y - y0|| / ||y0|| (every output, mean over feeds) on
                 `eval_samples` random example inputs (programs without a tokenizer)
 Passes calibrate on `calibration_samples` windows drawn from the second half of the calibration
-text (default wikitext-2 valid.txt), the accuracy is scored on its beginning: never the same text.
+text (default tcc/data/calibration.txt), the accuracy is scored on its beginning: never the same text.
 
 Search (greedy, cheap first, every trial recorded; "feasible" = drop <= max_drop * (1 - margin)):
   0. the uncompressed program (the reference; never chosen);
@@ -51,7 +51,7 @@ Budget: `budget_s` stops new trials (and timings) once spent; the choice, the he
 the compile run after it.
 
 Choice: the feasible candidate best by the objective is re-measured on held-out text
-(`held_out_text`, default wikitext-2 test.txt; for custom programs, other random inputs): on the
+(`held_out_text`, default tcc/data/held_out.txt; for custom programs, other random inputs): on the
 compiled artifact when the target runs on this host, else on the Program. If that drop exceeds
 `max_drop` (no margin) the next candidate is taken. No candidate left -> AccuracyBudgetError
 (exit 3) and no artifact is written. The chosen artifact goes to `out`, and its report.json /
@@ -498,7 +498,7 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
     trials run in this call, the reference (which always runs) included; finished ones read back
     from the log do not count."""
     from tcc.backends.tvm.targets import get_target
-    from .calibration import DEFAULT_VALID, default_text
+    from .calibration import HELD_OUT_TEXT, default_text
     from .program import Program
 
     if objective not in OBJECTIVES:
@@ -525,7 +525,7 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
         from .frontend import trace
         program = trace(model_or_program, task=task, seq_len=seq_len, batch=batch)
     text = Path(calibration_text) if calibration_text else default_text()
-    metric = Metric(program, text, held_out_text or DEFAULT_VALID.parent / "test.txt", eval_tokens, eval_samples)
+    metric = Metric(program, text, held_out_text or HELD_OUT_TEXT, eval_tokens, eval_samples)
     calibration = _calibration(program, text, calibration_samples)
     settings = {"model": program.fingerprint(), "target": tgt.name, "metric": metric.settings(),
                 "calibration": {"text": text.name, "samples": calibration_samples, "start": 0.5},

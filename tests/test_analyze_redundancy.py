@@ -15,7 +15,8 @@ from test_elimination import build, layers_of
 from transformers import AutoConfig, AutoModel
 
 from tcc import frontend, models
-from tcc.calibration import DEFAULT_VALID, CalibrationLoss, GraphRunner, calibration_loss, default_text, text_feeds
+from conftest import WIKITEXT
+from tcc.calibration import CalibrationLoss, GraphRunner, calibration_loss, default_text, text_feeds
 from tcc.errors import UserError
 from tcc.frontend import FeatureExtraction
 from tcc.pipeline import PassContext, Pipeline
@@ -209,8 +210,9 @@ def test_text_feeds_windows(minilm_shaped, tmp_path):
     assert set(body.tolist()) == {tokenizer_alpha}  # 3 of the first 12 windows: all in the first half
     second_half = text_feeds(minilm_shaped, text, n_samples=3, start=0.5)
     assert {int(t) for f in second_half for t in f["input_ids"][0, 1:-1]} == {omega}
-    again = text_feeds(minilm_shaped, DEFAULT_VALID, n_samples=2, seed=1)
-    other = text_feeds(minilm_shaped, DEFAULT_VALID, n_samples=2, seed=2)
+    valid = WIKITEXT / "valid.txt"  # the tests' $TCC_CALIBRATION_TEXT (conftest): its second half by default
+    again = text_feeds(minilm_shaped, valid, n_samples=2, seed=1, start=0.5)
+    other = text_feeds(minilm_shaped, valid, n_samples=2, seed=2, start=0.5)
     assert np.array_equal(again[0]["input_ids"], text_feeds(minilm_shaped, None, n_samples=2, seed=1)[0]["input_ids"])
     assert not np.array_equal(again[0]["input_ids"], other[0]["input_ids"])
 
@@ -227,15 +229,15 @@ def test_text_feeds_errors(minilm_shaped, tmp_path, monkeypatch):
         text_feeds(minilm_shaped, short, seq_len=32)
     monkeypatch.setenv("TCC_CALIBRATION_TEXT", str(short))
     assert default_text() == short
-    with pytest.raises(UserError, match="has 5 tokens"):
+    with pytest.raises(UserError, match=r"short.txt \(from 50% of the file on\) has \d tokens"):
         text_feeds(minilm_shaped, n_samples=1)
 
 
 def test_analysis_from_text_file(minilm_shaped, tmp_path):
     """No calibration feeds in the context: the pass reads `samples` windows of text."""
-    report, ctx = analysis(minilm_shaped.clone(), None, f"analyze-redundancy(samples=3,text_file={DEFAULT_VALID},loss=false)",
+    report, ctx = analysis(minilm_shaped.clone(), None, f"analyze-redundancy(samples=3,text_file={WIKITEXT / 'valid.txt'},loss=false)",
                            ctx=PassContext())
-    assert report["calibration"]["feeds"] == 3 and str(DEFAULT_VALID) in report["calibration"]["source"]
+    assert report["calibration"]["feeds"] == 3 and str(WIKITEXT / "valid.txt") in report["calibration"]["source"]
     assert all(-1 <= b["similarity"]["attention"] <= 1 for b in report["blocks"])
 
 

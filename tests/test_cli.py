@@ -166,8 +166,8 @@ def test_compile_json_prints_parseable_summary(work, tiny_bert_dir, tmp_path):
     assert summary["target"] == "x86" and summary["pipeline"] == "dce"
     assert summary["verify"]["last_hidden_state"]["max_abs_err"] <= 1e-4
     assert os.listdir(work) == ["art"]  # the staging directory was renamed, not copied
-    assert sorted(os.listdir(work / "art")) == ["manifest.json", "model.so", "report.html", "report.json", "report.md",
-                                                "weights.safetensors"]
+    assert sorted(os.listdir(work / "art")) == ["build.log", "manifest.json", "model.so", "report.html", "report.json",
+                                                "report.md", "weights.safetensors"]
     assert (tmp_path / "r.json").read_text() == (work / "art" / "report.json").read_text()  # --report: a copy
     assert json.loads((tmp_path / "r.json").read_text())["final"]["exit_status"] == 0
 

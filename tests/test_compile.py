@@ -191,8 +191,8 @@ def test_artifact_manifest_and_files(minilm_x86, minilm_dir):
         assert sha256(d / f) == digest
     assert "dce" in (d / "report.md").read_text()
     assert m["run"]["verify"]["last_hidden_state"]["max_abs_err"] <= FP32_ABS
-    assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "model.so", "report.html", "report.json",
-                                                   "report.md", "weights.safetensors"]
+    assert sorted(p.name for p in d.iterdir()) == ["build.log", "manifest.json", "model.so", "report.html",
+                                                   "report.json", "report.md", "weights.safetensors"]
 
 
 @pytest.mark.slow

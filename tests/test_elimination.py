@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from conftest import WIKITEXT
 from tcc import frontend
 from tcc.calibration import calibration_loss
 from tcc.errors import UserError
@@ -329,12 +330,9 @@ def test_smollm2_drop_attention_perplexity_on_test_text():
     """Bound from docs/BENCHMARKS.md's table: SmolLM2 without its 4 most redundant attention
     sub-blocks (ranked on the default calibration text) costs x1.166 perplexity on test.txt (4064
     tokens, stride 128). Here, on its first 1024 tokens (8 windows of 128): 37.11 -> 43.81 (x1.18)."""
-    from pathlib import Path
-
-    from tcc.calibration import DEFAULT_VALID
     from tcc.evaluate import perplexity
 
-    test = Path(DEFAULT_VALID).with_name("test.txt")
+    test = WIKITEXT / "test.txt"
     base = frontend.trace("smollm2", seq_len=128)
     before = perplexity(base, base.tokenizer_dir, test, 128, 1024, 128)["value"]
     pruned = Pipeline.parse("drop-attention(count=4)").run(base.clone(), PassContext(check_feeds=1))

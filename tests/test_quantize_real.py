@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import tcc
-from tcc.calibration import CalibrationLoss, DEFAULT_VALID, text_feeds
+from conftest import WIKITEXT
+from tcc.calibration import CalibrationLoss, text_feeds
 from tcc.evaluate import cosine
 from tcc.pipeline import PassContext, Pipeline
 
@@ -39,7 +40,7 @@ def test_minilm_w8a8_compiled(tmp_path):
     assert details["alpha_search"]["chosen"] in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     art = tcc.compile(q, "x86", out=tmp_path / "minilm-w8a8")
     try:
-        r = cosine(art, base, base.tokenizer_dir, DEFAULT_VALID, SEQ, 32)
+        r = cosine(art, base, base.tokenizer_dir, WIKITEXT / "valid.txt", SEQ, 32)
         assert r["value"] >= 0.995 and r["min"] >= 0.99, r
         assert art.manifest["sizes"]["weight_bytes"] / base.param_bytes() <= 0.27
     finally:

@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import WIKITEXT
 from test_cli import assert_error, assert_user_error, tcc_cli
 
 import tcc.search as search_mod
@@ -208,7 +209,6 @@ def test_cli_budget_not_met_exits_3(tmp_path, tiny_bert_dir):
 @pytest.mark.slow
 def test_minilm_search_meets_the_budget_on_held_out_text(tmp_path):
     import tcc
-    from tcc.calibration import DEFAULT_VALID
     from tcc.evaluate import cosine
     from tcc.report import read
 
@@ -219,7 +219,7 @@ def test_minilm_search_meets_the_budget_on_held_out_text(tmp_path):
     # held-out, measured again here: the artifact's embeddings vs the uncompressed model on test.txt
     source = tcc.trace("minilm", seq_len=16)
     with tcc.load(r.artifact) as art:
-        held = cosine(art, source, source.tokenizer_dir, DEFAULT_VALID.parent / "test.txt", 16, 16)
+        held = cosine(art, source, source.tokenizer_dir, WIKITEXT / "test.txt", 16, 16)
     assert 1 - held["value"] <= 0.01
     assert 1 - held["value"] == pytest.approx(r.chosen["held_out"]["drop"], abs=1e-4)
     assert "quantize" in r.chosen["pipeline"]  # int8 and W8A8 cost MiniLM < 0.3 %: something compresses

@@ -7,16 +7,15 @@ orderings must hold, with the bounds stated in each test (measured values in the
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from tcc import frontend
-from tcc.calibration import DEFAULT_VALID, text_feeds
+from conftest import WIKITEXT
+from tcc.calibration import text_feeds
 from tcc.evaluate import cosine, perplexity
 from tcc.pipeline import PassContext, Pipeline
 
-TEST = Path(DEFAULT_VALID).with_name("test.txt")
+TEST = WIKITEXT / "test.txt"
 
 
 @pytest.mark.slow

@@ -801,6 +801,32 @@ CONVERT_MAP = {
 }
 
 
+def safe_gathers(mod):
+    """Every R.take in `mod` in "clip" mode: the importer emits TVM's default "fast" mode (no bounds
+    check), in which an out-of-range index (a token id from outside, an embedding row past the
+    vocabulary) reads past the table and can crash the process; "clip" reads the nearest valid row.
+    tcc's runtime refuses out-of-range token ids before the call (TensorSpec.range); this guards the
+    library when it is called another way. The bounds check is one min/max per index."""
+    import tvm
+    from tvm import relax
+
+    take = tvm.ir.Op.get("relax.take")
+
+    @relax.expr_functor.mutator
+    class Clip(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            if call.op == take and call.attrs.mode == "fast":
+                return relax.op.take(call.args[0], call.args[1], call.attrs.axis, mode="clip")
+            return call
+
+    clip = Clip(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            clip.builder_.update_func(gv, clip.visit_expr(func))
+    return clip.builder_.get()
+
+
 def to_relax(program: Program, report: list | None = None, device: str = "cpu"):
     """Program -> (IRModule with `main(*inputs, *params)`, [(param name, numpy array)]); how sparse
     weights were lowered is appended to `report`. device "cuda" takes backends/tvm/cuda.py's
@@ -825,6 +851,7 @@ def to_relax(program: Program, report: list | None = None, device: str = "cpu"):
                             "try --backend onnxruntime, or a pipeline that removes them")
         raise
     mod, _ = detach_params(mod)
+    mod = safe_gathers(mod)
     # The Relax parameters after the user inputs are the lifted tensors, named by their
     # placeholder (spec.arg.name); store each under its module path (spec.target).
     tensors = {**ep.state_dict, **dict(ep.named_buffers()), **ep.constants}
