@@ -8,12 +8,17 @@ KV groups shrink their layer's cache, quantized projections stay quantized.
   match    the sequence length is input_ids' symbolic dim 1. Position indices are the aranges of
            that length (rotary angles, learned position embeddings, masks); attention cores are
            ModelInfo's SDPA nodes, their k and v walked back through repeat_kv (unsqueeze ->
-           expand -> reshape) to the [B, Hkv, L, D] tensors the projections and rotary made.
+           expand -> reshape) to the [B, Hkv, L, D] tensors the projections and rotary made, or
+           eager chains q @ k^T -> scale [-> c tanh(. / c)] [+ mask] -> softmax -> @ v (Gemma-2's
+           soft-capped scores). Which keys each core lets a query see is computed from its mask at
+           the full context length: plain causal, or causal within the last w keys (a sliding
+           window: Gemma-2/3's local layers); any other mask (biases, bidirectional) refuses.
   rewrite  new inputs: pos int64 [1] (the absolute position of the first token), last int64 [1]
            (the row whose logits are returned) and per attention layer k/v caches [B, Hkv, C, D].
            Every position arange becomes arange + pos; every core becomes tcc::sdpa_kv(q, k, v,
-           k_cache, v_cache, pos, scale), which writes rows pos..pos+L-1 of the caches and attends
-           causally over rows 0..pos+L-1 (the model's own mask becomes dead and is removed); the LM
+           k_cache, v_cache, pos, scale, window, softcap), which writes rows pos..pos+L-1 of the
+           caches and attends causally over rows 0..pos+L-1, the last `window` of them where the
+           layer slides (the model's own mask becomes dead and is removed); the LM
            head reads only row `last` of its input, so logits are [B, 1, V].
   verify   `check(original, gen)`: prefill of a prompt in two chunks + one decode step give the
            original program's logits at those positions (tests use it; the compiler runs it on the
@@ -39,7 +44,7 @@ import torch
 
 from .errors import UserError
 from .program import Program, TensorSpec
-from .structure import op_name
+from .structure import ancestors, op_name
 
 aten = torch.ops.aten
 DEFAULT_MAX_CONTEXT = 2048
@@ -103,18 +108,124 @@ def _unrepeat(x):
     return x
 
 
-def _core_args(n) -> tuple:
-    """(q, k, v, scale) of an attention core that must be plain causal attention."""
+@dataclasses.dataclass
+class Core:
+    """An attention core as tcc::sdpa_kv computes it: q [B, H, L, D], k/v [B, Hkv, L, D] (before any
+    repeat for grouped heads), the scale, the soft cap (0: none) and what decides which keys a query
+    sees: `mask` (a node: bool, True = seen, or additive float) and/or `causal`."""
+    q: torch.fx.Node
+    k: torch.fx.Node
+    v: torch.fx.Node
+    scale: float
+    softcap: float = 0.0
+    mask: torch.fx.Node | None = None
+    causal: bool = False
+    window: int = 0  # filled in by _windows
+
+
+def _sdpa_core(n) -> Core:
+    """An SDPA node (aten or tcc::sdpa)."""
     if op_name(n) == "tcc.sdpa":
-        q, k, v, _mask, scale, _causal = n.args
+        q, k, v, mask, scale, causal = n.args
     else:
         names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
         a = dict(zip(names, n.args))
         a.update(n.kwargs)
-        q, k, v, scale = a["query"], a["key"], a["value"], a.get("scale")
+        q, k, v, mask, scale, causal = (a["query"], a["key"], a["value"], a.get("attn_mask"), a.get("scale"),
+                                        a.get("is_causal", False))
     if scale is None:
         scale = float(q.meta["val"].shape[-1]) ** -0.5
-    return q, k, v, float(scale)
+    return Core(q, _unrepeat(k), _unrepeat(v), float(scale), mask=mask, causal=bool(causal))
+
+
+def _eager_core(att, by_name) -> Core | None:
+    """An eager chain softmax(c * tanh(a * (q @ k^T)) + mask) @ v (tanh and the mask optional): the
+    scalar factors before a tanh (a) and after it (c) give scale = a c and softcap = c. None when the
+    chain holds anything else."""
+    scores, pv = by_name[att.scores], by_name[att.core]
+    if op_name(scores) != "aten.matmul" or scores.args[0].meta["val"].dim() != 4:
+        return None
+    kt = scores.args[1]
+    dims = sorted(d % 4 for d in kt.args[1:3]) if op_name(kt) == "aten.transpose" else None
+    if dims != [2, 3]:
+        return None
+    x, before, after, tanh, mask = by_name[att.softmax].args[0], 1.0, 1.0, False, None
+    while x is not scores:
+        op, a = op_name(x), x.args
+        if op in ("aten.to", "aten._to_copy", "aten.clone", "aten.contiguous", "aten.alias"):
+            x = a[0]
+        elif op in ("aten.mul", "aten.div") and isinstance(a[0], torch.fx.Node) and isinstance(a[1], (int, float)):
+            f = a[1] if op == "aten.mul" else 1.0 / a[1]
+            before, after = (before * f, after) if tanh else (before, after * f)
+            x = a[0]
+        elif op == "aten.tanh" and not tanh:
+            tanh, x = True, a[0]
+        elif op == "aten.add" and mask is None and not tanh and len(a) == 2 and all(isinstance(t, torch.fx.Node) for t in a):
+            on_path = [scores in ancestors(t) for t in a]
+            if on_path.count(True) != 1:
+                return None
+            x, mask = (a[0], a[1]) if on_path[0] else (a[1], a[0])
+        else:
+            return None
+    scale = before * after
+    return Core(scores.args[0], _unrepeat(kt.args[0]), _unrepeat(pv.args[1]), scale,
+                softcap=after if tanh else 0.0, mask=mask)
+
+
+def _windows(gm, cores: list[Core], batch: int, context: int) -> str | None:
+    """Fill each core's sliding window from what its mask and causal flag let a query see at the
+    length `context`, the longest the cache holds: plain causal -> 0; causal within the last w keys
+    (w < context) -> w. The masks are computed from the graph alone (their nodes' ancestors, run on
+    input ids of that length: they must not depend on the ids' values). Returns why not, else None."""
+    masks = list(dict.fromkeys(c.mask for c in cores if c.mask is not None))
+    values = {}
+    if masks:
+        g = torch.fx.Graph()
+        env = {}
+        need = set().union(*(ancestors(m) for m in masks))
+        for n in gm.graph.nodes:
+            if n in need:
+                env[n] = g.node_copy(n, lambda a: env[a])
+        g.output(tuple(env[m] for m in masks))
+        sub = torch.fx.GraphModule(gm, g)
+        names = [n.target for n in g.nodes if n.op == "placeholder"]
+        if names != ["input_ids"]:
+            return f"the attention masks read {names}, not only input_ids"
+        runs = []
+        with torch.no_grad():
+            for fill in (0, 1):
+                try:
+                    runs.append(sub(torch.full((batch, context), fill, dtype=torch.int64)))
+                except Exception as e:
+                    return f"the attention masks cannot be computed at length {context}: {type(e).__name__}: {e}"
+        if not all(torch.equal(a, b) for a, b in zip(*runs)):
+            return "the attention masks depend on the token ids"
+        values = dict(zip(masks, runs[0]))
+    i = torch.arange(context)[:, None]
+    j = torch.arange(context)[None, :]
+    for c in cores:
+        seen = torch.ones(context, context, dtype=torch.bool)
+        if c.mask is not None:
+            m = values[c.mask]
+            m = m.reshape(-1, *m.shape[-2:]) if m.dim() >= 2 else m.reshape(1, 1, -1)
+            if m.shape[-2] not in (1, context) or m.shape[-1] not in (1, context):
+                return f"{c.mask.name} has shape {list(m.shape)} at length {context}, not [.., {context}, {context}]"
+            if m.dtype != torch.bool:
+                hidden = m <= torch.finfo(m.dtype).min / 2
+                if not bool(((m == 0) | hidden).all()):
+                    return f"{c.mask.name} adds biases to the attention scores (not only a mask)"
+                m = ~hidden
+            m = m.expand(m.shape[0], context, context)
+            if not bool((m == m[:1]).all()):
+                return f"{c.mask.name} differs between batch rows or heads"
+            seen = seen & m[0]
+        if c.causal:
+            seen = seen & (j <= i)
+        w = int(seen.sum(-1).max())
+        if not torch.equal(seen, (j <= i) & (i - j < w)):
+            return "an attention core is neither causal nor causal within a sliding window"
+        c.window = 0 if w >= context else w
+    return None
 
 
 # -- rewrite ----------------------------------------------------------------------------------------
@@ -136,6 +247,21 @@ def kv_cached(program: Program, max_context: int) -> Generation:
     gm = copy.deepcopy(program.gm)
     g = gm.graph
     by_name = nodes_by_name(gm)
+    cores = {}  # block index -> its attention core, matched before the graph changes
+    for i, block in enumerate(info.blocks):
+        att = block.attention
+        if att is None:
+            continue
+        core = by_name[att.core]
+        c = (_sdpa_core(core) if att.kind == "sdpa" and op_name(core) in ("aten.scaled_dot_product_attention", "tcc.sdpa")
+             else _eager_core(att, by_name) if att.kind == "eager" else None)
+        if c is None:
+            raise UserError(f"attention of block {i} ({att.core}) is neither an SDPA node nor a plain q @ k^T -> "
+                            "softmax -> @ v chain; tcc cannot give it a KV cache", "compile without generation (--no-generate)")
+        cores[i] = c
+    why = _windows(gm, list(cores.values()), int(spec.shape[0]), max_context)
+    if why:
+        raise UserError(f"generation cannot use a KV cache for this model: {why}", "compile without generation (--no-generate)")
     last_placeholder = [n for n in g.nodes if n.op == "placeholder"][-1]
 
     def placeholder(name, after):
@@ -156,14 +282,9 @@ def kv_cached(program: Program, max_context: int) -> Generation:
         att = block.attention
         if att is None:
             continue
-        core = by_name[att.core]
-        if att.kind != "sdpa" or op_name(core) not in ("aten.scaled_dot_product_attention", "tcc.sdpa"):
-            raise UserError(f"attention of block {i} ({att.core}) is not an SDPA node; tcc cannot give it a KV cache",
-                            "compile without generation (--no-generate)")
-        q, k, v, scale = _core_args(core)
-        k, v = _unrepeat(k), _unrepeat(v)
+        core, c = by_name[att.core], cores[i]
         kv = []
-        for part, t in (("k", k), ("v", v)):
+        for part, t in (("k", c.k), ("v", c.v)):
             _, heads, _, dim = t.meta["val"].shape
             shape = (batch, int(heads), max_context, int(dim))
             spec_c = TensorSpec(f"cache_{part}.{i}", "float32", shape)
@@ -173,7 +294,8 @@ def kv_cached(program: Program, max_context: int) -> Generation:
             caches.append(spec_c)
         layers.append(i)
         with g.inserting_before(core):
-            new = g.call_function(torch.ops.tcc.sdpa_kv.default, (q, k, v, kv[0], kv[1], pos, scale))
+            new = g.call_function(torch.ops.tcc.sdpa_kv.default,
+                                  (c.q, c.k, c.v, kv[0], kv[1], pos, c.scale, c.window, c.softcap))
         core.replace_all_uses_with(new)
         g.erase_node(core)
 

@@ -126,12 +126,39 @@ def load_config(path: Path):
     ggufs = [path] if path.is_file() and path.suffix == ".gguf" else (
         sorted(path.glob("*.gguf")) if path.is_dir() and not (path / "config.json").exists() else [])
     try:
-        if ggufs:
-            return AutoConfig.from_pretrained(ggufs[0].parent, gguf_file=ggufs[0].name)
-        return AutoConfig.from_pretrained(path)
+        config = (AutoConfig.from_pretrained(ggufs[0].parent, gguf_file=ggufs[0].name) if ggufs
+                  else AutoConfig.from_pretrained(path))
     except Exception as e:
         raise UserError(f"cannot read the model config in {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
                         "give a Hugging Face folder with config.json, or a .gguf file")
+    check_supported(config)
+    return config
+
+
+MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+LAYER_TYPE_KEYS = ("layer_types", "layers_block_type", "block_types")  # per-layer kinds in a config
+ATTENTION_LAYERS = {"attention", "full_attention", "sliding_attention"}
+
+
+def check_supported(config) -> None:
+    """Refuse, at load and before any tracing, the models tcc cannot compile: encoder-decoders (T5,
+    BART, Whisper) and mixture-of-experts routing (Mixtral, Qwen2-MoE, DeepSeek...)."""
+    kind = getattr(config, "model_type", None) or type(config).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserError(f"model type '{kind}' is an encoder-decoder model, which tcc does not support: it compiles "
+                        "decoder-only causal LMs and encoders", "give a decoder-only causal LM or an encoder model")
+    for cfg in [config] + [v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")]:
+        experts = {k: getattr(cfg, k) for k in MOE_KEYS if isinstance(getattr(cfg, k, None), int) and getattr(cfg, k) > 1}
+        if experts:
+            k, n = next(iter(experts.items()))
+            raise UserError(f"model type '{kind}' is a mixture-of-experts model ({k}={n}): tcc does not support "
+                            "expert routing yet", "give a dense model (one MLP per layer)")
+    layer_kinds = {str(t) for key in LAYER_TYPE_KEYS for t in (getattr(config, key, None) or [])}
+    if layer_kinds - ATTENTION_LAYERS or (infer_task(config) == "causal-lm" and getattr(config, "num_attention_heads", None) is None):
+        what = ", ".join(sorted(layer_kinds - ATTENTION_LAYERS)) or "no attention heads"
+        raise UserError(f"model type '{kind}' has layers tcc does not support ({what}): it compiles softmax-attention "
+                        "transformers, not state-space, recurrent or linear-attention layers",
+                        "give a transformer model (attention and MLP layers)")
 
 
 def is_image_model(config) -> bool:
@@ -180,6 +207,7 @@ def load_hf(path: Path, task: str | None = None):
         raise UserError(f"{path} holds a two-tower model ({config.model_type}: a text and a vision tower); tcc compiles "
                         "one tower at a time", "save the tower you want to its own folder, e.g. "
                         "CLIPTextModel.from_pretrained(path).save_pretrained(out) or CLIPVisionModel (likewise)")
+    check_supported(config)
     task = task or infer_task(config)
     if task not in TASKS:
         raise UserError(f"unknown task '{task}'", f"choose one of: {', '.join(TASKS)}")
@@ -187,8 +215,15 @@ def load_hf(path: Path, task: str | None = None):
         raise UserError(f"task '{task}' does not fit {path}, a {'vision' if is_image_model(config) else 'text'} "
                         f"model ({config.model_type})", f"leave --task out: this folder's task is {infer_task(config)}")
     cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
+    if type(config) not in cls._model_mapping:
+        import transformers
+        raise UserError(f"model type '{config.model_type}' has no {task} model class in transformers "
+                        f"{transformers.__version__}; tcc does not support it", f"tasks: {', '.join(TASKS)}")
+    # SDPA (one attention core tcc maps to its kernel) where the class has it; else the class's own
+    # attention (Gemma-2: eager, which keeps its soft-capped scores)
+    impl = "sdpa" if getattr(cls._model_mapping[type(config)], "_supports_sdpa", False) else "eager"
     try:
-        model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa", use_safetensors=True)
+        model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation=impl, use_safetensors=True)
     except Exception as e:
         raise UserError(f"cannot load the model in {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
                         "check that the safetensors files are complete and match config.json")

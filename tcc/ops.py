@@ -42,6 +42,10 @@ Ops:
                                       [B, H, L, D] (absolute position pos + i) attends to cache rows
                                       0..pos+i: tcc::sdpa(q, k_cache[:, :, :pos+L], ..., causal=True).
                                       Mutates the caches (declared), returns [B, H, L, Dv].
+  tcc::sdpa_kv(..., scale, window, softcap)
+                                      window > 0 (sliding-window layers): query position t sees only
+                                      rows t-window+1..t; softcap > 0 (Gemma-2): the scaled scores s
+                                      become softcap * tanh(s / softcap) before the mask and softmax.
 """
 from __future__ import annotations
 
@@ -176,15 +180,26 @@ def _(q, k, v, mask, scale, causal):
 
 @torch.library.custom_op("tcc::sdpa_kv", mutates_args=("k_cache", "v_cache"))
 def sdpa_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            pos: torch.Tensor, scale: float) -> torch.Tensor:
+            pos: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     p, length = int(pos.reshape(-1)[0]), k.shape[2]
     if not 0 <= p <= k_cache.shape[2] - length:
         raise ValueError(f"tcc::sdpa_kv: positions {p}..{p + length - 1} do not fit a cache of {k_cache.shape[2]}")
     k_cache[:, :, p:p + length] = k
     v_cache[:, :, p:p + length] = v
-    return sdpa(q, k_cache[:, :, :p + length], v_cache[:, :, :p + length], None, scale, True)
+    k, v = k_cache[:, :, :p + length], v_cache[:, :, :p + length]
+    h, hkv = q.shape[1], k.shape[1]
+    if hkv != h:
+        k = k.repeat_interleave(h // hkv, dim=1)
+        v = v.repeat_interleave(h // hkv, dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    i = torch.arange(length)[:, None] + p  # absolute positions of the queries
+    j = torch.arange(p + length)[None, :]
+    keep = (j <= i) & ((i - j < window) if window else True)
+    return torch.matmul(torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1), v)
 
 
 @sdpa_kv.register_fake
-def _(q, k, v, k_cache, v_cache, pos, scale):
+def _(q, k, v, k_cache, v_cache, pos, scale, window=0, softcap=0.0):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))

@@ -52,15 +52,16 @@ def dense_case(lead, k, n, bias):
     return ("tcc_dense_f32" if bias else "tcc_dense_nobias_f32", [x, w, b] if bias else [x, w], [], ref)
 
 
-def sdpa_kv_case(b, h, hkv, length, ctx, d, pos):
+def sdpa_kv_case(b, h, hkv, length, ctx, d, pos, window=0, softcap=0.0):
     """New k/v rows written at pos into caches whose earlier rows hold values (and later ones junk that
-    must not be read), then causal attention over rows 0..pos+length-1."""
+    must not be read), then causal attention over rows 0..pos+length-1 (the last `window` of them for
+    each query when window > 0; soft-capped scores when softcap > 0)."""
     q, k, v = f32(b, h, length, d), f32(b, hkv, length, d), f32(b, hkv, length, d)
     kc, vc = f32(b, hkv, ctx, d), f32(b, hkv, ctx, d)
     kc[:, :, pos + length:] *= 1000  # junk past the new rows: reading it would show
     vc[:, :, pos + length:] *= 1000
-    ref = ops.sdpa_kv(t(q), t(k), t(v), t(kc.copy()), t(vc.copy()), torch.tensor([pos]), 0.35).numpy()
-    return "tcc_sdpa_kv_f32", [q, k, v, kc, vc, np.array([pos], np.int64)], [0.35], ref
+    ref = ops.sdpa_kv(t(q), t(k), t(v), t(kc.copy()), t(vc.copy()), torch.tensor([pos]), 0.35, window, softcap).numpy()
+    return "tcc_sdpa_kv_f32", [q, k, v, kc, vc, np.array([pos], np.int64)], [0.35, window, softcap], ref
 
 
 def dense_w8_case(lead, k, n, bias):
@@ -105,6 +106,9 @@ CASES = {
     "sdpa_kv_prefill": sdpa_kv_case(1, 6, 2, 3, 16, 8, pos=5),     # 3 new rows after 5 cached ones
     "sdpa_kv_decode_last_row": sdpa_kv_case(2, 4, 4, 1, 16, 8, pos=15),
     "sdpa_kv_chunk_67": sdpa_kv_case(1, 2, 1, 67, 80, 8, pos=9),   # crosses the 64-row query block
+    "sdpa_kv_window": sdpa_kv_case(1, 4, 2, 6, 24, 8, pos=7, window=4),  # sliding window inside a chunk
+    "sdpa_kv_window_decode": sdpa_kv_case(1, 4, 2, 1, 24, 8, pos=20, window=5),
+    "sdpa_kv_softcap": sdpa_kv_case(1, 4, 2, 5, 16, 8, pos=3, softcap=0.5),  # scores far beyond the cap
 }
 
 # Mismatched arguments the kernels must reject: name -> (kernel, inputs, scalars, out shape, message)
@@ -122,7 +126,7 @@ BAD = {
     "bad_sdpa_mask": ("tcc_sdpa_f32", [f32(2, 6, 5, 8), f32(2, 2, 9, 8), f32(2, 2, 9, 8), f32(2, 3, 5, 9)],
                       [0.5, True], (2, 6, 5, 8), r"argument 'mask' has shape \[2, 3, 5, 9\], which does not broadcast"),
     "bad_sdpa_kv_full": ("tcc_sdpa_kv_f32", [f32(1, 2, 3, 8), f32(1, 1, 3, 8), f32(1, 1, 3, 8), f32(1, 1, 8, 8),
-                                             f32(1, 1, 8, 8), np.array([6], np.int64)], [0.5], (1, 2, 3, 8),
+                                             f32(1, 1, 8, 8), np.array([6], np.int64)], [0.5, 0, 0.0], (1, 2, 3, 8),
                          r"positions 6\.\.8 do not fit the KV cache of 8 positions"),
     "bad_sdpa_rank": ("tcc_sdpa_nomask_f32", [f32(6, 5, 8), f32(1, 2, 9, 8), f32(1, 2, 9, 8)],
                       [0.5, False], (1, 6, 5, 8), r"argument 'q' must have rank 4, got shape \[6, 5, 8\]"),

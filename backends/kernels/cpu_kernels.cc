@@ -13,9 +13,11 @@
 //                out[B,H,Sq,Dv])
 //   tcc_sdpa_nomask_f32(q, k, v, double scale, bool causal, out)
 //   tcc_sdpa_kv_f32(q[B,H,L,D], k[B,Hkv,L,D], v[B,Hkv,L,Dv], k_cache[B,Hkv,C,D], v_cache[B,Hkv,C,Dv],
-//                   pos int64[1], double scale, out[B,H,L,Dv])
+//                   pos int64[1], double scale, int64 window, double softcap, out[B,H,L,Dv])
 //       writes k/v into the caches at rows pos..pos+L-1 (in place: the caches are inputs the runtime
-//       keeps between calls), then causal attention of the L queries over cache rows 0..pos+L-1
+//       keeps between calls), then causal attention of the L queries over cache rows 0..pos+L-1;
+//       window > 0: query row t sees only rows t-window+1..t (sliding-window layers); softcap > 0:
+//       scaled scores s become softcap * tanh(s / softcap) (Gemma-2), before the mask
 //
 // sdpa: query head h reads KV head h / (H / Hkv); `mask` is an additive float mask of rank <= 4,
 // right-aligned against [B, H, Sq, Sk], each dim 1 (broadcast) or full; `causal` lets query i see
@@ -31,6 +33,8 @@
 // rows). The pool's size is TVM's: TVM_NUM_THREADS, else half the logical CPUs on x86 (TVM assumes
 // hyper-threading), all of them elsewhere.
 #include "common.h"
+
+#include <cmath>
 
 namespace {
 
@@ -217,6 +221,8 @@ struct Sdpa {
   int64_t mask_stride[4];   // element strides over [B, H, Sq, Sk], 0 where broadcast
   float scale;
   bool causal;
+  int64_t window;           // causal only: row i sees keys j > i + shift - window too (0: all)
+  float softcap;            // 0: none; else scores s -> softcap * tanh(s / softcap)
   float* out;
 };
 
@@ -241,6 +247,9 @@ void sdpa_block(const Sdpa& s, int64_t b, int64_t h, int64_t i0, int64_t i1) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
     float* row = scores + r * cols;
+    if (s.softcap > 0.0f) {
+      for (int64_t j = 0; j < cols; ++j) row[j] = s.softcap * std::tanh(row[j] / s.softcap);
+    }
     if (s.mask) {
       const float* m = s.mask + b * s.mask_stride[0] + h * s.mask_stride[1] + i * s.mask_stride[2];
       const int64_t mj = s.mask_stride[3];
@@ -252,6 +261,10 @@ void sdpa_block(const Sdpa& s, int64_t b, int64_t h, int64_t i0, int64_t i1) {
     }
     if (s.causal) {
       for (int64_t j = std::max<int64_t>(0, i + shift + 1); j < cols; ++j) row[j] = -std::numeric_limits<float>::infinity();
+      if (s.window > 0) {
+        const int64_t first = std::clamp<int64_t>(i + shift - s.window + 1, 0, cols);
+        std::fill(row, row + first, -std::numeric_limits<float>::infinity());
+      }
     }
     softmax_row(row, cols);
   }
@@ -337,7 +350,8 @@ void run_sdpa(const Sdpa& s, int64_t out_numel) {
 // the L queries over cache rows 0..pos+L-1 (tcc::sdpa_kv). The caches are the Relax function's
 // inputs, held by the runtime between calls; this kernel is their only writer.
 void sdpa_kv(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& k_cache,
-             const TensorView& v_cache, const TensorView& pos, double scale, const TensorView& out) {
+             const TensorView& v_cache, const TensorView& pos, double scale, int64_t window, double softcap,
+             const TensorView& out) {
   const char* kernel = "tcc_sdpa_kv_f32";
   Sdpa s{};
   s.q = f32_in(q, kernel, "q", 4, 4);
@@ -377,6 +391,8 @@ void sdpa_kv(const TensorView& q, const TensorView& k, const TensorView& v, cons
   for (int64_t n : {s.sq, s.sk, s.d, s.dv}) check_blas_int(n, kernel, "a dim of q or the cache");
   s.scale = static_cast<float>(scale);
   s.causal = true;
+  s.window = window;
+  s.softcap = static_cast<float>(softcap);
   run_sdpa(s, out.numel());
 }
 
@@ -410,8 +426,8 @@ void sdpa_nomask_f32(TensorView q, TensorView k, TensorView v, double scale, boo
 }
 
 void sdpa_kv_f32(TensorView q, TensorView k, TensorView v, TensorView k_cache, TensorView v_cache, TensorView pos,
-                 double scale, TensorView out) {
-  sdpa_kv(q, k, v, k_cache, v_cache, pos, scale, out);
+                 double scale, int64_t window, double softcap, TensorView out) {
+  sdpa_kv(q, k, v, k_cache, v_cache, pos, scale, window, softcap, out);
 }
 
 }  // namespace

@@ -234,16 +234,16 @@ def _pack_quantized(gm: torch.fx.GraphModule, sparse: dict | None = None, report
 
 @torch.library.custom_op("tcc_tvm::sdpa_kv", mutates_args=())
 def sdpa_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            pos: torch.Tensor, scale: float) -> torch.Tensor:
+            pos: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """tcc::sdpa_kv as the TVM import sees it: a call with one result. The kernel (tcc_sdpa_kv_f32)
     also writes the caches, which are function inputs the runtime keeps between calls and nothing else
     in the function reads; declaring that mutation would make torch.export functionalize it into
     copies of the whole cache per call."""
-    return ops.sdpa_kv(q, k, v, k_cache, v_cache, pos, scale)
+    return ops.sdpa_kv(q, k, v, k_cache, v_cache, pos, scale, window, softcap)
 
 
 @sdpa_kv.register_fake
-def _(q, k, v, k_cache, v_cache, pos, scale):
+def _(q, k, v, k_cache, v_cache, pos, scale, window=0, softcap=0.0):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -722,8 +722,12 @@ def _convert_sdpa(node, importer):
 def _convert_sdpa_kv(node, importer):
     import tvm
     from tvm import relax
-    *tensors, scale = node.args
-    args = [_arg(importer, t) for t in tensors] + [relax.prim_value(tvm.tirx.FloatImm("float64", float(scale)))]
+    names = ["q", "k", "v", "k_cache", "v_cache", "pos", "scale", "window", "softcap"]
+    a = {"window": 0, "softcap": 0.0, **dict(zip(names, node.args)), **node.kwargs}
+    args = [_arg(importer, a[t]) for t in names[:6]] + [
+        relax.prim_value(tvm.tirx.FloatImm("float64", float(a["scale"]))),
+        relax.prim_value(tvm.tirx.IntImm("int64", int(a["window"]))),
+        relax.prim_value(tvm.tirx.FloatImm("float64", float(a["softcap"])))]
     return importer.block_builder.emit(relax.call_dps_packed("tcc_sdpa_kv_f32", relax.Tuple(args), _out_sinfo(node, importer)))
 
 

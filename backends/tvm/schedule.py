@@ -47,6 +47,8 @@ class Injective(CPUScheduleRule):
             if not loops:
                 continue
             static = [isinstance(sch.get(l).extent, tirx.IntImm) for l in loops]
+            if any(s and int(sch.get(l).extent) == 0 for s, l in zip(static, loops)):
+                continue  # an empty tensor (Phi-3's rotary pass-through part at full rotary): no work
             if all(static):
                 self._static(sch, sch.fuse(*loops), lanes)
             else:
