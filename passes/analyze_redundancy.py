@@ -23,7 +23,8 @@ measures, for every block:
                  projection is zeroed.
 
 Results go to ctx.report["analyze-redundancy"] (read by the drop passes), a summary to the pass
-record, and, when `out=DIR` is given or ctx.annotations["artifacts_dir"] is set, to
+record, and, when `out=DIR` is given (missing, empty or an earlier analysis, unless ctx.force: tcc.paths;
+checked before the analysis runs) or ctx.annotations["artifacts_dir"] is set, to
 DIR/redundancy.json (the report, without "seconds") and DIR/redundancy.png (heatmaps: similarity and loss increase per
 block and part; head importance per layer and head). Report layout:
 
@@ -52,6 +53,7 @@ import torch
 from tcc.calibration import CalibrationLoss, GraphRunner
 from tcc.elimination import ANALYSIS, PARTS, block_weights, calibration_feeds, sites
 from tcc.errors import UserError
+from tcc.paths import check_dir, read_small_json
 from tcc.pipeline import Option, Pass, PassContext, register
 from tcc.program import Program, attribute as _attr
 from tcc.progress import track
@@ -78,7 +80,12 @@ class AnalyzeRedundancy(Pass):
                                validator=lambda v: None if v >= 0 else "must be >= 0"),
     }
 
+    def check_outputs(self, force: bool = False) -> None:
+        if self.out:
+            check_dir(self.out, "analysis directory", is_analysis, force)
+
     def run(self, program: Program, ctx: PassContext) -> Program:
+        self.check_outputs(ctx.force)  # before the analysis, not after it
         feeds, source = calibration_feeds(program, ctx, n_samples=self.samples, text=self.text_file or None)
         report = analyze(program, feeds, heads=self.heads, loss=self.loss, head_loss=self.head_loss,
                          loss_samples=self.loss_samples, source=source)
@@ -251,6 +258,12 @@ def summary(report: dict) -> dict:
     if "files" in report:
         out["files"] = report["files"]
     return out
+
+
+def is_analysis(directory: Path) -> bool:
+    """Whether `directory` holds an analysis write() made (its redundancy.json has this report's keys)."""
+    r = read_small_json(Path(directory) / "redundancy.json")
+    return r is not None and {"method", "blocks", "ranking", "calibration"} <= set(r)
 
 
 def write(report: dict, directory) -> dict:

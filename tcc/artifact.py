@@ -14,7 +14,9 @@ A directory:
   build.log           what the libraries tcc called (TVM, PyTorch, transformers) printed while
                       compiling, kept off the terminal (tcc --debug shows it there); not hashed
 It is written to a temporary sibling directory and renamed into place, so a failed compile leaves
-no half-written artifact; an existing artifact at the path is replaced only on success.
+no half-written artifact; an existing artifact at the path is replaced only on success. Anything
+else at the path (a file, a directory that is not empty and not a tcc artifact) is refused unless
+`force` (tcc.paths): tcc never deletes what it did not write.
 """
 from __future__ import annotations
 
@@ -28,21 +30,30 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .paths import check_dir, read_small_json
 
 FORMAT = "tcc-artifact/1"
 UNHASHED = ("manifest.json", "report.json", "report.html", "build.log")
+WHAT = "output directory (-o)"
 
 
 from .models import file_sha256 as sha256
 
 
-class Staging:
-    """A temporary directory beside `out` that becomes `out` on commit()."""
+def is_artifact(dir: Path) -> bool:
+    """Whether `dir` holds a tcc artifact (its manifest.json has tcc's format, any version)."""
+    m = read_small_json(Path(dir) / "manifest.json")
+    return m is not None and str(m.get("format", "")).startswith(FORMAT.split("/")[0] + "/")
 
-    def __init__(self, out: Path):
-        self.out = Path(out).resolve()
-        if self.out.exists() and not self.out.is_dir():
-            raise UserError(f"output path {self.out} exists and is not a directory", "choose another -o path")
+
+class Staging:
+    """A temporary directory beside `out` that becomes `out` on commit(). `out` may only be missing,
+    an empty directory or a tcc artifact unless `force` (tcc.paths); checked now and again on commit."""
+
+    def __init__(self, out: Path, force: bool = False):
+        self.force = force
+        out = Path(os.path.abspath(out))
+        self.out = check_dir(out.parent.resolve() / out.name, WHAT, is_artifact, force)  # a link is replaced, not followed
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
 
@@ -50,13 +61,17 @@ class Staging:
         os.chmod(self.dir, 0o755)  # mkdtemp (and safetensors) make files private; an artifact is ordinary
         for f in self.dir.rglob("*"):
             os.chmod(f, 0o755 if f.is_dir() or f.suffix == ".so" else 0o644)
+        check_dir(self.out, WHAT, is_artifact, self.force)  # nothing new appeared there meanwhile
         old = None
-        if self.out.exists():
+        if os.path.lexists(self.out):
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
             os.replace(self.out, old)
         os.replace(self.dir, self.out)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # a file or link the user let --force replace
+                old.unlink(missing_ok=True)
         return self.out
 
     def abort(self) -> None:
@@ -73,8 +88,7 @@ class Staging:
 
 def save_weights(path: Path, params: list[tuple[str, np.ndarray]]) -> None:
     from safetensors.numpy import save_file
-    # ascontiguousarray makes a 0-d array (a scalar buffer: Gemma's embed_scale) 1-d; keep its shape
-    save_file({name: np.ascontiguousarray(a).reshape(a.shape) for name, a in params}, str(path))
+    save_file({name: np.ascontiguousarray(a) for name, a in params}, str(path))
 
 
 def write_manifest(dir: Path, manifest: dict, run: dict) -> dict:

@@ -1,18 +1,21 @@
 """The `tcc` command.
 
-  tcc compile MODEL --target {x86,arm64,...} [-o DIR] [--seq-len N] [--pipeline TEXT] [--report PATH]
+  tcc compile MODEL --target {x86,arm64,...} [-o DIR] [--seq-len N] [--pipeline TEXT] [--report PATH] [--force]
   tcc compile --recipe FILE.toml [MODEL] [flags: given explicitly, they win over the recipe]
   tcc compile MODEL --max-accuracy-drop 1% [--objective latency|size] [--budget 20m] [--search-dir DIR]
-  tcc run ARTIFACT --inputs in.npz -o out.npz
+  tcc run ARTIFACT --inputs in.npz -o out.npz [--force]
   tcc eval ARTIFACT --text FILE [--max-tokens N] [--json]
   tcc generate ARTIFACT --prompt TEXT [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S] [--json]
   tcc bench ARTIFACT [--repeats N] [--json]
-  tcc analyze MODEL --structure
+  tcc analyze MODEL --structure | -o DIR [--force]
   tcc passes [--json]
   tcc targets [--json]
 
 Exit codes: 0 ok, 1 internal error, 2 user error (bad path, model, option, input), 3 accuracy
 budget not met, 130 interrupted. User errors print one line (and a hint), no traceback unless --debug.
+Output paths (-o, --report, --search-dir) may hold only what tcc wrote there before (an artifact, a
+report, a search directory, an .npz from `tcc run`, an analysis); anything else exits 2 unless
+--force (tcc.paths).
 """
 from __future__ import annotations
 
@@ -85,7 +88,7 @@ def cmd_compile(a) -> int:
                       calibration_text=a.calibration, calibration_samples=a.calibration_samples,
                       max_drift=a.max_drift, latency=not a.no_latency, cache=not a.no_cache, report=a.report,
                       max_seq_len=a.max_seq_len, generate=False if a.no_generate else None,
-                      max_context=a.max_context)
+                      max_context=a.max_context, force=a.force)
     m = art.manifest
     art.close()
     summary = {"artifact": str(Path(out).resolve()), "target": m["target"]["name"], "pipeline": m["pipeline"],
@@ -110,7 +113,9 @@ def cmd_run(a) -> int:
     import numpy as np
 
     from tcc.errors import UserError
+    from tcc.paths import check_file, is_tcc_npz, save_npz
     from tcc.runtime import load
+    check_file(a.output, "outputs file (-o)", is_tcc_npz, a.force)
     if not Path(a.inputs).exists():
         raise UserError(f"inputs file '{a.inputs}' not found", "give an .npz with one array per input name")
     try:
@@ -120,9 +125,8 @@ def cmd_run(a) -> int:
         raise UserError(f"cannot read '{a.inputs}' as .npz: {e}", "save inputs with numpy.savez")
     with load(a.artifact) as art:
         outs = art(feeds)
-    tmp = Path(a.output).with_name(Path(a.output).name + ".tmp.npz")
-    np.savez(tmp, **outs)
-    os.replace(tmp, a.output)
+    check_file(a.output, "outputs file (-o)", is_tcc_npz, a.force)  # nothing new appeared there meanwhile
+    save_npz(a.output, outs)
     for k, v in outs.items():
         print(f"{k}: {v.dtype} {list(v.shape)}")
     return 0
@@ -173,13 +177,17 @@ def cmd_bench(a) -> int:
 
 def cmd_analyze(a) -> int:
     import tcc
+    from tcc.pipeline import Pipeline
+    analysis = Pipeline.parse(f"analyze-redundancy(out={a.output})") if a.output else None
+    if analysis is not None:
+        analysis.check_outputs(a.force)  # before tracing
     program = tcc.trace(a.model, task=a.task, seq_len=a.seq_len)
-    if a.output:
+    if analysis is not None:
         from tcc.calibration import text_feeds
-        from tcc.pipeline import PassContext, Pipeline
-        Path(a.output).mkdir(parents=True, exist_ok=True)
-        ctx = PassContext(calibration=text_feeds(program, a.calibration, n_samples=a.calibration_samples), verbose=True)
-        Pipeline.parse(f"analyze-redundancy(out={a.output})").run(program, ctx)
+        from tcc.pipeline import PassContext
+        ctx = PassContext(calibration=text_feeds(program, a.calibration, n_samples=a.calibration_samples), verbose=True,
+                          force=a.force)
+        analysis.run(program, ctx)
         print(f"redundancy analysis written to {a.output}")
         return 0
     if a.json:
@@ -264,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-latency", action="store_true", help="skip the short latency measurement in report.json")
     c.add_argument("--no-cache", action="store_true", help="neither read nor write tcc's caches ($TCC_CACHE)")
     c.add_argument("--report", help="copy report.json here (written on failure too, with the exit status)")
+    c.add_argument("--force", action="store_true",
+                   help="replace what is at -o, --report or --search-dir even when tcc did not write it")
     c.add_argument("--json", action="store_true")
     c.add_argument("--max-accuracy-drop", metavar="DROP",
                    help="search for the pipeline: most compressed within this accuracy drop (1%% or 0.01)")
@@ -277,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("artifact")
     r.add_argument("--inputs", "-i", required=True)
     r.add_argument("-o", "--output", required=True)
+    r.add_argument("--force", action="store_true", help="replace -o even when it is not an .npz tcc run wrote")
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("eval", help="accuracy: perplexity (causal LM) or embedding cosine vs the source (encoder)")
@@ -311,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--structure", action="store_true", default=True, help="print the recovered structure (default)")
     an.add_argument("--seq-len", type=int, default=16)
     an.add_argument("-o", "--output", help="run analyze-redundancy on calibration text and write JSON + heatmap PNG here")
+    an.add_argument("--force", action="store_true", help="write -o even when it holds something tcc did not write")
     an.add_argument("--calibration", help="calibration text (default: $TCC_CALIBRATION_TEXT, else tcc/data/calibration.txt)")
     an.add_argument("--calibration-samples", type=int, default=8)
     an.add_argument("--task", choices=models.TASKS)

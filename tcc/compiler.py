@@ -21,8 +21,9 @@ import numpy as np
 from . import __version__
 from . import cache as caches
 from . import report as reports
-from .artifact import Staging, save_weights, weight_bytes, write_manifest
+from .artifact import WHAT, Staging, is_artifact, save_weights, weight_bytes, write_manifest
 from .errors import AccuracyBudgetError, UserError
+from .paths import check_dir
 from .program import Program
 from .progress import info, library_output, status
 
@@ -36,7 +37,8 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
             batch: int = 1, task: str | None = None, verify: bool = True, calibration=None,
             backend: str = "tvm", calibration_text: str | None = None, calibration_samples: int = 8,
             max_drift: float | None = None, latency: bool = True, cache: bool = True, report: str | Path | None = None,
-            max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None):
+            max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None,
+            force: bool = False):
     """Compile `model` (path, alias, nn.Module with example inputs via `trace` first, or a Program)
     for `target` into the artifact directory `out`. Returns the loaded artifact (tcc.runtime.Loaded).
 
@@ -46,7 +48,10 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
     `max_seq_len`: trace with a dynamic sequence length 1..max_seq_len (tcc.trace; x86 targets).
     `generate`: give a causal LM's artifact `prefill` and `decode` entry points over a KV cache of
     `max_context` positions (tcc.generation; default on for causal LMs on CPU targets with the tvm
-    backend, the context min(model maximum, 2048)); False leaves them out."""
+    backend, the context min(model maximum, 2048)); False leaves them out. `out` and `report` may
+    hold only what tcc wrote there before (an artifact, a report) unless `force` (tcc.paths)."""
+    if report is not None:
+        report = reports.check_path(report, force)
     facts: dict = {"backend": backend, "pipeline": pipeline}
     records: list[dict] = []
     final: dict = {}
@@ -58,7 +63,7 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
                             batch=batch, task=task, verify=verify, calibration=calibration, backend=backend,
                             calibration_text=calibration_text, calibration_samples=calibration_samples,
                             max_drift=max_drift, latency=latency, max_seq_len=max_seq_len, generate=generate,
-                            max_context=max_context)
+                            max_context=max_context, force=force)
     except BaseException as e:
         if report is not None:
             final.update(exit_status=reports.exit_status(e), error=reports.error_json(e))
@@ -74,9 +79,11 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
 def _compile(model, target: str, out: Path, facts: dict, records: list, final: dict, run: dict, *, pipeline: str,
              seq_len: int, batch: int, task: str | None, verify: bool, calibration, backend: str,
              calibration_text: str | None, calibration_samples: int, max_drift: float | None, latency: bool,
-             max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None) -> Path:
+             max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None,
+             force: bool = False) -> Path:
     """compile()'s work; fills `facts` (what the manifest says), `records`, `final` and `run` (the
     report's sections) as it goes, so a failure can still be reported."""
+    check_dir(out, WHAT, is_artifact, force)  # first of all (Staging checks it again)
     from tcc.backends.tvm.targets import get_target
     from .pipeline import Pipeline, PassContext
 
@@ -100,8 +107,9 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
     pipe = Pipeline(list(Pipeline.parse(DEFAULT_CLEANUP)) + list(user))
     facts["pipeline"] = pipe.canonical()
     seen_events = len(caches.events())
+    user.check_outputs(force)  # a pass's own output paths (analyze-redundancy out=), before the slow work
     # Staging checks the output path now, before the slow work; the libraries' own output goes to build.log
-    with Staging(out) as stage, library_output(stage.dir / "build.log"):
+    with Staging(out, force) as stage, library_output(stage.dir / "build.log"):
         t_start = time.perf_counter()
         if isinstance(model, Program):
             program = model.clone()
@@ -121,7 +129,7 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             if program.tokenizer_dir and any(p.kind != "cleanup" for p in user):
                 from .calibration import text_feeds
                 calibration = text_feeds(program, calibration_text, n_samples=calibration_samples)
-        ctx = PassContext(calibration=calibration, verbose=True, records=records)
+        ctx = PassContext(calibration=calibration, verbose=True, records=records, force=force)
         program = pipe.run(program, ctx, in_place=True)  # this Program is already compile's own copy
         if max_drift is not None:
             _check_drift(program, reference, max_drift, final)

@@ -130,6 +130,8 @@ class PassContext:
     cleanup_tolerance  cleanup and analysis passes must not change outputs by more than this
     original        the program as it entered the pipeline (a copy), kept when a pass declares
                     `needs_original` (heal distils from it); None otherwise
+    force           passes may replace what is at a user-given output path even when tcc did not
+                    write it (`--force`; Pass.check_outputs)
     """
 
     calibration: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
@@ -144,6 +146,7 @@ class PassContext:
     verbose: bool = False
     details: dict = dataclasses.field(default_factory=dict)  # the running pass's notes
     original: Program | None = None
+    force: bool = False
 
     def refresh_info(self, program: Program) -> None:
         """Recover ModelInfo again after a pass changed the structure."""
@@ -190,6 +193,10 @@ class Pass:
 
     def ensures(self, program: Program) -> None:
         """Raise when the result breaks this pass's postconditions."""
+
+    def check_outputs(self, force: bool = False) -> None:
+        """Raise UserError when a user-given path this pass writes holds something tcc did not write
+        (tcc.paths), unless `force`. Called before the slow work starts (Pipeline.check_outputs)."""
 
     def __call__(self, program: Program, ctx: PassContext | None = None) -> Program:
         ctx = ctx if ctx is not None else PassContext()
@@ -504,6 +511,11 @@ class Pipeline:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Pipeline) and self.passes == other.passes
+
+    def check_outputs(self, force: bool = False) -> None:
+        """Every pass's Pass.check_outputs: the paths the pipeline writes, checked before it runs."""
+        for p in self.passes:
+            p.check_outputs(force)
 
     def run(self, program: Program, ctx: PassContext | None = None, *, in_place: bool = False) -> Program:
         """Run every pass in order, checking and recording each (see the module docstring); returns

@@ -35,6 +35,7 @@ build(facts, records, final, run) -> dict       the report.json content
 write(dir, report)                              report.json + report.html + report.md into `dir`
 read(dir) -> dict                               an artifact's report.json
 write_json(path, report)                        one file, atomically (for --report PATH)
+check_path(path, force=False) -> Path           a --report PATH tcc may write (missing, or a tcc report; tcc.paths)
 add_section(dir, name, data, images=())         add a section to an artifact's report, re-render
 render_markdown(report) / render_html(report) -> str
 measure_latency(run, feeds, calls=5, seconds=1.0) -> dict   a short timing of an artifact (warmed up)
@@ -55,6 +56,7 @@ import numpy as np
 
 from . import __version__
 from .errors import TccError
+from .paths import check_file, read_small_json
 
 SCHEMA = "tcc.report/1"
 FILES = ("report.json", "report.html", "report.md")
@@ -118,6 +120,17 @@ def measure_latency(run: Callable[[dict], dict], feeds: dict, calls: int = 5, se
 
 
 # -- writing ------------------------------------------------------------------------------------------
+
+def is_report(path: Path) -> bool:
+    """Whether the file at `path` is a report tcc wrote (its "schema" is tcc's, any version)."""
+    r = read_small_json(Path(path))
+    return r is not None and str(r.get("schema", "")).startswith(SCHEMA.split("/")[0] + "/")
+
+
+def check_path(path, force: bool = False) -> Path:
+    """A --report PATH: UserError when something tcc did not write is there (unless `force`)."""
+    return check_file(path, "report file (--report)", is_report, force)
+
 
 def write_json(path, report: dict) -> None:
     path = Path(path)

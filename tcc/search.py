@@ -47,6 +47,9 @@ every finished trial; Ctrl-C loses at most the running one):
   pareto.json    the Pareto front (accuracy drop vs cost) and the chosen point
   tradeoff.png   every trial, the front, the budget and the chosen point
   search.json    `SearchResult.section`: what the report of the artifact shows
+  tcc-search.json  the marker that says tcc wrote the directory: a search writes only into a missing or
+                 empty directory or one with this marker (or an earlier trials.jsonl), unless `force`
+                 (tcc.paths; `out` likewise holds nothing but an earlier artifact unless `force`)
 Budget: `budget_s` stops new trials (and timings) once spent; the choice, the held-out check and
 the compile run after it.
 
@@ -76,7 +79,12 @@ import numpy as np
 
 from . import __version__
 from .errors import AccuracyBudgetError, UserError
+from .paths import check_dir, read_small_json
 from .progress import info, status
+from .report import write_json
+
+MARKER = "tcc-search.json"  # in every search directory: a later search (or --force) may write there
+SEARCH_FORMAT = "tcc-search/1"
 
 OBJECTIVES = ("latency", "size")
 CLEANUP = "dce"  # what tcc.compile runs before any user pipeline (compiler.DEFAULT_CLEANUP)
@@ -492,8 +500,9 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
            seq_len: int = 128, batch: int = 1, task: str | None = None, margin: float = 0.1, measure: int = 3,
            eval_tokens: int = 2048, eval_samples: int = 32, held_out_text=None,
            quantization: tuple[str, ...] = tuple(QUANT), structure: tuple[str, ...] = STRUCTURE,
-           heal_steps: int = 0, max_trials: int | None = None) -> SearchResult:
-    """Search, choose and (with `out`) compile; see the module docstring. `quantization` and
+           heal_steps: int = 0, max_trials: int | None = None, force: bool = False) -> SearchResult:
+    """Search, choose and (with `out`) compile; see the module docstring. `work_dir` and `out` may
+    hold only what tcc wrote there (a search directory, an artifact) unless `force`. `quantization` and
     `structure` narrow the search space (names from QUANT and STRUCTURE); `max_trials` caps the
     trials run in this call, the reference (which always runs) included; finished ones read back
     from the log do not count."""
@@ -510,6 +519,10 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
     unknown = sorted(set(quantization) - set(QUANT)) + sorted(set(structure) - set(STRUCTURE))
     if unknown:
         raise UserError(f"unknown search axes {unknown}", f"quantization: {list(QUANT)}; structure: {list(STRUCTURE)}")
+    if out is not None:
+        from .artifact import WHAT, is_artifact
+        check_dir(out, WHAT, is_artifact, force)
+    check_dir(work_dir, "search directory (--search-dir)", is_search_dir, force)
     tgt = get_target(target)
     if out is not None:
         from tcc.backends.tvm.build import check_toolchain
@@ -518,6 +531,7 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
     deadline = None if budget_s is None else t0 + budget_s
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    write_json(work / MARKER, {"format": SEARCH_FORMAT, "tcc_version": __version__})
 
     if isinstance(model_or_program, Program):
         program = model_or_program
@@ -556,7 +570,7 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
     _write_results(work, section, s.trials, chosen, s.cost_name, max_drop, limit)
     if artifact is not None:
         from . import report as reports
-        artifact = _install(artifact, Path(out))
+        artifact = _install(artifact, Path(out), force)
         reports.add_section(artifact, "search", section, images=[work / "tradeoff.png"])
     shutil.rmtree(work / "artifacts", ignore_errors=True)  # the timed candidates
     if chosen is None:
@@ -610,7 +624,6 @@ def _analysis(program, calibration: list, path: Path) -> dict | None:
         except UserError as e:
             info(f"no drop-attention / drop-mlp axes: {e}")
             return None
-    from .report import write_json
     write_json(path, report)
     return report
 
@@ -660,13 +673,26 @@ def _held_out(s: _Search, r: dict, artifact: Path | None) -> dict:
             else "random inputs (seeds 2000+)", "metric": raw}
 
 
-def _install(artifact: Path, out: Path) -> Path:
+def _install(artifact: Path, out: Path, force: bool = False) -> Path:
     """Move the chosen artifact to `out` (replacing what is there only now, as tcc.compile does)."""
     from .artifact import Staging
-    stage = Staging(out)
-    os.rmdir(stage.dir)
-    shutil.move(str(artifact), str(stage.dir))
-    return stage.commit()
+    with Staging(out, force) as stage:
+        os.rmdir(stage.dir)
+        shutil.move(str(artifact), str(stage.dir))
+        return stage.commit()
+
+
+def is_search_dir(work: Path) -> bool:
+    """Whether `work` is a directory a search wrote: its marker file, or (from before the marker) a
+    trials.jsonl whose first line is a trial record."""
+    if (read_small_json(work / MARKER) or {}).get("format") == SEARCH_FORMAT:
+        return True
+    try:
+        with open(work / "trials.jsonl") as f:
+            first = json.loads(f.readline(1 << 20))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(first, dict) and first.get("kind") in ("trial", "measure") and "key" in first
 
 
 def _point(r: dict) -> dict:
@@ -703,7 +729,6 @@ def _section(s: _Search, metric: Metric, objective: str, max_drop: float, margin
 
 def _write_results(work: Path, section: dict, trials: list[dict], chosen: dict | None, cost: str,
                    max_drop: float, limit: float) -> None:
-    from .report import write_json
     write_json(work / "pareto.json", {"objective": section["objective"], "cost": cost, "max_drop": max_drop,
                                       "points": section["pareto"], "chosen": section["chosen"]})
     write_json(work / "search.json", section)
@@ -765,10 +790,13 @@ def cli_compile(a) -> int:
     budget = parse_duration(a.budget) if a.budget else None
     out = Path(a.output or _default_out(a.model, a.target))
     work = Path(a.search_dir) if a.search_dir else out.with_name(out.name + "-search")
+    if a.report:
+        reports.check_path(a.report, a.force)
     try:
         result = search(a.model, a.target, max_drop=max_drop, objective=a.objective or "latency", budget_s=budget,
                         work_dir=work, out=out, calibration_text=a.calibration,
-                        calibration_samples=a.calibration_samples, seq_len=a.seq_len, batch=a.batch, task=a.task)
+                        calibration_samples=a.calibration_samples, seq_len=a.seq_len, batch=a.batch, task=a.task,
+                        force=a.force)
     except AccuracyBudgetError as e:
         if a.report and (work / "search.json").exists():
             failed = reports.build({}, [], {"exit_status": e.exit_code, "error": reports.error_json(e)}, {})
