@@ -88,7 +88,8 @@ class Staging:
 
 def save_weights(path: Path, params: list[tuple[str, np.ndarray]]) -> None:
     from safetensors.numpy import save_file
-    save_file({name: np.ascontiguousarray(a) for name, a in params}, str(path))
+    # ascontiguousarray makes a 0-d array (a scalar buffer: Gemma's embed_scale) 1-d; keep its shape
+    save_file({name: np.ascontiguousarray(a).reshape(a.shape) for name, a in params}, str(path))
 
 
 def write_manifest(dir: Path, manifest: dict, run: dict) -> dict:
