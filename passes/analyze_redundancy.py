@@ -107,7 +107,7 @@ def analyze(program: Program, feeds: list[dict], *, heads: bool = True, loss: bo
     info = program.info
     if info is None or not info.blocks:
         raise UserError("analyze-redundancy: no transformer blocks recognised in this model",
-                        "run `tcc inspect MODEL` to see what tcc recovers")
+                        "run `tcc analyze MODEL --structure` to see what tcc recovers")
     if not feeds:
         raise UserError("analyze-redundancy needs at least one calibration feed")
     runner = GraphRunner(program.gm)

@@ -161,7 +161,8 @@ class Heal(Pass):
             source = f"the {len(feeds)} calibration feeds of the pipeline"
         else:
             raise UserError("heal needs calibration text (the model has no tokenizer) or at least 2 calibration feeds",
-                            "give --calibration feeds, or a model folder with a tokenizer")
+                            "give the model's tokenizer (--tokenizer DIR), calibration token ids "
+                            "(--calibration ids.npy), or calibration feeds (Python: PassContext(calibration=[...]))")
         n_eval = min(self.eval_samples, max(1, len(feeds) // 4)) if not program.tokenizer_dir else self.eval_samples
         order = np.random.default_rng(self.seed).permutation(len(feeds))
         feeds = [feeds[i] for i in order]

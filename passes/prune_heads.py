@@ -81,7 +81,7 @@ class PruneHeads(Pass):
             raise UserError(f"pass 'prune-heads' takes one of ratio, counts, threshold; got {', '.join(given)}",
                             "give only one way of choosing how many heads to remove")
         if not getattr(program.info, "blocks", None):
-            raise UserError("prune-heads found no attention blocks in this program", "run `tcc inspect` to see its structure")
+            raise UserError("prune-heads found no attention blocks in this program", "run `tcc analyze MODEL --structure` to see its structure")
         n = len([b for b in program.info.blocks if b.attention is not None])
         if self.counts and len(self.counts) != n:
             raise UserError(f"pass 'prune-heads' option 'counts' has {len(self.counts)} entries, the model has {n} layers",

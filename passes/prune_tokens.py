@@ -120,7 +120,7 @@ class PruneTokens(Pass):
     def requires(self, program: Program) -> None:
         info = program.info
         if not getattr(info, "blocks", None) or not any(b.attention for b in info.blocks):
-            raise UserError("prune-tokens found no attention blocks in this program", "run `tcc inspect` to see its structure")
+            raise UserError("prune-tokens found no attention blocks in this program", "run `tcc analyze MODEL --structure` to see its structure")
         if program.task == "causal-lm":
             raise UserError("prune-tokens: token pruning is for encoders/ViTs, this is a causal LM",
                             "use it on an encoder (feature-extraction) or a vision transformer")

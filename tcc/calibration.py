@@ -11,6 +11,10 @@ text_feeds(program, text_path=None, n_samples=8, seq_len=None, seed=0, start=Non
     for DEFAULT_TEXT, so calibration never sees the prefix the search scores, and to 0 for any other
     text. seq_len, when given, must be the program's. Too little text raises a
     UserError with the token count; a program without a tokenizer, one saying so.
+id_feeds(program, path, n_samples=8, seed=0) / calibration_data(program, path, ...)
+    The same feeds from token ids saved with numpy (.npy / .npz; for models without a tokenizer):
+    windows of the sequence length cut from each array's rows, no special tokens added.
+    calibration_data picks id_feeds for .npy / .npz paths and text_feeds otherwise.
 DEFAULT_TEXT, HELD_OUT_TEXT, default_text()
     The calibration text shipped in the package (tcc/data/calibration.txt, ~6k tokens of public-domain
     and original English prose; sources in tcc/data/README.md) and a second, disjoint one the search
@@ -74,6 +78,10 @@ def text_feeds(program, text_path=None, n_samples: int = 8, seq_len: int | None 
                         f"leave seq_len unset or trace the model with --seq-len {seq_len}")
     if start is None:
         start = 0.5 if text_path is None or path.resolve() == DEFAULT_TEXT else 0.0
+    if not program.tokenizer_dir:
+        raise UserError("the model has no tokenizer to make calibration feeds from text",
+                        "pass --tokenizer DIR (a folder with the model's tokenizer files), or calibration token "
+                        "ids: --calibration ids.npy (or .npz)")
     tokenizer = load_tokenizer(program.tokenizer_dir)
     prefix, suffix = _special_tokens(tokenizer)
     body = program_len - len(prefix) - len(suffix)
@@ -90,7 +98,12 @@ def text_feeds(program, text_path=None, n_samples: int = 8, seq_len: int | None 
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(min(available, need), size=n_samples * batch, replace=False).tolist())
     rows = [prefix + tokens[w * body:(w + 1) * body] + suffix for w in chosen]
-    rows = np.asarray(rows, dtype=np.int64).reshape(n_samples, batch, program_len)
+    return _row_feeds(program, np.asarray(rows, dtype=np.int64).reshape(n_samples, batch, program_len))
+
+
+def _row_feeds(program, rows: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """One feed per [batch, seq] block of token ids: input_ids, attention_mask all ones, any other
+    integer input zeros."""
     feeds = []
     for ids in rows:
         feed = {}
@@ -134,6 +147,70 @@ def _tokens_from(tokenizer, path: Path, start: float, want: int) -> list[int]:
             if len(ids) > want + 16 or not more:
                 return ids[:want] if len(ids) > want + 16 else ids
             chunk = len(data)
+
+
+# -- feeds from token ids -------------------------------------------------------------------------------
+
+ID_SUFFIXES = (".npy", ".npz")
+
+
+def is_token_ids(path) -> bool:
+    """Whether a calibration path names token ids (.npy / .npz) rather than text."""
+    return path is not None and Path(path).suffix.lower() in ID_SUFFIXES
+
+
+def id_feeds(program, path, n_samples: int = 8, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """`n_samples` feeds of token ids saved with numpy (.npy: one integer array, .npz: several): the
+    last axis of every array is a token stream (a 1-D array is one stream, an [N, T] array N of
+    them); non-overlapping windows of the program's sequence length are cut from each stream (no
+    special tokens added) and `n_samples` x batch of them drawn at random (`seed`). Files are read
+    without pickle. Ids outside the vocabulary, non-integer arrays or too few windows: UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"calibration token ids {path} not found", "give an .npy or .npz file of integer token ids")
+    if n_samples < 1:
+        raise UserError(f"n_samples must be >= 1 (got {n_samples})")
+    spec = next((s for s in program.inputs if s.name == "input_ids"), None)
+    if spec is None or len(spec.shape) != 2:
+        raise UserError(f"calibration token ids need a program with input_ids [batch, seq]; this one takes "
+                        f"{[s.name for s in program.inputs]}", "give calibration feeds instead")
+    batch, length = spec.shape
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        else:
+            arrays = {path.name: np.load(path, allow_pickle=False)}
+    except Exception as e:
+        raise UserError(f"cannot read {path} as token ids: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                        "save integer arrays with numpy.save / numpy.savez")
+    windows = []
+    for name, a in arrays.items():
+        if not np.issubdtype(a.dtype, np.integer) or a.ndim < 1:
+            raise UserError(f"{path}: array '{name}' holds {a.dtype} {list(a.shape)}, not token ids",
+                            "save integer token ids (e.g. int64), one stream per row")
+        streams = a.reshape(-1, a.shape[-1])
+        n = streams.shape[1] // length
+        windows.extend(streams[:, :n * length].reshape(-1, length))
+    lo, hi = spec.range or (0, None)
+    bad = next((w for w in windows if w.min() < lo or (hi is not None and w.max() >= hi)), None)
+    if bad is not None:
+        raise UserError(f"{path} holds token id {bad.min() if bad.min() < lo else bad.max()}, outside the model's "
+                        f"vocabulary [{lo}, {hi})", "give the ids of this model's tokenizer")
+    if len(windows) < n_samples * batch:
+        raise UserError(f"{path} has {len(windows)} windows of {length} tokens, fewer than {n_samples} x {batch}",
+                        "give more token ids, or fewer --calibration-samples")
+    chosen = np.random.default_rng(seed).choice(len(windows), size=n_samples * batch, replace=False)
+    rows = np.stack([windows[i] for i in sorted(chosen.tolist())]).astype(np.int64)
+    return _row_feeds(program, rows.reshape(n_samples, batch, length))
+
+
+def calibration_data(program, path=None, n_samples: int = 8, seed: int = 0, start: float | None = None):
+    """Calibration feeds from `path`: token ids (.npy / .npz, id_feeds) or text (text_feeds; None is
+    the default text)."""
+    if is_token_ids(path):
+        return id_feeds(program, path, n_samples=n_samples, seed=seed)
+    return text_feeds(program, path, n_samples=n_samples, seed=seed, start=start)
 
 
 # -- the calibration loss -------------------------------------------------------------------------------

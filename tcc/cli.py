@@ -5,7 +5,7 @@
   tcc compile MODEL --max-accuracy-drop 1% [--objective latency|size] [--budget 20m] [--search-dir DIR]
   tcc run ARTIFACT --inputs in.npz -o out.npz [--force]
   tcc eval ARTIFACT --text FILE [--max-tokens N] [--json]
-  tcc generate ARTIFACT --prompt TEXT [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S] [--json]
+  tcc generate ARTIFACT (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S] [--json]
   tcc bench ARTIFACT [--repeats N] [--json]
   tcc analyze MODEL --structure | -o DIR [--force]
   tcc passes [--json]
@@ -88,7 +88,7 @@ def cmd_compile(a) -> int:
                       calibration_text=a.calibration, calibration_samples=a.calibration_samples,
                       max_drift=a.max_drift, latency=not a.no_latency, cache=not a.no_cache, report=a.report,
                       max_seq_len=a.max_seq_len, generate=False if a.no_generate else None,
-                      max_context=a.max_context, force=a.force)
+                      max_context=a.max_context, force=a.force, tokenizer=a.tokenizer)
     m = art.manifest
     art.close()
     summary = {"artifact": str(Path(out).resolve()), "target": m["target"]["name"], "pipeline": m["pipeline"],
@@ -135,7 +135,7 @@ def cmd_run(a) -> int:
 def cmd_eval(a) -> int:
     from tcc import evaluate
     result = evaluate.evaluate_artifact(a.artifact, a.text, max_tokens=a.max_tokens, stride=a.stride,
-                                        max_samples=a.max_samples)
+                                        max_samples=a.max_samples, tokenizer=a.tokenizer)
     if a.json:
         print(json.dumps(result))
     else:
@@ -148,16 +148,21 @@ def cmd_generate(a) -> int:
     from tcc.errors import UserError
     if a.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
+    prompt = a.prompt if a.prompt_ids is None else _token_ids(a.prompt_ids)
     shown = [0]
 
-    def stream(token, text):
-        if text is not None and not a.json:
+    def stream(token, text):  # the text as it grows, or the new ids when there is no tokenizer
+        if a.json:
+            return
+        if text is None:
+            sys.stdout.write(f"{token} ")
+        else:
             sys.stdout.write(text[shown[0]:])
-            sys.stdout.flush()
             shown[0] = len(text)
+        sys.stdout.flush()
 
     with tcc.load(a.artifact) as art:
-        r = art.generate(a.prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+        r = art.generate(prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                          seed=a.seed, stream=stream)
     if a.json:
         print(json.dumps(r))
@@ -166,6 +171,17 @@ def cmd_generate(a) -> int:
         print(f"[{len(r['token_ids'])} tokens; prefill {r['prompt_tokens']} tokens at {r['prefill_tokens_per_s']} tok/s, "
               f"decode {r['decode_tokens_per_s']} tok/s]", file=sys.stderr)
     return 0
+
+
+def _token_ids(text: str) -> list[int]:
+    from tcc.errors import UserError
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise UserError(f"--prompt-ids takes integer token ids, got {text!r}", "e.g. --prompt-ids 1,2,3")
+    if not ids or min(ids) < 0:
+        raise UserError(f"--prompt-ids needs at least one token id >= 0, got {text!r}", "e.g. --prompt-ids 1,2,3")
+    return ids
 
 
 def cmd_bench(a) -> int:
@@ -182,11 +198,14 @@ def cmd_analyze(a) -> int:
     if analysis is not None:
         analysis.check_outputs(a.force)  # before tracing
     program = tcc.trace(a.model, task=a.task, seq_len=a.seq_len)
+    if a.tokenizer:
+        from tcc.evaluate import attach_tokenizer
+        attach_tokenizer(program, a.tokenizer)
     if analysis is not None:
-        from tcc.calibration import text_feeds
+        from tcc.calibration import calibration_data
         from tcc.pipeline import PassContext
-        ctx = PassContext(calibration=text_feeds(program, a.calibration, n_samples=a.calibration_samples), verbose=True,
-                          force=a.force)
+        ctx = PassContext(calibration=calibration_data(program, a.calibration, n_samples=a.calibration_samples),
+                          verbose=True, force=a.force)
         analysis.run(program, ctx)
         print(f"redundancy analysis written to {a.output}")
         return 0
@@ -233,6 +252,9 @@ COMPILE_DEFAULTS = {"target": "x86", "seq_len": 128, "batch": 1, "pipeline": "",
                     "backend": "tvm"}
 
 
+TOKENIZER_HELP = "the model's tokenizer (a Hugging Face folder with tokenizer files), for a model saved without one"
+
+
 def _compile_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices["compile"]
@@ -264,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", help="text file for calibrating passes (default: $TCC_CALIBRATION_TEXT, else the "
                    "English text shipped with tcc, tcc/data/calibration.txt: its second half)")
     c.add_argument("--calibration-samples", type=int, help="calibration windows of --seq-len tokens (default 8)")
+    c.add_argument("--tokenizer", metavar="DIR", help=TOKENIZER_HELP + "; with no tokenizer at all, calibrate on "
+                   "token ids: --calibration ids.npy or ids.npz (integer arrays, windows of --seq-len cut from their rows)")
     c.add_argument("--backend", choices=["tvm", "onnxruntime"],
                    help="tvm: native library for the target (default); onnxruntime: ONNX for ORT on this host")
     c.add_argument("--max-drift", type=float, help="accuracy budget: fail with exit 3, writing no artifact, when an "
@@ -296,12 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=4096)
     e.add_argument("--stride", type=int, default=None, help="sliding-window stride (default seq_len/2)")
     e.add_argument("--max-samples", type=int, default=64, help="sentences for encoder cosine")
+    e.add_argument("--tokenizer", metavar="DIR", help=TOKENIZER_HELP + " (default: the artifact's)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 
     gn = sub.add_parser("generate", help="generate text with a causal-LM artifact (KV cache, streamed)")
     gn.add_argument("artifact")
-    gn.add_argument("--prompt", required=True, help="the prompt text")
+    prompt = gn.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-ids", metavar="IDS", help="the prompt as token ids, e.g. 1,2,3 (artifacts without a "
+                        "tokenizer take only these, and print the new ids)")
     gn.add_argument("--max-new-tokens", type=int, default=64)
     gn.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
     gn.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
@@ -325,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--force", action="store_true", help="write -o even when it holds something tcc did not write")
     an.add_argument("--calibration", help="calibration text (default: $TCC_CALIBRATION_TEXT, else tcc/data/calibration.txt)")
     an.add_argument("--calibration-samples", type=int, default=8)
+    an.add_argument("--tokenizer", metavar="DIR", help=TOKENIZER_HELP + "; or calibrate on token ids: "
+                    "--calibration ids.npy or ids.npz")
     an.add_argument("--task", choices=models.TASKS)
     an.add_argument("--json", action="store_true")
     an.set_defaults(func=cmd_analyze)

@@ -38,7 +38,7 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
             backend: str = "tvm", calibration_text: str | None = None, calibration_samples: int = 8,
             max_drift: float | None = None, latency: bool = True, cache: bool = True, report: str | Path | None = None,
             max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None,
-            force: bool = False):
+            force: bool = False, tokenizer: str | Path | None = None):
     """Compile `model` (path, alias, nn.Module with example inputs via `trace` first, or a Program)
     for `target` into the artifact directory `out`. Returns the loaded artifact (tcc.runtime.Loaded).
 
@@ -63,7 +63,7 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
                             batch=batch, task=task, verify=verify, calibration=calibration, backend=backend,
                             calibration_text=calibration_text, calibration_samples=calibration_samples,
                             max_drift=max_drift, latency=latency, max_seq_len=max_seq_len, generate=generate,
-                            max_context=max_context, force=force)
+                            max_context=max_context, force=force, tokenizer=tokenizer)
     except BaseException as e:
         if report is not None:
             final.update(exit_status=reports.exit_status(e), error=reports.error_json(e))
@@ -80,7 +80,7 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
              seq_len: int, batch: int, task: str | None, verify: bool, calibration, backend: str,
              calibration_text: str | None, calibration_samples: int, max_drift: float | None, latency: bool,
              max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None,
-             force: bool = False) -> Path:
+             force: bool = False, tokenizer: str | Path | None = None) -> Path:
     """compile()'s work; fills `facts` (what the manifest says), `records`, `final` and `run` (the
     report's sections) as it goes, so a failure can still be reported."""
     check_dir(out, WHAT, is_artifact, force)  # first of all (Staging checks it again)
@@ -103,6 +103,9 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
     if max_drift is not None and not max_drift >= 0:
         raise UserError(f"--max-drift must be a number >= 0, got {max_drift}", "e.g. --max-drift 0.05 (5 % relative)")
     gen_context = _generation_context(model, task, tgt, backend, generate, max_context, seq_len, max_seq_len)
+    if tokenizer is not None:
+        from .evaluate import load_tokenizer
+        load_tokenizer(tokenizer)  # a bad --tokenizer stops here, before the slow work
     user = Pipeline.parse(pipeline) if pipeline else Pipeline([])
     pipe = Pipeline(list(Pipeline.parse(DEFAULT_CLEANUP)) + list(user))
     facts["pipeline"] = pipe.canonical()
@@ -117,6 +120,9 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             from .frontend import trace
             traced_max = max(max_seq_len or 0, gen_context or 0) or None  # generation traces a dynamic length
             program = trace(model, task=task, seq_len=seq_len, batch=batch, max_seq_len=traced_max)
+        if tokenizer is not None:
+            from .evaluate import attach_tokenizer
+            attach_tokenizer(program, tokenizer)
         t_trace = time.perf_counter() - t_start
         facts.update(source=program.source, task=program.task, inputs=[s.to_json() for s in program.inputs],
                      outputs=[s.to_json() for s in program.outputs])
@@ -125,10 +131,7 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
         reference = program.clone() if verify or max_drift is not None else None
 
         if calibration is None:
-            calibration = [program.example_inputs()]
-            if program.tokenizer_dir and any(p.kind != "cleanup" for p in user):
-                from .calibration import text_feeds
-                calibration = text_feeds(program, calibration_text, n_samples=calibration_samples)
+            calibration = _calibration(program, user, calibration_text, calibration_samples)
         ctx = PassContext(calibration=calibration, verbose=True, records=records, force=force)
         program = pipe.run(program, ctx, in_place=True)  # this Program is already compile's own copy
         if max_drift is not None:
@@ -204,6 +207,18 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
         reports.write(stage.dir, reports.build(facts, records, final, run))
         write_manifest(stage.dir, manifest, run_m)
         return stage.commit()
+
+
+def _calibration(program: Program, user, path, samples: int) -> list[dict]:
+    """The pipeline's calibration feeds: token ids (.npy / .npz) or windows of text when a pass other
+    than cleanup runs; none for a Hugging Face model without a tokenizer (a pass that needs data says
+    how to give it); else the program's example inputs."""
+    from .calibration import calibration_data
+    if not any(p.kind != "cleanup" for p in user):
+        return [program.example_inputs()]
+    if path is not None or program.tokenizer_dir:  # text without a tokenizer: an error saying what to give
+        return calibration_data(program, path, n_samples=samples)
+    return [] if (program.source or {}).get("kind") == "huggingface" else [program.example_inputs()]
 
 
 def _build(program: Program, tgt, backend: str, dir: Path, functions: dict | None = None,
@@ -356,10 +371,10 @@ def _check_generation(dir: Path, manifest: dict, run: dict, source: Program, tok
     """The artifact's prefill/decode against the source model's greedy continuation (its Program with a
     KV cache, in PyTorch) of a fixed prompt: teacher-forced agreement (1.0 for an uncompressed model up
     to float ties; what compression costs otherwise)."""
-    from .generation import CHECK_PROMPT, CHECK_TOKENS, ProgramSession, agreement, greedy_tokens, kv_cached
+    from .generation import CHECK_TOKENS, ProgramSession, agreement, check_prompt, greedy_tokens, kv_cached
     from .runtime import Loaded
     context, chunk = generation["max_context"], generation["prefill_len"]
-    prompt = tokenizer(CHECK_PROMPT)["input_ids"] if tokenizer is not None else list(range(1, 13))
+    prompt = check_prompt(tokenizer, source.outputs[0].shape[-1])
     prompt = prompt[:max(1, context // 2)]
     n = min(tokens or CHECK_TOKENS, context - len(prompt))
     with status(f"checking generation: {n} greedy tokens vs the source model"):

@@ -264,7 +264,7 @@ class DropPass(Pass):
         "ratio": Option(float, 0.0, "fraction of the blocks to drop, rounded down (0: not by ratio)", validator=_unit),
         "threshold": Option(float, 0.0, "drop every candidate whose input/output cosine similarity is >= this "
                             "(0: not by threshold)", validator=lambda v: None if -1 <= v <= 1 else "must be in [-1, 1]"),
-        "layers": Option(list[int], [], "explicit block indices to drop (as `tcc inspect` numbers them)"),
+        "layers": Option(list[int], [], "explicit block indices to drop (as `tcc analyze MODEL` numbers them)"),
         "keep_ends": Option(bool, True, "never choose the first and last block by count/ratio/threshold"),
         "by": Option(str, "similarity", "rank by input/output cosine similarity, or by calibration-loss increase",
                      choices=("similarity", "loss")),
@@ -273,7 +273,7 @@ class DropPass(Pass):
     def run(self, program: Program, ctx: PassContext) -> Program:
         if not program.info or not program.info.blocks:
             raise UserError(f"{self.name}: no transformer blocks recognised in this model",
-                            "run `tcc inspect MODEL` to see what tcc recovers")
+                            "run `tcc analyze MODEL --structure` to see what tcc recovers")
         chosen, notes = self.choose(program, ctx)
         names = [program.info.blocks[i].name for i in chosen]
         result = drop(program, ctx, self.part, chosen) if chosen else {"bytes_freed": 0}
@@ -364,8 +364,8 @@ def redundancy(program: Program, ctx: PassContext, need_loss: bool = False, who:
     if not ctx.calibration and not program.tokenizer_dir:
         raise UserError(f"{who} ranks by {ANALYSIS}, which needs calibration data: the pipeline has no calibration "
                         "feeds and the model no tokenizer to make them from text",
-                        "give explicit layers=[...], a model folder with its tokenizer, or calibration feeds "
-                        "(Python: PassContext(calibration=[...]))")
+                        "give explicit layers=[...], the model's tokenizer (--tokenizer DIR), calibration token ids "
+                        "(--calibration ids.npy), or calibration feeds (Python: PassContext(calibration=[...]))")
     feeds, source = calibration_feeds(program, ctx)
     report = analyze(program, feeds, heads=False, loss=need_loss, loss_samples=2, source=source)
     ctx.report[ANALYSIS] = report

@@ -24,9 +24,10 @@ cosine(run, reference, tokenizer_dir, text_path, seq_len, max_samples)
     and the cosine of the two pooled vectors is averaged in float64.
     -> {"metric": "cosine", "value" (mean), "min", "samples", "seq_len"}
 
-evaluate_artifact(artifact_dir, text_path, max_tokens=4096, stride=None, max_samples=64, compare_source=True)
-    What `tcc eval` runs: loads the artifact (tcc.runtime.load) and its tokenizer (the manifest's
-    "tokenizer"); a causal-lm artifact gets `perplexity` at its compiled sequence length and, with
+evaluate_artifact(artifact_dir, text_path, max_tokens=4096, stride=None, max_samples=64, compare_source=True,
+                  tokenizer=None)
+    What `tcc eval` runs: loads the artifact (tcc.runtime.load) and its tokenizer (`tokenizer`, tcc eval
+    --tokenizer DIR, else the manifest's "tokenizer"); a causal-lm artifact gets `perplexity` at its compiled sequence length and, with
     `compare_source`, the perplexity of the source model re-traced at the same shapes on the same
     windows ("source_value", "ratio" = value / source_value); a feature-extraction artifact gets
     `cosine` against that re-traced source model. Adds "artifact", "model" and "seconds".
@@ -66,10 +67,28 @@ def load_tokenizer(tokenizer_dir):
     elif not any(path.glob("tokenizer*")) and sorted(path.glob("*.gguf")):
         kwargs = {"gguf_file": sorted(path.glob("*.gguf"))[0].name}
     try:
-        return AutoTokenizer.from_pretrained(str(path), **kwargs)
+        tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
     except Exception as e:
         raise UserError(f"cannot load a tokenizer from {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
                         "pass --tokenizer DIR (a Hugging Face folder with tokenizer files)")
+    if not tok("a b", add_special_tokens=False)["input_ids"]:  # transformers builds an empty one from a config
+        raise UserError(f"{path} has no tokenizer files (its tokenizer has no vocabulary)",
+                        "pass --tokenizer DIR (a Hugging Face folder with tokenizer files)")
+    return tok
+
+
+def attach_tokenizer(program, tokenizer_dir) -> None:
+    """Give `program` the tokenizer in `tokenizer_dir` (--tokenizer DIR) after checking that it loads
+    and that its ids fit the program's vocabulary."""
+    spec = next((s for s in program.inputs if s.name == "input_ids"), None)
+    if spec is None:
+        raise UserError(f"--tokenizer: the program takes {[s.name for s in program.inputs]}, not token ids")
+    tok = load_tokenizer(tokenizer_dir)
+    vocab = spec.range[1] if spec.range else program.info and program.info.vocab_size
+    if vocab and len(tok) > vocab:
+        raise UserError(f"the tokenizer in {tokenizer_dir} has {len(tok)} tokens, more than the model's vocabulary "
+                        f"of {vocab}", "pass the tokenizer the model was trained with")
+    program.tokenizer_dir = str(tokenizer_dir)
 
 
 def _read_text(text_path) -> Path:
@@ -199,13 +218,13 @@ def cosine(run: Run, reference: Run, tokenizer_dir, text_path, seq_len: int, max
 # -- what `tcc eval` runs ---------------------------------------------------------------------------
 
 def evaluate_artifact(artifact_dir, text_path, *, max_tokens: int = 4096, stride: int | None = None,
-                      max_samples: int = 64, compare_source: bool = True) -> dict:
+                      max_samples: int = 64, compare_source: bool = True, tokenizer=None) -> dict:
     from .runtime import load
     t0 = time.perf_counter()
     _read_text(text_path)
     with load(artifact_dir) as art:
         source = art.manifest.get("source") or {}
-        tokenizer_dir = art.manifest.get("tokenizer")
+        tokenizer_dir = tokenizer or art.manifest.get("tokenizer")
         batch, seq_len = art.inputs[0].shape[:2]
         if batch != 1:
             raise UserError(f"tcc eval runs batch-1 artifacts; this one takes batch {batch}", "compile with --batch 1")

@@ -122,7 +122,9 @@ def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
     if hit is not None:
         ep, inputs, meta = hit
         with status("traced program from the cache"):
-            return _hf_program(ep, inputs, {**meta, "source": {**meta["source"], "path": shown_path}})
+            # the tokenizer is looked for again: its files are not part of the cache key
+            return _hf_program(ep, inputs, {**meta, "source": {**meta["source"], "path": shown_path},
+                                            "tokenizer_dir": models.tokenizer_dir(path)})
     with status(f"loading {model}"):
         hf, task, tok_dir = models.load_hf(path, task)
     cfg = hf.config

@@ -6,7 +6,8 @@ carries over: a dropped attention layer has no attention core and so no cache, p
 KV groups shrink their layer's cache, quantized projections stay quantized.
 
   match    the sequence length is input_ids' symbolic dim 1. Position indices are the aranges of
-           that length (rotary angles, learned position embeddings, masks); attention cores are
+           that length (rotary angles, learned position embeddings, masks), or the cumsum of an
+           all-ones mask like input_ids (OPT's learned positions); attention cores are
            ModelInfo's SDPA nodes, their k and v walked back through repeat_kv (unsqueeze ->
            expand -> reshape) to the [B, Hkv, L, D] tensors the projections and rotary made, or
            eager chains q @ k^T -> scale [-> c tanh(. / c)] [+ mask] -> softmax -> @ v (Gemma-2's
@@ -15,7 +16,7 @@ KV groups shrink their layer's cache, quantized projections stay quantized.
            window: Gemma-2/3's local layers); any other mask (biases, bidirectional) refuses.
   rewrite  new inputs: pos int64 [1] (the absolute position of the first token), last int64 [1]
            (the row whose logits are returned) and per attention layer k/v caches [B, Hkv, C, D].
-           Every position arange becomes arange + pos; every core becomes tcc::sdpa_kv(q, k, v,
+           Every position arange (or cumsum) becomes arange + pos; every core becomes tcc::sdpa_kv(q, k, v,
            k_cache, v_cache, pos, scale, window, softcap), which writes rows pos..pos+L-1 of the
            caches and attends causally over rows 0..pos+L-1, the last `window` of them where the
            layer slides (the model's own mask becomes dead and is removed); the LM
@@ -51,6 +52,14 @@ DEFAULT_MAX_CONTEXT = 2048
 # what a compile checks generation on (tokens of this text, or ids 1..12 without a tokenizer)
 CHECK_PROMPT = "The history of the city goes back to the Roman era, when"
 CHECK_TOKENS = 32
+
+
+def check_prompt(tokenizer, vocab: int) -> list[int]:
+    """The prompt a compile checks generation on: CHECK_PROMPT's tokens, or ids 1..12 (within the
+    vocabulary) when there is no tokenizer or it gives no ids (a check tcc adds never fails a build
+    for want of a prompt)."""
+    ids = list(tokenizer(CHECK_PROMPT)["input_ids"]) if tokenizer is not None else []
+    return ids or [(1 + i) % vocab for i in range(12)]
 
 
 @dataclasses.dataclass
@@ -97,6 +106,13 @@ def _position_aranges(gm, seq) -> list:
         if str(val.shape[0].node.expr) == str(seq.node.expr) and start == 0:
             out.append(n)
     return out
+
+
+def _position_cumsums(gm, ids) -> list:
+    """cumsum(ones_like(input_ids), 1): positions counted along an all-ones mask (OPT's learned
+    positions, cumsum * mask - 1 + offset)."""
+    return [n for n in gm.graph.nodes if op_name(n) == "aten.cumsum" and n.args[1] in (1, -1)
+            and op_name(n.args[0]) == "aten.ones_like" and n.args[0].args[0] is ids]
 
 
 def _unrepeat(x):
@@ -271,7 +287,7 @@ def kv_cached(program: Program, max_context: int) -> Generation:
     pos = placeholder("pos", last_placeholder)
     last = placeholder("last", pos)
     after = last
-    for a in _position_aranges(gm, seq):
+    for a in _position_aranges(gm, seq) + _position_cumsums(gm, by_name[ids.name]):
         with g.inserting_after(a):
             shifted = g.call_function(aten.add.Tensor, (a, pos))
         a.replace_all_uses_with(shifted, delete_user_cb=lambda u: u is not shifted)

@@ -120,6 +120,22 @@ def model_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "merges.txt")
+
+
+def tokenizer_dir(path: Path) -> str | None:
+    """Where the tokenizer of a model lives: a .gguf file's folder (a GGUF carries its tokenizer), a
+    folder holding tokenizer files or a GGUF; None for a folder without them (save_pretrained of a
+    model alone; transformers would build an empty tokenizer from its config)."""
+    path = Path(path)
+    if path.is_file():
+        return str(path.parent) if path.suffix == ".gguf" else None
+    if any((path / f).is_file() for f in TOKENIZER_FILES) or any(path.glob("*.gguf")):
+        return str(path)
+    return None
+
+
 def load_config(path: Path):
     """The transformers config of a model folder or .gguf file (no weights read)."""
     from transformers import AutoConfig
@@ -178,7 +194,7 @@ def infer_task(config) -> str:
 
 
 def load_hf(path: Path, task: str | None = None):
-    """A Hugging Face folder (config.json + safetensors, or a GGUF) -> (model, task, tokenizer_dir)."""
+    """A Hugging Face folder (config.json + safetensors, or a GGUF) -> (model, task, tokenizer_dir or None)."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -227,4 +243,4 @@ def load_hf(path: Path, task: str | None = None):
     except Exception as e:
         raise UserError(f"cannot load the model in {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
                         "check that the safetensors files are complete and match config.json")
-    return model.eval(), task, str(path)
+    return model.eval(), task, tokenizer_dir(path)

@@ -105,13 +105,17 @@ class Loaded:
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stream=None, stop_at_eos: bool = True) -> dict:
         """Generate up to `max_new_tokens` after `prompt` (text, tokenized with the artifact's tokenizer, or
         token ids). Greedy by default; temperature > 0 samples (top_k, top_p, seed). `stream(token_id,
-        text_so_far)` is called per new token. Returns {"text", "token_ids", "prompt_tokens",
+        text_so_far)` is called per new token (text None, and "text" None, for an artifact without a
+        tokenizer: its output is the token ids). Returns {"text", "token_ids", "prompt_tokens",
         "prefill_tokens_per_s", "decode_tokens_per_s", ...}."""
         from .generation import decode_loop, rates
         session = self.session()
         gen = self.manifest["generation"]
         tok = None
         if isinstance(prompt, str):
+            if not gen.get("tokenizer"):
+                raise UserError(f"the artifact {self.dir} has no tokenizer (its model had none): give the prompt as "
+                                "token ids", "tcc generate ARTIFACT --prompt-ids 1,2,3 (Python: generate([1, 2, 3]))")
             tok = self.tokenizer()
             ids = tok(prompt)["input_ids"]
         else:

@@ -500,14 +500,15 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
            seq_len: int = 128, batch: int = 1, task: str | None = None, margin: float = 0.1, measure: int = 3,
            eval_tokens: int = 2048, eval_samples: int = 32, held_out_text=None,
            quantization: tuple[str, ...] = tuple(QUANT), structure: tuple[str, ...] = STRUCTURE,
-           heal_steps: int = 0, max_trials: int | None = None, force: bool = False) -> SearchResult:
+           heal_steps: int = 0, max_trials: int | None = None, force: bool = False,
+           tokenizer=None) -> SearchResult:
     """Search, choose and (with `out`) compile; see the module docstring. `work_dir` and `out` may
     hold only what tcc wrote there (a search directory, an artifact) unless `force`. `quantization` and
     `structure` narrow the search space (names from QUANT and STRUCTURE); `max_trials` caps the
     trials run in this call, the reference (which always runs) included; finished ones read back
     from the log do not count."""
     from tcc.backends.tvm.targets import get_target
-    from .calibration import HELD_OUT_TEXT, default_text
+    from .calibration import HELD_OUT_TEXT, default_text, is_token_ids
     from .program import Program
 
     if objective not in OBJECTIVES:
@@ -527,9 +528,9 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
     if out is not None:
         from tcc.backends.tvm.build import check_toolchain
         check_toolchain(tgt)
+    work = Path(work_dir)
     t0 = _clock()
     deadline = None if budget_s is None else t0 + budget_s
-    work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     write_json(work / MARKER, {"format": SEARCH_FORMAT, "tcc_version": __version__})
 
@@ -538,8 +539,12 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
     else:
         from .frontend import trace
         program = trace(model_or_program, task=task, seq_len=seq_len, batch=batch)
+    if tokenizer is not None:  # --tokenizer DIR: the model's own was not saved with it
+        from .evaluate import attach_tokenizer
+        attach_tokenizer(program, tokenizer)
     text = Path(calibration_text) if calibration_text else default_text()
-    metric = Metric(program, text, held_out_text or HELD_OUT_TEXT, eval_tokens, eval_samples)
+    scored = default_text() if is_token_ids(text) else text  # token-id calibration: the metric reads text
+    metric = Metric(program, scored, held_out_text or HELD_OUT_TEXT, eval_tokens, eval_samples)
     calibration = _calibration(program, text, calibration_samples)
     settings = {"model": program.fingerprint(), "target": tgt.name, "metric": metric.settings(),
                 "calibration": {"text": text.name, "samples": calibration_samples, "start": 0.5},
@@ -601,8 +606,11 @@ def _choose(s: _Search, order: list[dict], program, calibration: list, work: Pat
 
 
 def _calibration(program, text: Path, n: int) -> list[dict]:
-    """Calibration feeds: windows from the second half of the text (the search scores the start),
-    or random example inputs for a program without a tokenizer."""
+    """Calibration feeds: windows of token ids (.npy / .npz), windows from the second half of the text
+    (the search scores the start), or random example inputs for a program without a tokenizer."""
+    from .calibration import id_feeds, is_token_ids
+    if is_token_ids(text):
+        return id_feeds(program, text, n_samples=n)
     if not program.tokenizer_dir:
         return [program.example_inputs(seed=i) for i in range(n)]
     from .calibration import text_feeds
@@ -796,7 +804,7 @@ def cli_compile(a) -> int:
         result = search(a.model, a.target, max_drop=max_drop, objective=a.objective or "latency", budget_s=budget,
                         work_dir=work, out=out, calibration_text=a.calibration,
                         calibration_samples=a.calibration_samples, seq_len=a.seq_len, batch=a.batch, task=a.task,
-                        force=a.force)
+                        force=a.force, tokenizer=a.tokenizer)
     except AccuracyBudgetError as e:
         if a.report and (work / "search.json").exists():
             failed = reports.build({}, [], {"exit_status": e.exit_code, "error": reports.error_json(e)}, {})

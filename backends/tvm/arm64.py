@@ -241,7 +241,7 @@ class Arm64Session:
         art = Path(artifact_dir)
         for f in ("model.so", "weights.safetensors", "manifest.json"):
             if not (art / f).is_file():
-                raise UserError(f"{art} is not a tcc artifact: {f} is missing", "give the folder `tcc build` wrote")
+                raise UserError(f"{art} is not a tcc artifact: {f} is missing", "give the folder `tcc compile --target arm64` wrote")
         manifest = json.loads((art / "manifest.json").read_text())
         if manifest.get("target", {}).get("name", "").split("-")[0] != "arm64":
             raise UserError(f"{art} was built for target {manifest.get('target', {}).get('name')!r}, not arm64")
