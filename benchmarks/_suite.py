@@ -7,7 +7,7 @@ accuracy  SmolLM2-135M: perplexity on wikitext-2 test.txt (first --max-tokens to
           stride --stride); MiniLM-L6: cosine of the mean-pooled embedding vs the fp32 model on the
           first 64 sentences of test.txt, seq 128. Calibration: --samples windows of 128 tokens of
           valid.txt (tcc.calibration.text_feeds, seed 0), the same for every format.
-compile   tcc.compile(model, "x86", seq_len=128, same calibration) into OUT/<model>-<format>-<method>
+compile   tcc.compile(model, "native", seq_len=128, same calibration) into OUT/<model>-<format>-<method>
 latency   (an idle machine) tcc.bench.bench(artifact): the artifact, PyTorch eager, ONNX Runtime fp32
           and ORT quantize_dynamic int8 of the unpruned fp32 model, in one process, batch 1,
           --repeats calls after 3 warm-up calls; the artifact's stored weight bytes.
@@ -86,7 +86,7 @@ def compile_all(res: Results, a, models: Formats) -> None:
             if (out / "manifest.json").exists() and res.get(model=model, kind="compile", format=fmt, method=method):
                 continue
             t0 = time.perf_counter()
-            tcc.compile(model, "x86", out=out, pipeline=with_samples(text, a.samples), seq_len=SEQ,
+            tcc.compile(model, "native", out=out, pipeline=with_samples(text, a.samples), seq_len=SEQ,
                         calibration_samples=a.samples).close()
             manifest = json.loads((out / "manifest.json").read_text())
             res.add({"model": model, "kind": "compile", "format": fmt, "method": method, "pipeline": text,

@@ -123,7 +123,7 @@ def compile_all(a, model: str, configs: list[tuple[str, int, str]]) -> None:
         if (out / "manifest.json").exists():
             continue
         t0 = time.perf_counter()
-        tcc.compile(model, "x86", out=out, pipeline=text, seq_len=128).close()
+        tcc.compile(model, "native", out=out, pipeline=text, seq_len=128).close()
         (out / "compile_seconds").write_text(f"{time.perf_counter() - t0:.1f}")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
-    ap.add_argument("--targets", nargs="+", default=["x86"])
+    ap.add_argument("--targets", nargs="+", default=["native"])
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="build/bench")
@@ -36,7 +36,7 @@ def main() -> int:
             wall = time.perf_counter() - t0
             info = json.loads(r.stdout.strip().splitlines()[-1])
             rows.append((model, target, wall, info))
-            if target == "x86":
+            if target in ("native", "x86"):  # runs here: bench it
                 b = subprocess.run([sys.executable, "-m", "tcc.cli", "-q", "bench", str(out), "--repeats", str(a.repeats)],
                                    capture_output=True, text=True)
                 print(b.stdout if b.returncode == 0 else b.stderr)

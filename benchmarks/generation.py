@@ -4,7 +4,7 @@ of SmolLM2-135M artifacts against PyTorch eager and llama.cpp, measured in one r
     python benchmarks/generation.py [--out build/generation] [--prompt 128] [--new 64] [--repeats 3]
                                     [--phase all|compile|measure|table]
 
-Artifacts (tcc.compile("smollm2", "x86", seq_len=PROMPT, max_context=512): prefill runs the prompt as
+Artifacts (tcc.compile("smollm2", "native", seq_len=PROMPT, max_context=512): prefill runs the prompt as
 one chunk of PROMPT tokens, decode one token per call, KV cache of 512 positions):
   fp32        no passes
   W8A8        quantize(acts=int8,method=smoothquant,embeddings=true)
@@ -156,7 +156,7 @@ def main() -> int:
         for name, pipeline in ARTIFACTS:
             d = out / _dir(name)
             if not (d / "manifest.json").exists():
-                tcc.compile("smollm2", "x86", out=d, pipeline=pipeline, seq_len=a.prompt, max_context=CONTEXT,
+                tcc.compile("smollm2", "native", out=d, pipeline=pipeline, seq_len=a.prompt, max_context=CONTEXT,
                             latency=False).close()
     if a.phase in ("all", "measure"):
         res.get(kind="bandwidth") or res.add({"kind": "bandwidth", "bytes_per_s": bandwidth(), "method": "torch.sum, 2 threads"})

@@ -106,7 +106,7 @@ def vit(res: Results, a) -> None:
                                                   for o, r in zip(outs, ref)]))})
         out = Path(a.out) / f"vit-{fmt.replace(' ', '-')}-{method}"
         if a.phase in ("all", "compile") and not (out / "manifest.json").exists():
-            tcc.compile(base, "x86", out=out, pipeline=text, calibration=images[:2]).close()
+            tcc.compile(base, "native", out=out, pipeline=text, calibration=images[:2]).close()
         if a.phase in ("all", "latency") and (out / "manifest.json").exists() \
                 and not res.get(model="vit", kind="latency", format=fmt, method=method):
             art = tcc.load(out)

@@ -102,7 +102,7 @@ def run(res: Results, a) -> None:
             if (out / "manifest.json").exists():
                 continue
             t0 = time.perf_counter()
-            tcc.compile("vit", "x86", out=out, pipeline=text, calibration=calibration).close()
+            tcc.compile("vit", "native", out=out, pipeline=text, calibration=calibration).close()
             m = json.loads((out / "manifest.json").read_text())
             res.add({"kind": "compile", "format": fmt, "compile_s": round(time.perf_counter() - t0, 1),
                      "sizes": m["sizes"], "verify": m["run"].get("verify")})
