@@ -131,10 +131,13 @@ def analyze(program: Program, feeds: list[dict], *, heads: bool = True, loss: bo
         for i, parts in enumerate(where):
             for p, s in parts.items():
                 if s is not None:
-                    sim[i, p][0] += float(_cosine(*_streams(s, clean.values)) @ weights)
-                    sim[i, p][1] += float(weights.sum())
+                    cos = _cosine(*_streams(s, clean.values))
+                    w = _rows(weights, len(cos))
+                    sim[i, p][0] += float(cos @ w)
+                    sim[i, p][1] += float(w.sum())
         for i, name in heads_at.items():
-            norms[i] += _head_norms(program, info.blocks[i].attention, clean.values[name], weights)
+            x = clean.values[name]
+            norms[i] += _head_norms(program, info.blocks[i].attention, x, _rows(weights, x[..., 0].numel()))
         if not measure_loss:
             continue
         base_terms.append(objective.terms(f, clean.outputs))
@@ -227,6 +230,12 @@ def _token_weights(feed: dict, values: dict, where: list[dict]) -> np.ndarray:
         return np.asarray(mask, dtype=np.float64).reshape(-1)
     s = next(site for parts in where for site in parts.values() if site is not None)
     return np.ones(values[s.x].reshape(-1, values[s.x].shape[-1]).shape[0])
+
+
+def _rows(weights: np.ndarray, n: int) -> np.ndarray:
+    """The token weights for a stream of `n` rows: uniform where prune-tokens left fewer tokens than the
+    mask has (which tokens were merged is not known here)."""
+    return weights if len(weights) == n else np.ones(n)
 
 
 def _head_norms(program: Program, attention, x: torch.Tensor, weights: np.ndarray) -> np.ndarray:

@@ -111,7 +111,7 @@ def site(view: _View, info: ModelInfo, block, part: str) -> Site | None:
     if part == "block":
         if block.attention is None and block.mlp is None:
             return None
-        return Site(block.index, block.name, part, out=block.output, by=block.input, x=block.input)
+        return _same_tokens(view, Site(block.index, block.name, part, out=block.output, by=block.input, x=block.input))
     sub = getattr(block, part)
     if sub is None:
         return None
@@ -139,8 +139,21 @@ def site(view: _View, info: ModelInfo, block, part: str) -> Site | None:
         if sub.norm is None or sub.norm.input != res.name:
             raise UserError(f"{where}: post-norm {part} without a LayerNorm after its residual add",
                             "drop whole blocks instead")
-        return Site(block.index, block.name, part, out=sub.norm.node, by=x.name, x=x.name)
-    return Site(block.index, block.name, part, out=add.name, by=other.name, x=x.name, branch=branch.name)
+        return _same_tokens(view, Site(block.index, block.name, part, out=sub.norm.node, by=x.name, x=x.name))
+    return _same_tokens(view, Site(block.index, block.name, part, out=add.name, by=other.name, x=x.name,
+                                   branch=branch.name))
+
+
+def _same_tokens(view: _View, s: Site) -> Site:
+    """`s`, or UserError when the part's output stream is not the shape of the stream that would replace
+    it (prune-tokens shortened the sequence inside it), so removing it cannot be exact."""
+    shapes = [getattr(view.by_name[n].meta.get("val"), "shape", None) for n in (s.out, s.by)]
+    if None not in shapes and tuple(shapes[0]) != tuple(shapes[1]):
+        raise UserError(f"block {s.block} ({s.name}): its {s.part} changes the stream's shape "
+                        f"({list(shapes[1])} -> {list(shapes[0])}; prune-tokens shortens the sequence there), "
+                        "so it cannot be removed exactly",
+                        "put analyze-redundancy and the drop-* passes before prune-tokens in the pipeline")
+    return s
 
 
 def stream_source(n: fx.Node) -> fx.Node:

@@ -339,3 +339,33 @@ def test_smollm2_drop_attention_perplexity_on_test_text():
     after = perplexity(pruned, base.tokenizer_dir, test, 128, 1024, 128)["value"]
     assert before == pytest.approx(37.11, rel=0.01)
     assert 1.0 < after / before <= 1.25, (before, after)
+
+
+def test_drop_after_prune_tokens(tmp_path):
+    """After prune-tokens the block that shortens the sequence cannot be removed exactly: drop-blocks
+    naming it is refused with a hint; drop-attention ranks the parts that can go (the shortened
+    streams weighted uniformly) and its result still runs like its input minus that attention."""
+    import tcc
+    cfg = AutoConfig.for_model("vit", hidden_size=64, num_attention_heads=4, num_hidden_layers=3,
+                               intermediate_size=128, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    AutoModel.from_config(cfg).eval().save_pretrained(tmp_path / "vit", safe_serialization=True)
+    calib = None
+
+    def pruned():
+        nonlocal calib
+        prog = tcc.trace(tmp_path / "vit", seq_len=8)
+        calib = calib or [prog.example_inputs(seed=s) for s in range(3)]
+        return Pipeline.parse("prune-tokens(schedule=[1,1,0.6],method=merge)").run(prog, PassContext(calibration=calib))
+
+    with pytest.raises(UserError, match="changes the stream's shape") as e:
+        Pipeline.parse("drop-blocks(layers=[1])").run(pruned(), PassContext(calibration=calib))
+    assert "before prune-tokens" in e.value.hint
+    base = pruned()
+    ctx = PassContext(calibration=calib)
+    dropped = Pipeline.parse("drop-attention(count=1)").run(pruned(), ctx)
+    gone = [b.index for b in dropped.info.blocks if b.attention is None]
+    assert len(gone) == 1
+    feed = base.example_inputs(seed=5)
+    assert dropped(feed)["last_hidden_state"].shape == base(feed)["last_hidden_state"].shape
+    assert not np.allclose(dropped(feed)["last_hidden_state"], base(feed)["last_hidden_state"])
