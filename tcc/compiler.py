@@ -199,7 +199,7 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
                 final["accuracy"] = {"measured_with": "artifact", "vs_source": drift, "vs_program": errors}
         if generation and verify and tgt.runs_here and reference is not None:
             final["generation"] = _check_generation(stage.dir, manifest, run_m, reference, tokenizer, generation,
-                                                    tokens=None if tgt.is_host else 8)  # qemu: ~1 s a token
+                                                    tokens=None if tgt.is_host else 16)  # qemu: ~1 s a step
         if not final.get("accuracy"):
             final.setdefault("accuracy_note", "not measured: verification was skipped (--no-verify)")
         run["cache"] = {e["kind"]: e["outcome"] for e in caches.events()[seen_events:]}
@@ -233,7 +233,9 @@ def _build(program: Program, tgt, backend: str, dir: Path, functions: dict | Non
         params = [(n, t.detach().numpy()) for n, t in program.named_tensors().items()]
         return {"params": [], "weight_bytes": weight_bytes(params), "sparsity": []}
     # (cuda libraries are not cached: the cache keeps model.so and weights, not their device code files)
-    key = caches.library_key(program, tgt, generation) if caches.enabled() and tgt.runs_here else None
+    # the further entry points' graphs as well (what kv_cached made of the program, even when patched)
+    graphs = {name: str(prog.gm.graph) for name, prog in (functions or {}).items()}
+    key = caches.library_key(program, tgt, [generation, graphs]) if caches.enabled() and tgt.runs_here else None
     library = caches.load_library(key, dir) if key else None
     if library is not None:
         info(f"library for {tgt.name} from the cache ({caches.cache_dir('libs')})")
@@ -368,22 +370,30 @@ def _store_tokenizer(program: Program, dir: Path):
 
 def _check_generation(dir: Path, manifest: dict, run: dict, source: Program, tokenizer, generation: dict,
                       tokens: int | None = None) -> dict:
-    """The artifact's prefill/decode against the source model's greedy continuation (its Program with a
-    KV cache, in PyTorch) of a fixed prompt: teacher-forced agreement (1.0 for an uncompressed model up
-    to float ties; what compression costs otherwise)."""
-    from .generation import CHECK_TOKENS, ProgramSession, agreement, check_prompt, greedy_tokens, kv_cached
+    """The artifact's prefill/decode against the source model itself: the Program as traced, before
+    any pass and without a KV cache (so a fault of the cache rewrite cannot hide in the reference),
+    runs once over `tokens` ids (tcc.generation.check_ids: the check prompt, then the calibration
+    text) and its argmax at each position is the reference; the artifact is fed the same ids,
+    teacher-forced, through prefill (in chunks of its length, past a chunk boundary where the ids
+    allow) and decode. Reports top-1 agreement at every position the artifact returns logits for
+    (each chunk's last one and each decode step; 1.0 for an uncompressed model up to float ties)
+    and the largest logit difference; run.seconds.generation_check says what each side cost."""
+    from .generation import CHECK_TOKENS, check_ids, check_split, compare_logits, source_logits, teacher_forced
     from .runtime import Loaded
     context, chunk = generation["max_context"], generation["prefill_len"]
-    prompt = check_prompt(tokenizer, source.outputs[0].shape[-1])
-    prompt = prompt[:max(1, context // 2)]
-    n = min(tokens or CHECK_TOKENS, context - len(prompt))
-    with status(f"checking generation: {n} greedy tokens vs the source model"):
-        want = greedy_tokens(ProgramSession(kv_cached(source, context)), prompt, n, chunk, context)
+    ids = check_ids(tokenizer, source.outputs[0].shape[-1], min(tokens or CHECK_TOKENS, context))
+    prefilled = check_split(len(ids), chunk, context)
+    with status(f"checking generation: {len(ids)} teacher-forced tokens vs the source model"):
+        t0 = time.perf_counter()
+        want = source_logits(source, ids)
+        t1 = time.perf_counter()
         write_manifest(dir, manifest, run)  # the loader reads the manifest
         with Loaded(dir, verify=False) as art:
-            rate = agreement(art.session(), prompt, want, chunk)
-    out = {"max_context": context, "prefill_len": chunk, "cache_bytes": generation["cache_bytes"],
-           "agreement": {"rate": rate, "tokens": len(want), "prompt_tokens": len(prompt),
-                         "reference": "the source model's greedy tokens (PyTorch), teacher-forced"}}
-    run["generation_agreement"] = rate
-    return out
+            got = teacher_forced(art.session(), ids, chunk, prefilled)
+    run["seconds"]["generation_check"] = {"source": round(t1 - t0, 2), "artifact": round(time.perf_counter() - t1, 2)}
+    agreement = {**compare_logits(want, got), "prompt_tokens": prefilled, "sequence_tokens": len(ids),
+                 "reference": "the source model's argmax at each position of one full forward (PyTorch), "
+                              "teacher-forced through prefill and decode"}
+    run["generation_agreement"] = agreement["rate"]
+    return {"max_context": context, "prefill_len": chunk, "cache_bytes": generation["cache_bytes"],
+            "agreement": agreement}

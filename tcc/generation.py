@@ -21,9 +21,9 @@ KV groups shrink their layer's cache, quantized projections stay quantized.
            caches and attends causally over rows 0..pos+L-1, the last `window` of them where the
            layer slides (the model's own mask becomes dead and is removed); the LM
            head reads only row `last` of its input, so logits are [B, 1, V].
-  verify   `check(original, gen)`: prefill of a prompt in two chunks + one decode step give the
-           original program's logits at those positions (tests use it; the compiler runs it on the
-           calibration text when it builds a generation artifact).
+  verify   the compiler checks the built artifact against the source Program's own full forward
+           (not through this rewrite) on check_ids, teacher-forced: teacher_forced, source_logits,
+           compare_logits (docs/GENERATION.md).
 
 The artifact (tcc.compiler) builds this graph twice: `prefill` at a fixed chunk of `prefill_len`
 tokens (a prompt is fed in chunks; the last one is padded at the end: later positions never see the
@@ -49,9 +49,10 @@ from .structure import ancestors, op_name
 
 aten = torch.ops.aten
 DEFAULT_MAX_CONTEXT = 2048
-# what a compile checks generation on (tokens of this text, or ids 1..12 without a tokenizer)
+# what a compile checks generation on: the tokens of this text, then the calibration text's first
+# tokens, CHECK_TOKENS in all (ids 1..12, then seeded random ids, without a tokenizer)
 CHECK_PROMPT = "The history of the city goes back to the Roman era, when"
-CHECK_TOKENS = 32
+CHECK_TOKENS = 64
 
 
 def check_prompt(tokenizer, vocab: int) -> list[int]:
@@ -60,6 +61,26 @@ def check_prompt(tokenizer, vocab: int) -> list[int]:
     for want of a prompt)."""
     ids = list(tokenizer(CHECK_PROMPT)["input_ids"]) if tokenizer is not None else []
     return ids or [(1 + i) % vocab for i in range(12)]
+
+
+def check_ids(tokenizer, vocab: int, n: int) -> list[int]:
+    """The n token ids a compile checks generation on, teacher-forced: check_prompt, then the first
+    tokens of the calibration text (tcc.calibration.default_text), then (a short text, or no
+    tokenizer) seeded random ids within the vocabulary."""
+    ids = check_prompt(tokenizer, vocab)[:n]
+    if tokenizer is not None and len(ids) < n:
+        from .calibration import _tokens_from, default_text
+        ids += [t for t in _tokens_from(tokenizer, default_text(), 0.0, n - len(ids)) if t < vocab][:n - len(ids)]
+    rng = np.random.default_rng(0)
+    return ids + [int(t) for t in rng.integers(1, max(vocab, 2), n - len(ids))]
+
+
+def check_split(n: int, chunk: int, context: int) -> int:
+    """How many of a check's n ids go through prefill (the rest through decode): past the first
+    chunk boundary where n allows it, leaving at least a quarter of them to decode, and no more
+    padded chunks than the context holds (the kernel writes a whole chunk's cache rows)."""
+    p = min(chunk + max(1, chunk // 4), n - max(1, n // 4))
+    return max(1, p if -(-p // chunk) * chunk <= context else min(p, chunk))
 
 
 @dataclasses.dataclass
@@ -344,15 +365,21 @@ def at_length(program: Program, length: int) -> Program:
 
 # -- running ----------------------------------------------------------------------------------------
 
-def prefill_prompt(prefill: Callable, prompt: list[int], chunk: int) -> np.ndarray:
+def prefill_chunks(prefill: Callable, prompt: list[int], chunk: int) -> Iterator[tuple[int, np.ndarray]]:
     """Feed `prompt` through `prefill(ids [chunk], pos, last)` in chunks (the last one padded at its
-    end); returns the logits of the prompt's last token."""
-    logits = None
+    end); yields (position, logits) of each chunk's last token."""
     for start in range(0, len(prompt), chunk):
         stop = min(start + chunk, len(prompt))
         ids = np.zeros(chunk, dtype=np.int64)
         ids[:stop - start] = prompt[start:stop]
-        logits = prefill(ids, start, stop - start - 1)
+        yield stop - 1, prefill(ids, start, stop - start - 1)
+
+
+def prefill_prompt(prefill: Callable, prompt: list[int], chunk: int) -> np.ndarray:
+    """The logits of the prompt's last token after prefill_chunks."""
+    logits = None
+    for _, logits in prefill_chunks(prefill, prompt, chunk):
+        pass
     return logits
 
 
@@ -423,22 +450,33 @@ def rates(stats: dict) -> dict:
             "decode_tokens_per_s": per_s(stats.get("decode_tokens", 0), stats.get("decode_seconds", 0))}
 
 
-def greedy_tokens(session, prompt: list[int], n: int, chunk: int, max_context: int) -> list[int]:
-    """n greedy tokens after `prompt` from any session with prefill(ids, pos, last) / decode(token, pos)."""
-    return list(decode_loop(session.prefill, session.decode, prompt, n, max_context, chunk))
+def teacher_forced(session, ids: list[int], chunk: int, prefilled: int) -> dict[int, np.ndarray]:
+    """Logits by position from a session with prefill(ids, pos, last) / decode(token, pos) fed `ids`:
+    ids[:prefilled] through prefill in chunks of `chunk` (each chunk's last position), then one
+    decode step per remaining id (its own position)."""
+    out = dict(prefill_chunks(session.prefill, ids[:prefilled], chunk))
+    for pos in range(prefilled, len(ids)):
+        out[pos] = session.decode(ids[pos], pos)
+    return out
 
 
-def agreement(session, prompt: list[int], reference: list[int], chunk: int) -> float:
-    """Teacher-forced greedy agreement: the fraction of `reference`'s tokens (a reference model's greedy
-    continuation of `prompt`) that `session` predicts as its argmax when fed the reference prefix; one
-    early difference does not count against every later token."""
-    logits = prefill_prompt(session.prefill, prompt, chunk)
-    hits = 0
-    for i, token in enumerate(reference):
-        hits += int(np.argmax(logits)) == token
-        if i + 1 < len(reference):
-            logits = session.decode(token, len(prompt) + i)
-    return hits / max(len(reference), 1)
+def source_logits(program: Program, ids: list[int]) -> np.ndarray:
+    """One full-sequence forward of a (dynamic-length) causal-LM Program on `ids`: logits [len(ids), V]."""
+    feeds = {}
+    for s in program.inputs:
+        rows = np.tile(np.asarray(ids, dtype=s.dtype), (s.shape[0], 1))
+        feeds[s.name] = rows if s.name == "input_ids" else np.ones_like(rows)  # attention_mask
+    return program(feeds)[program.outputs[0].name][0]
+
+
+def compare_logits(want: np.ndarray, got: dict[int, np.ndarray]) -> dict:
+    """Top-1 agreement of `got` (logits by position) with `want` [L, V] at those positions, and the
+    largest logit difference (absolute, and relative to the largest reference logit)."""
+    at = sorted(got)
+    g, w = np.stack([got[p] for p in at]).astype(np.float64), want[at].astype(np.float64)
+    err = float(np.abs(g - w).max())
+    return {"rate": float(np.mean(g.argmax(-1) == w.argmax(-1))), "tokens": len(at),
+            "max_abs_logit_error": err, "max_rel_logit_error": err / max(float(np.abs(w).max()), 1e-30)}
 
 
 class ProgramSession:

@@ -118,12 +118,14 @@ def test_compiled_prefill_decode_match_the_program(llama, tmp_path, pipeline, to
             for fn in ("prefill", "decode"):
                 assert sum(weights[n].dtype == np.int8 for n in gen_m["functions"][fn]["params"]) >= 8
         _compiled_vs_program(art, kv_cached(passed, 24), [3, 9, 27, 81, 1, 2, 4], tol)
-        # the compile's own check: teacher-forced greedy agreement with the source model (ids 1..12,
-        # then 12 tokens to the end of the context); fp32 must agree everywhere
+        # the compile's own check (tests/test_generation_check.py): 24 ids teacher-forced, 16 prefilled
+        # (a second padded chunk would pass the context) and 8 decoded: 9 positions vs the source's full
+        # forward; fp32 agrees everywhere
         from tcc import report
         agreement = report.read(art.dir)["final"]["generation"]["agreement"]
-        assert agreement["tokens"] == 12 and agreement["rate"] >= (0.75 if pipeline else 1.0)
-        assert "greedy agreement with the source model" in (art.dir / "report.md").read_text()
+        assert agreement["tokens"] == 9 and agreement["rate"] >= (0.75 if pipeline else 1.0)
+        assert pipeline or agreement["max_rel_logit_error"] <= 1e-4
+        assert "top-1 agreement with the source model" in (art.dir / "report.md").read_text()
 
 
 def test_artifact_greedy_equals_transformers(tmp_path):
