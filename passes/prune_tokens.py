@@ -21,7 +21,7 @@ Which (method=):
              softmax(q k^T * scale + mask) recomputed from that layer's q and k (the eager graph's own
              softmax when it has one), mean over heads; the first query's row (the CLS row;
              score=cls, the default when protect >= 1), else the mean over the valid query rows
-             (score=mean). The top-k tokens stay in their original order (topk + sort + gather).
+             (score=mean). The top-k tokens stay in their original order (ranks by pairwise comparison, then gather).
   merge      ToMe bipartite soft matching: the tokens split alternately into A (even) and B (odd);
              each A token's most cosine-similar B token is found on the keys of the previous layer
              (mean over heads; the hidden states when there is no earlier attention on these tokens),

@@ -11,8 +11,8 @@ Schedules
         `minimum` and never more than the layer before.
 
 Token operations (functions of tensors; every size is a Python int known when the graph is built,
-so they trace to aten ops with static shapes that torch.export and the TVM backend take: topk, sort,
-gather, scatter, cumsum, 1-D index_put with accumulate for the merge sums, max.dim, matmul; flags are
+so they trace to aten ops with static shapes that torch.export and the TVM backend take: pairwise comparisons,
+sums, gather, scatter, cumsum, 1-D index_put with accumulate for the merge sums, max.dim, matmul; flags are
 0/1 floats, not bools, because TVM 0.27's CPU schedule fails to vectorise stores of bool buffers of
 odd width: "dtype mismatch on BufferStore: buffer's dtype is T.bool ... RHS's dtype is T.int8x6"):
     received_from_scores / received_from_probs  attention received per token, [B, n], in [0, 1]
@@ -113,9 +113,22 @@ def drop_key(importance, protected, valid):
     return protected * (3.0 - order) + real * importance + (1 - protected) * (1 - valid) * (-1.0 - order)
 
 
+def descending_rank(key):
+    """Each key's place per row in descending order, ties to the earlier position: [B, n] int64, by
+    comparing every pair (n x n per row) rather than topk/sort, which TVM lowers to a packed function
+    (tvm.contrib.sort) that the aarch64 TVM runtime does not have."""
+    n = key.shape[1]
+    pos = torch.arange(n)
+    earlier = (pos[None, :] < pos[:, None]).to(key.dtype)  # [i, j]: j comes before i
+    a, b = key[:, None, :], key[:, :, None]  # a[., i, j] = key_j, b[., i, j] = key_i
+    return ((a > b).to(key.dtype) + (a == b).to(key.dtype) * earlier).sum(-1).to(torch.int64)
+
+
 def keep_top(key, k: int):
-    """Indices of the k largest keys per row, ascending (the tokens keep their order)."""
-    return torch.sort(torch.topk(key, k, dim=1).indices, dim=1).values
+    """Indices of the k largest keys per row, ascending (the tokens keep their order): the p-th kept
+    token is at the number of positions whose running count of kept tokens is at most p."""
+    kept = torch.cumsum((descending_rank(key) < k).to(torch.int64), 1)
+    return (kept[:, None, :] <= torch.arange(k)[None, :, None]).to(torch.int64).sum(-1)
 
 
 def take(x, idx):
@@ -177,8 +190,7 @@ def merge_round(x, metric, size, protected, valid, r: int):
     best, dst = sim.max(-1)
     row = torch.arange(na, dtype=sim.dtype) / na
     key = best - row * (1 - va * (1 - pa))  # ties among padding / protected rows: earlier first
-    src = torch.topk(key, r, dim=1).indices
-    merged = torch.zeros(B, na, dtype=torch.int64).scatter(1, src, torch.ones(B, r, dtype=torch.int64))
+    merged = (descending_rank(key) < r).to(torch.int64)  # the r A tokens with the largest keys
     even = (2 * torch.arange(na)).expand(B, na)
     kept = torch.ones(B, n, dtype=torch.int64).scatter(1, even, 1 - merged)
     target = torch.arange(n).expand(B, n).scatter(1, even, even + merged * (2 * dst + 1 - even))

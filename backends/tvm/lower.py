@@ -791,7 +791,21 @@ def _convert_slice(node, importer):
     return importer.block_builder.emit(relax.op.strided_slice(x, [d], [0], [e], [1], assume_inbound=True))
 
 
+def _convert_max_dim(node, importer):
+    """aten.max.dim as a max and an argmax reduction (the first index of the maximum, as torch): TVM's
+    importer emits topk(k=1), which the CPU lowering hands to the packed function tvm.contrib.sort.topk
+    that the aarch64 TVM runtime does not have."""
+    from tvm import relax
+    x, dim = importer.env[node.args[0]], node.args[1]
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    bb = importer.block_builder
+    values = bb.emit(relax.op.max(x, axis=dim, keepdims=keepdim))
+    indices = bb.emit(relax.op.argmax(x, axis=dim, keepdims=keepdim))
+    return bb.emit(relax.Tuple([values, indices]))
+
+
 CONVERT_MAP = {
+    "max.dim": _convert_max_dim,
     "slice.Tensor": _convert_slice,
     "dense_bsr.default": _dense_converter("tcc_dense_bsr", 4),  # (x, values, col_idx, row_ptr, b?, k)
     "unmask.default": _convert_unmask,
