@@ -53,6 +53,7 @@ class Heal(Pass):
 
     name = "heal"
     kind = "transform"
+    writes_weights = True  # in place (Pipeline.run; Program.clone)
     needs_original = True
     options = {
         "steps": Option(int, 100, "training steps, one calibration window each",

@@ -142,6 +142,7 @@ class Quantize(Pass):
 
     name = "quantize"
     kind = "transform"
+    writes_weights = True  # in place (Pipeline.run; Program.clone)
     options = {
         "weights": Option(str, "int8", "weight format", choices=("int8", "int4")),
         "group": Option(int, 128, "int4: input features per scale (even; a K it does not divide uses the largest even "

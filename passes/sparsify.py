@@ -82,6 +82,7 @@ class Sparsify(Pass):
 
     name = "sparsify"
     kind = "transform"
+    writes_weights = True  # in place (Pipeline.run; Program.clone)
     options = {
         "pattern": Option(str, "unstructured", "unstructured, n:m (e.g. 2:4, 4:8) or block (shape: block=)",
                           validator=lambda v: _problem(sp.parse_pattern, v)),

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import __version__
 from . import cache as caches
+from . import memory
 from . import report as reports
 from .artifact import WHAT, Staging, is_artifact, save_weights, weight_bytes, write_manifest
 from .errors import AccuracyBudgetError, UserError
@@ -71,7 +72,8 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
         raise
     if report is not None:
         reports.write_json(report, reports.read(path))
-    info(f"[green]wrote[/green] {path}  ({final['size']['weight_bytes'] / 1e6:.1f} MB weights, target {facts['target']['name']})")
+    info(f"[green]wrote[/green] {path}  ({final['size']['weight_bytes'] / 1e6:.1f} MB weights, target {facts['target']['name']}, "
+         f"peak RSS {run['memory']['peak_rss_gb']:.1f} GB)")
     from .runtime import load
     return load(path)
 
@@ -112,14 +114,15 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
     seen_events = len(caches.events())
     user.check_outputs(force)  # a pass's own output paths (analyze-redundancy out=), before the slow work
     # Staging checks the output path now, before the slow work; the libraries' own output goes to build.log
-    with Staging(out, force) as stage, library_output(stage.dir / "build.log"):
+    with Staging(out, force) as stage, library_output(stage.dir / "build.log"), memory.recording() as steps:
         t_start = time.perf_counter()
-        if isinstance(model, Program):
-            program = model.clone()
-        else:
-            from .frontend import trace
-            traced_max = max(max_seq_len or 0, gen_context or 0) or None  # generation traces a dynamic length
-            program = trace(model, task=task, seq_len=seq_len, batch=batch, max_seq_len=traced_max)
+        with memory.stage("load and trace"):
+            if isinstance(model, Program):
+                program = model.clone()
+            else:
+                from .frontend import trace
+                traced_max = max(max_seq_len or 0, gen_context or 0) or None  # generation traces a dynamic length
+                program = trace(model, task=task, seq_len=seq_len, batch=batch, max_seq_len=traced_max)
         if tokenizer is not None:
             from .evaluate import attach_tokenizer
             attach_tokenizer(program, tokenizer)
@@ -128,12 +131,17 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
                      outputs=[s.to_json() for s in program.outputs])
         run["seconds"]["trace"] = round(t_trace, 2)
         source_param_bytes = program.param_bytes()
-        reference = program.clone() if verify or max_drift is not None else None
+        with memory.stage("copy for verification"):
+            # the reference shares the weights unless a pass writes into them in place
+            reference = (program.clone(share_weights=not any(p.writes_weights for p in pipe))
+                         if verify or max_drift is not None else None)
 
         if calibration is None:
             calibration = _calibration(program, user, calibration_text, calibration_samples)
-        ctx = PassContext(calibration=calibration, verbose=True, records=records, force=force)
-        program = pipe.run(program, ctx, in_place=True)  # this Program is already compile's own copy
+        ctx = PassContext(calibration=calibration, verbose=True, records=records, force=force,
+                          shared=frozenset(map(id, reference.named_tensors().values())) if reference else frozenset())
+        with memory.stage("passes"):
+            program = pipe.run(program, ctx, in_place=True)  # this Program is already compile's own copy
         if max_drift is not None:
             _check_drift(program, reference, max_drift, final)
         functions, generation = {}, None
@@ -148,7 +156,9 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             if not user_dynamic:  # main at the example length, as without generation
                 program = at_length(program, length)
         t0 = time.perf_counter()
-        library = _build(program, tgt, backend, stage.dir, functions, generation)
+        with memory.stage("build"):
+            library = _build(program, tgt, backend, stage.dir, functions, generation)
+        functions = gen = None  # the KV-cache programs: built; the verification below runs `program` and `reference`
         t_build = time.perf_counter() - t0
         manifest = {
             "tcc_version": __version__,
@@ -204,6 +214,7 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             final.setdefault("accuracy_note", "not measured: verification was skipped (--no-verify)")
         run["cache"] = {e["kind"]: e["outcome"] for e in caches.events()[seen_events:]}
         run["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
+        run["memory"] = run_m["memory"] = {"peak_rss_gb": round(memory.peak_bytes() / memory.GB, 3), "steps": [{"step": k, **v} for k, v in steps.items() if v]}  # in order
         reports.write(stage.dir, reports.build(facts, records, final, run))
         write_manifest(stage.dir, manifest, run_m)
         return stage.commit()
@@ -244,7 +255,8 @@ def _build(program: Program, tgt, backend: str, dir: Path, functions: dict | Non
     sparsity: list[dict] = []
     device_code: dict = {}
     params, signatures = build_library(program, tgt, dir / "model.so", sparsity, device_code, functions)
-    save_weights(dir / "weights.safetensors", params)
+    with memory.stage("writing weights.safetensors"):
+        save_weights(dir / "weights.safetensors", params)
     library = {"params": signatures["main"], "weight_bytes": weight_bytes(params), "sparsity": sparsity,
                "functions": {name: {"inputs": [s.to_json() for s in prog.inputs],
                                     "outputs": [s.to_json() for s in prog.outputs], "params": signatures[name]}

@@ -132,6 +132,8 @@ class PassContext:
                     `needs_original` (heal distils from it); None otherwise
     force           passes may replace what is at a user-given output path even when tcc did not
                     write it (`--force`; Pass.check_outputs)
+    shared          the tensors (by id) another Program shares with this one (Program.clone(
+                    share_weights=True)): a pass that is not `writes_weights` must not write into them
     """
 
     calibration: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
@@ -147,6 +149,7 @@ class PassContext:
     details: dict = dataclasses.field(default_factory=dict)  # the running pass's notes
     original: Program | None = None
     force: bool = False
+    shared: frozenset = frozenset()
 
     def refresh_info(self, program: Program) -> None:
         """Recover ModelInfo again after a pass changed the structure."""
@@ -169,6 +172,9 @@ class Pass:
     kind: ClassVar[str] = "transform"
     options: ClassVar[dict[str, Option]] = {}
     needs_original: ClassVar[bool] = False  # Pipeline.run keeps a copy of its input in ctx.original
+    # writes into existing tensors in place (else it only replaces them: a copy of the Program made
+    # with clone(share_weights=True) stays as it was; Pipeline.run checks this)
+    writes_weights: ClassVar[bool] = False
 
     def __init__(self, **opts: Any):
         unknown = [k for k in opts if k not in self.options]
@@ -536,6 +542,8 @@ class Pipeline:
             ctx.original = program.clone()
         for index, p in enumerate(self.passes, 1):
             ctx.details = {}
+            versions = None if p.writes_weights or not ctx.shared else {
+                id(t): t._version for t in program.named_tensors().values() if id(t) in ctx.shared}
             t0 = time.perf_counter()
             if ctx.verbose:
                 from .progress import console
@@ -549,6 +557,11 @@ class Pipeline:
                 program.gm.recompile()
             except Exception as e:
                 raise InternalError(f"pass '{p.name}' left an invalid graph: {type(e).__name__}: {e}") from e
+            written = [n for n, t in program.named_tensors().items() if versions and versions.get(id(t), t._version)
+                       != t._version]
+            if written:
+                raise InternalError(f"pass '{p.name}' wrote into {written[:3]} in place, which another copy of the "
+                                    "Program shares; a pass that does must set writes_weights = True")
             after = _observe(program, feeds, p)
             drift = _drift(before["outputs"], after["outputs"], [s.name for s in program.outputs])
             record = {

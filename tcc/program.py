@@ -125,8 +125,12 @@ class Program:
         return feeds
 
     # -- bookkeeping ---------------------------------------------------------------------------
-    def clone(self) -> "Program":
-        return dataclasses.replace(self, gm=copy.deepcopy(self.gm), info=copy.deepcopy(self.info),
+    def clone(self, share_weights: bool = False) -> "Program":
+        """A copy to rewrite. `share_weights`: its parameters and buffers are this Program's tensor
+        objects (no second copy of the weights: copy_sharing_weights), for a copy that is only read,
+        or rewritten by passes that replace tensors rather than write into them (not writes_weights)."""
+        gm = copy_sharing_weights(self.gm) if share_weights else copy.deepcopy(self.gm)
+        return dataclasses.replace(self, gm=gm, info=copy.deepcopy(self.info),
                                    annotations=copy.deepcopy(self.annotations))
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
@@ -156,6 +160,21 @@ class Program:
             h.update(name.encode())
             h.update(t.detach().contiguous().cpu().numpy().tobytes())
         return h.hexdigest()
+
+
+def copy_sharing_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A deep copy of `gm` (graph, submodules, attributes) whose parameters and buffers are the same
+    tensor objects as `gm`'s: no second copy of the weights. For a copy whose tensors are replaced
+    (register_parameter, setattr), never written into in place (that would change `gm` too)."""
+    memo: dict = {}
+    for t in [*gm.parameters(), *gm.buffers(), *(v for v in vars(gm).values() if isinstance(v, torch.Tensor))]:
+        memo[id(t)] = t
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            t = attribute(gm, n.target)
+            if isinstance(t, torch.Tensor):
+                memo[id(t)] = t
+    return copy.deepcopy(gm, memo)
 
 
 def attribute(obj, path: str):

@@ -77,17 +77,20 @@ def info(msg: str) -> None:
 
 @contextlib.contextmanager
 def status(msg: str):
-    """A spinner while the block runs; prints the time taken when it ends."""
+    """A spinner while the block runs; prints the time taken when it ends. A compile records the
+    step's memory (tcc.memory)."""
+    from .memory import stage
     t0 = time.perf_counter()
-    if _quiet:
-        yield
-        return
-    if console.is_terminal:
-        with console.status(msg):
+    with stage(msg):
+        if _quiet:
             yield
-    else:
-        console.print(f"{msg} ...")
-        yield
+            return
+        if console.is_terminal:
+            with console.status(msg):
+                yield
+        else:
+            console.print(f"{msg} ...")
+            yield
     console.print(f"[dim]{msg}: {time.perf_counter() - t0:.1f} s[/dim]")
 
 

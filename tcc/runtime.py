@@ -167,10 +167,11 @@ class _HostVM:
         self.lib = tvm.runtime.load_module(_unique_path(dir / "model.so", manifest))
         self.vm = relax.VirtualMachine(self.lib, tvm.cpu())
         self.weights = load_file(str(dir / "weights.safetensors"))
-        self.by_name = {n: tvm.runtime.tensor(self.weights[n]) for n in manifest["params"]}
+        # every function's tensors to TVM now, each numpy copy dropped once converted: one copy in memory
+        names = list(manifest["params"]) + [n for f in (manifest.get("generation") or {}).get("functions", {}).values()
+                                            for n in f["params"]]
+        self.by_name = {n: tvm.runtime.tensor(self.weights.pop(n)) for n in dict.fromkeys(names)}
         self.params = [self.by_name[n] for n in manifest["params"]]
-        if not manifest.get("generation"):
-            self.weights = {}  # main's tensors are loaded; nothing else will ask
         self.outputs = [TensorSpec.from_json(s) for s in manifest["outputs"]]
         self.main = self.vm["main"]
 

@@ -23,7 +23,6 @@ variables (`_out_sinfo`); slices of position buffers by the length keep the leng
 """
 from __future__ import annotations
 
-import copy
 import functools
 import operator
 
@@ -33,7 +32,7 @@ import torch
 from tcc import ops  # registers torch.ops.tcc.*
 from tcc.errors import UserError
 from tcc.frontend import dynamic_shapes
-from tcc.program import Program
+from tcc.program import Program, copy_sharing_weights
 
 aten = torch.ops.aten
 tcc_ops = torch.ops.tcc
@@ -571,7 +570,7 @@ def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
     `annotations` (Program.annotations): sparse weights take the block-sparse kernel or compressed
     storage (device "cuda": the 2:4 kernel, else dense, backends/tvm/cuda.py); what each got is
     appended to `report`."""
-    gm = copy.deepcopy(gm)
+    gm = copy_sharing_weights(gm)  # nothing below writes into a tensor: it registers new ones
     _buffers_to_parameters(gm)
     anns = _sparsity(annotations)
     if device == "cuda":

@@ -1,0 +1,100 @@
+"""Resident memory (RSS) of a compile: the process's peak overall and per step.
+
+`recording()` (compile wraps its work in it) turns recording on; while it is on, every
+`progress.status` step and every `stage(name)` block records its seconds, the peak RSS reached
+inside it and the RSS when it ended. Linux keeps the peak (VmHWM in /proc/self/status); it is reset
+at the start of each step (writing 5 to /proc/self/clear_refs) so each step gets its own peak, and
+folded into every step still open, so nested steps are right too. Where the reset is not allowed
+a step's peak is the process's peak so far (ru_maxrss), still exact for the whole compile.
+Child processes (the C compiler, the linker) are not counted.
+"""
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+
+GB = 1e9
+_steps: dict | None = None  # name -> {"seconds", "peak_gb", "end_gb", "calls"} while recording
+_open: list[list] = []  # [name, peak bytes] of the steps now running, outermost first
+_peak = 0  # the whole recording's peak (bytes)
+_can_reset: bool | None = None
+
+
+def _status() -> tuple[int, int]:
+    """(peak RSS since the last reset, RSS now) in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmHWM", "VmRSS")))
+        return int(fields["VmHWM"].split()[0]) * 1024, int(fields["VmRSS"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        import psutil
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+        return peak, psutil.Process().memory_info().rss
+
+
+def _fold() -> int:
+    """Fold the peak since the last reset into the open steps and the whole; reset it. Returns RSS now."""
+    global _peak, _can_reset
+    hwm, rss = _status()
+    _peak = max(_peak, hwm)
+    for step in _open:
+        step[1] = max(step[1], hwm)
+    if _can_reset is not False:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            _can_reset = True
+        except OSError:
+            _can_reset = False
+    return rss
+
+
+def peak_bytes() -> int:
+    """The process's peak RSS: since recording() began while it is on, else since the process started
+    (or the last reset)."""
+    if _steps is None:
+        return max(_status()[0], _peak)
+    _fold()
+    return _peak
+
+
+@contextlib.contextmanager
+def recording():
+    """Record steps for the block; yields the {step: figures} dict it fills (GB, rounded)."""
+    global _steps, _peak
+    outer = _steps
+    if outer is not None:  # nested (a compile inside a search): the outer recording goes on
+        yield outer
+        return
+    _steps, _peak = {}, 0
+    _fold()
+    _peak = _status()[1]
+    try:
+        yield _steps
+    finally:
+        _fold()
+        _steps = None
+
+
+@contextlib.contextmanager
+def stage(name: str):
+    """Record the block as step `name` (a no-op unless recording); repeated names add up."""
+    if _steps is None:
+        yield
+        return
+    _fold()
+    _steps.setdefault(name, None)  # steps in the order they began
+    step = [name, 0]
+    _open.append(step)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        rss = _fold()
+        _open.remove(step)
+        if _steps is not None:
+            old = _steps.get(name) or {"seconds": 0.0, "peak_gb": 0.0, "calls": 0}
+            _steps[name] = {"seconds": round(old["seconds"] + time.perf_counter() - t0, 2),
+                            "peak_gb": max(old["peak_gb"], round(step[1] / GB, 3)), "end_gb": round(rss / GB, 3),
+                            "calls": old["calls"] + 1}
