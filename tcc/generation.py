@@ -365,20 +365,25 @@ def at_length(program: Program, length: int) -> Program:
 
 # -- running ----------------------------------------------------------------------------------------
 
-def prefill_chunks(prefill: Callable, prompt: list[int], chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+def prefill_chunks(prefill: Callable, prompt: list[int], chunk: int,
+                   max_context: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Feed `prompt` through `prefill(ids [chunk], pos, last)` in chunks (the last one padded at its
-    end); yields (position, logits) of each chunk's last token."""
+    end); yields (position, logits) of each chunk's last token. A chunk whose padding would run past
+    `max_context` starts earlier instead, re-filling cache rows it shares with the chunk before from
+    the same prompt tokens (the same values: exact under causal attention)."""
     for start in range(0, len(prompt), chunk):
         stop = min(start + chunk, len(prompt))
+        if max_context is not None and start + chunk > max_context:
+            start = max(0, min(start, max_context - chunk))
         ids = np.zeros(chunk, dtype=np.int64)
         ids[:stop - start] = prompt[start:stop]
         yield stop - 1, prefill(ids, start, stop - start - 1)
 
 
-def prefill_prompt(prefill: Callable, prompt: list[int], chunk: int) -> np.ndarray:
+def prefill_prompt(prefill: Callable, prompt: list[int], chunk: int, max_context: int | None = None) -> np.ndarray:
     """The logits of the prompt's last token after prefill_chunks."""
     logits = None
-    for _, logits in prefill_chunks(prefill, prompt, chunk):
+    for _, logits in prefill_chunks(prefill, prompt, chunk, max_context):
         pass
     return logits
 
@@ -427,7 +432,7 @@ def decode_loop(prefill: Callable, decode: Callable, prompt: list[int], max_new_
     rng = np.random.default_rng(seed)
     stats = stats if stats is not None else {}
     t0 = time.perf_counter()
-    logits = prefill_prompt(prefill, prompt, chunk)
+    logits = prefill_prompt(prefill, prompt, chunk, max_context)
     stats.update(prefill_seconds=time.perf_counter() - t0, prefill_tokens=len(prompt), decode_seconds=0.0,
                  decode_tokens=0)
     pos = len(prompt)
@@ -454,7 +459,7 @@ def teacher_forced(session, ids: list[int], chunk: int, prefilled: int) -> dict[
     """Logits by position from a session with prefill(ids, pos, last) / decode(token, pos) fed `ids`:
     ids[:prefilled] through prefill in chunks of `chunk` (each chunk's last position), then one
     decode step per remaining id (its own position)."""
-    out = dict(prefill_chunks(session.prefill, ids[:prefilled], chunk))
+    out = dict(prefill_chunks(session.prefill, ids[:prefilled], chunk, getattr(session, "max_context", None)))
     for pos in range(prefilled, len(ids)):
         out[pos] = session.decode(ids[pos], pos)
     return out

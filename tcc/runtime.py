@@ -217,7 +217,8 @@ class _HostVM:
 class GenerationSession:
     """One sequence's KV cache and the calls that fill it: prefill(ids [chunk], pos, last) and
     decode(token, pos) each return the logits [V] of one position. Positions must continue where the
-    last call ended: decode before a prefill, or out of order, is a UserError."""
+    last call ended (a prefill may also start earlier, re-filling the cache from there): decode
+    before a prefill, or out of order, is a UserError."""
 
     def __init__(self, impl, gen: dict):
         self.gen = gen
@@ -232,12 +233,16 @@ class GenerationSession:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         if ids.shape[1] != self.chunk:
             raise UserError(f"prefill takes chunks of {self.chunk} tokens, got {ids.shape[1]}", "pad the last chunk")
-        if pos != self.next_pos:
+        if not 0 <= pos <= self.next_pos:  # pos < next_pos re-fills the cache from pos on
             raise UserError(f"prefill at position {pos}, but the cache holds {self.next_pos} positions",
                             "prefill the prompt from its start, chunk after chunk")
         if pos + last >= self.max_context or not 0 <= last < self.chunk:
             raise UserError(f"tokens up to position {pos + last} do not fit the context of {self.max_context}",
                             "shorten the prompt or recompile with a larger --max-context")
+        if pos + self.chunk > self.max_context:
+            raise UserError(f"a prefill chunk of {self.chunk} positions at {pos} runs past the context of "
+                            f"{self.max_context}", f"start the last chunk at {self.max_context - self.chunk} or "
+                            "earlier, repeating tokens already prefilled (tcc.generation.prefill_chunks does)")
         out = self._prefill([ids, np.array([pos]), np.array([last])])
         self.next_pos = pos + last + 1
         return out[0, 0]

@@ -126,6 +126,15 @@ def test_compiled_prefill_decode_match_the_program(llama, tmp_path, pipeline, to
         assert agreement["tokens"] == 9 and agreement["rate"] >= (0.75 if pipeline else 1.0)
         assert pipeline or agreement["max_rel_logit_error"] <= 1e-4
         assert "top-1 agreement with the source model" in (art.dir / "report.md").read_text()
+        if not pipeline:
+            # an 18-token prompt: its second chunk, padded to 16, would run past the context of 24, so it
+            # starts at 8 and re-fills rows 8..15 (exact); greedy tokens equal the full forward's
+            prompt = [int(t) for t in np.random.default_rng(5).integers(0, 100, 18)]
+            got = art.generate(prompt, max_new_tokens=6, stop_at_eos=False)["token_ids"]
+            ids = list(prompt)
+            for _ in range(6):
+                ids.append(int(full_logits(passed, np.array(ids))[-1].argmax()))
+            assert got == ids[18:]
 
 
 def test_artifact_greedy_equals_transformers(tmp_path):
