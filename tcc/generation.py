@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .program import Program, TensorSpec
+from .program import Program, TensorSpec, copy_sharing_weights
 from .structure import ancestors, op_name
 
 aten = torch.ops.aten
@@ -281,7 +281,7 @@ def kv_cached(program: Program, max_context: int) -> Generation:
     if info is None or not info.blocks or info.lm_head is None:
         raise UserError("generation needs the model's attention blocks and LM head, which tcc could not recover",
                         "run `tcc analyze MODEL --structure` to see what was found")
-    gm = copy.deepcopy(program.gm)
+    gm = copy_sharing_weights(program.gm)  # the rewrite below changes the graph, never a weight
     g = gm.graph
     by_name = nodes_by_name(gm)
     cores = {}  # block index -> its attention core, matched before the graph changes
