@@ -66,10 +66,11 @@ def _build_library(program: Program, target: Target, lib_path: Path, report: lis
         params = build_cuda(program, target, lib_path, report, device_code)
         return params, {"main": [n for n, _ in params]}
     with status("importing into TVM Relax"):
-        mod, params = to_relax(program, report)
+        memo: dict = {}  # the functions share their fused and packed weights (lower.derived)
+        mod, params = to_relax(program, report, memo=memo)
         named = {"main": params}
         for name, prog in (functions or {}).items():
-            extra, named[name] = to_relax(prog)
+            extra, named[name] = to_relax(prog, memo=memo)
             mod[name] = extra["main"].with_attr("global_symbol", name)
         params, signatures = share_params(named)
     work = Path(tempfile.mkdtemp(prefix="tcc-build-"))
@@ -94,11 +95,14 @@ def share_params(named: dict[str, list]) -> tuple[list, dict[str, list[str]]]:
     [stored names]}). Tensors are the same when dtype, shape and bytes are; a name taken by another
     tensor gets the function's name as a prefix."""
     import hashlib
-    stored, by_key, signatures = [], {}, {}
+    stored, by_key, by_memory, signatures = [], {}, {}, {}
     for fn, params in named.items():
         names = []
         for name, a in params:
-            key = (a.dtype.str, a.shape, hashlib.sha256(memoryview(a).cast("B")).digest())
+            at = (a.__array_interface__["data"][0], a.shape, a.dtype.str, a.strides)  # the same memory: no hashing
+            if at not in by_memory:
+                by_memory[at] = (a.dtype.str, a.shape, hashlib.sha256(memoryview(a).cast("B")).digest())
+            key = by_memory[at]
             if key not in by_key:
                 taken = {n for n, _ in stored}
                 by_key[key] = name if name not in taken else f"{fn}.{name}"

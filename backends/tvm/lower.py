@@ -69,7 +69,20 @@ def _stored(gm, a):
     return a is None or (isinstance(a, torch.fx.Node) and a.op == "get_attr")
 
 
-def fuse_parallel_linears(gm: torch.fx.GraphModule, sparse: dict | None = None) -> int:
+def derived(memo: dict | None, what: str, sources: list, make):
+    """`make()`, or what an earlier call made from the same source tensors (same storage, shape,
+    dtype and strides) for `what`: the functions of one library (main, prefill, decode) share their
+    fused and packed weights instead of each holding a copy. `memo` None: always make()."""
+    if memo is None:
+        return make()
+    key = (what, tuple(None if t is None else (t.data_ptr(), tuple(t.shape), t.dtype, tuple(t.stride()))
+                       for t in sources))
+    if key not in memo:
+        memo[key] = (list(sources), make())  # the sources are kept alive: their addresses stay theirs
+    return memo[key][1]
+
+
+def fuse_parallel_linears(gm: torch.fx.GraphModule, sparse: dict | None = None, memo: dict | None = None) -> int:
     """In place: every group of >= 2 dense ops of one kind (aten.linear, tcc::dense_w8,
     tcc::dense_a8w8, tcc::dense_w4) reading the same input, whose per-output-channel tensors
     (weights, scales, zero codes, biases) are stored, of one dtype and inner shape, present in all
@@ -77,7 +90,7 @@ def fuse_parallel_linears(gm: torch.fx.GraphModule, sparse: dict | None = None) 
     concatenated tensors followed by a split of its output. Exact: every output channel is computed
     as before (W8A8's per-row activation scale depends on the shared input only). Returns the number
     of groups fused. `sparse` (weight target -> its sparsity annotation): a fused weight whose parts
-    all are sparse joins it."""
+    all are sparse joins it. `memo`: see derived()."""
     from tcc.passes.dead_code import remove_dead
 
     g = gm.graph
@@ -101,14 +114,14 @@ def fuse_parallel_linears(gm: torch.fx.GraphModule, sparse: dict | None = None) 
                     if sparse is not None and all(args[u][1].target in sparse for u in group):
                         parts = [args[u][1].target for u in group]
                         sparse[f"{name}_1"] = {**sparse[parts[0]], "fused": parts}
-                    _fuse(gm, op, group, [args[u] for u in group], cat_idx, name)
+                    _fuse(gm, op, group, [args[u] for u in group], cat_idx, name, memo)
                     fused += 1
     if fused:
         remove_dead(gm)
     return fused
 
 
-def _fuse(gm, op, group, args, cat_idx, name) -> None:
+def _fuse(gm, op, group, args, cat_idx, name, memo=None) -> None:
     g = gm.graph
     order = {n: i for i, n in enumerate(g.nodes)}
     first = min(group, key=order.get)  # everything a member reads is defined before it
@@ -119,7 +132,8 @@ def _fuse(gm, op, group, args, cat_idx, name) -> None:
             continue
         # parameters, not buffers: torch.export lifts new buffers of a GraphModule as constants,
         # which TVM would bake into the library instead of taking them as inputs
-        t = torch.cat([_attr(gm, a[i]).detach() for a in args], 0)
+        parts = [_attr(gm, a[i]).detach() for a in args]
+        t = derived(memo, "cat", parts, lambda: torch.cat(parts, 0))
         gm.register_parameter(f"{name}_{i}", torch.nn.Parameter(t, requires_grad=False))
         with g.inserting_before(first):
             new_args[i] = g.get_attr(f"{name}_{i}")
@@ -175,7 +189,8 @@ def _(x, qw_p, scale_t, zero_t, b, n):
     return x.new_empty((*x.shape[:-1], n))
 
 
-def _pack_quantized(gm: torch.fx.GraphModule, sparse: dict | None = None, report: list | None = None) -> None:
+def _pack_quantized(gm: torch.fx.GraphModule, sparse: dict | None = None, report: list | None = None,
+                    memo: dict | None = None) -> None:
     """In place: tcc::dense_a8w8 / tcc::dense_w4 with stored weights -> the packed ops, their
     packed tensors registered as parameters (so they are stored in the artifact). An int4 scale
     stored as float16 (the quantize pass's) stays float16 in the artifact, packed, and a cast to the
@@ -194,13 +209,14 @@ def _pack_quantized(gm: torch.fx.GraphModule, sparse: dict | None = None, report
         if n.target == tcc_ops.dense_a8w8.default:
             x, qw, w_scale, b, x_scale, x_zero = a[:6]
             asym = bool(a[6]) if a[6] is not None else False
-            tensors, target = pack_a8w8(_attr(gm, qw)), dense_a8w8_packed
+            tensors, target = derived(memo, "a8w8", [_attr(gm, qw)], lambda: pack_a8w8(_attr(gm, qw))), dense_a8w8_packed
             if sparse is not None and qw.target in sparse:
                 sparse[f"_tcc_packed_{i}_0"] = {**sparse[qw.target], "packed": qw.target}
         else:
             x, qw, scale, zero, group, b = a[:6]
             s = _attr(gm, scale)
-            packed = pack_w4(_attr(gm, qw), s.to(torch.float32), None if zero is None else _attr(gm, zero))
+            zt = None if zero is None else _attr(gm, zero)
+            packed = derived(memo, "w4", [_attr(gm, qw), s, zt], lambda: pack_w4(_attr(gm, qw), s.to(torch.float32), zt))
             if sparse is not None and qw.target in sparse:
                 nbytes = _attr(gm, qw).numel()
                 _note(report, qw.target, sparse[qw.target], None, "dense", "tcc_dense_w4 (int4 zeros are nonzero codes, "
@@ -565,11 +581,12 @@ def _conv_transpose_gemm(gm, name: str, c: _Conv, weight: torch.Tensor, bias) ->
 
 
 def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
-              report: list | None = None, device: str = "cpu") -> torch.fx.GraphModule:
+              report: list | None = None, device: str = "cpu", memo: dict | None = None) -> torch.fx.GraphModule:
     """A copy of `gm` whose dense ops are tcc custom ops the TVM backend maps to kernels.
     `annotations` (Program.annotations): sparse weights take the block-sparse kernel or compressed
     storage (device "cuda": the 2:4 kernel, else dense, backends/tvm/cuda.py); what each got is
-    appended to `report`."""
+    appended to `report`. `memo`: one dict for the functions of one library, which then share their
+    fused and packed weights (derived())."""
     gm = copy_sharing_weights(gm)  # nothing below writes into a tensor: it registers new ones
     _buffers_to_parameters(gm)
     anns = _sparsity(annotations)
@@ -579,8 +596,8 @@ def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
     else:
         lowered = _block_sparse(gm, anns, report)
     sparse = {t: a for t, a in anns.items() if t not in lowered}
-    fuse_parallel_linears(gm, sparse)
-    _pack_quantized(gm, sparse, report)
+    fuse_parallel_linears(gm, sparse, memo)
+    _pack_quantized(gm, sparse, report, memo)
     if device == "cuda" and any(n.target == torch.ops.tcc_tvm.dense_w4_packed.default
                                 and _attr(gm, n.args[3]).dtype == torch.float32 for n in gm.graph.nodes):
         raise UserError("int4 weights with fractional zero points (quantize zero=float) run on the CPU kernels only; "
@@ -844,17 +861,18 @@ def safe_gathers(mod):
     return clip.builder_.get()
 
 
-def to_relax(program: Program, report: list | None = None, device: str = "cpu"):
+def to_relax(program: Program, report: list | None = None, device: str = "cpu", memo: dict | None = None):
     """Program -> (IRModule with `main(*inputs, *params)`, [(param name, numpy array)]); how sparse
     weights were lowered is appended to `report`. device "cuda" takes backends/tvm/cuda.py's
-    lowering (its CONVERT_MAP: TVM schedules the float ops, tcc's CUDA kernels the quantized ones)."""
+    lowering (its CONVERT_MAP: TVM schedules the float ops, tcc's CUDA kernels the quantized ones).
+    `memo`: shared by the functions of one library (kernelize)."""
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.torch import from_exported_program
 
     convert_map = CONVERT_MAP
     if device == "cuda":
         from .cuda import CONVERT_MAP as convert_map
-    gm = kernelize(program.gm, program.annotations, report, device)
+    gm = kernelize(program.gm, program.annotations, report, device, memo)
     feeds = program.example_inputs()
     args = tuple(torch.from_numpy(feeds[s.name]) for s in program.inputs)
     with torch.no_grad():
