@@ -161,16 +161,18 @@ class _NoGPU:
 class _HostVM:
     def __init__(self, dir: Path, manifest: dict):
         import tvm
-        from safetensors.numpy import load_file
         from tvm import relax
 
         self.lib = tvm.runtime.load_module(_unique_path(dir / "model.so", manifest))
         self.vm = relax.VirtualMachine(self.lib, tvm.cpu())
-        self.weights = load_file(str(dir / "weights.safetensors"))
-        # every function's tensors to TVM now, each numpy copy dropped once converted: one copy in memory
+        self.weights_path = dir / "weights.safetensors"
+        # every function's tensors to TVM now, read one at a time from the file: one copy of the weights
+        # in memory, plus the tensor being converted
         names = list(manifest["params"]) + [n for f in (manifest.get("generation") or {}).get("functions", {}).values()
                                             for n in f["params"]]
-        self.by_name = {n: tvm.runtime.tensor(self.weights.pop(n)) for n in dict.fromkeys(names)}
+        self.by_name = {}
+        for n in dict.fromkeys(names):
+            self._param(n)
         self.params = [self.by_name[n] for n in manifest["params"]]
         self.outputs = [TensorSpec.from_json(s) for s in manifest["outputs"]]
         self.main = self.vm["main"]
@@ -202,8 +204,10 @@ class _HostVM:
 
     def _param(self, name: str):
         import tvm
-        if name not in self.by_name:
-            self.by_name[name] = tvm.runtime.tensor(self.weights[name])
+        from safetensors import safe_open
+        if name not in self.by_name:  # the file is mapped for one tensor at a time: its pages leave RSS after
+            with safe_open(str(self.weights_path), framework="numpy") as f:
+                self.by_name[name] = tvm.runtime.tensor(f.get_tensor(name))
         return self.by_name[name]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
