@@ -399,5 +399,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The `tcc` command (console script and `python -m tcc.cli`): main()'s exit status. After an
+    interrupt it leaves with os._exit(130): CPython ends a process whose KeyboardInterrupt went through
+    code run by PyRun_* (pyo3 libraries, safetensors among them, run Python that way) by re-raising
+    SIGINT at exit, even when tcc caught it and cleaned up: exit status -2, not 130."""
+    code = main()
+    if code == 130:
+        for f in (sys.stdout, sys.stderr):
+            f.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
