@@ -133,7 +133,7 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
         source_param_bytes = program.param_bytes()
         with memory.stage("copy for verification"):
             # the reference shares the weights unless a pass writes into them in place
-            reference = (program.clone(share_weights=not any(p.writes_weights for p in pipe))
+            reference = (program.clone(share_weights=not any(p.may_write_weights for p in pipe))
                          if verify or max_drift is not None else None)
 
         if calibration is None:

@@ -173,8 +173,17 @@ class Pass:
     options: ClassVar[dict[str, Option]] = {}
     needs_original: ClassVar[bool] = False  # Pipeline.run keeps a copy of its input in ctx.original
     # writes into existing tensors in place (else it only replaces them: a copy of the Program made
-    # with clone(share_weights=True) stays as it was; Pipeline.run checks this)
-    writes_weights: ClassVar[bool] = False
+    # with clone(share_weights=True) stays as it was; Pipeline.run checks this). None: not said
+    # (tcc's own passes: False; a plugin's: True, see may_write_weights)
+    writes_weights: ClassVar[bool | None] = None
+
+    @property
+    def may_write_weights(self) -> bool:
+        """Whether this pass may write into existing tensors: its `writes_weights`; for a pass from
+        outside tcc that does not say (a plugin written before the flag), True, so the copies of the
+        Program made around it are deep copies."""
+        w = type(self).writes_weights
+        return bool(w) if w is not None or type(self).__module__.startswith("tcc.") else True
 
     def __init__(self, **opts: Any):
         unknown = [k for k in opts if k not in self.options]
@@ -542,7 +551,7 @@ class Pipeline:
             ctx.original = program.clone()
         for index, p in enumerate(self.passes, 1):
             ctx.details = {}
-            versions = None if p.writes_weights or not ctx.shared else {
+            versions = None if p.may_write_weights or not ctx.shared else {
                 id(t): t._version for t in program.named_tensors().values() if id(t) in ctx.shared}
             t0 = time.perf_counter()
             if ctx.verbose:

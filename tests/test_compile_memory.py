@@ -66,5 +66,10 @@ def test_a_pass_may_not_write_into_weights_a_copy_shares():
     reference = program.clone(share_weights=True)
     tensors = reference.named_tensors()
     assert tensors and all(t is tensors[n] for n, t in program.named_tensors().items())
+    assert Poison().may_write_weights  # a pass from outside tcc that does not say is taken to write
+
+    class Undeclared(Poison):  # says it does not write, and does
+        writes_weights = False
+
     with pytest.raises(InternalError, match="writes_weights = True"):
-        Pipeline([Poison()]).run(program, PassContext(shared=frozenset(map(id, tensors.values()))), in_place=True)
+        Pipeline([Undeclared()]).run(program, PassContext(shared=frozenset(map(id, tensors.values()))), in_place=True)
