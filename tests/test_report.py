@@ -81,9 +81,12 @@ def test_html_is_self_contained_with_the_pass_plots(two_compiles):
 
 
 def test_html_includes_the_heatmap_a_pass_wrote(tiny_bert_dir, tmp_path):
+    import numpy as np
     plots = tmp_path / "analysis"
+    ids = tmp_path / "ids.npy"  # the random BERT has no tokenizer: calibration as token ids
+    np.save(ids, np.random.default_rng(0).integers(0, 100, (1, 128)))
     tcc.compile(str(tiny_bert_dir), "x86", out=tmp_path / "art", seq_len=8, verify=False, latency=False, cache=False,
-                pipeline=f"analyze-redundancy(out={plots})").close()
+                pipeline=f"analyze-redundancy(out={plots})", calibration_text=str(ids)).close()
     page = (tmp_path / "art" / "report.html").read_text()
     assert base64.b64encode((plots / "redundancy.png").read_bytes()).decode() in page
     r = json.loads((tmp_path / "art" / "report.json").read_text())
