@@ -213,7 +213,8 @@ def test_minilm_search_meets_the_budget_on_held_out_text(tmp_path):
     from tcc.report import read
 
     r = search("minilm", "x86", max_drop=0.01, seq_len=16, work_dir=tmp_path / "s", out=tmp_path / "art",
-               quantization=("int8", "w8a8"), structure=("drop-attention",), measure=1, eval_samples=16)
+               quantization=("int8", "w8a8"), structure=("drop-attention",), measure=1, eval_samples=16,
+               held_out_text=WIKITEXT / "test.txt")
     assert r.chosen["drop"] <= 0.009  # the 10 % margin
     assert r.chosen["held_out"]["measured_on"] == "artifact"
     # held-out, measured again here: the artifact's embeddings vs the uncompressed model on test.txt
