@@ -59,15 +59,15 @@ def default_text() -> Path:
 
 # -- feeds from text ---------------------------------------------------------------------------------
 
-def _ids_shape(program, n_samples: int, what: str, hint: str) -> tuple[int, int]:
-    """(batch, seq) of the program's input_ids, checked with n_samples; UserError `what` ... otherwise."""
+def _ids_spec(program, n_samples: int, what: str, hint: str):
+    """The program's input_ids spec ([batch, seq]), checked with n_samples; UserError `what` ... otherwise."""
     if n_samples < 1:
         raise UserError(f"n_samples must be >= 1 (got {n_samples})")
     spec = next((s for s in program.inputs if s.name == "input_ids"), None)
     if spec is None or len(spec.shape) != 2:
         raise UserError(f"{what} a program with input_ids [batch, seq]; this one takes "
                         f"{[s.name for s in program.inputs]}", hint)
-    return spec.shape
+    return spec
 
 
 def text_feeds(program, text_path=None, n_samples: int = 8, seq_len: int | None = None, seed: int = 0,
@@ -77,7 +77,8 @@ def text_feeds(program, text_path=None, n_samples: int = 8, seq_len: int | None 
     if not path.is_file():
         raise UserError(f"calibration text {path} not found",
                         "set TCC_CALIBRATION_TEXT to a UTF-8 text file, or give a calibration text file explicitly")
-    batch, program_len = _ids_shape(program, n_samples, "calibration from text needs", "give calibration feeds instead of text")
+    batch, program_len = _ids_spec(program, n_samples, "calibration from text needs",
+                                   "give calibration feeds instead of text").shape
     if seq_len is not None and seq_len != program_len:
         raise UserError(f"seq_len={seq_len} but the program takes sequences of {program_len} tokens",
                         f"leave seq_len unset or trace the model with --seq-len {seq_len}")
@@ -173,7 +174,8 @@ def id_feeds(program, path, n_samples: int = 8, seed: int = 0) -> list[dict[str,
     path = Path(path)
     if not path.is_file():
         raise UserError(f"calibration token ids {path} not found", "give an .npy or .npz file of integer token ids")
-    batch, length = _ids_shape(program, n_samples, "calibration token ids need", "give calibration feeds instead")
+    spec = _ids_spec(program, n_samples, "calibration token ids need", "give calibration feeds instead")
+    batch, length = spec.shape
     try:
         if path.suffix.lower() == ".npz":
             with np.load(path, allow_pickle=False) as z:
