@@ -88,16 +88,24 @@ def bandwidth() -> float:
 def decode_bytes(art) -> int:
     """Bytes of the stored tensors a decode step reads: all of decode's parameters but an embedding
     table that is only gathered from (one row a step) - the row-major int8 table of a tied LM head
-    whose matmul reads its own packed copy (W8A8). A table the LM head reads itself counts."""
-    from safetensors.numpy import load_file
-    weights = load_file(str(art.dir / "weights.safetensors"))
+    whose matmul reads its own packed copy (W8A8). A table the LM head reads itself counts, and so
+    does one of two equal tables (a checkpoint that stores lm_head.weight next to its tied table). Reads
+    the safetensors header only (shapes, dtypes, byte ranges), not the tensors."""
+    with open(art.dir / "weights.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    shape = {n: tuple(v["shape"]) for n, v in header.items() if n != "__metadata__"}
+    nbytes = {n: v["data_offsets"][1] - v["data_offsets"][0] for n, v in header.items() if n != "__metadata__"}
+    size = {n: int(np.prod(s)) for n, s in shape.items()}
+    itemsize = {n: nbytes[n] // max(size[n], 1) for n in shape}
     names = art.manifest["generation"]["functions"]["decode"]["params"]
     vocab = art.manifest["outputs"][0]["shape"][-1]
-    tables = [n for n in names if weights[n].ndim == 2 and weights[n].shape[0] == vocab]
-    copies = lambda t: [n for n in names if n != t and weights[n].itemsize == weights[t].itemsize
-                        and abs(weights[n].size - weights[t].size) <= 0.01 * weights[t].size]
+    tables = [n for n in names if len(shape[n]) == 2 and shape[n][0] == vocab]
+    copies = lambda t: [n for n in names if n != t and itemsize[n] == itemsize[t]
+                        and abs(size[n] - size[t]) <= 0.01 * size[t]]
     gathered = [t for t in tables if copies(t)]
-    return int(sum(weights[n].nbytes for n in names if n not in gathered))
+    if gathered and all(c in tables for t in gathered for c in copies(t)):
+        gathered = gathered[1:]  # the copies are tables themselves (embedding + its own lm_head): one is read whole
+    return int(sum(nbytes[n] for n in names if n not in gathered))
 
 
 def time_tcc(art, ids, new, repeats) -> dict:
