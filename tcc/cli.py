@@ -88,7 +88,7 @@ def cmd_compile(a) -> int:
                       calibration_text=a.calibration, calibration_samples=a.calibration_samples,
                       max_drift=a.max_drift, latency=not a.no_latency, cache=not a.no_cache, report=a.report,
                       max_seq_len=a.max_seq_len, generate=False if a.no_generate else None,
-                      max_context=a.max_context, force=a.force, tokenizer=a.tokenizer)
+                      max_context=a.max_context, force=a.force, tokenizer=a.tokenizer, dtype=a.dtype)
     m = art.manifest
     art.close()
     summary = {"artifact": str(Path(out).resolve()), "target": m["target"]["name"], "pipeline": m["pipeline"],
@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default min(model maximum, 2048))")
     c.add_argument("--no-generate", action="store_true", help="causal LMs: build the forward pass only, no prefill/decode")
     c.add_argument("--task", choices=models.TASKS)
+    c.add_argument("--dtype", choices=["fp32", "bf16"], help="float weights stored as fp32 or bf16 (the bf16 pass; "
+                   "math stays fp32); default: the checkpoint's (bf16 for a model saved in bf16, else fp32)")
     c.add_argument("--pipeline", "-p", help="pass pipeline, e.g. 'quantize-weights(bits=8)'")
     c.add_argument("--calibration", help="text file for calibrating passes (default: $TCC_CALIBRATION_TEXT, else the "
                    "English text shipped with tcc, tcc/data/calibration.txt: its second half)")

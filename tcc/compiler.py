@@ -39,7 +39,7 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
             backend: str = "tvm", calibration_text: str | None = None, calibration_samples: int = 8,
             max_drift: float | None = None, latency: bool = True, cache: bool = True, report: str | Path | None = None,
             max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None,
-            force: bool = False, tokenizer: str | Path | None = None):
+            force: bool = False, tokenizer: str | Path | None = None, dtype: str | None = None):
     """Compile `model` (path, alias, nn.Module with example inputs via `trace` first, or a Program)
     for `target` into the artifact directory `out`. Returns the loaded artifact (tcc.runtime.Loaded).
 
@@ -49,7 +49,10 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
     `max_seq_len`: trace with a dynamic sequence length 1..max_seq_len (tcc.trace; x86 targets).
     `generate`: give a causal LM's artifact `prefill` and `decode` entry points over a KV cache of
     `max_context` positions (tcc.generation; default on for causal LMs on CPU targets with the tvm
-    backend, the context min(model maximum, 2048)); False leaves them out. `out` and `report` may
+    backend, the context min(model maximum, 2048)); False leaves them out.
+    `dtype`: the float weights' storage, "fp32" or "bf16" (the `bf16` pass, appended to the pipeline);
+    None keeps the checkpoint's: bf16 for a Hugging Face folder saved in bf16 (tvm backend, CPU
+    targets), else fp32 (_weights_dtype). `out` and `report` may
     hold only what tcc wrote there before (an artifact, a report) unless `force` (tcc.paths)."""
     if report is not None:
         report = reports.check_path(report, force)
@@ -64,7 +67,7 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
                             batch=batch, task=task, verify=verify, calibration=calibration, backend=backend,
                             calibration_text=calibration_text, calibration_samples=calibration_samples,
                             max_drift=max_drift, latency=latency, max_seq_len=max_seq_len, generate=generate,
-                            max_context=max_context, force=force, tokenizer=tokenizer)
+                            max_context=max_context, force=force, tokenizer=tokenizer, dtype=dtype)
     except BaseException as e:
         if report is not None:
             final.update(exit_status=reports.exit_status(e), error=reports.error_json(e))
@@ -82,7 +85,7 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
              seq_len: int, batch: int, task: str | None, verify: bool, calibration, backend: str,
              calibration_text: str | None, calibration_samples: int, max_drift: float | None, latency: bool,
              max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None,
-             force: bool = False, tokenizer: str | Path | None = None) -> Path:
+             force: bool = False, tokenizer: str | Path | None = None, dtype: str | None = None) -> Path:
     """compile()'s work; fills `facts` (what the manifest says), `records`, `final` and `run` (the
     report's sections) as it goes, so a failure can still be reported."""
     check_dir(out, WHAT, is_artifact, force)  # first of all (Staging checks it again)
@@ -109,7 +112,9 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
         from .evaluate import load_tokenizer
         load_tokenizer(tokenizer)  # a bad --tokenizer stops here, before the slow work
     user = Pipeline.parse(pipeline) if pipeline else Pipeline([])
-    pipe = Pipeline(list(Pipeline.parse(DEFAULT_CLEANUP)) + list(user))
+    facts["dtype"] = _weights_dtype(model, dtype, tgt, backend, user)
+    cast = Pipeline.parse("bf16") if facts["dtype"] == "bf16" and not any(p.name == "bf16" for p in user) else []
+    pipe = Pipeline(list(Pipeline.parse(DEFAULT_CLEANUP)) + list(user) + list(cast))
     facts["pipeline"] = pipe.canonical()
     seen_events = len(caches.events())
     user.check_outputs(force)  # a pass's own output paths (analyze-redundancy out=), before the slow work
@@ -315,6 +320,29 @@ def _errors(got: dict, want: dict) -> dict:
 def _stable_record(r: dict) -> dict:
     """A pass record without its timing (timings live in manifest['run'])."""
     return {k: v for k, v in r.items() if k not in ("seconds",)}
+
+
+WEIGHT_DTYPES = ("fp32", "bf16")
+
+
+def _weights_dtype(model, dtype: str | None, tgt, backend: str, user) -> str:
+    """The float weights' storage: `dtype` when given, else the checkpoint's (models.checkpoint_dtype)
+    where bf16 can run (the tvm backend's CPU kernels), else fp32 (fp16 checkpoints too: bf16 would
+    round their mantissas)."""
+    runs_bf16 = backend == "tvm" and tgt.device != "cuda"
+    explicit_bf16 = any(p.name == "bf16" for p in user)
+    if dtype is None:
+        from .models import checkpoint_dtype
+        stored = checkpoint_dtype(model) if isinstance(model, (str, Path)) else None
+        return "bf16" if explicit_bf16 or (stored == "bf16" and runs_bf16) else "fp32"
+    if dtype not in WEIGHT_DTYPES:
+        raise UserError(f"unknown --dtype '{dtype}'", f"choose one of: {', '.join(WEIGHT_DTYPES)}")
+    if dtype == "fp32" and explicit_bf16:
+        raise UserError("--dtype fp32 contradicts the pipeline's bf16 pass", "leave out one of the two")
+    if dtype == "bf16" and not runs_bf16:
+        raise UserError(f"bf16 weights run on tcc's CPU kernels (the tvm backend), not on {backend} / {tgt.name}",
+                        "use --dtype fp32 for this target")
+    return dtype
 
 
 def _generation_context(model, task, tgt, backend: str, generate: bool | None, max_context: int | None,

@@ -120,6 +120,32 @@ def model_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, data_offsets); no tensor is read."""
+    import json
+    import struct
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+FLOAT_DTYPES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F64": "fp64"}
+
+
+def checkpoint_dtype(spec) -> str | None:
+    """The dtype most of a Hugging Face folder's floating-point weight bytes are stored in ("bf16",
+    "fp32", "fp16", "fp64"), from the safetensors headers; None for anything else (GGUF, ONNX, a
+    folder without safetensors)."""
+    path = resolve(spec)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    nbytes: dict[str, int] = {}
+    for f in files:
+        for name, e in safetensors_header(f).items():
+            if name != "__metadata__" and e.get("dtype") in FLOAT_DTYPES:
+                nbytes[e["dtype"]] = nbytes.get(e["dtype"], 0) + e["data_offsets"][1] - e["data_offsets"][0]
+    return FLOAT_DTYPES[max(nbytes, key=nbytes.get)] if nbytes else None
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model", "merges.txt")
 

@@ -29,6 +29,12 @@ Ops:
                                       scale[n, k // group]; y = x @ w.T + b. K % group == 0, group even.
   tcc::embedding_w8(ids, qw, scale)   rows of an int8 table: out = qw[ids] * scale[ids, None]
                                       qw int8 [V, D] per-row symmetric, scale f32 [V]
+  tcc::dense_bf16(x, w, b?)           bf16 weights: y = x @ float32(w).T + b; w bfloat16 [N, K] (each
+                                      value widened exactly to float32), x, b and y float32, the sum
+                                      in float32. Activations are not rounded: the kernels' error vs
+                                      this op is fp32 summation order (and, with AVX-512 BF16, x split
+                                      into two bf16 halves: relative error <= 2^-16 per product).
+  tcc::embedding_bf16(ids, w)         rows of a bf16 table widened to float32: out = float32(w[ids])
   tcc::sdpa(q, k, v, mask?, scale, causal)
                                       softmax(q k^T * scale + mask [+ causal -inf]) v, per head;
                                       q [B, H, Sq, D], k/v [B, Hkv, Sk, D], H % Hkv == 0 (grouped
@@ -155,6 +161,26 @@ def embedding_w8(ids: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor) -> to
 @embedding_w8.register_fake
 def _(ids, qw, scale):
     return scale.new_empty((*ids.shape, qw.shape[1]))
+
+
+@torch.library.custom_op("tcc::dense_bf16", mutates_args=())
+def dense_bf16(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, w.to(x.dtype), b)
+
+
+@dense_bf16.register_fake
+def _(x, w, b=None):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.custom_op("tcc::embedding_bf16", mutates_args=())
+def embedding_bf16(ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return w[ids].to(torch.float32)
+
+
+@embedding_bf16.register_fake
+def _(ids, w):
+    return w.new_empty((*ids.shape, w.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("tcc::sdpa", mutates_args=())

@@ -691,7 +691,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, args: tuple | list) -> Any:
 
 _aten, _tcc = torch.ops.aten, torch.ops.tcc
 _LAST_DIM_OF_FIRST = {_aten.linear, _aten.matmul, _aten.mm, _aten.bmm, _tcc.dense, _tcc.dense_w8, _tcc.dense_a8w8,
-                      _tcc.dense_w4}
+                      _tcc.dense_w4, _tcc.dense_bf16}
 _LAST_DIM_OF_SECOND = {_aten.addmm, _aten.baddbmm}
 _ATTENTION = {_tcc.sdpa, _aten.scaled_dot_product_attention}
 

@@ -158,7 +158,8 @@ class Program:
         h = hashlib.sha256(str(self.gm.graph).encode())
         for name, t in sorted(self.named_tensors().items()):
             h.update(name.encode())
-            h.update(t.detach().contiguous().cpu().numpy().tobytes())
+            t = t.detach().contiguous().cpu()
+            h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())  # numpy has no bf16
         return h.hexdigest()
 
 

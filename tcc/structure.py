@@ -51,7 +51,7 @@ import torch.fx as fx
 from .program import attribute as _attr
 
 # -- op vocabulary ---------------------------------------------------------------------------------
-LINEAR = {"aten.linear", "tcc.dense", "tcc.dense_w8", "tcc.dense_a8w8", "tcc.dense_w4"}
+LINEAR = {"aten.linear", "tcc.dense", "tcc.dense_w8", "tcc.dense_a8w8", "tcc.dense_w4", "tcc.dense_bf16"}
 SDPA = {"aten.scaled_dot_product_attention", "tcc.sdpa"}
 MATMUL = {"aten.matmul", "aten.bmm"}
 SCORES = MATMUL | {"aten.baddbmm"}  # q @ k^T, or bias + q @ k^T (ALiBi)

@@ -40,6 +40,7 @@ inline const char* dtype_name(DLDataType t) {
   if (t.code == kDLFloat && t.bits == 64) return "float64";
   if (t.code == kDLBfloat && t.bits == 16) return "bfloat16";
   if (t.code == kDLInt && t.bits == 8) return "int8";
+  if (t.code == kDLInt && t.bits == 16) return "int16";
   if (t.code == kDLInt && t.bits == 32) return "int32";
   if (t.code == kDLInt && t.bits == 64) return "int64";
   if (t.code == kDLUInt && t.bits == 8) return "uint8";

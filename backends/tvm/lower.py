@@ -62,6 +62,7 @@ _FUSIBLE = {
     tcc_ops.dense_w8.default: ((1, 2, 3), ()),
     tcc_ops.dense_a8w8.default: ((1, 2, 3), (4, 5, 6)),
     tcc_ops.dense_w4.default: ((1, 2, 3, 5), (4,)),
+    tcc_ops.dense_bf16.default: ((1, 2), ()),
 }
 
 
@@ -243,6 +244,62 @@ def _pack_quantized(gm: torch.fx.GraphModule, sparse: dict | None = None, report
         g.erase_node(n)
     from tcc.passes.dead_code import remove_dead
     remove_dead(gm)  # the unpacked weights: not stored twice
+
+
+# -- bf16 weights: the kernels read the bit patterns as int16 (numpy and TVM tensors here have no bf16) -----
+
+@torch.library.custom_op("tcc_tvm::dense_bf16_bits", mutates_args=())
+def dense_bf16_bits(x: torch.Tensor, w_bits: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """tcc::dense_bf16 on the weight's bf16 bit patterns viewed as int16 (same numerics)."""
+    return ops.dense_bf16(x, w_bits.view(torch.bfloat16), b)
+
+
+@dense_bf16_bits.register_fake
+def _(x, w_bits, b):
+    return x.new_empty((*x.shape[:-1], w_bits.shape[0]))
+
+
+@torch.library.custom_op("tcc_tvm::embedding_bf16_bits", mutates_args=())
+def embedding_bf16_bits(ids: torch.Tensor, w_bits: torch.Tensor) -> torch.Tensor:
+    """tcc::embedding_bf16 on the table's bf16 bit patterns viewed as int16."""
+    return ops.embedding_bf16(ids, w_bits.view(torch.bfloat16))
+
+
+@embedding_bf16_bits.register_fake
+def _(ids, w_bits):
+    return torch.empty((*ids.shape, w_bits.shape[1]), dtype=torch.float32, device=ids.device)
+
+
+def _bf16_bits(gm: torch.fx.GraphModule, memo: dict | None = None) -> None:
+    """In place: tcc::dense_bf16 / tcc::embedding_bf16 -> the _bits ops over int16 views of their stored
+    bf16 tensors (the same memory: no copy); a table read by both (a tied LM head) stays one tensor."""
+    g = gm.graph
+    names: dict = {}
+    ops_bits = {tcc_ops.dense_bf16.default: torch.ops.tcc_tvm.dense_bf16_bits.default,
+                tcc_ops.embedding_bf16.default: torch.ops.tcc_tvm.embedding_bf16_bits.default}
+    for n in list(g.nodes):
+        if n.op != "call_function" or n.target not in ops_bits:
+            continue
+        w = n.args[1]
+        if not _stored(gm, w) or w is None:
+            raise UserError(f"node {n.name}: {n.target.name()} with a computed weight cannot be lowered",
+                            "bf16 weights must be stored tensors")
+        if w.target not in names:
+            t = _attr(gm, w)
+            bits = derived(memo, "bf16_bits", [t], lambda: t.detach().view(torch.int16))
+            names[w.target] = f"_tcc_bf16_{len(names)}"
+            gm.register_parameter(names[w.target], torch.nn.Parameter(bits, requires_grad=False))
+        with g.inserting_before(n):
+            bits_node = g.get_attr(names[w.target])
+            args = (n.args[0], bits_node) + ((n.args[2] if len(n.args) > 2 else None,)
+                                             if n.target is tcc_ops.dense_bf16.default else ())
+            new = g.call_function(ops_bits[n.target], args)
+        new.meta = dict(n.meta)
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+    if names:
+        from tcc.passes.dead_code import remove_dead
+        remove_dead(gm)  # the bf16 tensors: stored once, as their int16 views
 
 
 # -- KV-cache attention: the kernel writes the caches the runtime holds -------------------------------
@@ -598,6 +655,7 @@ def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
     sparse = {t: a for t, a in anns.items() if t not in lowered}
     fuse_parallel_linears(gm, sparse, memo)
     _pack_quantized(gm, sparse, report, memo)
+    _bf16_bits(gm, memo)
     if device == "cuda" and any(n.target == torch.ops.tcc_tvm.dense_w4_packed.default
                                 and _attr(gm, n.args[3]).dtype == torch.float32 for n in gm.graph.nodes):
         raise UserError("int4 weights with fractional zero points (quantize zero=float) run on the CPU kernels only; "
@@ -782,6 +840,12 @@ def _convert_embedding_w8(node, importer):
     return bb.emit(relax.op.multiply(rows, scales))
 
 
+def _convert_embedding_bf16(node, importer):
+    from tvm import relax
+    args = relax.Tuple([_arg(importer, t) for t in node.args[:2]])
+    return importer.block_builder.emit(relax.call_dps_packed("tcc_embedding_bf16_f32", args, _out_sinfo(node, importer)))
+
+
 def _convert_unmask(node, importer):
     from tvm import relax
     values, mask, _shape = node.args
@@ -832,6 +896,8 @@ CONVERT_MAP = {
     "dense_a8w8_packed.default": _a8w8_converter("tcc_dense_a8w8"),
     "dense_w4_packed.default": _dense_converter("tcc_dense_w4", 4),  # (x, qw_p, scale_t, zero_t, b?, n)
     "embedding_w8.default": _convert_embedding_w8,
+    "dense_bf16_bits.default": _dense_converter("tcc_dense_bf16", 2),
+    "embedding_bf16_bits.default": _convert_embedding_bf16,
 }
 
 
