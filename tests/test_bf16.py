@@ -21,7 +21,6 @@ import os
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 import dataclasses
-import json
 import shutil
 
 import numpy as np
@@ -35,7 +34,8 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
 from test_kernels import add_function  # noqa: E402
-from test_quant_kernels import _host_has  # noqa: E402
+from test_quant_kernels import _host_has, check  # noqa: E402
+from test_sparse_kernels import arm64_artifact  # noqa: E402
 
 RTOL = 2.0 ** -15
 rng = np.random.default_rng(0)
@@ -60,6 +60,7 @@ class Case:
     arrays: list[np.ndarray]
     ref: np.ndarray
     bound: np.ndarray | None  # None: exact
+    out_dtype: str = "float32"
 
 
 def dense_case(lead, k, n, bias=True, x=None):
@@ -113,15 +114,6 @@ def bf16_path(lib) -> str:
     data = lib.object.read_bytes()
     at = data.index(b"tcc_bf16_path=") + len("tcc_bf16_path=")
     return data[at:data.index(b";", at)].decode()
-
-
-def check(name, case, got):
-    assert got.shape == case.ref.shape, name
-    if case.bound is None:
-        assert np.array_equal(got, case.ref), f"{name}: max abs error {np.abs(got - case.ref).max():.3e}, want 0"
-    else:
-        excess = np.abs(got - case.ref) - case.bound
-        assert excess.max() <= 0, f"{name}: error exceeds the bound by {excess.max():.3e}"
 
 
 X86_BUILDS = {"native": "avx512bf16", "x86-64-v3": "fp32-fma"}
@@ -189,38 +181,12 @@ ARM_CASES = {"m1_odd": CASES["m1_odd"], "m2": dense_case((2,), 64, 37, bias=Fals
 @pytest.mark.skipif(any(shutil.which(x) is None for x in ARM_TOOLS),
                     reason="needs aarch64-linux-gnu-g++ and qemu-aarch64 (apt-get install g++-aarch64-linux-gnu qemu-user)")
 def test_arm64_kernels_match_reference(tmp_path):
-    from safetensors.numpy import save_file
-
     from tcc.backends.tvm.arm64 import Arm64Session
     lib = build.build_kernels("aarch64", tmp_path / "kernels", ["-march=armv8-a"])
     assert bf16_path(lib) == "fp32-fma"
-    inputs, params, calls = [], [], []
-    for name, c in ARM_CASES.items():
-        x, *rest = c.arrays
-        inputs.append(relax.Var(f"x_{name}", relax.TensorType(x.shape, str(x.dtype))))
-        ps = [relax.Var(f"{name}_{i}", relax.TensorType(a.shape, str(a.dtype))) for i, a in enumerate(rest)]
-        params += list(zip(ps, rest))
-        calls.append((c, [inputs[-1], *ps]))
-    bb = relax.BlockBuilder()
-    with bb.function("main", inputs + [p for p, _ in params], attrs={"num_input": len(inputs)}):
-        outs = [bb.emit(relax.call_dps_packed(c.kernel, args, relax.TensorType(c.ref.shape, "float32")))
-                for c, args in calls]
-        bb.emit_func_output(relax.Tuple(outs))
-    mod = bb.get().with_attr("external_mods", [tvm.runtime.load_static_library(str(lib.object), list(lib.functions))])
-    target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]})
-    cxx = "aarch64-linux-gnu-g++"
-    fcompile = tvm.support.cc.cross_compiler(cxx, options=lib.link_options(),
-                                             get_target_triple=tvm.support.cc.get_target_by_dump_machine(cxx))
-    relax.build(mod, target).export_library(str(tmp_path / "model.so"), fcompile=fcompile)
-    save_file({p.name: a for p, a in params}, str(tmp_path / "weights.safetensors"))
-    spec = lambda n, a: {"name": n, "dtype": str(a.dtype), "shape": list(a.shape)}  # noqa: E731
-    (tmp_path / "manifest.json").write_text(json.dumps({
-        "inputs": [spec(f"x_{n}", c.arrays[0]) for n, c in ARM_CASES.items()],
-        "outputs": [spec(n, c.ref) for n, c in ARM_CASES.items()],
-        "params": [p.name for p, _ in params],
-        "target": {"name": "arm64", "qemu_cpu": "cortex-a72"}}))
+    arm64_artifact(lib, tmp_path, ARM_CASES)
     with Arm64Session(tmp_path) as session:
-        got = session({f"x_{n}": c.arrays[0] for n, c in ARM_CASES.items()})
+        got = session({f"in_{n}": c.arrays[0] for n, c in ARM_CASES.items()})
     for name, case in ARM_CASES.items():
         check(name, case, got[name])
 

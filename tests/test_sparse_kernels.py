@@ -303,11 +303,13 @@ ARM_CASES = {
 }
 
 
-def arm64_artifact(lib, out):
-    """model.so + weights.safetensors + manifest.json: main(first array per case..., the rest...) -> outputs."""
+def arm64_artifact(lib, out, cases=None):
+    """model.so + weights.safetensors + manifest.json: main(first array per case..., the rest...) -> outputs
+    (`cases`: {name: case with kernel, arrays, ref, out_dtype}, default ARM_CASES; test_bf16.py's too)."""
+    cases = ARM_CASES if cases is None else cases
     from safetensors.numpy import save_file
     inputs, params, calls = [], [], []
-    for name, c in ARM_CASES.items():
+    for name, c in cases.items():
         first, *rest = c.arrays
         inputs.append(relax.Var(f"in_{name}", relax.TensorType(first.shape, str(first.dtype))))
         ps = [relax.Var(f"{name}_{i}", relax.TensorType(a.shape, str(a.dtype))) for i, a in enumerate(rest)]
@@ -327,8 +329,8 @@ def arm64_artifact(lib, out):
     save_file({p.name: a for p, a in params}, str(out / "weights.safetensors"))
     spec = lambda n, a: {"name": n, "dtype": str(a.dtype), "shape": list(a.shape)}  # noqa: E731
     (out / "manifest.json").write_text(json.dumps({
-        "inputs": [spec(f"in_{n}", c.arrays[0]) for n, c in ARM_CASES.items()],
-        "outputs": [spec(n, c.ref.astype(c.out_dtype)) for n, c in ARM_CASES.items()],
+        "inputs": [spec(f"in_{n}", c.arrays[0]) for n, c in cases.items()],
+        "outputs": [spec(n, c.ref.astype(c.out_dtype)) for n, c in cases.items()],
         "params": [p.name for p, _ in params],
         "target": {"name": "arm64", "qemu_cpu": "cortex-a72"}}))
 
