@@ -7,6 +7,9 @@ becomes one of (tcc/ops.py defines the numerics; tcc/quantization.py the codes a
 
     weights=int8, acts=none   tcc::dense_w8(x, q int8 [N,K], scale [N], b)        per output channel
     weights=int4, acts=none   tcc::dense_w4(x, q uint8 [N,K/2], scale f16 [N,K/g], zero uint8 [N,K/g] | None, g, b)
+    weights=int4, acts=int8   tcc::dense_w4(..., g, b, "int8"): W4A8, each block of g input features of a
+                              row of x quantized to int8 at run time (symmetric, one scale per block, as
+                              llama.cpp's Q8_0 activations for Q4_0/Q4_1); `sym` is the weights' only
     weights=int8, acts=int8   tcc::dense_a8w8(x, q, w_scale, b, x_scale, x_zero, asym)
                               act_scheme=dynamic: x_scale None, per token in the op; static: x_scale
                               (and x_zero when sym=false) f32 [1] from the `percentile` of the
@@ -79,8 +82,8 @@ float) at higher precision: int8 instead of int4, fp32 instead of int8 / W8A8. b
 promotes layers in that order as long as the average storage bits per weight (scales and zeros
 included) of the candidate linears stays <= B. Tied lm_heads are no candidates.
 
-Checks (UserError, naming the option): weights=int4 with acts=int8; method=smoothquant without
-acts=int8; method=awq with acts=int8; sym=false with int8 weight-only; an odd int4 group; int4 for
+Checks (UserError, naming the option): weights=int4 with acts=int8 and act_scheme=static;
+method=smoothquant without acts=int8 or with int4; method=awq with weights=int8,acts=int8; sym=false with int8 weight-only; an odd int4 group; int4 for
 a layer with an odd K (the layer is named); keep with budget; keep above the number of
 layers; a budget below what the base format needs; calibration text too short (text_feeds).
 After rewriting: every quantized op's buffers have the dtypes and shapes the op needs, no
@@ -181,13 +184,15 @@ class Quantize(Pass):
 
     def _check_combination(self) -> None:
         bad = lambda option, msg, hint: UserError(f"pass 'quantize' option '{option}': {msg}", hint)
-        if self.weights == "int4" and self.acts == "int8":
-            raise bad("acts", "weights=int4 with acts=int8 is not supported (tcc::dense_a8w8 takes int8 weights)",
-                      "use weights=int8 with acts=int8, or weights=int4 with acts=none")
+        if self.weights == "int4" and self.acts == "int8" and self.act_scheme == "static":
+            raise bad("act_scheme", "int4 weights with acts=int8 quantize the activations per block of `group` at "
+                      "run time (W4A8, dynamic)", "drop act_scheme=static, or use weights=int8 for static activations")
+        if self.method == "smoothquant" and self.weights == "int4":
+            raise bad("method", "smoothquant is for W8A8 (weights=int8,acts=int8)", "use method=awq or gptq for int4")
         if self.method == "smoothquant" and self.acts != "int8":
             raise bad("method", "smoothquant needs acts=int8 (it moves activation outliers into the weights)",
                       "add acts=int8, or use method=awq for weight-only int4")
-        if self.method == "awq" and self.acts == "int8":
+        if self.method == "awq" and self.acts == "int8" and self.weights == "int8":
             raise bad("method", "awq is weight-only", "use method=smoothquant (or rtn, gptq) with acts=int8")
         if not self.sym and self.weights == "int8" and self.acts == "none":
             raise bad("sym", "int8 weights are always symmetric; sym=false applies to int4 weights or int8 activations",
@@ -947,8 +952,9 @@ def rewrite(gm: fx.GraphModule, plan: Plan, opts: Quantize) -> list[dict]:
             if layer.format == "w8":
                 args = lambda get: (x, get("int8"), get("scale"), b)
             elif layer.format == "w4":
+                w4a8 = ("int8",) if opts.acts == "int8" else ()  # tcc::dense_w4's acts, the W4A8 variant
                 args = lambda get: (x, get("int4"), get("scale"), get("zero") if q.zero is not None else None,
-                                    q.group, b)
+                                    q.group, b, *w4a8)
             else:
                 args = lambda get: (x, get("int8"), get("scale"), b, get("act_scale") if xs is not None else None,
                                     get("act_zero") if xz is not None else None, asym)
@@ -1010,6 +1016,7 @@ def verify(gm: fx.GraphModule) -> None:
                  "scale must be f16 [N, K/group]")
             need(n.args[3] is None or (z is not None and z.dtype in (torch.uint8, torch.float32) and z.shape == s.shape),
                  n, "zero must be uint8 (codes) or float32 (zero=float) [N, K/group]")
+            need(len(n.args) < 7 or n.args[6] in ("none", "int8"), n, "acts must be none or int8")
         elif n.target is tcc_ops.embedding_w8.default:
             qw, s = t(n.args[1]), t(n.args[2])
             need(qw is not None and qw.dtype == torch.int8 and s is not None and tuple(s.shape) == (qw.shape[0],), n,

@@ -27,6 +27,13 @@ Ops:
                                       value is used as float32); zero uint8 [N, K/group] codes 0..15,
                                       None = 8 (symmetric). w[n,k] = (code - zero[n, k // group]) *
                                       scale[n, k // group]; y = x @ w.T + b. K % group == 0, group even.
+  tcc::dense_w4(..., acts="int8")     W4A8 (llama.cpp's Q8_0 activations for Q4_0/Q4_1): each block of
+                                      `group` consecutive k of each row of x quantizes symmetrically to
+                                      int8 as dense_a8w8's dynamic rows do (quantize_blocks: s = max|x| /
+                                      127, or 1 for an all-zero block; q = clamp(round(x / s), -127, 127),
+                                      float32 division, round half to even), and y = (q * s) @ w.T + b,
+                                      i.e. y[m,n] = sum_g s[m,g] scale[n,g] sum_k q[m,k] (code - zero) + b.
+                                      acts="none" (the default): x as it is, fp32.
   tcc::embedding_w8(ids, qw, scale)   rows of an int8 table: out = qw[ids] * scale[ids, None]
                                       qw int8 [V, D] per-row symmetric, scale f32 [V]
   tcc::dense_bf16(x, w, b?)           bf16 weights: y = x @ float32(w).T + b; w bfloat16 [N, K] (each
@@ -142,14 +149,29 @@ def dequantize_w4(qw: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     return ((codes - z[..., None]) * scale.to(torch.float32)[..., None]).reshape(n, k)
 
 
+def quantize_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """dense_w4's acts="int8": x [..., K] with every `block` consecutive k of a row quantized to
+    int8 symmetrically (quantize_rows' dynamic symmetric rows), returned dequantized, q * s, float32."""
+    k = x.shape[-1]
+    q, s, _ = quantize_rows(x.reshape(-1, block), None, None, False)
+    return (q * s).reshape(*x.shape[:-1], k)
+
+
+W4_ACTS = ("none", "int8")
+
+
 @torch.library.custom_op("tcc::dense_w4", mutates_args=())
 def dense_w4(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
-             b: torch.Tensor | None = None) -> torch.Tensor:
+             b: torch.Tensor | None = None, acts: str = "none") -> torch.Tensor:
+    if acts not in W4_ACTS:
+        raise ValueError(f"tcc::dense_w4: acts must be one of {W4_ACTS}, got {acts!r}")
+    if acts == "int8":
+        x = quantize_blocks(x.to(torch.float32), group).to(x.dtype)
     return torch.nn.functional.linear(x, dequantize_w4(qw, scale, zero, group).to(x.dtype), b)
 
 
 @dense_w4.register_fake
-def _(x, qw, scale, zero, group, b=None):
+def _(x, qw, scale, zero, group, b=None, acts="none"):
     return x.new_empty((*x.shape[:-1], qw.shape[0]))
 
 

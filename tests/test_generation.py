@@ -101,7 +101,9 @@ def _compiled_vs_program(art, gen, ids, tol):
     assert max(errs) <= tol, errs
 
 
-@pytest.mark.parametrize("pipeline,tol", [("", 1e-4), ("quantize(weights=int8,acts=int8)", 2e-2)])
+@pytest.mark.parametrize("pipeline,tol", [("", 1e-4), ("quantize(weights=int8,acts=int8)", 2e-2),
+                                          # W4A8 (tcc_dense_w4a8: decode's integer GEMV, prefill's sgemm)
+                                          ("quantize(weights=int4,group=16,sym=false,acts=int8)", 2e-2)])
 def test_compiled_prefill_decode_match_the_program(llama, tmp_path, pipeline, tol):
     ctx = PassContext(calibration=[llama.example_inputs(seed=i) for i in range(2)])
     passed = Pipeline.parse(pipeline).run(llama.clone(), ctx) if pipeline else llama
@@ -112,11 +114,11 @@ def test_compiled_prefill_decode_match_the_program(llama, tmp_path, pipeline, to
         # one stored copy of each weight: main, prefill and decode share them
         names = set(art.manifest["params"])
         assert set(gen_m["functions"]["decode"]["params"]) <= names | set(gen_m["functions"]["prefill"]["params"])
-        if pipeline:  # the quantized kernels run in both phases: their packed int8 weights are parameters
+        if pipeline:  # the quantized kernels run in both phases: their packed int8/int4 weights are parameters
             from safetensors.numpy import load_file
             weights = load_file(str(art.dir / "weights.safetensors"))
             for fn in ("prefill", "decode"):
-                assert sum(weights[n].dtype == np.int8 for n in gen_m["functions"][fn]["params"]) >= 8
+                assert sum(weights[n].dtype in (np.int8, np.uint8) for n in gen_m["functions"][fn]["params"]) >= 8
         _compiled_vs_program(art, kv_cached(passed, 24), [3, 9, 27, 81, 1, 2, 4], tol)
         # the compile's own check (tests/test_generation_check.py): 24 ids teacher-forced, 16 prefilled
         # (a second padded chunk would pass the context) and 8 decoded: 9 positions vs the source's full

@@ -90,6 +90,24 @@ def w4_case(lead, k, n, group, bias=True, zero=True):
     return Case("tcc_dense_w4_f32" if bias else "tcc_dense_w4_nobias_f32", arrays, [], ref, bound)
 
 
+def w4a8_case(lead, k, n, group, bias=True, zero=True, half=True, x=None):
+    """tcc::dense_w4 with acts="int8" on pack_w4a8's layout; half: float16 scales (the quantize
+    pass's), else float32. Same bound as dense_w4: the activation codes are bit-exact with the
+    reference's (its float32 division and round-half-even), only the fp32 sums differ."""
+    x = f32(*lead, k) if x is None else x
+    qw = rng.integers(0, 256, (n, k // 2)).astype(np.uint8)
+    scale = (rng.random((n, k // group)) * 0.02 + 1e-3).astype(np.float16 if half else np.float32)
+    z = rng.integers(0, 16, (n, k // group)).astype(np.uint8) if zero else None
+    if zero == "float":
+        z = (rng.random((n, k // group)) * 20 - 2).astype(np.float32)
+    b = f32(n)
+    ref = ops.dense_w4(t(x), t(qw), t(scale), t(z), group, t(b) if bias else None, "int8").numpy()
+    wmax = 15 * np.repeat(scale.astype(np.float32), group, axis=1)
+    bound = W4_RTOL * (np.abs(x).reshape(-1, k) @ wmax.T + (np.abs(b) if bias else 0)).reshape(ref.shape)
+    arrays = [x, *quant_layout.pack_w4a8(qw, scale, z)] + ([b] if bias else [])
+    return Case("tcc_dense_w4a8_f32" if bias else "tcc_dense_w4a8_nobias_f32", arrays, [], ref, bound)
+
+
 def special_rows(k):
     """Rows that exercise the edges of the dynamic quantization: all zero (s = 1), all positive
     (asym: z = 0), all negative (asym: z = 255), one large outlier, and ordinary rows."""
@@ -130,6 +148,16 @@ CASES = {
     "w4_tall": w4_case((70,), 40, 20, 2),                     # M > N, group 2
     "w4_m1_float_zero": w4_case((1,), 576, 70, 32, zero="float"),   # direct loop, fractional zeros
     "w4_m64_float_zero": w4_case((64,), 96, 40, 32, zero="float"),  # sgemm path, fractional zeros
+    # W4A8 (acts="int8"): groups 32/64/128, odd N, K not a multiple of 64, M = 1..4 and > 32
+    "w4a8_m1_g32_asym": w4a8_case((1,), 576, 960, 32),
+    "w4a8_m1_g128_sym": w4a8_case((1,), 384, 37, 128, zero=False),
+    "w4a8_m2_g64_float_zero": w4a8_case((2,), 320, 65, 64, zero="float"),
+    "w4a8_m3_g32_f32_scale": w4a8_case((3,), 96, 33, 32, half=False, bias=False),
+    "w4a8_m4_g12": w4a8_case((4,), 36, 17, 12),             # group not a multiple of 8: padded octets
+    "w4a8_m7_g2": w4a8_case((7,), 10, 20, 2, zero="float"),  # a partial block of 4 rows, group 2
+    "w4a8_special": w4a8_case((), 96, 33, 32, x=special_rows(96)),  # all-zero blocks (s = 1), outliers
+    "w4a8_m40_g64": w4a8_case((40,), 448, 70, 64),           # sgemm path
+    "w4a8_m70_g32_float_zero": w4a8_case((2, 35), 96, 20, 32, zero="float", bias=False),  # M > N: rows split
 }
 
 # Mismatched arguments the kernels must reject: name -> (kernel, arrays, scalars, out shape, message)
@@ -244,7 +272,8 @@ def test_kernel_rejects_bad_arguments(x86, name):
 
 def test_quant_kernels_are_exported():
     assert {"tcc_dense_a8w8_f32", "tcc_dense_a8w8_nobias_f32", "tcc_dense_a8w8_static_f32",
-            "tcc_dense_a8w8_static_nobias_f32", "tcc_dense_w4_f32", "tcc_dense_w4_nobias_f32"} <= set(build.exported_functions())
+            "tcc_dense_a8w8_static_nobias_f32", "tcc_dense_w4_f32", "tcc_dense_w4_nobias_f32",
+            "tcc_dense_w4a8_f32", "tcc_dense_w4a8_nobias_f32"} <= set(build.exported_functions())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +322,9 @@ ARM_CASES = {
     "w4_m3": w4_case((3,), 64, 37, 16),
     "w4_m40_sym": w4_case((40,), 48, 33, 8, bias=False, zero=False),  # sgemm path
     "w4_m2_float_zero": w4_case((2,), 64, 20, 32, zero="float"),
+    "w4a8_m1": w4a8_case((1,), 96, 37, 32),
+    "w4a8_m3_float_zero": w4a8_case((3,), 72, 20, 12, zero="float", half=False),
+    "w4a8_m36_sym": w4a8_case((36,), 64, 33, 64, zero=False, bias=False),  # sgemm path
 }
 
 

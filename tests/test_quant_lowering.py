@@ -25,6 +25,8 @@ from test_elimination import build
     ("llama", "quantize(weights=int4,group=32,min_size=0)"),
     ("llama", "quantize(weights=int4,group=16,sym=false,min_size=0,embeddings=true)"),
     ("llama", "quantize(weights=int4,group=32,sym=false,zero=float,min_size=0)"),
+    ("llama", "quantize(weights=int4,group=16,sym=false,acts=int8,min_size=0,embeddings=true)"),  # W4A8
+    ("llama", "quantize(weights=int4,group=32,sym=false,zero=float,acts=int8,min_size=0)"),
     ("bert", "quantize(acts=int8,sym=false,min_size=0)"),
     ("bert", "quantize(min_size=0,embeddings=true)"),
 ])

@@ -386,7 +386,9 @@ def test_quantize_weights_runs_quantize_int8_rtn(llama):
 # -- bad input --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, message", [
-    ("quantize(weights=int4,acts=int8)", r"option 'acts': weights=int4 with acts=int8 is not supported"),
+    ("quantize(weights=int4,acts=int8,act_scheme=static)", r"option 'act_scheme': int4 weights with acts=int8 "
+                                                           r"quantize the activations per block"),
+    ("quantize(weights=int4,acts=int8,method=smoothquant)", r"option 'method': smoothquant is for W8A8"),
     ("quantize(method=smoothquant)", r"option 'method': smoothquant needs acts=int8"),
     ("quantize(method=awq,acts=int8)", r"option 'method': awq is weight-only"),
     ("quantize(sym=false)", r"option 'sym': int8 weights are always symmetric"),

@@ -656,6 +656,355 @@ void dense_w4(const TensorView& x, const TensorView& qw, const TensorView& scale
 }
 
 // ---------------------------------------------------------------------------------------------
+// dense_w4a8: tcc::dense_w4 with acts="int8" (quant_layout.pack_w4a8's layout)
+// ---------------------------------------------------------------------------------------------
+
+typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
+typedef int32_t vi_u __attribute__((vector_size(kLanes * 4), aligned(1), may_alias));
+
+struct W4A8 {
+  int64_t m, n, k;
+  int64_t groups, group, octets;  // octets: ceil(group / 8), the packed k per group in units of 8
+  int64_t lda;                    // activation codes per row: groups * octets * 8
+  const float* x;
+  const uint8_t* qw;         // [T][G][O][16][4]
+  const float* scale;        // [T][G][16] float32, or
+  const uint16_t* scale_h;   // float16 bits; one of the two is set
+  const uint8_t* zero;       // [T][G][16] integer zero points, or
+  const float* zero_f32;     // fractional ones
+  const float* b;
+  float* out;
+};
+
+// Half-precision bits -> float (the portable path; the SIMD paths convert 16 at a time).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16, e = (h >> 10) & 0x1f, man = h & 0x3ff;
+  if (e == 0) {
+    const float v = std::ldexp(static_cast<float>(man), -24);  // zero or subnormal
+    return sign ? -v : v;
+  }
+  const uint32_t f = sign | (e == 31 ? 0x7f800000u | (man << 13) : ((e + 112) << 23) | (man << 13));
+  float r;
+  std::memcpy(&r, &f, 4);
+  return r;
+}
+
+inline F16 load_half16(const uint16_t* p) {
+  F16 r;
+#if defined(__AVX512F__)
+  r.v[0] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__AVX2__) && defined(__F16C__)
+  r.v[0] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  r.v[1] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+#elif defined(__aarch64__)
+  UNROLL for (int i = 0; i < 4; ++i) r.v[i] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p + 4 * i)));
+#else
+  for (int i = 0; i < kTile; ++i) r.v[i / kLanes][i % kLanes] = half_to_float(p[i]);
+#endif
+  return r;
+}
+
+// Sums of one group of one tile: c[r][j] = sum over the group's octets o and i < 8 of
+// a[r * lda + 8 o + i] * code(column j, k = 8 o + i), exact in int32 (|c| <= 15 * 127 * group).
+// w: the group's packed octets (64 bytes each), a: the group's activation codes of row 0.
+#if TCC_INT8_VNNI
+template <int MR>
+inline void w4a8_dot(const uint8_t* w, int64_t octets, const int8_t* a, int64_t lda, int32_t (*c)[kTile]) {
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  __m512i lo[MR], hi[MR];  // two chains per row: the low and the high nibbles
+  UNROLL for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
+  for (int64_t o = 0; o < octets; ++o) {
+    const __m512i v = _mm512_loadu_si512(w + o * 64);
+    const __m512i wl = _mm512_and_si512(v, mask), wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+    UNROLL for (int r = 0; r < MR; ++r) {
+      int32_t a0, a1;
+      std::memcpy(&a0, a + r * lda + 8 * o, 4);
+      std::memcpy(&a1, a + r * lda + 8 * o + 4, 4);
+      lo[r] = _mm512_dpbusd_epi32(lo[r], wl, _mm512_set1_epi32(a0));
+      hi[r] = _mm512_dpbusd_epi32(hi[r], wh, _mm512_set1_epi32(a1));
+    }
+  }
+  UNROLL for (int r = 0; r < MR; ++r) _mm512_storeu_si512(c[r], _mm512_add_epi32(lo[r], hi[r]));
+}
+#elif TCC_INT8_AVX2
+// vpmaddubsw (u8 codes x s8 activations, pairs summed in int16: |sum| <= 2 * 15 * 127; the low and
+// high nibbles' sums add, <= 7620, still int16), then vpmaddwd with ones into int32.
+template <int MR>
+inline void w4a8_dot(const uint8_t* w, int64_t octets, const int8_t* a, int64_t lda, int32_t (*c)[kTile]) {
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256i acc[MR][2];
+  UNROLL for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t o = 0; o < octets; ++o) {
+    UNROLL for (int h = 0; h < 2; ++h) {  // columns 0..7, 8..15
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + o * 64 + h * 32));
+      const __m256i wl = _mm256_and_si256(v, mask), wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+      UNROLL for (int r = 0; r < MR; ++r) {
+        int32_t a0, a1;
+        std::memcpy(&a0, a + r * lda + 8 * o, 4);
+        std::memcpy(&a1, a + r * lda + 8 * o + 4, 4);
+        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(wl, _mm256_set1_epi32(a0)),
+                                           _mm256_maddubs_epi16(wh, _mm256_set1_epi32(a1)));
+        acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(p, ones));
+      }
+    }
+  }
+  UNROLL for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c[r]), acc[r][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c[r] + 8), acc[r][1]);
+  }
+}
+#elif TCC_INT8_SDOT || TCC_INT8_NEON
+template <int MR>
+inline void w4a8_dot(const uint8_t* w, int64_t octets, const int8_t* a, int64_t lda, int32_t (*c)[kTile]) {
+  const uint8x16_t mask = vdupq_n_u8(0x0F);
+#if TCC_INT8_SDOT
+  int32x4_t acc[MR][4];  // 4 columns each
+  UNROLL for (int r = 0; r < MR; ++r) UNROLL for (int j = 0; j < 4; ++j) acc[r][j] = vdupq_n_s32(0);
+#else
+  int32x4_t lo[MR][4], hi[MR][4];  // [c0 k01, c0 k23, c1 k01, c1 k23] and the same for c2, c3
+  UNROLL for (int r = 0; r < MR; ++r) UNROLL for (int j = 0; j < 4; ++j) lo[r][j] = hi[r][j] = vdupq_n_s32(0);
+#endif
+  for (int64_t o = 0; o < octets; ++o) {
+    int8x16_t wl[4], wh[4];  // 4 columns x 4 k each
+    UNROLL for (int j = 0; j < 4; ++j) {
+      const uint8x16_t v = vld1q_u8(w + o * 64 + 16 * j);
+      wl[j] = vreinterpretq_s8_u8(vandq_u8(v, mask));
+      wh[j] = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+    }
+    UNROLL for (int r = 0; r < MR; ++r) {
+      int32_t a0, a1;
+      std::memcpy(&a0, a + r * lda + 8 * o, 4);
+      std::memcpy(&a1, a + r * lda + 8 * o + 4, 4);
+      const int8x16_t al = vreinterpretq_s8_s32(vdupq_n_s32(a0)), ah = vreinterpretq_s8_s32(vdupq_n_s32(a1));
+      UNROLL for (int j = 0; j < 4; ++j) {
+#if TCC_INT8_SDOT
+        acc[r][j] = vdotq_s32(vdotq_s32(acc[r][j], wl[j], al), wh[j], ah);
+#else
+        // |code * a| <= 15 * 127: a pair of products sums in int16 without overflow
+        lo[r][j] = vpadalq_s16(lo[r][j], vmlal_s8(vmull_s8(vget_low_s8(wl[j]), vget_low_s8(al)),
+                                                  vget_low_s8(wh[j]), vget_low_s8(ah)));
+        hi[r][j] = vpadalq_s16(hi[r][j], vmlal_high_s8(vmull_high_s8(wl[j], al), wh[j], ah));
+#endif
+      }
+    }
+  }
+  UNROLL for (int r = 0; r < MR; ++r)
+    UNROLL for (int j = 0; j < 4; ++j) {
+#if TCC_INT8_SDOT
+      vst1q_s32(c[r] + 4 * j, acc[r][j]);
+#else
+      vst1q_s32(c[r] + 4 * j, vpaddq_s32(lo[r][j], hi[r][j]));
+#endif
+    }
+}
+#else
+template <int MR>
+inline void w4a8_dot(const uint8_t* w, int64_t octets, const int8_t* a, int64_t lda, int32_t (*c)[kTile]) {
+  int32_t acc[MR][kTile] = {};
+  for (int64_t o = 0; o < octets; ++o) {
+    const uint8_t* wo = w + o * 64;
+    for (int r = 0; r < MR; ++r) {
+      const int8_t* ao = a + r * lda + 8 * o;
+      for (int j = 0; j < kTile; ++j)
+        for (int i = 0; i < 4; ++i) acc[r][j] += (wo[4 * j + i] & 15) * ao[i] + (wo[4 * j + i] >> 4) * ao[4 + i];
+    }
+  }
+  std::memcpy(c, acc, sizeof(acc));
+}
+#endif
+
+// Activations of rows [r0, r1): every block (group) of k quantized symmetrically as
+// tcc/ops.py quantize_blocks does (quantize_rows' dynamic symmetric rows: float32 division,
+// round half to even), the codes into a[r][lda] (0 past each group's end), the scale into
+// xs[r][G] and the sum of the block's codes into qsum[r][G].
+void w4a8_quantize(const W4A8& p, int64_t r0, int64_t r1, int8_t* a, float* xs, int32_t* qsum) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const float* x = p.x + r * p.k + g * p.group;
+      int8_t* q = a + r * p.lda + g * p.octets * 8;
+      float lo, hi;
+      row_range(x, p.group, &lo, &hi);
+      float s = std::max(hi, -lo) / 127.0f;
+      s = s > 0.0f ? s : 1.0f;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < p.group; ++i) {
+        float v = x[i] / s;
+        v = v < -127.0f ? -127.0f : v;
+        v = v > 127.0f ? 127.0f : v;
+        q[i] = static_cast<int8_t>(round_even(v));
+        sum += q[i];
+      }
+      std::fill(q + p.group, q + p.octets * 8, int8_t(0));
+      xs[r * p.groups + g] = s;
+      qsum[r * p.groups + g] = sum;
+    }
+}
+
+// A tile's scales or zero points of group g, 16 columns as float32.
+inline F16 w4a8_scale(const W4A8& p, int64_t at) { return p.scale_h ? load_half16(p.scale_h + at) : load_f16(p.scale + at); }
+inline F16 w4a8_zero(const W4A8& p, int64_t at) {
+  return p.zero_f32 ? load_f16(p.zero_f32 + at) : to_float(load_u8x16(p.zero + at));
+}
+
+// out[row0 : row0 + MR, 16 t : 16 t + 16] (clipped to N) = the integer path:
+// sum_g xs[r][g] scale[n][g] (sum_k q[r][k] code[n][k] - zero[n][g] qsum[r][g]) + b.
+template <int MR>
+void w4a8_direct(const W4A8& p, const int8_t* a, const float* xs, const int32_t* qsum, int64_t t, int64_t row0) {
+  F16 acc[MR];
+  UNROLL for (int r = 0; r < MR; ++r)
+    UNROLL for (int i = 0; i < kVecs; ++i) acc[r].v[i] = vf{};
+  const uint8_t* w = p.qw + t * p.groups * p.octets * 64;
+  alignas(64) int32_t c[MR][kTile];
+  for (int64_t g = 0; g < p.groups; ++g) {
+    w4a8_dot<MR>(w + g * p.octets * 64, p.octets, a + row0 * p.lda + g * p.octets * 8, p.lda, c);
+    const int64_t at = (t * p.groups + g) * kTile;
+    const F16 s = w4a8_scale(p, at), z = w4a8_zero(p, at);
+    UNROLL for (int r = 0; r < MR; ++r) {
+      const float sx = xs[(row0 + r) * p.groups + g], qs = static_cast<float>(qsum[(row0 + r) * p.groups + g]);
+      UNROLL for (int i = 0; i < kVecs; ++i) {
+        const vf ci = __builtin_convertvector(*reinterpret_cast<const vi_u*>(c[r] + i * kLanes), vf);
+        acc[r].v[i] += (s.v[i] * sx) * (ci - z.v[i] * qs);
+      }
+    }
+  }
+  const int64_t n0 = t * kTile, cols = std::min(kTile, p.n - n0);
+  float y[kTile];
+  for (int r = 0; r < MR; ++r) {
+    UNROLL for (int i = 0; i < kVecs; ++i) *reinterpret_cast<vf_u*>(y + i * kLanes) = acc[r].v[i];
+    float* o = p.out + (row0 + r) * p.n + n0;
+    if (p.b) {
+      for (int64_t j = 0; j < cols; ++j) o[j] = y[j] + p.b[n0 + j];
+    } else {
+      std::memcpy(o, y, cols * sizeof(float));
+    }
+  }
+}
+
+// out[m0:m1, c0:c1] += xq W[c0:c1]^T (xq the dequantized activation codes, [M][K]): dequantizes
+// the block (c0 a multiple of 16) into buf [K][bc] as the reference does and calls sgemm.
+void w4a8_sgemm_block(const W4A8& p, const float* xq, int64_t m0, int64_t m1, int64_t c0, int64_t c1, float* buf) {
+  const int64_t bc = ceil_div(c1 - c0, kTile) * kTile;
+  for (int64_t t = c0 / kTile; t * kTile < c1; ++t) {
+    float* dst = buf + (t * kTile - c0);
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const int64_t at = (t * p.groups + g) * kTile;
+      alignas(64) float s[kTile], z[kTile];
+      *reinterpret_cast<F16*>(s) = w4a8_scale(p, at);
+      *reinterpret_cast<F16*>(z) = w4a8_zero(p, at);
+      const uint8_t* w = p.qw + (t * p.groups + g) * p.octets * 64;
+      for (int64_t o = 0; o < p.octets; ++o)
+        for (int i = 0; i < 8; ++i) {
+          const int64_t kk = 8 * o + i;  // k within the group
+          if (kk >= p.group) break;
+          float* row = dst + (g * p.group + kk) * bc;
+          const int shift = i < 4 ? 0 : 4;
+          for (int j = 0; j < kTile; ++j) row[j] = (static_cast<float>((w[o * 64 + 4 * j + i % 4] >> shift) & 15) - z[j]) * s[j];
+        }
+    }
+  }
+  sgemm_nn(m1 - m0, c1 - c0, p.k, xq + m0 * p.k, p.k, buf, bc, 1.0f, p.out + m0 * p.n + c0, p.n);
+}
+
+void w4a8_run(const W4A8& p) {
+  if (p.m == 0 || p.n == 0) return;
+  if (p.k == 0) {
+    return parallel([&](int task, int num_tasks) {
+      int64_t n0, n1;
+      split(p.n, kTile, task, num_tasks, &n0, &n1);
+      if (n0 < n1) fill_bias(p.out, p.b, p.n, 0, p.m, n0, n1);
+    });
+  }
+  int8_t* a = scratch<int8_t, 4>(p.m * p.lda);
+  float* xs = scratch<float, 5>(p.m * p.groups);
+  int32_t* qsum = scratch<int32_t, 6>(p.m * p.groups);
+  if (p.m <= kW4DirectRows) {
+    w4a8_quantize(p, 0, p.m, a, xs, qsum);
+    return parallel([&](int task, int num_tasks) {
+      int64_t n0, n1;
+      split(p.n, kTile, task, num_tasks, &n0, &n1);  // the weight rows (output columns), evenly
+      for (int64_t t = n0 / kTile; t * kTile < n1; ++t)
+        for (int64_t r = 0; r < p.m; r += 4) {
+          switch (std::min<int64_t>(4, p.m - r)) {
+            case 1: w4a8_direct<1>(p, a, xs, qsum, t, r); break;
+            case 2: w4a8_direct<2>(p, a, xs, qsum, t, r); break;
+            case 3: w4a8_direct<3>(p, a, xs, qsum, t, r); break;
+            default: w4a8_direct<4>(p, a, xs, qsum, t, r); break;
+          }
+        }
+    });
+  }
+  // M > 32: the activations quantize (row by row, in parallel) and come back as q * s in float32,
+  // then the weights dequantize block by block into sgemm, as dense_w4's fp32 path.
+  float* xq = scratch<float, 7>(p.m * p.k);
+  parallel([&](int task, int num_tasks) {
+    int64_t r0, r1;
+    split(p.m, 1, task, num_tasks, &r0, &r1);
+    w4a8_quantize(p, r0, r1, a, xs, qsum);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t g = 0; g < p.groups; ++g)
+        for (int64_t i = 0; i < p.group; ++i)
+          xq[r * p.k + g * p.group + i] = static_cast<float>(a[r * p.lda + g * p.octets * 8 + i]) * xs[r * p.groups + g];
+  });
+  parallel([&](int task, int num_tasks) {
+    int64_t m0 = 0, m1 = p.m, n0 = 0, n1 = p.n;
+    if (p.n >= p.m) split(p.n, kTile, task, num_tasks, &n0, &n1);
+    else split(p.m, kTile, task, num_tasks, &m0, &m1);
+    if (m0 >= m1 || n0 >= n1) return;
+    fill_bias(p.out, p.b, p.n, m0, m1, n0, n1);
+    const int64_t block = w4_block(p.k);
+    float* buf = scratch<float, 1>(p.k * block);
+    for (int64_t c0 = n0; c0 < n1; c0 += block) w4a8_sgemm_block(p, xq, m0, m1, c0, std::min(n1, c0 + block), buf);
+  });
+}
+
+void dense_w4a8(const TensorView& x, const TensorView& qw, const TensorView& scale, const TensorView& zero,
+                const TensorView* b, const TensorView& out, const char* kernel) {
+  W4A8 p{};
+  p.x = f32_in(x, kernel, "x", 1, 64);
+  p.qw = data_of<const uint8_t>(qw, kernel, "qw", kDLUInt, 8, 5, 5);
+  if (scale.dtype().code == kDLFloat && scale.dtype().bits == 16) {
+    p.scale_h = data_of<const uint16_t>(scale, kernel, "scale", kDLFloat, 16, 3, 3);
+  } else {
+    p.scale = f32_in(scale, kernel, "scale", 3, 3);
+  }
+  if (zero.dtype().code == kDLFloat) {
+    p.zero_f32 = f32_in(zero, kernel, "zero", 3, 3);
+  } else {
+    p.zero = data_of<const uint8_t>(zero, kernel, "zero", kDLUInt, 8, 3, 3);
+  }
+  p.out = f32_out(out, kernel, x.ndim(), x.ndim());
+  p.k = x.size(-1), p.n = out.size(-1);
+  p.m = p.k ? x.numel() / p.k : out.numel() / std::max<int64_t>(p.n, 1);
+  for (int d = 0; d + 1 < x.ndim(); ++d) check_dim(out, kernel, "out", d, x.size(d), "the leading dims of x");
+  const std::string packed = " (pack the weights with backends/kernels/quant_layout.py pack_w4a8)";
+  const std::string n = "N = " + std::to_string(p.n) + ", the last dim of out";
+  check_dim(qw, kernel, "qw", 0, ceil_div(p.n, kTile), ("ceil(N / 16), " + n + packed).c_str());
+  p.groups = qw.size(1);
+  if (p.k > 0 && (p.groups == 0 || p.k % p.groups != 0 || (p.k / p.groups) % 2 != 0)) {
+    TVM_FFI_THROW(ValueError) << kernel << ": argument 'qw' has shape " << shape_str(qw) << ": its "
+                              << p.groups << " groups must divide K = " << p.k << " into groups of even size";
+  }
+  p.group = p.groups ? p.k / p.groups : 0;
+  p.octets = ceil_div(p.group, 8), p.lda = p.groups * p.octets * 8;
+  check_dim(qw, kernel, "qw", 2, p.octets, ("ceil(group / 8), group = K / G = " + std::to_string(p.group) + packed).c_str());
+  check_dim(qw, kernel, "qw", 3, kTile, ("16 columns per tile" + packed).c_str());
+  check_dim(qw, kernel, "qw", 4, 4, ("4 k per nibble" + packed).c_str());
+  for (const auto* a : {&scale, &zero}) {
+    const char* name = a == &scale ? "scale" : "zero";
+    check_dim(*a, kernel, name, 0, qw.size(0), ("ceil(N / 16), " + n + packed).c_str());
+    check_dim(*a, kernel, name, 1, p.groups, "G, the groups of qw");
+    check_dim(*a, kernel, name, 2, kTile, ("16 columns per tile" + packed).c_str());
+  }
+  if (b) {
+    p.b = f32_in(*b, kernel, "b", 1, 1);
+    check_dim(*b, kernel, "b", 0, p.n, n.c_str());
+  }
+  check_blas_int(p.m, kernel, "M");
+  check_blas_int(p.k, kernel, "K");
+  w4a8_run(p);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Exported kernels
 // ---------------------------------------------------------------------------------------------
 
@@ -687,6 +1036,14 @@ void dense_w4_nobias_f32(TensorView x, TensorView qw, TensorView scale, TensorVi
   dense_w4(x, qw, scale, zero, nullptr, out, "tcc_dense_w4_nobias_f32");
 }
 
+void dense_w4a8_f32(TensorView x, TensorView qw, TensorView scale, TensorView zero, TensorView b, TensorView out) {
+  dense_w4a8(x, qw, scale, zero, &b, out, "tcc_dense_w4a8_f32");
+}
+
+void dense_w4a8_nobias_f32(TensorView x, TensorView qw, TensorView scale, TensorView zero, TensorView out) {
+  dense_w4a8(x, qw, scale, zero, nullptr, out, "tcc_dense_w4a8_nobias_f32");
+}
+
 }  // namespace
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_a8w8_f32, dense_a8w8_f32);
@@ -695,3 +1052,5 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_a8w8_static_f32, dense_a8w8_static_f32);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_a8w8_static_nobias_f32, dense_a8w8_static_nobias_f32);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_w4_f32, dense_w4_f32);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_w4_nobias_f32, dense_w4_nobias_f32);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_w4a8_f32, dense_w4a8_f32);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_w4a8_nobias_f32, dense_w4a8_nobias_f32);

@@ -21,6 +21,18 @@ pack_w4(qw, scale, zero=None) -> (qw_packed, scale_t, zero_t)   for tcc::dense_w
     scale_t    float32 [G, 16 ceil(N/16)]                scale_t[g, n] = scale[n, g], 0 past N
     zero_t     uint8   [G, 16 ceil(N/16)]                zero_t[g, n] = zero[n, g] (8 if None), 8 past N;
                float32 when the zero points are
+
+pack_w4a8(qw, scale, zero=None) -> (qw_packed, scale_t, zero_t)   for tcc::dense_w4 with acts="int8"
+    (the same arguments as pack_w4; O = ceil(group / 8) octets of k per group, k past the group's
+    end padded with code 0, which meets an activation code 0)
+    qw_packed  uint8   [ceil(N/16), G, O, 16, 4]         qw_packed[t, g, o, c, i] = code(16 t + c, k)
+               | code(16 t + c, k + 4) << 4 with k = g group + 8 o + i: per tile, per octet of k, 64
+               bytes whose low nibbles are 16 columns x 4 consecutive k (one AVX-512 VNNI operand,
+               four NEON sdot operands) and whose high nibbles the next 4 k; 0.5 byte per weight.
+    scale_t    [ceil(N/16), G, 16]  scale_t[t, g, c] = scale[16 t + c, g] in scale's dtype (float16
+               as the quantize pass stores it, or float32); 0 past N
+    zero_t     [ceil(N/16), G, 16]  zero_t[t, g, c] = zero[16 t + c, g] (8 if None), uint8 or float32
+    Tile-major, so that one tile's codes, scales and zero points are each one contiguous stream.
 """
 from __future__ import annotations
 
@@ -65,6 +77,23 @@ def pack_w4(qw, scale, zero=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     zero_t = np.full((groups, tiles * TILE), 8, zero.dtype)
     zero_t[:, :n] = zero.T
     return np.ascontiguousarray(packed.reshape(tiles, TILE, half_k).transpose(0, 2, 1)), scale_t, zero_t
+
+
+def pack_w4a8(qw, scale, zero=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    scale_dtype = np.float16 if _dtype(scale) == np.float16 else np.float32
+    scale = _array(scale, scale_dtype, "scale", 2)
+    qw = _array(qw, np.uint8, "qw", 2)
+    _, scale_t, zero_t = pack_w4(qw, scale.astype(np.float32), zero)  # checks the shapes
+    n, half_k = qw.shape
+    groups, tiles = scale_t.shape[0], -(-n // TILE)
+    group = 2 * half_k // groups
+    octets = -(-group // 8)
+    codes = np.zeros((tiles * TILE, groups, octets * 8), np.uint8)
+    codes[:n, :, :group] = np.stack([qw & 15, qw >> 4], axis=-1).reshape(n, groups, group)
+    codes = codes.reshape(tiles, TILE, groups, octets, 2, 4)
+    packed = (codes[..., 0, :] | (codes[..., 1, :] << 4)).transpose(0, 2, 3, 1, 4)
+    tile_major = lambda a: np.ascontiguousarray(a.reshape(groups, tiles, TILE).transpose(1, 0, 2))  # noqa: E731
+    return np.ascontiguousarray(packed), tile_major(scale_t).astype(scale_dtype), tile_major(zero_t)
 
 
 def _dtype(a) -> np.dtype:

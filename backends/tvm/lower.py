@@ -61,7 +61,7 @@ _FUSIBLE = {
     aten.linear.default: ((1, 2), ()),
     tcc_ops.dense_w8.default: ((1, 2, 3), ()),
     tcc_ops.dense_a8w8.default: ((1, 2, 3), (4, 5, 6)),
-    tcc_ops.dense_w4.default: ((1, 2, 3, 5), (4,)),
+    tcc_ops.dense_w4.default: ((1, 2, 3, 5), (4, 6)),
     tcc_ops.dense_bf16.default: ((1, 2), ()),
 }
 
@@ -190,20 +190,40 @@ def _(x, qw_p, scale_t, zero_t, b, n):
     return x.new_empty((*x.shape[:-1], n))
 
 
+@torch.library.custom_op("tcc_tvm::dense_w4a8_packed", mutates_args=())
+def dense_w4a8_packed(x: torch.Tensor, qw_p: torch.Tensor, scale_t: torch.Tensor, zero_t: torch.Tensor,
+                      b: torch.Tensor | None, n: int) -> torch.Tensor:
+    """tcc::dense_w4(..., acts="int8") on quant_layout.pack_w4a8's layout (same numerics)."""
+    tiles, groups, octets = qw_p.shape[:3]
+    group = x.shape[-1] // groups
+    codes = torch.stack([qw_p & 15, qw_p >> 4], dim=3)  # [T, G, O, 2, 16, 4]
+    codes = codes.permute(0, 4, 1, 2, 3, 5).reshape(tiles * 16, groups, octets * 8)[:n, :, :group].reshape(n, -1)
+    rows = lambda a: a.permute(0, 2, 1).reshape(tiles * 16, groups)[:n].contiguous()  # noqa: E731
+    return ops.dense_w4(x, ops.pack_int4(codes), rows(scale_t), rows(zero_t), group, b, "int8")
+
+
+@dense_w4a8_packed.register_fake
+def _(x, qw_p, scale_t, zero_t, b, n):
+    return x.new_empty((*x.shape[:-1], n))
+
+
 def _pack_quantized(gm: torch.fx.GraphModule, sparse: dict | None = None, report: list | None = None,
                     memo: dict | None = None) -> None:
     """In place: tcc::dense_a8w8 / tcc::dense_w4 with stored weights -> the packed ops, their
     packed tensors registered as parameters (so they are stored in the artifact). An int4 scale
     stored as float16 (the quantize pass's) stays float16 in the artifact, packed, and a cast to the
-    float32 the kernels read goes before the op (G x N values per call: negligible). A sparse int8
+    float32 the kernels read goes before the op (G x N values per call: negligible); W4A8
+    (tcc::dense_w4 acts="int8", pack_w4a8) reads its float16 scales itself. A sparse int8
     weight's packed codes stay sparse (packing only moves elements) and join `sparse`."""
-    from tcc.backends.kernels.quant_layout import pack_a8w8, pack_w4
+    from tcc.backends.kernels.quant_layout import pack_a8w8, pack_w4, pack_w4a8
 
     g = gm.graph
     for i, n in enumerate(list(g.nodes)):
         if n.op != "call_function" or n.target not in (tcc_ops.dense_a8w8.default, tcc_ops.dense_w4.default):
             continue
         a = list(n.args) + [None] * (7 - len(n.args))
+        if n.target == tcc_ops.dense_w4.default and "acts" in n.kwargs:
+            a[6] = n.kwargs["acts"]
         if not all(_stored(gm, t) for t in a[1:4]):
             raise UserError(f"node {n.name}: {n.target.name()} with computed weights cannot be lowered",
                             "quantized weights must be stored tensors")
@@ -213,6 +233,12 @@ def _pack_quantized(gm: torch.fx.GraphModule, sparse: dict | None = None, report
             tensors, target = derived(memo, "a8w8", [_attr(gm, qw)], lambda: pack_a8w8(_attr(gm, qw))), dense_a8w8_packed
             if sparse is not None and qw.target in sparse:
                 sparse[f"_tcc_packed_{i}_0"] = {**sparse[qw.target], "packed": qw.target}
+        elif a[6] == "int8":  # W4A8: the kernel reads the scales as stored (float16 or float32)
+            x, qw, scale, zero, group, b = a[:6]
+            s = _attr(gm, scale)
+            zt = None if zero is None else _attr(gm, zero)
+            tensors = derived(memo, "w4a8", [_attr(gm, qw), s, zt], lambda: pack_w4a8(_attr(gm, qw), s, zt))
+            target = dense_w4a8_packed
         else:
             x, qw, scale, zero, group, b = a[:6]
             s = _attr(gm, scale)
@@ -237,6 +263,9 @@ def _pack_quantized(gm: torch.fx.GraphModule, sparse: dict | None = None, report
             if target is dense_a8w8_packed:
                 new = g.call_function(torch.ops.tcc_tvm.dense_a8w8_packed.default,
                                       (x, names[0], names[1], w_scale, b, x_scale, x_zero, asym))
+            elif target is dense_w4a8_packed:
+                new = g.call_function(torch.ops.tcc_tvm.dense_w4a8_packed.default,
+                                      (x, *names, b, int(_attr(gm, a[1]).shape[0])))
             else:
                 new = g.call_function(torch.ops.tcc_tvm.dense_w4_packed.default,
                                       (x, *names, b, int(_attr(gm, a[1]).shape[0])))
@@ -656,6 +685,9 @@ def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
     fuse_parallel_linears(gm, sparse, memo)
     _pack_quantized(gm, sparse, report, memo)
     _bf16_bits(gm, memo)
+    if device == "cuda" and any(n.target == torch.ops.tcc_tvm.dense_w4a8_packed.default for n in gm.graph.nodes):
+        raise UserError("int4 weights with int8 activations (W4A8, quantize weights=int4,acts=int8) run on the CPU "
+                        "kernels only", "use quantize(weights=int4,acts=none) for a cuda target")
     if device == "cuda" and any(n.target == torch.ops.tcc_tvm.dense_w4_packed.default
                                 and _attr(gm, n.args[3]).dtype == torch.float32 for n in gm.graph.nodes):
         raise UserError("int4 weights with fractional zero points (quantize zero=float) run on the CPU kernels only; "
@@ -895,6 +927,7 @@ CONVERT_MAP = {
     "sdpa_kv.default": _convert_sdpa_kv,
     "dense_a8w8_packed.default": _a8w8_converter("tcc_dense_a8w8"),
     "dense_w4_packed.default": _dense_converter("tcc_dense_w4", 4),  # (x, qw_p, scale_t, zero_t, b?, n)
+    "dense_w4a8_packed.default": _dense_converter("tcc_dense_w4a8", 4),  # (x, qw_p, scale_t, zero_t, b?, n)
     "embedding_w8.default": _convert_embedding_w8,
     "dense_bf16_bits.default": _dense_converter("tcc_dense_bf16", 2),
     "embedding_bf16_bits.default": _convert_embedding_bf16,
