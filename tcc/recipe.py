@@ -52,6 +52,7 @@ TOP = {
     "output": ("--output", str, "an artifact directory"),
     "max_drift": ("--max-drift", float, "a number >= 0 (max relative error vs the source model)"),
     "max_context": ("--max-context", int, "a positive integer (KV-cache positions of a causal LM's prefill/decode)"),
+    "dtype": ("--dtype", str, "fp32 or bf16 (the float weights' storage; default: the checkpoint's)"),
     "pipeline": (None, (str, list), "pipeline text or a list of pass tables"),
     "calibration": (None, dict, "a table with text and samples"),
     "budget": (None, dict, "a table with max_accuracy_drop, objective and time"),

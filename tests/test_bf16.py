@@ -299,3 +299,12 @@ def test_dtype_bf16_refused_where_it_cannot_run(fp32_llama, tmp_path):
         tcc.compile(str(fp32_llama[0]), "x86", out=tmp_path / "o", pipeline="bf16", dtype="fp32", seq_len=8,
                     generate=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_recipe_dtype_is_the_flag(tmp_path):
+    from tcc import recipe
+    from tcc.cli import build_parser
+    (tmp_path / "r.toml").write_text('model = "smollm2"\ndtype = "bf16"\n')
+    r = recipe.load(tmp_path / "r.toml")
+    assert r.settings == {"--dtype": "bf16"}
+    assert build_parser().parse_args(["compile", "m", *[f"{k}={v}" for k, v in r.settings.items()]]).dtype == "bf16"
