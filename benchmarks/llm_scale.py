@@ -10,11 +10,18 @@ Llama-3.2-1B shape; SmolLM2's tokenizer, saved fp32 with save_pretrained).
 
 Each format pairs a tcc artifact with a GGUF made from the same checkpoint:
 
-  format  tcc pipeline                                                         llama.cpp
-  fp32    (none)                                                               F32
-  w8a8    quantize(acts=int8,embeddings=true)                                  Q8_0
-  q4_0    quantize(weights=int4,group=32,sym=true,embeddings=true)             Q4_0
-  q4_1    quantize(weights=int4,group=32,sym=false,zero=float,embeddings=true) Q4_1
+  format  tcc pipeline                                                                  llama.cpp
+  fp32    (none)                                                                        F32
+  w8a8    quantize(acts=int8,embeddings=true)                                           Q8_0
+  q4_0    quantize(weights=int4,group=32,sym=true,acts=int8,embeddings=true)            Q4_0
+  q4_1    quantize(weights=int4,group=32,sym=false,zero=float,acts=int8,embeddings=true) Q4_1
+  q4_0w   quantize(weights=int4,group=32,sym=true,embeddings=true)                      Q4_0
+  q4_1w   quantize(weights=int4,group=32,sym=false,zero=float,embeddings=true)          Q4_1
+
+q4_0 / q4_1 are W4A8 as llama.cpp computes Q4_0 / Q4_1: int4 x int8 dot products, the activations
+quantized to int8 per block of 32 (llama.cpp's Q8_0 / Q8_1); q4_0w / q4_1w (not run by default) are
+tcc's weight-only int4, which converts codes to float. The tied embedding / LM head is int8 per row in
+tcc (embeddings=true); llama.cpp's quantizer keeps output.weight at Q8_0 or Q6_K (its choice).
 
 tcc: `tcc compile DIR --target native -p PIPELINE --seq-len PROMPT --max-context CONTEXT --no-cache
 --no-latency`, one subprocess per artifact (its compile wall and peak RSS are recorded).
@@ -73,11 +80,18 @@ SHAPES = {"qwen05b": "Qwen2.5-0.5B shape (896 x 24, 14 heads / 2 KV)",
 FORMATS = {
     "fp32": ("fp32", "", "F32", "LLAMA_FTYPE_ALL_F32"),
     "w8a8": ("W8A8", "quantize(acts=int8,embeddings=true)", "Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"),
-    "q4_0": ("int4 g32 sym", "quantize(weights=int4,group=32,sym=true,embeddings=true)", "Q4_0",
+    "q4_0": ("W4A8 g32 sym", "quantize(weights=int4,group=32,sym=true,acts=int8,embeddings=true)", "Q4_0",
              "LLAMA_FTYPE_MOSTLY_Q4_0"),
-    "q4_1": ("int4 g32 asym zero=float", "quantize(weights=int4,group=32,sym=false,zero=float,embeddings=true)",
-             "Q4_1", "LLAMA_FTYPE_MOSTLY_Q4_1"),
+    "q4_1": ("W4A8 g32 asym zero=float",
+             "quantize(weights=int4,group=32,sym=false,zero=float,acts=int8,embeddings=true)", "Q4_1",
+             "LLAMA_FTYPE_MOSTLY_Q4_1"),
+    # weight-only int4 (codes converted to float in the kernel), not run unless asked for
+    "q4_0w": ("int4 g32 sym", "quantize(weights=int4,group=32,sym=true,embeddings=true)", "Q4_0",
+              "LLAMA_FTYPE_MOSTLY_Q4_0"),
+    "q4_1w": ("int4 g32 asym zero=float", "quantize(weights=int4,group=32,sym=false,zero=float,embeddings=true)",
+              "Q4_1", "LLAMA_FTYPE_MOSTLY_Q4_1"),
 }
+DEFAULT_FORMATS = "fp32,w8a8,q4_0,q4_1"
 SMOLLM_PRE = "smollm"  # llama.cpp's pre-tokenizer name for SmolLM / SmolLM2's tokenizer.json
 
 
@@ -86,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="build/llm_scale", help="cache of GGUFs, artifacts and results")
     p.add_argument("--scale-dir", default="/tmp/scale", help="folder of scale_models.py's <shape>-float32 models")
     p.add_argument("--shapes", default="qwen05b,llama1b", help="comma-separated: " + ", ".join(SHAPES))
-    p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated: " + ", ".join(FORMATS))
+    p.add_argument("--formats", default=DEFAULT_FORMATS, help="comma-separated: " + ", ".join(FORMATS))
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens (one prefill chunk)")
     p.add_argument("--new", type=int, default=64, help="greedy decode steps")
     p.add_argument("--repeats", type=int, default=3, help="timed runs (best of), after one warm-up")
