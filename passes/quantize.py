@@ -114,6 +114,7 @@ from tcc.ops import quantize_rows
 from tcc.quantization import (Grid, InputStats, QWeight, awq_clip, awq_scale, bits_per_weight, blockwise, collect,
                               collect_stats, feed_args, glob_matches, gptq, int4_group, module_path, output_error, rtn, run_range,
                               smoothquant_scales, static_scale)
+from tcc.memory import page_out
 from tcc.structure import IDENTITY, op_name
 
 from .dead_code import remove_dead
@@ -821,6 +822,8 @@ def quantize_layer(gm, layer: Layer, stats: dict[str, InputStats], opts: Quantiz
         layer.info["rtn_error"] = round(output_error(w, rtn(w, grid, group).dequantize(), h), 6)
     else:
         layer.q = rtn(w, grid, group)
+    # a weight mapped from the checkpoint file: its pages leave RSS now that its codes exist (issue 15)
+    page_out([_attr(gm, layer.weight)])
     if layer.format == "a8w8" and opts._static():
         layer.act = {n.name: static_scale(stats[_x(n).name], opts.sym) for n in layer.nodes}
 
@@ -914,6 +917,7 @@ def rewrite(gm: fx.GraphModule, plan: Plan, opts: Quantize) -> list[dict]:
         w = _attr(gm, target)
         q = rtn(w, Grid("int8"), w.shape[1])
         tables[target] = (q, _register(gm, target, {"int8": q.codes, "scale": q.scale}))
+        page_out([w])  # mapped from the checkpoint file: its pages leave RSS
         for n in nodes:
             _replace(gm, n, tcc_ops.embedding_w8.default, lambda get, n=n: (n.args[1], get("int8"), get("scale")),
                      tables[target][1])

@@ -78,7 +78,7 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
     info(f"[green]wrote[/green] {path}  ({final['size']['weight_bytes'] / 1e6:.1f} MB weights, target {facts['target']['name']}, "
          f"peak RSS {run['memory']['peak_rss_gb']:.1f} GB)")
     from .runtime import load
-    return load(path)
+    return load(path, verify=False)  # just written and hashed: no second pass over its bytes
 
 
 def _compile(model, target: str, out: Path, facts: dict, records: list, final: dict, run: dict, *, pipeline: str,
@@ -136,15 +136,14 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
                      outputs=[s.to_json() for s in program.outputs])
         run["seconds"]["trace"] = round(t_trace, 2)
         source_param_bytes = program.param_bytes()
-        with memory.stage("copy for verification"):
-            # the reference shares the weights unless a pass writes into them in place
-            reference = (program.clone(share_weights=not any(p.may_write_weights for p in pipe))
-                         if verify or max_drift is not None else None)
+        # the source model's outputs, before any pass: no copy of its weights is kept for the verification
+        reference = (_Reference(program, _check_ids(program, gen_context, None if tgt.is_host else 16)
+                                if gen_context and verify and tgt.runs_here and backend == "tvm" else None)
+                     if verify or max_drift is not None else None)
 
         if calibration is None:
             calibration = _calibration(program, user, calibration_text, calibration_samples)
-        ctx = PassContext(calibration=calibration, verbose=True, records=records, force=force,
-                          shared=frozenset(map(id, reference.named_tensors().values())) if reference else frozenset())
+        ctx = PassContext(calibration=calibration, verbose=True, records=records, force=force)
         with memory.stage("passes"):
             program = pipe.run(program, ctx, in_place=True)  # this Program is already compile's own copy
         if max_drift is not None:
@@ -163,7 +162,7 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
         t0 = time.perf_counter()
         with memory.stage("build"):
             library = _build(program, tgt, backend, stage.dir, functions, generation)
-        functions = gen = None  # the KV-cache programs: built; the verification below runs `program` and `reference`
+        functions = gen = None  # the KV-cache programs: built; the verification below runs `program`
         t_build = time.perf_counter() - t0
         manifest = {
             "tcc_version": __version__,
@@ -205,16 +204,20 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             final["accuracy_note"] = (f"the artifact was not run: compiled for {tgt.name} ({tgt.device}), "
                                       f"{tgt.why_not_run}; accuracy is the compressed Program's in PyTorch")
             if verify and reference is not None and not final.get("accuracy"):  # what the passes changed
-                feeds = reference.example_inputs(seed=1)
-                final["accuracy"] = {"measured_with": "pytorch", "vs_source": _errors(program(feeds), reference(feeds))}
+                final["accuracy"] = {"measured_with": "pytorch",
+                                     "vs_source": _errors(program(reference.feeds), reference.outputs)}
         elif verify or time_it:
-            errors, drift, run["latency"] = _run_artifact(stage.dir, manifest, run_m, program, reference, verify, time_it)
+            feeds = reference.feeds if reference is not None else program.example_inputs(seed=1)
+            want = program(feeds) if verify else None
+            program = None  # its weights leave memory before the artifact's are loaded (one copy at a time)
+            errors, drift, run["latency"], checked = _run_artifact(
+                stage.dir, manifest, run_m, feeds, want, reference if verify else None, time_it,
+                generation if verify and reference is not None and reference.gen_ids else None)
             if verify:
                 run_m["verify"], run_m["drift_vs_source"] = errors, drift
                 final["accuracy"] = {"measured_with": "artifact", "vs_source": drift, "vs_program": errors}
-        if generation and verify and tgt.runs_here and reference is not None:
-            final["generation"] = _check_generation(stage.dir, manifest, run_m, reference, tokenizer, generation,
-                                                    tokens=None if tgt.is_host else 16)  # qemu: ~1 s a step
+            if checked:
+                final["generation"] = checked
         if not final.get("accuracy"):
             final.setdefault("accuracy_note", "not measured: verification was skipped (--no-verify)")
         run["cache"] = {e["kind"]: e["outcome"] for e in caches.events()[seen_events:]}
@@ -273,12 +276,11 @@ def _build(program: Program, tgt, backend: str, dir: Path, functions: dict | Non
     return library
 
 
-def _check_drift(program: Program, source: Program, limit: float, final: dict) -> None:
+def _check_drift(program: Program, source: "_Reference", limit: float, final: dict) -> None:
     """The accuracy budget: AccuracyBudgetError when an output moved more than `limit` (max relative
     error vs the source model, PyTorch, on the inputs verification uses)."""
-    feeds = source.example_inputs(seed=1)
     with status("checking the compressed program against the source model"):
-        errors = _errors(program(feeds), source(feeds))
+        errors = _errors(program(source.feeds), source.outputs)
     name, worst = max(((n, e["max_rel_err"]) for n, e in errors.items()), key=lambda t: t[1])
     final["max_drift"] = {"limit": limit, "drift": worst, "met": worst <= limit}
     final["accuracy"] = {"measured_with": "pytorch", "vs_source": errors}
@@ -292,21 +294,47 @@ def _annotated_sparse(program: Program) -> list[str]:
     return sorted(t for t, a in program.annotations.items() if "sparsity" in a)
 
 
-def _run_artifact(dir: Path, manifest: dict, run: dict, program: Program, source: Program | None, verify: bool,
-                  time_it: bool):
-    """Run the staged artifact on example inputs. Returns (its error vs the compiled Program in
-    PyTorch: the backend's fidelity, its error vs the source model: what the passes changed, a short
-    latency measurement); the errors are None without `verify`, the latency without `time_it`."""
+class _Reference:
+    """What the verification compares the artifact with, computed from the source Program before any
+    pass runs, so that no copy of the source weights lives beside the compressed Program or the
+    loaded artifact (issue 15): its outputs on the verification feeds (example_inputs(seed=1)) and,
+    with `gen_ids`, its logits over the generation check's ids (generation.source_logits)."""
+
+    def __init__(self, program: Program, gen_ids: list[int] | None = None):
+        from .generation import source_logits
+        with status("running the source model for the verification"):
+            self.feeds = program.example_inputs(seed=1)
+            self.outputs = program(self.feeds)
+            t0 = time.perf_counter()
+            self.gen_ids = gen_ids
+            self.gen_logits = None if gen_ids is None else source_logits(program, gen_ids)
+            self.gen_seconds = round(time.perf_counter() - t0, 2)
+
+
+def _check_ids(program: Program, context: int, tokens: int | None) -> list[int]:
+    """The generation check's ids (generation.check_ids) for a compile with a KV cache of `context`."""
+    from .generation import CHECK_TOKENS, check_ids
+    return check_ids(_tokenizer(program, quiet=True), program.outputs[0].shape[-1], min(tokens or CHECK_TOKENS, context))
+
+
+def _run_artifact(dir: Path, manifest: dict, run: dict, feeds: dict, want: dict | None, source: _Reference | None,
+                  time_it: bool, generation: dict | None = None):
+    """Load the staged artifact once and run it on `feeds`. Returns (its error vs `want`, the compiled
+    Program's outputs in PyTorch: the backend's fidelity; its error vs the source model: what the
+    passes changed; a short latency measurement; with `generation`, the generation check
+    (_check_generation) or None); the errors are None without `want`, the latency without `time_it`."""
+    import gc
     from .runtime import Loaded
     write_manifest(dir, manifest, run)  # the loader reads the manifest
-    feeds = (source or program).example_inputs(seed=1)
-    with status(f"running the compiled artifact ({manifest['target']['name']})"):
-        with Loaded(dir, verify=False) as art:
+    gc.collect()  # a dropped Program's graph module is a reference cycle: free its weights before loading these
+    with Loaded(dir, verify=False) as art:
+        with status(f"running the compiled artifact ({manifest['target']['name']})"):
             got = art(feeds)
             latency = reports.measure_latency(art, feeds) if time_it else None
-    if not verify:
-        return None, None, latency
-    return _errors(got, program(feeds)), _errors(got, source(feeds)), latency
+        checked = _check_generation(art, run, source, generation) if generation else None
+    if want is None:
+        return None, None, latency, checked
+    return _errors(got, want), _errors(got, source.outputs), latency, checked
 
 
 def _errors(got: dict, want: dict) -> dict:
@@ -395,45 +423,50 @@ def _store_tokenizer(program: Program, dir: Path):
     """The tokenizer saved into the artifact (tokenizer/), so `tcc generate` needs nothing else; its
     end-of-sequence ids stop generation. Returns (manifest fields, the tokenizer or None)."""
     none = {"tokenizer": None, "eos_token_ids": []}
-    if not program.tokenizer_dir:
-        return none, None
-    from .evaluate import load_tokenizer
-    try:
-        tok = load_tokenizer(program.tokenizer_dir)
-    except UserError:  # a model folder without tokenizer files: generation takes token ids
-        info(f"no tokenizer in {program.tokenizer_dir}: the artifact generates from token ids only")
+    tok = _tokenizer(program)
+    if tok is None:
         return none, None
     tok.save_pretrained(str(dir / "tokenizer"))
     eos = tok.eos_token_id
     return {"tokenizer": "tokenizer", "eos_token_ids": [] if eos is None else [int(eos)]}, tok
 
 
-def _check_generation(dir: Path, manifest: dict, run: dict, source: Program, tokenizer, generation: dict,
-                      tokens: int | None = None) -> dict:
+def _tokenizer(program: Program, quiet: bool = False):
+    """The program's tokenizer, or None for a model folder without tokenizer files (generation then
+    takes token ids; said unless `quiet`)."""
+    if not program.tokenizer_dir:
+        return None
+    from .evaluate import load_tokenizer
+    try:
+        return load_tokenizer(program.tokenizer_dir)
+    except UserError:
+        if not quiet:
+            info(f"no tokenizer in {program.tokenizer_dir}: the artifact generates from token ids only")
+        return None
+
+
+def _check_generation(art, run: dict, source: _Reference, generation: dict) -> dict:
     """The artifact's prefill/decode against the source model itself: the Program as traced, before
     any pass and without a KV cache (so a fault of the cache rewrite cannot hide in the reference),
-    runs once over `tokens` ids (tcc.generation.check_ids: the check prompt, then the calibration
-    text) and its argmax at each position is the reference; the artifact is fed the same ids,
+    runs once over the check ids (tcc.generation.check_ids: the check prompt, then the calibration
+    text; computed before the passes: _Reference) and its argmax at each position is the reference;
+    the loaded artifact `art` is fed the same ids,
     teacher-forced, through prefill (in chunks of its length, past a chunk boundary where the ids
     allow) and decode. Reports top-1 agreement at every position the artifact returns logits for
     (each chunk's last one and each decode step; 1.0 for an uncompressed model up to float ties)
     and the largest logit difference; run.seconds.generation_check says what each side cost."""
-    from .generation import CHECK_TOKENS, check_ids, check_split, compare_logits, source_logits, teacher_forced
-    from .runtime import Loaded
+    from .generation import check_split, compare_logits, teacher_forced
     context, chunk = generation["max_context"], generation["prefill_len"]
-    ids = check_ids(tokenizer, source.outputs[0].shape[-1], min(tokens or CHECK_TOKENS, context))
+    ids = source.gen_ids
     prefilled = check_split(len(ids), chunk, context)
     with status(f"checking generation: {len(ids)} teacher-forced tokens vs the source model"):
-        t0 = time.perf_counter()
-        want = source_logits(source, ids)
         t1 = time.perf_counter()
-        write_manifest(dir, manifest, run)  # the loader reads the manifest
-        with Loaded(dir, verify=False) as art:
-            got = teacher_forced(art.session(), ids, chunk, prefilled)
-    run["seconds"]["generation_check"] = {"source": round(t1 - t0, 2), "artifact": round(time.perf_counter() - t1, 2)}
-    agreement = {**compare_logits(want, got), "prompt_tokens": prefilled, "sequence_tokens": len(ids),
+        got = teacher_forced(art.session(), ids, chunk, prefilled)
+    run["seconds"]["generation_check"] = {"source": source.gen_seconds, "artifact": round(time.perf_counter() - t1, 2)}
+    agreement = {**compare_logits(source.gen_logits, got), "prompt_tokens": prefilled, "sequence_tokens": len(ids),
                  "reference": "the source model's argmax at each position of one full forward (PyTorch), "
                               "teacher-forced through prefill and decode"}
     run["generation_agreement"] = agreement["rate"]
-    return {"max_context": context, "prefill_len": chunk, "cache_bytes": generation["cache_bytes"],
+    return {"max_context": context, "prefill_len": chunk, "kv_cache": generation["kv_cache"],
+            "cache_bytes": generation["cache_bytes"],
             "agreement": agreement}

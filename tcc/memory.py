@@ -98,3 +98,27 @@ def stage(name: str):
             _steps[name] = {"seconds": round(old["seconds"] + time.perf_counter() - t0, 2),
                             "peak_gb": max(old["peak_gb"], round(step[1] / GB, 3)), "end_gb": round(rss / GB, 3),
                             "calls": old["calls"] + 1}
+
+
+MADV_PAGEOUT = 21  # Linux >= 5.4 (Python's mmap module has no name for it before 3.12)
+
+
+def page_out(tensors) -> None:
+    """Hint the kernel to reclaim the pages under `tensors` (torch tensors on the CPU) now: madvise
+    MADV_PAGEOUT, which never changes what the memory reads (a file-backed page is read again from
+    its file when touched, an anonymous one swapped or kept). For weights mapped from a safetensors
+    file (transformers maps checkpoints) whose values moved to new memory: their pages would stay
+    in this process's RSS as long as any tensor of the file is alive. A no-op where not supported."""
+    import ctypes
+    import mmap
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
+    for t in tensors:
+        start, nbytes = t.data_ptr(), t.numel() * t.element_size()
+        lo, hi = -(-start // page) * page, (start + nbytes) // page * page  # whole pages inside the tensor
+        if hi > lo:
+            madvise(lo, hi - lo, MADV_PAGEOUT)

@@ -166,14 +166,11 @@ class _HostVM:
         self.lib = tvm.runtime.load_module(_unique_path(dir / "model.so", manifest))
         self.vm = relax.VirtualMachine(self.lib, tvm.cpu())
         self.weights_path = dir / "weights.safetensors"
-        # every function's tensors to TVM now, read one at a time from the file: one copy of the weights
-        # in memory, plus the tensor being converted
-        names = list(manifest["params"]) + [n for f in (manifest.get("generation") or {}).get("functions", {}).values()
-                                            for n in f["params"]]
+        # the tensors become TVM tensors when a function first needs them (loading an artifact to read
+        # its manifest costs no weights), read one at a time from the file: one copy of the weights in
+        # memory, plus the tensor being converted
+        self.param_names = list(manifest["params"])
         self.by_name = {}
-        for n in dict.fromkeys(names):
-            self._param(n)
-        self.params = [self.by_name[n] for n in manifest["params"]]
         self.outputs = [TensorSpec.from_json(s) for s in manifest["outputs"]]
         self.main = self.vm["main"]
 
@@ -212,7 +209,7 @@ class _HostVM:
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tvm
-        args = [tvm.runtime.tensor(a) for a in feeds.values()] + self.params
+        args = [tvm.runtime.tensor(a) for a in feeds.values()] + [self._param(n) for n in self.param_names]
         out = self.main(*args)
         outs = [out] if hasattr(out, "numpy") else list(out)
         return {s.name: o.numpy() for s, o in zip(self.outputs, outs)}

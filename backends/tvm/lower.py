@@ -133,8 +133,7 @@ def _fuse(gm, op, group, args, cat_idx, name, memo=None) -> None:
             continue
         # parameters, not buffers: torch.export lifts new buffers of a GraphModule as constants,
         # which TVM would bake into the library instead of taking them as inputs
-        parts = [_attr(gm, a[i]).detach() for a in args]
-        t = derived(memo, "cat", parts, lambda: torch.cat(parts, 0))
+        t = _cat_in_place([_attr(gm, a[i]) for a in args])
         gm.register_parameter(f"{name}_{i}", torch.nn.Parameter(t, requires_grad=False))
         with g.inserting_before(first):
             new_args[i] = g.get_attr(f"{name}_{i}")
@@ -147,6 +146,46 @@ def _fuse(gm, op, group, args, cat_idx, name, memo=None) -> None:
         g.erase_node(u)
 
 
+def _adjacent(parts: list) -> torch.Tensor | None:
+    """The tensor `parts` are consecutive dim-0 slices of (one storage, contiguous, in order), or None."""
+    base = parts[0]
+    offset = base.storage_offset()
+    for p in parts:
+        if (not p.is_contiguous() or p.dtype != base.dtype or p.storage_offset() != offset
+                or p.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()):
+            return None
+        offset += p.numel()
+    rows = sum(int(p.shape[0]) for p in parts)
+    return torch.empty(0, dtype=base.dtype).set_(base.untyped_storage(), base.storage_offset(),
+                                                 (rows, *base.shape[1:]))
+
+
+def _cat_in_place(tensors: list) -> torch.Tensor:
+    """torch.cat(tensors, 0) without a second copy of their bytes: the tensor objects (and the
+    buffers _buffers_to_parameters made them from, `_tcc_origin`) become views of the concatenation,
+    so every Program sharing them (the source Program, the verification reference, the KV-cache
+    program) reads the same values from it and their own storage is freed. Tensors that already are
+    consecutive slices of one storage (a second function of the same library) are viewed, not copied."""
+    parts = [t.detach() for t in tensors]
+    fused = _adjacent(parts)
+    if fused is not None:
+        return fused
+    if len({p.untyped_storage().data_ptr() for p in parts}) < len(parts):  # one tensor twice: copy
+        return torch.cat(parts, 0)
+    fused = torch.cat(parts, 0)
+    from tcc.memory import page_out
+    page_out(parts)  # mapped from the checkpoint file: their pages leave RSS (the values live in `fused` now)
+    del parts
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            for holder in (t, getattr(t, "_tcc_origin", None)):
+                if holder is not None:
+                    holder.set_(fused.untyped_storage(), offset, tuple(t.shape))  # contiguous, as in `fused`
+            offset += t.numel()
+    return fused
+
+
 def _buffers_to_parameters(gm: torch.fx.GraphModule) -> None:
     """Buffers (int8 weights and their scales, folded constants) become parameters: TVM's importer
     keeps only parameters as function inputs and would bake buffers into the library as constants,
@@ -156,7 +195,9 @@ def _buffers_to_parameters(gm: torch.fx.GraphModule) -> None:
         mod = gm.get_submodule(owner) if owner else gm
         del mod._buffers[leaf]
         mod._non_persistent_buffers_set.discard(leaf)
-        mod.register_parameter(leaf, torch.nn.Parameter(buf.detach(), requires_grad=False))
+        param = torch.nn.Parameter(buf.detach(), requires_grad=False)
+        param._tcc_origin = buf  # the Program's own tensor object (_cat_in_place rebinds both)
+        mod.register_parameter(leaf, param)
 
 
 # -- packed quantized ops: what the kernels take (weights re-laid out once, at compile time) ------------
