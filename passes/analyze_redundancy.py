@@ -35,11 +35,24 @@ block and part; head importance per layer and head). Report layout:
    "ranking": {"block" | "attention" | "mlp": [block indices, most redundant (most similar) first]},
    "seconds", "files": {"json", "png"}}
 
-Parts already dropped (or without a residual connection to drop them by) are null. Cost: one run
-per feed for similarity and head norms; loss increases are measured on the first `loss_samples`
-feeds (default 2, 0: all) and cost 3 (+ one per head with head_loss) partial runs per block and
-feed, each resuming at the changed node - for SmolLM2 (30 blocks x 9 heads) about 180 forward
-passes per loss feed (12 minutes for the defaults at seq 128 on 2 busy cores).
+Parts already dropped (or without a residual connection to drop them by) are null; "measured" lists
+what the report holds ("similarity", "loss:attention" | "loss:mlp" | "loss:block", "heads",
+"head_loss").
+
+What is measured (`measure=needed`, default): only what the passes after this one in the pipeline
+read (Pass.reads, PassContext.reads_of; up to the next analyze-redundancy): drop-* read the
+similarities (and their part's loss increases with by=loss), prune-heads the head importances
+(norms and loss increases). With no reader after it (the report is the product) or `measure=all`:
+everything the options ask for. The other options can only turn measurements off.
+
+Cost: one run per feed for similarity and head norms, on the first `window` tokens of each feed
+(default 256, whatever --seq-len is; only for a program traced with a dynamic sequence length: a
+static one runs its own length). Loss increases are measured on the first `loss_samples` feeds
+(default 2, 0: all): one partial run per part removed and head masked, each resuming at the changed
+node, `batch` of them (default 8, fewer when their logits would pass 512 MiB) in one forward batched
+by torch.func.vmap (programs with tcc's custom ops, which vmap cannot batch, run them one by one).
+Progress shows an estimate of the time left; the end prints the analysis's seconds (wall and CPU)
+and peak RSS.
 """
 from __future__ import annotations
 
@@ -56,7 +69,12 @@ from tcc.errors import UserError
 from tcc.paths import check_dir, read_small_json
 from tcc.pipeline import Option, Pass, PassContext, register
 from tcc.program import Program, attribute as _attr
-from tcc.progress import track
+from tcc.memory import peak_bytes, recorded, stage
+from tcc.progress import info as status_line, work
+
+WINDOW = 256  # default analysis window (tokens), whatever --seq-len
+BATCH = 8  # default partial runs per batched forward
+OUTPUT_BYTES = 1 << 29  # a batch's outputs (logits) stay under 512 MiB
 
 
 @register
@@ -78,6 +96,14 @@ class AnalyzeRedundancy(Pass):
                             "(one partial run per head and loss feed)"),
         "loss_samples": Option(int, 2, "how many of the feeds the loss increases are measured on (0: all)",
                                validator=lambda v: None if v >= 0 else "must be >= 0"),
+        "measure": Option(str, "needed", "needed: only what the later passes of the pipeline read (everything "
+                          "the options ask for when none reads it); all: everything the options ask for",
+                          choices=("needed", "all")),
+        "window": Option(int, WINDOW, "the analysis windows' length in tokens, for a program that takes any length "
+                         "(one traced with a dynamic sequence); the first tokens of each feed (0: the feeds' length)",
+                         validator=lambda v: None if v >= 0 else "must be >= 0"),
+        "batch": Option(int, BATCH, "partial runs per batched forward (torch.func.vmap) for the loss increases",
+                        validator=lambda v: None if v >= 1 else "must be >= 1"),
     }
 
     def check_outputs(self, force: bool = False) -> None:
@@ -87,8 +113,15 @@ class AnalyzeRedundancy(Pass):
     def run(self, program: Program, ctx: PassContext) -> Program:
         self.check_outputs(ctx.force)  # before the analysis, not after it
         feeds, source = calibration_feeds(program, ctx, n_samples=self.samples, text=self.text_file or None)
-        report = analyze(program, feeds, heads=self.heads, loss=self.loss, head_loss=self.head_loss,
-                         loss_samples=self.loss_samples, source=source)
+        wanted = ctx.reads_of(ANALYSIS) if self.measure == "needed" else None  # None: all the options ask for
+        loss_parts = tuple(p for p in PARTS if wanted is None or f"loss:{p}" in wanted)
+        heads = self.heads and (wanted is None or bool(wanted & {"heads", "head_loss"}))
+        head_loss = heads and self.head_loss and (wanted is None or "head_loss" in wanted)
+        report = analyze(program, feeds, heads=heads, loss=self.loss and bool(loss_parts or head_loss),
+                         loss_parts=loss_parts, head_loss=head_loss, loss_samples=self.loss_samples, source=source,
+                         window=self.window, batch=self.batch)
+        if wanted is not None:
+            ctx.note(measured_for=[p.name for p in ctx.later if p.reads(ANALYSIS)])
         out = self.out or ctx.annotations.get("artifacts_dir")
         if out:
             report["files"] = write(report, out)
@@ -100,51 +133,67 @@ class AnalyzeRedundancy(Pass):
 # -- measure ----------------------------------------------------------------------------------------
 
 def analyze(program: Program, feeds: list[dict], *, heads: bool = True, loss: bool = True, head_loss: bool = True,
-            loss_samples: int = 0, source: str = "") -> dict:
-    """The report described in the module docstring (without "files"); loss increases are measured
-    on the first `loss_samples` feeds (0: all)."""
-    t0 = time.perf_counter()
+            loss_parts: tuple[str, ...] = PARTS, loss_samples: int = 0, source: str = "", window: int = WINDOW,
+            batch: int = BATCH) -> dict:
+    """The report described in the module docstring (without "files"); loss increases of `loss_parts`
+    (and of heads with `head_loss`) are measured on the first `loss_samples` feeds (0: all), `batch`
+    partial runs per batched forward; feeds longer than `window` tokens are cut to their first `window`
+    when the program takes shorter sequences (0: never)."""
+    t0, cpu0 = time.perf_counter(), time.process_time()
     info = program.info
     if info is None or not info.blocks:
         raise UserError("analyze-redundancy: no transformer blocks recognised in this model",
                         "run `tcc analyze MODEL --structure` to see what tcc recovers")
     if not feeds:
         raise UserError("analyze-redundancy needs at least one calibration feed")
+    feeds = capped(program, feeds, window)
     runner = GraphRunner(program.gm)
     where = sites(program, lenient=True)  # a part without a residual connection gets no numbers
     heads_at = _head_inputs(program) if heads else {}
     record = {name for s in where for site in s.values() if site for name in site.needs} | set(heads_at.values())
     loss_feeds = feeds[:loss_samples or len(feeds)]
+    loss = loss and bool(loss_parts or (heads_at and head_loss))
     objective = CalibrationLoss(program, loss_feeds) if loss else None
-    changes = _changes(runner, where, heads_at if head_loss else {}, program) if loss else {}
-    snapshot_at = {pos for pos, _ in changes.values()}
+    changes = _changes(runner, where, heads_at if head_loss else {}, program, loss_parts) if loss else {}
+    batch = min(batch, _batch_limit(program, feeds[0])) if _can_batch(program.gm) else 1
+    groups = _groups(runner, changes, batch)
+    snapshot_at = {start for start, _ in groups}
 
     n_blocks = len(info.blocks)
     sim = {(i, p): [0.0, 0.0] for i in range(n_blocks) for p in PARTS}  # (sum, weight)
     norms = {i: np.zeros(len(info.blocks[i].attention.o_heads)) for i in heads_at}
     base_terms, change_terms = [], {key: [] for key in changes}
-    for f, feed in enumerate(track(feeds, f"analyze-redundancy ({len(feeds)} feeds, {len(changes)} changes each)")):
-        args = [torch.from_numpy(spec.check(feed[spec.name])) for spec in program.inputs]
-        measure_loss = objective is not None and f < len(loss_feeds)
-        clean = runner.run(args, record=record, snapshot_at=snapshot_at if measure_loss else ())
-        weights = _token_weights(feed, clean.values, where)
-        for i, parts in enumerate(where):
-            for p, s in parts.items():
-                if s is not None:
-                    cos = _cosine(*_streams(s, clean.values))
-                    w = _rows(weights, len(cos))
-                    sim[i, p][0] += float(cos @ w)
-                    sim[i, p][1] += float(w.sum())
-        for i, name in heads_at.items():
-            x = clean.values[name]
-            norms[i] += _head_norms(program, info.blocks[i].attention, x, _rows(weights, x[..., 0].numel()))
-        if not measure_loss:
-            continue
-        base_terms.append(objective.terms(f, clean.outputs))
-        for key, (pos, patches) in track(list(changes.items()), f"feed {f + 1}: {len(changes)} changes"):
-            changed = runner.run(None, patches=patches, resume=(pos, clean.snapshots[pos]))
-            change_terms[key].append(objective.terms(f, changed.outputs))
-        del clean
+    n_nodes = len(runner.nodes)
+    per_feed = sum(len(keys) * (1 - start / n_nodes) for start, keys in groups)  # in forward passes
+    total = len(feeds) + len(loss_feeds) * per_feed
+    with stage(ANALYSIS), work(f"analyze-redundancy: {len(feeds)} feeds of {_length(feeds[0])} tokens, "
+                               f"{len(changes)} partial runs per loss feed", total) as advance:
+        for f, feed in enumerate(feeds):
+            args = [torch.from_numpy(spec.check(feed[spec.name])) for spec in program.inputs]
+            measure_loss = objective is not None and f < len(loss_feeds)
+            clean = runner.run(args, record=record, snapshot_at=snapshot_at if measure_loss else ())
+            weights = _token_weights(feed, clean.values, where)
+            for i, parts in enumerate(where):
+                for p, s in parts.items():
+                    if s is not None:
+                        cos = _cosine(*_streams(s, clean.values))
+                        w = _rows(weights, len(cos))
+                        sim[i, p][0] += float(cos @ w)
+                        sim[i, p][1] += float(w.sum())
+            for i, name in heads_at.items():
+                x = clean.values[name]
+                norms[i] += _head_norms(program, info.blocks[i].attention, x, _rows(weights, x[..., 0].numel()))
+            advance(1)
+            if not measure_loss:
+                continue
+            base_terms.append(objective.terms(f, clean.outputs))
+            for start, keys in groups:
+                outputs = _run_group(runner, [changes[k][1] for k in keys], start, clean.snapshots[start])
+                for j, key in enumerate(keys):
+                    change_terms[key].append(objective.terms(f, [o[j] for o in outputs]))
+                del outputs
+                advance(len(keys) * (1 - start / n_nodes))
+            del clean
 
     base = CalibrationLoss.combine(base_terms) if objective else None
     increase = {key: CalibrationLoss.combine(t) - base for key, t in change_terms.items()}
@@ -161,19 +210,101 @@ def analyze(program: Program, feeds: list[dict], *, heads: bool = True, loss: bo
         blocks.append(entry)
     ranking = {p: sorted((e["index"] for e in blocks if e["similarity"][p] is not None),
                          key=lambda i: (-blocks[i]["similarity"][p], i)) for p in PARTS}
-    batch, seq_len = next(iter(feeds[0].values())).shape[:2]
+    n_batch, seq_len = next(iter(feeds[0].values())).shape[:2]
+    what = (["similarity"] + [f"loss:{p}" for p in loss_parts if loss] + (["heads"] if heads_at else [])
+            + (["head_loss"] if heads_at and loss and head_loss else []))
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    step = recorded(ANALYSIS)
+    peak = step["peak_gb"] * 1e9 if step else peak_bytes()
+    status_line(f"analyze-redundancy: {seconds:.1f} s ({cpu:.1f} s CPU), measured {', '.join(what)}; peak RSS "
+                f"{peak / 1e9:.2f} GB ({peak / max(program.param_bytes(), 1):.1f}x the weights)")
     return {
         "model": program.source.get("path") or program.source.get("class") or "",
         "task": program.task,
         "method": "cosine similarity of the hidden states entering and leaving each part, per token; loss increase "
                   "when the part is removed as drop-* removes it; head norm = |x_h W_o[:, h]^T|",
         "calibration": {"source": source, "feeds": len(feeds), "loss_feeds": len(loss_feeds) if loss else 0,
-                        "batch": int(batch), "seq_len": int(seq_len)},
+                        "batch": int(n_batch), "seq_len": int(seq_len)},
         "loss": {"kind": objective.kind, "base": _round(base)} if objective else None,
+        "measured": what,
         "blocks": blocks,
         "ranking": ranking,
-        "seconds": round(time.perf_counter() - t0, 2),
+        "seconds": round(seconds, 2),
     }
+
+
+def measured(report: dict) -> list[str]:
+    """What a report holds ("similarity", "loss:PART", "heads", "head_loss"); inferred for reports
+    written before the "measured" key."""
+    if "measured" in report:
+        return list(report["measured"])
+    heads = [b.get("heads") for b in report.get("blocks", []) if b.get("heads")]
+    return (["similarity"] + ([f"loss:{p}" for p in PARTS] if report.get("loss") else []) + (["heads"] if heads else [])
+            + (["head_loss"] if heads and all(h.get("loss_increase") is not None for h in heads) else []))
+
+
+def capped(program: Program, feeds: list[dict], window: int) -> list[dict]:
+    """`feeds` with their sequence inputs cut to the first `window` tokens, when the program takes
+    that length (a dynamic sequence axis); else as given."""
+    dims = {s.name: s for s in program.inputs if 1 in s.dynamic_dims}
+    if not window or not dims or any(s.min_shape and s.min_shape[1] > window for s in dims.values()):
+        return feeds
+    return [{k: (v[:, :window] if k in dims else v) for k, v in feed.items()} for feed in feeds]
+
+
+def _length(feed: dict) -> int:
+    return int(next(iter(feed.values())).shape[1])
+
+
+# -- batched partial runs ------------------------------------------------------------------------------
+
+def _can_batch(gm) -> bool:
+    """Whether torch.func.vmap runs every op of the graph (aten ops do; tcc's custom ops have no batching rule)."""
+    return all(getattr(n.target, "namespace", "aten") in ("aten", "prims") for n in gm.graph.nodes
+               if n.op == "call_function")
+
+
+def _batch_limit(program: Program, feed: dict) -> int:
+    """Partial runs per batch so that their outputs (logits for a causal LM) stay under OUTPUT_BYTES."""
+    out = sum(max(1, int(np.prod(s.shape[2:] if len(s.shape) > 2 else (1,)))) for s in program.outputs) * 4
+    return max(1, OUTPUT_BYTES // max(1, out * _length(feed) * next(iter(feed.values())).shape[0]))
+
+
+def _groups(runner: GraphRunner, changes: dict, batch: int) -> list[tuple[int, list]]:
+    """[(resume position, change keys)]: the changes in order of position, `batch` at a time; each
+    group resumes at its earliest change."""
+    keys = sorted(changes, key=lambda k: changes[k][0])
+    return [(changes[keys[i]][0], keys[i:i + batch]) for i in range(0, len(keys), batch)]
+
+
+def _run_group(runner: GraphRunner, patch_sets: list[dict], start: int, snapshot: dict) -> list[torch.Tensor]:
+    """The outputs of the partial runs resuming at `start`, one per patch set, stacked on a new first
+    axis: one run batched by torch.func.vmap (sample k applies patch set k), or a single run."""
+    if len(patch_sets) == 1:
+        return [o.unsqueeze(0) for o in runner.run(None, patches=patch_sets[0], resume=(start, snapshot)).outputs]
+    at = {}
+    for k, patches in enumerate(patch_sets):
+        for name, (fn, needs) in patches.items():
+            at.setdefault(name, []).append((k, fn, needs))
+
+    def one(k):
+        patches = {name: (lambda v, get, items=items: _select(k, v, get, items), tuple({n for *_, ns in items for n in ns}))
+                   for name, items in at.items()}
+        return runner.run(None, patches=patches, resume=(start, snapshot)).outputs
+    # ops without a batching rule (the CPU attention kernel) run per sample; vmap would warn on each call
+    torch._C._functorch._set_vmap_fallback_warning_enabled(False)
+    try:
+        return torch.func.vmap(one, randomness="same")(torch.arange(len(patch_sets)))
+    finally:
+        torch._C._functorch._set_vmap_fallback_warning_enabled(True)
+
+
+def _select(k: torch.Tensor, v: torch.Tensor, get, items: list) -> torch.Tensor:
+    """Sample k's value of a patched node: the patch of its own change, the node's value for the others."""
+    out = v
+    for j, fn, _ in items:
+        out = torch.where(k == j, fn(v, get), out)
+    return out
 
 
 def _round(v):
@@ -191,12 +322,13 @@ def _head_inputs(program: Program) -> dict[int, str]:
     return out
 
 
-def _changes(runner: GraphRunner, where: list[dict], heads_at: dict[int, str], program: Program) -> dict:
-    """{key: (resume position, patches)}: each part removed as drop-* would, each head masked."""
+def _changes(runner: GraphRunner, where: list[dict], heads_at: dict[int, str], program: Program,
+             parts: tuple[str, ...] = PARTS) -> dict:
+    """{key: (resume position, patches)}: each of `parts` removed as drop-* would, each head masked."""
     out = {}
-    for i, parts in enumerate(where):
-        for p, s in parts.items():
-            if s is not None:  # the part's output takes the value that replaces it
+    for i, at in enumerate(where):
+        for p, s in at.items():
+            if s is not None and p in parts:  # the part's output takes the value that replaces it
                 patch = (lambda v, get, by=s.by: get(by), (s.by,))
                 out[i, p] = (runner.position[s.by] + 1, {s.out: patch})
     for i, name in heads_at.items():
@@ -207,9 +339,7 @@ def _changes(runner: GraphRunner, where: list[dict], heads_at: dict[int, str], p
 
 
 def _zero(v: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    v = v.clone()
-    v[..., cols] = 0
-    return v
+    return v.index_fill(-1, cols, 0)
 
 
 def _streams(s, values: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,7 +389,8 @@ def _head_norms(program: Program, attention, x: torch.Tensor, weights: np.ndarra
 def summary(report: dict) -> dict:
     """What goes into the pass record: per-part similarities and losses, the top of each ranking."""
     blocks = report["blocks"]
-    out = {"calibration": report["calibration"], "loss": report["loss"], "seconds": report["seconds"],
+    out = {"calibration": report["calibration"], "measured": measured(report), "loss": report["loss"],
+           "seconds": report["seconds"],
            "most_redundant": {p: r[:5] for p, r in report["ranking"].items()},
            "similarity": {p: [b["similarity"][p] for b in blocks] for p in PARTS}}
     if report["loss"]:

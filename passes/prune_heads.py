@@ -87,6 +87,12 @@ class PruneHeads(Pass):
             raise UserError(f"pass 'prune-heads' option 'counts' has {len(self.counts)} entries, the model has {n} layers",
                             "give one count per layer, e.g. counts=[" + ",".join(["1"] + ["0"] * (n - 1)) + "]")
 
+    def reads(self, analysis: str) -> set[str]:
+        """analyze-redundancy's head importance (norms and, measured when asked, loss increases) when it
+        removes heads."""
+        chosen = any(self.opts[k] != self.options[k].default for k in ("ratio", "counts", "threshold"))
+        return {"heads", "head_loss"} if analysis == ANALYSIS and chosen else set()
+
     def run(self, program: Program, ctx: PassContext) -> Program:
         blocks = [b for b in program.info.blocks if b.attention is not None]  # dropped attention has no heads
         modes = [_mode(b.attention, self.mode, b.index) for b in blocks]

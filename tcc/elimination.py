@@ -283,6 +283,13 @@ class DropPass(Pass):
                      choices=("similarity", "loss")),
     }
 
+    def reads(self, analysis: str) -> set[str]:
+        """analyze-redundancy's similarities (and this part's loss increases with by=loss); nothing
+        with explicit layers."""
+        if analysis != ANALYSIS or self.layers:
+            return set()
+        return {"similarity"} | ({f"loss:{self.part}"} if self.by == "loss" else set())
+
     def run(self, program: Program, ctx: PassContext) -> Program:
         if not program.info or not program.info.blocks:
             raise UserError(f"{self.name}: no transformer blocks recognised in this model",
@@ -326,7 +333,7 @@ class DropPass(Pass):
             ends = " (keep_ends=true keeps blocks 0 and {})".format(n_blocks - 1) if self.keep_ends else ""
             raise UserError(f"{self.name} option '{given[0]}' asks for {want} {what}, only {len(candidates)} can be "
                             f"dropped{ends}", "ask for fewer" + (", or set keep_ends=false" if self.keep_ends else ""))
-        report, how = redundancy(program, ctx, need_loss=self.by == "loss",
+        report, how = redundancy(program, ctx, need_loss=self.by == "loss", part=self.part,
                                  who=f"{self.name}({given[0]}={format_value(self.opts[given[0]])})")
         scores = _scores(report, program, self.part)
         similarity = {i: scores.get(i, {}).get("similarity") for i in candidates}
@@ -363,14 +370,16 @@ def _scores(report: dict, program: Program, part: str) -> dict[int, dict]:
     return out
 
 
-def redundancy(program: Program, ctx: PassContext, need_loss: bool = False, who: str = ANALYSIS) -> tuple[dict, str]:
+def redundancy(program: Program, ctx: PassContext, need_loss: bool = False, who: str = ANALYSIS,
+               part: str = "attention") -> tuple[dict, str]:
     """analyze-redundancy's report for this program: the pipeline's when it covers every block (and
-    has loss increases when `need_loss`), else a fresh one on the calibration feeds (the default
-    calibration text when the context has none). Returns (report, how it was obtained)."""
-    from tcc.passes.analyze_redundancy import analyze
+    has `part`'s loss increases when `need_loss`), else a fresh one on the calibration feeds (the
+    default calibration text when the context has none) measuring only that. Returns (report, how it
+    was obtained)."""
+    from tcc.passes.analyze_redundancy import analyze, measured
 
     report = ctx.report.get(ANALYSIS)
-    if report is not None and (not need_loss or report.get("loss") is not None):
+    if report is not None and (not need_loss or f"loss:{part}" in measured(report)):
         covered = [set(e["weights"]) for e in report["blocks"]]
         if all(any(set(block_weights(b)) <= c for c in covered) for b in program.info.blocks):
             return report, f"from {ANALYSIS} earlier in this pipeline"
@@ -380,7 +389,7 @@ def redundancy(program: Program, ctx: PassContext, need_loss: bool = False, who:
                         "give explicit layers=[...], the model's tokenizer (--tokenizer DIR), calibration token ids "
                         "(--calibration ids.npy), or calibration feeds (Python: PassContext(calibration=[...]))")
     feeds, source = calibration_feeds(program, ctx)
-    report = analyze(program, feeds, heads=False, loss=need_loss, loss_samples=2, source=source)
+    report = analyze(program, feeds, heads=False, loss=need_loss, loss_parts=(part,), loss_samples=2, source=source)
     ctx.report[ANALYSIS] = report
     return report, f"{ANALYSIS} had not run on this program: ran it on {source}"
 

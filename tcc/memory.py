@@ -100,6 +100,12 @@ def stage(name: str):
                             "calls": old["calls"] + 1}
 
 
+def recorded(name: str) -> dict | None:
+    """The figures recorded so far for step `name` ({"seconds", "peak_gb", "end_gb", "calls"}); None
+    when not recording or no such step ran."""
+    return (_steps or {}).get(name)
+
+
 MADV_PAGEOUT = 21  # Linux >= 5.4 (Python's mmap module has no name for it before 3.12)
 
 

@@ -134,6 +134,8 @@ class PassContext:
                     write it (`--force`; Pass.check_outputs)
     shared          the tensors (by id) another Program shares with this one (Program.clone(
                     share_weights=True)): a pass that is not `writes_weights` must not write into them
+    later           while a Pipeline runs a pass: the passes after it (an analysis measures only what
+                    they read, Pass.reads); None when the pass runs on its own
     """
 
     calibration: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
@@ -150,6 +152,18 @@ class PassContext:
     original: Program | None = None
     force: bool = False
     shared: frozenset = frozenset()
+    later: list | None = None
+
+    def reads_of(self, analysis: str) -> set[str] | None:
+        """What the passes after the running one read of the analysis pass named `analysis`
+        (Pass.reads; up to the next run of that analysis, which they read instead); None when no
+        later pass reads it or the pass runs outside a Pipeline."""
+        wanted = set()
+        for p in self.later or ():
+            if p.name == analysis:
+                break
+            wanted |= p.reads(analysis)
+        return wanted or None
 
     def refresh_info(self, program: Program) -> None:
         """Recover ModelInfo again after a pass changed the structure."""
@@ -212,6 +226,12 @@ class Pass:
     def check_outputs(self, force: bool = False) -> None:
         """Raise UserError when a user-given path this pass writes holds something tcc did not write
         (tcc.paths), unless `force`. Called before the slow work starts (Pipeline.check_outputs)."""
+
+    def reads(self, analysis: str) -> set[str]:
+        """Which results of the analysis pass named `analysis` (its ctx.report entry) this pass, as
+        configured, reads; an analysis earlier in the pipeline measures only those
+        (PassContext.reads_of). Default: nothing."""
+        return set()
 
     def __call__(self, program: Program, ctx: PassContext | None = None) -> Program:
         ctx = ctx if ctx is not None else PassContext()
@@ -550,7 +570,7 @@ class Pipeline:
         if ctx.original is None and any(p.needs_original for p in self.passes):
             ctx.original = program.clone()
         for index, p in enumerate(self.passes, 1):
-            ctx.details = {}
+            ctx.details, ctx.later = {}, self.passes[index:]
             versions = None if p.may_write_weights or not ctx.shared else {
                 id(t): t._version for t in program.named_tensors().values() if id(t) in ctx.shared}
             t0 = time.perf_counter()
@@ -587,6 +607,7 @@ class Pipeline:
                 _print_record(index, len(self), record)
             _enforce_tolerance(p, drift, ctx)
             before = after
+        ctx.later = None
         return program
 
 

@@ -101,3 +101,32 @@ def track(seq, description: str, total: int | None = None):
         return
     from rich.progress import track as rtrack
     yield from rtrack(seq, description=description, total=total, console=console, transient=not console.is_terminal)
+
+
+@contextlib.contextmanager
+def work(description: str, total: float):
+    """Progress over `total` units of work with an estimate of the time left. Yields advance(units):
+    a bar with the time elapsed and left on a terminal; elsewhere (a log) one line at most every 30 s,
+    e.g. "analyze-redundancy: 40% (12 s, about 18 s left)"."""
+    if _quiet or total <= 0:
+        yield lambda units=1.0: None
+        return
+    if console.is_terminal:
+        from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                      TextColumn("left"), TimeRemainingColumn(), console=console, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda units=1.0: bar.advance(task, units)
+        return
+    t0 = time.perf_counter()
+    state = {"done": 0.0, "shown": t0}
+
+    def advance(units: float = 1.0) -> None:
+        state["done"] += units
+        now = time.perf_counter()
+        if now - state["shown"] >= 30 and state["done"] < total:
+            state["shown"] = now
+            left = (now - t0) * (total - state["done"]) / state["done"]
+            console.print(f"{description}: {state['done'] / total:.0%} ({now - t0:.0f} s, about {left:.0f} s left)")
+    yield advance

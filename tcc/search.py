@@ -627,8 +627,8 @@ def _analysis(program, calibration: list, path: Path) -> dict | None:
     from tcc.passes.analyze_redundancy import analyze
     with status("analyze-redundancy (once, for drop-attention / drop-mlp)"):
         try:
-            report = analyze(program, calibration, heads=False, loss=True, loss_samples=4,
-                             source=f"{len(calibration)} calibration feeds of the search")
+            report = analyze(program, calibration, heads=False, loss=True, loss_parts=("mlp",), loss_samples=4,
+                             source=f"{len(calibration)} calibration feeds of the search")  # what structure_axes reads
         except UserError as e:
             info(f"no drop-attention / drop-mlp axes: {e}")
             return None

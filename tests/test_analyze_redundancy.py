@@ -21,7 +21,7 @@ from tcc.errors import UserError
 from tcc.frontend import FeatureExtraction
 from tcc.pipeline import PassContext, Pipeline
 
-KEYS = {"model", "task", "method", "calibration", "loss", "blocks", "ranking", "seconds", "files"}
+KEYS = {"model", "task", "method", "calibration", "loss", "measured", "blocks", "ranking", "seconds", "files"}
 BLOCK_KEYS = {"index", "name", "weights", "similarity", "loss_increase", "heads"}
 
 
@@ -78,6 +78,7 @@ def test_report_json_png_and_record(llama, tmp_path):
     assert report["loss"]["kind"].startswith("next-token cross-entropy") and report["loss"]["base"] > 0
     assert report["calibration"] == {"source": "the 2 calibration feeds of the pipeline", "feeds": 2, "loss_feeds": 2,
                                      "batch": 1, "seq_len": 8}
+    assert report["measured"] == ["similarity", "loss:attention", "loss:mlp", "loss:block", "heads", "head_loss"]
     b = report["blocks"][2]
     assert set(b["similarity"]) == set(b["loss_increase"]) == {"block", "attention", "mlp"}
     assert len(b["heads"]["norm"]) == len(b["heads"]["loss_increase"]) == 4
@@ -143,6 +144,68 @@ def test_loss_increases_match_rewritten_and_hooked_models(llama):
     hook.remove()
     masked = sum(nll) / (len(feeds) * 7)
     assert abs(report["blocks"][2]["heads"]["loss_increase"][3] - (masked - base)) < 1e-4
+
+
+def test_batched_partial_runs_equal_single_runs(llama):
+    """8 partial runs per vmap-batched forward (changes at different nodes in one batch) give the loss
+    increases of one run per change."""
+    prog, _ = llama
+    feeds = feeds_for(prog, 1)
+    single, _ = analysis(prog.clone(), feeds, "analyze-redundancy(batch=1)")
+    batched, _ = analysis(prog.clone(), feeds, "analyze-redundancy(batch=8)")
+    for a, b in zip(single["blocks"], batched["blocks"]):
+        for p in ("attention", "mlp", "block"):
+            assert abs(a["loss_increase"][p] - b["loss_increase"][p]) < 1e-5
+        np.testing.assert_allclose(a["heads"]["loss_increase"], b["heads"]["loss_increase"], atol=1e-5)
+    assert abs(batched["blocks"][1]["loss_increase"]["attention"]) > 1e-4  # the changes change something
+
+
+@pytest.mark.parametrize("later, measured", [
+    ("", ["similarity", "loss:attention", "loss:mlp", "loss:block", "heads", "head_loss"]),  # the report is the product
+    (",drop-attention(count=1)", ["similarity"]),
+    (",drop-mlp(count=1,by=loss)", ["similarity", "loss:mlp"]),
+    (",prune-heads(ratio=0.25)", ["similarity", "heads", "head_loss"]),
+    (",drop-attention(layers=[1])", ["similarity", "loss:attention", "loss:mlp", "loss:block", "heads", "head_loss"]),
+    (",analyze-redundancy,drop-attention(count=1,by=loss)", ["similarity", "loss:attention", "loss:mlp", "loss:block",
+                                                             "heads", "head_loss"]),  # the second analysis serves it
+])
+def test_measures_what_later_passes_read(llama, later, measured):
+    prog, _ = llama
+    feeds = feeds_for(prog, 1)
+    ctx = PassContext(calibration=feeds)
+    Pipeline.parse("analyze-redundancy(loss_samples=0)" + later).run(prog.clone(), ctx)
+    first = ctx.records[0]["details"]
+    assert first["measured"] == measured
+    full, _ = analysis(prog.clone(), feeds, "analyze-redundancy(measure=all)")
+    if measured == ["similarity", "loss:mlp"]:  # what was measured is what the full analysis measures
+        assert first["loss_increase"]["mlp"] == [b["loss_increase"]["mlp"] for b in full["blocks"]]
+        assert first["loss_increase"]["attention"] == [None] * 4
+        assert ctx.records[1]["details"]["analysis"] == "from analyze-redundancy earlier in this pipeline"
+    assert first["similarity"] == {p: [b["similarity"][p] for b in full["blocks"]] for p in ("attention", "mlp", "block")}
+
+
+def test_window_caps_a_dynamic_programs_feeds():
+    """A program traced with a dynamic sequence: 16-token feeds are analysed on their first 8 tokens
+    (window=8), exactly as 8-token feeds are; a static program keeps its length."""
+    from test_elimination import ARCHS, TINY
+    from transformers import AutoModelForCausalLM
+    from tcc.frontend import CausalLM
+    from tcc.passes.analyze_redundancy import analyze
+    model_type, _, overrides, impl = ARCHS["llama"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**TINY, **overrides}),
+                                             attn_implementation=impl).eval()
+    ids = torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(0))
+    prog = frontend.trace(CausalLM(model), example_inputs={"input_ids": ids}, output_names=["logits"],
+                          task="causal-lm", max_seq_len=32)
+    feeds = [{"input_ids": np.random.default_rng(s).integers(0, 100, (1, 16))} for s in (1, 2)]
+    capped, _ = analysis(prog.clone(), feeds, "analyze-redundancy(window=8,heads=false)")
+    short = analyze(prog, [{"input_ids": f["input_ids"][:, :8]} for f in feeds], heads=False, window=0)
+    assert capped["calibration"]["seq_len"] == 8 and short["calibration"]["seq_len"] == 8
+    assert [b["similarity"] for b in capped["blocks"]] == [b["similarity"] for b in short["blocks"]]
+    assert [b["loss_increase"] for b in capped["blocks"]] == [b["loss_increase"] for b in short["blocks"]]
+    full, _ = analysis(prog.clone(), feeds, "analyze-redundancy(window=0,heads=false,loss=false)")
+    assert full["calibration"]["seq_len"] == 16
 
 
 def test_head_norms_match_hooked_model(llama):
