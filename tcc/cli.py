@@ -1,15 +1,21 @@
 """The `tcc` command.
 
   tcc compile MODEL --target {x86,arm64,...} [-o DIR] [--seq-len N] [--pipeline TEXT] [--report PATH] [--force]
+  tcc compile MODEL --preset {q8,w8a8,q4,q4-fast,q4_0}   (a named pipeline; `tcc presets` lists them)
   tcc compile --recipe FILE.toml [MODEL] [flags: given explicitly, they win over the recipe]
-  tcc compile MODEL --max-accuracy-drop 1% [--objective latency|size] [--budget 20m] [--search-dir DIR]
+  tcc compile MODEL --max-accuracy-drop 1% [--objective latency|size] [--time-limit 20m] [--search-dir DIR]
   tcc run ARTIFACT --inputs in.npz -o out.npz [--force]
   tcc eval ARTIFACT --text FILE [--max-tokens N] [--json]
   tcc generate ARTIFACT (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S] [--json]
   tcc bench ARTIFACT [--repeats N] [--json]
   tcc analyze MODEL --structure | -o DIR [--force]
   tcc passes [--json]
+  tcc presets [--json]
   tcc targets [--json]
+  tcc info ARTIFACT [--json]
+  tcc --version
+
+Global flags (--debug, -q/--quiet) go before or after the command.
 
 Exit codes: 0 ok, 1 internal error, 2 user error (bad path, model, option, input), 3 accuracy
 budget not met, 130 interrupted. User errors print one line (and a hint), no traceback unless --debug.
@@ -68,6 +74,8 @@ def cmd_compile(a) -> int:
     from tcc.errors import UserError
     if a.recipe:
         a = _apply_recipe(a)
+    if a.preset:
+        _use_preset(a)
     for key, value in COMPILE_DEFAULTS.items():
         if getattr(a, key) is None:
             setattr(a, key, value)
@@ -80,7 +88,7 @@ def cmd_compile(a) -> int:
             return cli_compile(a)
     if a.objective or a.budget or a.search_dir:
         from tcc.errors import UserError
-        raise UserError("--objective, --budget and --search-dir set up the accuracy-budget search",
+        raise UserError("--objective, --time-limit and --search-dir set up the accuracy-budget search",
                         "add --max-accuracy-drop (e.g. 1%)")
     out = a.output or _default_out(a.model, a.target)
     art = tcc.compile(a.model, a.target, out=out, pipeline=a.pipeline or "", seq_len=a.seq_len,
@@ -107,6 +115,17 @@ def cmd_compile(a) -> int:
             if a.pipeline:
                 print(f"{name}: max abs change vs the source model {v['max_abs_err']:.2e} (relative {v['max_rel_err']:.2e})")
     return 0
+
+
+def _use_preset(a) -> None:
+    """--preset NAME: the pipeline is the preset (its name is pipeline text that expands to it)."""
+    from tcc import presets
+    from tcc.errors import UserError
+    preset = presets.get(a.preset)
+    if a.pipeline:
+        raise UserError("give --preset or --pipeline, not both",
+                        f"a preset's name stands for its pipeline inside -p too: -p '{a.pipeline},{preset.name}'")
+    a.pipeline = preset.name
 
 
 def cmd_run(a) -> int:
@@ -233,18 +252,45 @@ def cmd_passes(a) -> int:
     passes = all_passes()
     if a.json:
         print(json.dumps({n: {"kind": c.kind, "doc": (c.__doc__ or "").strip(),
-                              "options": {k: {"type": o.type_name, "default": o.default, "help": o.help}
+                              "options": {k: {"type": o.type_name, "default": o.default, "help": o.help,
+                                              "choices": list(o.choices) if o.choices else None}
                                           for k, o in c.options.items()}} for n, c in passes.items()}, indent=2))
         return 0
     for name, cls in passes.items():
         doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()
         print(f"{name}  [{cls.kind}]  {doc[0] if doc else ''}")
         for k, o in cls.options.items():
-            print(f"    {k}: {o.type_name} = {o.default!r}  {o.help}")
+            choices = f" [{' | '.join(str(c) for c in o.choices)}]" if o.choices else ""
+            print(f"    {k}: {o.type_name}{choices} = {o.default!r}  {o.help}")
         contract = (cls.__doc__ or "").strip()
         if contract:
             print("    " + "\n    ".join(contract.splitlines()))
         print()
+    from tcc import presets
+    print(f"presets (named pipelines, for --preset or inside -p): {', '.join(presets.names())}; `tcc presets` "
+          "shows what each expands to")
+    return 0
+
+
+def cmd_presets(a) -> int:
+    from tcc import presets
+    if a.json:
+        print(json.dumps({n: {"pipeline": p.pipeline, "aliases": list(p.aliases), "summary": p.summary,
+                              "tradeoff": p.tradeoff} for n, p in presets.PRESETS.items()}, indent=2))
+        return 0
+    for name, p in presets.PRESETS.items():
+        print(f"{name}{' (= ' + ', '.join(p.aliases) + ')' if p.aliases else ''}  {p.pipeline}")
+        print(f"    {p.summary}")
+        print(f"    measured: {p.tradeoff}")
+    print("\nUse: tcc compile MODEL --preset NAME, or a name inside -p (e.g. -p 'drop-blocks(count=2),q4'); "
+          "figures and their sources: docs/PIPELINES.md \"Presets\"")
+    return 0
+
+
+def cmd_info(a) -> int:
+    from tcc import info
+    described = info.describe(a.artifact)
+    print(info.to_json(described) if a.json else info.format_text(described))
     return 0
 
 
@@ -262,18 +308,21 @@ def _compile_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import models
-    p = argparse.ArgumentParser(prog="tcc", description="transformer compression compiler")
-    p.add_argument("--debug", action="store_true", help="show tracebacks, and what the libraries (TVM, PyTorch) print (else kept in the artifact's build.log)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = argparse.ArgumentParser(prog="tcc", description="transformer compression compiler", epilog=_epilog(),
+                                formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"tcc {_version()}")
+    for flags, help in GLOBAL_FLAGS:
+        p.add_argument(*flags, action="store_true", help=help)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     c = sub.add_parser("compile", help="compile a model to an artifact directory")
     # Defaults are None here and filled from COMPILE_DEFAULTS after a --recipe is applied.
-    c.add_argument("model", nargs="?", help="HF model folder, .gguf file, or alias: minilm, smollm2 (or the recipe's)")
+    c.add_argument("model", nargs="?", help=_inputs_help() + " (or the recipe's)")
     c.add_argument("--recipe", help="TOML file with the compile's settings (docs/PIPELINES.md); flags given here win")
     from tcc.backends.tvm.targets import describe
     c.add_argument("--target", "-t", help="x86 (default: portable x86-64-v3, AVX2), native (this CPU: fastest here, "
-                   "may not run elsewhere), " + ", ".join(n for n, _ in describe()[2:]) + "; `tcc targets` describes them")
+                   "may not run elsewhere), " + ", ".join(n for n, _ in describe()[2:]) + ", cuda (= sm80); "
+                   "`tcc targets` describes them")
     c.add_argument("-o", "--output", help="artifact directory (default build/MODEL-TARGET)")
     c.add_argument("--seq-len", type=int, help="sequence length (default 128)")
     c.add_argument("--max-seq-len", type=int, help="any sequence length from 1 to N (x86; default: static --seq-len)")
@@ -284,7 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--task", choices=models.TASKS)
     c.add_argument("--dtype", choices=["fp32", "bf16"], help="float weights stored as fp32 or bf16 (the bf16 pass; "
                    "math stays fp32); default: the checkpoint's (bf16 for a model saved in bf16, else fp32)")
-    c.add_argument("--pipeline", "-p", help="pass pipeline, e.g. 'quantize-weights(bits=8)'")
+    c.add_argument("--pipeline", "-p", help="pass pipeline, e.g. 'quantize-weights(bits=8)' or "
+                   "'drop-blocks(count=2),q4' (preset names stand for their passes); `tcc passes` lists the passes")
+    from tcc import presets
+    c.add_argument("--preset", metavar="NAME", help="a named pipeline: " + ", ".join(presets.names()) +
+                   "; `tcc presets` shows each one's passes and measured trade-off")
     c.add_argument("--calibration", help="text file for calibrating passes (default: $TCC_CALIBRATION_TEXT, else the "
                    "English text shipped with tcc, tcc/data/calibration.txt: its second half)")
     c.add_argument("--calibration-samples", type=int, help="calibration windows of --seq-len tokens (default 8)")
@@ -304,22 +357,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-accuracy-drop", metavar="DROP",
                    help="search for the pipeline: most compressed within this accuracy drop (1%% or 0.01)")
     c.add_argument("--objective", choices=["latency", "size"], help="search: minimise latency (default) or weight bytes")
-    c.add_argument("--budget", metavar="TIME", help="search: start no new trial after this long (20m, 90s, 1h)")
+    c.add_argument("--time-limit", "--budget", dest="budget", metavar="TIME", action=_Renamed,
+                   help="search: start no new trial after this long (20m, 90s, 1h); --budget is its old name")
     c.add_argument("--search-dir", metavar="DIR", help="search: trials, Pareto front, plot (default OUTPUT-search; "
                    "a rerun resumes)")
     c.set_defaults(func=cmd_compile)
 
     r = sub.add_parser("run", help="run an artifact on inputs from an .npz")
     r.add_argument("artifact")
-    r.add_argument("--inputs", "-i", required=True)
-    r.add_argument("-o", "--output", required=True)
+    r.add_argument("--inputs", "-i", required=True, help="an .npz with one array per input name")
+    r.add_argument("-o", "--output", required=True, help="the .npz to write the outputs to")
     r.add_argument("--force", action="store_true", help="replace -o even when it is not an .npz tcc run wrote")
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("eval", help="accuracy: perplexity (causal LM) or embedding cosine vs the source (encoder)")
     e.add_argument("artifact")
     e.add_argument("--text", required=True, help="text file, e.g. ../shared/data/wikitext-2/test.txt")
-    e.add_argument("--max-tokens", type=int, default=4096)
+    e.add_argument("--max-tokens", type=int, default=4096, help="causal LMs: score the first N tokens of --text")
     e.add_argument("--stride", type=int, default=None, help="sliding-window stride (default seq_len/2)")
     e.add_argument("--max-samples", type=int, default=64, help="sentences for encoder cosine")
     e.add_argument("--tokenizer", metavar="DIR", help=TOKENIZER_HELP + " (default: the artifact's)")
@@ -332,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", help="the prompt text")
     prompt.add_argument("--prompt-ids", metavar="IDS", help="the prompt as token ids, e.g. 1,2,3 (artifacts without a "
                         "tokenizer take only these, and print the new ids)")
-    gn.add_argument("--max-new-tokens", type=int, default=64)
+    gn.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     gn.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
     gn.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     gn.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this probability")
@@ -342,19 +396,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="latency vs PyTorch eager and ONNX Runtime, same run")
     b.add_argument("artifact")
-    b.add_argument("--repeats", type=int, default=20)
-    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--repeats", type=int, default=20, help="timed calls per engine")
+    b.add_argument("--warmup", type=int, default=3, help="untimed calls per engine first")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 
     an = sub.add_parser("analyze", help="show what tcc recovers from a model")
     an.add_argument("model")
     an.add_argument("--structure", action="store_true", default=True, help="print the recovered structure (default)")
-    an.add_argument("--seq-len", type=int, default=16)
+    an.add_argument("--seq-len", type=int, default=16, help="sequence length to trace at")
     an.add_argument("-o", "--output", help="run analyze-redundancy on calibration text and write JSON + heatmap PNG here")
     an.add_argument("--force", action="store_true", help="write -o even when it holds something tcc did not write")
     an.add_argument("--calibration", help="calibration text (default: $TCC_CALIBRATION_TEXT, else tcc/data/calibration.txt)")
-    an.add_argument("--calibration-samples", type=int, default=8)
+    an.add_argument("--calibration-samples", type=int, default=8, help="calibration windows of --seq-len tokens")
     an.add_argument("--tokenizer", metavar="DIR", help=TOKENIZER_HELP + "; or calibrate on token ids: "
                     "--calibration ids.npy or ids.npz")
     an.add_argument("--task", choices=models.TASKS)
@@ -368,7 +422,90 @@ def build_parser() -> argparse.ArgumentParser:
     tg = sub.add_parser("targets", help="list the compile targets (--target), one line each")
     tg.add_argument("--json", action="store_true")
     tg.set_defaults(func=cmd_targets)
+
+    pr = sub.add_parser("presets", help="list the presets (named pipelines for --preset or -p) and their trade-offs")
+    pr.add_argument("--json", action="store_true", help="print {name: {pipeline, aliases, summary, tradeoff}}")
+    pr.set_defaults(func=cmd_presets)
+
+    inf = sub.add_parser("info", help="what an artifact is, what was done to the model, what the compile measured")
+    inf.add_argument("artifact")
+    inf.add_argument("--json", action="store_true", help="print it as JSON (the fields: tcc/info.py)")
+    inf.set_defaults(func=cmd_info)
+    _conventions(sub)
     return p
+
+
+class _Renamed(argparse.Action):
+    """An option with a new name whose old name (its last option string) still works, with a warning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == self.option_strings[-1]:
+            print(f"tcc: warning: {option_string} is now {self.option_strings[0]}; the old name will go", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+GLOBAL_FLAGS = [(("--debug",), "show tracebacks, and what the libraries (TVM, PyTorch) print (else kept in the "
+                 "artifact's build.log)"),
+                (("-q", "--quiet"), "no progress output")]
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Help that shows an option's default where its help does not say it already, and keeps the
+    epilog's line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+                and "default" not in text and action.option_strings and action.nargs != 0):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _conventions(sub) -> None:
+    """What every command shares: the global flags also after the command (default SUPPRESS, so
+    the value given before the command stays), defaults in the help, help for --json, ARTIFACT and
+    MODEL."""
+    for name, parser in sub.choices.items():
+        parser.formatter_class = _Help
+        for flags, help in GLOBAL_FLAGS:
+            parser.add_argument(*flags, action="store_true", default=argparse.SUPPRESS, help=help)
+        for action in parser._actions:
+            if action.help:
+                continue
+            if action.dest == "json":
+                action.help = "print the result as JSON instead of text"
+            elif action.dest == "artifact":
+                action.help = "an artifact directory (what `tcc compile` wrote)"
+            elif action.dest == "model":
+                action.help = _inputs_help()
+            elif action.dest == "task":
+                action.help = "what the model computes (default: from its config)"
+
+
+def _inputs_help() -> str:
+    from tcc import models
+    return ("a Hugging Face model folder (config.json and safetensors), a .gguf file, an .onnx file, or a built-in "
+            "alias: " + ", ".join(models.ALIASES))
+
+
+def _epilog() -> str:
+    from tcc import models, presets
+    from tcc.backends.tvm.targets import describe
+    return "\n".join([
+        "MODEL: a Hugging Face model folder, a .gguf file, an .onnx file, or a built-in alias:",
+        *(f"  {name:<8} {what}" for name, what in models.ALIASES.items()),
+        "targets (--target): " + ", ".join(n for n, _ in describe()) + ", cuda (= sm80); `tcc targets`",
+        "presets (--preset, or a name inside -p): " + ", ".join(presets.names()) + "; `tcc presets`",
+        "--debug and -q go before or after the command; `tcc COMMAND -h` shows a command's flags."])
+
+
+def _version() -> str:
+    import importlib.metadata
+    try:
+        return importlib.metadata.version("tcc")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout that is not installed
+        from tcc import __version__
+        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

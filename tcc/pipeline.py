@@ -294,6 +294,9 @@ def register(cls: type[Pass]) -> type[Pass]:
         if not key.isidentifier() or hasattr(Pass, key):
             raise ValueError(f"pass '{cls.name}': '{key}' cannot be an option name")
         opt.coerce(opt.default)  # a bad default is the pass author's bug: fail at import
+    from . import presets
+    if presets.lookup(cls.name) is not None:
+        raise ValueError(f"pass name '{cls.name}' is a preset's (tcc.presets); choose another")
     old = _REGISTRY.get(cls.name)
     if old is not None and old.__qualname__ + old.__module__ != cls.__qualname__ + cls.__module__:
         raise ValueError(f"pass name '{cls.name}' is taken by {old.__module__}.{old.__qualname__}")
@@ -309,8 +312,10 @@ def get_pass(name: str) -> type[Pass]:
     if name not in _REGISTRY:
         _load_plugins()
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else "run `tcc passes` to list them"
+        from . import presets
+        close = difflib.get_close_matches(name, list(_REGISTRY) + presets.names(), n=3, cutoff=0.5)
+        hint = (f"did you mean {', '.join(close)}?" if close else
+                "`tcc passes` lists the passes, `tcc presets` the presets (named pipelines)")
         raise UserError(f"unknown pass '{name}'", hint)
     return _REGISTRY[name]
 
@@ -523,8 +528,15 @@ class Pipeline:
 
     @classmethod
     def parse(cls, text: str) -> "Pipeline":
+        from . import presets
         passes = []
         for spec in parse_text(text):
+            preset = presets.lookup(spec.name)
+            if preset is not None:  # a named pipeline stands for its passes
+                if spec.options:
+                    _with_caret(text, spec.column, lambda: _preset_options(preset))
+                passes += cls.parse(preset.pipeline).passes
+                continue
             pass_cls = _with_caret(text, spec.column, lambda: get_pass(spec.name))
             passes.append(_with_caret(text, spec.column, lambda: pass_cls(**spec.options)))
         return cls(passes)
@@ -609,6 +621,11 @@ class Pipeline:
             before = after
         ctx.later = None
         return program
+
+
+def _preset_options(preset) -> None:
+    raise UserError(f"preset '{preset.name}' takes no options",
+                    f"write out its pipeline with the options changed: {preset.pipeline}")
 
 
 def _with_caret(text: str, column: int, make: Callable[[], Any]) -> Any:

@@ -18,7 +18,7 @@
     [budget]                      # handed to the accuracy-budget search, as its flags would be
     max_accuracy_drop = "1%"      # --max-accuracy-drop
     objective = "latency"         # --objective
-    time = "20m"                  # --budget
+    time = "20m"                  # --time-limit
 
 Relative paths (model when it is not an alias, output, calibration.text) are relative to the
 directory holding the recipe, so a recipe means the same from any working directory.
@@ -60,7 +60,7 @@ TOP = {
 CALIBRATION = {"text": ("--calibration", str, "a text file"), "samples": ("--calibration-samples", int, "a positive integer")}
 BUDGET = {"max_accuracy_drop": ("--max-accuracy-drop", (str, float, int), "an accuracy drop, e.g. 0.01 or \"1%\""),
           "objective": ("--objective", str, "latency or size"),
-          "time": ("--budget", (str, float, int), "a time budget, e.g. \"20m\" or seconds")}
+          "time": ("--time-limit", (str, float, int), "a time limit, e.g. \"20m\" or seconds")}
 PATHS = ("output", "calibration.text")
 
 

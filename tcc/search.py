@@ -61,7 +61,7 @@ compiled artifact when the target runs on this host, else on the Program. If tha
 report.html get the section "search" (tcc.report.add_section) with the plot.
 
 CLI: `cli_compile(args)` is `tcc compile MODEL --max-accuracy-drop D [--objective latency|size]
-[--budget 20m] [--search-dir DIR]` (tcc/cli.py branches to it).
+[--time-limit 20m] [--search-dir DIR]` (tcc/cli.py branches to it).
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def parse_duration(text: str) -> float:
         seconds = (sum(float(v or 0) * k for v, k in zip(parts.groups(), (3600, 60, 1)))
                    if parts and any(parts.groups()) else 0.0)
     if not seconds > 0:
-        raise UserError(f"--budget '{text}' is not a duration", "give e.g. 20m, 90s, 1h30m or seconds")
+        raise UserError(f"--time-limit '{text}' is not a duration", "give e.g. 20m, 90s, 1h30m or seconds")
     return seconds
 
 
@@ -584,7 +584,7 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
         seen = f"; the smallest drop seen was {best['drop']:.2%} ({best['pipeline']})" if best else ""
         raise AccuracyBudgetError(
             f"no pipeline found within {max_drop:.2%} accuracy drop after {len(s.trials)} trials ({stopped}){seen}",
-            f"raise --max-accuracy-drop or --budget, or compile without a search; trials in {work / 'trials.jsonl'}")
+            f"raise --max-accuracy-drop or --time-limit, or compile without a search; trials in {work / 'trials.jsonl'}")
     info(f"[green]chose[/green] {chosen['pipeline']}: drop {chosen['drop']:.3%} "
          f"(held-out {chosen['held_out']['drop']:.3%})")
     return SearchResult(chosen, section["pareto"], s.trials, section, artifact, stopped)
@@ -786,7 +786,7 @@ def plot(trials: list[dict], chosen: dict | None, path: Path, section: dict, max
 # -- the CLI branch of `tcc compile` ----------------------------------------------------------------------
 
 def cli_compile(a) -> int:
-    """`tcc compile MODEL --max-accuracy-drop D [--objective] [--budget] [--search-dir]`."""
+    """`tcc compile MODEL --max-accuracy-drop D [--objective] [--time-limit] [--search-dir]`."""
     from . import report as reports
     from .cli import _default_out
     if a.pipeline:

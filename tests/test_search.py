@@ -190,7 +190,7 @@ def test_cli_rejects_bad_max_accuracy_drop(drop, tmp_path, tiny_bert_dir):
 
 
 def test_cli_search_flags_need_max_accuracy_drop(tmp_path, tiny_bert_dir):
-    assert_user_error(tcc_cli("compile", tiny_bert_dir, "--objective", "size", "-o", tmp_path / "o"), "--budget")
+    assert_user_error(tcc_cli("compile", tiny_bert_dir, "--objective", "size", "-o", tmp_path / "o"), "--time-limit")
 
 
 def test_cli_budget_not_met_exits_3(tmp_path, tiny_bert_dir):

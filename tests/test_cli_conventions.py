@@ -1,0 +1,192 @@
+"""The CLI reads like its neighbours (issue 16, items 3 and 4): --version, global flags after the
+command, `tcc targets`, help that shows defaults, `tcc passes` with each option's values, presets
+(named pipelines) for --preset and inside -p, and `tcc info ARTIFACT` (text and --json)."""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+
+import pytest
+
+from tcc.cli import build_parser, main
+from tcc.errors import UserError
+from tcc.pipeline import Pass, Pipeline, register
+
+# The presets as docs/PIPELINES.md documents them, spelled out here (not read from tcc.presets)
+SPELLED_OUT = {
+    "q8": "quantize(weights=int8,embeddings=true)",
+    "w8a8": "quantize(weights=int8,acts=int8,method=smoothquant,embeddings=true)",
+    "q4": "quantize(weights=int4,group=32,sym=false,zero=float,embeddings=true)",
+    "q4_1": "quantize(weights=int4,group=32,sym=false,zero=float,embeddings=true)",
+    "q4-fast": "quantize(weights=int4,group=128,sym=false,method=gptq,embeddings=true)",
+    "q4_0": "quantize(weights=int4,group=32,sym=true,embeddings=true)",
+}
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def _said(capsys) -> str:
+    """What tcc printed, both streams (errors go to stderr)."""
+    out = capsys.readouterr()
+    return out.out + out.err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tcc {importlib.metadata.version('tcc')}"
+
+
+@pytest.mark.parametrize("command", ["compile", "run", "eval", "generate", "bench", "analyze", "passes", "targets",
+                                     "presets", "info"])
+def test_global_flags_before_or_after_the_command(command):
+    parser = build_parser()
+    rest = {"run": ["A", "-i", "x.npz", "-o", "y.npz"], "eval": ["A", "--text", "t"], "generate": ["A", "--prompt", "p"],
+            "bench": ["A"], "analyze": ["M"], "info": ["A"]}.get(command, [])
+    for argv in ([command, *rest, "--debug", "-q"], ["--debug", "-q", command, *rest], ["--debug", command, *rest, "-q"]):
+        a = parser.parse_args(argv)
+        assert (a.debug, a.quiet) == (True, True), argv
+    a = parser.parse_args([command, *rest])
+    assert (a.debug, a.quiet) == (False, False)
+
+
+def test_debug_after_the_command_shows_the_traceback(tmp_path, capsys):
+    missing = str(tmp_path / "nothing")
+    assert main(["info", missing]) == 2  # one line and a hint
+    assert "not found" in _said(capsys)
+    with pytest.raises(UserError, match="not found"):  # --debug re-raises: the traceback
+        main(["info", missing, "--debug"])
+
+
+def test_targets_lists_every_target(capsys):
+    from tcc.backends.tvm.targets import ALIASES, TARGETS, get_target
+    assert main(["targets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(TARGETS)
+    assert {"x86", "native", "x86-64-v2", "x86-64-v3", "arm64", "sm80", "sm90"} <= set(TARGETS)
+    assert get_target("cuda").name == "sm80" and ALIASES["cuda"] == "sm80"
+    target_help = next(a.help for a in _subparsers()["compile"]._actions if "--target" in a.option_strings)
+    assert all(name in target_help for name in TARGETS) and "cuda (= sm80)" in target_help
+
+
+def test_help_names_inputs_targets_presets_and_defaults():
+    from tcc import models, presets
+    from tcc.backends.tvm.targets import TARGETS
+    top = build_parser().format_help()
+    for word in [".gguf", ".onnx", "Hugging Face", *models.ALIASES, *TARGETS, *presets.names()]:
+        assert word in top, word
+    for name, parser in _subparsers().items():
+        text = parser.format_help()
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"tcc {name} {action.option_strings[0]} has no help"
+            if action.default not in (None, False, argparse.SUPPRESS):  # the help says the default
+                assert "default" in action.help or f"(default: {action.default})" in text, (name, action.dest)
+    assert "(default: 20)" in _subparsers()["bench"].format_help()
+    assert "(default: 64)" in _subparsers()["generate"].format_help()
+    assert "(default: 4096)" in _subparsers()["eval"].format_help()
+
+
+def test_passes_lists_the_values_an_option_takes(capsys):
+    from tcc.pipeline import all_passes
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "weights: str [int8 | int4] = 'int8'" in out
+    assert "method: str [rtn | gptq | awq | smoothquant]" in out
+    assert main(["passes", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    for name, cls in all_passes().items():
+        for key, opt in cls.options.items():
+            assert listed[name]["options"][key]["choices"] == (list(opt.choices) if opt.choices else None)
+
+
+@pytest.mark.parametrize("name", sorted(SPELLED_OUT))
+def test_a_preset_is_its_pipeline(name):
+    assert Pipeline.parse(name) == Pipeline.parse(SPELLED_OUT[name])
+    assert Pipeline.parse(name).canonical() == Pipeline.parse(SPELLED_OUT[name]).canonical()
+    # inside a pipeline, among passes
+    assert Pipeline.parse(f"drop-blocks(count=2),{name}") == Pipeline.parse(f"drop-blocks(count=2),{SPELLED_OUT[name]}")
+
+
+def test_every_preset_is_documented_and_listed(capsys):
+    from pathlib import Path
+
+    from tcc import presets
+    assert set(presets.names()) == set(SPELLED_OUT)
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "PIPELINES.md").read_text()
+    assert main(["presets", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    for name, p in presets.PRESETS.items():
+        assert f"`{name}`" in docs and p.pipeline in docs, name
+        assert listed[name]["pipeline"] == p.pipeline and listed[name]["aliases"] == list(p.aliases)
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert all(p.pipeline in out for p in presets.PRESETS.values())
+
+
+def test_preset_errors(capsys):
+    assert main(["compile", "minilm", "--preset", "q9"]) == 2
+    out = _said(capsys)
+    assert "unknown preset 'q9'" in out and all(n in out for n in ("q8", "w8a8", "q4", "q4-fast"))
+    assert main(["compile", "minilm", "--preset", "q8", "-p", "dce"]) == 2
+    assert "not both" in _said(capsys)
+    with pytest.raises(UserError, match="preset 'q4' takes no options") as e:
+        Pipeline.parse("dce,q4(group=64)")
+    assert SPELLED_OUT["q4"] in e.value.hint
+    with pytest.raises(UserError, match="unknown pass 'q9'") as e:
+        Pipeline.parse("q9")
+    assert "q8" in e.value.hint
+
+
+def test_a_pass_cannot_take_a_presets_name():
+    class Q4(Pass):
+        """A pass that would shadow the preset."""
+        name = "q4"
+
+    with pytest.raises(ValueError, match="preset"):
+        register(Q4)
+
+
+def test_compile_with_a_preset_and_info(tiny_bert_dir, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["compile", str(tiny_bert_dir), "--preset", "q8", "--seq-len", "8", "-o", str(out), "-q"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pipeline"] == Pipeline.parse("dce," + SPELLED_OUT["q8"]).canonical()
+    report = json.loads((out / "report.json").read_text())
+
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["pipeline"]["preset"] == "q8"
+    assert [p["name"] for p in info["pipeline"]["passes"]] == ["dce", "quantize"]
+    assert info["model"]["task"] == "feature-extraction" and info["target"]["name"] == "x86"
+    sizes = manifest["sizes"]
+    # the weight formats from the safetensors header add up to the stored bytes; int8 holds most of them
+    weights = info["formats"]["weights"]
+    assert sum(weights.values()) == sizes["weight_bytes"]
+    assert max(weights, key=weights.get) == "int8"
+    assert info["sizes"]["ratio"] == pytest.approx(sizes["weight_bytes"] / sizes["source_param_bytes"], rel=1e-5)
+    assert info["measured"]["accuracy"] == report["final"]["accuracy"]
+    assert info["measured"]["latency"] == report["run"]["latency"]
+
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    drift = max(v["max_rel_err"] for v in report["final"]["accuracy"]["vs_source"].values())
+    for expected in ("(preset q8)", "feature-extraction", "x86", "int8", f"{drift:.2e}",
+                     f"{sizes['weight_bytes'] / 1e6:.2f} MB", f"{info['sizes']['ratio']:.3f}x"):
+        assert expected in text, expected
+
+
+def test_time_limit_and_its_old_name(capsys):
+    """The search's time limit is --time-limit ("budget" is the accuracy budget); --budget still works."""
+    parser = build_parser()
+    assert parser.parse_args(["compile", "m", "--time-limit", "20m"]).budget == "20m"
+    assert "warning" not in capsys.readouterr().err
+    assert parser.parse_args(["compile", "m", "--budget", "90s"]).budget == "90s"
+    assert "--budget is now --time-limit" in capsys.readouterr().err
