@@ -39,7 +39,8 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
             backend: str = "tvm", calibration_text: str | None = None, calibration_samples: int = 8,
             max_drift: float | None = None, latency: bool = True, cache: bool = True, report: str | Path | None = None,
             max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None,
-            force: bool = False, tokenizer: str | Path | None = None, dtype: str | None = None):
+            force: bool = False, tokenizer: str | Path | None = None, kv_cache: str = "fp32",
+            dtype: str | None = None):
     """Compile `model` (path, alias, nn.Module with example inputs via `trace` first, or a Program)
     for `target` into the artifact directory `out`. Returns the loaded artifact (tcc.runtime.Loaded).
 
@@ -49,7 +50,8 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
     `max_seq_len`: trace with a dynamic sequence length 1..max_seq_len (tcc.trace; x86 targets).
     `generate`: give a causal LM's artifact `prefill` and `decode` entry points over a KV cache of
     `max_context` positions (tcc.generation; default on for causal LMs on CPU targets with the tvm
-    backend, the context min(model maximum, 2048)); False leaves them out.
+    backend, the context min(model maximum, 2048)); False leaves them out. `kv_cache`: how that cache
+    stores keys and values, "fp32" or "int8" (one scale per KV head and position; tcc.generation).
     `dtype`: the float weights' storage, "fp32" or "bf16" (the `bf16` pass, appended to the pipeline);
     None keeps the checkpoint's: bf16 for a Hugging Face folder saved in bf16 (tvm backend, CPU
     targets), else fp32 (_weights_dtype). `out` and `report` may
@@ -67,7 +69,8 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
                             batch=batch, task=task, verify=verify, calibration=calibration, backend=backend,
                             calibration_text=calibration_text, calibration_samples=calibration_samples,
                             max_drift=max_drift, latency=latency, max_seq_len=max_seq_len, generate=generate,
-                            max_context=max_context, force=force, tokenizer=tokenizer, dtype=dtype)
+                            max_context=max_context, force=force, tokenizer=tokenizer, kv_cache=kv_cache,
+                            dtype=dtype)
     except BaseException as e:
         if report is not None:
             final.update(exit_status=reports.exit_status(e), error=reports.error_json(e))
@@ -85,7 +88,8 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
              seq_len: int, batch: int, task: str | None, verify: bool, calibration, backend: str,
              calibration_text: str | None, calibration_samples: int, max_drift: float | None, latency: bool,
              max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None,
-             force: bool = False, tokenizer: str | Path | None = None, dtype: str | None = None) -> Path:
+             force: bool = False, tokenizer: str | Path | None = None, kv_cache: str = "fp32",
+             dtype: str | None = None) -> Path:
     """compile()'s work; fills `facts` (what the manifest says), `records`, `final` and `run` (the
     report's sections) as it goes, so a failure can still be reported."""
     check_dir(out, WHAT, is_artifact, force)  # first of all (Staging checks it again)
@@ -107,7 +111,7 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
                         f"not {backend} / {tgt.name}", "compile with a static --seq-len for this target")
     if max_drift is not None and not max_drift >= 0:
         raise UserError(f"--max-drift must be a number >= 0, got {max_drift}", "e.g. --max-drift 0.05 (5 % relative)")
-    gen_context = _generation_context(model, task, tgt, backend, generate, max_context, seq_len, max_seq_len)
+    gen_context = _kv_cache_context(kv_cache, model, task, tgt, backend, generate, max_context, seq_len, max_seq_len)
     if tokenizer is not None:
         from .evaluate import load_tokenizer
         load_tokenizer(tokenizer)  # a bad --tokenizer stops here, before the slow work
@@ -152,7 +156,7 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
         if gen_context:
             from .generation import at_length, kv_cached
             with status(f"adding a KV cache of {gen_context} positions (prefill, decode)"):
-                gen = kv_cached(program, gen_context)
+                gen = kv_cached(program, gen_context, kv_cache)
             length = program.inputs[0].shape[1]  # the example length
             chunk = min(length, gen_context)
             functions = {"prefill": at_length(gen.program, chunk), "decode": at_length(gen.program, 1)}
@@ -417,6 +421,25 @@ def _generation_context(model, task, tgt, backend: str, generate: bool | None, m
     if seq_len > context and not isinstance(model, Program):  # a Program's prefill chunk is min(its length, context)
         raise UserError(f"--seq-len {seq_len} is longer than the --max-context {context}", "lower --seq-len")
     return context
+
+
+def _kv_cache_context(kv_cache: str, model, task, tgt, backend: str, generate: bool | None, *args) -> int | None:
+    """_generation_context, where a cache format other than fp32 asks for generation: a model or
+    target that cannot have it (or --no-generate) is a UserError naming --kv-cache."""
+    from .generation import check_kv_cache
+    check_kv_cache(kv_cache)
+    if kv_cache == "fp32":
+        return _generation_context(model, task, tgt, backend, generate, *args)
+    hint = "--kv-cache applies to causal LMs compiled with generation (prefill/decode); leave it out"
+    if generate is False:
+        raise UserError(f"--kv-cache {kv_cache} sets the KV cache of generation, which --no-generate turns off", hint)
+    try:
+        return _generation_context(model, task, tgt, backend, True, *args)
+    except UserError as e:
+        if not e.message.startswith("generation (prefill/decode) cannot be built: "):
+            raise
+        raise UserError(f"--kv-cache {kv_cache} needs a KV cache, which this compile cannot have: "
+                        f"{e.message.split(': ', 1)[1]}", hint)
 
 
 def _store_tokenizer(program: Program, dir: Path):

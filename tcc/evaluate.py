@@ -17,6 +17,11 @@ perplexity(run, tokenizer_dir, text_path, seq_len, max_tokens, stride=None)
     -> {"metric": "perplexity", "value", "nll" (mean, nats), "tokens" (scored), "windows",
         "seq_len", "stride"}
 
+perplexity_cached(new_session, ids, seq_len, chunk, stride=None)
+    The same windows and scored tokens over token ids, each window through a fresh generation
+    session (prefill its unscored context in chunks, then one decode step per scored token):
+    perplexity through the artifact's KV cache (`tcc eval --kv-cache`).
+
 cosine(run, reference, tokenizer_dir, text_path, seq_len, max_samples)
     The first `max_samples` non-empty lines of the text that are not wikitext headings (" = T = "),
     each tokenized, cut or padded to `seq_len` with its attention_mask; both callables embed it
@@ -29,7 +34,9 @@ evaluate_artifact(artifact_dir, text_path, max_tokens=4096, stride=None, max_sam
     What `tcc eval` runs: loads the artifact (tcc.runtime.load) and its tokenizer (`tokenizer`, tcc eval
     --tokenizer DIR, else the manifest's "tokenizer"); a causal-lm artifact gets `perplexity` at its compiled sequence length and, with
     `compare_source`, the perplexity of the source model re-traced at the same shapes on the same
-    windows ("source_value", "ratio" = value / source_value); a feature-extraction artifact gets
+    windows ("source_value", "ratio" = value / source_value); with `kv_cache`, the artifact's perplexity comes
+    from `perplexity_cached` instead (every scored token through its prefill/decode and KV cache,
+    windows of `window` tokens, default its context); a feature-extraction artifact gets
     `cosine` against that re-traced source model. Adds "artifact", "model" and "seconds".
 
 A text with fewer tokens than one window (or no usable line) raises a UserError saying how many
@@ -167,14 +174,43 @@ def perplexity(run: Run, tokenizer_dir, text_path, seq_len: int, max_tokens: int
             raise UserError(f"the model returned logits for {logits.shape[-2]} positions, expected {seq_len}",
                             "evaluate with the sequence length the artifact was compiled for")
         pos = np.arange(first, begin + seq_len)  # absolute positions scored in this window
-        rows = logits.reshape(-1, logits.shape[-1])[pos - begin - 1].astype(np.float64)
-        rows -= rows.max(axis=-1, keepdims=True)
-        logp = rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
-        nll -= float(logp[np.arange(len(pos)), ids[pos]].sum())
+        nll += _nll(logits.reshape(-1, logits.shape[-1])[pos - begin - 1], ids[pos])
         count += len(pos)
     mean = nll / count
     return {"metric": "perplexity", "value": float(np.exp(mean)), "nll": mean, "tokens": count,
             "windows": len(spans), "seq_len": seq_len, "stride": stride}
+
+
+def _nll(rows: np.ndarray, targets: np.ndarray) -> float:
+    """Summed negative log-likelihood of `targets` under the logits `rows` [n, V] (log-softmax in float64)."""
+    rows = rows.astype(np.float64)
+    rows -= rows.max(axis=-1, keepdims=True)
+    logp = rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
+    return -float(logp[np.arange(len(targets)), targets].sum())
+
+
+def perplexity_cached(new_session: Callable, ids: np.ndarray, seq_len: int, chunk: int,
+                      stride: int | None = None) -> dict:
+    """`perplexity`'s windows and scored tokens, each window run through a fresh generation session
+    (`new_session()`: prefill(ids [chunk], pos, last) / decode(token, pos), e.g. Loaded.session): the
+    window's unscored context is prefilled in chunks and every scored token is predicted by one decode
+    step over the KV cache (teacher-forced), so the cache's format (kv_cache int8) is what is measured.
+    Positions restart at 0 in every window, as `main` sees them."""
+    from .generation import teacher_forced
+    stride = stride or seq_len // 2
+    if seq_len < 2 or not 1 <= stride <= seq_len or len(ids) < seq_len:
+        raise UserError(f"cached perplexity needs 2 <= seq_len <= {len(ids)} tokens and 1 <= stride <= seq_len "
+                        f"(got seq_len={seq_len}, stride={stride})")
+    nll, count = 0.0, 0
+    spans = windows(len(ids), seq_len, stride)
+    for begin, first in track(spans, f"perplexity through the KV cache ({len(spans)} windows of {seq_len})"):
+        got = teacher_forced(new_session(), [int(t) for t in ids[begin:begin + seq_len - 1]], chunk, first - begin)
+        pos = np.arange(first, begin + seq_len)
+        nll += _nll(np.stack([got[p - begin - 1] for p in pos]), ids[pos])
+        count += len(pos)
+    mean = nll / count
+    return {"metric": "perplexity", "value": float(np.exp(mean)), "nll": mean, "tokens": count,
+            "windows": len(spans), "seq_len": seq_len, "stride": stride, "through": "prefill/decode (KV cache)"}
 
 
 # -- cosine similarity of embeddings ------------------------------------------------------------------
@@ -218,7 +254,8 @@ def cosine(run: Run, reference: Run, tokenizer_dir, text_path, seq_len: int, max
 # -- what `tcc eval` runs ---------------------------------------------------------------------------
 
 def evaluate_artifact(artifact_dir, text_path, *, max_tokens: int = 4096, stride: int | None = None,
-                      max_samples: int = 64, compare_source: bool = True, tokenizer=None) -> dict:
+                      max_samples: int = 64, compare_source: bool = True, tokenizer=None,
+                      kv_cache: bool = False, window: int | None = None) -> dict:
     from .runtime import load
     t0 = time.perf_counter()
     _read_text(text_path)
@@ -228,8 +265,20 @@ def evaluate_artifact(artifact_dir, text_path, *, max_tokens: int = 4096, stride
         batch, seq_len = art.inputs[0].shape[:2]
         if batch != 1:
             raise UserError(f"tcc eval runs batch-1 artifacts; this one takes batch {batch}", "compile with --batch 1")
+        if window is not None and not kv_cache:
+            raise UserError("--window sets the windows of --kv-cache scoring", "add --kv-cache, or leave --window out")
         if art.task == "causal-lm":
-            result = perplexity(art, tokenizer_dir, text_path, seq_len, max_tokens, stride)
+            if kv_cache:  # every scored token through prefill/decode: what the artifact's KV cache gives
+                art.session()  # a UserError for an artifact without generation, before the text is read
+                context = art.manifest["generation"]["max_context"]
+                seq_len = window or context
+                if seq_len > context:
+                    raise UserError(f"--window {seq_len} is longer than the artifact's KV cache of {context} positions",
+                                    f"give --window {context} or less")
+                ids = tokenize_prefix(load_tokenizer(tokenizer_dir), text_path, max_tokens)
+                result = perplexity_cached(art.session, ids, seq_len, art.manifest["generation"]["prefill_len"], stride)
+            else:
+                result = perplexity(art, tokenizer_dir, text_path, seq_len, max_tokens, stride)
             if compare_source:
                 ref = perplexity(_source_program(source, art.task, seq_len), tokenizer_dir, text_path, seq_len,
                                  max_tokens, stride)

@@ -21,6 +21,8 @@ KV groups shrink their layer's cache, quantized projections stay quantized.
            caches and attends causally over rows 0..pos+L-1, the last `window` of them where the
            layer slides (the model's own mask becomes dead and is removed); the LM
            head reads only row `last` of its input, so logits are [B, 1, V].
+           kv_cache="int8" stores each cache as int8 codes [B, Hkv, C, D] plus one float32 scale per
+           KV head and position [B, Hkv, C], written and read by tcc::sdpa_kv_int8 instead.
   verify   the compiler checks the built artifact against the source Program's own full forward
            (not through this rewrite) on check_ids, teacher-forced: teacher_forced, source_logits,
            compare_logits (docs/GENERATION.md).
@@ -53,6 +55,9 @@ DEFAULT_MAX_CONTEXT = 2048
 # tokens, CHECK_TOKENS in all (ids 1..12, then seeded random ids, without a tokenizer)
 CHECK_PROMPT = "The history of the city goes back to the Roman era, when"
 CHECK_TOKENS = 64
+# how the KV cache stores keys and values: fp32, or int8 codes with one float32 scale per KV head and
+# position (tcc::sdpa_kv_int8): (D + 4) / (4 D) of the fp32 cache's bytes for head dim D
+KV_CACHES = ("fp32", "int8")
 
 
 def check_prompt(tokenizer, vocab: int) -> list[int]:
@@ -88,10 +93,12 @@ class Generation:
     program: Program            # inputs input_ids [B, L], pos, last, caches...; output logits [B, 1, V]
     max_context: int
     caches: list[TensorSpec]    # the cache inputs, in input order (zeros at the start of a sequence)
-    layers: list[int]           # block index of each k/v cache pair
+    layers: list[int]           # block index of each layer's caches (k, v; int8: k codes, k scales, v codes, v scales)
+    kv_cache: str = "fp32"      # KV_CACHES
 
     def manifest(self, prefill_len: int) -> dict:
         return {"max_context": self.max_context, "prefill_len": prefill_len, "cache_layers": self.layers,
+                "kv_cache": self.kv_cache,
                 "caches": [c.to_json() for c in self.caches],
                 "cache_bytes": int(sum(np.prod(c.shape) * np.dtype(c.dtype).itemsize for c in self.caches))}
 
@@ -267,11 +274,14 @@ def _windows(gm, cores: list[Core], batch: int, context: int) -> str | None:
 
 # -- rewrite ----------------------------------------------------------------------------------------
 
-def kv_cached(program: Program, max_context: int) -> Generation:
-    """The Program with a KV cache (see the module doc). The input program is not changed."""
+def kv_cached(program: Program, max_context: int, kv_cache: str = "fp32") -> Generation:
+    """The Program with a KV cache (see the module doc). The input program is not changed.
+    kv_cache "int8": each layer's cache is int8 codes [B, Hkv, C, D] and float32 scales [B, Hkv, C]
+    for k and for v, and its core tcc::sdpa_kv_int8 (quantizes the new rows, reads codes * scale)."""
     from tcc.passes.dead_code import remove_dead
     from .structure import nodes_by_name
 
+    check_kv_cache(kv_cache)
     ids, seq = _seq_symbol(program)
     spec = next(s for s in program.inputs if s.name == "input_ids")
     if max_context < 2 or max_context > spec.max_shape[1]:
@@ -324,15 +334,16 @@ def kv_cached(program: Program, max_context: int) -> Generation:
         for part, t in (("k", c.k), ("v", c.v)):
             _, heads, _, dim = t.meta["val"].shape
             shape = (batch, int(heads), max_context, int(dim))
-            spec_c = TensorSpec(f"cache_{part}.{i}", "float32", shape)
-            after = placeholder(f"cache_{part}_{i}", after)
-            after.meta["val"] = torch.empty(shape)
-            kv.append(after)
-            caches.append(spec_c)
+            tensors = [("", shape, "float32")] if kv_cache == "fp32" else [("", shape, "int8"), ("_scale", shape[:3], "float32")]
+            for suffix, shape_t, dtype in tensors:
+                caches.append(TensorSpec(f"cache_{part}{suffix}.{i}", dtype, shape_t))
+                after = placeholder(f"cache_{part}{suffix}_{i}", after)
+                after.meta["val"] = torch.empty(shape_t, dtype=getattr(torch, dtype))
+                kv.append(after)
         layers.append(i)
+        op = torch.ops.tcc.sdpa_kv.default if kv_cache == "fp32" else torch.ops.tcc.sdpa_kv_int8.default
         with g.inserting_before(core):
-            new = g.call_function(torch.ops.tcc.sdpa_kv.default,
-                                  (c.q, c.k, c.v, kv[0], kv[1], pos, c.scale, c.window, c.softcap))
+            new = g.call_function(op, (c.q, c.k, c.v, *kv, pos, c.scale, c.window, c.softcap))
         core.replace_all_uses_with(new)
         g.erase_node(core)
 
@@ -352,7 +363,12 @@ def kv_cached(program: Program, max_context: int) -> Generation:
     outputs = [TensorSpec("logits", "float32", (batch, 1, vocab))]
     gen = dataclasses.replace(program, gm=gm, inputs=inputs, outputs=outputs, info=copy.deepcopy(info),
                               annotations=copy.deepcopy(program.annotations))
-    return Generation(gen, max_context, caches, layers)
+    return Generation(gen, max_context, caches, layers, kv_cache)
+
+
+def check_kv_cache(kv_cache: str) -> None:
+    if kv_cache not in KV_CACHES:
+        raise UserError(f"--kv-cache {kv_cache!r} is not a KV-cache format", f"choose one of: {', '.join(KV_CACHES)}")
 
 
 def at_length(program: Program, length: int) -> Program:
@@ -489,7 +505,7 @@ class ProgramSession:
 
     def __init__(self, gen: Generation):
         self.gen = gen
-        self.caches = [torch.zeros(c.shape) for c in gen.caches]
+        self.caches = [torch.zeros(c.shape, dtype=getattr(torch, c.dtype)) for c in gen.caches]
 
     def prefill(self, ids, pos: int, last: int) -> np.ndarray:
         return self.step(ids, pos, last)

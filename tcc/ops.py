@@ -59,6 +59,13 @@ Ops:
                                       window > 0 (sliding-window layers): query position t sees only
                                       rows t-window+1..t; softcap > 0 (Gemma-2): the scaled scores s
                                       become softcap * tanh(s / softcap) before the mask and softmax.
+  tcc::sdpa_kv_int8(q, k, v, k_codes, k_scales, v_codes, v_scales, pos, scale, window, softcap)
+                                      sdpa_kv over an int8 cache (generation's kv_cache="int8"): the
+                                      new rows of k and v are quantized per head and per position
+                                      (quantize_kv: one symmetric scale per row of D values, as
+                                      dense_a8w8's dynamic rows) into codes int8 [B, Hkv, C, D] and
+                                      scales f32 [B, Hkv, C]; attention then reads every row as
+                                      codes * scale (the new ones too). Mutates the four caches.
 """
 from __future__ import annotations
 
@@ -250,4 +257,34 @@ def sdpa_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Te
 
 @sdpa_kv.register_fake
 def _(q, k, v, k_cache, v_cache, pos, scale, window=0, softcap=0.0):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sdpa_kv_int8's cache rows: x [..., D] -> (int8 codes [..., D], float32 scales [...]), one
+    symmetric scale per row (quantize_rows' dynamic symmetric rows: s = max|x| / 127, 1 for an
+    all-zero row; q = clamp(round(x / s), -127, 127))."""
+    q, s, _ = quantize_rows(x.reshape(-1, x.shape[-1]), None, None, False)
+    return q.to(torch.int8).reshape(x.shape), s.reshape(x.shape[:-1])
+
+
+@torch.library.custom_op("tcc::sdpa_kv_int8", mutates_args=("k_codes", "k_scales", "v_codes", "v_scales"))
+def sdpa_kv_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor,
+                 v_codes: torch.Tensor, v_scales: torch.Tensor, pos: torch.Tensor, scale: float, window: int = 0,
+                 softcap: float = 0.0) -> torch.Tensor:
+    p, length = int(pos.reshape(-1)[0]), k.shape[2]
+    if not 0 <= p <= k_codes.shape[2] - length:
+        raise ValueError(f"tcc::sdpa_kv_int8: positions {p}..{p + length - 1} do not fit a cache of {k_codes.shape[2]}")
+    rows = []
+    for x, codes, scales in ((k, k_codes, k_scales), (v, v_codes, v_scales)):
+        c, s = quantize_kv(x)
+        codes[:, :, p:p + length] = c
+        scales[:, :, p:p + length] = s
+        rows.append(codes[:, :, :p + length].to(torch.float32) * scales[:, :, :p + length, None])
+    kc, vc = rows  # the cache as attention reads it: every row dequantized, the new ones included
+    return sdpa_kv(q, kc[:, :, p:], vc[:, :, p:], kc, vc, pos, scale, window, softcap)
+
+
+@sdpa_kv_int8.register_fake
+def _(q, k, v, k_codes, k_scales, v_codes, v_scales, pos, scale, window=0, softcap=0.0):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))

@@ -22,7 +22,7 @@ report.json, schema "tcc.report/1":
               with accuracy_note saying why; max_drift {limit, drift, met} when a limit was set;
               latency {measured: bool, reason: why not, or null} - the numbers are in run.latency;
               generation (causal LMs with prefill/decode, checked on this host) {max_context,
-              prefill_len, cache_bytes, agreement {rate (top-1, teacher-forced), tokens (positions
+              prefill_len, kv_cache ("fp32" | "int8"), cache_bytes, agreement {rate (top-1, teacher-forced), tokens (positions
               compared), prompt_tokens (prefilled), sequence_tokens, max_abs_logit_error,
               max_rel_logit_error, reference}}
   run         created (UTC), host, seconds {trace, passes: [[name, s]], build, total},
@@ -183,7 +183,7 @@ def render_markdown(report: dict) -> str:
     if final.get("generation"):
         g = final["generation"]
         lines.append(f"- generation: prefill (chunks of {g['prefill_len']}) and decode over a KV cache of "
-                     f"{g['max_context']} positions ({g['cache_bytes'] / 1e6:.1f} MB); {_agreement(g['agreement'])}")
+                     f"{g['max_context']} positions ({_cache(g)}); {_agreement(g['agreement'])}")
     if final["exit_status"]:
         lines.append(f"- failed: exit status {final['exit_status']}: {final['error']['message'] if final['error'] else ''}")
     lines += ["", "| pass | params MB before → after | GFLOP before → after | max rel drift |", "| --- | --- | --- | --- |"]
@@ -256,11 +256,17 @@ def _summary_table(final: dict, run: dict) -> str:
     if gen:
         a = gen["agreement"]
         rows.append(("generation", f"prefill/decode, KV cache of {gen['max_context']} positions "
-                     f"({gen['cache_bytes'] / 1e6:.1f} MB); {_agreement(a)}"))
+                     f"({_cache(gen)}); {_agreement(a)}"))
     lat = run.get("latency")
     rows.append(("latency", f"{lat['median_ms']:.2f} ms median of {lat['calls']} calls (p10 {lat['p10_ms']:.2f}, "
                  f"p90 {lat['p90_ms']:.2f})" if lat else f"not measured: {final['latency'].get('reason')}"))
     return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows) + "</table>"
+
+
+def _cache(gen: dict) -> str:
+    """"25.1 MB, int8" (an fp32 cache: its bytes only)."""
+    kind = gen.get("kv_cache", "fp32")
+    return f"{gen['cache_bytes'] / 1e6:.1f} MB" + ("" if kind == "fp32" else f", {kind}")
 
 
 def _agreement(a: dict) -> str:

@@ -200,7 +200,7 @@ def test_kernel_rejects_mismatched_arguments(vm, name):
 def test_exported_functions_are_the_kernels():
     assert set(build.exported_functions()) == {
         "tcc_dense_f32", "tcc_dense_nobias_f32", "tcc_dense_w8_f32", "tcc_dense_w8_nobias_f32",
-        "tcc_sdpa_f32", "tcc_sdpa_nomask_f32", "tcc_sdpa_kv_f32",
+        "tcc_sdpa_f32", "tcc_sdpa_nomask_f32", "tcc_sdpa_kv_f32", "tcc_sdpa_kv_i8_f32",
         "tcc_dense_a8w8_f32", "tcc_dense_a8w8_nobias_f32", "tcc_dense_a8w8_static_f32",
         "tcc_dense_a8w8_static_nobias_f32", "tcc_dense_w4_f32", "tcc_dense_w4_nobias_f32",
         "tcc_dense_bsr_f32", "tcc_dense_bsr_nobias_f32", "tcc_unmask",

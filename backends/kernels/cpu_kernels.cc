@@ -18,6 +18,10 @@
 //       keeps between calls), then causal attention of the L queries over cache rows 0..pos+L-1;
 //       window > 0: query row t sees only rows t-window+1..t (sliding-window layers); softcap > 0:
 //       scaled scores s become softcap * tanh(s / softcap) (Gemma-2), before the mask
+//   tcc_sdpa_kv_i8_f32(q, k, v, k_codes int8[B,Hkv,C,D], k_scales[B,Hkv,C], v_codes int8[B,Hkv,C,Dv],
+//                      v_scales[B,Hkv,C], pos int64[1], double scale, int64 window, double softcap, out)
+//       the same over an int8 cache: the new rows are quantized (one scale per KV head and position)
+//       and attention reads codes * scale
 //
 // sdpa: query head h reads KV head h / (H / Hkv); `mask` is an additive float mask of rank <= 4,
 // right-aligned against [B, H, Sq, Sk], each dim 1 (broadcast) or full; `causal` lets query i see
@@ -346,6 +350,38 @@ void run_sdpa(const Sdpa& s, int64_t out_numel) {
   });
 }
 
+// Checks sdpa_kv and sdpa_kv_int8 share: k and v [B, Hkv, L, D / Dv] against q; the caches
+// k_cache [B, Hkv, C, D] and v_cache [B, Hkv, C, Dv] (named as the kernel names them); out; and
+// positions pos..pos+L-1 within C. Fills s's shapes; returns pos.
+int64_t check_kv(Sdpa& s, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& k_cache,
+                 const TensorView& v_cache, const char* kc_name, const char* vc_name, const TensorView& pos,
+                 const TensorView& out, const char* kernel) {
+  const int64_t* p = data_of<const int64_t>(pos, kernel, "pos", kDLInt, 64, 1, 1);
+  s.batch = q.size(0), s.heads = q.size(1), s.sq = q.size(2), s.d = q.size(3);
+  s.kv_heads = k.size(1), s.dv = v.size(3), s.kv_rows = k_cache.size(2);
+  const int64_t len = k.size(2);
+  check_heads(s, kernel);
+  check_dim(k, kernel, "k", 0, s.batch, "B, as in q");
+  check_dim(k, kernel, "k", 2, s.sq, "L, the query length");
+  check_dim(k, kernel, "k", 3, s.d, "D, as in q");
+  for (const TensorView* t : {&v, &k_cache, &v_cache}) {
+    const char* name = t == &v ? "v" : t == &k_cache ? kc_name : vc_name;
+    check_dim(*t, kernel, name, 0, s.batch, "B, as in q");
+    check_dim(*t, kernel, name, 1, s.kv_heads, "Hkv, as in k");
+  }
+  check_dim(v, kernel, "v", 2, len, "L, as in k");
+  check_dim(k_cache, kernel, kc_name, 3, s.d, "D, as in q");
+  check_dim(v_cache, kernel, vc_name, 2, s.kv_rows, "C, as in k_cache");
+  check_dim(v_cache, kernel, vc_name, 3, s.dv, "Dv, as in v");
+  check_out(s, out, kernel);
+  const int64_t p0 = p[0];
+  if (p0 < 0 || p0 + len > s.kv_rows) {
+    TVM_FFI_THROW(ValueError) << kernel << ": positions " << p0 << ".." << p0 + len - 1
+                              << " do not fit the KV cache of " << s.kv_rows << " positions";
+  }
+  return p0;
+}
+
 // sdpa_kv: write the new keys/values into the caches at rows pos..pos+L-1, then causal attention of
 // the L queries over cache rows 0..pos+L-1 (tcc::sdpa_kv). The caches are the Relax function's
 // inputs, held by the runtime between calls; this kernel is their only writer.
@@ -359,30 +395,8 @@ void sdpa_kv(const TensorView& q, const TensorView& k, const TensorView& v, cons
   const float* vn = f32_in(v, kernel, "v", 4, 4);
   float* kc = const_cast<float*>(f32_in(k_cache, kernel, "k_cache", 4, 4));
   float* vc = const_cast<float*>(f32_in(v_cache, kernel, "v_cache", 4, 4));
-  const int64_t* p = data_of<const int64_t>(pos, kernel, "pos", kDLInt, 64, 1, 1);
   s.out = f32_out(out, kernel, 4, 4);
-  s.batch = q.size(0), s.heads = q.size(1), s.sq = q.size(2), s.d = q.size(3);
-  s.kv_heads = k.size(1), s.dv = v.size(3), s.kv_rows = k_cache.size(2);
-  const int64_t len = k.size(2);
-  check_heads(s, kernel);
-  check_dim(k, kernel, "k", 0, s.batch, "B, as in q");
-  check_dim(k, kernel, "k", 2, s.sq, "L, the query length");
-  check_dim(k, kernel, "k", 3, s.d, "D, as in q");
-  for (const TensorView* t : {&v, &k_cache, &v_cache}) {
-    const char* name = t == &v ? "v" : t == &k_cache ? "k_cache" : "v_cache";
-    check_dim(*t, kernel, name, 0, s.batch, "B, as in q");
-    check_dim(*t, kernel, name, 1, s.kv_heads, "Hkv, as in k");
-  }
-  check_dim(v, kernel, "v", 2, len, "L, as in k");
-  check_dim(k_cache, kernel, "k_cache", 3, s.d, "D, as in q");
-  check_dim(v_cache, kernel, "v_cache", 2, s.kv_rows, "C, as in k_cache");
-  check_dim(v_cache, kernel, "v_cache", 3, s.dv, "Dv, as in v");
-  check_out(s, out, kernel);
-  const int64_t p0 = p[0];
-  if (p0 < 0 || p0 + len > s.kv_rows) {
-    TVM_FFI_THROW(ValueError) << kernel << ": positions " << p0 << ".." << p0 + len - 1
-                              << " do not fit the KV cache of " << s.kv_rows << " positions";
-  }
+  const int64_t p0 = check_kv(s, q, k, v, k_cache, v_cache, "k_cache", "v_cache", pos, out, kernel), len = s.sq;
   for (int64_t bh = 0; bh < s.batch * s.kv_heads; ++bh) {
     std::memcpy(kc + (bh * s.kv_rows + p0) * s.d, kn + bh * len * s.d, sizeof(float) * len * s.d);
     std::memcpy(vc + (bh * s.kv_rows + p0) * s.dv, vn + bh * len * s.dv, sizeof(float) * len * s.dv);
@@ -394,6 +408,181 @@ void sdpa_kv(const TensorView& q, const TensorView& k, const TensorView& v, cons
   s.window = window;
   s.softcap = static_cast<float>(softcap);
   run_sdpa(s, out.numel());
+}
+
+// sdpa_kv_int8: the caches hold int8 codes [B, Hkv, C, D] and one float32 scale per row [B, Hkv, C]
+// (tcc::sdpa_kv_int8). The new rows are quantized as tcc/ops.py quantize_kv does (s = max|x| / 127,
+// 1 for an all-zero row; codes = clamp(round(x / s), -127, 127), round half to even); attention reads
+// every row as codes * scale, so a step reads one byte per cached value (plus a scale per row).
+// Decode (at most kDirectRows query rows): sdpa_int8_decode. Longer chunks dequantize the rows a
+// block of queries sees into per-thread buffers and run sdpa_block on them (BLAS), one task per
+// (batch, KV head, block of 64 query rows) for all the query heads that share that KV head.
+struct KvInt8 {
+  const int8_t *kc, *vc;
+  const float *ks, *vs;
+};
+
+constexpr int64_t kDirectRows = 4;
+
+void quantize_kv_rows(const float* x, int64_t rows, int64_t d, int8_t* codes, float* scales) {
+  for (int64_t r = 0; r < rows; ++r, x += d, codes += d) {
+    float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+    for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(x[i]));
+    float s = amax / 127.0f;
+    s = s > 0.0f ? s : 1.0f;
+    for (int64_t i = 0; i < d; ++i) {
+      const float v = std::clamp(x[i] / s, -127.0f, 127.0f);
+      codes[i] = static_cast<int8_t>(std::nearbyint(v));  // default rounding: half to even
+    }
+    scales[r] = s;
+  }
+}
+
+// Decode (L <= kDirectRows): the G * L query rows of one KV head's group are contiguous in q and
+// out ([G * L, D]). Three parallel passes over a shared scores buffer [B * H * L, Sk]:
+//   1. per (batch, KV head, tile of kKeyTile keys): the tile's keys dequantized into a per-thread
+//      buffer (L1/L2), scores = scale * q k^T by one sgemm for all the group's rows;
+//   2. per query row: soft cap, the causal / sliding-window range, softmax;
+//   3. per (batch, KV head, kValueCols output columns): out += p_j * v_scale_j * codes_j over the
+//      visible keys, each code converted once for all the group's rows.
+constexpr int64_t kKeyTile = 256;
+constexpr int64_t kValueCols = 16;
+
+void sdpa_int8_decode(const Sdpa& s, const KvInt8& c) {
+  const int64_t group = s.heads / s.kv_heads, rows = group * s.sq, sk = s.sk;
+  const int64_t tiles = (sk + kKeyTile - 1) / kKeyTile, bkv = s.batch * s.kv_heads;
+  std::vector<float> scores(static_cast<size_t>(bkv * rows * sk));
+  parallel([&](int task, int num_tasks) {  // 1. scores
+    int64_t t0, t1;
+    split(bkv * tiles, 1, task, num_tasks, &t0, &t1);
+    float* k = scratch<float, 1>(kKeyTile * s.d);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / tiles, j0 = t % tiles * kKeyTile, n = std::min(kKeyTile, sk - j0);
+      const int64_t kvh = g * s.kv_rows + j0;
+      for (int64_t j = 0; j < n; ++j) {
+        const float ks = c.ks[kvh + j];
+        const int8_t* kj = c.kc + (kvh + j) * s.d;
+#pragma omp simd
+        for (int64_t e = 0; e < s.d; ++e) k[j * s.d + e] = static_cast<float>(kj[e]) * ks;
+      }
+      sgemm_nt(rows, n, s.d, s.scale, s.q + g * rows * s.d, s.d, k, s.d, 0.0f, scores.data() + g * rows * sk + j0, sk);
+    }
+  });
+  parallel([&](int task, int num_tasks) {  // 2. softmax over each row's visible keys
+    int64_t r0, r1;
+    split(bkv * rows, 1, task, num_tasks, &r0, &r1);
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = scores.data() + r * sk;
+      const int64_t t = r % s.sq + sk - s.sq;  // the query's absolute position: it sees rows j0..t
+      const int64_t j0 = s.window > 0 ? std::max<int64_t>(0, t - s.window + 1) : 0;
+      if (s.softcap > 0.0f) {
+        for (int64_t j = j0; j <= t; ++j) row[j] = s.softcap * std::tanh(row[j] / s.softcap);
+      }
+      std::fill(row, row + j0, 0.0f);
+      std::fill(row + t + 1, row + sk, 0.0f);
+      softmax_row(row + j0, t + 1 - j0);
+    }
+  });
+  const int64_t chunks = (s.dv + kValueCols - 1) / kValueCols;
+  parallel([&](int task, int num_tasks) {  // 3. out = p v
+    int64_t t0, t1;
+    split(bkv * chunks, 1, task, num_tasks, &t0, &t1);
+    float* acc = scratch<float, 1>(rows * kValueCols);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / chunks, e0 = t % chunks * kValueCols, w = std::min(kValueCols, s.dv - e0);
+      const float* p = scores.data() + g * rows * sk;
+      std::fill(acc, acc + rows * kValueCols, 0.0f);
+      for (int64_t j = 0; j < sk; ++j) {
+        const int8_t* vj = c.vc + (g * s.kv_rows + j) * s.dv + e0;
+        const float vs = c.vs[g * s.kv_rows + j];
+        float v[kValueCols] = {};
+        for (int64_t e = 0; e < w; ++e) v[e] = static_cast<float>(vj[e]) * vs;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float pr = p[r * sk + j];
+          if (pr == 0.0f) continue;  // outside the row's causal / window range
+          float* a = acc + r * kValueCols;
+#pragma omp simd
+          for (int64_t e = 0; e < kValueCols; ++e) a[e] += pr * v[e];
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        std::copy(acc + r * kValueCols, acc + r * kValueCols + w, s.out + (g * rows + r) * s.dv + e0);
+      }
+    }
+  });
+}
+
+// Query rows [i0, i1) of every query head over KV head hkv (batch b): the rows they see dequantized,
+// then sdpa_block per head on a one-KV-head view.
+void sdpa_int8_block(const Sdpa& s, const KvInt8& c, int64_t b, int64_t hkv, int64_t i0, int64_t i1) {
+  const int64_t group = s.heads / s.kv_heads, kvh = (b * s.kv_heads + hkv) * s.kv_rows;
+  const int64_t cols = std::clamp<int64_t>(i1 + s.sk - s.sq, 0, s.sk);
+  float* k = scratch<float, 1>(std::max<int64_t>(cols * s.d, 1));
+  float* v = scratch<float, 2>(std::max<int64_t>(cols * s.dv, 1));
+  for (int64_t j = 0; j < cols; ++j) {
+    const float ks = c.ks[kvh + j], vs = c.vs[kvh + j];
+    const int8_t *kj = c.kc + (kvh + j) * s.d, *vj = c.vc + (kvh + j) * s.dv;
+#pragma omp simd
+    for (int64_t e = 0; e < s.d; ++e) k[j * s.d + e] = static_cast<float>(kj[e]) * ks;
+#pragma omp simd
+    for (int64_t e = 0; e < s.dv; ++e) v[j * s.dv + e] = static_cast<float>(vj[e]) * vs;
+  }
+  Sdpa one = s;  // batch 1, the group's query heads over one KV head of `cols` rows
+  one.batch = 1, one.heads = group, one.kv_heads = 1, one.kv_rows = cols;
+  one.q = s.q + (b * s.heads + hkv * group) * s.sq * s.d;
+  one.out = s.out + (b * s.heads + hkv * group) * s.sq * s.dv;
+  one.k = k, one.v = v;
+  for (int64_t g = 0; g < group; ++g) sdpa_block(one, 0, g, i0, i1);
+}
+
+void sdpa_kv_int8(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& k_codes,
+                  const TensorView& k_scales, const TensorView& v_codes, const TensorView& v_scales,
+                  const TensorView& pos, double scale, int64_t window, double softcap, const TensorView& out) {
+  const char* kernel = "tcc_sdpa_kv_i8_f32";
+  Sdpa s{};
+  KvInt8 c{};
+  s.q = f32_in(q, kernel, "q", 4, 4);
+  const float* kn = f32_in(k, kernel, "k", 4, 4);
+  const float* vn = f32_in(v, kernel, "v", 4, 4);
+  int8_t* kc = const_cast<int8_t*>(data_of<const int8_t>(k_codes, kernel, "k_codes", kDLInt, 8, 4, 4));
+  int8_t* vc = const_cast<int8_t*>(data_of<const int8_t>(v_codes, kernel, "v_codes", kDLInt, 8, 4, 4));
+  float* ks = const_cast<float*>(f32_in(k_scales, kernel, "k_scales", 3, 3));
+  float* vs = const_cast<float*>(f32_in(v_scales, kernel, "v_scales", 3, 3));
+  s.out = f32_out(out, kernel, 4, 4);
+  const int64_t p0 = check_kv(s, q, k, v, k_codes, v_codes, "k_codes", "v_codes", pos, out, kernel), len = s.sq;
+  for (const TensorView* t : {&k_scales, &v_scales}) {
+    const char* name = t == &k_scales ? "k_scales" : "v_scales";
+    check_dim(*t, kernel, name, 0, s.batch, "B, as in q");
+    check_dim(*t, kernel, name, 1, s.kv_heads, "Hkv, as in k");
+    check_dim(*t, kernel, name, 2, s.kv_rows, "C, as in k_codes");
+  }
+  for (int64_t bh = 0; bh < s.batch * s.kv_heads; ++bh) {
+    const int64_t row = bh * s.kv_rows + p0;
+    quantize_kv_rows(kn + bh * len * s.d, len, s.d, kc + row * s.d, ks + row);
+    quantize_kv_rows(vn + bh * len * s.dv, len, s.dv, vc + row * s.dv, vs + row);
+  }
+  c.kc = kc, c.vc = vc, c.ks = ks, c.vs = vs;
+  s.sk = p0 + len;
+  for (int64_t n : {s.sq, s.sk, s.d, s.dv}) check_blas_int(n, kernel, "a dim of q or the cache");
+  s.scale = static_cast<float>(scale);
+  s.causal = true;
+  s.window = window;
+  s.softcap = static_cast<float>(softcap);
+  if (s.sq == 0 || s.dv == 0 || s.batch * s.heads == 0) return;
+  if (s.sq <= kDirectRows) {
+    sdpa_int8_decode(s, c);
+    return;
+  }
+  const int64_t qblocks = (s.sq + kQueryBlock - 1) / kQueryBlock;
+  parallel([&](int task, int num_tasks) {
+    int64_t t0, t1;
+    split(s.batch * s.kv_heads * qblocks, 1, task, num_tasks, &t0, &t1);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t blk = t % qblocks, bkv = t / qblocks, i0 = blk * kQueryBlock;
+      sdpa_int8_block(s, c, bkv / s.kv_heads, bkv % s.kv_heads, i0, std::min(s.sq, i0 + kQueryBlock));
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -430,6 +619,12 @@ void sdpa_kv_f32(TensorView q, TensorView k, TensorView v, TensorView k_cache, T
   sdpa_kv(q, k, v, k_cache, v_cache, pos, scale, window, softcap, out);
 }
 
+void sdpa_kv_i8_f32(TensorView q, TensorView k, TensorView v, TensorView k_codes, TensorView k_scales,
+                    TensorView v_codes, TensorView v_scales, TensorView pos, double scale, int64_t window,
+                    double softcap, TensorView out) {
+  sdpa_kv_int8(q, k, v, k_codes, k_scales, v_codes, v_scales, pos, scale, window, softcap, out);
+}
+
 }  // namespace
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_f32, dense_f32);
@@ -439,3 +634,4 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_w8_nobias_f32, dense_w8_nobias_f32);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_sdpa_f32, sdpa_f32);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_sdpa_nomask_f32, sdpa_nomask_f32);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_sdpa_kv_f32, sdpa_kv_f32);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_sdpa_kv_i8_f32, sdpa_kv_i8_f32);

@@ -389,6 +389,19 @@ def _(q, k, v, k_cache, v_cache, pos, scale, window=0, softcap=0.0):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
+@torch.library.custom_op("tcc_tvm::sdpa_kv_int8", mutates_args=())
+def sdpa_kv_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor,
+                 v_codes: torch.Tensor, v_scales: torch.Tensor, pos: torch.Tensor, scale: float, window: int = 0,
+                 softcap: float = 0.0) -> torch.Tensor:
+    """tcc::sdpa_kv_int8 as the TVM import sees it (tcc_sdpa_kv_i8_f32 writes the int8 caches, as sdpa_kv)."""
+    return ops.sdpa_kv_int8(q, k, v, k_codes, k_scales, v_codes, v_scales, pos, scale, window, softcap)
+
+
+@sdpa_kv_int8.register_fake
+def _(q, k, v, k_codes, k_scales, v_codes, v_scales, pos, scale, window=0, softcap=0.0):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
 # -- sparse weights: block-sparse kernels where they pay, compressed storage everywhere ------------------
 
 # The lowest block sparsity at which tcc_dense_bsr beats the dense kernel on x86 (measured by
@@ -750,6 +763,9 @@ def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
         elif n.target == tcc_ops.sdpa_kv.default:
             with g.inserting_before(n):
                 new = g.call_function(torch.ops.tcc_tvm.sdpa_kv.default, n.args, n.kwargs)
+        elif n.target == tcc_ops.sdpa_kv_int8.default:
+            with g.inserting_before(n):
+                new = g.call_function(torch.ops.tcc_tvm.sdpa_kv_int8.default, n.args, n.kwargs)
         elif n.target == aten.scaled_dot_product_attention.default:
             q, k, v, *rest = n.args
             kw = dict(n.kwargs)
@@ -866,16 +882,20 @@ def _convert_sdpa(node, importer):
     return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(args), _out_sinfo(node, importer)))
 
 
-def _convert_sdpa_kv(node, importer):
+def _convert_sdpa_kv(node, importer, caches=("k_cache", "v_cache"), kernel="tcc_sdpa_kv_f32"):
     import tvm
     from tvm import relax
-    names = ["q", "k", "v", "k_cache", "v_cache", "pos", "scale", "window", "softcap"]
+    names = ["q", "k", "v", *caches, "pos", "scale", "window", "softcap"]
     a = {"window": 0, "softcap": 0.0, **dict(zip(names, node.args)), **node.kwargs}
-    args = [_arg(importer, a[t]) for t in names[:6]] + [
+    args = [_arg(importer, a[t]) for t in names[:-3]] + [
         relax.prim_value(tvm.tirx.FloatImm("float64", float(a["scale"]))),
         relax.prim_value(tvm.tirx.IntImm("int64", int(a["window"]))),
         relax.prim_value(tvm.tirx.FloatImm("float64", float(a["softcap"])))]
-    return importer.block_builder.emit(relax.call_dps_packed("tcc_sdpa_kv_f32", relax.Tuple(args), _out_sinfo(node, importer)))
+    return importer.block_builder.emit(relax.call_dps_packed(kernel, relax.Tuple(args), _out_sinfo(node, importer)))
+
+
+def _convert_sdpa_kv_int8(node, importer):
+    return _convert_sdpa_kv(node, importer, ("k_codes", "k_scales", "v_codes", "v_scales"), "tcc_sdpa_kv_i8_f32")
 
 
 def _a8w8_converter(kernel: str):
@@ -966,6 +986,7 @@ CONVERT_MAP = {
     "dense_w8.default": _dense_converter("tcc_dense_w8", 3),
     "sdpa.default": _convert_sdpa,
     "sdpa_kv.default": _convert_sdpa_kv,
+    "sdpa_kv_int8.default": _convert_sdpa_kv_int8,
     "dense_a8w8_packed.default": _a8w8_converter("tcc_dense_a8w8"),
     "dense_w4_packed.default": _dense_converter("tcc_dense_w4", 4),  # (x, qw_p, scale_t, zero_t, b?, n)
     "dense_w4a8_packed.default": _dense_converter("tcc_dense_w4a8", 4),  # (x, qw_p, scale_t, zero_t, b?, n)
