@@ -242,9 +242,11 @@ def cmd_targets(a) -> int:
     if a.json:
         print(json.dumps(dict(targets), indent=2))
     else:
+        from tcc.backends.tvm.targets import ALIASES
         width = max(len(n) for n, _ in targets)
         for name, line in targets:
-            print(f"{name:<{width}}  {line}")
+            aliases = [a for a, n in ALIASES.items() if n == name]
+            print(f"{name:<{width}}  {line}" + (f" (also: {', '.join(aliases)})" if aliases else ""))
     return 0
 
 
@@ -538,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("tcc: interrupted")
         return 130
+    except BrokenPipeError:  # `tcc passes | head`: the reader has gone; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         if args.debug:
             raise

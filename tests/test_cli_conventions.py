@@ -68,6 +68,8 @@ def test_targets_lists_every_target(capsys):
     assert main(["targets"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list(TARGETS)
+    assert all(f"also: {', '.join(a for a, n in ALIASES.items() if n == name)}" in line
+               for name, line in zip(TARGETS, lines) if name in ALIASES.values())
     assert {"x86", "native", "x86-64-v2", "x86-64-v3", "arm64", "sm80", "sm90"} <= set(TARGETS)
     assert get_target("cuda").name == "sm80" and ALIASES["cuda"] == "sm80"
     target_help = next(a.help for a in _subparsers()["compile"]._actions if "--target" in a.option_strings)
@@ -190,3 +192,13 @@ def test_time_limit_and_its_old_name(capsys):
     assert "warning" not in capsys.readouterr().err
     assert parser.parse_args(["compile", "m", "--budget", "90s"]).budget == "90s"
     assert "--budget is now --time-limit" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_is_no_error():
+    """`tcc passes | head -1`: exit 0 and nothing on stderr, not a BrokenPipeError."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "tcc.cli", "passes"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before tcc writes (it takes seconds to start)
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == b""
