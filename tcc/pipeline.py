@@ -190,6 +190,9 @@ class Pass:
     # with clone(share_weights=True) stays as it was; Pipeline.run checks this). None: not said
     # (tcc's own passes: False; a plugin's: True, see may_write_weights)
     writes_weights: ClassVar[bool | None] = None
+    # options renamed since: {old name: new name}; text with the old name still works (a warning
+    # says so) and the option is kept under its new name
+    renamed: ClassVar[dict[str, str]] = {}
 
     @property
     def may_write_weights(self) -> bool:
@@ -200,6 +203,7 @@ class Pass:
         return bool(w) if w is not None or type(self).__module__.startswith("tcc.") else True
 
     def __init__(self, **opts: Any):
+        opts = self._renamed(opts)
         unknown = [k for k in opts if k not in self.options]
         if unknown:
             valid = ", ".join(f"{k} ({o.type_name})" for k, o in self.options.items()) or "none"
@@ -212,6 +216,17 @@ class Pass:
             except ValueError as e:
                 raise UserError(f"pass '{self.name}' option '{key}' {e}", f"{key}: {opt.help}") from None
             setattr(self, key, self.opts[key])
+
+    def _renamed(self, opts: dict) -> dict:
+        for old, new in self.renamed.items():
+            if old in opts:
+                if new in opts:
+                    raise UserError(f"pass '{self.name}' got both '{new}' and '{old}', its old name", f"give {new} only")
+                from .progress import console
+                console.print(f"tcc: warning: pass '{self.name}' option '{old}' is now '{new}'; the old name will go",
+                              markup=False)
+                opts = {(new if k == old else k): v for k, v in opts.items()}
+        return opts
 
     # -- contract ------------------------------------------------------------------------------
     def requires(self, program: Program) -> None:

@@ -202,3 +202,14 @@ def test_a_reader_that_stops_early_is_no_error():
     proc.stdout.close()  # the reader is gone before tcc writes (it takes seconds to start)
     assert proc.wait(timeout=120) == 0
     assert proc.stderr.read() == b""
+
+
+def test_heal_max_seconds_and_its_old_name(capsys):
+    """heal's time limit is max_seconds; `budget`, its old name, still works and says so."""
+    new = Pipeline.parse("heal(steps=5,max_seconds=30)")
+    assert "warning" not in _said(capsys)
+    old = Pipeline.parse("heal(steps=5,budget=30)")
+    assert "option 'budget' is now 'max_seconds'" in _said(capsys)
+    assert old == new and old.canonical() == new.canonical() and "max_seconds=30.0" in new.canonical()
+    with pytest.raises(UserError, match="both 'max_seconds' and 'budget'"):
+        Pipeline.parse("heal(budget=30,max_seconds=30)")
