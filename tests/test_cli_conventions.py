@@ -213,3 +213,13 @@ def test_heal_max_seconds_and_its_old_name(capsys):
     assert old == new and old.canonical() == new.canonical() and "max_seconds=30.0" in new.canonical()
     with pytest.raises(UserError, match="both 'max_seconds' and 'budget'"):
         Pipeline.parse("heal(budget=30,max_seconds=30)")
+
+
+def test_every_json_output_is_documented():
+    from pathlib import Path
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "PIPELINES.md").read_text()
+    table = docs[docs.index("### JSON output"):docs.index("## Exit codes")]
+    with_json = [n for n, p in _subparsers().items() if any("--json" in a.option_strings for a in p._actions)]
+    assert len(with_json) >= 8
+    for name in with_json:
+        assert f"| `tcc {name}` |" in table, name
