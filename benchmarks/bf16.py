@@ -3,11 +3,14 @@
 
     flock /tmp/tcc-bigmem.lock python benchmarks/bf16.py [--model /tmp/scale/qwen05b-bfloat16]
         [--out build/bf16] [--prompt 128] [--new 64] [--repeats 3] [--context 512] [--threads 2]
+        [--dtypes bf16,fp32] [--reuse DTYPE=DIR]
 
 Model: a random-initialised decoder saved in bf16 by ../shared/tools/scale_models.py (`qwen05b
 --dtype bfloat16 --out /tmp/scale`: Qwen2.5-0.5B shape, SmolLM2's tokenizer).
 Per dtype: `tcc compile MODEL --target native --dtype D --seq-len PROMPT --max-context CONTEXT --no-cache
---no-latency` in a subprocess (its wall time; peak RSS from the manifest's run.memory), then in this
+--no-latency` in a subprocess (compile seconds and peak RSS as its report.json's run records them;
+`--reuse fp32=DIR` times an artifact compiled before instead, e.g. benchmarks/llm_scale.py's of the
+same shape's fp32 checkpoint, with that compile's own figures), then in this
 process prefill of PROMPT random token ids (seed 0) as one chunk and NEW greedy decode steps, best of
 --repeats after a warm-up (benchmarks/generation.py time_tcc), TVM_NUM_THREADS = --threads. Decode's
 share of the read-bandwidth limit: decode tok/s x the bytes a decode step reads
@@ -22,7 +25,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +35,19 @@ import generation  # noqa: E402  (benchmarks/generation.py: bandwidth, decode_by
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
-def compile_artifact(model: Path, dest: Path, dtype: str, a) -> dict:
+def compile_artifact(model: Path, dest: Path, dtype: str, a) -> None:
     cmd = ["tcc", "compile", str(model), "--target", "native", "--dtype", dtype, "-o", str(dest), "--seq-len",
            str(a.prompt), "--max-context", str(a.context), "--no-cache", "--no-latency", "--force"]
     print("$ " + " ".join(cmd), flush=True)
-    t = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "TVM_NUM_THREADS": str(a.threads)})
-    m = json.loads((dest / "manifest.json").read_text())
-    return {"compile_s": round(time.perf_counter() - t, 1), "peak_rss_gb": m["run"]["memory"]["peak_rss_gb"],
-            "weight_bytes": m["sizes"]["weight_bytes"], "pipeline": m["pipeline"]}
+
+
+def compile_stats(art: Path) -> dict:
+    """What the artifact's compile recorded: total seconds and peak RSS (report.json run), weight bytes."""
+    m, r = (json.loads((art / f).read_text()) for f in ("manifest.json", "report.json"))
+    return {"compile_s": r["run"]["seconds"]["total"], "peak_rss_gb": r["run"]["memory"]["peak_rss_gb"],
+            "weight_bytes": m["sizes"]["weight_bytes"], "pipeline": m["pipeline"], "target": m["target"]["name"],
+            "source": m["source"].get("path", "")}
 
 
 def main(argv=None) -> int:
@@ -54,6 +60,10 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtypes", default="bf16,fp32")
+    p.add_argument("--reuse", action="append", default=[], metavar="DTYPE=DIR",
+                   help="time this existing artifact for DTYPE instead of compiling one (same shape, prompt length "
+                        "and context; e.g. benchmarks/llm_scale.py's fp32 artifact of the fp32 checkpoint); its "
+                        "compile figures are the ones it recorded")
     a = p.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
     import tcc
@@ -61,9 +71,13 @@ def main(argv=None) -> int:
     vocab = json.loads((a.model / "config.json").read_text())["vocab_size"]
     ids = np.random.default_rng(0).integers(0, vocab, a.prompt).tolist()
     rows = []
+    reuse = dict(r.split("=", 1) for r in a.reuse)
     for dtype in a.dtypes.split(","):
-        r = compile_artifact(a.model, a.out / dtype, dtype, a)
-        art = tcc.load(a.out / dtype)
+        path = Path(reuse[dtype]) if dtype in reuse else a.out / dtype
+        if dtype not in reuse:
+            compile_artifact(a.model, path, dtype, a)
+        r = compile_stats(path)
+        art = tcc.load(path)
         r.update(generation.time_tcc(art, ids, a.new, a.repeats), step_bytes=generation.decode_bytes(art))
         art.close()
         r["share"] = r["decode_tokens_per_s"] * r["step_bytes"] / bw
@@ -71,11 +85,11 @@ def main(argv=None) -> int:
         print(json.dumps({"dtype": dtype, **{k: v for k, v in r.items() if k != "token_ids"}}), flush=True)
     print(f"\n{a.model.name}, {a.prompt}-token prompt of random ids, {a.new} greedy tokens, {a.threads} threads, "
           f"best of {a.repeats}; read bandwidth {bw / 1e9:.1f} GB/s\n")
-    print("| weights | pipeline | compile wall | peak RSS | weight MB | prefill tok/s | decode tok/s "
+    print("| weights | checkpoint | pipeline | compile | peak RSS | weight MB | prefill tok/s | decode tok/s "
           "| MB a step reads | decode vs read-bandwidth limit |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for dtype, r in rows:
-        print(f"| {dtype} | `{r['pipeline']}` | {r['compile_s']:.0f} s | {r['peak_rss_gb']:.1f} GB | "
+        print(f"| {dtype} | {Path(r['source']).name} | `{r['pipeline']}` | {r['compile_s']:.0f} s | {r['peak_rss_gb']:.1f} GB | "
               f"{r['weight_bytes'] / 1e6:.0f} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
               f"{r['step_bytes'] / 1e6:.0f} | {100 * r['share']:.0f} % |")
     if len(rows) == 2:
