@@ -1022,13 +1022,31 @@ def safe_gathers(mod):
     return clip.builder_.get()
 
 
+def _import(ep, convert_map):
+    """TVM's from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False), except
+    that the parameters are not converted to TVM tensors for the module's "params" attribute, which
+    to_relax drops (detach_params) and stores the torch tensors instead: TVM takes a tensor's memory
+    only where it is 64-byte aligned (DLPack), so tensors mapped from a checkpoint file at odd offsets
+    were copied, a transient copy of most of the weights (issue 15)."""
+    import tvm
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    params = {id(t) for t in ep.parameters()}
+    placeholder = tvm.runtime.empty((0,), "float32")
+
+    class Importer(ExportedProgramImporter):
+        def _convert_pytorch_tensor_to_tvm(self, tensor):
+            return placeholder if id(tensor) in params else ExportedProgramImporter._convert_pytorch_tensor_to_tvm(tensor)
+
+    return Importer().from_exported_program(ep, True, False, False, convert_map)
+
+
 def to_relax(program: Program, report: list | None = None, device: str = "cpu", memo: dict | None = None):
     """Program -> (IRModule with `main(*inputs, *params)`, [(param name, numpy array)]); how sparse
     weights were lowered is appended to `report`. device "cuda" takes backends/tvm/cuda.py's
     lowering (its CONVERT_MAP: TVM schedules the float ops, tcc's CUDA kernels the quantized ones).
     `memo`: shared by the functions of one library (kernelize)."""
     from tvm.relax.frontend import detach_params
-    from tvm.relax.frontend.torch import from_exported_program
 
     convert_map = CONVERT_MAP
     if device == "cuda":
@@ -1039,8 +1057,7 @@ def to_relax(program: Program, report: list | None = None, device: str = "cpu", 
     with torch.no_grad():
         ep = torch.export.export(gm, args, dynamic_shapes=dynamic_shapes(program), strict=False).run_decompositions()
     try:
-        mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=convert_map,
-                                    run_ep_decomposition=False)
+        mod = _import(ep, convert_map)
     except AssertionError as e:
         if "Unsupported function types" in str(e):
             raise UserError(f"the TVM backend cannot lower these ops: {str(e).split('types')[-1].strip()}",
