@@ -9,7 +9,10 @@ becomes one of (tcc/ops.py defines the numerics; tcc/quantization.py the codes a
     weights=int4, acts=none   tcc::dense_w4(x, q uint8 [N,K/2], scale f16 [N,K/g], zero uint8 [N,K/g] | None, g, b)
     weights=int4, acts=int8   tcc::dense_w4(..., g, b, "int8"): W4A8, each block of g input features of a
                               row of x quantized to int8 at run time (symmetric, one scale per block, as
-                              llama.cpp's Q8_0 activations for Q4_0/Q4_1); `sym` is the weights' only
+                              llama.cpp's Q8_0 activations for Q4_0/Q4_1); `sym` applies to the weights
+                              only; dynamic only. The integer kernel runs decode (M <= 32), prefill
+                              multiplies the same quantized activations in fp32 (docs/BENCHMARKS.md
+                              "Decode vs the bandwidth limit (issue 15)")
     weights=int8, acts=int8   tcc::dense_a8w8(x, q, w_scale, b, x_scale, x_zero, asym)
                               act_scheme=dynamic: x_scale None, per token in the op; static: x_scale
                               (and x_zero when sym=false) f32 [1] from the `percentile` of the

@@ -661,6 +661,8 @@ void dense_w4(const TensorView& x, const TensorView& qw, const TensorView& scale
 
 typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
 typedef int32_t vi_u __attribute__((vector_size(kLanes * 4), aligned(1), may_alias));
+typedef uint32_t vu __attribute__((vector_size(kLanes * 4)));
+typedef uint32_t vu_u __attribute__((vector_size(kLanes * 4), aligned(1), may_alias));
 
 struct W4A8 {
   int64_t m, n, k;
@@ -708,23 +710,32 @@ inline F16 load_half16(const uint16_t* p) {
 // a[r * lda + 8 o + i] * code(column j, k = 8 o + i), exact in int32 (|c| <= 15 * 127 * group).
 // w: the group's packed octets (64 bytes each), a: the group's activation codes of row 0.
 #if TCC_INT8_VNNI
+// Four accumulator chains per row (low and high nibbles of even and odd octets): vpdpbusd's latency
+// would otherwise bound a GEMV row (measured: 1.6x faster in cache at M = 1 than two chains).
 template <int MR>
 inline void w4a8_dot(const uint8_t* w, int64_t octets, const int8_t* a, int64_t lda, int32_t (*c)[kTile]) {
   const __m512i mask = _mm512_set1_epi8(0x0F);
-  __m512i lo[MR], hi[MR];  // two chains per row: the low and the high nibbles
-  UNROLL for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
-  for (int64_t o = 0; o < octets; ++o) {
+  __m512i acc[MR][4];
+  UNROLL for (int r = 0; r < MR; ++r) UNROLL for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
+  auto octet = [&](int64_t o, int j) {
     const __m512i v = _mm512_loadu_si512(w + o * 64);
     const __m512i wl = _mm512_and_si512(v, mask), wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
     UNROLL for (int r = 0; r < MR; ++r) {
       int32_t a0, a1;
       std::memcpy(&a0, a + r * lda + 8 * o, 4);
       std::memcpy(&a1, a + r * lda + 8 * o + 4, 4);
-      lo[r] = _mm512_dpbusd_epi32(lo[r], wl, _mm512_set1_epi32(a0));
-      hi[r] = _mm512_dpbusd_epi32(hi[r], wh, _mm512_set1_epi32(a1));
+      acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], wl, _mm512_set1_epi32(a0));
+      acc[r][j + 1] = _mm512_dpbusd_epi32(acc[r][j + 1], wh, _mm512_set1_epi32(a1));
     }
+  };
+  int64_t o = 0;
+  for (; o + 2 <= octets; o += 2) {
+    octet(o, 0);
+    octet(o + 1, 2);
   }
-  UNROLL for (int r = 0; r < MR; ++r) _mm512_storeu_si512(c[r], _mm512_add_epi32(lo[r], hi[r]));
+  if (o < octets) octet(o, 0);
+  UNROLL for (int r = 0; r < MR; ++r)
+    _mm512_storeu_si512(c[r], _mm512_add_epi32(_mm512_add_epi32(acc[r][0], acc[r][1]), _mm512_add_epi32(acc[r][2], acc[r][3])));
 }
 #elif TCC_INT8_AVX2
 // vpmaddubsw (u8 codes x s8 activations, pairs summed in int16: |sum| <= 2 * 15 * 127; the low and
@@ -888,18 +899,20 @@ void w4a8_sgemm_block(const W4A8& p, const float* xq, int64_t m0, int64_t m1, in
     float* dst = buf + (t * kTile - c0);
     for (int64_t g = 0; g < p.groups; ++g) {
       const int64_t at = (t * p.groups + g) * kTile;
-      alignas(64) float s[kTile], z[kTile];
-      *reinterpret_cast<F16*>(s) = w4a8_scale(p, at);
-      *reinterpret_cast<F16*>(z) = w4a8_zero(p, at);
+      const F16 s = w4a8_scale(p, at), z = w4a8_zero(p, at);
       const uint8_t* w = p.qw + (t * p.groups + g) * p.octets * 64;
-      for (int64_t o = 0; o < p.octets; ++o)
-        for (int i = 0; i < 8; ++i) {
-          const int64_t kk = 8 * o + i;  // k within the group
-          if (kk >= p.group) break;
-          float* row = dst + (g * p.group + kk) * bc;
-          const int shift = i < 4 ? 0 : 4;
-          for (int j = 0; j < kTile; ++j) row[j] = (static_cast<float>((w[o * 64 + 4 * j + i % 4] >> shift) & 15) - z[j]) * s[j];
+      for (int64_t o = 0; o < p.octets; ++o) {
+        vu wv[kVecs];  // per column, its 4 bytes of the octet as one uint32 (k = i in byte i % 4)
+        UNROLL for (int v = 0; v < kVecs; ++v) wv[v] = *reinterpret_cast<const vu_u*>(w + o * 64 + v * kLanes * 4);
+        for (int i = 0; i < 8 && 8 * o + i < p.group; ++i) {
+          float* row = dst + (g * p.group + 8 * o + i) * bc;
+          const unsigned shift = 8 * (i % 4) + 4 * (i / 4);
+          UNROLL for (int v = 0; v < kVecs; ++v) {
+            const vf code = __builtin_convertvector((vi)((wv[v] >> shift) & 15u), vf);
+            *reinterpret_cast<vf_u*>(row + v * kLanes) = (code - z.v[v]) * s.v[v];
+          }
         }
+      }
     }
   }
   sgemm_nn(m1 - m0, c1 - c0, p.k, xq + m0 * p.k, p.k, buf, bc, 1.0f, p.out + m0 * p.n + c0, p.n);
