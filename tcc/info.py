@@ -6,8 +6,8 @@ formats); nothing is loaded or run. `describe(dir)` returns the JSON that `tcc i
   artifact   absolute path; format, tcc_version, created (UTC), host
   model      source {kind, path, model_type | class, sha256}, task, inputs, outputs (specs)
   target     name, description (as `tcc targets` gives it), arch, device; backend
-  formats    weights: {dtype: bytes} of weights.safetensors; kv_cache ("fp32" | "int8") and
-             functions (main, prefill, decode) for causal LMs built with generation
+  formats    weights: {dtype: bytes} of weights.safetensors; for causal LMs built with generation:
+             kv_cache ("fp32" | "int8"), max_context (positions), cache_bytes, functions (prefill, decode)
   pipeline   canonical text (every option), preset (the tcc.presets name it equals, or null),
              passes [{name, text (non-default options), seconds, param_bytes {before, after}, drift_rel}]
   sizes      weight_bytes, source_param_bytes, ratio
@@ -41,7 +41,8 @@ def describe(dir) -> dict:
         "target": {"name": target.get("name"), "description": _target_line(target.get("name")),
                    "arch": target.get("arch"), "device": target.get("device", "cpu"), "backend": m.get("backend")},
         "formats": {"weights": _weight_dtypes(dir / "weights.safetensors"),
-                    **({"kv_cache": gen.get("kv_cache", "fp32"), "functions": sorted(gen.get("functions") or [])}
+                    **({"kv_cache": gen.get("kv_cache", "fp32"), "max_context": gen.get("max_context"),
+                        "cache_bytes": gen.get("cache_bytes"), "functions": sorted(gen.get("functions") or [])}
                        if gen else {})},
         "pipeline": {"canonical": m.get("pipeline"), "preset": _preset(m.get("pipeline")),
                      "passes": [_pass(r, run) for r in m.get("passes", [])]},
@@ -129,7 +130,8 @@ def format_text(info: dict) -> str:
     dtypes = ", ".join(f"{d} {_mb(n)}" for d, n in f["weights"].items())
     lines.append(("weights", f"{_mb(sz.get('weight_bytes'))}{ratio}" + (f": {dtypes}" if dtypes else "")))
     if "functions" in f:
-        lines.append(("generation", f"functions {', '.join(f['functions'])}; KV cache {f['kv_cache']}"))
+        lines.append(("generation", f"functions {', '.join(f['functions'])}; KV cache {f['kv_cache']}, "
+                                    f"{f['max_context']} positions, {_mb(f['cache_bytes'])}"))
     shown = ",".join(x["text"] for x in p["passes"]) or "(none)"
     lines.append(("pipeline", shown + (f"  (preset {p['preset']})" if p["preset"] else "")))
     for x in p["passes"]:

@@ -223,3 +223,35 @@ def test_every_json_output_is_documented():
     assert len(with_json) >= 8
     for name in with_json:
         assert f"| `tcc {name}` |" in table, name
+
+
+def test_info_on_a_causal_lm_with_generation(tmp_path, capsys):
+    """A tiny Llama with prefill/decode and the q4_0 preset: info names the entry points, the KV
+    cache and the generation check the compile made, as manifest and report hold them."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import tcc
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama", safe_serialization=True)
+    out = tmp_path / "art"
+    tcc.compile(str(tmp_path / "llama"), "x86", out=out, pipeline="q4_0", seq_len=8, max_context=16,
+                latency=False).close()
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"]["task"] == "causal-lm" and info["pipeline"]["preset"] == "q4_0"
+    f = info["formats"]
+    assert (f["functions"], f["kv_cache"], f["max_context"]) == (["decode", "prefill"], "fp32", 16)
+    assert f["cache_bytes"] == manifest["generation"]["cache_bytes"]
+    assert sum(f["weights"].values()) == manifest["sizes"]["weight_bytes"]
+    assert info["measured"]["generation"] == report["final"]["generation"]
+    assert info["measured"]["latency"] is None and "--no-latency" in info["measured"]["latency_reason"]
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    agreement = report["final"]["generation"]["agreement"]
+    assert f"top-1 agreement with the source model {agreement['rate']:.3f}" in text
+    assert "functions decode, prefill; KV cache fp32, 16 positions" in text and "(preset q4_0)" in text
