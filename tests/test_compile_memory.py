@@ -76,3 +76,25 @@ def test_a_pass_may_not_write_into_weights_a_copy_shares():
 
     with pytest.raises(InternalError, match="writes_weights = True"):
         Pipeline([Undeclared()]).run(program, PassContext(shared=frozenset(map(id, tensors.values()))), in_place=True)
+
+
+def test_fused_weights_become_the_programs_own_storage():
+    """lower._cat_in_place: the concatenation of q/k/v (gate/up) that the TVM import stores is not a second
+    copy: the Program's tensor objects (and the buffer a parameter was made from) become views of it with
+    their own values, and a second function's fusion of the same tensors views it without copying."""
+    import torch
+    from tcc.backends.tvm.lower import _cat_in_place
+    torch.manual_seed(0)
+    q = torch.nn.Parameter(torch.randn(8, 4), requires_grad=False)
+    k = torch.nn.Parameter(torch.randn(2, 4), requires_grad=False)
+    buf = torch.randn(3, 4)  # a buffer (int8 codes, bf16 tables), lowered as a parameter made from it
+    wrapper = torch.nn.Parameter(buf.detach(), requires_grad=False)
+    wrapper._tcc_origin = buf
+    want = torch.cat([q, k, buf]).clone()
+    fused = _cat_in_place([q, k, wrapper])
+    assert torch.equal(fused, want)
+    for t in (q, k, wrapper, buf):
+        assert t.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    assert torch.equal(q, want[:8]) and torch.equal(k, want[8:10]) and torch.equal(buf, want[10:])
+    again = _cat_in_place([q, k, wrapper])
+    assert again.data_ptr() == fused.data_ptr() and torch.equal(again, want)
