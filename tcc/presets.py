@@ -47,7 +47,7 @@ PRESETS = {p.name: p for p in (
     Preset("q4_0", "quantize(weights=int4,group=32,embeddings=true)",
            "int4 weights in groups of 32, symmetric: one scale per group, no zero point (llama.cpp Q4_0's grid); "
            "int8 embedding table",
-           "0.20x the bytes, less accurate than q4 (MiniLM cosine 0.956 vs 0.966); no calibration"),
+           "0.16-0.20x the bytes, less accurate than q4: SmolLM2 perplexity +27 %, MiniLM cosine 0.956 (q4: 0.966)"),
 )}
 _BY_NAME = {n: p for p in PRESETS.values() for n in (p.name, *p.aliases)}
 
