@@ -203,6 +203,7 @@ def test_exported_functions_are_the_kernels():
         "tcc_sdpa_f32", "tcc_sdpa_nomask_f32", "tcc_sdpa_kv_f32", "tcc_sdpa_kv_i8_f32",
         "tcc_dense_a8w8_f32", "tcc_dense_a8w8_nobias_f32", "tcc_dense_a8w8_static_f32",
         "tcc_dense_a8w8_static_nobias_f32", "tcc_dense_w4_f32", "tcc_dense_w4_nobias_f32",
+        "tcc_dense_w4a8_f32", "tcc_dense_w4a8_nobias_f32",
         "tcc_dense_bsr_f32", "tcc_dense_bsr_nobias_f32", "tcc_unmask",
         "tcc_dense_bf16_f32", "tcc_dense_bf16_nobias_f32", "tcc_embedding_bf16_f32"}
 
