@@ -166,8 +166,9 @@ def analyze(program: Program, feeds: list[dict], *, heads: bool = True, loss: bo
     n_nodes = len(runner.nodes)
     per_feed = sum(len(keys) * (1 - start / n_nodes) for start, keys in groups)  # in forward passes
     total = len(feeds) + len(loss_feeds) * per_feed
-    with stage(ANALYSIS), work(f"analyze-redundancy: {len(feeds)} feeds of {_length(feeds[0])} tokens, "
-                               f"{len(changes)} partial runs per loss feed", total) as advance:
+    runs = f", {len(changes)} partial runs on each of the first {len(loss_feeds)}" if changes else ""
+    with stage(ANALYSIS), work(f"analyze-redundancy: {len(feeds)} feeds of {_length(feeds[0])} tokens{runs}",
+                               total) as advance:
         for f, feed in enumerate(feeds):
             args = [torch.from_numpy(spec.check(feed[spec.name])) for spec in program.inputs]
             measure_loss = objective is not None and f < len(loss_feeds)
