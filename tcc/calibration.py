@@ -9,8 +9,9 @@ text_feeds(program, text_path=None, n_samples=8, seq_len=None, seed=0, start=Non
     slice of the text that starts `start` of the way into the file (at a line break). `start`
     defaults to 0.5 for the default text (text_path None: $TCC_CALIBRATION_TEXT or DEFAULT_TEXT) and
     for DEFAULT_TEXT, so calibration never sees the prefix the search scores, and to 0 for any other
-    text. seq_len, when given, must be the program's. Too little text raises a
-    UserError with the token count; a program without a tokenizer, one saying so.
+    text. seq_len, when given, must be the program's. A text too short for n_samples * batch distinct
+    windows gives windows spread evenly over it, overlapping, with a warning; one shorter than a
+    window raises a UserError with the token count; a program without a tokenizer, one saying so.
 id_feeds(program, path, n_samples=8, seed=0) / calibration_data(program, path, ...)
     The same feeds from token ids saved with numpy (.npy / .npz; for models without a tokenizer):
     windows of the sequence length cut from each array's rows, no special tokens added.
@@ -46,7 +47,7 @@ import torch
 import torch.fx as fx
 
 from .errors import UserError
-from .progress import status
+from .progress import console, status
 from .program import attribute as _attr
 
 DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "calibration.txt"
@@ -98,11 +99,20 @@ def text_feeds(program, text_path=None, n_samples: int = 8, seq_len: int | None 
     with status(f"tokenizing calibration text {path.name}"):
         tokens = _tokens_from(tokenizer, path, start, need * body)
     available = len(tokens) // body
-    if available < n_samples * batch:
-        raise UserError(f"calibration text {path} (from {start:.0%} of the file on) has {len(tokens)} tokens, fewer than "
-                        f"{n_samples} x {batch} windows of {body}", "give a longer text or fewer samples")
+    count = n_samples * batch
+    if available < count:
+        if len(tokens) < body:
+            raise UserError(f"calibration text {path} (from {start:.0%} of the file on) has {len(tokens)} tokens, fewer "
+                            f"than {n_samples} x {batch} windows of {body}", "give a longer text or fewer samples")
+        # too short for distinct windows, long enough for one: windows spread evenly over the text, overlapping
+        stride = (len(tokens) - body) // max(count - 1, 1)
+        console.print(f"tcc: warning: calibration text {path.name} (from {start:.0%} of the file on) has {len(tokens)} "
+                      f"tokens, fewer than {count} windows of {body}: the windows overlap (one every {stride} tokens); "
+                      "set TCC_CALIBRATION_TEXT to a longer text for distinct windows")
+        rows = [prefix + tokens[i * stride:i * stride + body] + suffix for i in range(count)]
+        return _row_feeds(program, np.asarray(rows, dtype=np.int64).reshape(n_samples, batch, program_len))
     rng = np.random.default_rng(seed)
-    chosen = sorted(rng.choice(min(available, need), size=n_samples * batch, replace=False).tolist())
+    chosen = sorted(rng.choice(min(available, need), size=count, replace=False).tolist())
     rows = [prefix + tokens[w * body:(w + 1) * body] + suffix for w in chosen]
     return _row_feeds(program, np.asarray(rows, dtype=np.int64).reshape(n_samples, batch, program_len))
 

@@ -280,6 +280,22 @@ def test_text_feeds_windows(minilm_shaped, tmp_path):
     assert not np.array_equal(again[0]["input_ids"], other[0]["input_ids"])
 
 
+def test_text_feeds_overlap_a_short_text(minilm_shaped, tmp_path, capsys):
+    """A text with room for one window but not n_samples distinct ones gives windows spread evenly
+    over it (the first starts at token 0, the last ends at the text's end), with a warning."""
+    text = tmp_path / "short.txt"
+    text.write_text(" ".join(f"word{i}" for i in range(10)) + "\n")
+    feeds = text_feeds(minilm_shaped, text, n_samples=4)
+    rows = np.stack([f["input_ids"][0] for f in feeds])
+    assert rows.shape == (4, minilm_shaped.inputs[0].shape[1])
+    assert len({r.tobytes() for r in rows}) == 4                      # distinct windows
+    body = rows[:, 1:-1]                                               # [CLS] ... [SEP] stripped
+    n = body.shape[1]
+    shifts = [k for k in range(1, n) if np.array_equal(body[0, k:], body[1, :n - k])]
+    assert shifts, "the second window should start inside the first"   # consecutive windows overlap
+    assert "the windows overlap" in capsys.readouterr().err
+
+
 def test_text_feeds_errors(minilm_shaped, tmp_path, monkeypatch):
     short = tmp_path / "short.txt"
     short.write_text("just a few words here\n")
