@@ -501,6 +501,22 @@ struct W4Tile {
   }
 };
 
+// Writes the accumulators of MR rows x one tile of 16 output columns (+ bias), the tile cut at n.
+template <int MR>
+void store_tile(const F16* acc, float* out, const float* b, int64_t n, int64_t t, int64_t row0) {
+  const int64_t n0 = t * kTile, cols = std::min(kTile, n - n0);
+  float y[kTile];
+  for (int r = 0; r < MR; ++r) {
+    UNROLL for (int i = 0; i < kVecs; ++i) *reinterpret_cast<vf_u*>(y + i * kLanes) = acc[r].v[i];
+    float* o = out + (row0 + r) * n + n0;
+    if (b) {
+      for (int64_t c = 0; c < cols; ++c) o[c] = y[c] + b[n0 + c];
+    } else {
+      std::memcpy(o, y, cols * sizeof(float));
+    }
+  }
+}
+
 // out[row0 : row0 + MR, 16 t : 16 t + 16] (clipped to N) = x W^T + b, the fused loop. The scale
 // and zero point come out of each group: sum_k x_k (c_k - z) s = s (sum_k x_k c_k - z xsum), where
 // xsum[r][g] is the sum of row r's x over group g; per k only the codes convert and multiply.
@@ -534,17 +550,7 @@ void w4_direct(const W4& p, const float* xsum, int64_t t, int64_t row0) {
       UNROLL for (int i = 0; i < kVecs; ++i) acc[r].v[i] += s.v[i] * (even[r].v[i] + odd[r].v[i] - z.v[i] * xs);
     }
   }
-  const int64_t n0 = t * kTile, cols = std::min(kTile, p.n - n0);
-  float y[kTile];
-  for (int r = 0; r < MR; ++r) {
-    UNROLL for (int i = 0; i < kVecs; ++i) *reinterpret_cast<vf_u*>(y + i * kLanes) = acc[r].v[i];
-    float* o = p.out + (row0 + r) * p.n + n0;
-    if (p.b) {
-      for (int64_t c = 0; c < cols; ++c) o[c] = y[c] + p.b[n0 + c];
-    } else {
-      std::memcpy(o, y, cols * sizeof(float));
-    }
-  }
+  store_tile<MR>(acc, p.out, p.b, p.n, t, row0);
 }
 
 void w4_direct_rows(const W4& p, const float* xsum, int64_t t, int64_t r0, int64_t r1) {
@@ -878,17 +884,7 @@ void w4a8_direct(const W4A8& p, const int8_t* a, const float* xs, const int32_t*
       }
     }
   }
-  const int64_t n0 = t * kTile, cols = std::min(kTile, p.n - n0);
-  float y[kTile];
-  for (int r = 0; r < MR; ++r) {
-    UNROLL for (int i = 0; i < kVecs; ++i) *reinterpret_cast<vf_u*>(y + i * kLanes) = acc[r].v[i];
-    float* o = p.out + (row0 + r) * p.n + n0;
-    if (p.b) {
-      for (int64_t j = 0; j < cols; ++j) o[j] = y[j] + p.b[n0 + j];
-    } else {
-      std::memcpy(o, y, cols * sizeof(float));
-    }
-  }
+  store_tile<MR>(acc, p.out, p.b, p.n, t, row0);
 }
 
 // out[m0:m1, c0:c1] += xq W[c0:c1]^T (xq the dequantized activation codes, [M][K]): dequantizes
