@@ -229,12 +229,13 @@ def test_passes_lists_builtin_passes_with_options():
     assert r.returncode == 0, r.stderr
     names = [line.split()[0] for line in r.stdout.splitlines() if line and not line.startswith(" ")]
     assert {"dce", "fold-constants", "quantize-weights"} <= set(names)
-    for option in ("bits: int = 8", "min_size: int = 4096", "skip: list[str] = []", "size_limit: int"):
+    for option in ("bits: int [8] = 8", "min_size: int = 4096", "skip: list[str] = []", "size_limit: int"):
         assert option in r.stdout
     listed = json.loads(tcc_cli("passes", "--json").stdout)
     assert listed["quantize-weights"]["kind"] == "transform"
     assert listed["quantize-weights"]["options"]["bits"] == {"type": "int", "default": 8,
-                                                             "help": "weight bit width (8; int4 is quantize(weights=int4))"}
+                                                             "help": "weight bit width (8; int4 is quantize(weights=int4))",
+                                                             "choices": [8]}
 
 
 @pytest.mark.slow
