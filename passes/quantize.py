@@ -81,14 +81,14 @@ activations and mixed precision; plain rtn with dynamic activations needs none.
 
 Mixed precision: keep=N keeps the N layers whose quantization alone raises the calibration loss
 most (measured on up to 4 feeds, every layer quantized in its base format in turn, the rest
-float) at higher precision: int8 instead of int4, fp32 instead of int8 / W8A8. budget=B instead
+float) at higher precision: int8 instead of int4, fp32 instead of int8 / W8A8. avg_bits=B instead
 promotes layers in that order as long as the average storage bits per weight (scales and zeros
 included) of the candidate linears stays <= B. Tied lm_heads are no candidates.
 
 Checks (UserError, naming the option): weights=int4 with acts=int8 and act_scheme=static;
 method=smoothquant without acts=int8 or with int4; method=awq with weights=int8,acts=int8; sym=false with int8 weight-only; an odd int4 group; int4 for
-a layer with an odd K (the layer is named); keep with budget; keep above the number of
-layers; a budget below what the base format needs; calibration text too short (text_feeds).
+a layer with an odd K (the layer is named); keep with avg_bits; keep above the number of
+layers; an avg_bits below what the base format needs; calibration text too short (text_feeds).
 After rewriting: every quantized op's buffers have the dtypes and shapes the op needs, no
 candidate linear is left in float unless mixed precision kept it there, and every annotated sparse
 tensor still holds its pattern.
@@ -177,9 +177,10 @@ class Quantize(Pass):
         "embeddings": Option(bool, False, "int8 embedding tables (a tied lm_head shares the int8 table)"),
         "keep": Option(int, 0, "keep the N most sensitive layers at higher precision",
                        validator=lambda v: None if v >= 0 else "must be >= 0"),
-        "budget": Option(float, 0.0, "average bits per weight for mixed precision (0 = off)",
-                         validator=lambda v: None if v >= 0 else "must be >= 0"),
+        "avg_bits": Option(float, 0.0, "average bits per weight for mixed precision (0 = off)",
+                           validator=lambda v: None if v >= 0 else "must be >= 0"),
     }
+    renamed = {"budget": "avg_bits"}  # its name until issue 16 (budget = the accuracy budget only)
 
     def __init__(self, **opts):
         super().__init__(**opts)
@@ -205,8 +206,8 @@ class Quantize(Pass):
             raise bad("zero", "zero=float is for asymmetric int4 weights", "add weights=int4,sym=false, or drop zero=float")
         if self.group and self.group % 2:
             raise bad("group", f"group={self.group} is odd; two int4 codes share a byte", "use an even group, e.g. 128")
-        if self.keep and self.budget:
-            raise bad("keep", "give keep or budget, not both", "keep=N layers, or budget=bits per weight")
+        if self.keep and self.avg_bits:
+            raise bad("keep", "give keep or avg_bits, not both", "keep=N layers, or avg_bits=bits per weight")
 
     @property
     def auto_alpha(self) -> bool:
@@ -233,7 +234,7 @@ class Quantize(Pass):
             for layer in plan.layers.values():
                 quantize_layer(gm, layer, stats, self)
         mixed = None
-        if plan.layers and (self.keep or self.budget):
+        if plan.layers and (self.keep or self.avg_bits):
             mixed = choose_precision(program, plan, feeds, stats, self)
         self._kept_float = {l.weight for l in plan.layers.values() if l.format == "fp32"}
         quantized = rewrite(gm, plan, self)
@@ -257,7 +258,7 @@ class Quantize(Pass):
             raise InternalError(f"quantize left float weights it should have quantized: {sorted(left)}")
 
     def _calibrates(self) -> bool:
-        return self.method != "rtn" or self._static() or bool(self.keep or self.budget)
+        return self.method != "rtn" or self._static() or bool(self.keep or self.avg_bits)
 
     def _static(self) -> bool:
         return self.acts == "int8" and self.act_scheme == "static"
@@ -399,7 +400,7 @@ def gptq_blocks(program: Program, plan: Plan, feeds: list[dict], opts: Quantize)
     def process(here, stats):
         for l in here:
             quantize_layer(program.gm, l, stats, opts)
-        if opts.keep or opts.budget:
+        if opts.keep or opts.avg_bits:
             kept.update(stats)
         return {n: _emulate(l, n, not opts.sym) for l in here if l.q is not None for n in l.nodes}
 
@@ -834,7 +835,7 @@ def quantize_layer(gm, layer: Layer, stats: dict[str, InputStats], opts: Quantiz
 # -- mixed precision -----------------------------------------------------------------------------------
 
 def choose_precision(program: Program, plan: Plan, feeds: list[dict], stats: dict, opts: Quantize) -> dict:
-    """Promote the most sensitive layers to the next higher format (keep=N, or within budget=B)."""
+    """Promote the most sensitive layers to the next higher format (keep=N, or within avg_bits=B)."""
     gm = program.gm
     cands = [l for l in plan.layers.values() if not l.tied]
     if opts.keep > len(cands):
@@ -844,10 +845,10 @@ def choose_precision(program: Program, plan: Plan, feeds: list[dict], stats: dic
                                           l.shape[1], l.group or l.shape[1], opts.sym, opts.zero == "float") * l.shape[0] * l.shape[1]
     total = sum(l.shape[0] * l.shape[1] for l in cands)
     used = sum(bits(l, l.format) for l in cands)
-    if opts.budget and used > opts.budget * total + 1e-6:
-        raise UserError(f"pass 'quantize' option 'budget': budget={opts.budget:g} bits per weight is below the "
+    if opts.avg_bits and used > opts.avg_bits * total + 1e-6:
+        raise UserError(f"pass 'quantize' option 'avg_bits': avg_bits={opts.avg_bits:g} bits per weight is below the "
                         f"{used / total:.3f} that {opts.base_format} needs for every layer",
-                        "raise the budget, or choose a smaller format (weights=int4)")
+                        "raise avg_bits, or choose a smaller format (weights=int4)")
     sens = sensitivity(program, cands, feeds[:SENSITIVITY_FEEDS], opts)
     order = sorted(cands, key=lambda l: (-sens[l.weight], l.weight))
     promoted = []
@@ -855,7 +856,7 @@ def choose_precision(program: Program, plan: Plan, feeds: list[dict], stats: dic
         if opts.keep and len(promoted) == opts.keep:
             break
         extra = bits(l, HIGHER[l.format]) - bits(l, l.format)
-        if opts.budget and used + extra > opts.budget * total + 1e-6:
+        if opts.avg_bits and used + extra > opts.avg_bits * total + 1e-6:
             continue
         used += extra
         l.format = HIGHER[l.format]

@@ -215,6 +215,15 @@ def test_heal_max_seconds_and_its_old_name(capsys):
         Pipeline.parse("heal(budget=30,max_seconds=30)")
 
 
+def test_quantize_avg_bits_and_its_old_name(capsys):
+    """quantize's mixed-precision target is avg_bits (bits per weight); `budget`, its old name, still works."""
+    new = Pipeline.parse("quantize(weights=int4,avg_bits=4.9)")
+    assert "warning" not in _said(capsys)
+    old = Pipeline.parse("quantize(weights=int4,budget=4.9)")
+    assert "option 'budget' is now 'avg_bits'" in _said(capsys)
+    assert old == new and "avg_bits=4.9" in new.canonical()
+
+
 def test_every_json_output_is_documented():
     from pathlib import Path
     docs = (Path(__file__).resolve().parent.parent / "docs" / "PIPELINES.md").read_text()

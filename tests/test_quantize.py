@@ -352,13 +352,13 @@ def test_mixed_precision_keeps_the_most_sensitive_layer():
     assert formats[victim] is W8 and sum(t is W4 for t in formats.values()) == 14
     # budget: every layer at int4 g32 is 4.5 bits (f16 scales); the victim at int8 (8.5 bits) adds 4 bits on
     # 8192 of 90112 weights: 4.864
-    _, record, _ = quantize(program, "quantize(weights=int4,group=32,min_size=0,budget=4.9)")
+    _, record, _ = quantize(program, "quantize(weights=int4,group=32,min_size=0,avg_bits=4.9)")
     assert record["details"]["mixed"]["higher_precision"][0] == {"module": victim, "format": "w8"}
     assert 4.86 < record["details"]["mixed"]["bits_per_weight"] <= 4.9
     _, record, _ = quantize(program, "quantize(acts=int8,min_size=0,keep=1)")
     assert record["details"]["mixed"]["higher_precision"] == [{"module": victim, "format": "fp32"}]
-    with pytest.raises(UserError, match=r"option 'budget': budget=4.4 bits per weight is below the 4.500"):
-        quantize(program, "quantize(weights=int4,group=32,min_size=0,budget=4.4)")
+    with pytest.raises(UserError, match=r"option 'avg_bits': avg_bits=4.4 bits per weight is below the 4.500"):
+        quantize(program, "quantize(weights=int4,group=32,min_size=0,avg_bits=4.4)")
 
 
 def test_group_that_does_not_divide_k_falls_back():
@@ -393,7 +393,7 @@ def test_quantize_weights_runs_quantize_int8_rtn(llama):
     ("quantize(method=awq,acts=int8)", r"option 'method': awq is weight-only"),
     ("quantize(sym=false)", r"option 'sym': int8 weights are always symmetric"),
     ("quantize(weights=int4,group=33)", r"option 'group': group=33 is odd"),
-    ("quantize(weights=int4,keep=1,budget=5)", r"option 'keep': give keep or budget, not both"),
+    ("quantize(weights=int4,keep=1,avg_bits=5)", r"option 'keep': give keep or avg_bits, not both"),
     ("quantize(weights=int3)", r"option 'weights' must be one of \['int8', 'int4'\]"),
     ("quantize(weights=int4,zero=float)", r"option 'zero': zero=float is for asymmetric int4 weights"),
     ("quantize(zero=half)", r"option 'zero' must be one of \['int', 'float'\]"),
