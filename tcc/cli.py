@@ -6,7 +6,7 @@
   tcc compile MODEL --max-accuracy-drop 1% [--objective latency|size] [--time-limit 20m] [--search-dir DIR]
   tcc run ARTIFACT --inputs in.npz -o out.npz [--force]
   tcc eval ARTIFACT --text FILE [--max-tokens N] [--json]
-  tcc generate ARTIFACT (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S] [--json]
+  tcc generate ARTIFACT (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S] [--speculate lookup|draft [--compare]] [--json]
   tcc bench ARTIFACT [--repeats N] [--json]
   tcc analyze MODEL --structure | -o DIR [--force]
   tcc passes [--json]
@@ -96,7 +96,8 @@ def cmd_compile(a) -> int:
                       calibration_text=a.calibration, calibration_samples=a.calibration_samples,
                       max_drift=a.max_drift, latency=not a.no_latency, cache=not a.no_cache, report=a.report,
                       max_seq_len=a.max_seq_len, generate=False if a.no_generate else None,
-                      max_context=a.max_context, force=a.force, tokenizer=a.tokenizer, dtype=a.dtype, kv_cache=a.kv_cache)
+                      max_context=a.max_context, force=a.force, tokenizer=a.tokenizer, dtype=a.dtype, kv_cache=a.kv_cache,
+                      draft=a.draft)
     m = art.manifest
     art.close()
     summary = {"artifact": str(Path(out).resolve()), "target": m["target"]["name"], "pipeline": m["pipeline"],
@@ -183,14 +184,31 @@ def cmd_generate(a) -> int:
 
     with tcc.load(a.artifact) as art:
         r = art.generate(prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                         seed=a.seed, stream=stream)
+                         seed=a.seed, stream=stream, speculate=a.speculate)
+        if a.compare and a.speculate != "off":
+            _compare_plain(art, prompt, a, r)
     if a.json:
         print(json.dumps(r))
     else:
         print()
         print(f"[{len(r['token_ids'])} tokens; prefill {r['prompt_tokens']} tokens at {r['prefill_tokens_per_s']} tok/s, "
               f"decode {r['decode_tokens_per_s']} tok/s]", file=sys.stderr)
+        if "speculative" in r:
+            sp = r["speculative"]
+            print(f"[speculate {sp['mode']}: acceptance {sp['acceptance_rate']}, {sp['tokens_per_target_call']} tokens "
+                  "per target call" + (f", {sp['speed_up']}x the target alone's decode" if sp.get("speed_up") else "")
+                  + "]", file=sys.stderr)
     return 0
+
+
+def _compare_plain(art, prompt, a, r: dict) -> None:
+    """r["speculative"] gets the target alone's decode tok/s on the same prompt, the speed-up, and
+    whether its tokens are the same (greedy: they must be)."""
+    plain = art.generate(prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                         seed=a.seed)
+    spec, base = r["decode_tokens_per_s"], plain["decode_tokens_per_s"]
+    r["speculative"].update(plain_decode_tokens_per_s=base, speed_up=round(spec / base, 3) if spec and base else None,
+                            same_tokens=plain["token_ids"] == r["token_ids"])
 
 
 def _token_ids(text: str) -> list[int]:
@@ -336,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kv-cache", choices=("fp32", "int8"), default="fp32",
                    help="causal LMs: how the KV cache stores keys and values: fp32 (default), or int8 with one float32 "
                    "scale per KV head and position, (D+4)/(4D) of the fp32 bytes for head dim D (0.27x at D=64)")
+    c.add_argument("--draft", metavar="PIPELINE", help="causal LMs: build a draft program from the same model with this "
+                   "pipeline into the artifact, for speculative decoding (tcc generate --speculate draft), e.g. "
+                   "'drop-blocks(ratio=0.5),quantize(weights=int4)'")
     c.add_argument("--task", choices=models.TASKS)
     c.add_argument("--dtype", choices=["fp32", "bf16"], help="float weights stored as fp32 or bf16 (the bf16 pass; "
                    "math stays fp32); default: the checkpoint's (bf16 for a model saved in bf16, else fp32)")
@@ -402,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this probability")
     gn.add_argument("--seed", type=int, default=0, help="sampling seed")
     gn.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    gn.add_argument("--speculate", choices=("off", "lookup", "draft"), default="off",
+                    help="speculative decoding: the target checks proposed tokens in one call each: lookup (n-grams "
+                    "of the context, no draft model) or draft (the artifact's --draft program); the same tokens when "
+                    "greedy, the same distribution when sampling")
+    gn.add_argument("--compare", action="store_true", help="with --speculate: also generate without it and report "
+                    "the decode speed-up and whether the tokens are the same")
     gn.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="latency vs PyTorch eager and ONNX Runtime, same run")

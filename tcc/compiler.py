@@ -40,7 +40,7 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
             max_drift: float | None = None, latency: bool = True, cache: bool = True, report: str | Path | None = None,
             max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None,
             force: bool = False, tokenizer: str | Path | None = None, kv_cache: str = "fp32",
-            dtype: str | None = None):
+            dtype: str | None = None, draft: str | None = None):
     """Compile `model` (path, alias, nn.Module with example inputs via `trace` first, or a Program)
     for `target` into the artifact directory `out`. Returns the loaded artifact (tcc.runtime.Loaded).
 
@@ -52,6 +52,8 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
     `max_context` positions (tcc.generation; default on for causal LMs on CPU targets with the tvm
     backend, the context min(model maximum, 2048)); False leaves them out. `kv_cache`: how that cache
     stores keys and values, "fp32" or "int8" (one scale per KV head and position; tcc.generation).
+    `draft`: a pipeline (e.g. "drop-blocks(ratio=0.5),quantize(weights=int4)") run on the source model
+    to build a draft program into the same artifact for speculative decoding (tcc.speculative).
     `dtype`: the float weights' storage, "fp32" or "bf16" (the `bf16` pass, appended to the pipeline);
     None keeps the checkpoint's: bf16 for a Hugging Face folder saved in bf16 (tvm backend, CPU
     targets), else fp32 (_weights_dtype). `out` and `report` may
@@ -70,7 +72,7 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
                             calibration_text=calibration_text, calibration_samples=calibration_samples,
                             max_drift=max_drift, latency=latency, max_seq_len=max_seq_len, generate=generate,
                             max_context=max_context, force=force, tokenizer=tokenizer, kv_cache=kv_cache,
-                            dtype=dtype)
+                            dtype=dtype, draft=draft)
     except BaseException as e:
         if report is not None:
             final.update(exit_status=reports.exit_status(e), error=reports.error_json(e))
@@ -89,7 +91,7 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
              calibration_text: str | None, calibration_samples: int, max_drift: float | None, latency: bool,
              max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None,
              force: bool = False, tokenizer: str | Path | None = None, kv_cache: str = "fp32",
-             dtype: str | None = None) -> Path:
+             dtype: str | None = None, draft: str | None = None) -> Path:
     """compile()'s work; fills `facts` (what the manifest says), `records`, `final` and `run` (the
     report's sections) as it goes, so a failure can still be reported."""
     check_dir(out, WHAT, is_artifact, force)  # first of all (Staging checks it again)
@@ -112,6 +114,8 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
     if max_drift is not None and not max_drift >= 0:
         raise UserError(f"--max-drift must be a number >= 0, got {max_drift}", "e.g. --max-drift 0.05 (5 % relative)")
     gen_context = _kv_cache_context(kv_cache, model, task, tgt, backend, generate, max_context, seq_len, max_seq_len)
+    from .speculative import add_draft, build_draft, draft_pipeline
+    draft_pipe = draft_pipeline(draft, gen_context, tgt)  # speculative decoding's draft program (--draft)
     if tokenizer is not None:
         from .evaluate import load_tokenizer
         load_tokenizer(tokenizer)  # a bad --tokenizer stops here, before the slow work
@@ -149,24 +153,28 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             calibration = _calibration(program, user, calibration_text, calibration_samples)
         ctx = PassContext(calibration=calibration, verbose=True, records=records, force=force)
         with memory.stage("passes"):
+            drafted = None if draft_pipe is None else build_draft(  # from the source, before its passes
+                program, draft_pipe, gen_context, kv_cache, lambda d: _calibration(program, d, calibration_text, calibration_samples))
             program = pipe.run(program, ctx, in_place=True)  # this Program is already compile's own copy
         if max_drift is not None:
             _check_drift(program, reference, max_drift, final)
         functions, generation = {}, None
         if gen_context:
-            from .generation import at_length, kv_cached
+            from .generation import add_verify, at_length, kv_cached
             with status(f"adding a KV cache of {gen_context} positions (prefill, decode)"):
                 gen = kv_cached(program, gen_context, kv_cache)
             length = program.inputs[0].shape[1]  # the example length
             chunk = min(length, gen_context)
             functions = {"prefill": at_length(gen.program, chunk), "decode": at_length(gen.program, 1)}
             generation = gen.manifest(chunk)
+            add_verify(gen, functions, generation)  # speculative decoding's entry (tcc.speculative)
+            add_draft(drafted, functions, generation, chunk)
             if not user_dynamic:  # main at the example length, as without generation
                 program = at_length(program, length)
         t0 = time.perf_counter()
         with memory.stage("build"):
             library = _build(program, tgt, backend, stage.dir, functions, generation)
-        functions = gen = None  # the KV-cache programs: built; the verification below runs `program`
+        functions = gen = drafted = None  # the KV-cache programs: built; the verification below runs `program`
         t_build = time.perf_counter() - t0
         manifest = {
             "tcc_version": __version__,

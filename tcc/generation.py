@@ -58,6 +58,9 @@ CHECK_TOKENS = 64
 # how the KV cache stores keys and values: fp32, or int8 codes with one float32 scale per KV head and
 # position (tcc::sdpa_kv_int8): (D + 4) / (4 D) of the fp32 cache's bytes for head dim D
 KV_CACHES = ("fp32", "int8")
+# the rows of the `verify` entry (speculative decoding: the token before the drafts, and up to
+# VERIFY_LEN - 1 drafted tokens checked in one call)
+VERIFY_LEN = 8
 
 
 def check_prompt(tokenizer, vocab: int) -> list[int]:
@@ -371,6 +374,24 @@ def check_kv_cache(kv_cache: str) -> None:
         raise UserError(f"--kv-cache {kv_cache!r} is not a KV-cache format", f"choose one of: {', '.join(KV_CACHES)}")
 
 
+def verify_program(program: Program, length: int) -> Program:
+    """The KV-cache Program as speculative decoding's `verify` entry: a chunk of `length` tokens at
+    `pos` whose logits come back for EVERY row ([B, length, V]): `last` becomes an int64 [length]
+    input (the runtime feeds 0..length-1), so the LM head's index_select keeps all rows."""
+    prog = at_length(program, length)
+    inputs = [dataclasses.replace(s, shape=(length,)) if s.name == "last" else s for s in prog.inputs]
+    outputs = [dataclasses.replace(s, shape=(s.shape[0], length, s.shape[-1])) for s in prog.outputs]
+    return dataclasses.replace(prog, inputs=inputs, outputs=outputs)
+
+
+def add_verify(gen: Generation, functions: dict, manifest: dict) -> None:
+    """Add speculative decoding's `verify` entry (verify_program, VERIFY_LEN rows or the context if
+    shorter) to a generation artifact's `functions`, and its length to the generation `manifest`."""
+    length = min(VERIFY_LEN, gen.max_context)
+    functions["verify"] = verify_program(gen.program, length)
+    manifest["verify_len"] = length
+
+
 def at_length(program: Program, length: int) -> Program:
     """A shallow copy of a dynamic-length Program whose input_ids spec is static at `length` (what
     the backend exports at that length)."""
@@ -409,6 +430,12 @@ def sample(logits: np.ndarray, rng: np.random.Generator | None, temperature: flo
     """Greedy (temperature 0) or sampled next token from a [V] row of logits."""
     if temperature <= 0:
         return int(np.argmax(logits))
+    return int(rng.choice(logits.size, p=probabilities(logits, temperature, top_k, top_p)))
+
+
+def probabilities(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """The distribution `sample` draws from (temperature > 0): softmax(logits / T), cut to the top_k
+    tokens and to the smallest set reaching top_p, renormalised (float64 [V])."""
     z = logits.astype(np.float64) / temperature
     if top_k and top_k < z.size:
         kth = np.partition(z, -top_k)[-top_k]
@@ -421,7 +448,7 @@ def sample(logits: np.ndarray, rng: np.random.Generator | None, temperature: flo
         cut = order[np.searchsorted(cum, top_p) + 1:]  # keep the smallest prefix reaching top_p
         p[cut] = 0.0
         p /= p.sum()
-    return int(rng.choice(p.size, p=p))
+    return p
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:

@@ -102,14 +102,21 @@ class Loaded:
         return load_tokenizer(self.dir / stored if stored else self.manifest.get("tokenizer"))
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 32, *, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stream=None, stop_at_eos: bool = True) -> dict:
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stream=None, stop_at_eos: bool = True,
+                 speculate: str = "off") -> dict:
         """Generate up to `max_new_tokens` after `prompt` (text, tokenized with the artifact's tokenizer, or
         token ids). Greedy by default; temperature > 0 samples (top_k, top_p, seed). `stream(token_id,
         text_so_far)` is called per new token (text None, and "text" None, for an artifact without a
         tokenizer: its output is the token ids). Returns {"text", "token_ids", "prompt_tokens",
-        "prefill_tokens_per_s", "decode_tokens_per_s", ...}."""
-        from .generation import decode_loop, rates
+        "prefill_tokens_per_s", "decode_tokens_per_s", ...}. `speculate`: "lookup" (prompt lookup) or
+        "draft" (the artifact's draft program, tcc compile --draft) proposes tokens that the target
+        checks in one `verify` call each (tcc.speculative: greedy output identical, sampling keeps the
+        target's distribution); the result then has "speculative" (acceptance rate, tokens per target
+        call)."""
+        from .generation import rates
+        from .speculative import summary
         session = self.session()
+        loop = self._speculative_loop(session, speculate)
         gen = self.manifest["generation"]
         tok = None
         if isinstance(prompt, str):
@@ -123,9 +130,9 @@ class Loaded:
         stats: dict = {}
         new: list[int] = []
         stop = set(gen.get("eos_token_ids") or []) if stop_at_eos else None
-        for token in decode_loop(session.prefill, session.decode, ids, max_new_tokens, gen["max_context"],
-                                 gen["prefill_len"], temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                 stop=stop, stats=stats):
+        for token in loop(ids, max_new_tokens, gen["max_context"],
+                          gen["prefill_len"], temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                          stop=stop, stats=stats):
             new.append(token)
             if stream is not None:
                 stream(token, None if tok is None else tok.decode(new, skip_special_tokens=True))
@@ -134,7 +141,29 @@ class Loaded:
         text = tok.decode(new, skip_special_tokens=True) if tok is not None else None
         return {"text": text, "token_ids": new, "prompt_tokens": len(ids), **rates(stats),
                 "prefill_seconds": round(stats.get("prefill_seconds", 0.0), 4),
-                "decode_seconds": round(stats.get("decode_seconds", 0.0), 4)}
+                "decode_seconds": round(stats.get("decode_seconds", 0.0), 4),
+                **({"speculative": {"mode": speculate, **summary(stats)}} if speculate != "off" else {})}
+
+    def _speculative_loop(self, session, speculate: str):
+        """decode_loop over `session`, or (speculate "lookup" / "draft") tcc.speculative's loop."""
+        from .generation import decode_loop
+        from .speculative import SPECULATE, LookupDraft, ModelDraft, speculative_loop
+        if speculate not in SPECULATE:
+            raise UserError(f"--speculate {speculate!r} is not a speculation mode", f"choose one of: {', '.join(SPECULATE)}")
+        if speculate == "off":
+            return lambda *a, **kw: decode_loop(session.prefill, session.decode, *a, **kw)
+        if not session.verify_len:
+            raise UserError(f"the artifact {self.dir} has no verify entry (compiled before speculative decoding)",
+                            "compile it again with this tcc, or generate without --speculate")
+        if speculate == "lookup":
+            draft = LookupDraft()
+        else:
+            gen = self.manifest["generation"]
+            if "draft" not in gen:
+                raise UserError(f"the artifact {self.dir} has no draft program", "compile it with --draft PIPELINE, "
+                                "or speculate with --speculate lookup (prompt lookup needs no draft)")
+            draft = ModelDraft(GenerationSession(self._impl, {**gen["draft"], "functions": gen["functions"]}, prefix="draft_"))
+        return lambda *a, **kw: speculative_loop(session, draft, *a, **kw)
 
     def close(self):
         if hasattr(self._impl, "close"):
@@ -221,14 +250,49 @@ class GenerationSession:
     last call ended (a prefill may also start earlier, re-filling the cache from there): decode
     before a prefill, or out of order, is a UserError."""
 
-    def __init__(self, impl, gen: dict):
+    def __init__(self, impl, gen: dict, prefix: str = ""):
         self.gen = gen
         self.max_context, self.chunk = gen["max_context"], gen["prefill_len"]
         fns = gen["functions"]
         self.caches = impl.new_state(gen["caches"])
-        self._prefill = impl.function("prefill", fns["prefill"], self.caches)
-        self._decode = impl.function("decode", fns["decode"], self.caches)
+        self._prefill = impl.function(f"{prefix}prefill", fns[f"{prefix}prefill"], self.caches)
+        self._decode = impl.function(f"{prefix}decode", fns[f"{prefix}decode"], self.caches)
+        # speculative decoding's entry (tcc.speculative): absent from artifacts built before it
+        self.verify_len = gen.get("verify_len", 0) if f"{prefix}verify" in fns else 0
+        self._verify = impl.function(f"{prefix}verify", fns[f"{prefix}verify"], self.caches) if self.verify_len else None
         self.next_pos = 0  # rows of the cache filled so far
+
+    def verify(self, ids, pos: int):
+        """Speculative decoding's check: up to verify_len tokens at positions pos.. (pos at most the
+        next position), padded to verify_len; returns the logits of every real row [len(ids), V] (row i
+        is the distribution of the token after ids[i]). The cache then holds pos + len(ids) positions;
+        rollback() keeps the accepted ones."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        n = self.verify_len
+        if not n:
+            raise UserError("this artifact has no verify entry (compiled before speculative decoding)",
+                            "compile it again with this tcc")
+        if not 1 <= ids.size <= n:
+            raise UserError(f"verify takes 1 to {n} tokens, got {ids.size}", "propose fewer tokens")
+        if not 0 < pos <= self.next_pos:
+            raise UserError(f"verify at position {pos}, but the cache holds {self.next_pos} positions",
+                            "prefill the prompt first and verify where it (or the accepted tokens) ended")
+        if pos + n > self.max_context:
+            raise UserError(f"a verify chunk of {n} positions at {pos} runs past the context of {self.max_context}",
+                            "decode one token at a time near the end of the context")
+        block = np.zeros((1, n), dtype=np.int64)
+        block[0, :ids.size] = ids
+        out = self._verify([block, np.array([pos]), np.arange(n, dtype=np.int64)])
+        self.next_pos = pos + ids.size
+        return out[0, :ids.size]
+
+    def rollback(self, length: int) -> None:
+        """Keep the first `length` positions of the cache (speculative decoding drops the rejected
+        tokens' rows this way: the next call writes over them)."""
+        if not 0 <= length <= self.next_pos:
+            raise UserError(f"cannot roll the cache back to {length} positions: it holds {self.next_pos}",
+                            "roll back to a length the cache holds")
+        self.next_pos = length
 
     def prefill(self, ids, pos: int, last: int):
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)

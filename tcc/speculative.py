@@ -1,0 +1,262 @@
+"""Speculative decoding: a cheap draft proposes k tokens, the target checks them in one call.
+
+The target is a generation session (tcc.runtime.GenerationSession, or anything with its calls):
+prefill(ids [chunk], pos, last) -> logits [V], decode(token, pos) -> logits [V], verify(ids [n], pos)
+-> logits [n, V] (every row: row i is the distribution of the token after ids[i]; the artifact's
+`verify` entry, tcc.generation.verify_program) and rollback(length). The caches are indexed by
+position, so rolling back is resetting the next position: the next call writes over the rejected
+rows.
+
+One round, with t0 the last token emitted (not yet in the target's cache) at position p:
+  propose  the draft proposes d1..dk (k adapts: all accepted -> k + 2, else k - 1, within
+           1..verify_len - 1), with the distribution q_i each was drawn from (None: a point mass,
+           as prompt lookup's);
+  verify   one target call on [t0, d1..dk] at p gives p_0..p_k;
+  accept   greedy: the longest prefix with d_i = argmax p_{i-1}, then argmax p_j: the tokens are
+           the target's own greedy tokens. Sampling (Leviathan et al. 2023): d_i is accepted with
+           probability min(1, p(d_i) / q(d_i)); the first rejected one is replaced by a draw from
+           the normalised residual max(0, p - q); all accepted: one more token from p_k. Each
+           emitted token is then distributed as the target alone would sample it;
+  roll back both caches to p + j + 1 (t0 and the j accepted drafts).
+A round with no proposal (prompt lookup found no match, or the verify chunk would run past the
+context) is one plain decode step.
+
+Drafts: LookupDraft (prompt lookup: the tokens that followed the latest earlier occurrence of the
+context's last n-gram; costs nothing) and ModelDraft (a second, compressed program built into the
+same artifact: `tcc compile MODEL --draft PIPELINE`, entries draft_prefill / draft_decode over its
+own KV cache).
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import numpy as np
+
+from .errors import UserError
+from .generation import check_sampling, prefill_prompt, probabilities, sample
+
+SPECULATE = ("off", "lookup", "draft")
+
+
+class LookupDraft:
+    """Prompt lookup: find the context's last n tokens (n = ngram down to 1) earlier in the context
+    (the latest occurrence) and propose the tokens that followed it. Deterministic (q = None)."""
+
+    def __init__(self, ngram: int = 3):
+        self.ngram = ngram
+
+    def start(self, prompt: list[int]) -> None:
+        pass
+
+    def propose(self, context: list[int], k: int, rng, sampling: tuple) -> tuple[list[int], None]:
+        n_ctx = len(context)
+        for n in range(min(self.ngram, n_ctx - 1), 0, -1):
+            tail = context[n_ctx - n:]
+            for start in range(n_ctx - n - 1, -1, -1):
+                if context[start:start + n] == tail:
+                    follow = context[start + n:start + n + k]
+                    if follow:
+                        return follow, None
+        return [], None
+
+    def rollback(self, length: int) -> None:
+        pass
+
+
+class ModelDraft:
+    """A draft program's session (prefill/decode over its own cache). Proposes by decoding: greedy,
+    or sampling from its own distribution q with the target's temperature / top-k / top-p."""
+
+    def __init__(self, session):
+        self.session = session
+        self.have = 0  # context positions in the draft's cache
+
+    def start(self, prompt: list[int]) -> None:
+        # the prompt but its last token, which propose() feeds (its logits give the first draft)
+        if len(prompt) > 1:
+            prefill_prompt(self.session.prefill, prompt[:-1], self.session.chunk, self.session.max_context)
+        self.have = len(prompt) - 1
+
+    def propose(self, context: list[int], k: int, rng, sampling: tuple) -> tuple[list[int], list | None]:
+        s, temperature = self.session, sampling[0]
+        if len(context) + k > s.max_context:
+            k = s.max_context - len(context)
+        tokens, qs = [], []
+        logits = None
+        for pos in range(self.have, len(context)):  # t0 (and the last round's unfed accepted draft)
+            logits = self._feed(context[pos], pos)
+        self.have = len(context)
+        for i in range(k):
+            if i:
+                logits = s.decode(tokens[-1], self.have)
+                self.have += 1
+            if temperature > 0:
+                q = probabilities(logits, *sampling)
+                tokens.append(int(rng.choice(q.size, p=q)))
+                qs.append(q)
+            else:
+                tokens.append(int(np.argmax(logits)))
+        return tokens, (qs if temperature > 0 else None)
+
+    def _feed(self, token: int, pos: int) -> np.ndarray:
+        if pos:
+            return self.session.decode(token, pos)
+        ids = np.zeros(self.session.chunk, dtype=np.int64)  # a one-token prompt: decode needs a prefill first
+        ids[0] = token
+        return self.session.prefill(ids, 0, 0)
+
+    def rollback(self, length: int) -> None:
+        self.have = min(self.have, length)
+        self.session.rollback(self.have)
+
+
+def accept(rows: np.ndarray, drafts: list[int], qs: list | None, rng, sampling: tuple) -> tuple[int, int]:
+    """(how many drafts are accepted, the token after them) from the target's logits rows
+    [len(drafts) + 1, V] (module doc: greedy, or the speculative-sampling rule)."""
+    temperature = sampling[0]
+    if temperature <= 0:
+        j = 0
+        while j < len(drafts) and int(np.argmax(rows[j])) == drafts[j]:
+            j += 1
+        return j, int(np.argmax(rows[j]))
+    for j, d in enumerate(drafts):
+        p = probabilities(rows[j], *sampling)
+        qd = 1.0 if qs is None else qs[j][d]
+        if rng.random() * qd < p[d]:  # accepted with probability min(1, p(d) / q(d))
+            continue
+        residual = np.maximum(p - (_point(d, p.size) if qs is None else qs[j]), 0.0)
+        total = residual.sum()
+        residual = residual / total if total > 0 else p
+        return j, int(rng.choice(residual.size, p=residual))
+    return len(drafts), sample(rows[len(drafts)], rng, *sampling)
+
+
+def _point(d: int, size: int) -> np.ndarray:
+    q = np.zeros(size)
+    q[d] = 1.0
+    return q
+
+
+def speculative_loop(target, draft, prompt: list[int], max_new_tokens: int, max_context: int, chunk: int, *,
+                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                     stop: set[int] | None = None, stats: dict | None = None, k: int | None = None) -> Iterator[int]:
+    """Yield up to `max_new_tokens` new token ids, as tcc.generation.decode_loop does (the same
+    tokens when greedy; the same distribution when sampling), checking the draft's proposals with
+    target.verify. `stats` gets decode_loop's fields plus target_calls (verify and decode steps),
+    drafted, accepted and draft_seconds (inside decode_seconds). `k`: the first proposal length
+    (default verify_len - 1; it adapts)."""
+    check_sampling(temperature, top_k, top_p)
+    if not prompt:
+        raise UserError("the prompt is empty", "give a prompt of at least one token")
+    if len(prompt) >= max_context:
+        raise UserError(f"the prompt is {len(prompt)} tokens; the artifact's context holds {max_context}, "
+                        "with room for at least one new token", "shorten the prompt or recompile with a larger --max-context")
+    k_max = max(0, getattr(target, "verify_len", 0) - 1)
+    k = min(k or k_max, k_max)
+    sampling = (temperature, top_k, top_p)
+    rng = np.random.default_rng(seed)
+    stats = stats if stats is not None else {}
+    t0 = time.perf_counter()
+    logits = prefill_prompt(target.prefill, prompt, chunk, max_context)
+    draft.start(prompt)
+    stats.update(prefill_seconds=time.perf_counter() - t0, prefill_tokens=len(prompt), decode_seconds=0.0,
+                 decode_tokens=0, target_calls=0, drafted=0, accepted=0, draft_seconds=0.0)
+    budget = min(max_new_tokens, max_context - len(prompt))
+    context = list(prompt)
+    token = sample(logits, rng, *sampling)
+    while True:
+        context.append(token)
+        yield token
+        new = len(context) - len(prompt)
+        if (stop and token in stop) or new >= budget:
+            return
+        t1 = time.perf_counter()
+        p = len(context) - 1  # t0 = context[-1] goes in at position p
+        room = min(k, budget - new - 1) if p + k_max + 1 <= max_context else 0
+        drafts, qs = draft.propose(context, room, rng, sampling) if room > 0 else ([], None)
+        drafts, qs = drafts[:room], (qs[:room] if qs is not None else None)
+        t2 = time.perf_counter()
+        stats["draft_seconds"] += t2 - t1
+        stats["target_calls"] += 1
+        if not drafts:
+            emitted = [sample(target.decode(token, p), rng, *sampling)]
+        else:
+            rows = target.verify([token] + drafts, p)
+            j, nxt = accept(rows, drafts, qs, rng, sampling)
+            stats["drafted"] += len(drafts)
+            stats["accepted"] += j
+            k = min(k + 2, k_max) if j == len(drafts) else max(1, k - 1)
+            target.rollback(p + j + 1)
+            draft.rollback(p + j + 1)
+            emitted = drafts[:j] + [nxt]
+        stats["decode_seconds"] += time.perf_counter() - t1
+        stats["decode_tokens"] += len(emitted)
+        for token in emitted[:-1]:
+            context.append(token)
+            yield token
+            if stop and token in stop:
+                return
+        token = emitted[-1]
+
+
+def summary(stats: dict) -> dict:
+    """What speculation did: acceptance rate (accepted / drafted), tokens per target call in the
+    decode phase, drafted and accepted counts, the seconds the draft took."""
+    calls, drafted = stats.get("target_calls", 0), stats.get("drafted", 0)
+    return {"acceptance_rate": round(stats["accepted"] / drafted, 4) if drafted else None,
+            "tokens_per_target_call": round(stats["decode_tokens"] / calls, 3) if calls else None,
+            "target_calls": calls, "drafted": drafted, "accepted": stats.get("accepted", 0),
+            "draft_seconds": round(stats.get("draft_seconds", 0.0), 4)}
+
+
+# -- the draft program built into the artifact (tcc compile --draft PIPELINE) -------------------------
+
+def draft_pipeline(text: str | None, gen_context: int | None, target):
+    """The --draft pipeline, parsed before the slow work (None without --draft); a UserError where the
+    artifact gets no generation entry points to speculate with, or for a target other than x86 (the
+    arm64 driver keeps one set of KV caches)."""
+    if not text:
+        return None
+    if not gen_context:
+        raise UserError("--draft builds a draft program for speculative decoding, which needs generation "
+                        "(prefill/decode): a causal LM compiled for a CPU target", "leave --draft out")
+    if target.arch != "x86_64":
+        raise UserError(f"--draft is built for x86 targets, not {target.name}",
+                        "leave --draft out: tcc generate --speculate lookup needs no draft program")
+    from .pipeline import Pipeline
+    return Pipeline.parse(text)
+
+
+def build_draft(program, pipe, context: int, kv_cache: str, calibration) -> tuple:
+    """The draft: `pipe` run on a copy of the (source) `program` that shares its weights (a full copy
+    when a pass may write into them), given a KV cache of `context` positions. `calibration(pipe)`:
+    the feeds its passes calibrate on. Returns (Generation, manifest fields: pipeline, passes,
+    param_bytes, fingerprint)."""
+    from .generation import kv_cached
+    from .pipeline import Pipeline, PassContext
+    from .progress import status
+    pipe = Pipeline(list(Pipeline.parse("dce")) + list(pipe))
+    share = not any(p.may_write_weights for p in pipe)
+    copy = program.clone(share_weights=share)
+    records: list = []
+    ctx = PassContext(calibration=calibration(pipe), verbose=True, records=records,
+                      shared=frozenset(id(t) for t in program.named_tensors().values()) if share else frozenset())
+    with status(f"building the draft program: {pipe.canonical()}"):
+        draft = pipe.run(copy, ctx, in_place=True)
+        gen = kv_cached(draft, context, kv_cache)
+    return gen, {"pipeline": pipe.canonical(), "param_bytes": draft.param_bytes(), "fingerprint": draft.fingerprint(),
+                 "passes": [{"pass": r["text"], "seconds": r["seconds"], "param_bytes": r["param_bytes"]} for r in records]}
+
+
+def add_draft(draft: tuple | None, functions: dict, manifest: dict, chunk: int) -> None:
+    """The draft's prefill and decode as the artifact's draft_prefill / draft_decode entries (its own
+    caches; weights the functions share byte for byte are stored once), described in the
+    generation manifest's "draft"."""
+    if draft is None:
+        return
+    from .generation import at_length
+    gen, fields = draft
+    functions["draft_prefill"] = at_length(gen.program, chunk)
+    functions["draft_decode"] = at_length(gen.program, 1)
+    manifest["draft"] = {**gen.manifest(chunk), **fields}

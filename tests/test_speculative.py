@@ -1,0 +1,174 @@
+"""Speculative decoding (tcc.speculative): the verify entry, rolling the cache back, greedy output
+identical to the target alone (prompt lookup and a draft program built into the artifact), and the
+speculative-sampling rule keeping the target's distribution.
+
+One tiny random-init LLaMA (tests/test_dynamic.tiny: hidden 64, 2 layers, vocab 128), compiled once
+for x86 with a context of 32 and a draft 'drop-blocks(ratio=0.5,keep_ends=false),quantize(weights=
+int4,group=16)' (one block, int4). Tolerances: verify's rows equal decode's logits within 1e-4
+relative (fp32; measured 1.5e-7). The sampling test: the joint distribution of the first three
+sampled tokens (temperature 1, top-k 3: 27 outcomes) over 3000 seeded runs against the target's
+exact distribution (computed from its own logits), chi-square below its 1 - 1e-4 quantile; the same
+test on what a loop that accepted every draft would give is far above it (the test can fail).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import tcc
+from tcc.errors import UserError
+from tcc.generation import probabilities
+from tcc.speculative import LookupDraft, speculative_loop
+
+from test_dynamic import tiny
+
+DRAFT = "drop-blocks(ratio=0.5,keep_ends=false),quantize(weights=int4,group=16)"
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    with tcc.compile(tiny("llama"), "x86", out=tmp_path_factory.mktemp("spec") / "a", latency=False,
+                     max_context=32, draft=DRAFT) as a:
+        yield a
+
+
+def _prefilled(art, prompt):
+    s = art.session()
+    block = np.zeros(s.chunk, np.int64)
+    block[:len(prompt)] = prompt
+    return s, s.prefill(block, 0, len(prompt) - 1)
+
+
+def rel(a, b) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_verify_rows_and_rollback(art):
+    gen = art.manifest["generation"]
+    assert gen["verify_len"] == 8 and set(gen["functions"]) == {"prefill", "decode", "verify", "draft_prefill",
+                                                                "draft_decode"}
+    assert len(gen["draft"]["cache_layers"]) == 1 and gen["cache_layers"] == [0, 1]  # the draft keeps one block
+    prompt = [3, 9, 27, 81, 1, 2, 4]
+    s, _ = _prefilled(art, prompt)
+    rows = s.verify([5, 77, 3, 8, 9], 7)
+    assert rows.shape == (5, 128) and s.next_pos == 12
+    ref, _ = _prefilled(art, prompt)
+    want = [ref.decode(t, 7 + i) for i, t in enumerate([5, 77, 3, 8, 9])]
+    assert max(rel(r, w) for r, w in zip(rows, want)) <= 1e-4
+    # roll back to the first verified token: later calls overwrite the rejected rows
+    s.rollback(8)
+    got = [s.decode(40, 8), s.decode(41, 9)]
+    ref, _ = _prefilled(art, prompt)
+    ref.decode(5, 7)
+    assert max(rel(g, ref.decode(t, 8 + i)) for i, (g, t) in enumerate(zip(got, [40, 41]))) <= 1e-4
+    with pytest.raises(UserError, match="cannot roll the cache back to 11"):
+        s.rollback(11)
+    with pytest.raises(UserError, match="verify takes 1 to 8 tokens"):
+        s.verify(list(range(9)), 10)
+    with pytest.raises(UserError, match="verify at position 11"):
+        s.verify([1], 11)
+
+
+@pytest.mark.parametrize("speculate", ["lookup", "draft"])
+def test_greedy_identical_to_the_target(art, speculate):
+    rng = np.random.default_rng(0)
+    accepted = 0
+    for _ in range(3):
+        base = [int(t) for t in rng.integers(0, 128, 4)]
+        prompt = base * 2 + [int(t) for t in rng.integers(0, 128, 3)]
+        want = art.generate(prompt, 18, stop_at_eos=False)["token_ids"]
+        got = art.generate(prompt, 18, stop_at_eos=False, speculate=speculate)
+        assert got["token_ids"] == want
+        accepted += got["speculative"]["accepted"]
+    assert accepted > 0  # tokens came from the draft, not only from the target's own steps
+
+
+class RandomDraft:
+    """Proposes tokens drawn from a fixed distribution q unlike the target's (so drafts get both
+    accepted and rejected, and the residual max(0, p - q) is not p)."""
+
+    def __init__(self, q):
+        self.q = q
+
+    def start(self, prompt):
+        pass
+
+    def propose(self, context, k, rng, sampling):
+        return [int(rng.choice(self.q.size, p=self.q)) for _ in range(k)], [self.q] * k
+
+    def rollback(self, length):
+        pass
+
+
+def test_sampling_keeps_the_target_distribution(art):
+    from scipy.stats import chi2
+    sampling = dict(temperature=1.0, top_k=3)
+    prompt = [3, 9, 27, 81, 1, 2, 4]
+    # the target's exact joint distribution of its first three sampled tokens
+    s, logits = _prefilled(art, prompt)
+    p1 = probabilities(logits, 1.0, 3)
+    exact = {}
+    q_wrong = {}  # what accepting every draft would give: t2 ~ q
+    top = [int(t) for t in np.flatnonzero(p1)]
+    q = np.full(128, 0.2 / 125)
+    second = {}
+    for t1 in top:
+        s.rollback(7)
+        second[t1] = probabilities(s.decode(t1, 7), 1.0, 3)
+    # q: half its mass on one of the target's likely second tokens, the rest spread elsewhere
+    q[int(np.argmax(second[top[0]]))] += 0.5
+    q[[int(t) for t in range(128) if q[t] < 0.1][:3]] += 0.1
+    q /= q.sum()
+    for t1 in top:
+        for t2 in range(128):
+            if second[t1][t2] == 0 and q[t2] == 0:
+                continue
+            s.rollback(7)
+            s.decode(t1, 7)
+            p3 = probabilities(s.decode(t2, 8), 1.0, 3)
+            for t3 in np.flatnonzero(p3):
+                exact[(t1, t2, int(t3))] = p1[t1] * second[t1][t2] * p3[t3]
+                q_wrong[(t1, t2, int(t3))] = p1[t1] * q[t2] * p3[t3]
+    draft = RandomDraft(q)
+    n = 3000
+    counts: dict = {}
+    for seed in range(n):
+        out = tuple(speculative_loop(s, draft, prompt, 3, 32, s.chunk, seed=seed, **sampling))
+        counts[out] = counts.get(out, 0) + 1
+    assert set(counts) <= {k for k, v in exact.items() if v > 0}  # only tokens the target can give
+
+    def chi_square(probs):
+        big = [k for k, v in probs.items() if v * n >= 5]
+        cells = [(counts.get(k, 0), probs[k] * n) for k in big]
+        rest = (n - sum(c for c, _ in cells), n - sum(e for _, e in cells))
+        cells.append(rest)
+        return sum((c - e) ** 2 / e for c, e in cells if e > 0), len(cells) - 1
+
+    stat, dof = chi_square(exact)
+    bound = chi2.ppf(1 - 1e-4, dof)
+    assert stat < bound, (stat, bound)
+    wrong, _ = chi_square({k: v for k, v in q_wrong.items()})
+    assert wrong > 10 * bound  # the test tells a loop that accepts every draft from the rule
+
+
+def test_lookup_draft_proposes_what_followed():
+    d = LookupDraft(ngram=3)
+    assert d.propose([1, 2, 3, 9, 9, 1, 2, 3], 3, None, ()) == ([9, 9, 1], None)
+    assert d.propose([5, 1, 7, 2, 1], 2, None, ()) == ([7, 2], None)  # the 1-gram [1]: its latest earlier match
+    assert d.propose([1, 2, 3], 4, None, ()) == ([], None)
+
+
+def test_cli_speculate_and_errors(art, tmp_path, capsys):
+    from tcc.cli import main
+    assert main(["generate", str(art.dir), "--prompt-ids", "1,2,3,4,1,2,3", "--max-new-tokens", "10",
+                 "--speculate", "lookup", "--compare", "--json"]) == 0
+    sp = json.loads(capsys.readouterr().out)["speculative"]
+    assert sp["same_tokens"] is True and sp["mode"] == "lookup" and sp["tokens_per_target_call"] >= 1
+    assert {"acceptance_rate", "speed_up", "plain_decode_tokens_per_s"} <= set(sp)
+    with pytest.raises(UserError, match="not a speculation mode"):
+        art.generate([1, 2], 4, speculate="medusa")
+    with pytest.raises(UserError, match="--draft builds a draft program"):
+        tcc.compile(tiny("llama"), "x86", out=tmp_path / "b", generate=False, draft=DRAFT)
+    assert not (tmp_path / "b").exists()
