@@ -236,10 +236,17 @@ def test_arm64_generation_under_qemu(tmp_path):
     model = _tiny_folder(tmp_path / "tiny")
     prompt = [int(t) for t in np.random.default_rng(5).integers(0, 128, 10)]
     want = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, 10:].tolist()
+    repeats = prompt[:5] * 2
+    want_repeats = model.generate(torch.tensor([repeats]), max_new_tokens=8, min_new_tokens=8,
+                                  do_sample=False)[0, 10:].tolist()
     with tcc.compile(str(tmp_path / "tiny"), "arm64", out=tmp_path / "a", seq_len=8, max_context=24,
                      verify=False) as art:
         for _ in range(2):
             assert art.generate(prompt, max_new_tokens=8, stop_at_eos=False)["token_ids"] == want
+        # speculative decoding with prompt lookup (the verify entry and rollback, in the driver too): a
+        # prompt that repeats, so drafts are proposed and accepted; the same greedy tokens
+        got = art.generate(repeats, max_new_tokens=8, stop_at_eos=False, speculate="lookup")
+        assert got["token_ids"] == want_repeats and got["speculative"]["accepted"] > 0
 
 
 @pytest.mark.slow
