@@ -102,7 +102,7 @@ def _compiled_vs_program(art, gen, ids, tol):
 
 
 @pytest.mark.parametrize("pipeline,tol", [("", 1e-4), ("quantize(weights=int8,acts=int8)", 2e-2),
-                                          # W4A8 (tcc_dense_w4a8: decode's integer GEMV, prefill's sgemm)
+                                          # W4A8 (tcc_dense_w4a8: decode's integer GEMV, prefill's integer GEMM)
                                           ("quantize(weights=int4,group=16,sym=false,acts=int8)", 2e-2)])
 def test_compiled_prefill_decode_match_the_program(llama, tmp_path, pipeline, tol):
     ctx = PassContext(calibration=[llama.example_inputs(seed=i) for i in range(2)])
@@ -267,3 +267,20 @@ def test_smollm2_arm64_greedy_under_qemu(tmp_path):
     want = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
     with tcc.compile("smollm2", "arm64", out=tmp_path / "a", seq_len=8, max_context=32, verify=False) as art:
         assert art.generate(prompt, max_new_tokens=8)["token_ids"] == want
+
+
+def test_w4a8_prefill_follows_fp32(llama, tmp_path):
+    """W4A8's prefill (tcc_dense_w4a8's integer GEMM: 16 rows) against the fp32 model's logits: int8
+    activations per block of 32 add little to the int4 weights' own error (the same weights with fp32
+    activations, in PyTorch), and the compiled prefill equals the quantized Program (its reference op)."""
+    ids = np.random.default_rng(7).integers(0, 128, 16)
+    want = full_logits(llama, ids)
+    w4 = Pipeline.parse("quantize(weights=int4,group=32,min_size=0)").run(llama.clone())
+    w4a8 = Pipeline.parse("quantize(weights=int4,group=32,min_size=0,acts=int8)").run(llama.clone())
+    with tcc.compile(w4a8, "x86", out=tmp_path / "a", latency=False, max_context=24) as art:
+        session = art.session()
+        assert session.chunk == 16
+        got = session.prefill(ids, 0, 15)
+    weights_only = rel(full_logits(w4, ids)[-1], want[-1])
+    assert rel(got, full_logits(w4a8, ids)[-1]) <= 1e-3
+    assert rel(got, want[-1]) <= 1.25 * weights_only + 0.01, (rel(got, want[-1]), weights_only)

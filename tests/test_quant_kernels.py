@@ -156,7 +156,13 @@ CASES = {
     "w4a8_m4_g12": w4a8_case((4,), 36, 17, 12),             # group not a multiple of 8: padded octets
     "w4a8_m7_g2": w4a8_case((7,), 10, 20, 2, zero="float"),  # a partial block of 4 rows, group 2
     "w4a8_special": w4a8_case((), 96, 33, 32, x=special_rows(96)),  # all-zero blocks (s = 1), outliers
-    "w4a8_m40_g64": w4a8_case((40,), 448, 70, 64),           # sgemm path
+    "w4a8_m5_g32_asym": w4a8_case((5,), 96, 37, 32),
+    # the GEMM (M > 32): odd N, sym (zero 8) and asym, integer and fractional zero points, M > N
+    "w4a8_m33_g12": w4a8_case((33,), 36, 17, 12),            # padded octets: code 0 past the group
+    "w4a8_m33_g128_sym": w4a8_case((33,), 384, 65, 128, zero=False),
+    "w4a8_m128_g32_float_zero": w4a8_case((128,), 160, 53, 32, zero="float"),
+    "w4a8_m128_g128_sym_f32_scale": w4a8_case((2, 64), 256, 101, 128, zero=False, half=False, bias=False),
+    "w4a8_m40_g64": w4a8_case((40,), 448, 70, 64),
     "w4a8_m70_g32_float_zero": w4a8_case((2, 35), 96, 20, 32, zero="float", bias=False),  # M > N: rows split
 }
 
@@ -324,7 +330,9 @@ ARM_CASES = {
     "w4_m2_float_zero": w4_case((2,), 64, 20, 32, zero="float"),
     "w4a8_m1": w4a8_case((1,), 96, 37, 32),
     "w4a8_m3_float_zero": w4a8_case((3,), 72, 20, 12, zero="float", half=False),
-    "w4a8_m36_sym": w4a8_case((36,), 64, 33, 64, zero=False, bias=False),  # sgemm path
+    "w4a8_m36_sym": w4a8_case((36,), 64, 33, 64, zero=False, bias=False),  # the GEMM
+    "w4a8_m33_g32_asym": w4a8_case((33,), 64, 37, 32),
+    "w4a8_m34_g12_float_zero": w4a8_case((34,), 36, 20, 12, zero="float"),
 }
 
 

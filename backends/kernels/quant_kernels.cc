@@ -42,6 +42,15 @@
 //   M > 32: dequantize blocks of columns exactly as the reference does into a per-thread fp32
 //     buffer (~512 KiB) and call OpenBLAS sgemm (measured faster from M ~ 48 on).
 //
+// dense_w4a8 (tcc::dense_w4 acts="int8", pack_w4a8's layout) quantizes each row's blocks of `group`
+// k to int8 (bit-exact with the reference's codes), then integer dot products of int4 codes x int8
+// codes per group, and per group and column acc += s_w s_x (sum_k q code - zero sum_k q) in fp32:
+//   M <= 32 (decode): per tile of 16 columns and 4 rows, the codes unpack in registers (and/shift)
+//     and vpdpbusd / maddubs / sdot / smull them against the activation quads, 4 chains per row.
+//   M > 32 (prefill): a GEMM. Per panel of tiles the codes unpack once to one byte each (the layout
+//     int8_tile reads); blocks of rows run vpdpbusd on it (VNNI: 8 rows x 3 tiles) or int8_tile
+//     (the other ISAs), and each group's int32 sums fold into fp32 accumulators.
+//
 // Threads: TVM's pool (common.h `parallel`). dense_a8w8 quantizes the rows in one launch, then
 // splits the columns (in tiles of 16) or, when M > N, the rows; dense_w4 splits the longer of M, N.
 #include "common.h"
@@ -832,13 +841,14 @@ inline void w4a8_dot(const uint8_t* w, int64_t octets, const int8_t* a, int64_t 
 
 // Activations of rows [r0, r1): every block (group) of k quantized symmetrically as
 // tcc/ops.py quantize_blocks does (quantize_rows' dynamic symmetric rows: float32 division,
-// round half to even), the codes into a[r][lda] (0 past each group's end), the scale into
-// xs[r][G] and the sum of the block's codes into qsum[r][G].
-void w4a8_quantize(const W4A8& p, int64_t r0, int64_t r1, int8_t* a, float* xs, int32_t* qsum) {
+// round half to even), the codes q + off into a[r][lda] as T (off, meaning 0, past each group's
+// end), the scale into xs[r][G] and the sum of the block's codes q into qsum[r][G].
+template <typename T>
+void w4a8_quantize(const W4A8& p, int64_t r0, int64_t r1, T* a, int32_t off, float* xs, int32_t* qsum) {
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t g = 0; g < p.groups; ++g) {
       const float* x = p.x + r * p.k + g * p.group;
-      int8_t* q = a + r * p.lda + g * p.octets * 8;
+      T* q = a + r * p.lda + g * p.octets * 8;
       float lo, hi;
       row_range(x, p.group, &lo, &hi);
       float s = std::max(hi, -lo) / 127.0f;
@@ -848,10 +858,11 @@ void w4a8_quantize(const W4A8& p, int64_t r0, int64_t r1, int8_t* a, float* xs, 
         float v = x[i] / s;
         v = v < -127.0f ? -127.0f : v;
         v = v > 127.0f ? 127.0f : v;
-        q[i] = static_cast<int8_t>(round_even(v));
-        sum += q[i];
+        const int32_t c = static_cast<int32_t>(round_even(v));
+        q[i] = static_cast<T>(c + off);
+        sum += c;
       }
-      std::fill(q + p.group, q + p.octets * 8, int8_t(0));
+      std::fill(q + p.group, q + p.octets * 8, static_cast<T>(off));
       xs[r * p.groups + g] = s;
       qsum[r * p.groups + g] = sum;
     }
@@ -887,31 +898,158 @@ void w4a8_direct(const W4A8& p, const int8_t* a, const float* xs, const int32_t*
   store_tile<MR>(acc, p.out, p.b, p.n, t, row0);
 }
 
-// out[m0:m1, c0:c1] += xq W[c0:c1]^T (xq the dequantized activation codes, [M][K]): dequantizes
-// the block (c0 a multiple of 16) into buf [K][bc] as the reference does and calls sgemm.
-void w4a8_sgemm_block(const W4A8& p, const float* xq, int64_t m0, int64_t m1, int64_t c0, int64_t c1, float* buf) {
-  const int64_t bc = ceil_div(c1 - c0, kTile) * kTile;
-  for (int64_t t = c0 / kTile; t * kTile < c1; ++t) {
-    float* dst = buf + (t * kTile - c0);
+// The GEMM (M > kW4DirectRows, prefill): a panel of up to kGemmNV tiles (16 kGemmNV output columns)
+// unpacks once into one code (0..15) per byte, [G][kGemmNV][Q][16][4] (Q = 2 octets quads of k per
+// group, the layout int8_tile reads), with the tiles' scales and zero points as float32; then every
+// block of rows runs on it: per group, the integer sums c = sum_k q code, and as w4a8_direct
+// acc += (s sx) (c - z qsum), here ((c - z qsum) sx) s.
+#if TCC_INT8_VNNI
+constexpr int kGemmMR = 8, kGemmNV = 3;  // 24 int32 accumulators + 3 tiles of codes in zmm
+using GemmCode = int8_t;
+#else
+constexpr int kGemmMR = kMR, kGemmNV = kNV;  // int8_tile's blocking
+using GemmCode = Code;
+#endif
+
+struct W4A8Panel {
+  int64_t quads;   // Q, quads of k per group
+  int8_t* w;       // [G][kGemmNV][Q][64]
+  float* s;        // [G][kGemmNV][16]
+  float* sz;       // [G][kGemmNV][16]: scale * zero point
+};
+
+// Unpacks tiles [t0, t0 + nv) into the panel.
+void w4a8_unpack(const W4A8& p, int64_t t0, int nv, const W4A8Panel& w) {
+  const vu m4 = vu{} + 0x0F0F0F0Fu;
+  for (int v = 0; v < nv; ++v)
     for (int64_t g = 0; g < p.groups; ++g) {
-      const int64_t at = (t * p.groups + g) * kTile;
+      const int64_t at = ((t0 + v) * p.groups + g) * kTile, slot = (g * kGemmNV + v) * kTile;
       const F16 s = w4a8_scale(p, at), z = w4a8_zero(p, at);
-      const uint8_t* w = p.qw + (t * p.groups + g) * p.octets * 64;
-      for (int64_t o = 0; o < p.octets; ++o) {
-        vu wv[kVecs];  // per column, its 4 bytes of the octet as one uint32 (k = i in byte i % 4)
-        UNROLL for (int v = 0; v < kVecs; ++v) wv[v] = *reinterpret_cast<const vu_u*>(w + o * 64 + v * kLanes * 4);
-        for (int i = 0; i < 8 && 8 * o + i < p.group; ++i) {
-          float* row = dst + (g * p.group + 8 * o + i) * bc;
-          const unsigned shift = 8 * (i % 4) + 4 * (i / 4);
-          UNROLL for (int v = 0; v < kVecs; ++v) {
-            const vf code = __builtin_convertvector((vi)((wv[v] >> shift) & 15u), vf);
-            *reinterpret_cast<vf_u*>(row + v * kLanes) = (code - z.v[v]) * s.v[v];
-          }
+      UNROLL for (int i = 0; i < kVecs; ++i) {
+        *reinterpret_cast<vf_u*>(w.s + slot + i * kLanes) = s.v[i];
+        *reinterpret_cast<vf_u*>(w.sz + slot + i * kLanes) = s.v[i] * z.v[i];
+      }
+      const uint8_t* src = p.qw + ((t0 + v) * p.groups + g) * p.octets * 64;
+      int8_t* dst = w.w + (g * kGemmNV + v) * w.quads * 64;
+      for (int64_t o = 0; o < p.octets; ++o)
+        UNROLL for (int i = 0; i < kVecs; ++i) {
+          const vu c = *reinterpret_cast<const vu_u*>(src + o * 64 + i * kLanes * 4);
+          *reinterpret_cast<vu_u*>(dst + 2 * o * 64 + i * kLanes * 4) = c & m4;
+          *reinterpret_cast<vu_u*>(dst + (2 * o + 1) * 64 + i * kLanes * 4) = (c >> 4) & m4;
+        }
+    }
+}
+
+// acc[(r kGemmNV + v) 16 + j] = row row0 + r (r < MR), column j of the panel's tile v (v < NV), over
+// all groups (acc: float32 accumulators in memory, which the function writes).
+#if TCC_INT8_VNNI
+// c[r][v][16] = one group's sums of rows r < MR x the panel's tiles v < NV: vpdpbusd of the tiles'
+// codes (uint8, in registers) and each row's activation quad (int8, broadcast), as int8_tile's loop.
+// (Not inlined, and the sums go through memory: with float32 accumulators live in registers too,
+// GCC 12 copies or spills the int32 ones around every vpdpbusd.)
+template <int MR, int NV>
+[[gnu::noinline]] void w4a8_sums(const int8_t* w, int64_t quads, const GemmCode* a, int64_t lda, int32_t* c) {
+  __m512i acc[MR][NV];
+  UNROLL for (int r = 0; r < MR; ++r) UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < quads; ++q) {
+    __m512i wv[NV];
+    UNROLL for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + (v * quads + q) * 64);
+    UNROLL for (int r = 0; r < MR; ++r) {
+      int32_t a4;
+      std::memcpy(&a4, a + r * lda + 4 * q, 4);
+      const __m512i av = _mm512_set1_epi32(a4);
+      UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], wv[v], av);
+    }
+  }
+  UNROLL for (int r = 0; r < MR; ++r)
+    UNROLL for (int v = 0; v < NV; ++v) _mm512_storeu_si512(c + (r * NV + v) * kTile, acc[r][v]);
+}
+
+// Per group: the sums, then acc += c (s sx) - (s z) (qsum sx) in float32 (acc in memory, L1).
+template <int MR, int NV>
+void w4a8_gemm_block(const W4A8& p, const GemmCode* a, const float* xs, const float* qsx, const W4A8Panel& w,
+                     int64_t row0, float* acc) {
+  alignas(64) int32_t c[MR * NV * kTile];
+  UNROLL for (int r = 0; r < MR; ++r)
+    UNROLL for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + (r * kGemmNV + v) * kTile, _mm512_setzero_ps());
+  for (int64_t g = 0; g < p.groups; ++g) {
+    w4a8_sums<MR, NV>(w.w + g * kGemmNV * w.quads * 64, w.quads, a + row0 * p.lda + g * w.quads * 4, p.lda, c);
+    UNROLL for (int v = 0; v < NV; ++v) {
+      const int64_t slot = (g * kGemmNV + v) * kTile;
+      const __m512 s = _mm512_loadu_ps(w.s + slot), sz = _mm512_loadu_ps(w.sz + slot);
+      UNROLL for (int r = 0; r < MR; ++r) {
+        const int64_t rg = (row0 + r) * p.groups + g;
+        float* y = acc + (r * kGemmNV + v) * kTile;
+        const __m512 ci = _mm512_cvtepi32_ps(_mm512_load_si512(c + (r * NV + v) * kTile));
+        const __m512 f = _mm512_fmadd_ps(ci, _mm512_mul_ps(s, _mm512_set1_ps(xs[rg])), _mm512_loadu_ps(y));
+        _mm512_storeu_ps(y, _mm512_fnmadd_ps(sz, _mm512_set1_ps(qsx[rg]), f));
+      }
+    }
+  }
+}
+#else
+// int8_tile per group into memory, then the group's sums fold into float32 accumulators.
+
+template <int MR, int NV>
+void w4a8_gemm_block(const W4A8& p, const GemmCode* a, const float* xs, const float* qsx, const W4A8Panel& w,
+                     int64_t row0, float* out) {
+  alignas(64) int32_t c[MR * NV * kTile];
+  F16 acc[MR][NV];
+  UNROLL for (int r = 0; r < MR; ++r)
+    UNROLL for (int v = 0; v < NV; ++v) UNROLL for (int i = 0; i < kVecs; ++i) acc[r][v].v[i] = vf{};
+  for (int64_t g = 0; g < p.groups; ++g) {
+    int8_tile<MR, NV>(a + row0 * p.lda + g * w.quads * 4, p.lda, w.w + g * kGemmNV * w.quads * 64, w.quads * 64,
+                      w.quads, c);
+    UNROLL for (int r = 0; r < MR; ++r) {
+      const float sx = xs[(row0 + r) * p.groups + g], qs = qsx[(row0 + r) * p.groups + g];
+      UNROLL for (int v = 0; v < NV; ++v) {
+        const int64_t slot = (g * kGemmNV + v) * kTile;
+        UNROLL for (int i = 0; i < kVecs; ++i) {
+          const vf ci = __builtin_convertvector(*reinterpret_cast<const vi_u*>(c + (r * NV + v) * kTile + i * kLanes), vf);
+          acc[r][v].v[i] += ci * (*reinterpret_cast<const vf_u*>(w.s + slot + i * kLanes) * sx) -
+                            *reinterpret_cast<const vf_u*>(w.sz + slot + i * kLanes) * qs;
         }
       }
     }
   }
-  sgemm_nn(m1 - m0, c1 - c0, p.k, xq + m0 * p.k, p.k, buf, bc, 1.0f, p.out + m0 * p.n + c0, p.n);
+  UNROLL for (int r = 0; r < MR; ++r)
+    UNROLL for (int v = 0; v < NV; ++v)
+      UNROLL for (int i = 0; i < kVecs; ++i) *reinterpret_cast<vf_u*>(out + (r * kGemmNV + v) * kTile + i * kLanes) = acc[r][v].v[i];
+}
+#endif
+
+using GemmBlock = void (*)(const W4A8&, const GemmCode*, const float*, const float*, const W4A8Panel&, int64_t,
+                           float*);
+template <int MR, int... V>
+constexpr std::array<GemmBlock, sizeof...(V)> gemm_row(std::integer_sequence<int, V...>) {
+  return {w4a8_gemm_block<MR, V + 1>...};
+}
+template <int... R>
+constexpr std::array<std::array<GemmBlock, kGemmNV>, kGemmMR> gemm_table(std::integer_sequence<int, R...>) {
+  return {gemm_row<R + 1>(std::make_integer_sequence<int, kGemmNV>{})...};
+}
+// kGemmBlocks[mr - 1][nv - 1] = w4a8_gemm_block<mr, nv>
+constexpr auto kGemmBlocks = gemm_table(std::make_integer_sequence<int, kGemmMR>{});
+
+// out[row0 : row0 + mr, the panel's nv tiles t0 ...] (+ b).
+void w4a8_gemm_rows(const W4A8& p, const GemmCode* a, const float* xs, const float* qsx, const W4A8Panel& w,
+                    int64_t t0, int nv, int64_t row0, int mr) {
+  alignas(64) float acc[kGemmMR * kGemmNV * kTile];
+  kGemmBlocks[mr - 1][nv - 1](p, a, xs, qsx, w, row0, acc);
+  for (int v = 0; v < nv; ++v) {
+    const int64_t n0 = (t0 + v) * kTile, cols = std::min<int64_t>(kTile, p.n - n0);
+    float bias[kTile] = {};
+    if (p.b) std::memcpy(bias, p.b + n0, cols * sizeof(float));
+    for (int r = 0; r < mr; ++r) {
+      const float* y = acc + (r * kGemmNV + v) * kTile;
+      float* o = p.out + (row0 + r) * p.n + n0;
+      if (cols == kTile) {
+        for (int j = 0; j < kTile; ++j) o[j] = y[j] + bias[j];
+      } else {
+        for (int64_t j = 0; j < cols; ++j) o[j] = y[j] + bias[j];
+      }
+    }
+  }
 }
 
 void w4a8_run(const W4A8& p) {
@@ -923,11 +1061,11 @@ void w4a8_run(const W4A8& p) {
       if (n0 < n1) fill_bias(p.out, p.b, p.n, 0, p.m, n0, n1);
     });
   }
-  int8_t* a = scratch<int8_t, 4>(p.m * p.lda);
   float* xs = scratch<float, 5>(p.m * p.groups);
   int32_t* qsum = scratch<int32_t, 6>(p.m * p.groups);
   if (p.m <= kW4DirectRows) {
-    w4a8_quantize(p, 0, p.m, a, xs, qsum);
+    int8_t* a = scratch<int8_t, 4>(p.m * p.lda);
+    w4a8_quantize(p, 0, p.m, a, 0, xs, qsum);
     return parallel([&](int task, int num_tasks) {
       int64_t n0, n1;
       split(p.n, kTile, task, num_tasks, &n0, &n1);  // the weight rows (output columns), evenly
@@ -942,27 +1080,32 @@ void w4a8_run(const W4A8& p) {
         }
     });
   }
-  // M > 32: the activations quantize (row by row, in parallel) and come back as q * s in float32,
-  // then the weights dequantize block by block into sgemm, as dense_w4's fp32 path.
-  float* xq = scratch<float, 7>(p.m * p.k);
+  // The GEMM: the activations quantize (row by row, in parallel), then the threads split the
+  // panels (or the rows, when M > N); each unpacks its panels once and runs every row block on them.
+  GemmCode* ac = scratch<GemmCode, 8>(p.m * p.lda);
+  float* qsx = scratch<float, 10>(p.m * p.groups);  // qsum * xs
   parallel([&](int task, int num_tasks) {
     int64_t r0, r1;
     split(p.m, 1, task, num_tasks, &r0, &r1);
-    w4a8_quantize(p, r0, r1, a, xs, qsum);
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t g = 0; g < p.groups; ++g)
-        for (int64_t i = 0; i < p.group; ++i)
-          xq[r * p.k + g * p.group + i] = static_cast<float>(a[r * p.lda + g * p.octets * 8 + i]) * xs[r * p.groups + g];
+    w4a8_quantize(p, r0, r1, ac, 0, xs, qsum);
+    for (int64_t i = r0 * p.groups; i < r1 * p.groups; ++i) qsx[i] = static_cast<float>(qsum[i]) * xs[i];
   });
   parallel([&](int task, int num_tasks) {
-    int64_t m0 = 0, m1 = p.m, n0 = 0, n1 = p.n;
-    if (p.n >= p.m) split(p.n, kTile, task, num_tasks, &n0, &n1);
-    else split(p.m, kTile, task, num_tasks, &m0, &m1);
-    if (m0 >= m1 || n0 >= n1) return;
-    fill_bias(p.out, p.b, p.n, m0, m1, n0, n1);
-    const int64_t block = w4_block(p.k);
-    float* buf = scratch<float, 1>(p.k * block);
-    for (int64_t c0 = n0; c0 < n1; c0 += block) w4a8_sgemm_block(p, xq, m0, m1, c0, std::min(n1, c0 + block), buf);
+    const int64_t tiles = ceil_div(p.n, kTile);
+    int64_t m0 = 0, m1 = p.m, t0 = 0, t1 = tiles;
+    if (p.n >= p.m) split(tiles, 1, task, num_tasks, &t0, &t1);
+    else split(p.m, kGemmMR, task, num_tasks, &m0, &m1);
+    if (m0 >= m1 || t0 >= t1) return;
+    W4A8Panel w{2 * p.octets};
+    w.w = scratch<int8_t, 9>(p.groups * kGemmNV * w.quads * 64);
+    w.s = scratch<float, 11>(p.groups * kGemmNV * kTile);
+    w.sz = scratch<float, 12>(p.groups * kGemmNV * kTile);
+    for (int64_t t = t0; t < t1; t += kGemmNV) {
+      const int nv = static_cast<int>(std::min<int64_t>(kGemmNV, t1 - t));
+      w4a8_unpack(p, t, nv, w);
+      for (int64_t r = m0; r < m1; r += kGemmMR)
+        w4a8_gemm_rows(p, ac, xs, qsx, w, t, nv, r, static_cast<int>(std::min<int64_t>(kGemmMR, m1 - r)));
+    }
   });
 }
 
