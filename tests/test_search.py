@@ -229,3 +229,18 @@ def test_minilm_search_meets_the_budget_on_held_out_text(tmp_path):
     assert not math.isnan(r.chosen["latency_ms"]) and r.chosen.get("measured") is not None
     assert not (tmp_path / "s" / "artifacts").exists()
     assert np.isfinite([p["drop"] for p in r.pareto]).all()
+
+
+def test_cost_model_knows_w4a8(tiny):
+    """W4A8 (tcc_dense_w4a8's integer GEMM, HOST_GOPS from benchmarks/w4a8_gemm.py) is modelled between
+    W8A8 and weight-only int4 (dequantize + sgemm) in speed, and stores fewer bytes than W8A8."""
+    from tcc.pipeline import PassContext, Pipeline
+    feeds = [tiny.example_inputs(seed=i) for i in range(4)]
+
+    def cost(text):
+        return estimate_cost(Pipeline.parse(text).run(tiny.clone(), PassContext(calibration=feeds)), "x86")
+
+    w8a8, w4a8 = cost("quantize(acts=int8)"), cost("quantize(weights=int4,group=32,acts=int8)")
+    w4 = cost("quantize(weights=int4,group=32)")
+    assert w8a8["latency_ms"] < w4a8["latency_ms"] < w4["latency_ms"]
+    assert w4a8["size_bytes"] < w8a8["size_bytes"] and w4a8["flops"] == w8a8["flops"]
