@@ -124,12 +124,25 @@ def dense_a8w8(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, b: torc
                asym: bool = False) -> torch.Tensor:
     lead, k = x.shape[:-1], x.shape[-1]
     q, s, z = quantize_rows(x.reshape(-1, k), x_scale, x_zero, asym)
-    # integer dot products, exact in float64 (|sum| < 2^53)
-    acc = (q - z).to(torch.float64) @ qw.to(torch.float64).T
+    acc = _int_dot(q, z, qw, asym)
     y = (acc * s.to(torch.float64) * w_scale.to(torch.float64)[None, :]).to(torch.float32)
     if b is not None:
         y = y + b.to(torch.float32)
     return y.reshape(*lead, qw.shape[0]).to(x.dtype)
+
+
+def _int_dot(q: torch.Tensor, z: torch.Tensor, qw: torch.Tensor, asym: bool) -> torch.Tensor:
+    """(q - z) @ qw.T as float64, exact: q holds integer codes (-127..127, or 0..255 with asym and
+    zero points z [M, 1]), qw int8 [N, K]. int8 x int8 -> int32 products (torch._int_mm) where no sum
+    can overflow int32, (q - 128) @ qw.T + (128 - z) * row sums of qw for asym codes; else float64
+    matmul (exact too: |sum| < 2^53). Both give the same integers."""
+    k = q.shape[1]
+    if k * 128 * 127 < 2 ** 31 and q.shape[0] > 0 and hasattr(torch, "_int_mm") and torch.equal(z, z.round()):
+        if asym:
+            acc = torch._int_mm((q - 128).to(torch.int8), qw.T).to(torch.float64)
+            return acc + (128 - z).to(torch.float64) * qw.sum(1, dtype=torch.int64).to(torch.float64)[None, :]
+        return torch._int_mm(q.to(torch.int8), qw.T).to(torch.float64)
+    return (q - z).to(torch.float64) @ qw.to(torch.float64).T
 
 
 @dense_a8w8.register_fake

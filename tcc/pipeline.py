@@ -43,7 +43,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from . import ops  # noqa: F401  (registers torch.ops.tcc.* so graphs with them run)
 from .errors import AccuracyBudgetError, InternalError, UserError
-from .program import Program
+from .program import Program, attribute
 
 KINDS = ("analysis", "transform", "cleanup")
 ENTRY_POINT_GROUP = "tcc.passes"
@@ -190,6 +190,10 @@ class Pass:
     # with clone(share_weights=True) stays as it was; Pipeline.run checks this). None: not said
     # (tcc's own passes: False; a plugin's: True, see may_write_weights)
     writes_weights: ClassVar[bool | None] = None
+    # takes a Program whose linear weights and embedding tables are a bf16 checkpoint's own tensors
+    # (tcc::dense_bf16 / tcc::embedding_bf16: tcc.frontend.trace(weights="bf16")); a compile whose
+    # passes all do never holds the weights in float32 (issue 15), else it loads them as float32
+    reads_bf16_weights: ClassVar[bool] = False
     # options renamed since: {old name: new name}; text with the old name still works (a warning
     # says so) and the option is kept under its new name
     renamed: ClassVar[dict[str, str]] = {}
@@ -584,8 +588,9 @@ class Pipeline:
         the new Program. Passes rewrite the Program they are given, so the input is cloned first
         unless `in_place` (callers that no longer need it save a copy of the weights).
 
-        Each record: {pass, text, kind, options, seconds, param_bytes, flops, nodes (each
-        {before, after}), drift {max_abs, rel, output, feeds}, details (what the pass noted)}.
+        Each record: {pass, text, kind, options, seconds, param_bytes, flops, int_flops (the part of
+        flops done in integer arithmetic), nodes (each {before, after}), drift {max_abs, rel, output,
+        feeds}, details (what the pass noted)}.
         """
         ctx = ctx if ctx is not None else PassContext()
         if not in_place and self.passes:
@@ -593,7 +598,7 @@ class Pipeline:
         feeds = ctx.calibration[: max(1, ctx.check_feeds)] or [program.example_inputs()]
         if not ctx.check_numerics:
             feeds = feeds[:1]
-        before = _observe(program, feeds, None)
+        before = _observe_once(program, feeds, None)
         if ctx.original is None and any(p.needs_original for p in self.passes):
             ctx.original = program.clone()
         for index, p in enumerate(self.passes, 1):
@@ -618,13 +623,16 @@ class Pipeline:
             if written:
                 raise InternalError(f"pass '{p.name}' wrote into {written[:3]} in place, which another copy of the "
                                     "Program shares; a pass that does must set writes_weights = True")
-            after = _observe(program, feeds, p)
+            after = _observe_once(program, feeds, p, before)
             drift = _drift(before["outputs"], after["outputs"], [s.name for s in program.outputs])
+            if after["outputs"] is before["outputs"]:
+                drift["reused"] = True  # same computation: the outputs before the pass, not run again
             record = {
                 "pass": p.name, "text": p.canonical(), "kind": p.kind, "options": dict(p.opts),
                 "seconds": round(seconds, 4),
                 "param_bytes": {"before": before["param_bytes"], "after": after["param_bytes"]},
                 "flops": {"before": before["flops"], "after": after["flops"]},
+                "int_flops": {"before": before["int_flops"], "after": after["int_flops"]},
                 "nodes": {"before": before["nodes"], "after": after["nodes"]},
                 "drift": drift, "details": ctx.details,
             }
@@ -679,18 +687,85 @@ def _observe(program: Program, feeds: list[dict], after_pass: Pass | None) -> di
                 raise UserError(f"{who} produced {bad} in output '{name}'; the program before it did not"
                                 if after_pass else f"{who} produces {bad} in output '{name}'",
                                 "check the pass's options, or the calibration/input data")
-    return {"outputs": outputs, "flops": estimate_flops(program.gm), "param_bytes": program.param_bytes(),
-            "nodes": len(program.gm.graph.nodes)}
+    return {"outputs": outputs, **_counts(program)}
+
+
+def _counts(program: Program) -> dict:
+    """An observation's sizes: FLOPs (shapes from the nodes' meta), bytes, node count."""
+    return {"flops": estimate_flops(program.gm), "int_flops": estimate_flops(program.gm, integer=True),
+            "param_bytes": program.param_bytes(), "nodes": len(program.gm.graph.nodes)}
+
+
+def _observe_once(program: Program, feeds: list[dict], after_pass: Pass | None, before: dict | None = None) -> dict:
+    """_observe, plus the computation's key (_computation_key). When `before` (the observation
+    before `after_pass`) has the same key, the pass left every node the outputs depend on and every
+    tensor they read as it was (a cleanup that only removed dead nodes, a pass that found nothing to
+    do): its outputs are `before`'s, exactly, and the program is not run again; sizes, FLOPs and
+    nodes are counted afresh."""
+    key, refs = _computation_key(program)
+    if (before is not None and key is not None and key == before.get("key")
+            and all(r() is not None for r in before["refs"])):  # (ids of live tensors name them)
+        try:
+            return {**before, **_counts(program), "refs": refs}
+        except InternalError:  # a node without shapes (estimate_flops): run the program
+            pass
+    return {**_observe(program, feeds, after_pass), "key": key, "refs": refs}
+
+
+def _computation_key(program: Program) -> tuple[tuple | None, list]:
+    """What a program's outputs depend on, comparable with ==: its inputs' and outputs' specs, and in
+    graph order every node the outputs (or an impure node) need, with its target, its arguments and,
+    for a tensor (attribute or constant argument), the tensor's id and version counter (an in-place
+    write bumps it); and weak references to those tensors (an id names a tensor only while it lives).
+    (None, []) when that cannot be told from the graph (a call_module node: its module's state)."""
+    import weakref
+    graph = program.gm.graph
+    roots = [n for n in graph.nodes if n.op in ("output", "placeholder") or
+             (n.op == "call_function" and n.is_impure())]
+    live, stack = set(), list(roots)
+    while stack:
+        n = stack.pop()
+        if n not in live:
+            live.add(n)
+            stack.extend(n.all_input_nodes)
+    index: dict = {}
+    refs: list = []
+
+    def tensor(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        refs.append(weakref.ref(t))
+        return ("%tensor", id(t), t._version)
+
+    key: list = [tuple((s.name, tuple(s.shape), str(s.dtype)) for s in [*program.inputs, *program.outputs])]
+    try:
+        for n in graph.nodes:
+            if n not in live:
+                continue
+            if n.op == "call_module":
+                return None, []
+            attr = attribute(program.gm, n.target) if n.op == "get_attr" else None
+            attr = tensor(attr) if isinstance(attr, torch.Tensor) else ("%object", id(attr))
+            args = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: ("%node", index[a]))
+            index[n] = len(index)
+            key.append((n.op, n.target, repr(torch.utils._pytree.tree_map(tensor, args)), repr(attr)))
+    except (RuntimeError, TypeError):  # a tensor without a version counter (inference mode), or no weakref
+        return None, []
+    return tuple(key), refs
 
 
 def _drift(before: list[dict], after: list[dict], names: list[str]) -> dict:
-    """Largest abs difference of any output over the feeds, and that / max |reference|."""
+    """Largest abs difference of any output over the feeds, and that / max |reference| (float64,
+    a slice at a time: no float64 copy of every feed's logits at once)."""
     worst = {"max_abs": 0.0, "rel": 0.0, "output": None, "feeds": len(after)}
     for name in names:
-        ref = np.concatenate([b[name].astype(np.float64).ravel() for b in before])
-        new = np.concatenate([a[name].astype(np.float64).ravel() for a in after])
-        max_abs = float(np.abs(new - ref).max()) if ref.size else 0.0
-        scale = float(np.abs(ref).max()) if ref.size else 0.0
+        max_abs = scale = 0.0
+        for b, a in zip(before, after):
+            ref, new = b[name].ravel(), a[name].ravel()
+            for i in range(0, ref.size, 1 << 20):
+                r, x = ref[i:i + (1 << 20)].astype(np.float64), new[i:i + (1 << 20)].astype(np.float64)
+                max_abs = max(max_abs, float(np.abs(x - r).max()))
+                scale = max(scale, float(np.abs(r).max()))
         rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
         if worst["output"] is None or rel > worst["rel"]:
             worst.update(max_abs=max_abs, rel=rel, output=name)
@@ -749,10 +824,12 @@ _LAST_DIM_OF_SECOND = {_aten.addmm, _aten.baddbmm}
 _ATTENTION = {_tcc.sdpa, _aten.scaled_dot_product_attention}
 
 
-def estimate_flops(gm: torch.fx.GraphModule, example_args: tuple | None = None) -> int:
+def estimate_flops(gm: torch.fx.GraphModule, example_args: tuple | None = None, integer: bool = False) -> int:
     """2*M*K*N for every linear/matmul/dense/dense_w8 node, both products of every attention node
     and 2*out*Cin*k for convolutions; shapes from meta['tensor_meta'] or meta['val'], or from
-    running `propagate_shapes` on `example_args` when a node has neither."""
+    running `propagate_shapes` on `example_args` when a node has neither. `integer`: only the work
+    done in integer arithmetic (int8 x int8 products: dense_a8w8, dense_w4 with acts="int8"); the
+    rest is float work (a weight-only int8/int4 layer dequantizes and multiplies in float)."""
     def shape(arg):
         if not isinstance(arg, torch.fx.Node):
             return None
@@ -776,16 +853,21 @@ def estimate_flops(gm: torch.fx.GraphModule, example_args: tuple | None = None) 
             return None if out is None or w is None else 2 * math.prod(out) * math.prod(w[1:])
         return 0
 
+    def is_integer(n) -> bool:
+        packet = getattr(n.target, "overloadpacket", None)
+        return packet is _tcc.dense_a8w8 or (packet is _tcc.dense_w4 and (
+            n.kwargs.get("acts", n.args[6] if len(n.args) > 6 else "none") == "int8"))
+
     total = 0
     for n in gm.graph.nodes:
-        if n.op != "call_function":
+        if n.op != "call_function" or (integer and not is_integer(n)):
             continue
         f = node_flops(n)
         if f is None:
             if example_args is None:
                 raise InternalError(f"no shapes on node '{n.name}' for the FLOPs estimate; pass example_args")
             propagate_shapes(gm, example_args)
-            return estimate_flops(gm)
+            return estimate_flops(gm, integer=integer)
         total += f
     return int(total)
 

@@ -331,12 +331,60 @@ def test_records_hold_the_numbers():
     flops = 2 * 4 * 16 * 32 + 2 * 4 * 32 * 8
     assert quant["flops"] == {"before": flops, "after": flops}
     assert quant["nodes"]["after"] == quant["nodes"]["before"] + 2  # 2 weights -> int8 + scale get_attrs each
-    assert knobs["drift"] == {"max_abs": 0.0, "rel": 0.0, "output": "y", "feeds": 3}
+    # knobs changed nothing: its drift is nudge's outputs reused, not a second run
+    assert knobs["drift"] == {"max_abs": 0.0, "rel": 0.0, "output": "y", "feeds": 3, "reused": True}
+    assert "reused" not in nudge["drift"] and "reused" not in quant["drift"]
     assert 0 < quant["drift"]["rel"] < 0.02 and quant["drift"]["feeds"] == 3
     after = program.gm(torch.from_numpy(feeds[0]["x"])).detach().numpy()
     measured = np.abs(after - before).max()
     assert quant["drift"]["max_abs"] >= measured * 0.999  # the record covers feed 0 (and more)
     assert all(r["seconds"] >= 0 for r in ctx.records)
+
+
+class Swap(Pass):
+    """Test pass: replaces b.weight by a new tensor (the old one is freed) with other values."""
+
+    name = "swap"
+
+    def run(self, program, ctx):
+        w = program.gm.b.weight
+        program.gm.b.weight = torch.nn.Parameter(w.detach() * 2)
+        del w
+        return program
+
+
+class DeadNode(Pass):
+    """Test pass: adds a node nothing reads, then (remove=True) removes it again."""
+
+    name = "dead-node"
+    options = {"remove": Option(bool, False, "remove the dead nodes")}
+
+    def run(self, program, ctx):
+        graph = program.gm.graph
+        if self.remove:
+            graph.eliminate_dead_code()
+        else:
+            x = next(n for n in graph.nodes if n.op == "placeholder")
+            with graph.inserting_after(x):
+                graph.call_function(torch.ops.aten.mul.Tensor, (x, 3.0))
+        return program
+
+
+def test_a_pass_that_changes_nothing_the_outputs_need_is_not_run_again(monkeypatch):
+    """Pipeline.run re-runs the program after a pass only when the computation changed: adding or
+    removing a dead node reuses the outputs (drift 0, exact); a tensor replaced or written in place
+    is measured."""
+    runs = []
+    real = pipeline._observe
+    monkeypatch.setattr(pipeline, "_observe", lambda *a, **k: runs.append(1) or real(*a, **k))
+    ctx = PassContext()
+    Pipeline([DeadNode(), DeadNode(remove=True), Swap(), Nudge(eps=1e-7)]).run(make_program(), ctx)
+    add, remove, swap, nudge = ctx.records
+    assert len(runs) == 3  # before the passes, after swap, after nudge
+    assert add["nodes"]["after"] == add["nodes"]["before"] + 1 and remove["nodes"]["after"] == add["nodes"]["before"]
+    assert add["drift"]["reused"] and remove["drift"]["reused"] and add["drift"]["rel"] == remove["drift"]["rel"] == 0
+    assert "reused" not in swap["drift"] and swap["drift"]["rel"] > 0.1
+    assert "reused" not in nudge["drift"] and 0 < nudge["drift"]["rel"] < 1e-6
 
 
 def test_without_calibration_the_example_inputs_are_checked():
