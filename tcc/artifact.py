@@ -9,8 +9,9 @@ A directory:
                       file; everything that varies between two identical compiles (time of day,
                       seconds taken, host) is kept in the one field "run"
   tokenizer/          (generation artifacts) the tokenizer, saved by transformers' save_pretrained
-  report.md           a short human report; report.json and report.html: the full report (tcc.report),
-                      not hashed in the manifest (their "run" section differs between compiles)
+  report.md           a short human report; report.json and report.html: the full report (tcc.report);
+                      none of the three is hashed in the manifest (they hold timings that differ
+                      between compiles)
   build.log           what the libraries tcc called (TVM, PyTorch, transformers) printed while
                       compiling, kept off the terminal (tcc --debug shows it there); not hashed
 It is written to a temporary sibling directory and renamed into place, so a failed compile leaves
@@ -33,7 +34,7 @@ from .errors import UserError
 from .paths import check_dir, read_small_json
 
 FORMAT = "tcc-artifact/1"
-UNHASHED = ("manifest.json", "report.json", "report.html", "build.log")
+UNHASHED = ("manifest.json", "report.json", "report.html", "report.md", "build.log")  # the reports hold timings
 WHAT = "output directory (-o)"
 
 

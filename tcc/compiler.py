@@ -40,13 +40,16 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
             max_drift: float | None = None, latency: bool = True, cache: bool = True, report: str | Path | None = None,
             max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None,
             force: bool = False, tokenizer: str | Path | None = None, kv_cache: str = "fp32",
-            dtype: str | None = None, draft: str | None = None):
+            dtype: str | None = None, evaluate: bool = True, draft: str | None = None):
     """Compile `model` (path, alias, nn.Module with example inputs via `trace` first, or a Program)
     for `target` into the artifact directory `out`. Returns the loaded artifact (tcc.runtime.Loaded).
 
     backend "tvm" (default) builds a native library for the target; "onnxruntime" writes the
     program as ONNX for ONNX Runtime on this host (the reference and peer baseline). `latency`:
-    time a few calls of the artifact when the target runs on this host (report.json run.latency).
+    when the target runs on this host, time the artifact against the baseline (_Baseline: the source
+    compiled without passes, or PyTorch eager for an artifact that compresses nothing), interleaved
+    (report.json run.latency). `evaluate`: the task accuracy against the source on the held-out text
+    shipped with tcc (tcc.evaluate.HeldOut; report.json final.task_accuracy).
     `max_seq_len`: trace with a dynamic sequence length 1..max_seq_len (tcc.trace; x86 targets).
     `generate`: give a causal LM's artifact `prefill` and `decode` entry points over a KV cache of
     `max_context` positions (tcc.generation; default on for causal LMs on CPU targets with the tvm
@@ -65,23 +68,26 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
     final: dict = {}
     run: dict = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
                  "seconds": {}}
+    progress = _Progress(facts, records, final, run, report)
     try:
-        with caches.use(cache):
+        with caches.use(cache), memory.watching(progress), _sigterm_interrupts():
             path = _compile(model, target, Path(out), facts, records, final, run, pipeline=pipeline, seq_len=seq_len,
                             batch=batch, task=task, verify=verify, calibration=calibration, backend=backend,
                             calibration_text=calibration_text, calibration_samples=calibration_samples,
                             max_drift=max_drift, latency=latency, max_seq_len=max_seq_len, generate=generate,
                             max_context=max_context, force=force, tokenizer=tokenizer, kv_cache=kv_cache,
-                            dtype=dtype, draft=draft)
+                            dtype=dtype, evaluate=evaluate, progress=progress, draft=draft)
     except BaseException as e:
         if report is not None:
-            final.update(exit_status=reports.exit_status(e), error=reports.error_json(e))
+            final.update(exit_status=reports.exit_status(e), error=reports.error_json(e),
+                         progress=progress.ended(e))
             reports.write_json(report, reports.build(facts, records, final, run))
         raise
     if report is not None:
         reports.write_json(report, reports.read(path))
     info(f"[green]wrote[/green] {path}  ({final['size']['weight_bytes'] / 1e6:.1f} MB weights, target {facts['target']['name']}, "
          f"peak RSS {run['memory']['peak_rss_gb']:.1f} GB)")
+    info(f"{reports.summary(reports.read(path))}  (report.html)")
     from .runtime import load
     return load(path, verify=False)  # just written and hashed: no second pass over its bytes
 
@@ -91,7 +97,8 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
              calibration_text: str | None, calibration_samples: int, max_drift: float | None, latency: bool,
              max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None,
              force: bool = False, tokenizer: str | Path | None = None, kv_cache: str = "fp32",
-             dtype: str | None = None, draft: str | None = None) -> Path:
+             dtype: str | None = None, evaluate: bool = True, progress: "_Progress | None" = None,
+             draft: str | None = None) -> Path:
     """compile()'s work; fills `facts` (what the manifest says), `records`, `final` and `run` (the
     report's sections) as it goes, so a failure can still be reported."""
     check_dir(out, WHAT, is_artifact, force)  # first of all (Staging checks it again)
@@ -122,13 +129,18 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
     user = Pipeline.parse(pipeline) if pipeline else Pipeline([])
     facts["dtype"] = _weights_dtype(model, dtype, tgt, backend, user)
     cast = Pipeline.parse("bf16") if facts["dtype"] == "bf16" and not any(p.name == "bf16" for p in user) else []
-    pipe = Pipeline(list(Pipeline.parse(DEFAULT_CLEANUP)) + list(user) + list(cast))
+    cleanup = list(Pipeline.parse(DEFAULT_CLEANUP))
+    cleanup = [] if list(user)[:len(cleanup)] == cleanup else cleanup  # `-p dce` is not dce,dce
+    pipe = Pipeline(cleanup + list(user) + list(cast))
     facts["pipeline"] = pipe.canonical()
     seen_events = len(caches.events())
     user.check_outputs(force)  # a pass's own output paths (analyze-redundancy out=), before the slow work
+    _stale_staging(Path(out))
     # Staging checks the output path now, before the slow work; the libraries' own output goes to build.log
     with Staging(out, force) as stage, library_output(stage.dir / "build.log"), memory.recording() as steps:
         t_start = time.perf_counter()
+        if progress is not None:
+            progress.paths.append(stage.dir / "report.json")  # replaced by the report when the compile ends
         with memory.stage("load and trace"):
             if isinstance(model, Program):
                 program = model.clone()
@@ -149,8 +161,14 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
                                 if gen_context and verify and tgt.runs_here and backend == "tvm" else None)
                      if verify or max_drift is not None else None)
 
+        held_out = None
+        if evaluate:
+            from .evaluate import HeldOut
+            with status("task accuracy on the held-out text: the source model"):
+                held_out = HeldOut(program)
         if calibration is None:
-            calibration = _calibration(program, user, calibration_text, calibration_samples)
+            with memory.stage("calibration data"):
+                calibration = _calibration(program, user, calibration_text, calibration_samples)
         ctx = PassContext(calibration=calibration, verbose=True, records=records, force=force)
         with memory.stage("passes"):
             drafted = None if draft_pipe is None else build_draft(  # from the source, before its passes
@@ -158,6 +176,14 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             program = pipe.run(program, ctx, in_place=True)  # this Program is already compile's own copy
         if max_drift is not None:
             _check_drift(program, reference, max_drift, final)
+        final["task_accuracy"] = {"metric": None, "note": "turned off (--no-eval)"} if held_out is None else None
+        if held_out is not None and not tgt.is_host:  # the artifact does not run natively here: the Program does
+            with status("task accuracy on the held-out text: the compressed program (PyTorch)"):
+                final["task_accuracy"] = held_out.compare(program, "pytorch")
+        baseline = _Baseline(model, pipe, facts, tgt, backend, dict(task=task, seq_len=seq_len, batch=batch,
+                             max_seq_len=max(max_seq_len or 0, gen_context or 0) or None),
+                             at_length=program.inputs[0].shape[1] if gen_context and not user_dynamic else None,
+                             feeds=reference.feeds if reference is not None else None)
         functions, generation = {}, None
         if gen_context:
             from .generation import add_verify, at_length, kv_cached
@@ -218,13 +244,15 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             if verify and reference is not None and not final.get("accuracy"):  # what the passes changed
                 final["accuracy"] = {"measured_with": "pytorch",
                                      "vs_source": _errors(program(reference.feeds), reference.outputs)}
-        elif verify or time_it:
+        elif verify or time_it or (held_out is not None and tgt.is_host):
             feeds = reference.feeds if reference is not None else program.example_inputs(seed=1)
+            baseline.feeds = feeds
             want = program(feeds) if verify else None
             program = None  # its weights leave memory before the artifact's are loaded (one copy at a time)
-            errors, drift, run["latency"], checked = _run_artifact(
-                stage.dir, manifest, run_m, feeds, want, reference if verify else None, time_it,
-                generation if verify and reference is not None and reference.gen_ids else None)
+            errors, drift, _, checked = _run_artifact(
+                stage.dir, manifest, run_m, feeds, want, reference if verify else None, False,
+                generation if verify and reference is not None and reference.gen_ids else None,
+                held_out if tgt.is_host else None, final)
             if verify:
                 run_m["verify"], run_m["drift_vs_source"] = errors, drift
                 final["accuracy"] = {"measured_with": "artifact", "vs_source": drift, "vs_program": errors}
@@ -233,7 +261,12 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
         if not final.get("accuracy"):
             final.setdefault("accuracy_note", "not measured: verification was skipped (--no-verify)")
         run["cache"] = {e["kind"]: e["outcome"] for e in caches.events()[seen_events:]}
+        program = reference = held_out = None
+        if time_it:
+            write_manifest(stage.dir, manifest, run_m)  # the loader reads the manifest
+            run["latency"] = baseline.time_against(stage.dir)
         run["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
+        run["seconds"]["stages"] = memory.top_level(steps, run["seconds"]["total"])
         run["memory"] = run_m["memory"] = {"peak_rss_gb": round(memory.peak_bytes() / memory.GB, 3), "steps": [{"step": k, **v} for k, v in steps.items() if v]}  # in order
         reports.write(stage.dir, reports.build(facts, records, final, run))
         write_manifest(stage.dir, manifest, run_m)
@@ -330,7 +363,7 @@ def _check_ids(program: Program, context: int, tokens: int | None) -> list[int]:
 
 
 def _run_artifact(dir: Path, manifest: dict, run: dict, feeds: dict, want: dict | None, source: _Reference | None,
-                  time_it: bool, generation: dict | None = None):
+                  time_it: bool, generation: dict | None = None, held_out=None, final: dict | None = None):
     """Load the staged artifact once and run it on `feeds`. Returns (its error vs `want`, the compiled
     Program's outputs in PyTorch: the backend's fidelity; its error vs the source model: what the
     passes changed; a short latency measurement; with `generation`, the generation check
@@ -342,8 +375,11 @@ def _run_artifact(dir: Path, manifest: dict, run: dict, feeds: dict, want: dict 
     with Loaded(dir, verify=False) as art:
         with status(f"running the compiled artifact ({manifest['target']['name']})"):
             got = art(feeds)
-            latency = reports.measure_latency(art, feeds) if time_it else None
+            latency = reports.interleaved({"tcc": art}, feeds) if time_it else None
         checked = _check_generation(art, run, source, generation) if generation else None
+        if held_out is not None:
+            with status("task accuracy on the held-out text: the artifact"):
+                final["task_accuracy"] = held_out.compare(art, "artifact")
     if want is None:
         return None, None, latency, checked
     return _errors(got, want), _errors(got, source.outputs), latency, checked
@@ -501,3 +537,182 @@ def _check_generation(art, run: dict, source: _Reference, generation: dict) -> d
     return {"max_context": context, "prefill_len": chunk, "kv_cache": generation["kv_cache"],
             "cache_bytes": generation["cache_bytes"],
             "agreement": agreement}
+
+
+class _Baseline:
+    """What the report's speed-up is measured against, timed in the same run as the artifact and
+    interleaved with it (report.interleaved): the source model compiled for the same target and
+    backend with no pass but the default cleanup, fp32 weights (`tcc compile MODEL` without a
+    pipeline; its library comes from tcc.cache when it has it), or, for an artifact that compresses
+    nothing (cleanup and analysis passes only, fp32 weights), PyTorch eager on the source Program.
+    Made after the artifact was checked and its Program dropped (one model in memory at a time while
+    building); the two are loaded side by side only for the timing."""
+
+    def __init__(self, model, pipe, facts: dict, tgt, backend: str, trace_args: dict, at_length: int | None,
+                 feeds: dict | None):
+        self.model, self.tgt, self.backend, self.trace_args, self.at_length = model, tgt, backend, trace_args, at_length
+        self.feeds = feeds
+        self.eager = facts.get("dtype", "fp32") == "fp32" and all(p.kind in ("cleanup", "analysis") for p in pipe)
+
+    def _source(self) -> Program:
+        if isinstance(self.model, Program):
+            program = self.model.clone()
+        else:
+            from .frontend import trace
+            program = trace(self.model, **self.trace_args)
+        if self.at_length:
+            from .generation import at_length
+            program = at_length(program, self.at_length)
+        from .pipeline import PassContext, Pipeline
+        return Pipeline.parse(DEFAULT_CLEANUP).run(program, PassContext(check_numerics=False), in_place=True)
+
+    def time_against(self, artifact_dir: Path) -> dict:
+        """run.latency: the artifact's timing, the baseline's, the speed-up and the machine's load."""
+        import gc
+        import shutil
+        import tempfile
+        from .artifact import read_manifest
+        from .bench import _example_feeds
+        from .runtime import Loaded
+        what = ("PyTorch eager on the source model (this artifact compresses nothing)" if self.eager else
+                f"the source model compiled for {self.tgt.name} without passes (fp32 weights)")
+        seen = len(caches.events())
+        need = 1.5 * read_manifest(artifact_dir)["sizes"]["source_param_bytes"]  # its weights beside the artifact's
+        skipped = (f"{need / 1e9:.1f} GB of free memory needed for {what}, {_available_bytes() / 1e9:.1f} GB free; "
+                   "`tcc bench` compares later") if _available_bytes() < need else None
+        tmp = base = None
+        try:
+            if skipped is None:
+                try:
+                    with status(f"baseline for the speed-up: {what}"):
+                        source = self._source()
+                        if self.eager:
+                            base = source
+                        else:
+                            tmp = Path(tempfile.mkdtemp(prefix="tcc-baseline-"))
+                            library = _build(source, self.tgt, self.backend, tmp)
+                            write_manifest(tmp, {"tcc_version": __version__, "source": source.source, "task": source.task,
+                                                 "pipeline": DEFAULT_CLEANUP, "passes": [], "target": self.tgt.to_json(),
+                                                 "backend": self.backend, "inputs": [s.to_json() for s in source.inputs],
+                                                 "outputs": [s.to_json() for s in source.outputs],
+                                                 "params": library["params"],
+                                                 "sizes": {"weight_bytes": library["weight_bytes"]}}, {})
+                            source = None
+                            gc.collect()
+                            base = Loaded(tmp, verify=False)
+                except Exception as e:  # the artifact is fine: its report says why there is no comparison
+                    skipped = f"the baseline could not be made: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            with Loaded(artifact_dir, verify=False) as art:
+                feeds = self.feeds if self.feeds is not None else _example_feeds(art.manifest["inputs"])
+                with status(f"timing the artifact{'' if base is None else ' against the baseline, interleaved'} "
+                            f"(at most {reports.ROUNDS} rounds, about {reports.ROUNDS_SECONDS:g} s)"):
+                    timing = reports.interleaved({"tcc": art} | ({} if base is None else {"baseline": base}), feeds)
+        finally:
+            if base is not None and not self.eager:
+                base.close()
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        if skipped is not None:
+            return timing | {"baseline": {"skipped": skipped}}
+        timing["baseline"] |= {"engine": "pytorch" if self.eager else "tcc", "what": what,
+                               "cache": {e["kind"]: e["outcome"] for e in caches.events()[seen:]}}
+        return timing
+
+
+def _available_bytes() -> int:
+    import psutil
+    return psutil.virtual_memory().available
+
+
+class _Progress:
+    """Where a compile is: whenever a step begins (tcc.memory.watching; at most once a second within
+    one top-level stage) a report with final.exit_status null and final.progress {state "running",
+    stage (top level), step (innermost), seconds, peak_rss_gb (so far), pid} is written to the
+    --report path and into the staging directory, so that a compile killed by SIGKILL (the
+    out-of-memory killer) leaves a report saying where it died (the next compile into the same
+    directory says so too: _stale_staging). `ended(error)` is final.progress of a compile that failed
+    or was interrupted."""
+
+    def __init__(self, facts: dict, records: list, final: dict, run: dict, report_path):
+        self.facts, self.records, self.final, self.run = facts, records, final, run
+        self.paths = [Path(report_path)] if report_path is not None else []
+        self.t0, self.last, self.where = time.perf_counter(), 0.0, {}
+
+    def __call__(self, open_steps: list[str]) -> None:
+        import os
+        now = time.perf_counter()
+        if open_steps[0] == self.where.get("stage") and now - self.last < 1.0:
+            return
+        self.last = now
+        self.where = {"stage": open_steps[0], "step": open_steps[-1], "seconds": round(now - self.t0, 1),
+                      "peak_rss_gb": round(memory.peak_bytes() / memory.GB, 2), "pid": os.getpid()}
+        snapshot = reports.build(self.facts, self.records, self.final | {
+            "exit_status": None, "progress": {"state": "running", **self.where}}, self.run)
+        for path in self.paths:
+            try:
+                reports.write_json(path, snapshot)
+            except OSError:
+                pass  # a progress file is a help, never a reason to fail
+
+    def ended(self, error: BaseException) -> dict:
+        state = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        return {"state": state, **{k: v for k, v in self.where.items() if k != "pid"},
+                "seconds": round(time.perf_counter() - self.t0, 1)}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a compile (exit status 130, as an interrupt: the staged artifact is removed and
+    --report says "interrupted")."""
+
+
+def _sigterm_interrupts():
+    """Within the block (main thread only), SIGTERM raises Terminated instead of ending the process
+    where it stands."""
+    import contextlib
+    import signal
+    import threading
+
+    @contextlib.contextmanager
+    def block():
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            raise Terminated("terminated (SIGTERM)")
+        old = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, old)
+    return block()
+
+
+def _stale_staging(out: Path) -> None:
+    """Staging directories of earlier compiles into `out` whose process is gone (killed by SIGKILL: the
+    out-of-memory killer, kill -9): say where each died (its progress report) and remove it (tcc wrote it)."""
+    import os
+    import shutil
+    from .paths import read_small_json
+    from .progress import console
+    out = Path(os.path.abspath(out))
+    if not out.parent.is_dir():
+        return
+    for d in sorted(out.parent.glob(f".{out.name}.tmp-*")):
+        r = read_small_json(d / "report.json") or {}
+        where = (r.get("final") or {}).get("progress") or {}
+        pid = where.get("pid")
+        if where.get("state") != "running" or not isinstance(pid, int) or (r.get("run") or {}).get("host") != platform.node():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still running: another compile into the same directory
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        console.print(f"tcc: note: an earlier compile into {out} (pid {pid}, started {r['run'].get('created')}) died during "
+             f"'{where.get('stage')}' (step '{where.get('step')}') after {where.get('seconds')} s, at "
+             f"{where.get('peak_rss_gb')} GB peak RSS so far, without reporting: killed (SIGKILL: the out-of-memory "
+             "killer, or kill -9); its partial files are removed", markup=False, highlight=False)
+        shutil.rmtree(d, ignore_errors=True)

@@ -234,19 +234,29 @@ def _pooled(run: Run, feeds: dict) -> np.ndarray:
     return ((hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9))[0]
 
 
-def cosine(run: Run, reference: Run, tokenizer_dir, text_path, seq_len: int, max_samples: int) -> dict:
+def embeddings(run: Run, tokenizer_dir, text_path, seq_len: int, max_samples: int) -> np.ndarray:
+    """The mean-pooled embeddings [samples, hidden] (float64) `cosine` compares: the first
+    `max_samples` sentences of the text, each cut or padded to `seq_len` tokens."""
     lines = sentences(text_path, max_samples)
     if not lines:
         raise UserError(f"{text_path} has no non-empty, non-heading line to embed", "give a text file with sentences")
     tokenizer = load_tokenizer(tokenizer_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    sims = []
-    for line in track(lines, f"cosine ({len(lines)} sentences of {seq_len} tokens)"):
+    out = []
+    for line in track(lines, f"embeddings ({len(lines)} sentences of {seq_len} tokens)"):
         enc = tokenizer(line, max_length=seq_len, truncation=True, padding="max_length", return_tensors="np")
-        feeds = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
-        a, b = _pooled(run, feeds), _pooled(reference, feeds)
-        sims.append(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)))
+        out.append(_pooled(run, {"input_ids": enc["input_ids"].astype(np.int64),
+                                 "attention_mask": enc["attention_mask"].astype(np.int64)}))
+    return np.stack(out)
+
+
+def cosine(run: Run, reference: Run | np.ndarray, tokenizer_dir, text_path, seq_len: int, max_samples: int) -> dict:
+    """`reference` may be its `embeddings` already (computed while the reference model was at hand)."""
+    a = embeddings(run, tokenizer_dir, text_path, seq_len, max_samples)
+    b = reference if isinstance(reference, np.ndarray) else embeddings(reference, tokenizer_dir, text_path, seq_len,
+                                                                       max_samples)
+    sims = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
     return {"metric": "cosine", "value": float(np.mean(sims)), "min": float(np.min(sims)), "samples": len(sims),
             "seq_len": seq_len}
 
@@ -301,3 +311,133 @@ def _source_program(source: dict, task: str, seq_len: int):
                         "compile from a model folder, .gguf or alias to compare against the source")
     from .frontend import trace
     return trace(source["path"], task=task, seq_len=seq_len)
+
+
+# -- task accuracy in the compile report --------------------------------------------------------------
+
+HELD_OUT_TOKENS = 1024  # the report's perplexity scores at most this many tokens of the held-out text,
+HELD_OUT_WINDOWS = 8    # in at most this many windows (one call per window on each side),
+HELD_OUT_FLOP = 2e12    # and no more windows than about this many multiply-adds x 2 (at least 2 windows)
+HELD_OUT_SAMPLES = 16   # encoders: sentences embedded
+HELD_OUT_FEEDS = 4      # other models: inputs compared (fewer when the outputs are large)
+_KEPT_BYTES = 256e6     # the source's outputs kept for that comparison, at most
+
+
+class HeldOut:
+    """The compile report's task accuracy: the compressed model against its source on the held-out
+    text shipped with tcc (calibration.HELD_OUT_TEXT, which no calibrated pass reads: they read
+    calibration.txt or the user's text). Two halves, so that the source's side runs before the passes
+    and no copy of the source weights is kept: `HeldOut(source_program)` scores the source and keeps
+    only small results; `.compare(run)` scores the artifact (or the compressed Program, `run`) and
+    returns the report's `final.task_accuracy` section ({metric, definition, text, source, compressed,
+    change, ...}). Bounded for big models: HELD_OUT_* above.
+
+      causal LMs with a tokenizer   perplexity over non-overlapping windows of the compiled length
+                                    (HELD_OUT_WINDOWS, fewer for big models: HELD_OUT_FLOP)
+      encoders with a tokenizer     cosine of mean-pooled embeddings, per sentence
+      anything else                 top-1 agreement (argmax over the last axis of the first output)
+                                    and output cosine, on text windows when the model reads token
+                                    ids and has a tokenizer, else on random inputs (said so)
+    A measurement that cannot be made (text shorter than one window) leaves {metric: null, note}."""
+
+    def __init__(self, program):
+        from .calibration import HELD_OUT_TEXT
+        self.text = HELD_OUT_TEXT
+        ids = next((s for s in program.inputs if s.name == "input_ids"), None)
+        self.batch = int(program.inputs[0].shape[0])
+        self.seq_len = int(ids.shape[1]) if ids is not None and len(ids.shape) == 2 else None
+        self.tokenizer_dir = program.tokenizer_dir if ids is not None else None
+        self.note = None
+        source = _batch1(program, self.batch)
+        try:
+            if program.task == "causal-lm" and self.tokenizer_dir:
+                self.metric = "perplexity"
+                params = sum(t.numel() for t in program.named_tensors().values())
+                n = int(max(2, min(HELD_OUT_WINDOWS, HELD_OUT_FLOP // max(2 * params * self.seq_len, 1))))
+                self.max_tokens = max(self.seq_len, min(HELD_OUT_TOKENS, n * self.seq_len))
+                self.source = self._perplexity(source)
+            elif program.task == "feature-extraction" and self.tokenizer_dir:
+                self.metric = "cosine"
+                self.source = embeddings(source, self.tokenizer_dir, self.text, self.seq_len, HELD_OUT_SAMPLES)
+            else:
+                self.metric = "agreement"
+                self.feeds = self._feeds(program)
+                self.source = [self._first(source(f)) for f in self.feeds]
+        except UserError as e:
+            self.metric, self.source, self.note = None, None, f"not measured: {e.message}"
+
+    def _perplexity(self, run) -> dict:
+        return perplexity(run, self.tokenizer_dir, self.text, self.seq_len, self.max_tokens, stride=self.seq_len)
+
+    def _feeds(self, program) -> list[dict]:
+        """Text windows of the held-out text when the model reads token ids and has a tokenizer, else
+        random inputs (seeds the verification and calibration do not use)."""
+        example = program(program.example_inputs(seed=1))
+        out_bytes = max(np.asarray(next(iter(example.values()))).nbytes, 1)
+        n = int(min(HELD_OUT_FEEDS, max(1, _KEPT_BYTES // out_bytes)))
+        if self.tokenizer_dir:
+            from .calibration import text_feeds
+            self.inputs = "text"
+            return [{k: v[:1] for k, v in f.items()} for f in
+                    text_feeds(program, self.text, n_samples=n, start=0.0)]
+        self.inputs = "random"
+        return [{k: v[:1] for k, v in program.example_inputs(seed=100 + i).items()} for i in range(n)]
+
+    @staticmethod
+    def _first(out: dict) -> np.ndarray:
+        return np.asarray(next(iter(out.values())), np.float32)
+
+    def compare(self, run, measured_with: str) -> dict:
+        """The report's section: `run` (the artifact, or the compressed Program in PyTorch: `measured_with`)
+        scored as the source was."""
+        text = f"tcc/data/{self.text.name} (shipped with tcc; not the calibration text)"
+        if self.metric is None:
+            return {"metric": None, "note": self.note, "text": text}
+        run = _batch1(run, self.batch)
+        out = {"metric": self.metric, "measured_with": measured_with, "text": text}
+        if self.metric == "perplexity":
+            got = self._perplexity(run)
+            out.update(source=self.source["value"], compressed=got["value"], change=got["value"] / self.source["value"] - 1,
+                       tokens=got["tokens"], windows=got["windows"], seq_len=self.seq_len,
+                       definition=f"perplexity: exp of the mean negative log-likelihood of the next token, over "
+                                  f"{got['tokens']} tokens of the held-out text in {got['windows']} non-overlapping "
+                                  f"windows of {self.seq_len} tokens (a window's first token is not scored); lower "
+                                  "is better; change = compressed / source - 1")
+        elif self.metric == "cosine":
+            got = cosine(run, self.source, self.tokenizer_dir, self.text, self.seq_len, HELD_OUT_SAMPLES)
+            out.update(source=1.0, compressed=got["value"], change=got["value"] - 1, min=got["min"],
+                       samples=got["samples"], seq_len=self.seq_len,
+                       definition=f"embedding cosine: the cosine similarity of the compressed and the source model's "
+                                  f"sentence embeddings (last_hidden_state mean-pooled over the attention mask), mean "
+                                  f"over {got['samples']} sentences of the held-out text of up to {self.seq_len} "
+                                  "tokens; 1 = the same direction; change = cosine - 1")
+        else:
+            got = [self._first(run(f)) for f in self.feeds]
+            top1 = float(np.mean(np.concatenate([(g.argmax(-1) == s.argmax(-1)).ravel()
+                                                 for g, s in zip(got, self.source)])))
+            cos = float(np.mean([_cos(g, s) for g, s in zip(got, self.source)]))
+            inputs = ("windows of the held-out text" if self.inputs == "text" else
+                      "random inputs (the model has no tokenizer or takes no token ids)")
+            out.update(source=1.0, compressed=top1, change=top1 - 1, output_cosine=cos, feeds=len(got), inputs=self.inputs,
+                       definition=f"top-1 agreement: the fraction of rows of the first output (argmax over its last "
+                                  f"axis) where the compressed model picks what the source picks, over {len(got)} "
+                                  f"{inputs}; output cosine: cosine similarity of the flattened outputs, mean over "
+                                  "the inputs; change = agreement - 1")
+        return out
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+
+
+def _batch1(run: Run, batch: int) -> Run:
+    """`run` for batch-1 feeds when it takes `batch` rows: the feed repeated, the first row returned."""
+    if batch == 1:
+        return run
+
+    def call(feeds: dict) -> dict:
+        out = run({k: np.repeat(v, batch, axis=0) for k, v in feeds.items()})
+        return {k: np.asarray(v)[:1] for k, v in out.items()}
+    call.inputs = getattr(run, "inputs", None)
+    return call

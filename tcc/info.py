@@ -12,7 +12,9 @@ formats); nothing is loaded or run. `describe(dir)` returns the JSON that `tcc i
              passes [{name, text (non-default options), seconds, param_bytes {before, after}, drift_rel}]
   sizes      weight_bytes, source_param_bytes, ratio
   measured   accuracy (report final.accuracy), generation (final.generation), max_drift,
-             latency (report run.latency or null, with the reason when not measured),
+             latency (report run.latency or null, with the reason when not measured: the artifact's
+             times, the baseline's and the speed-up), task_accuracy (report final.task_accuracy),
+             summary (the report's summary line),
              compile {seconds (trace, build, passes), peak_rss_gb}
              and the names of any extra report sections (e.g. search)
 `format_text(info)` renders it for people.
@@ -52,12 +54,24 @@ def describe(dir) -> dict:
                      "generation": final.get("generation"), "max_drift": final.get("max_drift"),
                      "latency": (report.get("run") or {}).get("latency"),
                      "latency_reason": (final.get("latency") or {}).get("reason"),
+                     "task_accuracy": final.get("task_accuracy"),
+                     "summary": _summary(report),
                      "compile": {"seconds": run.get("seconds"), "peak_rss_gb": (run.get("memory") or {}).get("peak_rss_gb")},
                      "report_sections": sorted(set(report) - _REPORT_KEYS)},
     }
 
 
 _REPORT_KEYS = {"schema", "tcc_version", "model", "target", "backend", "pipeline", "passes", "final", "run", "sparsity"}
+
+
+def _summary(report: dict) -> str | None:
+    """The report's summary line (size, speed-up against the baseline, task accuracy), or None for an
+    artifact without a report that says them."""
+    from .report import summary
+    try:
+        return summary(report) if report.get("final") else None
+    except (KeyError, TypeError, ValueError):  # a report from an older tcc
+        return None
 
 
 def _target_line(name: str | None) -> str | None:
@@ -154,6 +168,8 @@ def format_text(info: dict) -> str:
     lines.append(("latency", f"{lat['median_ms']:.3f} ms median of {lat['calls']} calls (p10 {lat['p10_ms']:.3f}, "
                              f"p90 {lat['p90_ms']:.3f}; `tcc bench` for a comparison)" if lat else
                   f"not measured: {me.get('latency_reason') or 'no report'}"))
+    if me.get("summary"):
+        lines.append(("summary", me["summary"]))
     sec, rss = me["compile"]["seconds"] or {}, me["compile"]["peak_rss_gb"]
     parts = [f"{k} {sec[k]} s" for k in ("trace", "build", "total") if isinstance(sec.get(k), (int, float))]
     lines.append(("compile", ", ".join(parts + ([f"peak RSS {rss} GB"] if rss is not None else [])) or "?"))

@@ -2,7 +2,8 @@
 
 `recording()` (compile wraps its work in it) turns recording on; while it is on, every
 `progress.status` step and every `stage(name)` block records its seconds, the peak RSS reached
-inside it and the RSS when it ended. Linux keeps the peak (VmHWM in /proc/self/status); it is reset
+inside it and the RSS when it ended, and its depth (0: no other step contains it; `top_level` lists
+those, which add up to the wall time with an "other" row). Linux keeps the peak (VmHWM in /proc/self/status); it is reset
 at the start of each step (writing 5 to /proc/self/clear_refs) so each step gets its own peak, and
 folded into every step still open, so nested steps are right too. Where the reset is not allowed
 a step's peak is the process's peak so far (ru_maxrss), still exact for the whole compile.
@@ -19,6 +20,7 @@ _steps: dict | None = None  # name -> {"seconds", "peak_gb", "end_gb", "calls"} 
 _open: list[list] = []  # [name, peak bytes] of the steps now running, outermost first
 _peak = 0  # the whole recording's peak (bytes)
 _can_reset: bool | None = None
+_listeners: list = []  # watching(): called with the open steps' names when a step begins
 
 
 def _status() -> tuple[int, int]:
@@ -85,8 +87,11 @@ def stage(name: str):
         return
     _fold()
     _steps.setdefault(name, None)  # steps in the order they began
+    depth = len(_open)
     step = [name, 0]
     _open.append(step)
+    for listener in list(_listeners):
+        listener([s[0] for s in _open])
     t0 = time.perf_counter()
     try:
         yield
@@ -94,10 +99,28 @@ def stage(name: str):
         rss = _fold()
         _open.remove(step)
         if _steps is not None:
-            old = _steps.get(name) or {"seconds": 0.0, "peak_gb": 0.0, "calls": 0}
+            old = _steps.get(name) or {"seconds": 0.0, "peak_gb": 0.0, "calls": 0, "depth": depth}
             _steps[name] = {"seconds": round(old["seconds"] + time.perf_counter() - t0, 2),
                             "peak_gb": max(old["peak_gb"], round(step[1] / GB, 3)), "end_gb": round(rss / GB, 3),
-                            "calls": old["calls"] + 1}
+                            "calls": old["calls"] + 1, "depth": min(old["depth"], depth)}
+
+
+def top_level(steps: dict, total: float) -> list[list]:
+    """[[step, seconds]] of the steps no other step contains (depth 0: they never overlap), in the
+    order they began, then ["other", what `total` seconds leaves]: they add up to `total`."""
+    rows = [[name, v["seconds"]] for name, v in steps.items() if v and v.get("depth", 0) == 0]
+    return rows + [["other", round(max(total - sum(s for _, s in rows), 0.0), 2)]]
+
+
+@contextlib.contextmanager
+def watching(listener):
+    """Call `listener([names of the open steps, outermost first])` whenever a step begins, in the block
+    (a compile's progress file: where a compile killed by SIGKILL was)."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
 
 
 def recorded(name: str) -> dict | None:

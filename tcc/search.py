@@ -664,7 +664,8 @@ def _artifact(s: _Search, r: dict, program, calibration: list, work: Path) -> Pa
     from .compiler import compile
     dir = work / "artifacts" / r["key"]
     if not (dir / "manifest.json").exists():
-        compile(program, s.target.name, out=dir, pipeline=r["pipeline"], calibration=calibration).close()
+        compile(program, s.target.name, out=dir, pipeline=r["pipeline"], calibration=calibration,
+                evaluate=False).close()  # the search scores its own held-out metric
     return dir
 
 

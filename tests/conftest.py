@@ -126,3 +126,18 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny-bert"
     BertModel(config).eval().save_pretrained(out, safe_serialization=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_with_its_tokenizer(tmp_path_factory, minilm_dir) -> Path:
+    """A random-init BERT (hidden 32, 1 layer) with MiniLM's WordPiece tokenizer and vocabulary."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir))
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64,
+                        vocab_size=len(tokenizer), max_position_embeddings=32)
+    out = tmp_path_factory.mktemp("models") / "tiny-bert-wordpiece"
+    BertModel(config).eval().save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out

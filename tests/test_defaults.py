@@ -208,21 +208,6 @@ def compile_help() -> str:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_with_its_tokenizer(tmp_path_factory, minilm_dir) -> Path:
-    """A random-init BERT (hidden 32, 1 layer) with MiniLM's WordPiece tokenizer and vocabulary."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir))
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64,
-                        vocab_size=len(tokenizer), max_position_embeddings=32)
-    out = tmp_path_factory.mktemp("models") / "tiny-bert-wordpiece"
-    BertModel(config).eval().save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-    return out
-
-
 @pytest.mark.skipif(not X86_HOST, reason="an x86-64 host")
 def test_calibrated_compile_from_an_installed_wheel(tiny_bert_with_its_tokenizer, tmp_path):
     """tcc built as a wheel and installed into a fresh directory, run from a directory with no
