@@ -460,18 +460,23 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
         raise UserError(f"--top-p must be in (0, 1], got {top_p}", "1 keeps every token")
 
 
-def decode_loop(prefill: Callable, decode: Callable, prompt: list[int], max_new_tokens: int, max_context: int,
-                chunk: int, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                stop: set[int] | None = None, stats: dict | None = None) -> Iterator[int]:
-    """Yield up to `max_new_tokens` new token ids. `prefill(ids [chunk], pos, last) -> logits [V]`
-    runs one padded chunk; `decode(id, pos) -> logits [V]`. `stats` gets prefill/decode seconds and
-    token counts (tokens per second are computed from them)."""
+def check_generation(prompt: list[int], max_context: int, temperature: float, top_k: int, top_p: float) -> None:
+    """A UserError for sampling options out of range, an empty prompt or one that leaves no room."""
     check_sampling(temperature, top_k, top_p)
     if not prompt:
         raise UserError("the prompt is empty", "give a prompt of at least one token")
     if len(prompt) >= max_context:
         raise UserError(f"the prompt is {len(prompt)} tokens; the artifact's context holds {max_context}, "
                         "with room for at least one new token", "shorten the prompt or recompile with a larger --max-context")
+
+
+def decode_loop(prefill: Callable, decode: Callable, prompt: list[int], max_new_tokens: int, max_context: int,
+                chunk: int, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                stop: set[int] | None = None, stats: dict | None = None) -> Iterator[int]:
+    """Yield up to `max_new_tokens` new token ids. `prefill(ids [chunk], pos, last) -> logits [V]`
+    runs one padded chunk; `decode(id, pos) -> logits [V]`. `stats` gets prefill/decode seconds and
+    token counts (tokens per second are computed from them)."""
+    check_generation(prompt, max_context, temperature, top_k, top_p)
     rng = np.random.default_rng(seed)
     stats = stats if stats is not None else {}
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import UserError
-from .generation import check_sampling, prefill_prompt, probabilities, sample
+from .generation import check_generation, prefill_prompt, probabilities, sample
 
 SPECULATE = ("off", "lookup", "draft")
 
@@ -146,12 +146,7 @@ def speculative_loop(target, draft, prompt: list[int], max_new_tokens: int, max_
     target.verify. `stats` gets decode_loop's fields plus target_calls (verify and decode steps),
     drafted, accepted and draft_seconds (inside decode_seconds). `k`: the first proposal length
     (default verify_len - 1; it adapts)."""
-    check_sampling(temperature, top_k, top_p)
-    if not prompt:
-        raise UserError("the prompt is empty", "give a prompt of at least one token")
-    if len(prompt) >= max_context:
-        raise UserError(f"the prompt is {len(prompt)} tokens; the artifact's context holds {max_context}, "
-                        "with room for at least one new token", "shorten the prompt or recompile with a larger --max-context")
+    check_generation(prompt, max_context, temperature, top_k, top_p)
     k_max = max(0, getattr(target, "verify_len", 0) - 1)
     k = min(k or k_max, k_max)
     sampling = (temperature, top_k, top_p)

@@ -6,9 +6,10 @@ One tiny random-init LLaMA (tests/test_dynamic.tiny: hidden 64, 2 layers, vocab 
 for x86 with a context of 32 and a draft 'drop-blocks(ratio=0.5,keep_ends=false),quantize(weights=
 int4,group=16)' (one block, int4). Tolerances: verify's rows equal decode's logits within 1e-4
 relative (fp32; measured 1.5e-7). The sampling test: the joint distribution of the first three
-sampled tokens (temperature 1, top-k 3: 27 outcomes) over 3000 seeded runs against the target's
+sampled tokens (temperature 1, top-k 3: 27 outcomes) over 2000 seeded runs against the target's
 exact distribution (computed from its own logits), chi-square below its 1 - 1e-4 quantile; the same
-test on what a loop that accepted every draft would give is far above it (the test can fail).
+statistic against the distribution with the second token drawn from the draft's q (what accepting
+every draft gives it) is far above it (the test can fail).
 """
 from __future__ import annotations
 
@@ -102,7 +103,11 @@ class RandomDraft:
         pass
 
 
-def test_sampling_keeps_the_target_distribution(art):
+@pytest.mark.parametrize("new", [3, 4])
+def test_sampling_keeps_the_target_distribution(art, new):
+    """new 3: one draft per round (room for t2 and t3): acceptance, residual, the bonus token from the
+    verify row and a decode step; new 4: two drafts in the first round (the second is checked only
+    after the first is accepted)."""
     from scipy.stats import chi2
     sampling = dict(temperature=1.0, top_k=3)
     prompt = [3, 9, 27, 81, 1, 2, 4]
@@ -110,7 +115,7 @@ def test_sampling_keeps_the_target_distribution(art):
     s, logits = _prefilled(art, prompt)
     p1 = probabilities(logits, 1.0, 3)
     exact = {}
-    q_wrong = {}  # what accepting every draft would give: t2 ~ q
+    q_wrong = {}  # t2 ~ q, as accepting every draft would give it
     top = [int(t) for t in np.flatnonzero(p1)]
     q = np.full(128, 0.2 / 125)
     second = {}
@@ -132,10 +137,10 @@ def test_sampling_keeps_the_target_distribution(art):
                 exact[(t1, t2, int(t3))] = p1[t1] * second[t1][t2] * p3[t3]
                 q_wrong[(t1, t2, int(t3))] = p1[t1] * q[t2] * p3[t3]
     draft = RandomDraft(q)
-    n = 3000
+    n = 2000
     counts: dict = {}
     for seed in range(n):
-        out = tuple(speculative_loop(s, draft, prompt, 3, 32, s.chunk, seed=seed, **sampling))
+        out = tuple(speculative_loop(s, draft, prompt, new, 32, s.chunk, seed=seed, **sampling))[:3]
         counts[out] = counts.get(out, 0) + 1
     assert set(counts) <= {k for k, v in exact.items() if v > 0}  # only tokens the target can give
 
@@ -150,7 +155,7 @@ def test_sampling_keeps_the_target_distribution(art):
     bound = chi2.ppf(1 - 1e-4, dof)
     assert stat < bound, (stat, bound)
     wrong, _ = chi_square({k: v for k, v in q_wrong.items()})
-    assert wrong > 10 * bound  # the test tells a loop that accepts every draft from the rule
+    assert wrong > 5 * bound  # the test tells a loop that accepts every draft from the rule
 
 
 def test_lookup_draft_proposes_what_followed():
