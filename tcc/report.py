@@ -327,7 +327,7 @@ def _facts(report: dict) -> list[tuple[str, str]]:
                       f"task {report['model']['task']}; inputs "
                       + ", ".join(f"{s['name']} {s['dtype']} {s['shape']}" for s in report["model"]["inputs"])),
             ("target", f"{(report['target'] or {}).get('name')} (backend {report['backend']})"),
-            ("pipeline", short_pipeline(report["pipeline"]))]
+            ("pipeline", short_pipeline(report["pipeline"]) + _preset_words(report["pipeline"]))]
     if final.get("size"):
         s = final["size"]
         rows.append(("weights", f"{s['weight_bytes'] / 1e6:.2f} MB" + (f" ({s['ratio']:.3f}× the source's "
@@ -350,6 +350,12 @@ def _facts(report: dict) -> list[tuple[str, str]]:
         rows.append(("stopped", f"{prog['state']} during '{prog.get('stage')}' (step '{prog.get('step')}') after "
                                 f"{prog.get('seconds')} s"))
     return rows
+
+
+def _preset_words(text: str | None) -> str:
+    from .info import _preset
+    name = _preset(text)
+    return f" (preset {name})" if name else ""
 
 
 def short_pipeline(text: str | None) -> str:
