@@ -121,6 +121,7 @@ class Bf16(Pass):
     name = "bf16"
     kind = "transform"
     writes_weights = False  # new bf16 tensors replace the float32 ones
+    reads_bf16_weights = True  # a bf16 checkpoint's own tensors (tcc.frontend) are left as they are
     options = {
         "embeddings": Option(bool, True, "embedding tables (and a tied LM head) in bf16 too"),
         "skip": Option(list[str], [], "module-path globs to keep in float32, e.g. [lm_head]"),

@@ -29,6 +29,7 @@ class DeadCode(Pass):
     name = "dce"
     kind = "cleanup"
     options = {}
+    reads_bf16_weights = True
 
     def run(self, program: Program, ctx: PassContext) -> Program:
         bytes_before = program.param_bytes()

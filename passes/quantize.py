@@ -123,8 +123,10 @@ from tcc.structure import IDENTITY, op_name
 from .dead_code import remove_dead
 
 aten, tcc_ops = torch.ops.aten, torch.ops.tcc
-DENSE = (aten.linear.default, tcc_ops.dense.default)
+# tcc::dense_bf16 / embedding_bf16: a bf16 checkpoint's own tensors (tcc.frontend), read widened to float32
+DENSE = (aten.linear.default, tcc_ops.dense.default, tcc_ops.dense_bf16.default)
 EMBEDDING = aten.embedding.default
+TABLES = {EMBEDDING: (0, 1), tcc_ops.embedding_bf16.default: (1, 0)}  # embedding op -> (table, ids) positions
 ASSERT = aten._assert_tensor_metadata.default
 OPS = {"w8": tcc_ops.dense_w8.default, "w4": tcc_ops.dense_w4.default, "a8w8": tcc_ops.dense_a8w8.default}
 HIGHER = {"w4": "w8", "w8": "fp32", "a8w8": "fp32"}
@@ -150,6 +152,12 @@ class Quantize(Pass):
     name = "quantize"
     kind = "transform"
     writes_weights = True  # in place (Pipeline.run; Program.clone)
+
+    @property
+    def reads_bf16_weights(self) -> bool:
+        """bf16 weights are read widened to float32, one layer at a time; smoothquant's scales are powers
+        of two where they scale a bf16 weight (_exact_scales). AWQ's clipping would round: float32 load."""
+        return self.method != "awq"
     options = {
         "weights": Option(str, "int8", "weight format", choices=("int8", "int4")),
         "group": Option(int, 128, "int4: input features per scale (even; a K it does not divide uses the largest even "
@@ -303,12 +311,12 @@ def match(program: Program, opts: Quantize, check_groups: bool = True) -> Plan:
     tables: dict[str, list[fx.Node]] = {}
     skipped: list[dict] = []
     for n in gm.graph.nodes:
-        if n.op != "call_function" or n.target not in DENSE + (EMBEDDING,):
+        if n.op != "call_function" or n.target not in DENSE + tuple(TABLES):
             continue
-        is_table = n.target is EMBEDDING
+        is_table = n.target in TABLES
         if is_table and not opts.embeddings:
             continue
-        w = n.args[0] if is_table else (n.args[1] if len(n.args) > 1 else None)
+        w = n.args[TABLES[n.target][0]] if is_table else (n.args[1] if len(n.args) > 1 else None)
         path = module_path(n)
         if not isinstance(w, fx.Node) or w.op != "get_attr":
             skipped.append({"module": path, "node": n.name, "reason": "weight is computed, not a stored tensor"})
@@ -463,8 +471,18 @@ def smooth(program: Program, plan: Plan, feeds: list[dict], opts: Quantize) -> l
 
 
 def _smoothquant_scales(gm, todo: list, stats: dict, alpha: float) -> list[torch.Tensor]:
-    return [smoothquant_scales(stats[x.name].abs_max, [_attr(gm, n.args[1].target) for n in lins], alpha, fold[-1])
+    return [_exact_scales(gm, lins, smoothquant_scales(stats[x.name].abs_max, [_attr(gm, n.args[1].target) for n in lins],
+                                                       alpha, fold[-1]))
             for x, lins, fold, _ in todo]
+
+
+def _exact_scales(gm, lins: list[fx.Node], s: torch.Tensor) -> torch.Tensor:
+    """s, or s rounded to the nearest power of two where it scales a weight stored in bf16 (a bf16
+    checkpoint's own tensors, tcc.frontend): W * s and the folded rows / s then stay exact in bf16, so
+    smoothing writes no float32 copy of the weights (issue 15). float32 weights: s as it is."""
+    if any(_attr(gm, n.args[1].target).dtype == torch.bfloat16 for n in lins):
+        return torch.exp2(torch.round(torch.log2(s)))
+    return s
 
 
 def search_alpha(program: Program, plan: Plan, todo: list, stats: dict, feeds: list[dict], opts: Quantize) -> dict:
@@ -499,7 +517,7 @@ def search_alpha(program: Program, plan: Plan, todo: list, stats: dict, feeds: l
                 if x.name in smoothed and not layer.tied:
                     expand, i = smoothed[x.name]
                     s = scales[i] if expand is None else scales[i][expand]
-                wq = rtn(w if s is None else w * s[None, :], Grid("int8"), w.shape[1]).dequantize()
+                wq = rtn(w if s is None else w * s[None, :], Grid("int8"), w.shape[1])  # codes: 1/4 the float bytes
                 patches[n.name] = (_fake_a8w8(x.name, wq, s, b.name if isinstance(b, fx.Node) else b, asym), _needs(n))
         terms, kl = [], []
         for i, a in enumerate(args):
@@ -528,13 +546,13 @@ def _log_probs(program: Program, outputs: list) -> torch.Tensor:
     return torch.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
 
 
-def _fake_a8w8(x: str, wq: torch.Tensor, s: torch.Tensor | None, b, asym: bool):
-    """A GraphRunner patch: linear(fake-quantized x / s, wq) + b."""
+def _fake_a8w8(x: str, wq: QWeight, s: torch.Tensor | None, b, asym: bool):
+    """A GraphRunner patch: linear(fake-quantized x / s, wq dequantized) + b."""
     def fn(v, get):
         xv = get(x).to(torch.float32)
         xv = xv if s is None else xv / s
         q, scale, zero = quantize_rows(xv.reshape(-1, xv.shape[-1]), None, None, asym)
-        y = torch.nn.functional.linear(((q - zero) * scale).reshape(xv.shape), wq)
+        y = torch.nn.functional.linear(((q - zero) * scale).reshape(xv.shape), wq.dequantize())
         return y + get(b) if isinstance(b, str) else (y + b if b is not None else y)
     return fn
 
@@ -923,7 +941,7 @@ def rewrite(gm: fx.GraphModule, plan: Plan, opts: Quantize) -> list[dict]:
         tables[target] = (q, _register(gm, target, {"int8": q.codes, "scale": q.scale}))
         page_out([w])  # mapped from the checkpoint file: its pages leave RSS
         for n in nodes:
-            _replace(gm, n, tcc_ops.embedding_w8.default, lambda get, n=n: (n.args[1], get("int8"), get("scale")),
+            _replace(gm, n, tcc_ops.embedding_w8.default, lambda get, n=n: (n.args[TABLES[n.target][1]], get("int8"), get("scale")),
                      tables[target][1])
         notes.append({"weight": target, "modules": sorted({module_path(n) for n in nodes}), "shape": list(w.shape),
                       "format": "embedding_w8", "bytes_before": w.numel() * w.element_size(), "bytes_after": q.nbytes})

@@ -147,7 +147,8 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             else:
                 from .frontend import trace
                 traced_max = max(max_seq_len or 0, gen_context or 0) or None  # generation traces a dynamic length
-                program = trace(model, task=task, seq_len=seq_len, batch=batch, max_seq_len=traced_max)
+                program = trace(model, task=task, seq_len=seq_len, batch=batch, max_seq_len=traced_max,
+                                weights=_traced_weights(model, facts["dtype"], pipe))
         if tokenizer is not None:
             from .evaluate import attach_tokenizer
             attach_tokenizer(program, tokenizer)
@@ -419,6 +420,17 @@ def _weights_dtype(model, dtype: str | None, tgt, backend: str, user) -> str:
         raise UserError(f"bf16 weights run on tcc's CPU kernels (the tvm backend), not on {backend} / {tgt.name}",
                         "use --dtype fp32 for this target")
     return dtype
+
+
+def _traced_weights(model, dtype: str, pipe) -> str:
+    """How the frontend loads the weights (tcc.frontend.trace's `weights`): "bf16", a checkpoint saved
+    in bf16 keeps its own tensors and no stage holds them in float32 (issue 15), where the weights
+    end bf16 or quantized (`dtype` bf16) and every pass takes such a Program (Pass.reads_bf16_weights);
+    else "fp32" (every weight loaded as float32)."""
+    from .models import checkpoint_dtype
+    if dtype != "bf16" or not isinstance(model, (str, Path)) or not all(p.reads_bf16_weights for p in pipe):
+        return "fp32"
+    return "bf16" if checkpoint_dtype(model) == "bf16" else "fp32"
 
 
 def _generation_context(model, task, tgt, backend: str, generate: bool | None, max_context: int | None,

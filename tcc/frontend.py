@@ -84,7 +84,7 @@ def task_module(hf, task: str) -> tuple[torch.nn.Module, list[str], list[str]]:
 
 def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
           example_inputs: dict[str, torch.Tensor] | None = None,
-          output_names: list[str] | None = None, max_seq_len: int | None = None) -> Program:
+          output_names: list[str] | None = None, max_seq_len: int | None = None, weights: str = "fp32") -> Program:
     """Trace a model into a Program.
 
     `model` is a path or alias (see tcc.models.resolve) or an `nn.Module`. For a module, give
@@ -92,6 +92,8 @@ def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
     or `output`, `output_1`... For HF models the task decides inputs and outputs.
     `max_seq_len`: export the token inputs with a dynamic sequence length 1..max_seq_len (the example
     length is min(seq_len, max_seq_len)); None keeps every shape static.
+    `weights` "bf16" (a Hugging Face checkpoint saved in bf16): the Program keeps the checkpoint's own
+    bf16 tensors, never a float32 copy of them (_bind_bf16); "fp32" loads every weight as float32.
     """
     if seq_len < 1 or batch < 1:
         raise UserError(f"--seq-len and --batch must be positive (got seq_len={seq_len}, batch={batch})")
@@ -116,7 +118,8 @@ def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
                           source_name=str(model) if str(model) in models.ALIASES else None)
     model_sha = models.model_hash(path)
     # the trace cache holds static programs only
-    key = cache.trace_key(model_sha, path, task, seq_len, batch) if cache.enabled() and max_seq_len is None else None
+    key = (cache.trace_key(model_sha, path, task, seq_len, batch)
+           if cache.enabled() and max_seq_len is None and weights == "fp32" else None)
     hit = cache.load_trace(key) if key else None
     shown_path = str(model) if str(model) in models.ALIASES else str(path)  # the key holds the resolved path
     if hit is not None:
@@ -126,7 +129,8 @@ def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
             return _hf_program(ep, inputs, {**meta, "source": {**meta["source"], "path": shown_path},
                                             "tokenizer_dir": models.tokenizer_dir(path)})
     with status(f"loading {model}"):
-        hf, task, tok_dir = models.load_hf(path, task)
+        hf, task, tok_dir = models.load_hf(path, task, weights)
+    stand_ins = _fp32_stand_ins(hf) if weights == "bf16" else {}
     cfg = hf.config
     wrapper, names, outs = task_module(hf, task)
     vocab = int(getattr(cfg, "vocab_size", 1000))
@@ -150,12 +154,84 @@ def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
     meta = {"outputs": outs, "task": task, "source": source, "tokenizer_dir": tok_dir, "vocab": vocab}
     if key:
         cache.save_trace(key, ep, inputs, meta)
-    return _hf_program(ep, inputs, meta)
+    del hf, wrapper
+    return _hf_program(ep, inputs, meta, stand_ins)
 
 
-def _hf_program(ep, inputs: dict, meta: dict) -> Program:
-    """The Program of a traced Hugging Face model (fresh, or from tcc.cache)."""
-    prog = _from_export(ep, inputs, meta["outputs"], task=meta["task"], source=meta["source"])
+def _fp32_stand_ins(model: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """In place: every bfloat16 parameter and buffer of `model` is replaced by a float32 tensor of its
+    shape that is never written (torch.empty: its pages never become resident), so that torch.export
+    traces float32 math without a float32 copy of the weights; a tensor shared by several modules
+    (tied embeddings) gets one stand-in. Returns {stand-in data_ptr: the bf16 tensor} for _bind_bf16."""
+    bound, made = {}, {}
+    for mod in model.modules():
+        for slots in (mod._parameters, mod._buffers):
+            for name, t in slots.items():
+                if t is None or t.dtype != torch.bfloat16:
+                    continue
+                if id(t) not in made:
+                    stand_in = torch.empty(t.shape, dtype=torch.float32)
+                    made[id(t)] = torch.nn.Parameter(stand_in, requires_grad=False) if slots is mod._parameters else stand_in
+                    bound[stand_in.data_ptr()] = t.detach()
+                slots[name] = made[id(t)]
+    return bound
+
+
+def _reads_as_weight(u: torch.fx.Node, g: torch.fx.Node) -> bool:
+    """Node u reads get_attr g only as a linear's weight or an embedding's table."""
+    aten = torch.ops.aten
+    if u.op != "call_function" or u.kwargs:
+        return False
+    if u.target is aten.linear.default:
+        return len(u.args) > 1 and u.args[1] is g and g not in (u.args[0], *u.args[2:])
+    return u.target is aten.embedding.default and u.args[0] is g and g not in u.args[1:]
+
+
+def _bind_bf16(gm: torch.fx.GraphModule, stand_ins: dict[int, torch.Tensor]) -> None:
+    """In place, on a graph traced with _fp32_stand_ins: a stand-in read only as linear weights and
+    embedding tables becomes the checkpoint's bf16 tensor itself, read by tcc::dense_bf16 /
+    tcc::embedding_bf16 (tcc.ops: float32 math on the weights widened exactly, one at a time, so the
+    graph computes what the float32 model computes); any other (norm weights, biases, tensors read
+    by other ops) becomes a float32 copy of its bf16 values (small tensors, exact)."""
+    from . import ops  # noqa: F401  (registers tcc::dense_bf16, tcc::embedding_bf16)
+    from .pipeline import set_val
+    from .program import attribute
+    tcc_ops = torch.ops.tcc
+    bound: dict[int, torch.Tensor] = {}  # id(bf16 tensor) -> what replaced it (tied names: one object)
+    getters: dict[str, list[torch.fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            getters.setdefault(n.target, []).append(n)
+    for target, nodes in getters.items():
+        t = attribute(gm, target)
+        src = stand_ins.get(t.data_ptr()) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else None
+        if src is None:
+            continue
+        keep = src.dim() == 2 and all(_reads_as_weight(u, g) for g in nodes for u in g.users)
+        if id(src) not in bound or (bound[id(src)].dtype == torch.bfloat16) != keep:
+            bound[id(src)] = torch.nn.Parameter(src if keep else src.to(torch.float32), requires_grad=False)
+        value = bound[id(src)]
+        owner_path, _, name = target.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if name in owner._parameters:
+            owner._parameters[name] = value
+        elif name in owner._buffers:
+            owner._buffers[name] = value
+        else:
+            setattr(owner, name, value)
+        for g in nodes:
+            set_val(gm, g, value)
+            for u in list(g.users) if keep else ():
+                if u.target is torch.ops.aten.linear.default:
+                    u.target, u.args = tcc_ops.dense_bf16.default, (u.args[0], g, *u.args[2:])
+                else:
+                    u.target, u.args = tcc_ops.embedding_bf16.default, (u.args[1], g)
+    gm.recompile()
+
+
+def _hf_program(ep, inputs: dict, meta: dict, stand_ins: dict | None = None) -> Program:
+    """The Program of a traced Hugging Face model (fresh, or from tcc.cache); `stand_ins`: _bind_bf16."""
+    prog = _from_export(ep, inputs, meta["outputs"], task=meta["task"], source=meta["source"], stand_ins=stand_ins)
     vocab = meta["vocab"]
     ranges = {"input_ids": (0, vocab), "attention_mask": (0, 2), "token_type_ids": (0, 2)}
     prog.inputs = [dataclasses.replace(s, range=ranges.get(s.name)) for s in prog.inputs]
@@ -218,11 +294,14 @@ def _export(module, example_inputs, dynamic=None) -> torch.export.ExportedProgra
                             "the model must be traceable with static shapes; run with --debug for the full trace")
 
 
-def _from_export(ep, example_inputs, output_names, task, source) -> Program:
+def _from_export(ep, example_inputs, output_names, task, source, stand_ins=None) -> Program:
     """canonicalize + structure recovery of an ExportedProgram; output specs from running it once."""
     args = tuple(example_inputs.values())
     with torch.no_grad():
-        gm = canonicalize(ep.module())
+        gm = ep.module()
+        if stand_ins:
+            _bind_bf16(gm, stand_ins)
+        gm = canonicalize(gm)
         out = gm(*args)
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     names = output_names or (["output"] + [f"output_{i}" for i in range(1, len(outs))])

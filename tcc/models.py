@@ -219,8 +219,11 @@ def infer_task(config) -> str:
     return "feature-extraction"
 
 
-def load_hf(path: Path, task: str | None = None):
-    """A Hugging Face folder (config.json + safetensors, or a GGUF) -> (model, task, tokenizer_dir or None)."""
+def load_hf(path: Path, task: str | None = None, dtype: str = "fp32"):
+    """A Hugging Face folder (config.json + safetensors, or a GGUF) -> (model, task, tokenizer_dir or None).
+    `dtype` "fp32" converts every weight to float32; "bf16" loads them as bfloat16: a checkpoint saved
+    in bf16 (checkpoint_dtype) keeps its own tensors, mapped from the file, with no float32 copy
+    (tcc.frontend.trace(weights="bf16") traces such a model in float32 and binds them). GGUF: float32."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -235,7 +238,7 @@ def load_hf(path: Path, task: str | None = None):
     ggufs = sorted(path.glob("*.gguf"))
     if not list(path.glob("*.safetensors")):
         if ggufs:
-            return load_hf(ggufs[0], task)
+            return load_hf(ggufs[0], task, dtype)
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         if pickles:
             raise UserError(f"{path} holds only pickled weights ({', '.join(pickles)}); tcc never unpickles model files",
@@ -265,7 +268,8 @@ def load_hf(path: Path, task: str | None = None):
     # attention (Gemma-2: eager, which keeps its soft-capped scores)
     impl = "sdpa" if getattr(cls._model_mapping[type(config)], "_supports_sdpa", False) else "eager"
     try:
-        model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation=impl, use_safetensors=True)
+        model = cls.from_pretrained(path, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, attn_implementation=impl,
+                                    use_safetensors=True)
     except Exception as e:
         raise UserError(f"cannot load the model in {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
                         "check that the safetensors files are complete and match config.json")
