@@ -204,8 +204,8 @@ class Metric:
 # fused attention ~8 % of MiniLM (0.15 GFLOP -> 108). Everything else is memory traffic: norms (TVM's
 # default reduction schedule, 1.7 ms for MiniLM's 2.6 MB of outputs), other element-wise ops, weights
 # (the GEMV roofline at M = 1: SmolLM2 qkv 2.2 MB in 48 us) and tcc_unmask (37 GB/s).
-# W4A8 (int4 x int8 integer GEMM, benchmarks/w4a8_gemm.py): 0.44-0.57x W8A8's GOP/s at group 32 and
-# 0.6-0.77x at group 128 on the MiniLM, SmolLM2 and Qwen2.5-0.5B layer shapes at M = 128 -> ~0.5 x 900.
+# W4A8 (int4 x int8 integer GEMM, benchmarks/w4a8_gemm.py): 0.41-0.61x W8A8's GOP/s at group 32 and
+# 0.53-0.82x at group 128 on the MiniLM, SmolLM2 and Qwen2.5-0.5B layer shapes at M = 128 -> ~0.5 x 900.
 HOST_GOPS = {"dense": 225.0, "dense_w8": 218.0, "dense_a8w8_packed": 900.0, "dense_w4_packed": 215.0,
              "dense_w4a8_packed": 450.0, "dense_bsr": 160.0, "sdpa": 108.0}
 HOST_GBPS = {"norm": 1.5, "elementwise": 30.0, "weights": 40.0, "unmask": 37.0}
