@@ -40,7 +40,7 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
             max_drift: float | None = None, latency: bool = True, cache: bool = True, report: str | Path | None = None,
             max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None,
             force: bool = False, tokenizer: str | Path | None = None, kv_cache: str = "fp32",
-            dtype: str | None = None, evaluate: bool = True, draft: str | None = None):
+            dtype: str | None = None, evaluate: bool = True, draft: str | None = None, baseline: bool = True):
     """Compile `model` (path, alias, nn.Module with example inputs via `trace` first, or a Program)
     for `target` into the artifact directory `out`. Returns the loaded artifact (tcc.runtime.Loaded).
 
@@ -49,7 +49,8 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
     when the target runs on this host, time the artifact against the baseline (_Baseline: the source
     compiled without passes, or PyTorch eager for an artifact that compresses nothing), interleaved
     (report.json run.latency). `evaluate`: the task accuracy against the source on the held-out text
-    shipped with tcc (tcc.evaluate.HeldOut; report.json final.task_accuracy).
+    shipped with tcc (tcc.evaluate.HeldOut; report.json final.task_accuracy). `baseline` False times
+    the artifact alone (the accuracy-budget search's candidates).
     `max_seq_len`: trace with a dynamic sequence length 1..max_seq_len (tcc.trace; x86 targets).
     `generate`: give a causal LM's artifact `prefill` and `decode` entry points over a KV cache of
     `max_context` positions (tcc.generation; default on for causal LMs on CPU targets with the tvm
@@ -76,7 +77,8 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
                             calibration_text=calibration_text, calibration_samples=calibration_samples,
                             max_drift=max_drift, latency=latency, max_seq_len=max_seq_len, generate=generate,
                             max_context=max_context, force=force, tokenizer=tokenizer, kv_cache=kv_cache,
-                            dtype=dtype, evaluate=evaluate, progress=progress, draft=draft)
+                            dtype=dtype, evaluate=evaluate, progress=progress, draft=draft,
+                            baseline=baseline)
     except BaseException as e:
         if report is not None:
             final.update(exit_status=reports.exit_status(e), error=reports.error_json(e),
@@ -98,7 +100,7 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
              max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None,
              force: bool = False, tokenizer: str | Path | None = None, kv_cache: str = "fp32",
              dtype: str | None = None, evaluate: bool = True, progress: "_Progress | None" = None,
-             draft: str | None = None) -> Path:
+             draft: str | None = None, baseline: bool = True) -> Path:
     """compile()'s work; fills `facts` (what the manifest says), `records`, `final` and `run` (the
     report's sections) as it goes, so a failure can still be reported."""
     check_dir(out, WHAT, is_artifact, force)  # first of all (Staging checks it again)
@@ -181,10 +183,11 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
         if held_out is not None and not tgt.is_host:  # the artifact does not run natively here: the Program does
             with status("task accuracy on the held-out text: the compressed program (PyTorch)"):
                 final["task_accuracy"] = held_out.compare(program, "pytorch")
+        compare_with = baseline
         baseline = _Baseline(model, pipe, facts, tgt, backend, dict(task=task, seq_len=seq_len, batch=batch,
                              max_seq_len=max(max_seq_len or 0, gen_context or 0) or None),
                              at_length=program.inputs[0].shape[1] if gen_context and not user_dynamic else None,
-                             feeds=reference.feeds if reference is not None else None)
+                             feeds=reference.feeds if reference is not None else None, off=not compare_with)
         functions, generation = {}, None
         if gen_context:
             from .generation import add_verify, at_length, kv_cached
@@ -561,9 +564,9 @@ class _Baseline:
     building); the two are loaded side by side only for the timing."""
 
     def __init__(self, model, pipe, facts: dict, tgt, backend: str, trace_args: dict, at_length: int | None,
-                 feeds: dict | None):
+                 feeds: dict | None, off: bool = False):
         self.model, self.tgt, self.backend, self.trace_args, self.at_length = model, tgt, backend, trace_args, at_length
-        self.feeds = feeds
+        self.feeds, self.off = feeds, off
         self.eager = facts.get("dtype", "fp32") == "fp32" and all(p.kind in ("cleanup", "analysis") for p in pipe)
 
     def _source(self) -> Program:
@@ -592,6 +595,8 @@ class _Baseline:
         need = 1.5 * read_manifest(artifact_dir)["sizes"]["source_param_bytes"]  # its weights beside the artifact's
         skipped = (f"{need / 1e9:.1f} GB of free memory needed for {what}, {_available_bytes() / 1e9:.1f} GB free; "
                    "`tcc bench` compares later") if _available_bytes() < need else None
+        if self.off:
+            skipped = "not asked for (compile(baseline=False): the accuracy-budget search times its candidates alone)"
         tmp = base = None
         try:
             if skipped is None:
