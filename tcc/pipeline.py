@@ -17,8 +17,10 @@ prints every option (for manifests); both parse back to an equal Pipeline.
 
 `Pipeline.run(program, ctx)` runs the passes in order and checks each one: graph lint and
 recompile, output shapes and NaN/inf on the first check feed, drift against the program before the
-pass on the check feeds (the calibration feeds, or `program.example_inputs()` when there are none),
-and appends one JSON-able record per pass to `ctx.records`.
+pass on the check feeds (the calibration feeds, or `program.example_inputs()` when there are none;
+a pass that left the computation the outputs need unchanged, e.g. dce removing dead nodes, reuses
+the outputs before it instead of running the program again), and appends one JSON-able record per
+pass to `ctx.records`.
 """
 from __future__ import annotations
 
