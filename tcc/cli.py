@@ -94,8 +94,8 @@ def cmd_compile(a) -> int:
     art = tcc.compile(a.model, a.target, out=out, pipeline=a.pipeline or "", seq_len=a.seq_len,
                       batch=a.batch, task=a.task, verify=not a.no_verify, backend=a.backend,
                       calibration_text=a.calibration, calibration_samples=a.calibration_samples,
-                      max_drift=a.max_drift, latency=not a.no_latency, cache=not a.no_cache, report=a.report,
-                      evaluate=not a.no_eval, max_seq_len=a.max_seq_len, generate=False if a.no_generate else None,
+                      max_drift=a.max_drift, latency=False if a.no_latency else None, cache=not a.no_cache, report=a.report,
+                      evaluate=False if a.no_eval else None, max_seq_len=a.max_seq_len, generate=False if a.no_generate else None,
                       max_context=a.max_context, force=a.force, tokenizer=a.tokenizer, dtype=a.dtype, kv_cache=a.kv_cache,
                       draft=a.draft)
     m = art.manifest
@@ -376,9 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "output differs from the source model's by more than this (max relative error)")
     c.add_argument("--no-verify", action="store_true", help="skip running the artifact against PyTorch")
     c.add_argument("--no-latency", action="store_true", help="skip timing the artifact against its baseline (the "
-                   "source compiled without passes) for report.json")
+                   "source compiled without passes) for report.json; TCC_NO_LATENCY=1 does so for every compile")
     c.add_argument("--no-eval", action="store_true", help="skip the task accuracy against the source on the held-out "
-                   "text shipped with tcc (perplexity, embedding cosine or top-1 agreement) in report.json")
+                   "text shipped with tcc (perplexity, embedding cosine or top-1 agreement) in report.json; TCC_NO_EVAL=1 does "
+                   "so for every compile")
     c.add_argument("--no-cache", action="store_true", help="neither read nor write tcc's caches ($TCC_CACHE)")
     c.add_argument("--report", help="copy report.json here (written on failure too, with the exit status)")
     c.add_argument("--force", action="store_true",

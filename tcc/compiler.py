@@ -37,10 +37,10 @@ BACKENDS = ("tvm", "onnxruntime")
 def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", seq_len: int = 128,
             batch: int = 1, task: str | None = None, verify: bool = True, calibration=None,
             backend: str = "tvm", calibration_text: str | None = None, calibration_samples: int = 8,
-            max_drift: float | None = None, latency: bool = True, cache: bool = True, report: str | Path | None = None,
+            max_drift: float | None = None, latency: bool | None = None, cache: bool = True, report: str | Path | None = None,
             max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None,
             force: bool = False, tokenizer: str | Path | None = None, kv_cache: str = "fp32",
-            dtype: str | None = None, evaluate: bool = True, draft: str | None = None, baseline: bool = True):
+            dtype: str | None = None, evaluate: bool | None = None, draft: str | None = None, baseline: bool = True):
     """Compile `model` (path, alias, nn.Module with example inputs via `trace` first, or a Program)
     for `target` into the artifact directory `out`. Returns the loaded artifact (tcc.runtime.Loaded).
 
@@ -49,7 +49,9 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
     when the target runs on this host, time the artifact against the baseline (_Baseline: the source
     compiled without passes, or PyTorch eager for an artifact that compresses nothing), interleaved
     (report.json run.latency). `evaluate`: the task accuracy against the source on the held-out text
-    shipped with tcc (tcc.evaluate.HeldOut; report.json final.task_accuracy). `baseline` False times
+    shipped with tcc (tcc.evaluate.HeldOut; report.json final.task_accuracy). `latency` and `evaluate`
+    default to on, or off where the environment says TCC_NO_LATENCY=1 / TCC_NO_EVAL=1 (a build
+    pipeline's or a test suite's setting, like TCC_NO_CACHE). `baseline` False times
     the artifact alone (the accuracy-budget search's candidates).
     `max_seq_len`: trace with a dynamic sequence length 1..max_seq_len (tcc.trace; x86 targets).
     `generate`: give a causal LM's artifact `prefill` and `decode` entry points over a KV cache of
@@ -69,6 +71,8 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
     final: dict = {}
     run: dict = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
                  "seconds": {}}
+    latency = _on_unless("TCC_NO_LATENCY") if latency is None else latency
+    evaluate = _on_unless("TCC_NO_EVAL") if evaluate is None else evaluate
     progress = _Progress(facts, records, final, run, report)
     try:
         with caches.use(cache), memory.watching(progress), _sigterm_interrupts():
@@ -275,6 +279,12 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
         reports.write(stage.dir, reports.build(facts, records, final, run))
         write_manifest(stage.dir, manifest, run_m)
         return stage.commit()
+
+
+def _on_unless(variable: str) -> bool:
+    """A measurement that is on unless the environment turns it off (`variable`=1)."""
+    import os
+    return os.environ.get(variable, "") in ("", "0")
 
 
 def _calibration(program: Program, user, path, samples: int) -> list[dict]:
@@ -568,13 +578,16 @@ class _Baseline:
         self.model, self.tgt, self.backend, self.trace_args, self.at_length = model, tgt, backend, trace_args, at_length
         self.feeds, self.off = feeds, off
         self.eager = facts.get("dtype", "fp32") == "fp32" and all(p.kind in ("cleanup", "analysis") for p in pipe)
+        # `tcc compile MODEL` keeps a bf16 checkpoint bf16 (_weights_dtype): so does its baseline, traced
+        # with the checkpoint's own bf16 tensors (never a float32 copy of them, issue 15)
+        self.weights = _traced_weights(model, _weights_dtype(model, None, tgt, backend, []), [])
 
     def _source(self) -> Program:
         if isinstance(self.model, Program):
             program = self.model.clone()
         else:
             from .frontend import trace
-            program = trace(self.model, **self.trace_args)
+            program = trace(self.model, **self.trace_args, weights=self.weights)
         if self.at_length:
             from .generation import at_length
             program = at_length(program, self.at_length)
@@ -590,7 +603,7 @@ class _Baseline:
         from .bench import _example_feeds
         from .runtime import Loaded
         what = ("PyTorch eager on the source model (this artifact compresses nothing)" if self.eager else
-                f"the source model compiled for {self.tgt.name} without passes (fp32 weights)")
+                f"the source model compiled for {self.tgt.name} without passes ({self.weights} weights)")
         seen = len(caches.events())
         need = 1.5 * read_manifest(artifact_dir)["sizes"]["source_param_bytes"]  # its weights beside the artifact's
         skipped = (f"{need / 1e9:.1f} GB of free memory needed for {what}, {_available_bytes() / 1e9:.1f} GB free; "
@@ -631,7 +644,7 @@ class _Baseline:
                 shutil.rmtree(tmp, ignore_errors=True)
         if skipped is not None:
             return timing | {"baseline": {"skipped": skipped}}
-        timing["baseline"] |= {"engine": "pytorch" if self.eager else "tcc", "what": what,
+        timing["baseline"] |= {"engine": "pytorch" if self.eager else "tcc", "weights": self.weights, "what": what,
                                "cache": {e["kind"]: e["outcome"] for e in caches.events()[seen:]}}
         return timing
 

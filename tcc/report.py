@@ -251,7 +251,7 @@ def summary(report: dict) -> str:
 
 
 def _baseline_name(baseline: dict) -> str:
-    return "PyTorch eager" if baseline.get("engine") == "pytorch" else "fp32"
+    return "PyTorch eager" if baseline.get("engine") == "pytorch" else baseline.get("weights", "fp32")
 
 
 def _latency_reason(report: dict) -> str:

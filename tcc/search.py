@@ -665,7 +665,7 @@ def _artifact(s: _Search, r: dict, program, calibration: list, work: Path) -> Pa
     dir = work / "artifacts" / r["key"]
     if not (dir / "manifest.json").exists():
         compile(program, s.target.name, out=dir, pipeline=r["pipeline"], calibration=calibration,
-                evaluate=False, baseline=False).close()  # the search scores its own held-out metric
+                latency=True, evaluate=False, baseline=False).close()  # the search scores its own held-out metric
     return dir
 
 

@@ -155,8 +155,9 @@ def test_a_pass_cannot_take_a_presets_name():
         register(Q4)
 
 
-def test_compile_with_a_preset_and_info(tiny_bert_dir, tmp_path, capsys):
+def test_compile_with_a_preset_and_info(tiny_bert_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "art"
+    monkeypatch.delenv("TCC_NO_LATENCY", raising=False)  # info shows what the compile measured
     assert main(["compile", str(tiny_bert_dir), "--preset", "q8", "--seq-len", "8", "-o", str(out), "-q"]) == 0
     capsys.readouterr()
     manifest = json.loads((out / "manifest.json").read_text())

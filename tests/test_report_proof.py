@@ -56,7 +56,7 @@ def tiny_llama(tmp_path_factory, minilm_dir) -> Path:
 def llama_w8(tiny_llama, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("proof") / "llama-w8"
     tcc.compile(str(tiny_llama), "x86", out=out, seq_len=16, pipeline="quantize(weights=int8,min_size=256)",
-                generate=False, cache=False).close()
+                generate=False, cache=False, latency=True, evaluate=True).close()
     return out
 
 
@@ -64,7 +64,8 @@ def llama_w8(tiny_llama, tmp_path_factory) -> Path:
 def bert_w8a8(tiny_bert_with_its_tokenizer, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("proof") / "bert-w8a8"
     tcc.compile(str(tiny_bert_with_its_tokenizer), "x86", out=out, seq_len=16, cache=False,
-                pipeline="quantize(acts=int8,min_size=256)", calibration_text=str(DEFAULT_TEXT)).close()
+                pipeline="quantize(acts=int8,min_size=256)", calibration_text=str(DEFAULT_TEXT), latency=True,
+                evaluate=True).close()
     return out
 
 
@@ -133,7 +134,8 @@ def test_w8a8_counts_integer_work_apart_and_reports_embedding_cosine(bert_w8a8):
 
 
 def test_uncompressed_artifact_is_compared_with_pytorch_and_dce_is_not_doubled(tiny_bert_dir, tmp_path):
-    tcc.compile(str(tiny_bert_dir), "x86", out=tmp_path / "a", seq_len=8, pipeline="dce", cache=False).close()
+    tcc.compile(str(tiny_bert_dir), "x86", out=tmp_path / "a", seq_len=8, pipeline="dce", cache=False, latency=True,
+                evaluate=True).close()
     r = read(tmp_path / "a")
     assert r["pipeline"] == "dce" and [p["name"] for p in r["passes"]] == ["dce"]
     lat = r["run"]["latency"]
@@ -160,7 +162,8 @@ def test_no_latency_and_no_eval_skip_them(tiny_bert_dir, tmp_path):
 # -- a compile that is killed or interrupted ---------------------------------------------------------
 
 def _start(tiny_bert_dir, out: Path, report: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = {k: v for k, v in os.environ.items() if k not in ("TCC_NO_LATENCY", "TCC_NO_EVAL")}  # as a user runs it
+    env["PYTHONUNBUFFERED"] = "1"
     return subprocess.Popen([sys.executable, "-m", "tcc.cli", "compile", str(tiny_bert_dir), "-o", str(out),
                              "--seq-len", "8", "--no-cache", "--report", str(report)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
