@@ -240,7 +240,7 @@ def gguf_tensor_bytes(path: Path) -> int:
 
 def compile_tcc(model: Path, dest: Path, pipeline: str, a) -> dict:
     cmd = ["tcc", "compile", str(model), "--target", "native", "-o", str(dest), "--seq-len", str(a.prompt),
-           "--max-context", str(a.context), "--no-cache", "--no-latency"] + (["-p", pipeline] if pipeline else [])
+           "--max-context", str(a.context), "--no-cache", "--no-latency", "--no-eval"] + (["-p", pipeline] if pipeline else [])
     print("$ " + " ".join(cmd if not pipeline else cmd[:-1] + [f"'{pipeline}'"]), flush=True)
     t = time.perf_counter()
     r = subprocess.run(cmd, env={**os.environ, "TVM_NUM_THREADS": str(a.threads)})
