@@ -13,6 +13,7 @@
   tcc presets [--json]
   tcc targets [--json]
   tcc info ARTIFACT [--json]
+  tcc completion {bash,zsh,fish}   (shell completion: eval "$(tcc completion bash)")
   tcc --version
 
 Global flags (--debug, -q/--quiet) go before or after the command.
@@ -343,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tcc.backends.tvm.targets import describe
     c.add_argument("--target", "-t", help="x86 (default: portable x86-64-v3, AVX2), native (this CPU: fastest here, "
                    "may not run elsewhere), " + ", ".join(n for n, _ in describe()[2:]) + ", cuda (= sm80); "
-                   "`tcc targets` describes them")
+                   "`tcc targets` describes them").completer = lambda **_: [n for n, _ in describe()] + ["cuda"]
     c.add_argument("-o", "--output", help="artifact directory (default build/MODEL-TARGET)")
     c.add_argument("--seq-len", type=int, help="sequence length (default 128)")
     c.add_argument("--max-seq-len", type=int, help="any sequence length from 1 to N (x86; default: static --seq-len)")
@@ -364,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "'drop-blocks(count=2),q4' (preset names stand for their passes); `tcc passes` lists the passes")
     from tcc import presets
     c.add_argument("--preset", metavar="NAME", help="a named pipeline: " + ", ".join(presets.names()) +
-                   "; `tcc presets` shows each one's passes and measured trade-off")
+                   "; `tcc presets` shows each one's passes and measured trade-off").completer = lambda **_: presets.names()
     c.add_argument("--calibration", help="text file for calibrating passes (default: $TCC_CALIBRATION_TEXT, else the "
                    "English text shipped with tcc, tcc/data/calibration.txt: its second half)")
     c.add_argument("--calibration-samples", type=int, help="calibration windows of --seq-len tokens (default 8)")
@@ -472,8 +473,30 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("artifact")
     inf.add_argument("--json", action="store_true", help="print it as JSON (the fields: tcc/info.py)")
     inf.set_defaults(func=cmd_info)
+
+    co = sub.add_parser("completion", help="print the shell code that completes tcc's commands, flags and choices "
+                        "(bash: eval \"$(tcc completion bash)\" in ~/.bashrc)")
+    co.add_argument("shell", choices=SHELLS)
+    co.set_defaults(func=cmd_completion)
     _conventions(sub)
     return p
+
+
+SHELLS = ("bash", "zsh", "fish")
+
+
+def cmd_completion(a) -> int:
+    """argcomplete's shell code for `tcc` (the completions come from build_parser, through _complete)."""
+    import argcomplete
+    print(argcomplete.shellcode(["tcc"], shell=a.shell))
+    return 0
+
+
+def _complete(parser: argparse.ArgumentParser) -> None:
+    """Answer the shell's completion request (argcomplete sets _ARGCOMPLETE) and exit; else nothing."""
+    if "_ARGCOMPLETE" in os.environ:
+        import argcomplete
+        argcomplete.autocomplete(parser)
 
 
 class _Renamed(argparse.Action):
@@ -551,7 +574,9 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _complete(parser)
+    args = parser.parse_args(argv)
     args.argv = argv  # a --recipe is parsed in front of these flags
     _quiet_libraries()
     from tcc.errors import TccError

@@ -265,3 +265,26 @@ def test_info_on_a_causal_lm_with_generation(tmp_path, capsys):
     agreement = report["final"]["generation"]["agreement"]
     assert f"top-1 agreement with the source model {agreement['rate']:.3f}" in text
     assert "functions decode, prefill, verify; KV cache fp32, 16 positions" in text and "(preset q4_0)" in text
+
+
+def _completions(line: str, tmp_path) -> list[str]:
+    """What the shell gets when the user presses tab after `line` (argcomplete's protocol: the request
+    in _ARGCOMPLETE / COMP_LINE / COMP_POINT, the answer in a file), from a fresh `tcc` process."""
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "completions"
+    env = dict(os.environ, _ARGCOMPLETE="1", COMP_LINE=line, COMP_POINT=str(len(line)),
+               _ARGCOMPLETE_STDOUT_FILENAME=str(out))
+    subprocess.run([sys.executable, "-m", "tcc.cli"], env=env, check=True, timeout=120, capture_output=True)
+    return [w.strip() for w in out.read_text().split("\v")]
+
+
+def test_shell_completion_of_commands_flags_and_choices(tmp_path, capsys):
+    from tcc import presets
+    assert main(["completion", "bash"]) == 0
+    assert "complete" in capsys.readouterr().out  # the bash code to eval
+    assert _completions("tcc comp", tmp_path) == ["compile", "completion"]
+    assert _completions("tcc compile minilm --tar", tmp_path) == ["--target"]
+    assert _completions("tcc compile minilm --preset ", tmp_path) == presets.names()
+    assert set(_completions("tcc compile minilm --target ", tmp_path)) >= {"x86", "native", "arm64", "cuda"}
