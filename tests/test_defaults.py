@@ -37,7 +37,8 @@ TCC_LINES = [r".+ \.\.\.$",                      # a step starts
              r"\[\d+/\d+\] \S+ \d",               # a pass's record
              r"wrote /",                          # the artifact
              r"\w+: max abs (error|change) vs ",  # the summary on stdout
-             r"library for \S+ from the cache"]
+             r"library for \S+ from the cache",
+             r"(\d+(\.\d+)?× (smaller|larger)|the same size), .+\(report\.html\)$"]  # the report's summary line
 
 
 def assert_tccs_own(text: str) -> None:
