@@ -112,10 +112,14 @@ def cmd_compile(a) -> int:
         if isinstance(verify, str):  # e.g. "not run: no GPU on this host"
             print(f"verify: {verify}")
         for name, v in (verify if isinstance(verify, dict) else {}).items():
-            print(f"{name}: max abs error vs the compiled program in PyTorch {v['max_abs_err']:.2e} (relative {v['max_rel_err']:.2e})")
+            print(f"{name}: max abs error vs the compiled program in PyTorch {v['max_abs_err']:.2e} (relative "
+                  f"{v['max_rel_err']:.2e}: the backend's fidelity, the artifact's kernels against the pass "
+                  "pipeline's ops in PyTorch)")
         for name, v in (m["run"].get("drift_vs_source") or {}).items():
             if a.pipeline:
-                print(f"{name}: max abs change vs the source model {v['max_abs_err']:.2e} (relative {v['max_rel_err']:.2e})")
+                print(f"{name}: max abs change vs the source model {v['max_abs_err']:.2e} (relative "
+                      f"{v['max_rel_err']:.2e}: what the passes and the backend changed together; relative = max abs / "
+                      "max |reference|; the task accuracy above is the measure to judge by)")
     return 0
 
 
