@@ -117,8 +117,9 @@ def _header(path) -> dict:
 
 # -- compile peak RSS: the weights are held once, in bf16 ------------------------------------------------
 
-COPIES = 1.45  # copies of the bf16 weight bytes alive at the peak (measured 1.33 and 1.53; see the docstring)
-MARGIN = 0.4   # loading them as float32 adds 1 (2x the bf16 bytes in their place): measured 2.23
+COPIES = 1.45  # copies of the bf16 weight bytes alive at the peak (measured 1.32-1.54; see the docstring)
+MARGIN = 0.75  # run-to-run noise of the allocator (a clean CI run read 1.87 with half these models' bytes);
+#                loading the weights as float32 (--dtype fp32) measures 3.35 copies with these two models
 
 
 def test_bf16_checkpoint_compile_holds_no_float32_copy(tmp_path):
@@ -131,8 +132,10 @@ def test_bf16_checkpoint_compile_holds_no_float32_copy(tmp_path):
     tensor's transient float32 widening is a small part of the weights, as at 1-3B). A stage holding
     the weights in float32 (the load before issue 15; --dtype fp32 still does) adds 1 and fails the test."""
     small = _llama(tmp_path / "small", 128, 344, 3, 2048, tied=False)
-    big = _llama(tmp_path / "big", 1024, 2752, 3, 2048, tied=False)
-    assert big - small > 70e6  # copies must stand out of the noise (~10 MB)
+    big = _llama(tmp_path / "big", 1536, 4096, 3, 2048, tied=False)
+    # copies must stand out of the noise: the allocator keeps 30-70 MB more or less from run to run
+    # (a clean CI run measured 1.87 copies with 75 MB between the two models, this machine 1.32)
+    assert big - small > 150e6
     from test_compile_memory import copies_at_peak
     copies, memory = copies_at_peak(tmp_path, small, big, "--preset", "q4", "--no-generate")
     worst = max(memory["steps"], key=lambda s: s["peak_gb"])
