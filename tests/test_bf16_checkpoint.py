@@ -123,7 +123,7 @@ MARGIN = 0.75  # run-to-run noise of the allocator (a clean CI run read 1.87 wit
 
 
 def test_bf16_checkpoint_compile_holds_no_float32_copy(tmp_path):
-    """Two bf16 Llamas of one depth and vocabulary, one with ~35x the other's weight bytes, compiled
+    """Two bf16 Llamas of one depth and vocabulary, one with ~80x the other's weight bytes, compiled
     to int4 (--preset q4, verification on; generation's memory is test_compile_memory's) in fresh
     processes: the difference of their peaks over the difference of their bf16 bytes counts the
     copies of the weights alive at the peak (the fixed costs, torch's, TVM's and LLVM's, cancel). Compile peak <= max(source bytes,
