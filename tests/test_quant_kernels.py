@@ -213,11 +213,12 @@ def check(name, case, got):
 from test_kernels import add_function  # noqa: E402  (one Relax function per case, as for the fp32 kernels)
 
 
-def x86_vm(lib, out_dir):
+def x86_vm(lib, out_dir, cases=None, bad=None):
+    """A VirtualMachine with one function per case (default CASES) and per bad call (default BAD)."""
     bb = relax.BlockBuilder()
-    for name, c in CASES.items():
+    for name, c in (CASES if cases is None else cases).items():
         add_function(bb, name, c.kernel, c.arrays, c.scalars, c.ref.shape)
-    for name, (kernel, arrays, scalars, out_shape, _) in BAD.items():
+    for name, (kernel, arrays, scalars, out_shape, _) in (BAD if bad is None else bad).items():
         add_function(bb, name, kernel, arrays, scalars, out_shape)
     mod = bb.get().with_attr("external_mods", [tvm.runtime.load_static_library(str(lib.object), list(lib.functions))])
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
@@ -336,11 +337,13 @@ ARM_CASES = {
 }
 
 
-def arm64_artifact(lib, out, mcpu, qemu_cpu):
-    """model.so + weights.safetensors + manifest.json: main(x per case..., packed weights...) -> outputs."""
+def arm64_artifact(lib, out, mcpu, qemu_cpu, cases=None):
+    """model.so + weights.safetensors + manifest.json: main(x per case..., packed weights...) -> outputs
+    (cases: name -> Case, default ARM_CASES)."""
+    cases = ARM_CASES if cases is None else cases
     from safetensors.numpy import save_file
     inputs, params, calls = [], [], []
-    for name, c in ARM_CASES.items():
+    for name, c in cases.items():
         x, *rest = c.arrays
         inputs.append(relax.Var(f"x_{name}", relax.TensorType(x.shape, "float32")))
         ps = [relax.Var(f"{name}_{i}", relax.TensorType(a.shape, str(a.dtype))) for i, a in enumerate(rest)]
@@ -361,8 +364,8 @@ def arm64_artifact(lib, out, mcpu, qemu_cpu):
     save_file({p.name: a for p, a in params}, str(out / "weights.safetensors"))
     spec = lambda n, a: {"name": n, "dtype": str(a.dtype), "shape": list(a.shape)}  # noqa: E731
     (out / "manifest.json").write_text(json.dumps({
-        "inputs": [spec(f"x_{n}", c.arrays[0]) for n, c in ARM_CASES.items()],
-        "outputs": [spec(n, c.ref) for n, c in ARM_CASES.items()],
+        "inputs": [spec(f"x_{n}", c.arrays[0]) for n, c in cases.items()],
+        "outputs": [spec(n, c.ref) for n, c in cases.items()],
         "params": [p.name for p, _ in params],
         "target": {"name": "arm64", "qemu_cpu": qemu_cpu}}))
 

@@ -28,7 +28,8 @@
 // keys j <= i + Sk - Sq (torch's tril(Sk - Sq)). A row that sees no key at all is NaN, as in the
 // reference (softmax of all -inf). scale and causal come as Relax PrimValues (relax.prim_value).
 //
-// Math: fp32 GEMMs are cblas_sgemm from scipy-openblas32 (symbols prefixed scipy_). dense_w8 keeps
+// Math: fp32 GEMMs are cblas_sgemm from scipy-openblas32 (symbols prefixed scipy_), except dense up
+// to 16 rows (dense_small_m: each weight row streamed once for all rows, FMA in registers). dense_w8 keeps
 // the weights int8 in memory; up to 4 rows it is a GEMV over the codes, above that it dequantizes blocks of output channels (64 KiB of fp32 for M <= 16,
 // else 512 KiB) into a per-thread scratch buffer, one sgemm per block. Threads: OpenBLAS is set to
 // one thread and the kernels split their work over TVM's own thread pool (TVMBackendParallelLaunch,
@@ -39,6 +40,12 @@
 #include "common.h"
 
 #include <cmath>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 
 namespace {
 
@@ -97,6 +104,103 @@ void for_each_tile(const DenseShape& s, float* op, const float* bp, F gemm) {
   });
 }
 
+// Small M (speculative verify, a few decode rows): OpenBLAS sgemm packs the weight panels it reads
+// once anyway, so M = 8 cost 2.2x a GEMV. Up to kSmallRows rows, dense streams each block of kNR
+// weight rows once for all the rows of x instead: per block of up to 4 rows of x, 4 x kNR dot
+// products accumulate lane-wise in registers (FMA) and reduce at the end; the columns are split
+// over threads as for the GEMV. F32V is the register: AVX-512 zmm, AVX2+FMA ymm, NEON q, else a
+// 4-float GCC vector (separate multiply and add). M = 1 takes the same path (as fast as OpenBLAS
+// sgemv here), so each output element is summed in the same order whatever M is: a verify row's
+// logits are bit-identical to the decode step's.
+#if defined(__AVX512F__)
+typedef __m512 F32V;
+constexpr int kF32Lanes = 16, kNR = 4;
+inline F32V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline F32V vzero() { return _mm512_setzero_ps(); }
+inline F32V vfma(F32V a, F32V b, F32V c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(F32V v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 F32V;
+constexpr int kF32Lanes = 8, kNR = 2;
+inline F32V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline F32V vzero() { return _mm256_setzero_ps(); }
+inline F32V vfma(F32V a, F32V b, F32V c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(F32V v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+#elif defined(__aarch64__)
+typedef float32x4_t F32V;
+constexpr int kF32Lanes = 4, kNR = 4;
+inline F32V vload(const float* p) { return vld1q_f32(p); }
+inline F32V vzero() { return vdupq_n_f32(0.0f); }
+inline F32V vfma(F32V a, F32V b, F32V c) { return vfmaq_f32(c, a, b); }
+inline float vsum(F32V v) { return vaddvq_f32(v); }
+#else
+typedef float F32V __attribute__((vector_size(16)));
+typedef float F32V_u __attribute__((vector_size(16), aligned(1), may_alias));
+constexpr int kF32Lanes = 4, kNR = 2;
+inline F32V vload(const float* p) { return *reinterpret_cast<const F32V_u*>(p); }
+inline F32V vzero() { return F32V{0.0f, 0.0f, 0.0f, 0.0f}; }
+inline F32V vfma(F32V a, F32V b, F32V c) { return a * b + c; }
+inline float vsum(F32V v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+#endif
+#ifndef TCC_DENSE_SMALL_ROWS  // -DTCC_DENSE_SMALL_ROWS=0: OpenBLAS only (benchmarks/decode_gemv.py --rows compares)
+#define TCC_DENSE_SMALL_ROWS 16
+#endif
+constexpr int64_t kSmallRows = TCC_DENSE_SMALL_ROWS;
+
+// out[i * ldo + r] += x[i, :] . w[r, :] for i < MR, r < NR (x and w rows k apart)
+template <int MR, int NR>
+void dot_tile(const float* x, const float* w, int64_t k, float* out, int64_t ldo) {
+  F32V acc[MR][NR];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) acc[i][r] = vzero();
+  int64_t j = 0;
+  for (; j + kF32Lanes <= k; j += kF32Lanes) {
+    F32V wv[NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) wv[r] = vload(w + r * k + j);
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      const F32V xv = vload(x + i * k + j);
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) acc[i][r] = vfma(xv, wv[r], acc[i][r]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) {
+      float s = vsum(acc[i][r]);
+      for (int64_t jj = j; jj < k; ++jj) s += x[i * k + jj] * w[r * k + jj];
+      out[i * ldo + r] += s;
+    }
+}
+
+template <int NR>
+void dot_rows(int64_t mr, const float* x, const float* w, int64_t k, float* out, int64_t ldo) {
+  switch (mr) {
+    case 1: dot_tile<1, NR>(x, w, k, out, ldo); break;
+    case 2: dot_tile<2, NR>(x, w, k, out, ldo); break;
+    case 3: dot_tile<3, NR>(x, w, k, out, ldo); break;
+    default: dot_tile<4, NR>(x, w, k, out, ldo); break;
+  }
+}
+
+// out[m0:m1, n0:n1] += x[m0:m1] w[n0:n1]^T, each block of kNR rows of w read from memory once
+void dense_small_m(const DenseShape& s, const float* xp, const float* wp, float* op, int64_t m0, int64_t m1,
+                   int64_t n0, int64_t n1) {
+  int64_t r = n0;
+  for (; r + kNR <= n1; r += kNR)
+    for (int64_t i = m0; i < m1; i += 4)
+      dot_rows<kNR>(std::min<int64_t>(4, m1 - i), xp + i * s.k, wp + r * s.k, s.k, op + i * s.n + r, s.n);
+  for (; r < n1; ++r)
+    for (int64_t i = m0; i < m1; i += 4)
+      dot_rows<1>(std::min<int64_t>(4, m1 - i), xp + i * s.k, wp + r * s.k, s.k, op + i * s.n + r, s.n);
+}
+
 void dense(const TensorView& x, const TensorView& w, const TensorView* b, const TensorView& out,
            const char* kernel) {
   f32_in(w, kernel, "w", 2, 2);
@@ -106,7 +210,8 @@ void dense(const TensorView& x, const TensorView& w, const TensorView* b, const 
   const float* bp = b ? f32_in(*b, kernel, "b", 1, 1) : nullptr;
   float* op = f32_out(out, kernel, 1, 64);
   for_each_tile(s, op, bp, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    sgemm_nt(m1 - m0, n1 - n0, s.k, 1.0f, xp + m0 * s.k, s.k, wp + n0 * s.k, s.k, 1.0f, op + m0 * s.n + n0, s.n);
+    if (s.m <= kSmallRows) dense_small_m(s, xp, wp, op, m0, m1, n0, n1);
+    else sgemm_nt(m1 - m0, n1 - n0, s.k, 1.0f, xp + m0 * s.k, s.k, wp + n0 * s.k, s.k, 1.0f, op + m0 * s.n + n0, s.n);
   });
 }
 
