@@ -51,18 +51,18 @@ class Staging:
     """A temporary directory beside `out` that becomes `out` on commit(). `out` may only be missing,
     an empty directory or a tcc artifact unless `force` (tcc.paths); checked now and again on commit."""
 
-    def __init__(self, out: Path, force: bool = False):
-        self.force = force
+    def __init__(self, out: Path, force: bool = False, what: str = WHAT, tcc_wrote=is_artifact):
+        self.force, self.what, self.tcc_wrote = force, what, tcc_wrote  # what / tcc_wrote: tcc.paths.check_dir's
         out = Path(os.path.abspath(out))
-        self.out = check_dir(out.parent.resolve() / out.name, WHAT, is_artifact, force)  # a link is replaced, not followed
+        self.out = check_dir(out.parent.resolve() / out.name, what, tcc_wrote, force)  # a link is replaced, not followed
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
 
     def commit(self) -> Path:
         os.chmod(self.dir, 0o755)  # mkdtemp (and safetensors) make files private; an artifact is ordinary
         for f in self.dir.rglob("*"):
-            os.chmod(f, 0o755 if f.is_dir() or f.suffix == ".so" else 0o644)
-        check_dir(self.out, WHAT, is_artifact, self.force)  # nothing new appeared there meanwhile
+            os.chmod(f, 0o755 if f.is_dir() or f.suffix == ".so" or f.stat().st_mode & 0o100 else 0o644)
+        check_dir(self.out, self.what, self.tcc_wrote, self.force)  # nothing new appeared there meanwhile
         old = None
         if os.path.lexists(self.out):
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")

@@ -101,6 +101,8 @@ def cmd_compile(a) -> int:
                       draft=a.draft)
     m = art.manifest
     art.close()
+    if a.bundle:
+        _print_bundle(_bundle(out, a.bundle, a.force), a.json)
     summary = {"artifact": str(Path(out).resolve()), "target": m["target"]["name"], "pipeline": m["pipeline"],
                "weight_bytes": m["sizes"]["weight_bytes"], "verify": m["run"].get("verify"),
                "drift_vs_source": m["run"].get("drift_vs_source"),
@@ -132,6 +134,27 @@ def _use_preset(a) -> None:
         raise UserError("give --preset or --pipeline, not both",
                         f"a preset's name stands for its pipeline inside -p too: -p '{a.pipeline},{preset.name}'")
     a.pipeline = preset.name
+
+
+def _bundle(artifact, out, force: bool) -> dict:
+    from tcc.backends.tvm.bundle import make_bundle
+    return make_bundle(artifact, out, force=force)
+
+
+def _print_bundle(info: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(info))
+        return
+    print(f"bundle: {info['bundle']} ({info['arch']}, {info['bytes'] / 1e6:.1f} MB; runtime libraries "
+          f"{info['runtime_bytes'] / 1e6:.1f} MB of it): bin/tcc-run, include/tcc.h, lib/pkgconfig/tcc.pc (README.md)")
+
+
+def cmd_export(a) -> int:
+    from tcc.errors import UserError
+    if not a.bundle:
+        raise UserError("tcc export needs --bundle DIR", "tcc export ARTIFACT --bundle DIR")
+    _print_bundle(_bundle(a.artifact, a.bundle, a.force), a.json)
+    return 0
 
 
 def cmd_run(a) -> int:
@@ -397,7 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search: start no new trial after this long (20m, 90s, 1h); --budget is its old name")
     c.add_argument("--search-dir", metavar="DIR", help="search: trials, Pareto front, plot (default OUTPUT-search; "
                    "a rerun resumes)")
+    c.add_argument("--bundle", metavar="DIR", help="also write a self-contained bundle of the artifact here (tcc export)")
     c.set_defaults(func=cmd_compile)
+
+    ex = sub.add_parser("export", help="write a self-contained native bundle of an artifact (C API, no Python)")
+    ex.add_argument("artifact")
+    ex.add_argument("--bundle", metavar="DIR", required=True, help="the bundle directory: lib/, include/tcc.h, bin/tcc-run, "
+                    "bin/tcc-generate (causal LMs), weights, manifest (docs/DEPLOY.md)")
+    ex.add_argument("--force", action="store_true", help="replace --bundle even when tcc did not write it")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(func=cmd_export)
 
     r = sub.add_parser("run", help="run an artifact on inputs from an .npz")
     r.add_argument("artifact")
