@@ -176,7 +176,8 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
         if calibration is None:
             with memory.stage("calibration data"):
                 calibration = _calibration(program, user, calibration_text, calibration_samples)
-        ctx = PassContext(calibration=calibration, verbose=True, records=records, force=force)
+        ctx = PassContext(calibration=calibration, verbose=True, records=records, force=force,
+                          check_feeds=_check_feeds(program, PassContext.check_feeds))
         with memory.stage("passes"):
             drafted = None if draft_pipe is None else build_draft(  # from the source, before its passes
                 program, draft_pipe, gen_context, kv_cache, lambda d: _calibration(program, d, calibration_text, calibration_samples))
@@ -279,6 +280,23 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
         reports.write(stage.dir, reports.build(facts, records, final, run))
         write_manifest(stage.dir, manifest, run_m)
         return stage.commit()
+
+
+CHECK_FLOP = 4e11  # the pass manager checks each pass on as many feeds as fit this many FLOPs (at least one)
+
+
+def _check_feeds(program: Program, most: int) -> int:
+    """How many calibration feeds the pass manager runs the Program on to check each pass (its
+    record's drift.feeds): up to `most`, fewer for big models, whose forward passes together stay
+    within about CHECK_FLOP (estimate_flops; a Llama-3.2-1B shape at 128 tokens is 2.8e11 FLOPs a
+    feed: one feed; issue 15: the checks cost a few forward passes, not minutes)."""
+    from .errors import InternalError
+    from .pipeline import estimate_flops
+    try:
+        per_feed = estimate_flops(program.gm)
+    except InternalError:  # a node without shapes
+        return most
+    return int(max(1, min(most, CHECK_FLOP // max(per_feed, 1))))
 
 
 def _on_unless(variable: str) -> bool:
@@ -564,6 +582,9 @@ def _check_generation(art, run: dict, source: _Reference, generation: dict) -> d
             "agreement": agreement}
 
 
+BASELINE_MAX_BYTES = 2e9  # a bigger source model's speed-up baseline is not built (a second trace, build, write)
+
+
 class _Baseline:
     """What the report's speed-up is measured against, timed in the same run as the artifact and
     interleaved with it (report.interleaved): the source model compiled for the same target and
@@ -605,9 +626,14 @@ class _Baseline:
         what = ("PyTorch eager on the source model (this artifact compresses nothing)" if self.eager else
                 f"the source model compiled for {self.tgt.name} without passes ({self.weights} weights)")
         seen = len(caches.events())
-        need = 1.5 * read_manifest(artifact_dir)["sizes"]["source_param_bytes"]  # its weights beside the artifact's
+        source_bytes = read_manifest(artifact_dir)["sizes"]["source_param_bytes"]
+        need = 1.5 * source_bytes  # its weights beside the artifact's
         skipped = (f"{need / 1e9:.1f} GB of free memory needed for {what}, {_available_bytes() / 1e9:.1f} GB free; "
                    "`tcc bench` compares later") if _available_bytes() < need else None
+        if skipped is None and source_bytes > BASELINE_MAX_BYTES:
+            skipped = (f"not built: the source model's {source_bytes / 1e9:.1f} GB of weights would cost about a second "
+                       f"compile (more than {BASELINE_MAX_BYTES / 1e9:g} GB: issue 15); compile it without passes "
+                       "and time both with `tcc bench`")
         if self.off:
             skipped = "not asked for (compile(baseline=False): the accuracy-budget search times its candidates alone)"
         tmp = base = None

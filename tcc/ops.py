@@ -164,9 +164,11 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 def dequantize_w4(qw: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> torch.Tensor:
     n, k = qw.shape[0], qw.shape[1] * 2
-    codes = unpack_int4(qw, k).to(torch.float32).reshape(n, k // group, group)
-    z = torch.full_like(scale, 8.0) if zero is None else zero.to(torch.float32)
-    return ((codes - z[..., None]) * scale.to(torch.float32)[..., None]).reshape(n, k)
+    # (code - zero) * scale, each step in place on the one float32 copy: the same values as separate
+    # temporaries (dense_w4 runs this on every call: the pass manager's checks run int4 Programs)
+    w = unpack_int4(qw, k).to(torch.float32).view(n, k // group, group)
+    w.sub_(8.0 if zero is None else zero.to(torch.float32)[..., None]).mul_(scale.to(torch.float32)[..., None])
+    return w.view(n, k)
 
 
 def quantize_blocks(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -391,8 +391,14 @@ def _pass_rows(passes: list[dict]) -> list[list[str]]:
         rows.append([short_pipeline(p["text"]), p["kind"], f"{pb['before'] / 1e6:.2f} → {pb['after'] / 1e6:.2f}",
                      f"{fb / 1e9:.3g} → {fa / 1e9:.3g}",
                      f"{_gops(il.get('before'))} → {_gops(il.get('after'))}" if il else "-",
-                     "-" if drift is None else "0" if drift == 0 else f"{drift:.2e}"])
+                     "-" if drift is None else ("0" if drift == 0 else f"{drift:.2e}") + _on_feeds(p["drift"])])
     return rows
+
+
+def _on_feeds(drift: dict) -> str:
+    """How many check feeds a pass's drift was measured on (fewer for big models: compiler._check_feeds)."""
+    n = drift.get("feeds")
+    return "" if not n else f" ({n} feed{'' if n == 1 else 's'}{', reused' if drift.get('reused') else ''})"
 
 
 _PASS_HEAD = ["pass (options that differ from the defaults)", "kind", "params MB", "float GFLOP", "int GOP",

@@ -32,3 +32,53 @@ def test_fractional_zero_points_take_the_float64_path():
     z = torch.tensor([[0.5]])
     qw = torch.tensor([[2, -3]], dtype=torch.int8)
     assert ops._int_dot(q, z, qw, True).item() == 3.0 * 2 + 10.0 * -3
+
+
+@pytest.mark.parametrize("zero", [True, False])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+def test_dequantize_w4_is_its_definition_bit_for_bit(zero, scale_dtype):
+    """dense_w4's reference dequantizes in place on one float32 copy (tcc.ops.dequantize_w4); its
+    values are the op's definition w[n, k] = (code - zero[n, k // group]) * scale[n, k // group]
+    (zero None = 8), computed here element by element in float32 from the nibbles."""
+    torch.manual_seed(1)
+    n, k, group = 24, 96, 32
+    qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    scale = (torch.rand(n, k // group) * 0.02 + 1e-3).to(scale_dtype)
+    zeros = torch.randint(0, 16, (n, k // group), dtype=torch.uint8) if zero else None
+    codes = torch.empty(n, k, dtype=torch.float32)
+    codes[:, 0::2], codes[:, 1::2] = (qw % 16).float(), (qw // 16).float()  # low nibble first
+    g = torch.arange(k) // group
+    z = zeros.float()[:, g] if zero else torch.full((n, k), 8.0)
+    want = (codes - z) * scale.float()[:, g]
+    assert torch.equal(ops.dequantize_w4(qw, scale, zeros, group), want)
+    x = torch.randn(3, k)
+    assert torch.equal(torch.ops.tcc.dense_w4(x, qw, scale, zeros, group), torch.nn.functional.linear(x, want))
+
+
+def test_big_models_check_each_pass_on_fewer_feeds_and_skip_the_baseline(tmp_path, monkeypatch):
+    """Bounded bookkeeping for big models (issue 15, item 3), with the bounds shrunk to a tiny
+    decoder's size: the pass manager checks each pass on as many calibration feeds as fit
+    compiler.CHECK_FLOP of forward passes (all 4 for a small model), the record and the report say
+    how many, and a source above compiler.BASELINE_MAX_BYTES gets no speed-up baseline build: the
+    report says why and the artifact is still timed."""
+    import json
+    import tcc
+    from tcc import compiler
+    from tcc.pipeline import estimate_flops
+    from test_tokenizerless import save_decoder
+    save_decoder(tmp_path / "m", "qwen2")
+    program = tcc.trace(str(tmp_path / "m"), seq_len=8)
+    assert compiler._check_feeds(program, 4) == 4
+    monkeypatch.setattr(compiler, "CHECK_FLOP", 2.5 * estimate_flops(program.gm))
+    assert compiler._check_feeds(program, 4) == 2
+    monkeypatch.setattr(compiler, "BASELINE_MAX_BYTES", program.param_bytes() - 1)
+    feeds = [program.example_inputs(seed=10 + i) for i in range(4)]
+    tcc.compile(program, out=tmp_path / "art", pipeline="quantize(acts=int8)", calibration=feeds, latency=True,
+                evaluate=False, generate=False, cache=False).close()
+    report = json.loads((tmp_path / "art" / "report.json").read_text())
+    quantize = next(p for p in report["passes"] if p["name"] == "quantize")
+    assert quantize["drift"]["feeds"] == 2 and quantize["drift"]["rel"] > 0
+    assert "(2 feeds)" in (tmp_path / "art" / "report.md").read_text()
+    latency = report["run"]["latency"]
+    assert latency["baseline"]["skipped"].startswith("not built: the source model's")
+    assert latency["engine"] == "tcc" and latency["median_ms"] > 0
