@@ -223,8 +223,8 @@ def cmd_generate(a) -> int:
               f"decode {r['decode_tokens_per_s']} tok/s]", file=sys.stderr)
         if "speculative" in r:
             sp = r["speculative"]
-            print(f"[speculate {sp['mode']}: acceptance {sp['acceptance_rate']}, {sp['tokens_per_target_call']} tokens "
-                  "per target call" + (f", {sp['speed_up']}x the target alone's decode" if sp.get("speed_up") else "")
+            print(f"[speculate {sp['mode']} ({sp.get('draft')}): acceptance {sp['acceptance_rate']}, k {sp.get('k_mean')}, "
+                  f"{sp['tokens_per_target_call']} tokens per target call" + (f", {sp['speed_up']}x the target alone's decode" if sp.get("speed_up") else "")
                   + "]", file=sys.stderr)
     return 0
 
@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "scale per KV head and position, (D+4)/(4D) of the fp32 bytes for head dim D (0.27x at D=64)")
     c.add_argument("--draft", metavar="PIPELINE", help="causal LMs: build a draft program from the same model with this "
                    "pipeline into the artifact, for speculative decoding (tcc generate --speculate draft), e.g. "
-                   "'drop-blocks(ratio=0.5),quantize(weights=int4)'")
+                   "'drop-blocks(ratio=0.5),quantize(weights=int4)'; auto: the candidate with the best expected "
+                   "speed-up from its measured agreement with the model on the calibration text and its size")
     c.add_argument("--task", choices=models.TASKS)
     c.add_argument("--dtype", choices=["fp32", "bf16"], help="float weights stored as fp32 or bf16 (the bf16 pass; "
                    "math stays fp32); default: the checkpoint's (bf16 for a model saved in bf16, else fp32)")

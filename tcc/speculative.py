@@ -45,6 +45,7 @@ class LookupDraft:
 
     def __init__(self, ngram: int = 3):
         self.ngram = ngram
+        self.name = f"prompt lookup ({ngram}-gram)"
 
     def start(self, prompt: list[int]) -> None:
         pass
@@ -71,6 +72,7 @@ class ModelDraft:
     def __init__(self, session):
         self.session = session
         self.have = 0  # context positions in the draft's cache
+        self.name = (getattr(session, "gen", None) or {}).get("pipeline")  # the --draft pipeline
 
     def start(self, prompt: list[int]) -> None:
         # the prompt but its last token, which propose() feeds (its logits give the first draft)
@@ -156,7 +158,8 @@ def speculative_loop(target, draft, prompt: list[int], max_new_tokens: int, max_
     logits = prefill_prompt(target.prefill, prompt, chunk, max_context)
     draft.start(prompt)
     stats.update(prefill_seconds=time.perf_counter() - t0, prefill_tokens=len(prompt), decode_seconds=0.0,
-                 decode_tokens=0, target_calls=0, drafted=0, accepted=0, draft_seconds=0.0)
+                 decode_tokens=0, target_calls=0, drafted=0, accepted=0, draft_seconds=0.0, verify_calls=0,
+                 k_max=k_max, draft=getattr(draft, "name", None))
     budget = min(max_new_tokens, max_context - len(prompt))
     context = list(prompt)
     token = sample(logits, rng, *sampling)
@@ -181,6 +184,7 @@ def speculative_loop(target, draft, prompt: list[int], max_new_tokens: int, max_
             j, nxt = accept(rows, drafts, qs, rng, sampling)
             stats["drafted"] += len(drafts)
             stats["accepted"] += j
+            stats["verify_calls"] += 1
             k = min(k + 2, k_max) if j == len(drafts) else max(1, k - 1)
             target.rollback(p + j + 1)
             draft.rollback(p + j + 1)
@@ -196,10 +200,13 @@ def speculative_loop(target, draft, prompt: list[int], max_new_tokens: int, max_
 
 
 def summary(stats: dict) -> dict:
-    """What speculation did: acceptance rate (accepted / drafted), tokens per target call in the
-    decode phase, drafted and accepted counts, the seconds the draft took."""
+    """What speculation did: the draft (its pipeline, or prompt lookup), acceptance rate (accepted /
+    drafted), tokens per target call in the decode phase, k (the mean proposal length of the verify
+    calls; it adapts within 1..k_max), drafted and accepted counts, the seconds the draft took."""
     calls, drafted = stats.get("target_calls", 0), stats.get("drafted", 0)
-    return {"acceptance_rate": round(stats["accepted"] / drafted, 4) if drafted else None,
+    verifies = stats.get("verify_calls", 0)
+    return {"draft": stats.get("draft"), "acceptance_rate": round(stats["accepted"] / drafted, 4) if drafted else None,
+            "k_mean": round(drafted / verifies, 3) if verifies else None, "k_max": stats.get("k_max"),
             "tokens_per_target_call": round(stats["decode_tokens"] / calls, 3) if calls else None,
             "target_calls": calls, "drafted": drafted, "accepted": stats.get("accepted", 0),
             "draft_seconds": round(stats.get("draft_seconds", 0.0), 4)}
@@ -219,8 +226,68 @@ def draft_pipeline(text: str | None, gen_context: int | None, target):
     if target.arch != "x86_64":
         raise UserError(f"--draft is built for x86 targets, not {target.name}",
                         "leave --draft out: tcc generate --speculate lookup needs no draft program")
+    if text.strip() == "auto":
+        return "auto"
     from .pipeline import Pipeline
     return Pipeline.parse(text)
+
+
+# --draft auto: the candidates, and the verify call's cost in decode steps that the choice assumes
+# (8 rows through the small-M dense kernels: ~1.3x a bandwidth-bound decode step, docs/GENERATION.md)
+AUTO_DRAFTS = ("drop-blocks(ratio=0.25),quantize(weights=int4,acts=int8,embeddings=true)",
+               "drop-blocks(ratio=0.5),quantize(weights=int4,acts=int8,embeddings=true)",
+               "quantize(weights=int4,acts=int8,embeddings=true)")
+AUTO_VERIFY_COST = 1.3
+
+
+def expected_speed_up(agreement: float, cost: float, k_max: int = 7, verify: float = AUTO_VERIFY_COST) -> tuple:
+    """(speed-up, k): greedy tokens per target call, (1 - a^(k+1)) / (1 - a) when each draft token
+    matches the target's with probability a, over the time of k draft decodes (`cost` each, in
+    target decode steps) and one verify; the best k in 1..k_max."""
+    def tokens(k):
+        return k + 1.0 if agreement >= 1.0 else (1.0 - agreement ** (k + 1)) / (1.0 - agreement)
+    return max((tokens(k) / (k * cost + verify), k) for k in range(1, k_max + 1))
+
+
+def _greedy(program, feeds) -> np.ndarray:
+    """The argmax token at every position of every feed (teacher-forced on the feed's ids)."""
+    name = program.outputs[0].name
+    return np.concatenate([program(f)[name].argmax(-1).ravel() for f in feeds])
+
+
+def _choose_draft(program, calibration, k_max: int) -> tuple:
+    """--draft auto: each AUTO_DRAFTS pipeline built on a copy of `program`; agreement = the fraction
+    of positions of the calibration feeds (up to 4) where its greedy token equals the target's
+    (teacher-forced: the acceptance rate of greedy speculation on that text); cost = its parameter
+    bytes / the target's (decode is bandwidth-bound). Returns (pipeline, draft program, records,
+    what was measured); the pipeline with the best expected_speed_up wins."""
+    from .pipeline import Pipeline, PassContext
+    from .progress import status
+    feeds = None
+    want = None
+    best, measured = None, []
+    for text in AUTO_DRAFTS:
+        pipe = Pipeline(list(Pipeline.parse("dce")) + list(Pipeline.parse(text)))
+        if feeds is None:
+            feeds = list(calibration(pipe))[:4]
+            with status("--draft auto: the target's greedy tokens on the calibration text"):
+                want = _greedy(program, feeds)
+        share = not any(p.may_write_weights for p in pipe)
+        records: list = []
+        ctx = PassContext(calibration=calibration(pipe), verbose=True, records=records,
+                          shared=frozenset(id(t) for t in program.named_tensors().values()) if share else frozenset())
+        with status(f"--draft auto: building {pipe.canonical()}"):
+            draft = pipe.run(program.clone(share_weights=share), ctx, in_place=True)
+            agreement = float((_greedy(draft, feeds) == want).mean())
+        cost = draft.param_bytes() / max(program.param_bytes(), 1)
+        gain, k = expected_speed_up(agreement, cost, k_max)
+        measured.append({"pipeline": pipe.canonical(), "agreement": round(agreement, 4), "cost": round(cost, 4),
+                         "expected_speed_up": round(gain, 3), "k": k})
+        if best is None or gain > best[0]:
+            best = (gain, pipe, draft, records)
+    _, pipe, draft, records = best
+    return pipe, draft, records, {"candidates": measured, "positions": int(want.size),
+                                  "verify_cost": AUTO_VERIFY_COST}
 
 
 def build_draft(program, pipe, context: int, kv_cache: str, calibration) -> tuple:
@@ -228,20 +295,26 @@ def build_draft(program, pipe, context: int, kv_cache: str, calibration) -> tupl
     when a pass may write into them), given a KV cache of `context` positions. `calibration(pipe)`:
     the feeds its passes calibrate on. Returns (Generation, manifest fields: pipeline, passes,
     param_bytes, fingerprint)."""
-    from .generation import kv_cached
+    from .generation import VERIFY_LEN, kv_cached
     from .pipeline import Pipeline, PassContext
     from .progress import status
-    pipe = Pipeline(list(Pipeline.parse("dce")) + list(pipe))
-    share = not any(p.may_write_weights for p in pipe)
-    copy = program.clone(share_weights=share)
-    records: list = []
-    ctx = PassContext(calibration=calibration(pipe), verbose=True, records=records,
-                      shared=frozenset(id(t) for t in program.named_tensors().values()) if share else frozenset())
-    with status(f"building the draft program: {pipe.canonical()}"):
-        draft = pipe.run(copy, ctx, in_place=True)
+    auto = None
+    if pipe == "auto":
+        pipe, draft, records, auto = _choose_draft(program, calibration, VERIFY_LEN - 1)
+    else:
+        pipe = Pipeline(list(Pipeline.parse("dce")) + list(pipe))
+        share = not any(p.may_write_weights for p in pipe)
+        copy = program.clone(share_weights=share)
+        records: list = []
+        ctx = PassContext(calibration=calibration(pipe), verbose=True, records=records,
+                          shared=frozenset(id(t) for t in program.named_tensors().values()) if share else frozenset())
+        with status(f"building the draft program: {pipe.canonical()}"):
+            draft = pipe.run(copy, ctx, in_place=True)
+    with status(f"the draft program's KV cache: {pipe.canonical()}"):
         gen = kv_cached(draft, context, kv_cache)
-    return gen, {"pipeline": pipe.canonical(), "param_bytes": draft.param_bytes(), "fingerprint": draft.fingerprint(),
-                 "passes": [{"pass": r["text"], "seconds": r["seconds"], "param_bytes": r["param_bytes"]} for r in records]}
+    fields = {"pipeline": pipe.canonical(), "param_bytes": draft.param_bytes(), "fingerprint": draft.fingerprint(),
+              "passes": [{"pass": r["text"], "seconds": r["seconds"], "param_bytes": r["param_bytes"]} for r in records]}
+    return gen, fields if auto is None else {**fields, "auto": auto}
 
 
 def add_draft(draft: tuple | None, functions: dict, manifest: dict, chunk: int) -> None:

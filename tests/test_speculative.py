@@ -172,8 +172,36 @@ def test_cli_speculate_and_errors(art, tmp_path, capsys):
     sp = json.loads(capsys.readouterr().out)["speculative"]
     assert sp["same_tokens"] is True and sp["mode"] == "lookup" and sp["tokens_per_target_call"] >= 1
     assert {"acceptance_rate", "speed_up", "plain_decode_tokens_per_s"} <= set(sp)
+    assert sp["draft"] == "prompt lookup (3-gram)" and sp["k_max"] == 7
+    assert sp["k_mean"] is None or 1 <= sp["k_mean"] <= 7
     with pytest.raises(UserError, match="not a speculation mode"):
         art.generate([1, 2], 4, speculate="medusa")
     with pytest.raises(UserError, match="--draft builds a draft program"):
         tcc.compile(tiny("llama"), "x86", out=tmp_path / "b", generate=False, draft=DRAFT)
     assert not (tmp_path / "b").exists()
+
+
+def test_expected_speed_up_of_a_draft():
+    from tcc.speculative import expected_speed_up
+    assert expected_speed_up(0.0, 0.1) == pytest.approx((1 / 1.4, 1))        # nothing accepted: k = 1
+    assert expected_speed_up(1.0, 0.0) == pytest.approx((8 / 1.3, 7))        # free and always right: k = 7
+    gain, k = expected_speed_up(0.6, 0.25)  # tokens (1 - 0.6^(k+1)) / 0.4 over k * 0.25 + 1.3
+    assert k == 2 and gain == pytest.approx((1 - 0.6 ** 3) / 0.4 / (0.5 + 1.3))  # k = 3: 2.18 / 2.05
+
+
+def test_draft_auto_picks_the_best_measured_candidate(tmp_path, monkeypatch):
+    import tcc.speculative as spec
+    monkeypatch.setattr(spec, "AUTO_DRAFTS", (DRAFT, "quantize(weights=int8)"))
+    with tcc.compile(tiny("llama"), "x86", out=tmp_path / "a", latency=False, max_context=32, draft="auto") as a:
+        draft = a.manifest["generation"]["draft"]
+        auto = draft["auto"]
+        assert len(auto["candidates"]) == 2 and "drop-blocks" in auto["candidates"][0]["pipeline"]
+        assert "int8" in auto["candidates"][1]["pipeline"] and auto["positions"] > 0
+        for c in auto["candidates"]:
+            assert 0.0 <= c["agreement"] <= 1.0 and 0.0 < c["cost"] < 1.0
+            assert (c["expected_speed_up"], c["k"]) == pytest.approx(spec.expected_speed_up(c["agreement"], c["cost"]), abs=1e-3)
+        best = max(auto["candidates"], key=lambda c: c["expected_speed_up"])
+        assert draft["pipeline"] == best["pipeline"]
+        prompt = [1, 2, 3, 4, 5]
+        assert a.generate(prompt, 12, stop_at_eos=False, speculate="draft")["token_ids"] == \
+            a.generate(prompt, 12, stop_at_eos=False)["token_ids"]
