@@ -101,9 +101,10 @@ def cmd_compile(a) -> int:
                       draft=a.draft)
     m = art.manifest
     art.close()
-    if a.bundle:
-        _print_bundle(_bundle(out, a.bundle, a.force), a.json)
-    summary = {"artifact": str(Path(out).resolve()), "target": m["target"]["name"], "pipeline": m["pipeline"],
+    bundle = _bundle(out, a.bundle, a.force) if a.bundle else None
+    if bundle and not a.json:
+        _print_bundle(bundle, False)
+    summary = {**({"bundle": bundle} if bundle else {}), "artifact": str(Path(out).resolve()), "target": m["target"]["name"], "pipeline": m["pipeline"],
                "weight_bytes": m["sizes"]["weight_bytes"], "verify": m["run"].get("verify"),
                "drift_vs_source": m["run"].get("drift_vs_source"),
                "seconds": m["run"]["seconds"]}

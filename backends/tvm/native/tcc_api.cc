@@ -303,8 +303,8 @@ ffi::Module LoadVM(const std::string& model_so) {
 void Load(tcc_model* m) {
   // TVM sizes its thread pool at first use to half the cores (it assumes hyper-threading); use them all
   // as `tcc.load` does, unless the application set TVM_NUM_THREADS.
-  if (!std::getenv("TVM_NUM_THREADS")) {
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
+  if (!std::getenv("TVM_NUM_THREADS") && !std::getenv("OMP_NUM_THREADS")) {
+    const long n = sysconf(_SC_NPROCESSORS_ONLN);
     setenv("TVM_NUM_THREADS", std::to_string(n > 0 ? n : 1).c_str(), 0);
   }
   std::vector<Spec> specs = ReadSpecs(m->dir + "/tcc-bundle.spec");
