@@ -82,6 +82,9 @@ def cmd_compile(a) -> int:
             setattr(a, key, value)
     if not a.model:
         raise UserError("no model given", "tcc compile MODEL, or a recipe with model = \"...\"")
+    if a.max_accuracy_drop is not None and a.bundle:
+        raise UserError("--bundle is not made by the accuracy-budget search",
+                        "bundle the artifact it writes afterwards: tcc export ARTIFACT --bundle DIR")
     if a.max_accuracy_drop is not None:
         from tcc import cache
         from tcc.search import cli_compile
