@@ -110,7 +110,7 @@ import torch.fx as fx
 from tcc import sparsity
 from tcc.calibration import CalibrationLoss, GraphRunner, text_feeds
 from tcc.errors import InternalError, UserError
-from tcc.pipeline import Option, Pass, PassContext, register, set_val
+from tcc.pipeline import Option, Pass, PassContext, estimate_flops, register, set_val
 from tcc.program import Program, attribute as _attr
 from tcc.progress import track
 from tcc.ops import quantize_rows
@@ -447,7 +447,8 @@ def smooth(program: Program, plan: Plan, feeds: list[dict], opts: Quantize) -> l
     else:
         alpha = None if opts.auto_alpha else float(opts.alpha)
         if alpha is None and todo:  # nothing to smooth: no alpha to choose
-            search = search_alpha(program, plan, todo, stats, feeds[:ALPHA_FEEDS], opts)
+            search = search_alpha(program, plan, todo, stats, _search_feeds(program, feeds, ALPHA_FEEDS,
+                                                                            1 + len(ALPHA_GRID)), opts)
             alpha = search["chosen"]
         scales = _smoothquant_scales(gm, todo, stats, alpha)
     applied = {}  # x name -> the per-feature s its linears' weights were multiplied by
@@ -483,6 +484,20 @@ def _exact_scales(gm, lins: list[fx.Node], s: torch.Tensor) -> torch.Tensor:
     if any(_attr(gm, n.args[1].target).dtype == torch.bfloat16 for n in lins):
         return torch.exp2(torch.round(torch.log2(s)))
     return s
+
+
+SEARCH_FLOP = 2e12  # the alpha search's forward passes together: about this many FLOPs (at least one feed)
+
+
+def _search_feeds(program: Program, feeds: list[dict], most: int, runs: int) -> list[dict]:
+    """At most `most` of `feeds`, fewer for big models: `runs` forward passes over them stay within
+    SEARCH_FLOP (estimate_flops; a Llama-3.2-1B shape at 128 tokens, 2.8e11 FLOPs a feed: the alpha
+    search's 7 runs on one feed, where 8 feeds took 56 forward passes; SmolLM2 keeps 8; issue 15)."""
+    try:
+        per_feed = estimate_flops(program.gm)
+    except InternalError:  # a node without shapes
+        return feeds[:most]
+    return feeds[:int(max(1, min(most, SEARCH_FLOP // max(runs * per_feed, 1))))]
 
 
 def search_alpha(program: Program, plan: Plan, todo: list, stats: dict, feeds: list[dict], opts: Quantize) -> dict:

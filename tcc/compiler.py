@@ -256,7 +256,8 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
         elif verify or time_it or (held_out is not None and tgt.is_host):
             feeds = reference.feeds if reference is not None else program.example_inputs(seed=1)
             baseline.feeds = feeds
-            want = program(feeds) if verify else None
+            with memory.stage("running the compressed program (PyTorch) for the verification"):
+                want = program(feeds) if verify else None
             program = None  # its weights leave memory before the artifact's are loaded (one copy at a time)
             errors, drift, _, checked = _run_artifact(
                 stage.dir, manifest, run_m, feeds, want, reference if verify else None, False,

@@ -82,3 +82,20 @@ def test_big_models_check_each_pass_on_fewer_feeds_and_skip_the_baseline(tmp_pat
     latency = report["run"]["latency"]
     assert latency["baseline"]["skipped"].startswith("not built: the source model's")
     assert latency["engine"] == "tcc" and latency["median_ms"] > 0
+
+
+def test_the_smoothquant_alpha_search_runs_on_fewer_feeds_for_big_models(tmp_path, monkeypatch):
+    """quantize's alpha search (7 forward passes per feed) takes as many calibration feeds as fit
+    SEARCH_FLOP (all 8 for a small model; its record's alpha_search.feeds says how many)."""
+    import tcc
+    from tcc.passes import quantize as q
+    from tcc.pipeline import estimate_flops
+    from test_tokenizerless import save_decoder
+    save_decoder(tmp_path / "m", "qwen2")
+    program = tcc.trace(str(tmp_path / "m"), seq_len=8)
+    feeds = [program.example_inputs(seed=i) for i in range(8)]
+    assert q._search_feeds(program, feeds, 8, 7) == feeds
+    monkeypatch.setattr(q, "SEARCH_FLOP", 3.5 * 7 * estimate_flops(program.gm))
+    assert q._search_feeds(program, feeds, 8, 7) == feeds[:3]
+    monkeypatch.setattr(q, "SEARCH_FLOP", 1.0)
+    assert q._search_feeds(program, feeds, 8, 7) == feeds[:1]
