@@ -580,7 +580,12 @@ def _check_generation(art, run: dict, source: _Reference, generation: dict) -> d
     run["generation_agreement"] = agreement["rate"]
     return {"max_context": context, "prefill_len": chunk, "kv_cache": generation["kv_cache"],
             "cache_bytes": generation["cache_bytes"],
-            "agreement": agreement}
+            "agreement": agreement, **({"draft": _draft_summary(generation["draft"])} if generation.get("draft") else {})}
+
+
+def _draft_summary(draft: dict) -> dict:
+    """The report's view of the --draft program: pipeline, parameter bytes, and what --draft auto measured."""
+    return {k: draft[k] for k in ("pipeline", "param_bytes", "auto") if k in draft}
 
 
 BASELINE_MAX_BYTES = 2e9  # a bigger source model's speed-up baseline is not built (a second trace, build, write)

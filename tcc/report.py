@@ -25,7 +25,8 @@ report.json, schema "tcc.report/1":
               generation (causal LMs with prefill/decode, checked on this host) {max_context,
               prefill_len, kv_cache ("fp32" | "int8"), cache_bytes, agreement {rate (top-1, teacher-forced), tokens (positions
               compared), prompt_tokens (prefilled), sequence_tokens, max_abs_logit_error,
-              max_rel_logit_error, reference}};
+              max_rel_logit_error, reference}, draft (with --draft) {pipeline, param_bytes, auto (--draft
+              auto: {candidates [{pipeline, agreement, cost, expected_speed_up, k}], positions, verify_cost})}};
               task_accuracy (tcc.evaluate.HeldOut, on the held-out text shipped with tcc) {metric:
               "perplexity" | "cosine" | "agreement", definition, text, measured_with, source,
               compressed, change, ...} or {metric: null, note};
@@ -347,6 +348,8 @@ def _facts(report: dict) -> list[tuple[str, str]]:
     rows.append(("compile", _compile_cost(report)))
     prog = final.get("progress")
     if prog:
+        if g.get("draft"):
+            rows.append(("speculative draft", _draft(g["draft"])))
         rows.append(("stopped", f"{prog['state']} during '{prog.get('stage')}' (step '{prog.get('step')}') after "
                                 f"{prog.get('seconds')} s"))
     return rows
@@ -492,6 +495,16 @@ def _cache(gen: dict) -> str:
 def _agreement(a: dict) -> str:
     """final.generation.agreement in words (reports before the logit error was measured lack it)."""
     err = a.get("max_rel_logit_error")
+def _draft(d: dict) -> str:
+    """final.generation.draft in words: the pipeline, its size, and each --draft auto candidate."""
+    text = f"{d['pipeline']} ({d['param_bytes'] / 1e6:.1f} MB of parameters)"
+    if d.get("auto"):
+        text += "; chosen by --draft auto from " + "; ".join(
+            f"{c['pipeline']}: agreement {c['agreement']:.3f}, cost {c['cost']:.3f}, expected {c['expected_speed_up']}x "
+            f"at k {c['k']}" for c in d["auto"]["candidates"])
+    return text + " (tcc generate --speculate draft --compare measures the speed-up)"
+
+
     return (f"top-1 agreement with the source model {a['rate']:.3f} over {a['tokens']} teacher-forced positions"
             + ("" if err is None else f", max logit error {err:.1e} relative"))
 

@@ -249,6 +249,17 @@ def expected_speed_up(agreement: float, cost: float, k_max: int = 7, verify: flo
     return max((tokens(k) / (k * cost + verify), k) for k in range(1, k_max + 1))
 
 
+def _run_pipeline(program, pipe, calibration) -> tuple:
+    """(draft, pass records): `pipe` run on a copy of `program` that shares its weights (a full copy
+    when a pass may write into them), calibrated on calibration(pipe)."""
+    from .pipeline import PassContext
+    share = not any(p.may_write_weights for p in pipe)
+    records: list = []
+    ctx = PassContext(calibration=calibration(pipe), verbose=True, records=records,
+                      shared=frozenset(id(t) for t in program.named_tensors().values()) if share else frozenset())
+    return pipe.run(program.clone(share_weights=share), ctx, in_place=True), records
+
+
 def _greedy(program, feeds) -> np.ndarray:
     """The argmax token at every position of every feed (teacher-forced on the feed's ids)."""
     name = program.outputs[0].name
@@ -261,7 +272,7 @@ def _choose_draft(program, calibration, k_max: int) -> tuple:
     (teacher-forced: the acceptance rate of greedy speculation on that text); cost = its parameter
     bytes / the target's (decode is bandwidth-bound). Returns (pipeline, draft program, records,
     what was measured); the pipeline with the best expected_speed_up wins."""
-    from .pipeline import Pipeline, PassContext
+    from .pipeline import Pipeline
     from .progress import status
     feeds = None
     want = None
@@ -272,12 +283,8 @@ def _choose_draft(program, calibration, k_max: int) -> tuple:
             feeds = list(calibration(pipe))[:4]
             with status("--draft auto: the target's greedy tokens on the calibration text"):
                 want = _greedy(program, feeds)
-        share = not any(p.may_write_weights for p in pipe)
-        records: list = []
-        ctx = PassContext(calibration=calibration(pipe), verbose=True, records=records,
-                          shared=frozenset(id(t) for t in program.named_tensors().values()) if share else frozenset())
         with status(f"--draft auto: building {pipe.canonical()}"):
-            draft = pipe.run(program.clone(share_weights=share), ctx, in_place=True)
+            draft, records = _run_pipeline(program, pipe, calibration)
             agreement = float((_greedy(draft, feeds) == want).mean())
         cost = draft.param_bytes() / max(program.param_bytes(), 1)
         gain, k = expected_speed_up(agreement, cost, k_max)
@@ -294,23 +301,18 @@ def build_draft(program, pipe, context: int, kv_cache: str, calibration) -> tupl
     """The draft: `pipe` run on a copy of the (source) `program` that shares its weights (a full copy
     when a pass may write into them), given a KV cache of `context` positions. `calibration(pipe)`:
     the feeds its passes calibrate on. Returns (Generation, manifest fields: pipeline, passes,
-    param_bytes, fingerprint)."""
+    param_bytes, fingerprint; with pipe "auto", auto: what _choose_draft measured)."""
     from .generation import VERIFY_LEN, kv_cached
-    from .pipeline import Pipeline, PassContext
+    from .pipeline import Pipeline
     from .progress import status
     auto = None
     if pipe == "auto":
         pipe, draft, records, auto = _choose_draft(program, calibration, VERIFY_LEN - 1)
     else:
         pipe = Pipeline(list(Pipeline.parse("dce")) + list(pipe))
-        share = not any(p.may_write_weights for p in pipe)
-        copy = program.clone(share_weights=share)
-        records: list = []
-        ctx = PassContext(calibration=calibration(pipe), verbose=True, records=records,
-                          shared=frozenset(id(t) for t in program.named_tensors().values()) if share else frozenset())
         with status(f"building the draft program: {pipe.canonical()}"):
-            draft = pipe.run(copy, ctx, in_place=True)
-    with status(f"the draft program's KV cache: {pipe.canonical()}"):
+            draft, records = _run_pipeline(program, pipe, calibration)
+    with status(f"adding a KV cache of {context} positions to the draft program"):
         gen = kv_cached(draft, context, kv_cache)
     fields = {"pipeline": pipe.canonical(), "param_bytes": draft.param_bytes(), "fingerprint": draft.fingerprint(),
               "passes": [{"pass": r["text"], "seconds": r["seconds"], "param_bytes": r["param_bytes"]} for r in records]}

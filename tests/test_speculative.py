@@ -202,6 +202,9 @@ def test_draft_auto_picks_the_best_measured_candidate(tmp_path, monkeypatch):
             assert (c["expected_speed_up"], c["k"]) == pytest.approx(spec.expected_speed_up(c["agreement"], c["cost"]), abs=1e-3)
         best = max(auto["candidates"], key=lambda c: c["expected_speed_up"])
         assert draft["pipeline"] == best["pipeline"]
+        report = json.loads((a.dir / "report.json").read_text())["final"]["generation"]["draft"]
+        assert report == {"pipeline": draft["pipeline"], "param_bytes": draft["param_bytes"], "auto": auto}
+        assert f"speculative draft: {draft['pipeline']}" in (a.dir / "report.md").read_text()
         prompt = [1, 2, 3, 4, 5]
         assert a.generate(prompt, 12, stop_at_eos=False, speculate="draft")["token_ids"] == \
             a.generate(prompt, 12, stop_at_eos=False)["token_ids"]
