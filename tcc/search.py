@@ -16,7 +16,8 @@ text (default tcc/data/calibration.txt), the accuracy is scored on its beginning
 
 Search (greedy, cheap first, every trial recorded; "feasible" = drop <= max_drop * (1 - margin)):
   0. the uncompressed program (the reference; never chosen);
-  1. quantization alone: int8 weight-only, W8A8 SmoothQuant, int4 GPTQ (asymmetric), all with int8
+  1. quantization alone: int8 weight-only, W8A8 SmoothQuant, int4 GPTQ (asymmetric) (and, when asked
+     for with quantization=(..., "int4-rotate"), the same int4 after `rotate`), all with int8
      embedding tables; the best feasible one by the objective is kept. A scheme that would beat it
      but misses the budget is retried with its most sensitive layers at higher precision
      (quantize's per-layer sensitivity, keep = 1, 2, 4, 8, 16: the knee);
@@ -92,12 +93,18 @@ QUANT = {  # scheme -> quantize options (int8 embedding tables in every scheme)
     "int8": "weights=int8,embeddings=true",
     "w8a8": "acts=int8,method=smoothquant,embeddings=true",
     "int4": "weights=int4,method=gptq,sym=false,embeddings=true",
+    "int4-rotate": "weights=int4,method=gptq,sym=false,embeddings=true",  # after `rotate` (ROTATED)
 }
+ROTATED = {"int4-rotate"}  # schemes whose pipeline rotates the residual stream first (pre-norm RMSNorm decoders;
+#                            others record the trial as an error: rotate refuses them)
+# the schemes a search tries unless told: not int4-rotate, which made SmolLM2's int4 worse (docs/BENCHMARKS.md
+# "Rotations"); quantization=(..., "int4-rotate") asks for it
+DEFAULT_QUANT = ("int8", "w8a8", "int4")
 KEEP_STEPS = (1, 2, 4, 8, 16)
 HEAD_RATIOS = (0.125, 0.25, 0.375, 0.5)
 BLOCK_SPARSITY = (0.3, 0.4, 0.5, 0.6, 0.7)
 STRUCTURE = ("drop-attention", "prune-heads", "drop-mlp", "sparsify")  # tried in this order
-ORDER = ("drop-attention", "drop-mlp", "prune-heads", "sparsify", "heal", "quantize")  # in a pipeline
+ORDER = ("drop-attention", "drop-mlp", "prune-heads", "sparsify", "heal", "rotate", "quantize")  # in a pipeline
 _clock = time.monotonic  # tests replace it
 
 
@@ -440,14 +447,16 @@ class _Search:
         return "search space done"
 
     def quantization(self, base: dict) -> dict[str, str]:
-        tried = {name: self.trial({"quantize": f"quantize({QUANT[name]})"}, "quantize") for name in self.schemes}
+        scheme = lambda name, extra="": {**({"rotate": "rotate"} if name in ROTATED else {}),
+                                         "quantize": f"quantize({QUANT[name]}{extra})"}
+        tried = {name: self.trial(scheme(name), "quantize") for name in self.schemes}
         best = min((r for r in tried.values() if self.feasible(r)), key=self.cost, default=None)
         for name, r in sorted(tried.items(), key=lambda kv: self.cost(kv[1])):
             bar = self.cost(best) if best else self.cost(base)
             if self.feasible(r) or r.get("error") or self.cost(r) >= bar:
                 continue
             for keep in KEEP_STEPS:  # the knee: the fewest sensitive layers kept at higher precision
-                k = self.trial({"quantize": f"quantize({QUANT[name]},keep={keep})"}, "quantize-keep")
+                k = self.trial(scheme(name, f",keep={keep}"), "quantize-keep")
                 if k.get("error"):
                     break
                 if self.feasible(k):
@@ -456,7 +465,7 @@ class _Search:
                     break
         if best is None or self.cost(best) >= self.cost(base):
             return {}
-        return {"quantize": best["state"]["quantize"]}
+        return {k: v for k, v in best["state"].items() if k in ("rotate", "quantize")}
 
     def structure(self, state: dict[str, str], axes: list[Axis], base: dict) -> None:
         notch = {a.name: 0 for a in axes}
@@ -501,7 +510,7 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
            budget_s: float | None = None, work_dir, out=None, calibration_text=None, calibration_samples: int = 8,
            seq_len: int = 128, batch: int = 1, task: str | None = None, margin: float = 0.1, measure: int = 3,
            eval_tokens: int = 2048, eval_samples: int = 32, held_out_text=None,
-           quantization: tuple[str, ...] = tuple(QUANT), structure: tuple[str, ...] = STRUCTURE,
+           quantization: tuple[str, ...] = DEFAULT_QUANT, structure: tuple[str, ...] = STRUCTURE,
            heal_steps: int = 0, max_trials: int | None = None, force: bool = False,
            tokenizer=None) -> SearchResult:
     """Search, choose and (with `out`) compile; see the module docstring. `work_dir` and `out` may
