@@ -31,8 +31,7 @@ from tcc.pipeline import Option, Pass, PassContext, register
 from tcc.program import Program, attribute as _attr
 from tcc.quantization import glob_matches, module_path
 
-from .dead_code import remove_dead
-from .quantize import _register, _replace
+from tcc.graph import register_tensors as _register, replace_node as _replace
 
 aten, tcc_ops = torch.ops.aten, torch.ops.tcc
 DENSE = (aten.linear.default, tcc_ops.dense.default)
@@ -127,16 +126,11 @@ class Bf16(Pass):
         "skip": Option(list[str], [], "module-path globs to keep in float32, e.g. [lm_head]"),
     }
 
-    def run(self, program: Program, ctx: PassContext) -> Program:
-        gm = program.gm
+    def run(self, program: Program, ctx: PassContext) -> bool:
         chosen, skipped = match(program, self)
-        notes = rewrite(gm, chosen)
-        removed = remove_dead(gm)[1] if chosen else []
-        gm.recompile()
-        ctx.note(options=dict(self.opts), converted=notes, skipped=skipped, removed_attributes=removed)
-        if chosen:
-            ctx.refresh_info(program)
-        return program
+        notes = rewrite(program.gm, chosen)
+        ctx.note(options=dict(self.opts), converted=notes, skipped=skipped, removed_attributes=[])
+        return bool(chosen)  # the manager removes the float32 tensors (noted) and recovers ModelInfo
 
     def ensures(self, program: Program) -> None:
         verify(program.gm)

@@ -14,13 +14,26 @@ choices. Bad options raise a UserError naming the option.
 """
 from __future__ import annotations
 
-from tcc.elimination import DropPass
-from tcc.pipeline import register
+from tcc.elimination import drop_chosen, require_blocks
+from tcc.pipeline import Pass, PassContext, register
+from tcc.program import Program
+from tcc.redundancy import DROP_OPTIONS, choose, drop_reads
 
 
 @register
-class DropBlocks(DropPass):
+class DropBlocks(Pass):
     """Remove the most redundant (or the given) transformer blocks, exactly."""
 
     name = "drop-blocks"
+    kind = "transform"
     part = "block"
+    options = DROP_OPTIONS
+    keeps_info = True  # tcc.elimination.drop keeps ModelInfo true (edited where recovery cannot see it)
+
+    def reads(self, analysis: str) -> set[str]:
+        return drop_reads(self, analysis)  # analyze-redundancy's similarities (loss increases with by=loss)
+
+    def run(self, program: Program, ctx: PassContext) -> bool:
+        require_blocks(program, self.name)                              # contract: recognised blocks
+        chosen, notes = choose(self, program, ctx)                      # match: the most redundant
+        return drop_chosen(program, ctx, self.part, chosen, notes)      # rewrite: exact removal, noted

@@ -15,13 +15,26 @@ the first and last block out of automatic choices. Bad options raise a UserError
 """
 from __future__ import annotations
 
-from tcc.elimination import DropPass
-from tcc.pipeline import register
+from tcc.elimination import drop_chosen, require_blocks
+from tcc.pipeline import Pass, PassContext, register
+from tcc.program import Program
+from tcc.redundancy import DROP_OPTIONS, choose, drop_reads
 
 
 @register
-class DropMLP(DropPass):
+class DropMLP(Pass):
     """Remove the MLP sub-blocks of the most redundant (or the given) blocks, exactly."""
 
     name = "drop-mlp"
+    kind = "transform"
     part = "mlp"
+    options = DROP_OPTIONS
+    keeps_info = True  # tcc.elimination.drop keeps ModelInfo true (edited where recovery cannot see it)
+
+    def reads(self, analysis: str) -> set[str]:
+        return drop_reads(self, analysis)  # analyze-redundancy's similarities (loss increases with by=loss)
+
+    def run(self, program: Program, ctx: PassContext) -> bool:
+        require_blocks(program, self.name)                              # contract: recognised blocks
+        chosen, notes = choose(self, program, ctx)                      # match: the most redundant
+        return drop_chosen(program, ctx, self.part, chosen, notes)      # rewrite: exact removal, noted

@@ -29,7 +29,6 @@ from tcc.errors import InternalError
 from tcc.pipeline import Option, Pass, PassContext, register, set_val
 from tcc.program import Program, attribute as _attr
 
-from .dead_code import remove_dead
 
 
 @register
@@ -43,7 +42,7 @@ class FoldConstants(Pass):
                              validator=lambda v: None if v >= 0 else "must be >= 0"),
     }
 
-    def run(self, program: Program, ctx: PassContext) -> Program:
+    def run(self, program: Program, ctx: PassContext) -> bool:
         gm = program.gm
         values = _constant_values(gm)
         roots, skipped = _roots(gm, values, self.size_limit)
@@ -52,12 +51,8 @@ class FoldConstants(Pass):
         checked = [n.name for n in checks]
         for n in checks:
             gm.graph.erase_node(n)
-        removed_nodes, removed_attrs = remove_dead(gm) if roots or checked else ([], [])
-        ctx.note(folded=folded, skipped=skipped, checked=checked, removed_nodes=removed_nodes,
-                 removed_attributes=removed_attrs)
-        if roots or checked:
-            ctx.refresh_info(program)
-        return program
+        ctx.note(folded=folded, skipped=skipped, checked=checked, removed_nodes=[], removed_attributes=[])
+        return bool(roots or checked)  # the manager removes what is dead now (noted) and recovers ModelInfo
 
     def ensures(self, program: Program) -> None:
         values = _constant_values(program.gm)

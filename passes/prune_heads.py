@@ -93,14 +93,14 @@ class PruneHeads(Pass):
         chosen = any(self.opts[k] != self.options[k].default for k in ("ratio", "counts", "threshold"))
         return {"heads", "head_loss"} if analysis == ANALYSIS and chosen else set()
 
-    def run(self, program: Program, ctx: PassContext) -> Program:
+    def run(self, program: Program, ctx: PassContext) -> bool:
         blocks = [b for b in program.info.blocks if b.attention is not None]  # dropped attention has no heads
         modes = [_mode(b.attention, self.mode, b.index) for b in blocks]
         selection = {k: self.opts[k] for k in ("ratio", "counts", "threshold") if self.opts[k] != self.options[k].default}
         ctx.note(mode=sorted(set(modes)), selection=selection or "nothing (no option given)")
         if not selection:
             ctx.note(bytes_removed=0)
-            return program
+            return False
 
         # which heads: the least important units of each layer
         feeds = list(ctx.calibration) or [program.example_inputs()]
@@ -121,27 +121,32 @@ class PruneHeads(Pass):
         changed = [i for i, (kq, _) in enumerate(plan) if len(kq) < blocks[i].attention.num_heads]
         if not changed:
             ctx.note(bytes_removed=0)
-            return program
+            return False
 
-        # rewrite a copy, so that a layout we cannot handle leaves the input program as it was
-        new = program.clone()
+        # rewrite in place (Pipeline.run works on its own copy, so a layout we cannot handle leaves
+        # the caller's program as it was)
+        bytes_before = program.param_bytes()
         for i in changed:
             removed = [h for h in range(blocks[i].attention.num_heads) if h not in plan[i][0]]
             at = blocks[i].index  # position in ModelInfo.blocks (blocks without attention are skipped here)
             delta = sum(stats["mean"][at][h] for h in removed) if self.compensate else None
-            prune_attention(new.gm, new.info.blocks[at].attention, *plan[i], o_bias_delta=delta)
-        new.gm.graph.lint()
-        new.gm.recompile()
-        check_runs(new, "prune-heads", "this attention layout is not supported by prune-heads yet")
-        ctx.refresh_info(new)
-        got = [(b.attention.num_heads, b.attention.num_kv_heads) for b in new.info.blocks if b.attention is not None]
-        want = [(len(kq), len(kkv)) for kq, kkv in plan]
-        if got != want:
-            raise InternalError(f"prune-heads: ModelInfo reports (heads, kv heads) {got} after pruning, expected {want}")
-        ctx.note(bytes_removed=program.param_bytes() - new.param_bytes(),
+            prune_attention(program.gm, program.info.blocks[at].attention, *plan[i], o_bias_delta=delta)
+        program.gm.graph.lint()
+        program.gm.recompile()
+        check_runs(program, "prune-heads", "this attention layout is not supported by prune-heads yet")
+        self._want = [(len(kq), len(kkv)) for kq, kkv in plan]  # verified by ensures, on the recovered ModelInfo
+        ctx.note(bytes_removed=bytes_before - program.param_bytes(),
                  compensated=f"removed heads' mean output on {what} added to the output projections' biases"
                  if self.compensate else False)
-        return new
+        return True  # the manager recovers ModelInfo
+
+    def ensures(self, program: Program) -> None:
+        want, self._want = getattr(self, "_want", None), None
+        if want is None:
+            return
+        got = [(b.attention.num_heads, b.attention.num_kv_heads) for b in program.info.blocks if b.attention is not None]
+        if got != want:
+            raise InternalError(f"prune-heads: ModelInfo reports (heads, kv heads) {got} after pruning, expected {want}")
 
     # -- how many -------------------------------------------------------------------------------
     def _units_to_remove(self, a: Attention, mode: str, layer: int, rel: list[float] | None) -> int:

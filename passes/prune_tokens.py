@@ -143,7 +143,7 @@ class PruneTokens(Pass):
         fr = list(self.schedule)
         return fr + [fr[-1]] * (depth - len(fr))
 
-    def run(self, program: Program, ctx: PassContext) -> Program:
+    def run(self, program: Program, ctx: PassContext) -> bool:
         info = program.info
         x0 = nodes_by_name(program.gm)[info.blocks[0].input]
         batch, seq = _shape(x0)[:2]
@@ -156,17 +156,18 @@ class PruneTokens(Pass):
         ctx.note(method=self.method, seq_len=seq, schedule=[round(f, 4) for f in fractions], tokens=counts)
         if not stages:
             ctx.note(stages=[], restore="none (no token is removed)")
-            return program
+            return False
         _refuse_causal(program)
-        new = program.clone()
-        notes = _Rewriter(new, self, batch, seq).apply(stages)
-        check_runs(new, "prune-tokens", "this model is not supported by prune-tokens yet")
-        before = _signature(new.info)
-        ctx.refresh_info(new)
-        if _signature(new.info) != before:
-            raise InternalError(f"prune-tokens: ModelInfo after pruning differs: {_signature(new.info)} vs {before}")
+        notes = _Rewriter(program, self, batch, seq).apply(stages)  # in place: Pipeline.run works on a copy
+        check_runs(program, "prune-tokens", "this model is not supported by prune-tokens yet")
+        self._signature = _signature(program.info)  # ensures compares the ModelInfo the manager recovers
         ctx.note(**notes)
-        return new
+        return True
+
+    def ensures(self, program: Program) -> None:
+        before, self._signature = getattr(self, "_signature", None), None
+        if before is not None and _signature(program.info) != before:
+            raise InternalError(f"prune-tokens: ModelInfo after pruning differs: {_signature(program.info)} vs {before}")
 
 
 # -- the rewrite -------------------------------------------------------------------------------------

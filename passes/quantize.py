@@ -120,7 +120,7 @@ from tcc.quantization import (Grid, InputStats, QWeight, awq_clip, awq_scale, bi
 from tcc.memory import page_out
 from tcc.structure import IDENTITY, op_name
 
-from .dead_code import remove_dead
+from tcc.graph import free_name as _free_name, register_tensors as _register, remove_dead, replace_node as _replace
 
 aten, tcc_ops = torch.ops.aten, torch.ops.tcc
 # tcc::dense_bf16 / embedding_bf16: a bf16 checkpoint's own tensors (tcc.frontend), read widened to float32
@@ -1003,31 +1003,6 @@ def rewrite(gm: fx.GraphModule, plan: Plan, opts: Quantize) -> list[dict]:
     return notes
 
 
-def _register(gm: fx.GraphModule, target: str, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Buffers `<weight>_<suffix>` next to the weight; {suffix: attribute path}."""
-    owner_path, _, attr = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    out = {}
-    for suffix, t in tensors.items():
-        name = _free_name(owner, f"{attr}_{suffix}")
-        owner.register_buffer(name, t)
-        out[suffix] = f"{owner_path}.{name}" if owner_path else name
-    return out
-
-
-def _replace(gm: fx.GraphModule, n: fx.Node, op, make_args, names: dict[str, str]) -> None:
-    """Swap node n for op(*make_args(get)), where get(suffix) is a new get_attr of names[suffix]."""
-    with gm.graph.inserting_before(n):
-        def get(suffix):
-            node = gm.graph.get_attr(names[suffix])
-            set_val(gm, node, _attr(gm, names[suffix]))
-            return node
-        new = gm.graph.call_function(op, make_args(get))
-    new.meta.update(n.meta)
-    n.replace_all_uses_with(new)
-    gm.graph.erase_node(n)
-
-
 # -- verify --------------------------------------------------------------------------------------------
 
 def verify(gm: fx.GraphModule) -> None:
@@ -1078,10 +1053,4 @@ def carry_sparsity(program: Program, plan: Plan) -> None:
 def _zeros(w: torch.Tensor, layer: Layer) -> torch.Tensor | None:
     """The entries a sparse weight must keep at exactly 0 (its stored zeros), None for a dense one."""
     return (w == 0) if layer.sparsity is not None else None
-
-
-def _free_name(module: torch.nn.Module, name: str) -> str:
-    while hasattr(module, name):
-        name += "_"
-    return name
 

@@ -1,7 +1,7 @@
 """`quantize-weights`: int8 weights, per output channel, for the linear layers.
 
 The special case `quantize(weights=int8, acts=none, method=rtn)` of passes/quantize.py, kept under
-its own name and options; it runs that pass's code.
+its own name and options; it runs that pass (found through the registry, as any caller finds a pass).
 
 Contract: every `aten.linear` / `tcc::dense` node whose weight is a float `get_attr` tensor of
 shape [N, K] with at least `min_size` elements, whose module path matches no `skip` glob, and whose
@@ -28,11 +28,9 @@ Notes the quantized layers (module, weight, shape) and the skipped ones with the
 """
 from __future__ import annotations
 
-from tcc.pipeline import Option, Pass, PassContext, register
+from tcc.pipeline import Option, Pass, PassContext, get_pass, register
 from tcc.program import Program
 from tcc.quantization import quantize_per_channel  # noqa: F401  (the int8 math, re-exported for callers)
-
-from .quantize import Quantize
 
 
 @register
@@ -50,7 +48,8 @@ class QuantizeWeights(Pass):
 
     def __init__(self, **opts):
         super().__init__(**opts)
-        self.impl = Quantize(weights="int8", acts="none", method="rtn", min_size=self.min_size, skip=self.skip)
+        self.impl = get_pass("quantize")(weights="int8", acts="none", method="rtn", min_size=self.min_size,
+                                         skip=self.skip)
 
     def run(self, program: Program, ctx: PassContext) -> Program:
         return self.impl.run(program, ctx)

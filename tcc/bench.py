@@ -131,21 +131,22 @@ def _bench(artifact_dir: Path, manifest: dict, repeats: int, warmup: int, ort_in
     art = add("tcc", lambda: load(artifact_dir), required=True, warm=min(warmup, 1) if calls else warmup)
 
     if program is not None:
-        from tcc.backends.onnxruntime import OrtSession, export_onnx, quantize_dynamic_int8
+        from .backend import get_backend
         from .models import resolve
+        ort = get_backend("onnxruntime")  # the peer: ONNX Runtime on the same Program (tcc.backend's registry)
         # an ONNX source: the peer runs the user's own file, else an export of the source Program
         fp32, int8 = resolve(source["path"]) if onnx_source else tmp / "model.onnx", tmp / "model.int8.onnx"
 
         def make_ort():
             if not onnx_source:
-                export_onnx(program, fp32)
+                ort.export(program, fp32)
             sizes["onnx_fp32_bytes"] = _file_bytes(fp32)
-            return OrtSession(fp32)
+            return ort.file_session(fp32)
 
         def make_int8():
-            quantize_dynamic_int8(fp32, int8)
+            ort.quantize_dynamic_int8(fp32, int8)
             sizes["onnx_int8_bytes"] = _file_bytes(int8)
-            return OrtSession(int8)
+            return ort.file_session(int8)
 
         if hf:
             add("pytorch-hf", lambda: _hf_runner(source["path"], task))

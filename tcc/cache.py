@@ -17,7 +17,7 @@ per entry, named by a sha256 key over everything the cached value depends on:
                   lowering report. key = the Program's fingerprint, its annotations and input/output
                   specs, the target, the C compiler's identity, TVM/tvm-ffi/OpenBLAS versions, the
                   source of tcc's backends (every file in tcc.backends, and the tcc modules they
-                  import: ops.py, program.py, passes/dead_code.py).
+                  import: ops.py, program.py, graph.py, artifact.py).
 
 The source files in a key (DEPENDS) are what the cached value is computed by, so editing them
 invalidates it; a backend or frontend that starts using another tcc module must list it there.
@@ -90,7 +90,7 @@ def key(*parts: Any) -> str:
 DEPENDS = {  # package -> the files (globs) a cached value is computed by
     "programs": {"tcc": ["frontend.py", "models.py"]},
     "stats": {"tcc": ["quantization.py", "calibration.py"]},
-    "libs": {"tcc": ["ops.py", "program.py", "generation.py"], "tcc.passes": ["dead_code.py"],
+    "libs": {"tcc": ["ops.py", "program.py", "generation.py", "graph.py", "artifact.py"],
              "tcc.backends": ["**/*.py", "**/*.cc", "**/*.h", "**/*.cu", "**/*.cuh"]},
 }
 
@@ -338,13 +338,11 @@ def save_stats(program, feeds: list[dict], stats: dict) -> None:
 
 # -- built libraries ---------------------------------------------------------------------------------------
 
-def library_key(program, target, extra=None) -> str:
-    import scipy_openblas32
-    import tvm
-    import tvm_ffi
+def library_key(program, target, extra=None, backend_identity: list = ()) -> str:
+    """`backend_identity`: the backend's versions (tcc.backend.Backend.identity: TVM, tvm-ffi, OpenBLAS)."""
     return key("library", program.fingerprint(), program.annotations, [s.to_json() for s in program.inputs],
                [s.to_json() for s in program.outputs], target.to_json(), _compiler_identity(target.cc),
-               tvm.__version__, tvm_ffi.__version__, scipy_openblas32.__version__, source_hash("libs"), extra)
+               *backend_identity, source_hash("libs"), extra)
 
 
 @functools.lru_cache(maxsize=4)

@@ -47,6 +47,7 @@ import torch
 import torch.fx as fx
 
 from .errors import UserError
+from .graph import mutates
 from .progress import console, status
 from .program import attribute as _attr
 
@@ -308,7 +309,7 @@ class GraphRunner:
         self.last_use = {n: max([self.position[u.name] for u in n.users], default=i) for i, n in enumerate(self.nodes)}
         self.attrs = {n: _attr(gm, n.target) for n in self.nodes if n.op == "get_attr"}
         # values that in-place ops overwrite: copied when resuming, so snapshots stay intact
-        self.mutated = {n.args[0] for n in self.nodes if n.op == "call_function" and _mutates(n)
+        self.mutated = {n.args[0] for n in self.nodes if n.op == "call_function" and mutates(n)
                         and isinstance(n.args[0], fx.Node)}
 
     def run(self, args, record=(), patches: dict[str, tuple[Patch, tuple[str, ...]]] | None = None,
@@ -362,10 +363,4 @@ class GraphRunner:
                         env.pop(arg, None)
         flat = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
         return RunResult(flat, values, snapshots)
-
-
-def _mutates(n: fx.Node) -> bool:
-    schema = getattr(n.target, "_schema", None)
-    return bool(schema is not None and schema.arguments and schema.arguments[0].alias_info is not None
-                and schema.arguments[0].alias_info.is_write)
 

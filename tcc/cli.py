@@ -101,7 +101,7 @@ def cmd_compile(a) -> int:
                       max_drift=a.max_drift, latency=False if a.no_latency else None, cache=not a.no_cache, report=a.report,
                       evaluate=False if a.no_eval else None, max_seq_len=a.max_seq_len, generate=False if a.no_generate else None,
                       max_context=a.max_context, force=a.force, tokenizer=a.tokenizer, dtype=a.dtype, kv_cache=a.kv_cache,
-                      draft=a.draft)
+                      draft=a.draft, print_after=_names(a.print_after))
     m = art.manifest
     art.close()
     bundle = _bundle(out, a.bundle, a.force) if a.bundle else None
@@ -141,8 +141,8 @@ def _use_preset(a) -> None:
 
 
 def _bundle(artifact, out, force: bool) -> dict:
-    from tcc.backends.tvm.bundle import make_bundle
-    return make_bundle(artifact, out, force=force)
+    from tcc.backend import get_backend
+    return get_backend("tvm").bundle(artifact, out, force=force)  # backends/tvm/bundle.py
 
 
 def _print_bundle(info: dict, as_json: bool) -> None:
@@ -261,6 +261,16 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def _names(text: str) -> frozenset:
+    """--print-after's comma-separated pass names (or "all"); each must name a pass."""
+    names = frozenset(t.strip() for t in (text or "").split(",") if t.strip())
+    if names - {"all"}:
+        from tcc.pipeline import get_pass
+        for name in sorted(names - {"all"}):
+            get_pass(name)  # UserError naming the unknown pass, with the closest names
+    return names
+
+
 def cmd_analyze(a) -> int:
     import tcc
     from tcc.pipeline import Pipeline
@@ -287,12 +297,13 @@ def cmd_analyze(a) -> int:
 
 
 def cmd_targets(a) -> int:
-    from tcc.backends.tvm.targets import describe
+    from tcc.backend import targets as describe
     targets = describe()
     if a.json:
         print(json.dumps(dict(targets), indent=2))
     else:
-        from tcc.backends.tvm.targets import ALIASES
+        from tcc.backend import target_aliases
+        ALIASES = target_aliases()
         width = max(len(n) for n, _ in targets)
         for name, line in targets:
             aliases = [a for a, n in ALIASES.items() if n == name]
@@ -372,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Defaults are None here and filled from COMPILE_DEFAULTS after a --recipe is applied.
     c.add_argument("model", nargs="?", help=_inputs_help() + " (or the recipe's)")
     c.add_argument("--recipe", help="TOML file with the compile's settings (docs/PIPELINES.md); flags given here win")
-    from tcc.backends.tvm.targets import describe
+    from tcc.backend import targets as describe
     c.add_argument("--target", "-t", help="x86 (default: portable x86-64-v3, AVX2), native (this CPU: fastest here, "
                    "may not run elsewhere), " + ", ".join(n for n, _ in describe()[2:]) + ", cuda (= sm80); "
                    "`tcc targets` describes them").completer = lambda **_: [n for n, _ in describe()] + ["cuda"]
@@ -414,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "text shipped with tcc (perplexity, embedding cosine or top-1 agreement) in report.json; TCC_NO_EVAL=1 does "
                    "so for every compile")
     c.add_argument("--no-cache", action="store_true", help="neither read nor write tcc's caches ($TCC_CACHE)")
+    c.add_argument("--print-after", metavar="PASS", default="", help="print the graph after these passes "
+                   "(comma-separated pass names, or all) to stdout")
     c.add_argument("--report", help="copy report.json here (written on failure too, with the exit status)")
     c.add_argument("--force", action="store_true",
                    help="replace what is at -o, --report or --search-dir even when tcc did not write it")
@@ -595,7 +608,7 @@ def _inputs_help() -> str:
 
 def _epilog() -> str:
     from tcc import models, presets
-    from tcc.backends.tvm.targets import describe
+    from tcc.backend import targets as describe
     return "\n".join([
         "MODEL: a Hugging Face model folder, a .gguf file, an .onnx file, or a built-in alias:",
         *(f"  {name:<8} {what}" for name, what in models.ALIASES.items()),

@@ -22,7 +22,7 @@ from . import __version__
 from . import cache as caches
 from . import memory
 from . import report as reports
-from .artifact import WHAT, Staging, is_artifact, save_weights, weight_bytes, write_manifest
+from .artifact import WHAT, Staging, is_artifact, write_manifest
 from .errors import AccuracyBudgetError, UserError
 from .paths import check_dir
 from .program import Program
@@ -31,7 +31,6 @@ from .progress import info, library_output, status
 DEFAULT_CLEANUP = "dce"
 
 
-BACKENDS = ("tvm", "onnxruntime")
 
 
 def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", seq_len: int = 128,
@@ -40,7 +39,8 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
             max_drift: float | None = None, latency: bool | None = None, cache: bool = True, report: str | Path | None = None,
             max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None,
             force: bool = False, tokenizer: str | Path | None = None, kv_cache: str = "fp32",
-            dtype: str | None = None, evaluate: bool | None = None, draft: str | None = None, baseline: bool = True):
+            dtype: str | None = None, evaluate: bool | None = None, draft: str | None = None, baseline: bool = True,
+            print_after=frozenset()):
     """Compile `model` (path, alias, nn.Module with example inputs via `trace` first, or a Program)
     for `target` into the artifact directory `out`. Returns the loaded artifact (tcc.runtime.Loaded).
 
@@ -60,6 +60,7 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
     stores keys and values, "fp32" or "int8" (one scale per KV head and position; tcc.generation).
     `draft`: a pipeline (e.g. "drop-blocks(ratio=0.5),quantize(weights=int4)") run on the source model
     to build a draft program into the same artifact for speculative decoding (tcc.speculative).
+    `print_after`: pass names (or "all") after which the graph is printed (PassContext.print_after).
     `dtype`: the float weights' storage, "fp32" or "bf16" (the `bf16` pass, appended to the pipeline);
     None keeps the checkpoint's: bf16 for a Hugging Face folder saved in bf16 (tvm backend, CPU
     targets), else fp32 (_weights_dtype). `out` and `report` may
@@ -82,7 +83,7 @@ def compile(model, target: str = "x86", *, out: str | Path, pipeline: str = "", 
                             max_drift=max_drift, latency=latency, max_seq_len=max_seq_len, generate=generate,
                             max_context=max_context, force=force, tokenizer=tokenizer, kv_cache=kv_cache,
                             dtype=dtype, evaluate=evaluate, progress=progress, draft=draft,
-                            baseline=baseline)
+                            baseline=baseline, print_after=frozenset(print_after))
     except BaseException as e:
         if report is not None:
             final.update(exit_status=reports.exit_status(e), error=reports.error_json(e),
@@ -104,22 +105,17 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
              max_seq_len: int | None = None, generate: bool | None = None, max_context: int | None = None,
              force: bool = False, tokenizer: str | Path | None = None, kv_cache: str = "fp32",
              dtype: str | None = None, evaluate: bool = True, progress: "_Progress | None" = None,
-             draft: str | None = None, baseline: bool = True) -> Path:
+             draft: str | None = None, baseline: bool = True, print_after: frozenset = frozenset()) -> Path:
     """compile()'s work; fills `facts` (what the manifest says), `records`, `final` and `run` (the
     report's sections) as it goes, so a failure can still be reported."""
     check_dir(out, WHAT, is_artifact, force)  # first of all (Staging checks it again)
-    from tcc.backends.tvm.targets import get_target
+    from .backend import get_backend, get_target
     from .pipeline import Pipeline, PassContext
 
-    if backend not in BACKENDS:
-        raise UserError(f"unknown backend '{backend}'", f"choose one of: {', '.join(BACKENDS)}")
+    builder = get_backend(backend)  # UserError naming the registered backends
     tgt = get_target(target)
     facts["target"] = tgt.to_json()
-    if backend == "onnxruntime" and not tgt.is_host:
-        raise UserError(f"--backend onnxruntime runs on this host only, not on target '{tgt.name}'", "use --target x86")
-    if backend == "tvm":
-        from tcc.backends.tvm.build import check_toolchain
-        check_toolchain(tgt)
+    builder.check_toolchain(tgt)
     user_dynamic = max_seq_len is not None or (isinstance(model, Program) and any(s.dynamic_dims for s in model.inputs))
     if user_dynamic and (backend != "tvm" or tgt.arch != "x86_64" or tgt.device == "cuda"):
         raise UserError(f"a dynamic sequence length (--max-seq-len) is supported by the tvm backend on x86 targets only, "
@@ -177,7 +173,7 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             with memory.stage("calibration data"):
                 calibration = _calibration(program, user, calibration_text, calibration_samples)
         ctx = PassContext(calibration=calibration, verbose=True, records=records, force=force,
-                          check_feeds=_check_feeds(program, PassContext.check_feeds))
+                          check_feeds=_check_feeds(program, PassContext.check_feeds), print_after=print_after)
         with memory.stage("passes"):
             drafted = None if draft_pipe is None else build_draft(  # from the source, before its passes
                 program, draft_pipe, gen_context, kv_cache, lambda d: _calibration(program, d, calibration_text, calibration_samples))
@@ -323,32 +319,18 @@ def _build(program: Program, tgt, backend: str, dir: Path, functions: dict | Non
     """The backend's files in `dir`; returns {"params": [names in call order], "weight_bytes",
     "sparsity": [how each sparse weight was lowered], "functions": {name: {"inputs", "params"}} of
     the further entry points}. TVM libraries come from tcc.cache when it has one."""
-    if backend == "onnxruntime":
-        from tcc.backends.onnxruntime import export_onnx
-        with status("exporting to ONNX"):
-            export_onnx(program, dir / "model.onnx")
-        params = [(n, t.detach().numpy()) for n, t in program.named_tensors().items()]
-        return {"params": [], "weight_bytes": weight_bytes(params), "sparsity": []}
+    from .backend import get_backend
+    builder = get_backend(backend)
     # (cuda libraries are not cached: the cache keeps model.so and weights, not their device code files)
     # the further entry points' graphs as well (what kv_cached made of the program, even when patched)
     graphs = {name: str(prog.gm.graph) for name, prog in (functions or {}).items()}
-    key = caches.library_key(program, tgt, [generation, graphs]) if caches.enabled() and tgt.runs_here else None
+    cacheable = caches.enabled() and builder.cacheable(tgt)
+    key = caches.library_key(program, tgt, [generation, graphs], builder.identity()) if cacheable else None
     library = caches.load_library(key, dir) if key else None
     if library is not None:
         info(f"library for {tgt.name} from the cache ({caches.cache_dir('libs')})")
         return library
-    from tcc.backends.tvm.build import build_library
-    sparsity: list[dict] = []
-    device_code: dict = {}
-    params, signatures = build_library(program, tgt, dir / "model.so", sparsity, device_code, functions)
-    with memory.stage("writing weights.safetensors"):
-        save_weights(dir / "weights.safetensors", params)
-    library = {"params": signatures["main"], "weight_bytes": weight_bytes(params), "sparsity": sparsity,
-               "functions": {name: {"inputs": [s.to_json() for s in prog.inputs],
-                                    "outputs": [s.to_json() for s in prog.outputs], "params": signatures[name]}
-                             for name, prog in (functions or {}).items()}}
-    if device_code:
-        library["device_code"] = device_code
+    library = builder.build(program, tgt, dir, functions)
     if key:
         caches.save_library(key, dir, library)
     return library

@@ -24,25 +24,22 @@ drop(program, ctx, part, indices)
                  sub-blocks, else the ModelInfo from before with the dropped parts set to None
                  (recover cannot see a block without attention) and node names updated; emptied
                  blocks leave the list and blocks are renumbered.
-DropPass         what drop-attention, drop-mlp and drop-blocks share: choosing by count, ratio,
-                 threshold or explicit layers, from analyze-redundancy's results - the latest in the
-                 pipeline that covers every block (one-shot, as in ShortGPT: passes since may have
-                 changed the model; run analyze-redundancy again to re-measure), else a fresh
-                 analysis on the calibration feeds or the default calibration text.
+Choosing what to drop (by count, ratio, threshold or explicit layers, from analyze-redundancy's
+results) is tcc.redundancy.choose; the passes are passes/drop_attention.py, drop_mlp.py, drop_blocks.py.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections import deque
 
 import torch.fx as fx
 
 from .errors import InternalError, UserError
-from .pipeline import Option, Pass, PassContext, format_value
+from .graph import remove_dead
+from .pipeline import PassContext
 from .program import Program
-from .structure import ADD, PASSTHROUGH, GraphIndex, ModelInfo, nodes_by_name, op_name, recover
+from .structure import ADD, GraphIndex, ModelInfo, nodes_by_name, op_name, recover, stream_source
 
 PARTS = ("attention", "mlp", "block")
 ANALYSIS = "analyze-redundancy"
@@ -156,16 +153,26 @@ def _same_tokens(view: _View, s: Site) -> Site:
     return s
 
 
-def stream_source(n: fx.Node) -> fx.Node:
-    """Walk back through value-keeping ops (casts, views, dropout) to the producing node."""
-    while op_name(n) in PASSTHROUGH and isinstance(n.args[0], fx.Node):
-        n = n.args[0]
-    return n
-
-
 # -- rewrite ------------------------------------------------------------------------------------------
 
 _NODE_FIELDS = ("node", "input", "output", "residual_add", "core", "scores", "softmax")
+
+
+def require_blocks(program: Program, who: str) -> None:
+    """UserError when ModelInfo has no transformer blocks (nothing a drop pass could remove)."""
+    if not program.info or not program.info.blocks:
+        raise UserError(f"{who}: no transformer blocks recognised in this model",
+                        "run `tcc analyze MODEL --structure` to see what tcc recovers")
+
+
+def drop_chosen(program: Program, ctx: PassContext, part: str, chosen: list[int], notes: dict) -> bool:
+    """What a drop pass does with its choice (tcc.redundancy.choose): drop() them and note the dropped
+    blocks with their scores, the choice's notes and drop()'s result; returns whether any went."""
+    names = [program.info.blocks[i].name for i in chosen]
+    result = drop(program, ctx, part, chosen) if chosen else {"bytes_freed": 0}
+    ctx.note(dropped=[{"index": i, "name": n, **notes["scores"].get(i, {})} for i, n in zip(chosen, names)],
+             **{k: v for k, v in notes.items() if k != "scores"}, **result)
+    return bool(chosen)
 
 
 def drop(program: Program, ctx: PassContext, part: str, indices: list[int]) -> dict:
@@ -206,9 +213,7 @@ def drop(program: Program, ctx: PassContext, part: str, indices: list[int]) -> d
 
 def prune_dead(gm: fx.GraphModule) -> tuple[list[str], list[str]]:
     """Remove dead nodes - attention cores and asserts on otherwise dead values included - then
-    unread parameters (dead_code.remove_dead). Returns (node names, attribute paths)."""
-    from tcc.passes.dead_code import remove_dead
-
+    unread parameters (tcc.graph.remove_dead). Returns (node names, attribute paths)."""
     return remove_dead(gm)
 
 
@@ -258,147 +263,3 @@ def block_weights(block) -> list[str]:
     subs = [s for s in (block.attention, block.mlp) if s is not None]
     lins = [getattr(s, r, None) for s in subs for r in ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up")]
     return sorted(lin.weight for lin in lins if lin is not None and lin.weight)
-
-
-# -- the drop passes --------------------------------------------------------------------------------
-
-def _unit(v: float) -> str | None:
-    return None if 0 <= v < 1 else "must be in [0, 1)"
-
-
-class DropPass(Pass):
-    """Base of drop-attention, drop-mlp and drop-blocks (not registered itself)."""
-
-    kind = "transform"
-    part = ""  # "attention" | "mlp" | "block"
-    options = {
-        "count": Option(int, 0, "how many to drop, most redundant first (0: not by count)",
-                        validator=lambda v: None if v >= 0 else "must be >= 0"),
-        "ratio": Option(float, 0.0, "fraction of the blocks to drop, rounded down (0: not by ratio)", validator=_unit),
-        "threshold": Option(float, 0.0, "drop every candidate whose input/output cosine similarity is >= this "
-                            "(0: not by threshold)", validator=lambda v: None if -1 <= v <= 1 else "must be in [-1, 1]"),
-        "layers": Option(list[int], [], "explicit block indices to drop (as `tcc analyze MODEL` numbers them)"),
-        "keep_ends": Option(bool, True, "never choose the first and last block by count/ratio/threshold"),
-        "by": Option(str, "similarity", "rank by input/output cosine similarity, or by calibration-loss increase",
-                     choices=("similarity", "loss")),
-    }
-
-    def reads(self, analysis: str) -> set[str]:
-        """analyze-redundancy's similarities (and this part's loss increases with by=loss); nothing
-        with explicit layers."""
-        if analysis != ANALYSIS or self.layers:
-            return set()
-        return {"similarity"} | ({f"loss:{self.part}"} if self.by == "loss" else set())
-
-    def run(self, program: Program, ctx: PassContext) -> Program:
-        if not program.info or not program.info.blocks:
-            raise UserError(f"{self.name}: no transformer blocks recognised in this model",
-                            "run `tcc analyze MODEL --structure` to see what tcc recovers")
-        chosen, notes = self.choose(program, ctx)
-        names = [program.info.blocks[i].name for i in chosen]
-        result = drop(program, ctx, self.part, chosen) if chosen else {"bytes_freed": 0}
-        ctx.note(dropped=[{"index": i, "name": n, **notes["scores"].get(i, {})} for i, n in zip(chosen, names)],
-                 **{k: v for k, v in notes.items() if k != "scores"}, **result)
-        return program
-
-    # -- choosing ---------------------------------------------------------------------------------
-    def choose(self, program: Program, ctx: PassContext) -> tuple[list[int], dict]:
-        blocks = program.info.blocks
-        n_blocks = len(blocks)
-        what = "blocks" if self.part == "block" else f"{self.part} sub-blocks"
-        present = [b.index for b in blocks if (b.attention if self.part == "attention" else
-                                               b.mlp if self.part == "mlp" else b)]
-        given = [k for k in ("count", "ratio", "threshold", "layers") if self.opts[k] != self.options[k].default]
-        if not given:
-            raise UserError(f"{self.name} needs one of count=N, ratio=R, threshold=T or layers=[...]",
-                            f"e.g. {self.name}(count=2) drops the 2 most redundant {what}")
-        if len(given) > 1:
-            raise UserError(f"{self.name}: options {' and '.join(given)} both choose what to drop; give only one")
-        if self.layers:
-            bad = [i for i in self.layers if not 0 <= i < n_blocks]
-            if bad:
-                raise UserError(f"{self.name} option 'layers' has {bad}, out of range for {n_blocks} blocks",
-                                f"give indices 0..{n_blocks - 1}")
-            gone = [i for i in self.layers if i not in present]
-            if gone:
-                raise UserError(f"{self.name} option 'layers': blocks {gone} have no {self.part} left")
-            return sorted(set(self.layers)), {"selection": f"layers={sorted(set(self.layers))}", "scores": {}}
-
-        if self.count > n_blocks:
-            raise UserError(f"{self.name} option 'count' is {self.count} but the model has {n_blocks} blocks",
-                            f"give count <= {n_blocks}")
-        candidates = [i for i in present if not (self.keep_ends and i in (0, n_blocks - 1))]
-        want = self.count if "count" in given else math.floor(self.ratio * n_blocks + 1e-9) if "ratio" in given else None
-        if want is not None and want > len(candidates):
-            ends = " (keep_ends=true keeps blocks 0 and {})".format(n_blocks - 1) if self.keep_ends else ""
-            raise UserError(f"{self.name} option '{given[0]}' asks for {want} {what}, only {len(candidates)} can be "
-                            f"dropped{ends}", "ask for fewer" + (", or set keep_ends=false" if self.keep_ends else ""))
-        report, how = redundancy(program, ctx, need_loss=self.by == "loss", part=self.part,
-                                 who=f"{self.name}({given[0]}={format_value(self.opts[given[0]])})")
-        scores = _scores(report, program, self.part)
-        similarity = {i: scores.get(i, {}).get("similarity") for i in candidates}
-        if self.by == "loss":
-            ranked = sorted(candidates, key=lambda i: (_or_inf(scores.get(i, {}).get("loss_increase")), i))
-        else:
-            ranked = sorted(candidates, key=lambda i: (-_or_inf(similarity[i], -1), i))
-        if "threshold" in given:
-            chosen = [i for i in ranked if similarity[i] is not None and similarity[i] >= self.threshold]
-        else:
-            chosen = ranked[:want]
-        notes = {"selection": f"{given[0]}={format_value(self.opts[given[0]])}, most redundant first by {self.by}",
-                 "analysis": how, "scores": scores, "ranking": ranked}
-        if self.keep_ends:
-            notes["kept_ends"] = f"blocks 0 and {n_blocks - 1} kept (keep_ends=true)"
-        return sorted(chosen), notes
-
-
-def _or_inf(v, sign: int = 1) -> float:
-    return v if v is not None else sign * math.inf
-
-
-def _scores(report: dict, program: Program, part: str) -> dict[int, dict]:
-    """{current block index: {"similarity", "loss_increase"}} for `part` from an analysis report,
-    matched by the blocks' weights."""
-    entries = report["blocks"]
-    out = {}
-    for b in program.info.blocks:
-        mine = set(block_weights(b))
-        entry = next((e for e in entries if mine and mine <= set(e["weights"])), None)
-        if entry is not None:
-            out[b.index] = {"similarity": entry["similarity"].get(part),
-                            "loss_increase": (entry.get("loss_increase") or {}).get(part)}
-    return out
-
-
-def redundancy(program: Program, ctx: PassContext, need_loss: bool = False, who: str = ANALYSIS,
-               part: str = "attention") -> tuple[dict, str]:
-    """analyze-redundancy's report for this program: the pipeline's when it covers every block (and
-    has `part`'s loss increases when `need_loss`), else a fresh one on the calibration feeds (the
-    default calibration text when the context has none) measuring only that. Returns (report, how it
-    was obtained)."""
-    from tcc.passes.analyze_redundancy import analyze, measured
-
-    report = ctx.report.get(ANALYSIS)
-    if report is not None and (not need_loss or f"loss:{part}" in measured(report)):
-        covered = [set(e["weights"]) for e in report["blocks"]]
-        if all(any(set(block_weights(b)) <= c for c in covered) for b in program.info.blocks):
-            return report, f"from {ANALYSIS} earlier in this pipeline"
-    if not ctx.calibration and not program.tokenizer_dir:
-        raise UserError(f"{who} ranks by {ANALYSIS}, which needs calibration data: the pipeline has no calibration "
-                        "feeds and the model no tokenizer to make them from text",
-                        "give explicit layers=[...], the model's tokenizer (--tokenizer DIR), calibration token ids "
-                        "(--calibration ids.npy), or calibration feeds (Python: PassContext(calibration=[...]))")
-    feeds, source = calibration_feeds(program, ctx)
-    report = analyze(program, feeds, heads=False, loss=need_loss, loss_parts=(part,), loss_samples=2, source=source)
-    ctx.report[ANALYSIS] = report
-    return report, f"{ANALYSIS} had not run on this program: ran it on {source}"
-
-
-def calibration_feeds(program: Program, ctx: PassContext, n_samples: int = 8, text: str | None = None):
-    """(feeds, description): the context's calibration feeds, else windows of calibration text."""
-    from .calibration import default_text, text_feeds
-
-    if ctx.calibration and text is None:
-        return list(ctx.calibration), f"the {len(ctx.calibration)} calibration feeds of the pipeline"
-    feeds = text_feeds(program, text, n_samples=n_samples)
-    return feeds, f"{len(feeds)} windows of {text or default_text()}"

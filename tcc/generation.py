@@ -281,7 +281,7 @@ def kv_cached(program: Program, max_context: int, kv_cache: str = "fp32") -> Gen
     """The Program with a KV cache (see the module doc). The input program is not changed.
     kv_cache "int8": each layer's cache is int8 codes [B, Hkv, C, D] and float32 scales [B, Hkv, C]
     for k and for v, and its core tcc::sdpa_kv_int8 (quantizes the new rows, reads codes * scale)."""
-    from tcc.passes.dead_code import remove_dead
+    from .graph import remove_dead
     from .structure import nodes_by_name
 
     check_kv_cache(kv_cache)

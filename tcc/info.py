@@ -75,7 +75,7 @@ def _summary(report: dict) -> str | None:
 
 
 def _target_line(name: str | None) -> str | None:
-    from .backends.tvm.targets import describe as targets
+    from .backend import targets
     return dict(targets()).get(name)
 
 

@@ -25,7 +25,8 @@ Ops:
                                       k = 2j in the low nibble and k = 2j+1 in the high nibble;
                                       scale f32 or f16 [N, K/group] (the quantize pass stores f16; the
                                       value is used as float32); zero uint8 [N, K/group] codes 0..15,
-                                      None = 8 (symmetric). w[n,k] = (code - zero[n, k // group]) *
+                                      or f32/f16 fractional zeros (quantize's zero=float, llama.cpp's
+                                      Q4_1 grid), None = 8 (symmetric). w[n,k] = (code - zero[n, k // group]) *
                                       scale[n, k // group]; y = x @ w.T + b. K % group == 0, group even.
   tcc::dense_w4(..., acts="int8")     W4A8 (llama.cpp's Q8_0 activations for Q4_0/Q4_1): each block of
                                       `group` consecutive k of each row of x quantizes symmetrically to
@@ -303,3 +304,66 @@ def sdpa_kv_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_codes: tor
 @sdpa_kv_int8.register_fake
 def _(q, k, v, k_codes, k_scales, v_codes, v_scales, pos, scale, window=0, softcap=0.0):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# -- operand specs: what the pass manager checks after every pass (tcc.pipeline.check_operands) ----
+
+_F32, _F16, _BF16 = torch.float32, torch.float16, torch.bfloat16
+_INT = (torch.int64, torch.int32)
+# {op name: {argument position: (operand name, allowed dtypes or None, rank or None)}}: the stored
+# tensors' layouts of the docstring above; a missing optional operand (None) is not checked
+OPERANDS: dict[str, dict[int, tuple[str, tuple | None, int | None]]] = {
+    "dense": {1: ("w", None, 2), 2: ("b", None, 1)},
+    "dense_w8": {1: ("qw", (torch.int8,), 2), 2: ("scale", (_F32,), 1), 3: ("b", None, 1)},
+    "dense_a8w8": {1: ("qw", (torch.int8,), 2), 2: ("w_scale", (_F32,), 1), 3: ("b", None, 1),
+                   4: ("x_scale", (_F32,), None), 5: ("x_zero", (_F32,), None)},
+    "dense_w4": {1: ("qw", (torch.uint8,), 2), 2: ("scale", (_F32, _F16), 2), 3: ("zero", (torch.uint8, _F32, _F16), 2),
+                 5: ("b", None, 1)},
+    "embedding_w8": {0: ("ids", _INT, None), 1: ("qw", (torch.int8,), 2), 2: ("scale", (_F32,), 1)},
+    "dense_bf16": {1: ("w", (_BF16,), 2), 2: ("b", None, 1)},
+    "embedding_bf16": {0: ("ids", _INT, None), 1: ("w", (_BF16,), 2)},
+    "sdpa": {0: ("q", None, 4), 1: ("k", None, 4), 2: ("v", None, 4)},
+    "sdpa_kv": {0: ("q", None, 4), 1: ("k", None, 4), 2: ("v", None, 4), 3: ("k_cache", None, 4),
+                4: ("v_cache", None, 4), 5: ("pos", (torch.int64,), None)},
+    "sdpa_kv_int8": {0: ("q", None, 4), 1: ("k", None, 4), 2: ("v", None, 4), 3: ("k_codes", (torch.int8,), 4),
+                     4: ("k_scales", (_F32,), 3), 5: ("v_codes", (torch.int8,), 4), 6: ("v_scales", (_F32,), 3),
+                     7: ("pos", (torch.int64,), None)},
+}
+_ROWS = {"dense_w8": (1, 2), "dense_a8w8": (1, 2), "embedding_w8": (1, 2), "dense_w4": (1, 2)}  # scale rows == N
+
+
+def operand_problems(gm) -> list[str]:
+    """Every tcc op node's operands checked against OPERANDS (values: a get_attr's tensor, else the
+    node's meta['val'] / meta['tensor_meta']; unknown values are not checked); one line per problem,
+    naming the node, the op and the operand."""
+    def value(a):
+        if not hasattr(a, "op"):
+            return a if isinstance(a, torch.Tensor) else None
+        if a.op == "get_attr":
+            obj = gm
+            for part in a.target.split("."):
+                obj = getattr(obj, part, None)
+            return obj
+        return a.meta.get("val", a.meta.get("tensor_meta"))
+
+    problems = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or getattr(n.target, "namespace", None) != LIB:
+            continue
+        op = n.target.name().split("::")[-1].split(".")[0]
+        spec = OPERANDS.get(op, {})
+        for i, (name, dtypes, rank) in spec.items():
+            v = value(n.args[i]) if i < len(n.args) else None
+            if v is None or not hasattr(v, "dtype"):
+                continue
+            if dtypes is not None and v.dtype not in dtypes:
+                problems.append(f"{n.name} (tcc::{op}) operand {name} is {v.dtype}, the spec wants "
+                                f"{' or '.join(str(d) for d in dtypes)}")
+            if rank is not None and len(v.shape) != rank:
+                problems.append(f"{n.name} (tcc::{op}) operand {name} has rank {len(v.shape)} "
+                                f"{list(v.shape)}, the spec wants {rank}")
+        if op in _ROWS:
+            w, s = (value(n.args[i]) if i < len(n.args) else None for i in _ROWS[op])
+            if hasattr(w, "shape") and hasattr(s, "shape") and len(w.shape) and len(s.shape) and w.shape[0] != s.shape[0]:
+                problems.append(f"{n.name} (tcc::{op}) has {w.shape[0]} weight rows but {s.shape[0]} scale rows")
+    return problems

@@ -1,8 +1,13 @@
 """Passes, the pass registry, pipeline text and the pass manager.
 
 A pass is a small class (`Pass`) with a CLI `name`, a `kind` ("analysis" | "transform" |
-"cleanup"), typed `options` and a docstring that states its contract; `run(program, ctx)` returns
-the Program (it may rewrite `program.gm` in place). Built-in passes live in `tcc.passes` (the
+"cleanup"), typed `options` and a docstring that states its contract; `run(program, ctx)` rewrites
+`program` in place and returns whether it changed it (True/False; returning the Program, as passes
+written before this contract do, is still accepted: such a pass cleans up after itself). The
+manager owns the rest of the contract (Pass.apply): after a pass that changed the program it
+removes dead code (tcc.graph.remove_dead), recovers ModelInfo (unless the pass sets `keeps_info`)
+and checks every tcc op's operands against its spec (tcc.ops.check_operands); passes do not clone.
+Built-in passes live in `tcc.passes` (the
 `passes/` folder), one file each; third-party passes register through the entry-point group
 "tcc.passes" and are loaded lazily, the first time a name is looked up that no built-in has.
 
@@ -20,7 +25,9 @@ recompile, output shapes and NaN/inf on the first check feed, drift against the 
 pass on the check feeds (the calibration feeds, or `program.example_inputs()` when there are none;
 a pass that left the computation the outputs need unchanged, e.g. dce removing dead nodes, reuses
 the outputs before it instead of running the program again), and appends one JSON-able record per
-pass to `ctx.records`.
+pass to `ctx.records`. `ctx.print_after` ({pass names} or {"all"}; `tcc compile --print-after`)
+prints the graph after those passes; a pass that fails leaves `ctx.reproducer` (the pipeline text
+up to and including it, and the program it was given, as text) for the report.
 """
 from __future__ import annotations
 
@@ -138,6 +145,10 @@ class PassContext:
                     share_weights=True)): a pass that is not `writes_weights` must not write into them
     later           while a Pipeline runs a pass: the passes after it (an analysis measures only what
                     they read, Pass.reads); None when the pass runs on its own
+    print_after     names of passes (or "all") after which Pipeline.run prints the graph
+                    (`tcc compile --print-after`)
+    reproducer      after a pass failed in Pipeline.run: {"pipeline": the text up to and including
+                    the failing pass, "pass", "error", "program": the graph it was given (fx code)}
     """
 
     calibration: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
@@ -155,6 +166,8 @@ class PassContext:
     force: bool = False
     shared: frozenset = frozenset()
     later: list | None = None
+    print_after: frozenset = frozenset()  # pass names (or "all") whose result Pipeline.run prints
+    reproducer: dict | None = None  # set by Pipeline.run when a pass fails (see the module docstring)
 
     def reads_of(self, analysis: str) -> set[str] | None:
         """What the passes after the running one read of the analysis pass named `analysis`
@@ -199,6 +212,9 @@ class Pass:
     # options renamed since: {old name: new name}; text with the old name still works (a warning
     # says so) and the option is kept under its new name
     renamed: ClassVar[dict[str, str]] = {}
+    # keeps program.info true itself (e.g. the drop-* passes edit it where recovery cannot see the
+    # result): the manager does not recover ModelInfo after it
+    keeps_info: ClassVar[bool] = False
 
     @property
     def may_write_weights(self) -> bool:
@@ -238,7 +254,8 @@ class Pass:
     def requires(self, program: Program) -> None:
         """Raise UserError when `program` does not meet this pass's preconditions."""
 
-    def run(self, program: Program, ctx: PassContext) -> Program:
+    def run(self, program: Program, ctx: PassContext) -> "bool | Program":
+        """Rewrite `program` in place; return whether it changed (see the module docstring)."""
         raise NotImplementedError
 
     def ensures(self, program: Program) -> None:
@@ -255,13 +272,28 @@ class Pass:
         return set()
 
     def __call__(self, program: Program, ctx: PassContext | None = None) -> Program:
+        return self.apply(program, ctx)[0]
+
+    def apply(self, program: Program, ctx: PassContext | None = None) -> tuple[Program, bool]:
+        """requires -> run -> the manager's part of the contract -> ensures; returns (the program,
+        whether the pass changed it). After a run that returned True: dead code removed (what went is
+        noted as removed_nodes / removed_attributes), ModelInfo recovered unless `keeps_info`; after
+        any transform or cleanup pass: every tcc op's operands checked against its spec."""
         ctx = ctx if ctx is not None else PassContext()
         self.requires(program)
         out = self.run(program, ctx)
-        if not isinstance(out, Program):
-            raise InternalError(f"pass '{self.name}' returned {type(out).__name__}, not a Program")
+        if isinstance(out, bool):
+            changed, out = out, program
+            if changed:
+                _clean_up(self, out, ctx)
+        elif isinstance(out, Program):
+            changed = True  # a pass written before the contract: it cleaned up itself
+        else:
+            raise InternalError(f"pass '{self.name}' returned {type(out).__name__}, not a bool (changed) or a Program")
+        if self.kind != "analysis":
+            check_operands(out.gm, f"pass '{self.name}'")
         self.ensures(out)
-        return out
+        return out, changed
 
     # -- text ------------------------------------------------------------------------------------
     def text(self, all_options: bool = False) -> str:
@@ -284,6 +316,25 @@ class Pass:
 
     def __hash__(self) -> int:
         return hash((type(self), self.canonical()))
+
+
+def _clean_up(p: Pass, program: Program, ctx: PassContext) -> None:
+    """The manager's work after a pass changed the program: dead code, then ModelInfo."""
+    from .graph import remove_dead
+    nodes, attributes = remove_dead(program.gm)
+    if nodes or attributes:
+        for key, new in (("removed_nodes", nodes), ("removed_attributes", attributes)):
+            ctx.details[key] = list(ctx.details.get(key) or []) + new
+    if not p.keeps_info:
+        ctx.refresh_info(program)
+
+
+def check_operands(gm: torch.fx.GraphModule, who: str) -> None:
+    """InternalError naming the node, op and operand when a tcc op's operand breaks its spec
+    (tcc.ops.OPERANDS: dtype, rank, and the scale lengths of the quantized ops)."""
+    problems = ops.operand_problems(gm)
+    if problems:
+        raise InternalError(f"{who} left tcc ops whose operands break their spec: " + "; ".join(problems[:5]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,13 +659,21 @@ class Pipeline:
             versions = None if p.may_write_weights or not ctx.shared else {
                 id(t): t._version for t in program.named_tensors().values() if id(t) in ctx.shared}
             t0 = time.perf_counter()
-            if ctx.verbose:
-                from .progress import console
-                with console.status(f"[{index}/{len(self)}] {p}"):
-                    program = p(program, ctx)
-            else:
-                program = p(program, ctx)
+            given = program.gm.code  # the program the pass is given (cached by recompile): the reproducer's
+            try:
+                if ctx.verbose:
+                    from .progress import console
+                    with console.status(f"[{index}/{len(self)}] {p}"):
+                        program, _ = p.apply(program, ctx)
+                else:
+                    program, _ = p.apply(program, ctx)
+            except Exception as e:
+                ctx.reproducer = reproducer(self.passes[:index], given, e)
+                e.tcc_reproducer = ctx.reproducer  # the compile's report carries it (tcc.report.error_json)
+                raise
             seconds = time.perf_counter() - t0
+            if ctx.print_after and (p.name in ctx.print_after or "all" in ctx.print_after):
+                print_graph(program, f"after pass {index}/{len(self)} {p.canonical()}")
             try:
                 program.gm.graph.lint()
                 program.gm.recompile()
@@ -646,6 +705,17 @@ class Pipeline:
             before = after
         ctx.later = None
         return program
+
+
+def reproducer(passes: list, program_code: str, error: BaseException) -> dict:
+    """What reproduces a failing pass: the pipeline up to it, and the program it was given."""
+    return {"pipeline": ",".join(p.canonical() for p in passes), "pass": passes[-1].name,
+            "error": f"{type(error).__name__}: {error}", "program": program_code}
+
+
+def print_graph(program: Program, title: str) -> None:
+    """The program's graph as torch.fx prints it (one node a line), under `title` (--print-after)."""
+    print(f"// ----- {title} -----\n{program.gm.graph}", flush=True)
 
 
 def _preset_options(preset) -> None:

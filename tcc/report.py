@@ -121,7 +121,10 @@ def error_json(error: BaseException | None) -> dict | None:
     message = getattr(error, "message", str(error))
     if isinstance(error, KeyboardInterrupt):
         message = message or "interrupted (Ctrl-C)"
-    return {"type": type(error).__name__, "message": message, "hint": getattr(error, "hint", None)}
+    out = {"type": type(error).__name__, "message": message, "hint": getattr(error, "hint", None)}
+    if getattr(error, "tcc_reproducer", None):  # a pass failed: the pipeline up to it and its input program
+        out["reproducer"] = error.tcc_reproducer
+    return out
 
 
 def size(weight_bytes: int, source_param_bytes: int) -> dict:

@@ -233,11 +233,11 @@ _NORMS = {"layer_norm", "native_layer_norm", "rms_norm", "group_norm"}
 def estimate_cost(program, target_name: str) -> dict:
     """{"latency_ms", "size_bytes", "flops"} of `program` on the target by the model above."""
     import torch
-    from tcc.backends.tvm.lower import kernelize
+    from .backend import get_backend
     from .pipeline import propagate_shapes
     from .program import attribute
 
-    gm = kernelize(program.gm, program.annotations)
+    gm = get_backend("tvm").cost_model(program)  # the program as the tvm backend runs it (its kernels)
     feeds = program.example_inputs()
     propagate_shapes(gm, [torch.from_numpy(s.check(feeds[s.name])) for s in program.inputs])
     scale = TARGET_SCALE.get(target_name, {"fp32": 1.0, "int8": 1.0, "memory": 1.0})
@@ -518,7 +518,7 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
     `structure` narrow the search space (names from QUANT and STRUCTURE); `max_trials` caps the
     trials run in this call, the reference (which always runs) included; finished ones read back
     from the log do not count."""
-    from tcc.backends.tvm.targets import get_target
+    from .backend import get_backend, get_target
     from .calibration import HELD_OUT_TEXT, default_text, is_token_ids
     from .program import Program
 
@@ -537,8 +537,7 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
     check_dir(work_dir, "search directory (--search-dir)", is_search_dir, force)
     tgt = get_target(target)
     if out is not None:
-        from tcc.backends.tvm.build import check_toolchain
-        check_toolchain(tgt)
+        get_backend("tvm").check_toolchain(tgt)
     work = Path(work_dir)
     t0 = _clock()
     deadline = None if budget_s is None else t0 + budget_s
@@ -635,7 +634,7 @@ def _analysis(program, calibration: list, path: Path) -> dict | None:
         return json.loads(path.read_text())
     if not program.info or not program.info.blocks:
         return None
-    from tcc.passes.analyze_redundancy import analyze
+    from .redundancy import analyze
     with status("analyze-redundancy (once, for drop-attention / drop-mlp)"):
         try:
             report = analyze(program, calibration, heads=False, loss=True, loss_parts=("mlp",), loss_samples=4,

@@ -285,11 +285,11 @@ class _Graph(GraphIndex):
 
     def norm_before(self, x: fx.Node) -> Norm | None:
         """The norm producing x (through casts and views)."""
-        return self.norm_at.get(x) or self.norm_at.get(_stream_source(x))
+        return self.norm_at.get(x) or self.norm_at.get(stream_source(x))
 
     def norm_after(self, x: fx.Node) -> Norm | None:
         """The first norm reading stream node x."""
-        norms = self.norms_of.get(_stream_source(x).name)
+        norms = self.norms_of.get(stream_source(x).name)
         return norms[0] if norms else None
 
 
@@ -356,7 +356,7 @@ def _is_layer_scale(n: fx.Node, g: "_Graph") -> bool:
             and _shape(n.args[1]) == _shape(n.args[0])[-1:])
 
 
-def _stream_source(n: fx.Node) -> fx.Node:
+def stream_source(n: fx.Node) -> fx.Node:
     """Walk back through value-keeping ops (cast, dropout, view...) to the producing node."""
     while op_name(n) in PASSTHROUGH and isinstance(n.args[0], fx.Node):
         n = n.args[0]
@@ -398,14 +398,14 @@ def _norm_at(n: fx.Node, g: _Graph) -> Norm | None:
     if op in ("aten.layer_norm", "aten.rms_norm"):
         a = list(n.args) + [None] * 4
         bias = a[3] if op == "aten.layer_norm" else None
-        return Norm(n.name, _stream_source(a[0]).name, op[5:], g.param(a[2]), g.param(bias), _module(n))
+        return Norm(n.name, stream_source(a[0]).name, op[5:], g.param(a[2]), g.param(bias), _module(n))
     weight = bias = None
     m = n
     if op_name(m) in ADD and _affine(m, g):
         bias, m = _affine(m, g)
     if op_name(m) == "aten.mul" and _affine(m, g):
         weight, m = _affine(m, g)
-    core = _normalise_core(_stream_source(m))
+    core = _normalise_core(stream_source(m))
     if core is None:
         return None
     x, kind = core
@@ -435,9 +435,9 @@ def _normalise_core(m: fx.Node):
         y, r = r, y
     if not _root(r, root) or not _has_reduction(r):
         return None
-    y = _stream_source(y)
+    y = stream_source(y)
     if op_name(y) == "aten.sub" and op_name(y.args[1]) == "aten.mean":
-        return _stream_source(y.args[0]), "layer_norm"
+        return stream_source(y.args[0]), "layer_norm"
     return y, "rms_norm"
 
 
@@ -633,8 +633,8 @@ def _residual_add(out: fx.Node, stream: set, g: _Graph) -> tuple[fx.Node | None,
                 nxt = nxt or u  # a parallel sibling's output (attn + mlp), keep going
             elif _reads(u, n) and (op_name(u) in PASSTHROUGH or _is_scalar_scale(u) or _is_layer_scale(u, g)):
                 nxt = nxt or u
-        if nxt is None and out_norm is None and g.norms_of.get(_stream_source(n).name):
-            out_norm = g.norms_of[_stream_source(n).name][0]
+        if nxt is None and out_norm is None and g.norms_of.get(stream_source(n).name):
+            out_norm = g.norms_of[stream_source(n).name][0]
             nxt = g.by_name[out_norm.node]
         if nxt is None:
             return None, out_norm
@@ -683,7 +683,7 @@ def _mlp_chain(candidates: list[fx.Node], g: _Graph) -> list[MLP]:
 
 def _mlp_stream_input(m: MLP, g: _Graph) -> fx.Node:
     """The residual stream entering an MLP-only block: its residual add's other operand."""
-    return _stream_source(_other_operand(g.by_name[m.residual_add], g.by_name[m.down.node]))
+    return stream_source(_other_operand(g.by_name[m.residual_add], g.by_name[m.down.node]))
 
 
 def _gate_up(m: MLP, ups: list[fx.Node], down: fx.Node, g: _Graph):
@@ -854,7 +854,7 @@ def recover(gm: fx.GraphModule) -> ModelInfo:
             add, a.out_norm = _residual_add(g.by_name[a.o.node], ancestors(g.by_name[a.input]), g)
             a.residual_add = add.name if add is not None else None
         x = _other_operand(g.by_name[a.residual_add], g.by_name[a.o.node]) if a.residual_add else g.by_name[a.input]
-        inputs.append(_stream_source(x))
+        inputs.append(stream_source(x))
 
     # MLPs: projections between this block's input and the next one's that no attention uses; the
     # first after an attention is its block's, further ones (and any before the first attention)
@@ -933,7 +933,7 @@ def _norms_and_outputs(info: ModelInfo, g: _Graph, inputs: list[fx.Node]):
         elif post and m is not None and m.norm is not None:
             b.output = m.norm.node
         else:
-            b.output = _stream_source(last).name
+            b.output = stream_source(last).name
     if not post:
         info.final_norm = g.norm_after(g.by_name[info.blocks[-1].output])
 

@@ -209,3 +209,46 @@ def reference_session(program: Program, threads: int | None = None) -> OrtSessio
     session = OrtSession(path, threads=threads)
     session._keep = tmp
     return session
+
+
+# -- the backend (tcc.backend.Backend) -------------------------------------------------------------
+
+class OnnxRuntimeBackend:
+    """`--backend onnxruntime`: model.onnx (export_onnx) for ONNX Runtime on this host."""
+
+    name = "onnxruntime"
+
+    def check_toolchain(self, target) -> None:
+        if not target.is_host:
+            raise UserError(f"--backend onnxruntime runs on this host only, not on target '{target.name}'",
+                            "use --target x86")
+
+    def build(self, program: Program, target, dir, functions: dict | None = None) -> dict:
+        from tcc.artifact import weight_bytes
+        from tcc.progress import status
+        with status("exporting to ONNX"):
+            export_onnx(program, Path(dir) / "model.onnx")
+        params = [(n, t.detach().numpy()) for n, t in program.named_tensors().items()]
+        return {"params": [], "weight_bytes": weight_bytes(params), "sparsity": []}
+
+    def cacheable(self, target) -> bool:
+        return False
+
+    def identity(self) -> list:
+        import onnxruntime
+        return [onnx.__version__, onnxruntime.__version__]
+
+    def session(self, dir, manifest: dict) -> OrtSession:
+        return OrtSession(Path(dir) / "model.onnx")
+
+    def cost_model(self, program: Program):
+        return program.gm  # ORT fuses on its own: the graph as exported
+
+    # the peers tcc bench times next to an artifact (tcc.bench)
+    file_session = staticmethod(OrtSession)  # (path to an .onnx file, threads=None)
+    export = staticmethod(export_onnx)
+    reference_session = staticmethod(reference_session)
+    quantize_dynamic_int8 = staticmethod(quantize_dynamic_int8)
+
+
+BACKEND = OnnxRuntimeBackend()

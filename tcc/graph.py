@@ -1,0 +1,158 @@
+"""Graph helpers every layer uses (passes, backends, the compression libraries), written once.
+
+nodes(gm, op, where)      the matcher: call_function nodes of an op ("aten.div") where a predicate holds
+op_name(node)             "aten.linear", "tcc.dense_w8": a node's op without its overload
+remove_dead(gm)           dead nodes, then attributes nothing reads and empty submodules (the
+                          clean-up the pass manager runs after every pass that changed the program;
+                          passes/dead_code.py is the same as a pass, `dce`)
+mutates(node)             whether a node writes into its first argument (an in-place op)
+free_name(module, name)   `name`, or name_, name__ ... : an attribute name the module does not have
+register_tensors(gm, target, {suffix: tensor})
+                          buffers `<attr>_<suffix>` next to the attribute at `target`; {suffix: path}
+replace_node(gm, node, op, make_args, names)
+                          node -> op(*make_args(get)), get(suffix) a new get_attr of names[suffix]
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+
+def op_name(n: fx.Node) -> str:
+    """"aten.linear", "tcc.dense_w8", ... : a call_function node's op without its overload."""
+    packet = getattr(n.target, "overloadpacket", None)
+    if packet is not None:
+        ns, _, name = str(packet._qualified_op_name).partition("::")
+        return f"{ns}.{name}"
+    return getattr(n.target, "__name__", str(n.target))
+
+
+def nodes(gm: fx.GraphModule, op: str, where=None) -> list[fx.Node]:
+    """The matcher: call_function nodes of `op` ("aten.div", "tcc.dense"...) for which `where(node)`
+    holds (all of them without `where`), in graph order; a list, so the caller may rewrite them."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and op_name(n) == op and (where is None or where(n))]
+
+
+def free_name(module: torch.nn.Module, name: str) -> str:
+    """`name`, or it with underscores appended until `module` has no attribute of that name."""
+    while hasattr(module, name):
+        name += "_"
+    return name
+
+
+def register_tensors(gm: fx.GraphModule, target: str, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Buffers `<attr>_<suffix>` next to the attribute at `target`; {suffix: attribute path}."""
+    owner_path, _, attr = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    out = {}
+    for suffix, t in tensors.items():
+        name = free_name(owner, f"{attr}_{suffix}")
+        owner.register_buffer(name, t)
+        out[suffix] = f"{owner_path}.{name}" if owner_path else name
+    return out
+
+
+def replace_node(gm: fx.GraphModule, n: fx.Node, op, make_args, names: dict[str, str]) -> fx.Node:
+    """Swap node n for op(*make_args(get)), where get(suffix) is a new get_attr of names[suffix]
+    (with a meta['val'] when the graph has them); returns the new node."""
+    from .pipeline import set_val
+    from .program import attribute
+    with gm.graph.inserting_before(n):
+        def get(suffix):
+            node = gm.graph.get_attr(names[suffix])
+            set_val(gm, node, attribute(gm, names[suffix]))
+            return node
+        new = gm.graph.call_function(op, make_args(get))
+    new.meta.update(n.meta)
+    n.replace_all_uses_with(new)
+    gm.graph.erase_node(n)
+    return new
+
+
+def remove_dead(gm: torch.fx.GraphModule) -> tuple[list[str], list[str]]:
+    """Dead nodes, then unread attributes and empty submodules; returns (node names, attribute paths)."""
+    removed_nodes, changed = [], True
+    while changed:
+        changed = False
+        for n in reversed(list(gm.graph.nodes)):
+            if not n.users and _removable(n):
+                removed_nodes.append(n.name)
+                gm.graph.erase_node(n)
+                changed = True
+    removed_attrs = _remove_unused_attributes(gm)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return removed_nodes, removed_attrs
+
+
+# -- match ----------------------------------------------------------------------------------------
+
+_ASSERT = torch.ops.aten._assert_tensor_metadata.default
+
+
+def _removable(n: torch.fx.Node) -> bool:
+    """n (which nothing uses) can go: see the module docstring."""
+    if n.op == "get_attr":
+        return True
+    if n.op == "call_module":
+        return not n.is_impure()
+    if n.op != "call_function":
+        return False
+    subject = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
+    if n.target is _ASSERT:  # checks on graph inputs stay
+        return subject is not None and subject.op != "placeholder" and all(u.target is _ASSERT for u in subject.users)
+    if mutates(n):  # in-place ops on parameters, buffers and inputs stay
+        return (subject is not None and subject.op == "call_function"
+                and all(u is n or u.target is _ASSERT for u in subject.users))
+    return not n.is_impure(impure_random=False)
+
+
+def mutates(n: torch.fx.Node) -> bool:
+    schema = getattr(n.target, "_schema", None)
+    return bool(schema is not None and schema.arguments and schema.arguments[0].alias_info is not None
+                and schema.arguments[0].alias_info.is_write)
+
+
+def _unused_attributes(gm: torch.fx.GraphModule) -> list[str]:
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    modules_run = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+
+    def used(path: str) -> bool:
+        if path in read:
+            return True
+        prefixes = [path.rsplit(".", i)[0] for i in range(1, path.count(".") + 1)]
+        return any(p in modules_run or p in read for p in prefixes)
+
+    return [path for path in _tensor_attributes(gm) if not used(path)]
+
+
+def _tensor_attributes(gm: torch.fx.GraphModule) -> list[str]:
+    """Paths of every parameter, buffer and plain tensor attribute, aliases included."""
+    paths = []
+    for mod_path, mod in gm.named_modules(remove_duplicate=False):
+        if isinstance(mod, torch.fx.GraphModule) and mod is not gm:
+            continue  # a nested graph (e.g. _guards_fn) manages its own attributes
+        prefix = mod_path + "." if mod_path else ""
+        names = list(mod._parameters) + list(mod._buffers)
+        names += [k for k, v in vars(mod).items() if isinstance(v, torch.Tensor)]
+        paths += [prefix + k for k in names if getattr(mod, k, None) is not None]
+    return list(dict.fromkeys(paths))
+
+
+# -- rewrite --------------------------------------------------------------------------------------
+
+def _remove_unused_attributes(gm: torch.fx.GraphModule) -> list[str]:
+    removed = _unused_attributes(gm)
+    for path in removed:
+        owner_path, _, attr = path.rpartition(".")
+        delattr(gm.get_submodule(owner_path) if owner_path else gm, attr)
+    return removed
+
+
+# -- verify ---------------------------------------------------------------------------------------
+
+def resolve(gm: torch.nn.Module, path: str):
+    obj = gm
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
