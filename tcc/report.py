@@ -348,11 +348,11 @@ def _facts(report: dict) -> list[tuple[str, str]]:
         g = final["generation"]
         rows.append(("generation", f"prefill (chunks of {g['prefill_len']}) and decode over a KV cache of "
                                    f"{g['max_context']} positions ({_cache(g)}); {_agreement(g['agreement'])}"))
+        if g.get("draft"):
+            rows.append(("speculative draft", _draft(g["draft"])))
     rows.append(("compile", _compile_cost(report)))
     prog = final.get("progress")
     if prog:
-        if g.get("draft"):
-            rows.append(("speculative draft", _draft(g["draft"])))
         rows.append(("stopped", f"{prog['state']} during '{prog.get('stage')}' (step '{prog.get('step')}') after "
                                 f"{prog.get('seconds')} s"))
     return rows
@@ -495,9 +495,6 @@ def _cache(gen: dict) -> str:
     return f"{gen['cache_bytes'] / 1e6:.1f} MB" + ("" if kind == "fp32" else f", {kind}")
 
 
-def _agreement(a: dict) -> str:
-    """final.generation.agreement in words (reports before the logit error was measured lack it)."""
-    err = a.get("max_rel_logit_error")
 def _draft(d: dict) -> str:
     """final.generation.draft in words: the pipeline, its size, and each --draft auto candidate."""
     text = f"{d['pipeline']} ({d['param_bytes'] / 1e6:.1f} MB of parameters)"
@@ -508,6 +505,9 @@ def _draft(d: dict) -> str:
     return text + " (tcc generate --speculate draft --compare measures the speed-up)"
 
 
+def _agreement(a: dict) -> str:
+    """final.generation.agreement in words (reports before the logit error was measured lack it)."""
+    err = a.get("max_rel_logit_error")
     return (f"top-1 agreement with the source model {a['rate']:.3f} over {a['tokens']} teacher-forced positions"
             + ("" if err is None else f", max logit error {err:.1e} relative"))
 
