@@ -1,4 +1,4 @@
-"""tcc's own backends; importing this package registers them with tcc.backend (cheaply: a backend's
+"""tcc's own backends; importing this package registers them with tcc.pipeline.backend (cheaply: a backend's
 module is imported the first time one of its methods is used). Third-party backends register through
 the entry-point group "tcc.backends" instead.
 
@@ -8,7 +8,7 @@ the entry-point group "tcc.backends" instead.
 """
 import importlib
 
-from tcc.backend import register_backend
+from tcc.pipeline.backend import register_backend
 
 
 class _Lazy:

@@ -6,7 +6,7 @@ skips what is there).
 accuracy  SmolLM2-135M: perplexity on wikitext-2 test.txt (first --max-tokens tokens, windows of 128,
           stride --stride); MiniLM-L6: cosine of the mean-pooled embedding vs the fp32 model on the
           first 64 sentences of test.txt, seq 128. Calibration: --samples windows of 128 tokens of
-          valid.txt (tcc.calibration.text_feeds, seed 0), the same for every format.
+          valid.txt (tcc.compress.calibration.text_feeds, seed 0), the same for every format.
 compile   tcc.compile(model, "native", seq_len=128, same calibration) into OUT/<model>-<format>-<method>
 latency   (an idle machine) tcc.bench.bench(artifact): the artifact, PyTorch eager, ONNX Runtime fp32
           and ORT quantize_dynamic int8 of the unpruned fp32 model, in one process, batch 1,
@@ -38,7 +38,7 @@ def with_samples(text: str, samples: int) -> str:
 def accuracy(res: Results, a, models: Formats, details: Callable[[dict], dict] = lambda d: {}) -> None:
     """`details(last pass record details) -> extra row fields`."""
     import tcc
-    from tcc.calibration import text_feeds
+    from tcc.compress.calibration import text_feeds
     from tcc.evaluate import cosine, perplexity
     from tcc.pipeline import PassContext, Pipeline
 

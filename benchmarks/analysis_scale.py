@@ -68,7 +68,7 @@ def compile_phase(res: Results) -> None:
 
 def _smollm2():
     import tcc
-    from tcc.calibration import calibration_data
+    from tcc.compress.calibration import calibration_data
     program = tcc.trace("smollm2", seq_len=512, max_seq_len=1024)  # as `tcc compile --seq-len 512` traces it
     return program, calibration_data(program, None, n_samples=8)
 
@@ -127,7 +127,7 @@ def llama1b_phase(res: Results, path: str) -> None:
         return
     import tcc
     from tcc import memory
-    from tcc.calibration import calibration_data
+    from tcc.compress.calibration import calibration_data
     from tcc.pipeline import PassContext, Pipeline
     t0 = time.perf_counter()
     program = tcc.trace(path, seq_len=512, max_seq_len=1024)  # calibration windows of 512, analysed on 256

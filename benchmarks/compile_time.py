@@ -23,9 +23,9 @@ import torch
 # benchmarks/ off sys.path: benchmarks/kernels.py would shadow the `kernels` package transformers imports
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from tcc import ops, pipeline
+from tcc.ir import ops; from tcc import pipeline
 from tcc.compiler import DEFAULT_CLEANUP, _calibration
-from tcc.frontend import trace
+from tcc.frontends.frontend import trace
 from tcc.pipeline import PassContext, Pipeline
 
 

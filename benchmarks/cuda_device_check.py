@@ -9,7 +9,7 @@ CPU (emulate.cc), never run on a GPU. This script is the check for the first mac
 
 pack  copies what travels into one directory and checks its size (< 64 MiB): this script and its
       .sh wrapper, the kernels' sources (tcc_cuda.cuh, launch.cuh, quant_gemm.cu, sparse24_gemm.cu),
-      the reference ops and layouts they are checked against (tcc/ops.py, tcc/errors.py,
+      the reference ops and layouts they are checked against (tcc/ir/ops.py, tcc/errors.py,
       backends/kernels/quant_layout.py, backends/kernels/cuda/layout.py, byte for byte), the
       apache-tvm-ffi wheel for the GPU machine's Python (its headers, libtvm_ffi.so and the Python
       package that loads the kernels' library; from $TCC_CACHE/wheels, else `pip download`), and
@@ -19,7 +19,7 @@ run   on the GPU machine (`run --results DIR`): builds the kernels with nvcc int
       and calls the launchers on torch CUDA tensors:
       * correctness on MiniLM's and SmolLM2's linear shapes (M = 128 and 1) and on odd shapes
         (partial blocks, K not a multiple of the step), against tcc's reference ops run on the CPU
-        (tcc/ops.py: the definition): dense_a8w8 bit-exact (dynamic/static x sym/asym), dense_w4
+        (tcc/ir/ops.py: the definition): dense_a8w8 bit-exact (dynamic/static x sym/asym), dense_w4
         within 1e-5 of max|ref| (the CPU replay's tolerance; tensor-core and CUDA-core paths),
         dense_sp24 within 2e-3 of max|ref| of the float32 reference (the replay's), its distance
         to the float64 product of its float16 operands reported;
@@ -68,7 +68,7 @@ SOURCES = {
     "kernels/quant_gemm.cu": "backends/kernels/cuda/quant_gemm.cu",
     "kernels/sparse24_gemm.cu": "backends/kernels/cuda/sparse24_gemm.cu",
     "tcc_src/errors.py": "tcc/errors.py",
-    "tcc_src/ops.py": "tcc/ops.py",
+    "tcc_src/ops.py": "tcc/ir/ops.py",
     "tcc_src/quant_layout.py": "backends/kernels/quant_layout.py",
     "tcc_src/layout.py": "backends/kernels/cuda/layout.py",
     "cuda_device_check.py": "benchmarks/cuda_device_check.py",
@@ -106,7 +106,7 @@ ODD = [(5, 37, 70), (70, 130, 97), (65, 64, 64), (1, 16, 8)]  # partial blocks, 
 # ---------------------------------------------------------------------------------------------
 
 def load_reference(src: Path) -> types.SimpleNamespace:
-    """tcc/ops.py, tcc/errors.py and the two layout modules from `src`, as modules under a `tcc`
+    """tcc/ir/ops.py, tcc/errors.py and the two layout modules from `src`, as modules under a `tcc`
     package that holds nothing else (ops.py registers the tcc:: torch ops)."""
     if "tcc" not in sys.modules:
         pkg = types.ModuleType("tcc")
@@ -239,10 +239,10 @@ def compare(c: Case, got, d: dict) -> dict:
            "max_rel_err": float(err.max()) / scale, "finite": bool(torch.isfinite(got).all())}
     if c.op == "a8w8":
         row["mismatches"] = int((got.view(torch.int32) != ref.view(torch.int32)).sum())
-        row["criterion"] = "bit-exact vs tcc/ops.py dense_a8w8"
+        row["criterion"] = "bit-exact vs tcc/ir/ops.py dense_a8w8"
         row["ok"] = row["mismatches"] == 0
     elif c.op == "w4":
-        row["criterion"] = "max|err| <= 1e-5 max|ref| (tcc/ops.py dense_w4)"
+        row["criterion"] = "max|err| <= 1e-5 max|ref| (tcc/ir/ops.py dense_w4)"
         row["ok"] = row["finite"] and row["max_rel_err"] <= 1e-5
     else:
         row["err_vs_f16_operands"] = float((got - d["ref_f16"]).abs().max()) / (float(got.abs().max()) or 1.0)
@@ -726,7 +726,7 @@ def main(argv=None) -> int:
               f"run there: bash {a.out}/cuda_device_check.sh RESULTS_DIR")
         return 0
     em = None
-    if a.cpu_replay:  # tcc itself (installed): its tcc.ops is the pack's ops.py, byte for byte (pack.json)
+    if a.cpu_replay:  # tcc itself (installed): its tcc.ir.ops is the pack's ops.py, byte for byte (pack.json)
         from tcc.backends.kernels.cuda import emulate as em
     report = run(a.results, a.quick, a.cpu_replay, em, build=not a.no_build)
     return 0 if report["targets"]["all_kernels_correct"] and report["targets"].get("preflight_ok", True) else 1

@@ -54,7 +54,7 @@ def accuracy(res: Results, a) -> None:
     import tcc
     from tcc.evaluate import perplexity
     from tcc.passes.analyze_redundancy import analyze
-    from tcc.calibration import text_feeds
+    from tcc.compress.calibration import text_feeds
     from tcc.pipeline import PassContext, Pipeline
 
     base = tcc.trace("smollm2", seq_len=128)

@@ -66,7 +66,7 @@ def _dir(name: str) -> str:
 
 
 def prompt_ids(n: int) -> list[int]:
-    from tcc import models
+    from tcc.frontends import models
     from tcc.evaluate import load_tokenizer
     tok = load_tokenizer(models.resolve("smollm2"))
     return tok(TEST.read_text()[:20000])["input_ids"][:n]
@@ -123,7 +123,7 @@ def time_tcc(art, ids, new, repeats) -> dict:
 def time_torch(ids, new, repeats) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
-    from tcc import models
+    from tcc.frontends import models
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(models.resolve("smollm2"), dtype=torch.float32).eval()
     x = torch.tensor([ids])

@@ -1,4 +1,4 @@
-"""Prints the presets table of docs/PIPELINES.md: each tcc.presets preset on MiniLM-L6 and SmolLM2-135M.
+"""Prints the presets table of docs/PIPELINES.md: each tcc.pipeline.presets preset on MiniLM-L6 and SmolLM2-135M.
 
     python benchmarks/presets.py [--phase accuracy|all|compile|latency|table] [--out build/presets]
                                  [--max-tokens 4096] [--stride 128] [--samples 16] [--repeats 20]
@@ -23,7 +23,7 @@ from _suite import SEQ, add_arguments, latency_cells, run_phases
 # ... and then off it: benchmarks/kernels.py would shadow the `kernels` package transformers imports
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from tcc.presets import PRESETS
+from tcc.pipeline.presets import PRESETS
 
 FORMATS = [("fp32", "-", "")] + [(name, "preset", p.pipeline) for name, p in PRESETS.items()]
 MODELS = {"smollm2": FORMATS, "minilm": FORMATS}

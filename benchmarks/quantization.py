@@ -18,7 +18,7 @@ such as SmolLM2's reads too; without it that table, a fifth of SmolLM2, stays fp
                 sub-blocks, prunes a third of the query heads in every KV group and heals 20 steps;
                 MiniLM drops 1 attention sub-block, prunes 25 % of the heads and heals 20 steps
 Calibration: --samples windows of 128 tokens from the second half of wikitext-2 valid.txt
-($TCC_CALIBRATION_TEXT, set by _suite.py unless given; tcc.calibration.text_feeds, seed 0).
+($TCC_CALIBRATION_TEXT, set by _suite.py unless given; tcc.compress.calibration.text_feeds, seed 0).
 
 accuracy  SmolLM2-135M perplexity on ../shared/data/wikitext-2/test.txt: the first --max-tokens
           (4096) tokens, windows of 128, stride --stride (128: windows do not overlap), measured

@@ -6,7 +6,7 @@ rotation, perplexity vs fp32.
 Protocol (issue 18, docs/BENCHMARKS.md): the Program traced at seq 512, every pipeline run in PyTorch
 (the ops' reference implementations, which the compiled kernels match); perplexity on wikitext-2
 test.txt, the first --max-tokens (8192) tokens in windows of 512, stride 512; calibration --samples
-windows of 512 tokens of valid.txt (tcc.calibration.text_feeds, seed 0), the same for every row.
+windows of 512 tokens of valid.txt (tcc.compress.calibration.text_feeds, seed 0), the same for every row.
 int4 is symmetric, group 128 (SmolLM2's K=576 falls back to 96, as the pass notes). Rows with rotate
 keep the lm head in fp32 (skip=[lm_head]) like the rows without it, whose tied head stays fp32
 (quantize's default leaves a table the embedding also reads in float), so only the rotation differs;
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "build" / "rotate"))
     a = ap.parse_args()
     import tcc
-    from tcc.calibration import text_feeds
+    from tcc.compress.calibration import text_feeds
     from tcc.evaluate import perplexity
     from tcc.pipeline import PassContext, Pipeline
 

@@ -13,7 +13,7 @@ sys.path[:] = [q for q in sys.path if "benchmarks" not in q]
 os.environ.setdefault("TCC_CALIBRATION_TEXT", "/work/shared/data/wikitext-2/valid.txt")
 import numpy as np, torch
 import tcc
-from tcc.calibration import text_feeds
+from tcc.compress.calibration import text_feeds
 from tcc.pipeline import PassContext, Pipeline
 base = tcc.trace("smollm2", seq_len=128)
 cal = text_feeds(base, n_samples=2)
@@ -30,7 +30,7 @@ for text in sys.argv[1:]:
     print(json.dumps({"p": text, "kl": np.mean([kl(r, g) for r, g in zip(ref, got)]),
                       "rel": np.mean([np.linalg.norm(g - r) / np.linalg.norm(r) for r, g in zip(ref, got)]),
                       "s": round(time.time() - t)}), flush=True)
-import tcc.rotation as R
+import tcc.compress.rotation as R
 mode = os.environ.get("QMODE")
 if mode:
     import torch

@@ -48,7 +48,7 @@ def _vit():
     import torch
     from transformers import ViTConfig, ViTModel
 
-    from tcc import frontend
+    from tcc.frontends import frontend
 
     class Outputs(torch.nn.Module):
         def __init__(self, model):

@@ -74,7 +74,7 @@ def artifact(a, fmt: str) -> Path:
 def run(res: Results, a) -> None:
     import tcc
     from tcc.backends.onnxruntime import OrtSession
-    from tcc.models import resolve
+    from tcc.frontends.models import resolve
     from tcc.pipeline import PassContext, Pipeline
 
     calibration, scored = images(4, seed=0), photos()

@@ -4,7 +4,7 @@
     python examples/custom_pass.py --compile build/minilm-pruned   # compiles MiniLM for x86 with it
 
 The pass zeroes the smallest-magnitude weights of every linear layer (unstructured magnitude
-pruning). The contract is the docstring; `run` matches the linear nodes (tcc.graph.nodes, a small
+pruning). The contract is the docstring; `run` matches the linear nodes (tcc.ir.graph.nodes, a small
 declarative matcher), rewrites their weights and returns whether it changed the program. The pass
 manager does the rest: dead code, ModelInfo, the check of tcc ops' operands, and the record (size,
 FLOPs, the numeric drift the pass caused).
@@ -16,7 +16,7 @@ import sys
 import torch
 
 import tcc
-from tcc.graph import nodes
+from tcc.ir.graph import nodes
 from tcc.pipeline import Option, Pass, register
 
 

@@ -1,7 +1,7 @@
 """`analyze-redundancy`: how much each block, attention sub-block, MLP sub-block and head matters.
 
 Contract: an analysis pass; the program is not changed. On calibration feeds (the pipeline's, else
-`samples` windows of calibration text: `text_file=FILE`, default tcc.calibration.default_text()) it
+`samples` windows of calibration text: `text_file=FILE`, default tcc.compress.calibration.default_text()) it
 measures, for every block:
 
   similarity     cosine similarity between the hidden states entering and leaving the block, its
@@ -12,7 +12,7 @@ measures, for every block:
                  changes the residual stream, so it is redundant. The stream leaving a pre-norm
                  sub-block is x + its output; a post-norm one's is its LayerNorm's output.
   loss_increase  (loss=true) per-layer sensitivity: the calibration loss
-                 (tcc.calibration.CalibrationLoss: next-token cross-entropy for causal LMs, 1 - cosine
+                 (tcc.compress.calibration.CalibrationLoss: next-token cross-entropy for causal LMs, 1 - cosine
                  of mean-pooled hidden states vs the unmodified model for encoders) with that part
                  removed exactly as drop-attention / drop-mlp / drop-blocks remove it, minus the loss
                  of the unmodified program.
@@ -61,11 +61,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tcc.elimination import ANALYSIS, PARTS
+from tcc.compress.elimination import ANALYSIS, PARTS
 from tcc.paths import check_dir, read_small_json
 from tcc.pipeline import Option, Pass, PassContext, register
-from tcc.program import Program
-from tcc.redundancy import BATCH, WINDOW, analyze, calibration_feeds, measured
+from tcc.ir.program import Program
+from tcc.compress.redundancy import BATCH, WINDOW, analyze, calibration_feeds, measured
 
 
 @register

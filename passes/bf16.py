@@ -10,7 +10,7 @@ shared by the embedding and a tied LM head becomes one bf16 tensor both read. Th
 rounded to bfloat16 (round to nearest even, torch's `.to(torch.bfloat16)`) into a buffer
 `<module>.weight_bf16` beside it and the float32 weight is deleted: those tensors take half the
 bytes. Biases, norms and every other tensor stay float32; activations, outputs and the sums stay
-float32 (tcc/ops.py defines the numerics; backends/kernels/bf16_kernels.cc runs them). On a
+float32 (tcc/ir/ops.py defines the numerics; backends/kernels/bf16_kernels.cc runs them). On a
 checkpoint saved in bf16 the rounding is exact: the weights are the checkpoint's own. Elsewhere each
 weight moves by at most 2^-9 of its magnitude (bf16 keeps 8 significant bits).
 
@@ -28,10 +28,10 @@ import torch.fx as fx
 
 from tcc.errors import InternalError
 from tcc.pipeline import Option, Pass, PassContext, register
-from tcc.program import Program, attribute as _attr
-from tcc.quantization import glob_matches, module_path
+from tcc.ir.program import Program, attribute as _attr
+from tcc.compress.quantization import glob_matches, module_path
 
-from tcc.graph import register_tensors as _register, replace_node as _replace
+from tcc.ir.graph import register_tensors as _register, replace_node as _replace
 
 aten, tcc_ops = torch.ops.aten, torch.ops.tcc
 DENSE = (aten.linear.default, tcc_ops.dense.default)
@@ -120,7 +120,7 @@ class Bf16(Pass):
     name = "bf16"
     kind = "transform"
     writes_weights = False  # new bf16 tensors replace the float32 ones
-    reads_bf16_weights = True  # a bf16 checkpoint's own tensors (tcc.frontend) are left as they are
+    reads_bf16_weights = True  # a bf16 checkpoint's own tensors (tcc.frontends.frontend) are left as they are
     options = {
         "embeddings": Option(bool, True, "embedding tables (and a tied LM head) in bf16 too"),
         "skip": Option(list[str], [], "module-path globs to keep in float32, e.g. [lm_head]"),

@@ -12,15 +12,15 @@ is unused when no `get_attr` node reads it and no `call_module` node runs a modu
 submodules left without anything in use are deleted too. Notes the removed node names, attribute
 names and bytes freed.
 
-The clean-up itself is tcc.graph.remove_dead, which the pass manager runs after every pass that
+The clean-up itself is tcc.ir.graph.remove_dead, which the pass manager runs after every pass that
 changed the program.
 """
 from __future__ import annotations
 
 
-from tcc.graph import remove_dead, resolve
+from tcc.ir.graph import remove_dead, resolve
 from tcc.pipeline import Pass, PassContext, register
-from tcc.program import Program
+from tcc.ir.program import Program
 
 
 @register

@@ -1,7 +1,7 @@
 """`drop-attention`: remove whole attention sub-blocks, the most redundant first.
 
 Contract: the chosen blocks lose their attention sub-block exactly as if the model had been built
-without it (tcc.elimination): pre-norm, the residual add `x + attn(norm(x))` becomes `x` and the
+without it (tcc.compress.elimination): pre-norm, the residual add `x + attn(norm(x))` becomes `x` and the
 attention's norm goes with it; post-norm (BERT), the sub-layer `LayerNorm(x + attn(x))`, its
 LayerNorm included, becomes `x`. Dead nodes and parameters are removed, so parameter bytes drop by
 the sub-blocks' weights, and ModelInfo keeps the block with `attention = None`.
@@ -19,10 +19,10 @@ the option. The record lists the dropped blocks with their scores, the ranking, 
 """
 from __future__ import annotations
 
-from tcc.elimination import drop_chosen, require_blocks
+from tcc.compress.elimination import drop_chosen, require_blocks
 from tcc.pipeline import Pass, PassContext, register
-from tcc.program import Program
-from tcc.redundancy import DROP_OPTIONS, choose, drop_reads
+from tcc.ir.program import Program
+from tcc.compress.redundancy import DROP_OPTIONS, choose, drop_reads
 
 
 @register
@@ -33,7 +33,7 @@ class DropAttention(Pass):
     kind = "transform"
     part = "attention"
     options = DROP_OPTIONS
-    keeps_info = True  # tcc.elimination.drop keeps ModelInfo true (edited where recovery cannot see it)
+    keeps_info = True  # tcc.compress.elimination.drop keeps ModelInfo true (edited where recovery cannot see it)
 
     def reads(self, analysis: str) -> set[str]:
         return drop_reads(self, analysis)  # analyze-redundancy's similarities (loss increases with by=loss)

@@ -14,10 +14,10 @@ choices. Bad options raise a UserError naming the option.
 """
 from __future__ import annotations
 
-from tcc.elimination import drop_chosen, require_blocks
+from tcc.compress.elimination import drop_chosen, require_blocks
 from tcc.pipeline import Pass, PassContext, register
-from tcc.program import Program
-from tcc.redundancy import DROP_OPTIONS, choose, drop_reads
+from tcc.ir.program import Program
+from tcc.compress.redundancy import DROP_OPTIONS, choose, drop_reads
 
 
 @register
@@ -28,7 +28,7 @@ class DropBlocks(Pass):
     kind = "transform"
     part = "block"
     options = DROP_OPTIONS
-    keeps_info = True  # tcc.elimination.drop keeps ModelInfo true (edited where recovery cannot see it)
+    keeps_info = True  # tcc.compress.elimination.drop keeps ModelInfo true (edited where recovery cannot see it)
 
     def reads(self, analysis: str) -> set[str]:
         return drop_reads(self, analysis)  # analyze-redundancy's similarities (loss increases with by=loss)

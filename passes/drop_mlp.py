@@ -1,7 +1,7 @@
 """`drop-mlp`: remove whole MLP (feed-forward) sub-blocks, the most redundant first.
 
 Contract: the chosen blocks lose their MLP sub-block exactly as if the model had been built
-without it (tcc.elimination): pre-norm, the residual add `x + mlp(norm(x))` becomes `x` and the
+without it (tcc.compress.elimination): pre-norm, the residual add `x + mlp(norm(x))` becomes `x` and the
 MLP's norm goes with it; parallel-residual blocks (GPT-NeoX, Falcon) lose only the MLP term;
 post-norm (BERT), the sub-layer `LayerNorm(x + mlp(x))`, its LayerNorm included, becomes `x`. Dead
 nodes and parameters are removed, so parameter bytes drop by the sub-blocks' weights, and
@@ -15,10 +15,10 @@ the first and last block out of automatic choices. Bad options raise a UserError
 """
 from __future__ import annotations
 
-from tcc.elimination import drop_chosen, require_blocks
+from tcc.compress.elimination import drop_chosen, require_blocks
 from tcc.pipeline import Pass, PassContext, register
-from tcc.program import Program
-from tcc.redundancy import DROP_OPTIONS, choose, drop_reads
+from tcc.ir.program import Program
+from tcc.compress.redundancy import DROP_OPTIONS, choose, drop_reads
 
 
 @register
@@ -29,7 +29,7 @@ class DropMLP(Pass):
     kind = "transform"
     part = "mlp"
     options = DROP_OPTIONS
-    keeps_info = True  # tcc.elimination.drop keeps ModelInfo true (edited where recovery cannot see it)
+    keeps_info = True  # tcc.compress.elimination.drop keeps ModelInfo true (edited where recovery cannot see it)
 
     def reads(self, analysis: str) -> set[str]:
         return drop_reads(self, analysis)  # analyze-redundancy's similarities (loss increases with by=loss)

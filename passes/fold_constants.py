@@ -27,7 +27,7 @@ from torch.fx.node import map_arg
 
 from tcc.errors import InternalError
 from tcc.pipeline import Option, Pass, PassContext, register, set_val
-from tcc.program import Program, attribute as _attr
+from tcc.ir.program import Program, attribute as _attr
 
 
 

@@ -10,7 +10,7 @@ are trained for a few steps to imitate the program as it entered the pipeline (t
               divided by the teacher's mean square, every token
 
 on `samples` windows of calibration text (`text_file=FILE`, default the calibration text of
-tcc.calibration - the second half of $TCC_CALIBRATION_TEXT or tcc/data/calibration.txt), one window per step,
+tcc.compress.calibration - the second half of $TCC_CALIBRATION_TEXT or tcc/data/calibration.txt), one window per step,
 in a fixed order (`seed`), with AdamW (`lr`, cosine decay to 0 over `steps`, gradient norm clipped
 to 1). `train=all` trains every float parameter, `train=norms` only the normalisation weights and
 biases (cheap, and much less able to overfit). The graph is not changed - only parameter values -
@@ -38,10 +38,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tcc.calibration import CalibrationLoss, is_causal, text_feeds
+from tcc.compress.calibration import CalibrationLoss, is_causal, text_feeds
 from tcc.errors import UserError
 from tcc.pipeline import Option, Pass, PassContext, register
-from tcc.program import Program
+from tcc.ir.program import Program
 from tcc.progress import track
 
 NORM_OPS = {"layer_norm", "native_layer_norm", "rms_norm"}

@@ -1,7 +1,7 @@
 """`prune-heads`: remove attention heads structurally (fewer q/k/v rows, fewer o columns, smaller shapes).
 
 Contract: a transform pass; outputs change by what the removed heads contributed. For every block it
-picks the heads to remove (below), then `tcc.heads.prune_attention` slices the q, k and v
+picks the heads to remove (below), then `tcc.compress.heads.prune_attention` slices the q, k and v
 projections (or a fused qkv: GPT-2's c_attn, GPT-NeoX's interleaved query_key_value, Phi-3's
 qkv_proj) and the output projection's input columns, and rewrites the head counts in the view /
 reshape / expand shapes and fused-projection slices. The sliced tensors replace the old ones under
@@ -27,7 +27,7 @@ How many (one of; none removes nothing):
 
 Which: the least important units. Importance is ctx.report["analyze-redundancy"]["blocks"][i]["heads"]
 (its "loss_increase" when measured, else "norm") when that report covers every block with matching
-head counts, else `tcc.heads.head_importance`: the mean L2 norm of each head's contribution to the
+head counts, else `tcc.compress.heads.head_importance`: the mean L2 norm of each head's contribution to the
 output projection's output on the calibration feeds (program.example_inputs() when there are none).
 
 Compensation (`compensate=true`; off by default): the removed heads' mean contribution on the same
@@ -46,10 +46,10 @@ from __future__ import annotations
 import math
 
 from tcc.errors import InternalError, UserError
-from tcc.heads import head_statistics, prune_attention
+from tcc.compress.heads import head_statistics, prune_attention
 from tcc.pipeline import Option, Pass, PassContext, check_runs, register
-from tcc.program import Program
-from tcc.structure import Attention
+from tcc.ir.program import Program
+from tcc.ir.structure import Attention
 
 
 ANALYSIS = "analyze-redundancy"

@@ -39,7 +39,7 @@ Per-token tensors later layers read are reduced with the tokens: every attention
 [B, 1, S, S] mask gathered on both axes, a [B, 1, 1, S] one on the key axis; for merge, each merged
 token keeps its representative's mask). Any other tensor of sequence length read inside the layers
 (rotary cos/sin, position ids) raises a UserError: not supported yet. Static view / reshape sizes
-holding S are rewritten (tcc.tokens.resize).
+holding S are rewritten (tcc.compress.tokens.resize).
 
 Restore: when anything after the last layer reads more than the protected tokens - a token-level
 output ([B, S, ...], e.g. last_hidden_state), a decoder that reshapes the patch tokens into a grid,
@@ -75,9 +75,9 @@ import torch.fx as fx
 
 from tcc.errors import InternalError, UserError
 from tcc.pipeline import Option, Pass, PassContext, check_runs, register
-from tcc.program import Program
-from tcc.structure import SDPA, ancestors, descendants, nodes_by_name, op_name
-from tcc.tokens import (add_log_size, drop_key, inline, keep_top, keys_metric, merge_round, pyramid,
+from tcc.ir.program import Program
+from tcc.ir.structure import SDPA, ancestors, descendants, nodes_by_name, op_name
+from tcc.compress.tokens import (add_log_size, drop_key, inline, keep_top, keys_metric, merge_round, pyramid,
                         received_from_probs, received_from_scores, resize, take, take_mask, token_counts)
 
 
@@ -422,7 +422,7 @@ class _Rewriter:
 def _initial_state(x, ids, mask, protect: int, special: tuple):
     B, S = x.shape[0], x.shape[1]
     pos = torch.arange(S).expand(B, S)
-    prot = (pos < protect).to(x.dtype)  # 0/1 floats (see tcc.tokens.merge_round)
+    prot = (pos < protect).to(x.dtype)  # 0/1 floats (see tcc.compress.tokens.merge_round)
     if ids is not None:
         for t in special:
             prot = torch.maximum(prot, (ids == t).to(x.dtype))
@@ -560,7 +560,7 @@ def _set(u: fx.Node, where: tuple, value: fx.Node) -> None:
 def _special_ids(program: Program) -> list[int]:
     if not program.tokenizer_dir or "input_ids" not in {s.name for s in program.inputs}:
         return []
-    from tcc.calibration import _special_tokens
+    from tcc.compress.calibration import _special_tokens
     from tcc.evaluate import load_tokenizer
     tok = load_tokenizer(program.tokenizer_dir)
     before, after = _special_tokens(tok)
@@ -570,7 +570,7 @@ def _special_ids(program: Program) -> list[int]:
 def _refuse_causal(program: Program) -> None:
     """UserError when the first attention hides positions from each other on inputs with every
     token valid (a causal or sliding-window mask)."""
-    from tcc.calibration import GraphRunner
+    from tcc.compress.calibration import GraphRunner
 
     a = next(b.attention for b in program.info.blocks if b.attention is not None)
     core = nodes_by_name(program.gm)[a.core]

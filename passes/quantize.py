@@ -3,7 +3,7 @@
 Contract. Every `aten.linear` / `tcc::dense` node whose weight is a float 2-D `get_attr` tensor with
 at least `min_size` elements, whose module path matches no `skip` glob (globs as in
 quantize-weights: a module path or any dotted suffix of it) and whose weight nothing else reads,
-becomes one of (tcc/ops.py defines the numerics; tcc/quantization.py the codes and scales):
+becomes one of (tcc/ir/ops.py defines the numerics; tcc/compress/quantization.py the codes and scales):
 
     weights=int8, acts=none   tcc::dense_w8(x, q int8 [N,K], scale [N], b)        per output channel
     weights=int4, acts=none   tcc::dense_w4(x, q uint8 [N,K/2], scale f16 [N,K/g], zero uint8 [N,K/g] | None, g, b)
@@ -25,7 +25,7 @@ group does not divide uses the largest even divisor of K below the group instead
 with group=128: 96; its K=1536 keeps 128), noted per layer ("group") and summarised in the record's
 `group_fallback` and the log ("group 128 does not divide K=576 for 180 layers: used 96"); a layer
 with an odd K has no even divisor and is an error (skip it). int4 scales are float16 (see
-tcc/quantization.py; every method fits its codes to the rounded scale). `sym`
+tcc/compress/quantization.py; every method fits its codes to the rounded scale). `sym`
 picks symmetric int4 weights (zero 8) or asymmetric ones (zero codes), and symmetric or asymmetric
 int8 activations; int8 weights are always symmetric. `zero=float` (int4, sym=false): fractional
 float32 zero points, the grid min + scale * code of each group as llama.cpp's Q4_1 stores it (with
@@ -40,7 +40,7 @@ by the embedding).
 
 Methods (`method`):
   rtn          round to nearest.
-  gptq         GPTQ per layer (tcc.quantization.gptq), block by block: the Hessians of block i's
+  gptq         GPTQ per layer (tcc.compress.quantization.gptq), block by block: the Hessians of block i's
                linears come from the inputs the program computes with blocks < i already quantized
                (the model runs about twice per feed); `damp`; act_order=true (default) quantizes
                columns by decreasing Hessian diagonal with every group's scale fitted up front (on
@@ -63,12 +63,12 @@ Methods (`method`):
                candidate linear emulated as quantized (smoothed W8A8 rtn, activations per token
                whatever act_scheme; embedding tables float), moves least from the float program's on
                the first 8 calibration feeds: mean KL of the next-token distributions for causal
-               LMs, 1 - cosine of the pooled output for encoders (tcc.calibration.CalibrationLoss).
+               LMs, 1 - cosine of the pooled output for encoders (tcc.compress.calibration.CalibrationLoss).
                The record's `alpha_search` holds each alpha's score, its calibration loss, and the
                float program's loss.
   A tied lm_head is never smoothed (its weight is the embedding table).
 
-Sparse weights (annotated by `sparsify`, see tcc/sparsity.py) stay sparse: every format stores a
+Sparse weights (annotated by `sparsify`, see tcc/compress/sparsity.py) stay sparse: every format stores a
 zero weight as the code of exactly 0.0 (int8: 0; int4 sym: 8; int4 asym: the zero point, an integer
 code since lo <= 0 <= hi); gptq keeps the weight's zeros at that code and spreads their whole value
 as error to the columns not yet quantized instead of filling them in; awq and smoothquant only scale
@@ -76,7 +76,7 @@ columns and rows, which keeps zeros. The annotation moves to the codes (`<w>_int
 with format, scale, zero and group (a layer mixed precision keeps in fp32 keeps it on the weight).
 
 Calibration: ctx.calibration (the first `samples` feeds) when given, else `samples` windows of
-the default text (tcc.calibration.text_feeds). Needed by gptq, awq, smoothquant, static
+the default text (tcc.compress.calibration.text_feeds). Needed by gptq, awq, smoothquant, static
 activations and mixed precision; plain rtn with dynamic activations needs none.
 
 Mixed precision: keep=N keeps the N layers whose quantization alone raises the calibration loss
@@ -107,23 +107,23 @@ import math
 import torch
 import torch.fx as fx
 
-from tcc import sparsity
-from tcc.calibration import CalibrationLoss, GraphRunner, text_feeds
+from tcc.compress import sparsity
+from tcc.compress.calibration import CalibrationLoss, GraphRunner, text_feeds
 from tcc.errors import InternalError, UserError
 from tcc.pipeline import Option, Pass, PassContext, estimate_flops, register, set_val
-from tcc.program import Program, attribute as _attr
+from tcc.ir.program import Program, attribute as _attr
 from tcc.progress import track
-from tcc.ops import quantize_rows
-from tcc.quantization import (Grid, InputStats, QWeight, awq_clip, awq_scale, bits_per_weight, blockwise, collect,
+from tcc.ir.ops import quantize_rows
+from tcc.compress.quantization import (Grid, InputStats, QWeight, awq_clip, awq_scale, bits_per_weight, blockwise, collect,
                               collect_stats, feed_args, glob_matches, gptq, int4_group, module_path, output_error, rtn, run_range,
                               smoothquant_scales, static_scale)
 from tcc.memory import page_out
-from tcc.structure import IDENTITY, op_name
+from tcc.ir.structure import IDENTITY, op_name
 
-from tcc.graph import free_name as _free_name, register_tensors as _register, remove_dead, replace_node as _replace
+from tcc.ir.graph import free_name as _free_name, register_tensors as _register, remove_dead, replace_node as _replace
 
 aten, tcc_ops = torch.ops.aten, torch.ops.tcc
-# tcc::dense_bf16 / embedding_bf16: a bf16 checkpoint's own tensors (tcc.frontend), read widened to float32
+# tcc::dense_bf16 / embedding_bf16: a bf16 checkpoint's own tensors (tcc.frontends.frontend), read widened to float32
 DENSE = (aten.linear.default, tcc_ops.dense.default, tcc_ops.dense_bf16.default)
 EMBEDDING = aten.embedding.default
 TABLES = {EMBEDDING: (0, 1), tcc_ops.embedding_bf16.default: (1, 0)}  # embedding op -> (table, ids) positions
@@ -290,7 +290,7 @@ class Layer:
     q: QWeight | None = None
     act: dict = dataclasses.field(default_factory=dict)  # node name -> (x_scale, x_zero) when static
     info: dict = dataclasses.field(default_factory=dict)
-    sparsity: dict | None = None  # the weight's sparsity annotation (tcc.sparsity), carried to its codes
+    sparsity: dict | None = None  # the weight's sparsity annotation (tcc.compress.sparsity), carried to its codes
     stored: dict = dataclasses.field(default_factory=dict)  # suffix ("int8", "scale", ...) -> new buffer target
 
     @property
@@ -400,7 +400,7 @@ def _input_stats(layers, n_feeds: int, opts: Quantize) -> dict[str, InputStats]:
 
 
 def gptq_blocks(program: Program, plan: Plan, feeds: list[dict], opts: Quantize) -> dict[str, InputStats]:
-    """GPTQ block by block (tcc.quantization.blockwise): the Hessians of block i's linears come from the
+    """GPTQ block by block (tcc.compress.quantization.blockwise): the Hessians of block i's linears come from the
     inputs the program computes with blocks 0..i-1 already quantized. Returns the stats (Hessians kept
     only when mixed precision will re-quantize)."""
     kept: dict[str, InputStats] = {}
@@ -479,7 +479,7 @@ def _smoothquant_scales(gm, todo: list, stats: dict, alpha: float) -> list[torch
 
 def _exact_scales(gm, lins: list[fx.Node], s: torch.Tensor) -> torch.Tensor:
     """s, or s rounded to the nearest power of two where it scales a weight stored in bf16 (a bf16
-    checkpoint's own tensors, tcc.frontend): W * s and the folded rows / s then stay exact in bf16, so
+    checkpoint's own tensors, tcc.frontends.frontend): W * s and the folded rows / s then stay exact in bf16, so
     smoothing writes no float32 copy of the weights (issue 15). float32 weights: s as it is."""
     if any(_attr(gm, n.args[1].target).dtype == torch.bfloat16 for n in lins):
         return torch.exp2(torch.round(torch.log2(s)))

@@ -29,8 +29,8 @@ Notes the quantized layers (module, weight, shape) and the skipped ones with the
 from __future__ import annotations
 
 from tcc.pipeline import Option, Pass, PassContext, get_pass, register
-from tcc.program import Program
-from tcc.quantization import quantize_per_channel  # noqa: F401  (the int8 math, re-exported for callers)
+from tcc.ir.program import Program
+from tcc.compress.quantization import quantize_per_channel  # noqa: F401  (the int8 math, re-exported for callers)
 
 
 @register

@@ -2,8 +2,8 @@
 so that a later `quantize` sees weights and activations without outlier channels.
 
 Contract. A float32 pre-norm decoder whose norms are RMSNorms with stored (or no) scales, found by
-structure recovery (tcc.structure: by pattern, not module names), is rewritten into the same function
-(tcc.rotation.rotate_residual, exact up to float rounding):
+structure recovery (tcc.ir.structure: by pattern, not module names), is rewritten into the same function
+(tcc.compress.rotation.rotate_residual, exact up to float rounding):
   - every norm's scale is folded into the linears reading its output, and becomes 1;
   - the residual stream is rotated by Q = signs * (H_{2^k} kron R_m) (randomised Walsh-Hadamard of the
     width's power-of-two part, a random orthogonal matrix of the odd rest; `seed`), absorbed into the
@@ -41,8 +41,8 @@ import numpy as np
 
 from tcc.errors import InternalError, UserError
 from tcc.pipeline import Option, Pass, PassContext, register
-from tcc.program import Program
-from tcc.rotation import rotate_residual
+from tcc.ir.program import Program
+from tcc.compress.rotation import rotate_residual
 
 
 @register

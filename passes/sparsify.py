@@ -4,7 +4,7 @@ Contract. The linears inside the transformer blocks (ModelInfo.linears(): q/k/v/
 MLP's projections; never embeddings or the lm head) whose weight is a float 2-D `get_attr` tensor
 with at least `min_size` elements, that no `skip` glob matches (a module path or any dotted suffix of
 it, as in quantize) and that nothing else reads, are pruned in place: the chosen entries become 0.0
-and program.annotations[weight]["sparsity"] records the pattern (format: tcc/sparsity.py). Shapes
+and program.annotations[weight]["sparsity"] records the pattern (format: tcc/compress/sparsity.py). Shapes
 and ops do not change; quantize later keeps the zeros exact and moves the annotation to its codes.
 
 Patterns (`pattern`; W is [N out, K in]):
@@ -21,18 +21,18 @@ Methods (`method`), the score of W[i, j] (lowest pruned first):
   magnitude  |W_ij|; needs no calibration
   wanda      |W_ij| * ||X_j|| (Sun et al. 2024), ||X_j|| the L2 norm of input feature j over the
              calibration tokens of the program as it enters the pass
-  sparsegpt  SparseGPT (Frantar & Alistarh 2023; tcc.sparsity.sparsegpt): score w^2 / U_jj^2 (U the
+  sparsegpt  SparseGPT (Frantar & Alistarh 2023; tcc.compress.sparsity.sparsegpt): score w^2 / U_jj^2 (U the
              Cholesky factor of H^-1), and the weights not yet visited are updated to compensate each
              pruned one; H = X^T X + `damp` * mean(diag), column blocks of 128. Block by block
-             (tcc.quantization.blockwise, as quantize's gptq): block i's Hessians come from the inputs
+             (tcc.compress.quantization.blockwise, as quantize's gptq): block i's Hessians come from the inputs
              the program computes with blocks < i already pruned
 Scope (`scope`): layer gives every layer `sparsity`; global (unstructured and block) gives each layer
 the share of one threshold over all selected layers' scores, each divided by its layer's mean score
-(tcc.sparsity.allocate; sparsegpt allocates by Wanda's score), then prunes each layer at its share
+(tcc.compress.sparsity.allocate; sparsegpt allocates by Wanda's score), then prunes each layer at its share
 as for layer. The overall sparsity is then `sparsity` within rounding; the layers' shares differ.
 
 Calibration: ctx.calibration (the first `samples` feeds), else `samples` windows of the default text
-(tcc.calibration.text_feeds) when the program has a tokenizer; wanda and sparsegpt need one of them,
+(tcc.compress.calibration.text_feeds) when the program has a tokenizer; wanda and sparsegpt need one of them,
 magnitude none.
 
 Checks (UserError naming the option): sparsity outside [0, 1); a pattern that is not unstructured,
@@ -40,7 +40,7 @@ n:m with 1 <= n < m, or block; a block that is not RxC; an n:m `sparsity` other 
 scope=global with n:m; a layer whose K the m does not divide, or whose [N, K] the block does not
 tile (the layer and its shape are named: skip it, or choose another m / block); a block linear that
 is already quantized (sparsify before quantize); wanda / sparsegpt without calibration inputs.
-After: every annotated tensor holds its pattern (tcc.sparsity.violations) and is finite.
+After: every annotated tensor holds its pattern (tcc.compress.sparsity.violations) and is finite.
 
 Notes: options, pattern, method, scope, calibration feeds, per layer {weight, module, shape,
 sparsity (the pruned fraction), error (sparsegpt: ||(W - W')X|| / ||WX|| on its own inputs)},
@@ -55,12 +55,12 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from tcc import sparsity as sp
-from tcc.calibration import text_feeds
+from tcc.compress import sparsity as sp
+from tcc.compress.calibration import text_feeds
 from tcc.errors import InternalError, UserError
 from tcc.pipeline import Option, Pass, PassContext, register
-from tcc.program import Program, attribute as _attr
-from tcc.quantization import InputStats, blockwise, collect_stats, glob_matches, module_path, output_error
+from tcc.ir.program import Program, attribute as _attr
+from tcc.compress.quantization import InputStats, blockwise, collect_stats, glob_matches, module_path, output_error
 
 FLOAT_LINEARS = ("aten.linear", "tcc.dense")
 SPEED_NOTE = ("zeros alone speed nothing up: the weights are still dense tensors; a backend with a kernel for "

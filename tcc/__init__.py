@@ -21,7 +21,7 @@ from .errors import AccuracyBudgetError, InternalError, TccError, UserError  # n
 def __getattr__(name):
     # Lazy: importing tcc must stay cheap (the CLI prints help without importing torch or TVM).
     if name == "trace":
-        from .frontend import trace
+        from .frontends.frontend import trace
         return trace
     if name == "compile":
         from .compiler import compile
@@ -33,6 +33,6 @@ def __getattr__(name):
         from . import pipeline
         return getattr(pipeline, name)
     if name == "Program":
-        from .program import Program
+        from .ir.program import Program
         return Program
     raise AttributeError(name)

@@ -38,7 +38,7 @@ UNHASHED = ("manifest.json", "report.json", "report.html", "report.md", "build.l
 WHAT = "output directory (-o)"
 
 
-from .models import file_sha256 as sha256
+from .frontends.models import file_sha256 as sha256
 
 
 def is_artifact(dir: Path) -> bool:

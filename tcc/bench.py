@@ -5,7 +5,7 @@ Engines (each one that can be made; one that cannot is listed under "skipped" wi
   tcc               the artifact, through `tcc.runtime.load` (TVM Relax VM; an arm64 artifact runs
                     under qemu, which says nothing about arm64 speed: noted, and timed only 3 times
                     after 1 warm-up call, since each emulated call takes seconds)
-  pytorch           PyTorch eager on the *source* model re-traced with `tcc.frontend.trace` at the
+  pytorch           PyTorch eager on the *source* model re-traced with `tcc.frontends.frontend.trace` at the
                     artifact's input shapes: the uncompressed Program's aten GraphModule
   pytorch-hf        PyTorch eager on the original Hugging Face module (the same task wrapper trace uses)
   onnxruntime       ONNX Runtime fp32 on that same uncompressed Program (exported by
@@ -104,7 +104,7 @@ def _bench(artifact_dir: Path, manifest: dict, repeats: int, warmup: int, ort_in
 
     def make_pytorch():
         nonlocal program, feeds
-        from .frontend import trace
+        from .frontends.frontend import trace
         program = trace(source["path"], task=task, seq_len=seq_len, batch=batch)
         feeds = program.example_inputs()
         sizes["source_param_bytes"] = program.param_bytes()
@@ -131,9 +131,9 @@ def _bench(artifact_dir: Path, manifest: dict, repeats: int, warmup: int, ort_in
     art = add("tcc", lambda: load(artifact_dir), required=True, warm=min(warmup, 1) if calls else warmup)
 
     if program is not None:
-        from .backend import get_backend
-        from .models import resolve
-        ort = get_backend("onnxruntime")  # the peer: ONNX Runtime on the same Program (tcc.backend's registry)
+        from .pipeline.backend import get_backend
+        from .frontends.models import resolve
+        ort = get_backend("onnxruntime")  # the peer: ONNX Runtime on the same Program (tcc.pipeline.backend's registry)
         # an ONNX source: the peer runs the user's own file, else an export of the source Program
         fp32, int8 = resolve(source["path"]) if onnx_source else tmp / "model.onnx", tmp / "model.int8.onnx"
 
@@ -220,9 +220,9 @@ def format_table(result: dict) -> str:
 # -- helpers ----------------------------------------------------------------------------------------
 
 def _hf_runner(path: str, task: str | None):
-    """The original HF module in the task wrapper tcc.frontend traces, called on numpy feeds."""
+    """The original HF module in the task wrapper tcc.frontends.frontend traces, called on numpy feeds."""
     import torch
-    from . import frontend, models
+    from .frontends import frontend, models
     hf, task, _ = models.load_hf(models.resolve(path), task)
     wrapper, names, _ = frontend.task_module(hf, task)
 

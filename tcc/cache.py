@@ -1,15 +1,15 @@
 """Content-addressed caches: traced programs, calibration statistics and built libraries.
 
-Everything lives under `tcc.models.cache_dir()` ($TCC_CACHE, default ~/.cache/tcc), one directory
+Everything lives under `tcc.frontends.models.cache_dir()` ($TCC_CACHE, default ~/.cache/tcc), one directory
 per entry, named by a sha256 key over everything the cached value depends on:
 
   programs/<key>  a traced model before canonicalisation: torch.export's JSON serialisation of the
                   ExportedProgram, its tensors (safetensors) and what the frontend needs to finish
-                  the Program. key = the model files' hash (tcc.models.model_hash) and resolved path,
+                  the Program. key = the model files' hash (tcc.frontends.models.model_hash) and resolved path,
                   requested task, seq_len, batch, tcc, torch and transformers versions, the source
                   of tcc's frontend (frontend.py, models.py).
                   The frontend re-runs canonicalize and structure recovery on a hit.
-  stats/<key>     calibration statistics (tcc.quantization.InputStats) of named graph nodes.
+  stats/<key>     calibration statistics (tcc.compress.quantization.InputStats) of named graph nodes.
                   key = the Program's fingerprint, a hash of the calibration feeds, what is
                   collected (node names and each InputStats' configuration), the source of
                   quantization.py and calibration.py.
@@ -53,7 +53,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import __version__
-from .models import cache_dir, file_sha256
+from .frontends.models import cache_dir, file_sha256
 
 KINDS = ("programs", "stats", "libs")
 log = logging.getLogger("tcc.cache")
@@ -88,9 +88,9 @@ def key(*parts: Any) -> str:
 
 
 DEPENDS = {  # package -> the files (globs) a cached value is computed by
-    "programs": {"tcc": ["frontend.py", "models.py"]},
-    "stats": {"tcc": ["quantization.py", "calibration.py"]},
-    "libs": {"tcc": ["ops.py", "program.py", "generation.py", "graph.py", "artifact.py"],
+    "programs": {"tcc.frontends": ["frontend.py", "models.py"]},
+    "stats": {"tcc.compress": ["quantization.py", "calibration.py"]},
+    "libs": {"tcc.ir": ["ops.py", "program.py", "graph.py"], "tcc": ["generation.py", "artifact.py"],
              "tcc.backends": ["**/*.py", "**/*.cc", "**/*.h", "**/*.cu", "**/*.cuh"]},
 }
 
@@ -339,7 +339,7 @@ def save_stats(program, feeds: list[dict], stats: dict) -> None:
 # -- built libraries ---------------------------------------------------------------------------------------
 
 def library_key(program, target, extra=None, backend_identity: list = ()) -> str:
-    """`backend_identity`: the backend's versions (tcc.backend.Backend.identity: TVM, tvm-ffi, OpenBLAS)."""
+    """`backend_identity`: the backend's versions (tcc.pipeline.backend.Backend.identity: TVM, tvm-ffi, OpenBLAS)."""
     return key("library", program.fingerprint(), program.annotations, [s.to_json() for s in program.inputs],
                [s.to_json() for s in program.outputs], target.to_json(), _compiler_identity(target.cc),
                *backend_identity, source_hash("libs"), extra)

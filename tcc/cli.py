@@ -131,7 +131,7 @@ def cmd_compile(a) -> int:
 
 def _use_preset(a) -> None:
     """--preset NAME: the pipeline is the preset (its name is pipeline text that expands to it)."""
-    from tcc import presets
+    from tcc.pipeline import presets
     from tcc.errors import UserError
     preset = presets.get(a.preset)
     if a.pipeline:
@@ -141,7 +141,7 @@ def _use_preset(a) -> None:
 
 
 def _bundle(artifact, out, force: bool) -> dict:
-    from tcc.backend import get_backend
+    from tcc.pipeline.backend import get_backend
     return get_backend("tvm").bundle(artifact, out, force=force)  # backends/tvm/bundle.py
 
 
@@ -282,7 +282,7 @@ def cmd_analyze(a) -> int:
         from tcc.evaluate import attach_tokenizer
         attach_tokenizer(program, a.tokenizer)
     if analysis is not None:
-        from tcc.calibration import calibration_data
+        from tcc.compress.calibration import calibration_data
         from tcc.pipeline import PassContext
         ctx = PassContext(calibration=calibration_data(program, a.calibration, n_samples=a.calibration_samples),
                           verbose=True, force=a.force)
@@ -297,12 +297,12 @@ def cmd_analyze(a) -> int:
 
 
 def cmd_targets(a) -> int:
-    from tcc.backend import targets as describe
+    from tcc.pipeline.backend import targets as describe
     targets = describe()
     if a.json:
         print(json.dumps(dict(targets), indent=2))
     else:
-        from tcc.backend import target_aliases
+        from tcc.pipeline.backend import target_aliases
         ALIASES = target_aliases()
         width = max(len(n) for n, _ in targets)
         for name, line in targets:
@@ -330,14 +330,14 @@ def cmd_passes(a) -> int:
         if contract:
             print("    " + "\n    ".join(contract.splitlines()))
         print()
-    from tcc import presets
+    from tcc.pipeline import presets
     print(f"presets (named pipelines, for --preset or inside -p): {', '.join(presets.names())}; `tcc presets` "
           "shows what each expands to")
     return 0
 
 
 def cmd_presets(a) -> int:
-    from tcc import presets
+    from tcc.pipeline import presets
     if a.json:
         print(json.dumps({n: {"pipeline": p.pipeline, "aliases": list(p.aliases), "summary": p.summary,
                               "tradeoff": p.tradeoff} for n, p in presets.PRESETS.items()}, indent=2))
@@ -371,7 +371,7 @@ def _compile_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import models
+    from .frontends import models
     p = argparse.ArgumentParser(prog="tcc", description="transformer compression compiler", epilog=_epilog(),
                                 formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"tcc {_version()}")
@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Defaults are None here and filled from COMPILE_DEFAULTS after a --recipe is applied.
     c.add_argument("model", nargs="?", help=_inputs_help() + " (or the recipe's)")
     c.add_argument("--recipe", help="TOML file with the compile's settings (docs/PIPELINES.md); flags given here win")
-    from tcc.backend import targets as describe
+    from tcc.pipeline.backend import targets as describe
     c.add_argument("--target", "-t", help="x86 (default: portable x86-64-v3, AVX2), native (this CPU: fastest here, "
                    "may not run elsewhere), " + ", ".join(n for n, _ in describe()[2:]) + ", cuda (= sm80); "
                    "`tcc targets` describes them").completer = lambda **_: [n for n, _ in describe()] + ["cuda"]
@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "math stays fp32); default: the checkpoint's (bf16 for a model saved in bf16, else fp32)")
     c.add_argument("--pipeline", "-p", help="pass pipeline, e.g. 'quantize-weights(bits=8)' or "
                    "'drop-blocks(count=2),q4' (preset names stand for their passes); `tcc passes` lists the passes")
-    from tcc import presets
+    from tcc.pipeline import presets
     c.add_argument("--preset", metavar="NAME", help="a named pipeline: " + ", ".join(presets.names()) +
                    "; `tcc presets` shows each one's passes and measured trade-off").completer = lambda **_: presets.names()
     c.add_argument("--calibration", help="text file for calibrating passes (default: $TCC_CALIBRATION_TEXT, else the "
@@ -601,14 +601,14 @@ def _conventions(sub) -> None:
 
 
 def _inputs_help() -> str:
-    from tcc import models
+    from tcc.frontends import models
     return ("a Hugging Face model folder (config.json and safetensors), a .gguf file, an .onnx file, or a built-in "
             "alias: " + ", ".join(models.ALIASES))
 
 
 def _epilog() -> str:
-    from tcc import models, presets
-    from tcc.backend import targets as describe
+    from tcc.frontends import models; from tcc.pipeline import presets
+    from tcc.pipeline.backend import targets as describe
     return "\n".join([
         "MODEL: a Hugging Face model folder, a .gguf file, an .onnx file, or a built-in alias:",
         *(f"  {name:<8} {what}" for name, what in models.ALIASES.items()),

@@ -25,7 +25,7 @@ from . import report as reports
 from .artifact import WHAT, Staging, is_artifact, write_manifest
 from .errors import AccuracyBudgetError, UserError
 from .paths import check_dir
-from .program import Program
+from .ir.program import Program
 from .progress import info, library_output, status
 
 DEFAULT_CLEANUP = "dce"
@@ -109,7 +109,7 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
     """compile()'s work; fills `facts` (what the manifest says), `records`, `final` and `run` (the
     report's sections) as it goes, so a failure can still be reported."""
     check_dir(out, WHAT, is_artifact, force)  # first of all (Staging checks it again)
-    from .backend import get_backend, get_target
+    from .pipeline.backend import get_backend, get_target
     from .pipeline import Pipeline, PassContext
 
     builder = get_backend(backend)  # UserError naming the registered backends
@@ -147,7 +147,7 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
             if isinstance(model, Program):
                 program = model.clone()
             else:
-                from .frontend import trace
+                from .frontends.frontend import trace
                 traced_max = max(max_seq_len or 0, gen_context or 0) or None  # generation traces a dynamic length
                 program = trace(model, task=task, seq_len=seq_len, batch=batch, max_seq_len=traced_max,
                                 weights=_traced_weights(model, facts["dtype"], pipe))
@@ -306,7 +306,7 @@ def _calibration(program: Program, user, path, samples: int) -> list[dict]:
     """The pipeline's calibration feeds: token ids (.npy / .npz) or windows of text when a pass other
     than cleanup runs; none for a Hugging Face model without a tokenizer (a pass that needs data says
     how to give it); else the program's example inputs."""
-    from .calibration import calibration_data
+    from .compress.calibration import calibration_data
     if not any(p.kind != "cleanup" for p in user):
         return [program.example_inputs()]
     if path is not None or program.tokenizer_dir:  # text without a tokenizer: an error saying what to give
@@ -319,7 +319,7 @@ def _build(program: Program, tgt, backend: str, dir: Path, functions: dict | Non
     """The backend's files in `dir`; returns {"params": [names in call order], "weight_bytes",
     "sparsity": [how each sparse weight was lowered], "functions": {name: {"inputs", "params"}} of
     the further entry points}. TVM libraries come from tcc.cache when it has one."""
-    from .backend import get_backend
+    from .pipeline.backend import get_backend
     builder = get_backend(backend)
     # (cuda libraries are not cached: the cache keeps model.so and weights, not their device code files)
     # the further entry points' graphs as well (what kv_cached made of the program, even when patched)
@@ -423,7 +423,7 @@ def _weights_dtype(model, dtype: str | None, tgt, backend: str, user) -> str:
     runs_bf16 = backend == "tvm" and tgt.device != "cuda"
     explicit_bf16 = any(p.name == "bf16" for p in user)
     if dtype is None:
-        from .models import checkpoint_dtype
+        from .frontends.models import checkpoint_dtype
         stored = checkpoint_dtype(model) if isinstance(model, (str, Path)) else None
         return "bf16" if explicit_bf16 or (stored == "bf16" and runs_bf16) else "fp32"
     if dtype not in WEIGHT_DTYPES:
@@ -437,11 +437,11 @@ def _weights_dtype(model, dtype: str | None, tgt, backend: str, user) -> str:
 
 
 def _traced_weights(model, dtype: str, pipe) -> str:
-    """How the frontend loads the weights (tcc.frontend.trace's `weights`): "bf16", a checkpoint saved
+    """How the frontend loads the weights (tcc.frontends.frontend.trace's `weights`): "bf16", a checkpoint saved
     in bf16 keeps its own tensors and no stage holds them in float32 (issue 15), where the weights
     end bf16 or quantized (`dtype` bf16) and every pass takes such a Program (Pass.reads_bf16_weights);
     else "fp32" (every weight loaded as float32)."""
-    from .models import checkpoint_dtype
+    from .frontends.models import checkpoint_dtype
     if dtype != "bf16" or not isinstance(model, (str, Path)) or not all(p.reads_bf16_weights for p in pipe):
         return "fp32"
     return "bf16" if checkpoint_dtype(model) == "bf16" else "fp32"
@@ -451,7 +451,7 @@ def _generation_context(model, task, tgt, backend: str, generate: bool | None, m
                         seq_len: int, max_seq_len: int | None) -> int | None:
     """The KV-cache size when the artifact gets generation entry points, else None. Checked before any
     slow work: an explicit generate=True that cannot be honoured is a UserError."""
-    from . import models
+    from .frontends import models
     from .generation import default_max_context
 
     def off(reason: str):
@@ -595,7 +595,7 @@ class _Baseline:
         if isinstance(self.model, Program):
             program = self.model.clone()
         else:
-            from .frontend import trace
+            from .frontends.frontend import trace
             program = trace(self.model, **self.trace_args, weights=self.weights)
         if self.at_length:
             from .generation import at_length

@@ -309,7 +309,7 @@ def _source_program(source: dict, task: str, seq_len: int):
     if source.get("kind") != "huggingface" or not source.get("path"):
         raise UserError(f"the artifact's source is {source.get('kind', 'unknown')!r}, not a model path tcc can load again",
                         "compile from a model folder, .gguf or alias to compare against the source")
-    from .frontend import trace
+    from .frontends.frontend import trace
     return trace(source["path"], task=task, seq_len=seq_len)
 
 
@@ -342,7 +342,7 @@ class HeldOut:
     A measurement that cannot be made (text shorter than one window) leaves {metric: null, note}."""
 
     def __init__(self, program):
-        from .calibration import HELD_OUT_TEXT
+        from .compress.calibration import HELD_OUT_TEXT
         self.text = HELD_OUT_TEXT
         ids = next((s for s in program.inputs if s.name == "input_ids"), None)
         self.batch = int(program.inputs[0].shape[0])
@@ -377,7 +377,7 @@ class HeldOut:
         out_bytes = max(np.asarray(next(iter(example.values()))).nbytes, 1)
         n = int(min(HELD_OUT_FEEDS, max(1, _KEPT_BYTES // out_bytes)))
         if self.tokenizer_dir:
-            from .calibration import text_feeds
+            from .compress.calibration import text_feeds
             self.inputs = "text"
             return [{k: v[:1] for k, v in f.items()} for f in
                     text_feeds(program, self.text, n_samples=n, start=0.0)]

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .program import Program, TensorSpec, copy_sharing_weights
-from .structure import ancestors, op_name
+from .ir.program import Program, TensorSpec, copy_sharing_weights
+from .ir.structure import ancestors, op_name
 
 aten = torch.ops.aten
 DEFAULT_MAX_CONTEXT = 2048
@@ -73,11 +73,11 @@ def check_prompt(tokenizer, vocab: int) -> list[int]:
 
 def check_ids(tokenizer, vocab: int, n: int) -> list[int]:
     """The n token ids a compile checks generation on, teacher-forced: check_prompt, then the first
-    tokens of the calibration text (tcc.calibration.default_text), then (a short text, or no
+    tokens of the calibration text (tcc.compress.calibration.default_text), then (a short text, or no
     tokenizer) seeded random ids within the vocabulary."""
     ids = check_prompt(tokenizer, vocab)[:n]
     if tokenizer is not None and len(ids) < n:
-        from .calibration import _tokens_from, default_text
+        from .compress.calibration import _tokens_from, default_text
         ids += [t for t in _tokens_from(tokenizer, default_text(), 0.0, n - len(ids)) if t < vocab][:n - len(ids)]
     rng = np.random.default_rng(0)
     return ids + [int(t) for t in rng.integers(1, max(vocab, 2), n - len(ids))]
@@ -281,8 +281,8 @@ def kv_cached(program: Program, max_context: int, kv_cache: str = "fp32") -> Gen
     """The Program with a KV cache (see the module doc). The input program is not changed.
     kv_cache "int8": each layer's cache is int8 codes [B, Hkv, C, D] and float32 scales [B, Hkv, C]
     for k and for v, and its core tcc::sdpa_kv_int8 (quantizes the new rows, reads codes * scale)."""
-    from .graph import remove_dead
-    from .structure import nodes_by_name
+    from .ir.graph import remove_dead
+    from .ir.structure import nodes_by_name
 
     check_kv_cache(kv_cache)
     ids, seq = _seq_symbol(program)

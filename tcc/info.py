@@ -8,7 +8,7 @@ formats); nothing is loaded or run. `describe(dir)` returns the JSON that `tcc i
   target     name, description (as `tcc targets` gives it), arch, device; backend
   formats    weights: {dtype: bytes} of weights.safetensors; for causal LMs built with generation:
              kv_cache ("fp32" | "int8"), max_context (positions), cache_bytes, functions (prefill, decode)
-  pipeline   canonical text (every option), preset (the tcc.presets name it equals, or null),
+  pipeline   canonical text (every option), preset (the tcc.pipeline.presets name it equals, or null),
              passes [{name, text (non-default options), seconds, param_bytes {before, after}, drift_rel}]
   sizes      weight_bytes, source_param_bytes, ratio
   measured   accuracy (report final.accuracy), generation (final.generation), max_drift,
@@ -75,7 +75,7 @@ def _summary(report: dict) -> str | None:
 
 
 def _target_line(name: str | None) -> str | None:
-    from .backend import targets
+    from .pipeline.backend import targets
     return dict(targets()).get(name)
 
 
@@ -84,7 +84,7 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
 
 
 def _weight_dtypes(path: Path) -> dict:
-    from .models import safetensors_header
+    from .frontends.models import safetensors_header
     if not path.is_file():
         return {}
     out: dict[str, int] = {}
@@ -108,7 +108,7 @@ def _short(text: str) -> str:
 
 def _preset(pipeline: str | None) -> str | None:
     from .errors import UserError
-    from .presets import matching
+    from .pipeline.presets import matching
     try:
         return matching(pipeline) if pipeline else None
     except UserError:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .models import ALIASES
+from .frontends.models import ALIASES
 
 # key -> (flag, type, description); None flag = handled specially
 TOP = {

@@ -1,6 +1,6 @@
 """Running artifacts: `tcc.load(dir)` -> a callable taking numpy inputs by name.
 
-The backend that built an artifact (manifest "backend", tcc.backend's registry) runs it: for tvm,
+The backend that built an artifact (manifest "backend", tcc.pipeline.backend's registry) runs it: for tvm,
 x86-64 artifacts on an x86-64 host run in-process on TVM's Relax VM; arm64 artifacts run under
 qemu-aarch64 with the aarch64 TVM runtime, so their output is checked here; cuda artifacts load
 (manifest, inputs, outputs) but calling one is a UserError: tcc has no GPU runtime and this host no
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import read_manifest, verify_files
-from .backend import get_backend
+from .pipeline.backend import get_backend
 from .errors import UserError
-from .program import TensorSpec
+from .ir.program import TensorSpec
 
 
 def host_cpu_features() -> set[str] | None:
@@ -61,7 +61,7 @@ class Loaded:
         self.outputs = [TensorSpec.from_json(s) for s in self.manifest["outputs"]]
         self.target = self.manifest["target"]
         self.task = self.manifest.get("task")
-        # the backend that built it runs it (tcc.backend: a registry, not names)
+        # the backend that built it runs it (tcc.pipeline.backend: a registry, not names)
         self._impl = get_backend(self.manifest.get("backend") or "tvm").session(self.dir, self.manifest)
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -233,9 +233,9 @@ _NORMS = {"layer_norm", "native_layer_norm", "rms_norm", "group_norm"}
 def estimate_cost(program, target_name: str) -> dict:
     """{"latency_ms", "size_bytes", "flops"} of `program` on the target by the model above."""
     import torch
-    from .backend import get_backend
+    from .pipeline.backend import get_backend
     from .pipeline import propagate_shapes
-    from .program import attribute
+    from .ir.program import attribute
 
     gm = get_backend("tvm").cost_model(program)  # the program as the tvm backend runs it (its kernels)
     feeds = program.example_inputs()
@@ -518,9 +518,9 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
     `structure` narrow the search space (names from QUANT and STRUCTURE); `max_trials` caps the
     trials run in this call, the reference (which always runs) included; finished ones read back
     from the log do not count."""
-    from .backend import get_backend, get_target
-    from .calibration import HELD_OUT_TEXT, default_text, is_token_ids
-    from .program import Program
+    from .pipeline.backend import get_backend, get_target
+    from .compress.calibration import HELD_OUT_TEXT, default_text, is_token_ids
+    from .ir.program import Program
 
     if objective not in OBJECTIVES:
         raise UserError(f"unknown objective '{objective}'", f"choose one of: {', '.join(OBJECTIVES)}")
@@ -547,7 +547,7 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
     if isinstance(model_or_program, Program):
         program = model_or_program
     else:
-        from .frontend import trace
+        from .frontends.frontend import trace
         program = trace(model_or_program, task=task, seq_len=seq_len, batch=batch)
     if tokenizer is not None:  # --tokenizer DIR: the model's own was not saved with it
         from .evaluate import attach_tokenizer
@@ -618,12 +618,12 @@ def _choose(s: _Search, order: list[dict], program, calibration: list, work: Pat
 def _calibration(program, text: Path, n: int) -> list[dict]:
     """Calibration feeds: windows of token ids (.npy / .npz), windows from the second half of the text
     (the search scores the start), or random example inputs for a program without a tokenizer."""
-    from .calibration import id_feeds, is_token_ids
+    from .compress.calibration import id_feeds, is_token_ids
     if is_token_ids(text):
         return id_feeds(program, text, n_samples=n)
     if not program.tokenizer_dir:
         return [program.example_inputs(seed=i) for i in range(n)]
-    from .calibration import text_feeds
+    from .compress.calibration import text_feeds
     return text_feeds(program, text, n_samples=n, start=0.5)
 
 
@@ -634,7 +634,7 @@ def _analysis(program, calibration: list, path: Path) -> dict | None:
         return json.loads(path.read_text())
     if not program.info or not program.info.blocks:
         return None
-    from .redundancy import analyze
+    from .compress.redundancy import analyze
     with status("analyze-redundancy (once, for drop-attention / drop-mlp)"):
         try:
             report = analyze(program, calibration, heads=False, loss=True, loss_parts=("mlp",), loss_samples=4,

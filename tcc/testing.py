@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .graph import op_name
+from .ir.graph import op_name
 from .pipeline import PassContext, Pipeline
-from .program import Program, TensorSpec
+from .ir.program import Program, TensorSpec
 
 TINY = dict(hidden_size=64, num_attention_heads=4, vocab_size=100, intermediate_size=128, num_hidden_layers=2)
 
@@ -36,10 +36,10 @@ def program_of(module: torch.nn.Module, *args: torch.Tensor, task: str = "custom
 
 def tiny_lm(model_type: str = "llama", seq_len: int = 8, seed: int = 0, **config) -> Program:
     """A random-init Hugging Face causal LM (hidden 64, 4 heads, 2 layers, vocab 100 unless `config`
-    says otherwise) traced by tcc.frontend.trace with input_ids [1, seq_len] -> logits."""
+    says otherwise) traced by tcc.frontends.frontend.trace with input_ids [1, seq_len] -> logits."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .frontend import CausalLM, trace
+    from .frontends.frontend import CausalLM, trace
     cfg = AutoConfig.for_model(model_type, **{**TINY, **config})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()

@@ -114,7 +114,7 @@ def smollm2_arm64(tmp_path_factory) -> Compiled:
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    from tcc import models
+    from tcc.frontends import models
     return models.resolve("minilm")
 
 

@@ -1,6 +1,6 @@
-"""analyze-redundancy and tcc.calibration (text feeds, calibration loss, GraphRunner).
+"""analyze-redundancy and tcc.compress.calibration (text feeds, calibration loss, GraphRunner).
 
-Tiny random-init LLaMA (GQA) and BERT traced by tcc.frontend.trace, feeds of random tokens. The
+Tiny random-init LLaMA (GQA) and BERT traced by tcc.frontends.frontend.trace, feeds of random tokens. The
 analysis numbers are checked against the same quantities computed from the Hugging Face model with
 forward hooks; loss increases against the program actually rewritten by drop-attention.
 """
@@ -14,11 +14,11 @@ import torch
 from test_elimination import build, layers_of
 from transformers import AutoConfig, AutoModel
 
-from tcc import frontend, models
+from tcc.frontends import frontend, models
 from conftest import WIKITEXT
-from tcc.calibration import CalibrationLoss, GraphRunner, calibration_loss, default_text, text_feeds
+from tcc.compress.calibration import CalibrationLoss, GraphRunner, calibration_loss, default_text, text_feeds
 from tcc.errors import UserError
-from tcc.frontend import FeatureExtraction
+from tcc.frontends.frontend import FeatureExtraction
 from tcc.pipeline import PassContext, Pipeline
 
 KEYS = {"model", "task", "method", "calibration", "loss", "measured", "blocks", "ranking", "seconds", "files"}
@@ -189,7 +189,7 @@ def test_window_caps_a_dynamic_programs_feeds():
     (window=8), exactly as 8-token feeds are; a static program keeps its length."""
     from test_elimination import ARCHS, TINY
     from transformers import AutoModelForCausalLM
-    from tcc.frontend import CausalLM
+    from tcc.frontends.frontend import CausalLM
     from tcc.passes.analyze_redundancy import analyze
     model_type, _, overrides, impl = ARCHS["llama"]
     torch.manual_seed(0)
@@ -243,7 +243,7 @@ def test_bert_post_norm_block_similarity_and_cosine_loss():
     assert all(b["loss_increase"]["attention"] > 0 and b["heads"]["loss_increase"] is None for b in report["blocks"])
 
 
-# -- tcc.calibration ------------------------------------------------------------------------------------
+# -- tcc.compress.calibration ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def minilm_shaped():

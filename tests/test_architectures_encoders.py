@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModel
 
 import tcc
 from conftest import fresh_feeds, missing_arm64_tools
-from tcc import models
+from tcc.frontends import models
 from tcc.errors import UserError
 from tcc.pipeline import PassContext, Pipeline
 

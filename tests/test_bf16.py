@@ -1,4 +1,4 @@
-"""bf16 weights (issue 15): the kernels of backends/kernels/bf16_kernels.cc against tcc/ops.py's
+"""bf16 weights (issue 15): the kernels of backends/kernels/bf16_kernels.cc against tcc/ir/ops.py's
 tcc::dense_bf16 / tcc::embedding_bf16, on x86-64 with AVX-512 BF16 (-march=native here: vdpbf16ps)
 and without it (-march=x86-64-v3: bf16 -> fp32 shift + FMA), on arm64 under qemu (-march=armv8-a,
 bf16 storage, fp32 math); then the `bf16` pass and `--dtype` end to end on tiny random decoders.
@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from tcc import ops
+from tcc.ir import ops
 from tcc.backends.kernels import build
 
 tvm = pytest.importorskip("tvm")

@@ -1,4 +1,4 @@
-"""A checkpoint saved in bf16 is never held in float32 (issue 15): tcc.frontend.trace(weights="bf16")
+"""A checkpoint saved in bf16 is never held in float32 (issue 15): tcc.frontends.frontend.trace(weights="bf16")
 binds the checkpoint's own tensors to tcc::dense_bf16 / tcc::embedding_bf16 (float32 math on each
 weight widened exactly, one at a time), and the compile to bf16, W8A8 (--preset w8a8) and int4
 (--preset q4) keeps them so (Pass.reads_bf16_weights). The reference is transformers' float32 run of
@@ -111,7 +111,7 @@ def test_bf16_checkpoint_compiles_to_each_format(bf16_llama, tmp_path, fmt):
 
 
 def _header(path) -> dict:
-    from tcc.models import safetensors_header
+    from tcc.frontends.models import safetensors_header
     return {k: v for f in path.glob("*.safetensors") for k, v in safetensors_header(f).items() if k != "__metadata__"}
 
 

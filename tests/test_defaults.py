@@ -187,7 +187,7 @@ def test_library_output_goes_to_the_log_and_tcc_keeps_the_terminal(tmp_path, deb
 # -- the calibration text ships in the package ------------------------------------------------------------
 
 def test_default_calibration_text_is_packaged(monkeypatch):
-    from tcc import calibration
+    from tcc.compress import calibration
     monkeypatch.delenv("TCC_CALIBRATION_TEXT", raising=False)
     assert calibration.default_text() == calibration.DEFAULT_TEXT
     assert calibration.DEFAULT_TEXT.parent == Path(calibration.__file__).parent / "data"

@@ -1,4 +1,4 @@
-"""tcc_dense_f32's small-M path (M <= 16: a speculative verify's rows, a decode step) against tcc/ops.py
+"""tcc_dense_f32's small-M path (M <= 16: a speculative verify's rows, a decode step) against tcc/ir/ops.py
 dense (torch), on every ISA it compiles for: x86-64 -march=native (AVX-512 here), x86-64-v3 (AVX2 +
 FMA), plain x86-64 (the 4-float GCC vector), and arm64 under qemu (-march=armv8-a, NEON).
 
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from tcc import ops
+from tcc.ir import ops
 from tcc.backends.kernels import build
 
 tvm = pytest.importorskip("tvm")

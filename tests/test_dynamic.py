@@ -12,11 +12,11 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import tcc
-from tcc import frontend
+from tcc.frontends import frontend
 from tcc.errors import UserError
-from tcc.frontend import CausalLM, FeatureExtraction
+from tcc.frontends.frontend import CausalLM, FeatureExtraction
 from tcc.pipeline import PassContext, Pipeline
-from tcc.program import TensorSpec
+from tcc.ir.program import TensorSpec
 
 MAX = 32
 LENGTHS = (1, 7, MAX)

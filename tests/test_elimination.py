@@ -1,7 +1,7 @@
-"""drop-attention, drop-mlp, drop-blocks (tcc.elimination).
+"""drop-attention, drop-mlp, drop-blocks (tcc.compress.elimination).
 
 Tiny random-init models (hidden 64, 4 heads, vocab 100, seq 8; LLaMA with GQA 4/2, BERT,
-GPT-NeoX's parallel residual, Gemma-2's sandwich norms) traced by tcc.frontend.trace. A dropped
+GPT-NeoX's parallel residual, Gemma-2's sandwich norms) traced by tcc.frontends.frontend.trace. A dropped
 program must equal the same model with the sub-layer bypassed by hand in PyTorch (max abs error
 1e-5), lose exactly that sub-layer's parameter bytes, and keep ModelInfo true. The slow test runs
 SmolLM2 with calibration text.
@@ -16,12 +16,12 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from conftest import WIKITEXT
-from tcc import frontend
-from tcc.calibration import calibration_loss
+from tcc.frontends import frontend
+from tcc.compress.calibration import calibration_loss
 from tcc.errors import UserError
-from tcc.frontend import CausalLM, FeatureExtraction
+from tcc.frontends.frontend import CausalLM, FeatureExtraction
 from tcc.pipeline import PassContext, Pipeline
-from tcc.structure import ModelInfo, nodes_by_name
+from tcc.ir.structure import ModelInfo, nodes_by_name
 
 TINY = dict(hidden_size=64, num_attention_heads=4, vocab_size=100, intermediate_size=128, num_hidden_layers=4)
 ARCHS = {  # model_type, causal, config overrides, attention implementation
@@ -305,7 +305,7 @@ def test_smollm2_analysis_beats_random_layers():
     1..28). Measured: base 4.594 nats; by similarity 4.717 (blocks 7, 22, 25, 26); by loss 4.509
     (3, 5, 7, 10; in-sample); six random draws 4.61, 7.35, 4.91, 7.92, 4.98, 4.85 (mean 5.77).
     Similarity beats their mean and median, not every draw; by=loss beats every draw."""
-    from tcc.calibration import text_feeds
+    from tcc.compress.calibration import text_feeds
 
     prog = frontend.trace("smollm2", seq_len=32)
     feeds = text_feeds(prog, n_samples=4)

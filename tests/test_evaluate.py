@@ -32,7 +32,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer_dir():
-    from tcc.models import resolve
+    from tcc.frontends.models import resolve
     return str(resolve("smollm2"))
 
 
@@ -100,7 +100,7 @@ def test_sentences_skip_headings_and_blank_lines(tmp_path):
 @pytest.mark.slow
 @needs_wikitext
 def test_smollm2_perplexity_on_wikitext():
-    from tcc.frontend import trace
+    from tcc.frontends.frontend import trace
     program = trace("smollm2", seq_len=64)
     got = perplexity(program, program.tokenizer_dir, WIKITEXT, seq_len=64, max_tokens=512)
     assert got["tokens"] == 511 and got["windows"] == 15
@@ -114,7 +114,7 @@ def test_smollm2_perplexity_on_wikitext():
 @needs_wikitext
 def test_minilm_cosine_self_perturbed_and_onnxruntime():
     from tcc.backends.onnxruntime import reference_session
-    from tcc.frontend import trace
+    from tcc.frontends.frontend import trace
     program = trace("minilm", seq_len=32)
     tok = program.tokenizer_dir
     same = cosine(program, program, tok, WIKITEXT, seq_len=32, max_samples=8)

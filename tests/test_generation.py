@@ -196,7 +196,7 @@ def test_smollm2_greedy_equals_transformers(tmp_path):
     the new ids, text and tokens per second."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tcc import models
+    from tcc.frontends import models
     from tcc.cli import main
     out = tmp_path / "smollm2"
     tcc.compile("smollm2", "x86", out=out, seq_len=16, max_context=128, latency=False).close()
@@ -257,7 +257,7 @@ def test_smollm2_arm64_greedy_under_qemu(tmp_path):
     from conftest import missing_arm64_tools
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tcc import models
+    from tcc.frontends import models
     if missing_arm64_tools():
         pytest.skip(f"arm64 needs {', '.join(missing_arm64_tools())}")
     prompt = "The capital of France is"

@@ -71,7 +71,7 @@ def test_train_norms_changes_only_norm_weights():
 
 def test_sparse_weights_keep_their_pattern():
     """After sparsify, heal trains the surviving weights only: the annotated pattern still holds."""
-    from tcc.sparsity import violations
+    from tcc.compress.sparsity import violations
     prog, _ = build("llama")
     sparse, _, _ = run(prog.clone(), "sparsify(pattern=2:4,min_size=0)")
     old = params(sparse)
@@ -122,7 +122,7 @@ def test_smollm2_heal_recovers_perplexity():
     """SmolLM2 at seq 32 without its 8 most redundant attention sub-blocks, healed for 10 steps on
     valid.txt windows; the held-out windows' perplexity must fall by at least 5 % (measured 300.7 -> 161.1;
     docs/BENCHMARKS.md has the test.txt table)."""
-    from tcc import frontend
+    from tcc.frontends import frontend
 
     prog = frontend.trace("smollm2", seq_len=32)
     _, ctx, d = run(prog, "drop-attention(count=8),heal(steps=10,samples=10,eval_samples=4)", feeds=[])

@@ -1,4 +1,4 @@
-"""tcc's CPU kernels (backends/kernels) called from a TVM Relax module, checked against tcc/ops.py.
+"""tcc's CPU kernels (backends/kernels) called from a TVM Relax module, checked against tcc/ir/ops.py.
 
 The path under test is the TVM backend's: build_kernels -> tvm.runtime.load_static_library as the
 module's "external_mods" -> R.call_dps_packed (scale and causal as relax.prim_value) -> relax.build
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tcc import ops
+from tcc.ir import ops
 from tcc.backends.kernels import build
 from tcc.errors import UserError
 

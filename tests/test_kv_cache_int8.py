@@ -30,10 +30,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tcc
-from tcc import frontend, ops
+from tcc.frontends import frontend; from tcc.ir import ops
 from tcc.errors import UserError
 from tcc.evaluate import _nll, perplexity_cached, windows
-from tcc.frontend import CausalLM
+from tcc.frontends.frontend import CausalLM
 from tcc.generation import ProgramSession, kv_cached
 
 from test_cli import assert_user_error, compile_fails, tcc_cli

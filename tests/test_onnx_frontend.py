@@ -1,4 +1,4 @@
-"""The ONNX frontend (tcc.onnx_frontend) and the rewrites it relies on (tcc.canonical).
+"""The ONNX frontend (tcc.frontends.onnx_frontend) and the rewrites it relies on (tcc.ir.canonical).
 
 Tiny random-init BERT / LLaMA / ViT (hidden 64, 4 heads) exported with torch.onnx.export, by the
 dynamo exporter (opset 20) and the legacy TorchScript one (opset 17), then imported:
@@ -28,12 +28,12 @@ import torch
 from onnx import TensorProto, helper
 
 import tcc
-from tcc import models
-from tcc.canonical import fuse_attention
+from tcc.frontends import models
+from tcc.ir.canonical import fuse_attention
 from tcc.errors import UserError
-from tcc.frontend import CausalLM, FeatureExtraction
+from tcc.frontends.frontend import CausalLM, FeatureExtraction
 from tcc.pipeline import PassContext, Pipeline
-from tcc.structure import op_name, recover
+from tcc.ir.structure import op_name, recover
 
 REL = 1e-4  # fp32: max abs error / max |reference|
 TINY = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128)

@@ -12,7 +12,7 @@ import torch
 
 from tcc.backends.onnxruntime import OrtSession, export_onnx, reference_session
 from tcc.errors import UserError
-from tcc.program import Program, TensorSpec
+from tcc.ir.program import Program, TensorSpec
 from tcc.passes.quantize_weights import quantize_per_channel  # noqa: E402  (imports tcc.pipeline)
 from tcc.pipeline import PassContext, Pipeline
 
@@ -122,7 +122,7 @@ def test_session_errors(tmp_path):
 
 @pytest.mark.slow
 def test_minilm_matches_program():
-    from tcc.frontend import trace
+    from tcc.frontends.frontend import trace
     program = trace("minilm", seq_len=16)
     session = reference_session(program)
     assert [s.name for s in session.inputs] == ["input_ids", "attention_mask"]

@@ -1,6 +1,6 @@
 """The pass manager's side of the pass contract (tcc.pipeline.Pass.apply, Pipeline.run): a pass says
 whether it changed the program; after a change the manager removes dead code and recovers ModelInfo;
-every tcc op's operands are checked against tcc.ops.OPERANDS; --print-after prints the graph; a
+every tcc op's operands are checked against tcc.ir.ops.OPERANDS; --print-after prints the graph; a
 failing pass leaves a reproducer. Also runs examples/custom_pass.py (as CI does)."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tcc.errors import InternalError
-from tcc.graph import nodes
+from tcc.ir.graph import nodes
 from tcc.pipeline import Pass, PassContext, Pipeline, register
 from tcc.report import error_json
 from tcc.testing import assert_close, assert_ops, op_names, program_of, run_pass, tiny_lm

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from tcc.pipeline import PassContext, Pipeline, get_pass
-from tcc.program import Program, TensorSpec
+from tcc.ir.program import Program, TensorSpec
 
 
 def make_program(module, *args) -> Program:

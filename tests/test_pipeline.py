@@ -1,5 +1,5 @@
 """Pipeline text, option validation, the pass registry and plugins, and the pass manager's checks
-and records (tcc/pipeline.py)."""
+and records (tcc/pipeline/__init__.py)."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -15,7 +15,7 @@ from tcc import pipeline
 from tcc.errors import AccuracyBudgetError, InternalError, UserError
 from tcc.pipeline import (Option, Pass, PassContext, Pipeline, PluginWarning, all_passes, estimate_flops,
                           format_value, get_pass, parse_text, register)
-from tcc.program import Program, TensorSpec
+from tcc.ir.program import Program, TensorSpec
 
 
 # -- tiny programs --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""prune-heads (passes/prune_heads.py) and its helpers (tcc/heads.py).
+"""prune-heads (passes/prune_heads.py) and its helpers (tcc/compress/heads.py).
 
 Tiny random-init models (test_structure's configs: hidden 64, 4 heads of 16, seq 8). The strongest
 check: a head whose output-projection columns are zero contributes nothing, so its importance is 0,
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tcc.errors import UserError
-from tcc.heads import head_importance, head_statistics
+from tcc.compress.heads import head_importance, head_statistics
 from tcc.pipeline import PassContext, Pipeline
 from test_structure import tiny_program as _traced
 
@@ -146,7 +146,7 @@ def test_fused_qkv(arch, removed):
 
 def test_falcon_multi_query_fused_qkv():
     """Falcon's fused qkv with one KV head (MQA, split through an index op): query heads prune exactly
-    (they were refused before the symbolic-size rewrite of tcc/heads.py followed the index op)."""
+    (they were refused before the symbolic-size rewrite of tcc/compress/heads.py followed the index op)."""
     prog = tiny_program("falcon", "sdpa")
     zero_heads(prog, [[0, 3], []])  # the two least important heads: zeroed, their removal changes nothing
     out, rec = prune(prog.clone(), "prune-heads(counts=[2,0])")

@@ -1,4 +1,4 @@
-"""prune-tokens (passes/prune_tokens.py) and its helpers (tcc/tokens.py).
+"""prune-tokens (passes/prune_tokens.py) and its helpers (tcc/compress/tokens.py).
 
 Tiny random-init models (hidden 64, 4 heads of 16, 3 layers; initializer_range 0.2 so attention is
 far from uniform and the ranking has clear gaps): BERT (post-norm, padding mask) with 12 tokens, ViT
@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, ViTConfig, ViTModel
 
 import tcc.passes.prune_tokens  # noqa: F401  (registers the pass)
-from tcc import frontend
+from tcc.frontends import frontend
 from tcc.errors import UserError
-from tcc.frontend import FeatureExtraction
+from tcc.frontends.frontend import FeatureExtraction
 from tcc.pipeline import PassContext, Pipeline
-from tcc.structure import op_name
-from tcc.tokens import pyramid, token_counts
+from tcc.ir.structure import op_name
+from tcc.compress.tokens import pyramid, token_counts
 
 EXACT = 1e-5
 VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -265,9 +265,9 @@ def test_padding_goes_first(method):
 
 def test_protect_keeps_first_tokens():
     """protect=3 keeps tokens 0..2 at every stage even where they rank lowest: check the kept
-    indices in the graph (tcc.tokens.keep_top: per kept slot p, the count of positions whose running
+    indices in the graph (tcc.compress.tokens.keep_top: per kept slot p, the count of positions whose running
     count of kept tokens is <= p - a sum over a `le` comparison)."""
-    from tcc.calibration import GraphRunner
+    from tcc.compress.calibration import GraphRunner
     _, prog = text_model()
     out, _ = prune(prog, "prune-tokens(schedule=[1,0.5,0.34],protect=3)")
 
@@ -481,7 +481,7 @@ def test_minilm_cosine(tmp_path):
     compiled for x86 matches itself in PyTorch to mean-pooled cosine >= 0.999 (merge near-ties flip
     under float rounding: measured 0.99964 to 1.0 depending on the thread count)."""
     import tcc
-    from tcc.calibration import GraphRunner
+    from tcc.compress.calibration import GraphRunner
     from tcc.evaluate import cosine, sentences
 
     program = tcc.trace("minilm", seq_len=128)

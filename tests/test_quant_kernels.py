@@ -1,4 +1,4 @@
-"""tcc's low-precision CPU kernels (backends/kernels/quant_kernels.cc) against tcc/ops.py, on every
+"""tcc's low-precision CPU kernels (backends/kernels/quant_kernels.cc) against tcc/ir/ops.py, on every
 int8 path: x86-64 built with -march=native (AVX-512 VNNI here), -march=x86-64-v3 (AVX2, no VNNI)
 and plain -march=x86-64 (the portable loop); arm64 under qemu, -march=armv8.2-a+dotprod (sdot, qemu
 -cpu neoverse-n1) and -march=armv8-a (plain NEON, -cpu cortex-a72).
@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-from tcc import ops
+from tcc.ir import ops
 from tcc.backends.kernels import build, quant_layout
 from tcc.errors import UserError
 

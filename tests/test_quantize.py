@@ -1,4 +1,4 @@
-"""`quantize` (passes/quantize.py) and its math (tcc/quantization.py) on tiny random-init models.
+"""`quantize` (passes/quantize.py) and its math (tcc/compress/quantization.py) on tiny random-init models.
 
 Models: LLaMA (hidden 64, 4 heads over 2 KV heads, 2 layers, vocab 256), BERT and GPT-2 of the same
 size, sequences of 32 tokens; 16 random-token calibration feeds, 4 other feeds to measure. Error is
@@ -14,14 +14,14 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-import tcc.ops as ops
-from tcc import frontend, models
-from tcc.calibration import GraphRunner
+import tcc.ir.ops as ops
+from tcc.frontends import frontend, models
+from tcc.compress.calibration import GraphRunner
 from tcc.errors import UserError
-from tcc.frontend import CausalLM, FeatureExtraction, reexport
+from tcc.frontends.frontend import CausalLM, FeatureExtraction, reexport
 from tcc.pipeline import PassContext, Pipeline
-from tcc.calibration import CalibrationLoss
-from tcc.quantization import Grid, gptq, int4_group, module_path, rtn
+from tcc.compress.calibration import CalibrationLoss
+from tcc.compress.quantization import Grid, gptq, int4_group, module_path, rtn
 
 W8, W4, A8W8 = torch.ops.tcc.dense_w8.default, torch.ops.tcc.dense_w4.default, torch.ops.tcc.dense_a8w8.default
 EMB8 = torch.ops.tcc.embedding_w8.default

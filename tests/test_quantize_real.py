@@ -1,7 +1,7 @@
 """`quantize` on real weights, compiled for x86 (slow: 2.4 minutes with 1 thread on a busy 2-core machine).
 
 MiniLM-L6 and SmolLM2-135M from the model cache, text from wikitext-2 valid.txt: calibration windows
-from its second half (tcc.calibration.text_feeds' default), measuring windows and sentences from its
+from its second half (tcc.compress.calibration.text_feeds' default), measuring windows and sentences from its
 first half, which calibration never sees. Bounds leave room around what was measured (torch 2.13,
 CPU, 1 thread; the measured values are in each docstring). Weight bytes are the compiled artifact's
 (manifest sizes.weight_bytes: the packed layouts the kernels read, as stored) over the fp32 model's
@@ -15,7 +15,7 @@ import pytest
 
 import tcc
 from conftest import WIKITEXT
-from tcc.calibration import CalibrationLoss, text_feeds
+from tcc.compress.calibration import CalibrationLoss, text_feeds
 from tcc.evaluate import cosine
 from tcc.pipeline import PassContext, Pipeline
 

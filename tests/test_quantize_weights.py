@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tcc.errors import UserError
-from tcc.frontend import reexport
+from tcc.frontends.frontend import reexport
 from tcc.pipeline import PassContext, Pipeline
-from tcc.program import Program, TensorSpec
+from tcc.ir.program import Program, TensorSpec
 from tcc.passes.quantize_weights import quantize_per_channel  # noqa: E402  (after tcc.pipeline loads tcc.passes)
 
 

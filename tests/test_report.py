@@ -13,7 +13,7 @@ import pytest
 
 import tcc
 from tcc import report as reports
-from tcc.models import file_sha256
+from tcc.frontends.models import file_sha256
 
 PIPELINE = "quantize-weights(bits=8)"
 

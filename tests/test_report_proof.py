@@ -24,7 +24,7 @@ import pytest
 
 import tcc
 from tcc import report as reports
-from tcc.calibration import DEFAULT_TEXT, HELD_OUT_TEXT
+from tcc.compress.calibration import DEFAULT_TEXT, HELD_OUT_TEXT
 from tcc.evaluate import HELD_OUT_TOKENS, HELD_OUT_WINDOWS, perplexity
 
 CHROMIUM = next((shutil.which(b) for b in ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")

@@ -10,7 +10,7 @@ import torch
 from test_quantize import feeds, inject_outliers, quantize, tiny
 from tcc.errors import UserError
 from tcc.pipeline import PassContext, Pipeline
-from tcc.rotation import fwht, random_orthogonal, walsh_hadamard
+from tcc.compress.rotation import fwht, random_orthogonal, walsh_hadamard
 
 # SmolLM2's proportions, small: hidden 576 = 64 * 9 -> 72 = 8 * 9 (a Hadamard part and an odd orthogonal
 # factor), 3 query heads on 1 KV head, intermediate 8/3 of hidden, tied embeddings

@@ -27,7 +27,7 @@ SPACE = dict(quantization=("int8", "w8a8"), structure=("drop-attention", "drop-m
 @pytest.fixture(scope="module")
 def tiny():
     from transformers import BertConfig, BertModel
-    from tcc import frontend
+    from tcc.frontends import frontend
     torch.manual_seed(0)
     config = BertConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=4, intermediate_size=128,
                         vocab_size=100, max_position_embeddings=64)

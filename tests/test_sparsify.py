@@ -1,4 +1,4 @@
-"""`sparsify` (passes/sparsify.py), its math and annotation (tcc/sparsity.py), and quantize on sparse weights.
+"""`sparsify` (passes/sparsify.py), its math and annotation (tcc/compress/sparsity.py), and quantize on sparse weights.
 
 Models: the tiny random-init LLaMA and BERT of tests/test_quantize.py (hidden 64, 2 layers, 32 tokens),
 16 random-token calibration feeds. Error of a layer: ||(W - W')X|| / ||WX|| with X its inputs in the
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from tcc import sparsity as sp
+from tcc.compress import sparsity as sp
 from tcc.errors import UserError
 from tcc.pipeline import PassContext, Pipeline
-from tcc.quantization import Grid, gptq
+from tcc.compress.quantization import Grid, gptq
 from test_quantize import feeds, inject_outliers, linear_inputs, tiny
 
 PATTERNS = {"unstructured": "pattern=unstructured", "2:4": "pattern=2:4", "4:8": "pattern=4:8",

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from tcc import frontend
+from tcc.frontends import frontend
 from conftest import WIKITEXT
-from tcc.calibration import text_feeds
+from tcc.compress.calibration import text_feeds
 from tcc.evaluate import cosine, perplexity
 from tcc.pipeline import PassContext, Pipeline
 

@@ -1,7 +1,7 @@
-"""Structure recovery (tcc.structure) and graph canonicalisation (tcc.canonical).
+"""Structure recovery (tcc.ir.structure) and graph canonicalisation (tcc.ir.canonical).
 
 Tiny random-init models from transformers (hidden 64, 4 heads, vocab 100, seq 8) of eight
-architectures, traced by tcc.frontend.trace: the recovered blocks, heads, projections (by exact
+architectures, traced by tcc.frontends.frontend.trace: the recovered blocks, heads, projections (by exact
 weight name), norms and heads must match the architecture. The real MiniLM and SmolLM2 are slow.
 """
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from tcc import frontend
-from tcc.canonical import canonicalize
-from tcc.frontend import CausalLM, FeatureExtraction
+from tcc.frontends import frontend
+from tcc.ir.canonical import canonicalize
+from tcc.frontends.frontend import CausalLM, FeatureExtraction
 from tcc.pipeline import PassContext, Pipeline
-from tcc.structure import ModelInfo, _other_operand, nodes_by_name, op_name, recover
+from tcc.ir.structure import ModelInfo, _other_operand, nodes_by_name, op_name, recover
 
 TINY = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=100, intermediate_size=128)
 
@@ -254,7 +254,7 @@ def _swap(gm, node, target, args):
 
 def test_after_quantization_ops(programs):
     """tcc::dense, tcc::dense_w8 and tcc::sdpa (what quantization passes emit) are recognised."""
-    import tcc.ops  # noqa: F401  registers the ops
+    import tcc.ir.ops  # noqa: F401  registers the ops
 
     prog = programs("llama")
     gm = copy.deepcopy(prog.gm)

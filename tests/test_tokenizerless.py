@@ -91,7 +91,7 @@ def test_check_prompt_without_tokenizer_ids():
 
     assert check_prompt(None, 128) == list(range(1, 13))
     assert check_prompt(Empty(), 5) == [1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 2]
-    from tcc import models
+    from tcc.frontends import models
     from tcc.evaluate import load_tokenizer
     tok = load_tokenizer(models.resolve("minilm"))
     assert check_prompt(tok, 30522) == tok(CHECK_PROMPT)["input_ids"]
@@ -106,7 +106,7 @@ TEXT = " ".join(["The river flows past the old mill, where the miller grinds whe
 def wordpiece_decoder(tmp_path_factory):
     """A tokenizer-less qwen2 folder (3 blocks: drop-attention keeps the ends) with MiniLM's vocabulary
     size, MiniLM's tokenizer folder and a calibration text."""
-    from tcc import models
+    from tcc.frontends import models
     d = tmp_path_factory.mktemp("wp")
     save_decoder(d / "model", "qwen2", num_hidden_layers=3, vocab_size=30522)
     (d / "text.txt").write_text(TEXT)
@@ -138,7 +138,7 @@ def test_tokenizer_flag_calibrates_on_text(wordpiece_decoder, tmp_path, capsys):
     assert main(["compile", str(model), *common, "-p", "drop-attention(count=1)", "-o", str(out)]) == 0
     dropped = _pass_record(out, "drop-attention")["details"]["dropped"]
     # the similarity it ranked by is the one measured on 4 windows of the text, tokenized by --tokenizer
-    from tcc.calibration import text_feeds
+    from tcc.compress.calibration import text_feeds
     from tcc.evaluate import attach_tokenizer
     from tcc.passes.analyze_redundancy import analyze
     program = tcc.trace(str(model), seq_len=8)
@@ -166,7 +166,7 @@ def test_tokenizer_flag_is_checked_before_the_work(wordpiece_decoder, tmp_path, 
     assert "not found" in capsys.readouterr().err
     small = tmp_path / "small"
     save_decoder(small, "qwen2")  # vocabulary 128: MiniLM's 30522 tokens do not fit
-    from tcc import models
+    from tcc.frontends import models
     assert main(["compile", str(small), "--seq-len", "8", "--no-generate", "--tokenizer",
                  str(models.resolve("minilm")), "-o", str(tmp_path / "b")]) == 2
     assert "more than the model's vocabulary of 128" in capsys.readouterr().err
@@ -174,7 +174,7 @@ def test_tokenizer_flag_is_checked_before_the_work(wordpiece_decoder, tmp_path, 
 
 
 def test_token_id_calibration(tmp_path, capsys):
-    from tcc.calibration import id_feeds
+    from tcc.compress.calibration import id_feeds
     save_decoder(tmp_path / "m", "qwen2", num_hidden_layers=3)
     program = tcc.trace(str(tmp_path / "m"), seq_len=8)
     rng = np.random.default_rng(0)

@@ -37,9 +37,9 @@ import onnx
 import torch
 from onnxscript import opset18 as op
 
-from tcc import ops as _ops  # noqa: F401  (registers torch.ops.tcc.*)
+from tcc.ir import ops as _ops  # noqa: F401  (registers torch.ops.tcc.*)
 from tcc.errors import UserError
-from tcc.program import Program, TensorSpec
+from tcc.ir.program import Program, TensorSpec
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # above this the weights go to <file>.data (protobuf limit: 2 GiB)
@@ -211,7 +211,7 @@ def reference_session(program: Program, threads: int | None = None) -> OrtSessio
     return session
 
 
-# -- the backend (tcc.backend.Backend) -------------------------------------------------------------
+# -- the backend (tcc.pipeline.backend.Backend) -------------------------------------------------------------
 
 class OnnxRuntimeBackend:
     """`--backend onnxruntime`: model.onnx (export_onnx) for ONNX Runtime on this host."""

@@ -35,8 +35,8 @@ import numpy as np
 
 from tcc import progress
 from tcc.errors import InternalError, UserError
-from tcc.models import cache_dir
-from tcc.program import TensorSpec
+from tcc.frontends.models import cache_dir
+from tcc.ir.program import TensorSpec
 
 SYSROOT = "/usr/aarch64-linux-gnu"
 DRIVER_SRC = Path(__file__).parent / "driver" / "tcc_driver.cc"

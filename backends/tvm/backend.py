@@ -1,4 +1,4 @@
-"""The `tvm` backend (tcc.backend.Backend): a native library per target through Apache TVM, with
+"""The `tvm` backend (tcc.pipeline.backend.Backend): a native library per target through Apache TVM, with
 tcc's hand-written kernels (backends/kernels) called from it. Registered by tcc.backends.
 
 Its parts: targets.py (what --target means), lower.py (Program -> Relax, dense ops to kernels),
@@ -34,7 +34,7 @@ class TVMBackend:
         check_toolchain(target)
 
     def build(self, program, target, dir: Path, functions: dict | None = None) -> dict:
-        """model.so and weights.safetensors in `dir`; the library dict (tcc.backend.Backend.build)."""
+        """model.so and weights.safetensors in `dir`; the library dict (tcc.pipeline.backend.Backend.build)."""
         from .build import build_library
         sparsity: list[dict] = []
         device_code: dict = {}

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from tcc.errors import UserError, deferred_interrupts
-from tcc.program import Program
+from tcc.ir.program import Program
 from tcc.progress import status
 
 from .lower import to_relax

@@ -82,7 +82,7 @@ def _runtime(arch: str) -> tuple[str, Path, dict[str, Path]]:
 def native_tools(arch: str) -> Path:
     """The compiled C API and tools for `arch` (see the module doc)."""
     from tcc import progress
-    from tcc.models import cache_dir
+    from tcc.frontends.models import cache_dir
     cxx, include, libs = _runtime(arch)
     versions = [metadata.version(p) for p in ("apache-tvm", "apache-tvm-ffi", "scipy-openblas32")]
     key = hashlib.sha256(b"".join((NATIVE / s).read_bytes() for s in SOURCES)
@@ -132,7 +132,7 @@ def spec_lines(art: Path, manifest: dict) -> list[str]:
     inputs, outputs = manifest["inputs"], manifest["outputs"]
     lines += [f"range {d['name']} {d['range'][0]} {d['range'][1]}" for d in inputs if d.get("range")]
     lines += _param_lines(weights, list(manifest["params"]))
-    from tcc.program import TensorSpec
+    from tcc.ir.program import TensorSpec
     for kind, specs in (("input", inputs), ("output", outputs)):
         specs = [TensorSpec.from_json(d) for d in specs]
         lines += [_spec_line(kind, s.name, s.dtype, o, _nbytes(s), s.shape) for s, o in zip(specs, _layout(specs))]

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from tcc.errors import InternalError, UserError
-from tcc.program import Program
+from tcc.ir.program import Program
 from tcc.progress import status
 
 from . import lower

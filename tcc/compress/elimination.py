@@ -25,7 +25,7 @@ drop(program, ctx, part, indices)
                  (recover cannot see a block without attention) and node names updated; emptied
                  blocks leave the list and blocks are renumbered.
 Choosing what to drop (by count, ratio, threshold or explicit layers, from analyze-redundancy's
-results) is tcc.redundancy.choose; the passes are passes/drop_attention.py, drop_mlp.py, drop_blocks.py.
+results) is tcc.compress.redundancy.choose; the passes are passes/drop_attention.py, drop_mlp.py, drop_blocks.py.
 """
 from __future__ import annotations
 
@@ -35,11 +35,11 @@ from collections import deque
 
 import torch.fx as fx
 
-from .errors import InternalError, UserError
-from .graph import remove_dead
-from .pipeline import PassContext
-from .program import Program
-from .structure import ADD, GraphIndex, ModelInfo, nodes_by_name, op_name, recover, stream_source
+from ..errors import InternalError, UserError
+from ..ir.graph import remove_dead
+from ..pipeline import PassContext
+from ..ir.program import Program
+from ..ir.structure import ADD, GraphIndex, ModelInfo, nodes_by_name, op_name, recover, stream_source
 
 PARTS = ("attention", "mlp", "block")
 ANALYSIS = "analyze-redundancy"
@@ -166,7 +166,7 @@ def require_blocks(program: Program, who: str) -> None:
 
 
 def drop_chosen(program: Program, ctx: PassContext, part: str, chosen: list[int], notes: dict) -> bool:
-    """What a drop pass does with its choice (tcc.redundancy.choose): drop() them and note the dropped
+    """What a drop pass does with its choice (tcc.compress.redundancy.choose): drop() them and note the dropped
     blocks with their scores, the choice's notes and drop()'s result; returns whether any went."""
     names = [program.info.blocks[i].name for i in chosen]
     result = drop(program, ctx, part, chosen) if chosen else {"bytes_freed": 0}
@@ -213,7 +213,7 @@ def drop(program: Program, ctx: PassContext, part: str, indices: list[int]) -> d
 
 def prune_dead(gm: fx.GraphModule) -> tuple[list[str], list[str]]:
     """Remove dead nodes - attention cores and asserts on otherwise dead values included - then
-    unread parameters (tcc.graph.remove_dead). Returns (node names, attribute paths)."""
+    unread parameters (tcc.ir.graph.remove_dead). Returns (node names, attribute paths)."""
     return remove_dead(gm)
 
 

@@ -76,9 +76,9 @@ def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
 # -- the graph rewrite ------------------------------------------------------------------------------
 import torch.fx as fx  # noqa: E402
 
-from .errors import UserError  # noqa: E402
-from .program import attribute as _attr  # noqa: E402
-from .structure import LINEAR, PASSTHROUGH, Linear, ModelInfo, nodes_by_name, op_name  # noqa: E402
+from ..errors import UserError  # noqa: E402
+from ..ir.program import attribute as _attr  # noqa: E402
+from ..ir.structure import LINEAR, PASSTHROUGH, Linear, ModelInfo, nodes_by_name, op_name  # noqa: E402
 
 FLOAT_LINEARS = ("aten.linear", "tcc.dense")
 _HINT = "rotate runs on a float32 pre-norm decoder (Llama, Qwen, Mistral, SmolLM: RMSNorm blocks), before quantize"
@@ -146,7 +146,7 @@ def _stream(n: fx.Node) -> fx.Node:
 
 
 def _linear_of(n: fx.Node) -> Linear:
-    from .structure import _linear
+    from ..ir.structure import _linear
     return _linear(n)
 
 
@@ -217,7 +217,7 @@ def rotate_residual(gm: fx.GraphModule, info: ModelInfo, seed: int = 0, online_b
         gm.register_parameter(name, torch.nn.Parameter(table.detach().clone(), requires_grad=False))
         with gm.graph.inserting_before(head):
             g = gm.graph.get_attr(name)
-        from .pipeline import set_val
+        from ..pipeline import set_val
         set_val(gm, g, _attr(gm, name))
         head.replace_input_with(head.args[1], g)
         untied = table.numel() * table.element_size()
@@ -297,7 +297,7 @@ def _rotate_heads(gm: fx.GraphModule, by: dict, info: ModelInfo) -> int:
 def _online_hadamard(gm: fx.GraphModule, by: dict, info: ModelInfo, block: int) -> list[dict]:
     """Insert x -> fwht(x, block) (a view, a matmul by the block's Walsh-Hadamard matrix, a view) before
     every down projection and rotate its weight columns alike."""
-    from .pipeline import set_val
+    from ..pipeline import set_val
     aten = torch.ops.aten
     notes, mats = [], {}
     for b in info.blocks:

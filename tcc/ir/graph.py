@@ -55,7 +55,6 @@ def register_tensors(gm: fx.GraphModule, target: str, tensors: dict[str, torch.T
 def replace_node(gm: fx.GraphModule, n: fx.Node, op, make_args, names: dict[str, str]) -> fx.Node:
     """Swap node n for op(*make_args(get)), where get(suffix) is a new get_attr of names[suffix]
     (with a meta['val'] when the graph has them); returns the new node."""
-    from .pipeline import set_val
     from .program import attribute
     with gm.graph.inserting_before(n):
         def get(suffix):
@@ -156,3 +155,18 @@ def resolve(gm: torch.nn.Module, path: str):
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def set_val(gm: fx.GraphModule, node: fx.Node, tensor: torch.Tensor | None = None) -> None:
+    """Give a new node a meta['val'] like torch.export's: a fake tensor of `tensor` (for get_attr
+    nodes), else the node's target run on its inputs' fake values. No-op on graphs without vals."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    some = next((n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), FakeTensor)), None)
+    if some is None:
+        return
+    with some.fake_mode:
+        if tensor is not None:
+            node.meta["val"] = some.fake_mode.from_tensor(tensor, static_shapes=True)
+        elif node.op == "call_function":
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
+            node.meta["val"] = node.target(*args, **kwargs)

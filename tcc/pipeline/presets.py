@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ def get(name: str) -> Preset:
 def matching(pipeline) -> str | None:
     """The name of the preset whose passes equal `pipeline`'s (a Pipeline or text) after the
     leading `dce`, if any: what `tcc info` shows beside an artifact's pipeline."""
-    from .pipeline import Pipeline
+    from . import Pipeline
     passes = [p for p in (Pipeline.parse(pipeline) if isinstance(pipeline, str) else pipeline) if p.name != "dce"]
     for preset in PRESETS.values():
         if passes == list(Pipeline.parse(preset.pipeline)):

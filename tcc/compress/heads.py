@@ -12,7 +12,7 @@ head_statistics(program, feeds) -> {"norm": that, "mean": per block, per head, t
 
 prune_attention(gm, attention, keep_q, keep_kv, o_bias_delta=None) -> dict
     Removes, in place, the query heads not in `keep_q` and the KV heads not in `keep_kv` from one
-    attention block (a tcc.structure.Attention of `gm`), and adds `o_bias_delta` to the output
+    attention block (a tcc.ir.structure.Attention of `gm`), and adds `o_bias_delta` to the output
     projection's bias (when it is not all zeros; a float32 parameter `bias` is created next to the
     weight when the projection has none):
       weights  output rows of the q, k and v projections (or of a fused qkv projection, which holds
@@ -50,11 +50,11 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .errors import UserError
-from .pipeline import set_val
-from .structure import (IDENTITY, SHAPE, Attention, Linear, ancestors, descendants, is_size, nodes_by_name,
+from ..errors import UserError
+from ..pipeline import set_val
+from ..ir.structure import (IDENTITY, SHAPE, Attention, Linear, ancestors, descendants, is_size, nodes_by_name,
                         op_name, size_hint)
-from .program import attribute as _attr
+from ..ir.program import attribute as _attr
 
 _SIZES = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.expand"}
 # ops after which every element still belongs to the head of the input element at its position

@@ -1,6 +1,6 @@
 """Quantization math and calibration statistics, shared by the quantize passes.
 
-Weight formats (the numerics are tcc/ops.py's; these functions only choose codes and scales):
+Weight formats (the numerics are tcc/ir/ops.py's; these functions only choose codes and scales):
   int8  per output channel, symmetric (tcc::dense_w8, tcc::dense_a8w8, tcc::embedding_w8 rows):
         scale[n] = max_k |W[n,k]| / 127 (1 for an all-zero row), q = clamp(round(W / scale), -127, 127)
   int4  per row n and group of `group` consecutive input features (tcc::dense_w4), scales stored as
@@ -78,8 +78,8 @@ import torch
 import torch.fx as fx
 
 from .calibration import GraphRunner
-from .ops import dequantize_w4, pack_int4
-from .progress import track
+from ..ir.ops import dequantize_w4, pack_int4
+from ..progress import track
 
 
 # -- formats -----------------------------------------------------------------------------------------
@@ -477,7 +477,7 @@ def collect(program, feeds: list[dict], stats: dict[str, InputStats], what: str 
 def collect_stats(program, feeds: list[dict], stats: dict[str, InputStats], what: str = "calibrating") -> None:
     """`collect` for callers that need only the statistics: reused from tcc's cache (keyed by the
     program's content, the feeds and what is collected) when the same calibration ran before."""
-    from . import cache
+    from .. import cache
     if not cache.load_stats(program, feeds, stats):
         collect(program, feeds, stats, what)
         cache.save_stats(program, feeds, stats)

@@ -1,7 +1,7 @@
 """ModelInfo: a transformer's structure, recovered from its traced graph by pattern.
 
 `recover(gm) -> ModelInfo` reads an aten-level `torch.fx.GraphModule` (after
-`tcc.canonical.canonicalize`, so every projection is one linear node) and finds, with no
+`tcc.ir.canonical.canonicalize`, so every projection is one linear node) and finds, with no
 per-architecture table:
 
   attention   cores are SDPA nodes (aten, tcc::sdpa) or the eager chain q @ k^T (or baddbmm with
@@ -385,7 +385,7 @@ def _linear(n: fx.Node) -> Linear:
                   scale=target(n.args[2]) if op in _BIAS_AT else None)
 
 
-# where the quantized ops (tcc/ops.py) take their bias; their args[2] is the weight scale
+# where the quantized ops (tcc/ir/ops.py) take their bias; their args[2] is the weight scale
 _BIAS_AT = {"tcc.dense_w8": 3, "tcc.dense_a8w8": 3, "tcc.dense_w4": 5}
 
 

@@ -5,8 +5,8 @@ A pass is a small class (`Pass`) with a CLI `name`, a `kind` ("analysis" | "tran
 `program` in place and returns whether it changed it (True/False; returning the Program, as passes
 written before this contract do, is still accepted: such a pass cleans up after itself). The
 manager owns the rest of the contract (Pass.apply): after a pass that changed the program it
-removes dead code (tcc.graph.remove_dead), recovers ModelInfo (unless the pass sets `keeps_info`)
-and checks every tcc op's operands against its spec (tcc.ops.check_operands); passes do not clone.
+removes dead code (tcc.ir.graph.remove_dead), recovers ModelInfo (unless the pass sets `keeps_info`)
+and checks every tcc op's operands against its spec (tcc.ir.ops.check_operands); passes do not clone.
 Built-in passes live in `tcc.passes` (the
 `passes/` folder), one file each; third-party passes register through the entry-point group
 "tcc.passes" and are loaded lazily, the first time a name is looked up that no built-in has.
@@ -50,9 +50,10 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from . import ops  # noqa: F401  (registers torch.ops.tcc.* so graphs with them run)
-from .errors import AccuracyBudgetError, InternalError, UserError
-from .program import Program, attribute
+from ..ir import ops  # noqa: F401  (registers torch.ops.tcc.* so graphs with them run)
+from ..errors import AccuracyBudgetError, InternalError, UserError
+from ..ir.graph import set_val  # noqa: F401  (passes import it from here)
+from ..ir.program import Program, attribute
 
 KINDS = ("analysis", "transform", "cleanup")
 ENTRY_POINT_GROUP = "tcc.passes"
@@ -182,7 +183,7 @@ class PassContext:
 
     def refresh_info(self, program: Program) -> None:
         """Recover ModelInfo again after a pass changed the structure."""
-        from .structure import recover
+        from ..ir.structure import recover
         vocab = getattr(program.info, "vocab_size", None)
         program.info = recover(program.gm)
         if vocab is not None and getattr(program.info, "vocab_size", None) is None:
@@ -206,7 +207,7 @@ class Pass:
     # (tcc's own passes: False; a plugin's: True, see may_write_weights)
     writes_weights: ClassVar[bool | None] = None
     # takes a Program whose linear weights and embedding tables are a bf16 checkpoint's own tensors
-    # (tcc::dense_bf16 / tcc::embedding_bf16: tcc.frontend.trace(weights="bf16")); a compile whose
+    # (tcc::dense_bf16 / tcc::embedding_bf16: tcc.frontends.frontend.trace(weights="bf16")); a compile whose
     # passes all do never holds the weights in float32 (issue 15), else it loads them as float32
     reads_bf16_weights: ClassVar[bool] = False
     # options renamed since: {old name: new name}; text with the old name still works (a warning
@@ -244,7 +245,7 @@ class Pass:
             if old in opts:
                 if new in opts:
                     raise UserError(f"pass '{self.name}' got both '{new}' and '{old}', its old name", f"give {new} only")
-                from .progress import console
+                from ..progress import console
                 console.print(f"tcc: warning: pass '{self.name}' option '{old}' is now '{new}'; the old name will go",
                               markup=False)
                 opts = {(new if k == old else k): v for k, v in opts.items()}
@@ -320,7 +321,7 @@ class Pass:
 
 def _clean_up(p: Pass, program: Program, ctx: PassContext) -> None:
     """The manager's work after a pass changed the program: dead code, then ModelInfo."""
-    from .graph import remove_dead
+    from ..ir.graph import remove_dead
     nodes, attributes = remove_dead(program.gm)
     if nodes or attributes:
         for key, new in (("removed_nodes", nodes), ("removed_attributes", attributes)):
@@ -331,7 +332,7 @@ def _clean_up(p: Pass, program: Program, ctx: PassContext) -> None:
 
 def check_operands(gm: torch.fx.GraphModule, who: str) -> None:
     """InternalError naming the node, op and operand when a tcc op's operand breaks its spec
-    (tcc.ops.OPERANDS: dtype, rank, and the scale lengths of the quantized ops)."""
+    (tcc.ir.ops.OPERANDS: dtype, rank, and the scale lengths of the quantized ops)."""
     problems = ops.operand_problems(gm)
     if problems:
         raise InternalError(f"{who} left tcc ops whose operands break their spec: " + "; ".join(problems[:5]))
@@ -368,7 +369,7 @@ def register(cls: type[Pass]) -> type[Pass]:
         opt.coerce(opt.default)  # a bad default is the pass author's bug: fail at import
     from . import presets
     if presets.lookup(cls.name) is not None:
-        raise ValueError(f"pass name '{cls.name}' is a preset's (tcc.presets); choose another")
+        raise ValueError(f"pass name '{cls.name}' is a preset's (tcc.pipeline.presets); choose another")
     old = _REGISTRY.get(cls.name)
     if old is not None and old.__qualname__ + old.__module__ != cls.__qualname__ + cls.__module__:
         raise ValueError(f"pass name '{cls.name}' is taken by {old.__module__}.{old.__qualname__}")
@@ -413,7 +414,7 @@ def _load_builtins() -> None:
     if module is None or getattr(module, "__file__", None) is None:
         # A source checkout that is not pip-installed, or was installed (editable) before
         # passes/__init__.py existed, which makes tcc.passes an empty namespace: load passes/ by path.
-        src = Path(__file__).resolve().parent.parent / "passes" / "__init__.py"
+        src = Path(__file__).resolve().parents[2] / "passes" / "__init__.py"
         spec = importlib.util.spec_from_file_location("tcc.passes", src, submodule_search_locations=[str(src.parent)])
         module = importlib.util.module_from_spec(spec)
         sys.modules["tcc.passes"] = module
@@ -662,7 +663,7 @@ class Pipeline:
             given = program.gm.code  # the program the pass is given (cached by recompile): the reproducer's
             try:
                 if ctx.verbose:
-                    from .progress import console
+                    from ..progress import console
                     with console.status(f"[{index}/{len(self)}] {p}"):
                         program, _ = p.apply(program, ctx)
                 else:
@@ -857,7 +858,7 @@ def _enforce_tolerance(p: Pass, drift: dict, ctx: PassContext) -> None:
 
 
 def _print_record(index: int, total: int, r: dict) -> None:
-    from .progress import info
+    from ..progress import info
     pb, fl, nd = r["param_bytes"], r["flops"], r["nodes"]
     info(f"[{index}/{total}] [bold]{r['pass']}[/bold] {r['seconds']:.2f} s, "
                   f"params {pb['before'] / 1e6:.3g}->{pb['after'] / 1e6:.3g} MB, "
@@ -947,21 +948,6 @@ def estimate_flops(gm: torch.fx.GraphModule, example_args: tuple | None = None, 
 # ---------------------------------------------------------------------------------------------
 # Helpers for pass authors
 # ---------------------------------------------------------------------------------------------
-
-def set_val(gm: torch.fx.GraphModule, node: torch.fx.Node, tensor: torch.Tensor | None = None) -> None:
-    """Give a new node a meta['val'] like torch.export's: a fake tensor of `tensor` (for get_attr
-    nodes), else the node's target run on its inputs' fake values. No-op on graphs without vals."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    some = next((n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), FakeTensor)), None)
-    if some is None:
-        return
-    with some.fake_mode:
-        if tensor is not None:
-            node.meta["val"] = some.fake_mode.from_tensor(tensor, static_shapes=True)
-        elif node.op == "call_function":
-            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
-            node.meta["val"] = node.target(*args, **kwargs)
-
 
 def check_runs(program, what: str, hint: str) -> None:
     """Run `program`'s graph on fake tensors of its example inputs; a node that fails -> UserError

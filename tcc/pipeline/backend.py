@@ -32,7 +32,7 @@ import importlib.metadata
 import warnings
 from typing import Any, Protocol, runtime_checkable
 
-from .errors import UserError
+from ..errors import UserError
 
 ENTRY_POINT_GROUP = "tcc.backends"
 DEFAULT = "tvm"
@@ -62,7 +62,7 @@ def register_backend(backend: Backend) -> Backend:
     methods = ("check_toolchain", "build", "session", "cost_model", "identity")
     missing = [m for m in ("name",) + (() if getattr(backend, "lazy", False) else methods) if not hasattr(backend, m)]
     if missing:
-        raise TypeError(f"backend {backend!r} lacks {', '.join(missing)} (tcc.backend.Backend)")
+        raise TypeError(f"backend {backend!r} lacks {', '.join(missing)} (tcc.pipeline.backend.Backend)")
     _REGISTRY[backend.name] = backend
     return backend
 

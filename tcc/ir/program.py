@@ -2,7 +2,7 @@
 
 A Program is an *executable* `torch.fx.GraphModule` (aten level, from `torch.export`, unlifted so
 parameters are attributes reached by `get_attr` nodes and a pass can slice or replace them), plus
-`ModelInfo` (the structure recovered from the graph, see `tcc.structure`) and the specs of its
+`ModelInfo` (the structure recovered from the graph, see `tcc.ir.structure`) and the specs of its
 inputs and outputs. Because the graph stays runnable in PyTorch after every pass, every pass can be
 checked numerically at once.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,11 +89,11 @@ class Program:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     task: str  # "feature-extraction" | "causal-lm" | "custom"
-    info: Any = None  # tcc.structure.ModelInfo, recovered after tracing
+    info: Any = None  # tcc.ir.structure.ModelInfo, recovered after tracing
     source: dict = dataclasses.field(default_factory=dict)  # {"path", "sha256", "kind", "model_type"}
     tokenizer_dir: str | None = None  # where a tokenizer for text inputs lives (HF folders)
     # facts about stored tensors that later passes and backends use, by get_attr target, e.g.
-    # {"layers.0.mlp.up_proj.weight": {"sparsity": {"pattern": "2:4", ...}}} (see tcc.sparsity)
+    # {"layers.0.mlp.up_proj.weight": {"sparsity": {"pattern": "2:4", ...}}} (see tcc.compress.sparsity)
     annotations: dict = dataclasses.field(default_factory=dict)
 
     # -- running -----------------------------------------------------------------------------

@@ -46,12 +46,12 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .errors import UserError
-from .graph import mutates
-from .progress import console, status
-from .program import attribute as _attr
+from ..errors import UserError
+from ..ir.graph import mutates
+from ..progress import console, status
+from ..ir.program import attribute as _attr
 
-DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "calibration.txt"
+DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
 HELD_OUT_TEXT = DEFAULT_TEXT.with_name("held_out.txt")
 
 
@@ -74,7 +74,7 @@ def _ids_spec(program, n_samples: int, what: str, hint: str):
 
 def text_feeds(program, text_path=None, n_samples: int = 8, seq_len: int | None = None, seed: int = 0,
                start: float | None = None) -> list[dict[str, np.ndarray]]:
-    from .evaluate import load_tokenizer
+    from ..evaluate import load_tokenizer
     path = Path(text_path) if text_path is not None else default_text()
     if not path.is_file():
         raise UserError(f"calibration text {path} not found",

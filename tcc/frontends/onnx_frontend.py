@@ -21,8 +21,8 @@ Steps:
     consuming node's module scope: legacy `/enc/layer.0/q/MatMul` or the dynamo exporter's
     `pkg.torch.onnx.name_scopes`), folded tensors are buffers, and one-element constants read by an
     elementwise op are Python numbers (as `x * 0.125` is in a torch graph). It is traced like any
-    nn.Module (`tcc.frontend._trace_module`: torch.export, tcc.canonical, tcc.structure.recover);
-    the spelled-out attention chains then become SDPA nodes (tcc.canonical.fuse_attention).
+    nn.Module (`tcc.frontends.frontend._trace_module`: torch.export, tcc.ir.canonical, tcc.ir.structure.recover);
+    the spelled-out attention chains then become SDPA nodes (tcc.ir.canonical.fuse_attention).
  5. Task: causal-lm when the inputs are input_ids [+ attention_mask], the output is [B, S, vocab]
     and the first attention is causal; feature-extraction when the inputs are input_ids
     [+ attention_mask, token_type_ids] and the output is [B, S, hidden]; else custom. Integer
@@ -46,9 +46,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
-from .program import Program
-from .progress import status
+from ..errors import UserError
+from ..ir.program import Program
+from ..progress import status
 
 OPSETS = range(14, 21)
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -724,9 +724,9 @@ def trace_onnx(path: Path, *, task: str | None = None, seq_len: int = 128, batch
     """An ONNX file -> Program (see the module docstring). `source_name` is what Program.source
     records as the path (an alias, say)."""
     from . import models
-    from .canonical import fuse_attention
+    from ..ir.canonical import fuse_attention
     from .frontend import _trace_module
-    from .structure import recover
+    from ..ir.structure import recover
 
     if task not in (None, "custom", *models.TASKS):
         raise UserError(f"unknown task '{task}'", f"choose one of: {', '.join(models.TASKS)}, custom")
@@ -763,8 +763,8 @@ def _infer_task(prog: Program) -> str:
 def _causal(prog: Program) -> bool:
     """Whether the first attention core hides later positions: its is_causal flag, or its mask
     (or the eager chain's probabilities) on example inputs."""
-    from .calibration import GraphRunner
-    from .structure import SDPA, nodes_by_name, op_name
+    from ..compress.calibration import GraphRunner
+    from ..ir.structure import SDPA, nodes_by_name, op_name
 
     a = next(b.attention for b in prog.info.blocks if b.attention is not None)
     core = nodes_by_name(prog.gm)[a.core]
