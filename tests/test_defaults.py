@@ -190,7 +190,7 @@ def test_default_calibration_text_is_packaged(monkeypatch):
     from tcc.compress import calibration
     monkeypatch.delenv("TCC_CALIBRATION_TEXT", raising=False)
     assert calibration.default_text() == calibration.DEFAULT_TEXT
-    assert calibration.DEFAULT_TEXT.parent == Path(calibration.__file__).parent / "data"
+    assert calibration.DEFAULT_TEXT.parent == Path(calibration.__file__).parents[1] / "data"  # tcc/data
     readme = (calibration.DEFAULT_TEXT.parent / "README.md").read_text()
     for f in (calibration.DEFAULT_TEXT, calibration.HELD_OUT_TEXT):
         text = f.read_text(encoding="utf-8")
