@@ -87,9 +87,9 @@ def cmd_compile(a) -> int:
                         "bundle the artifact it writes afterwards: tcc export ARTIFACT --bundle DIR")
     if a.max_accuracy_drop is not None:
         from tcc import cache
-        from tcc.search import cli_compile
+
         with cache.use(not a.no_cache):
-            return cli_compile(a)
+            return _search_compile(a)
     if a.objective or a.budget or a.search_dir:
         from tcc.errors import UserError
         raise UserError("--objective, --time-limit and --search-dir set up the accuracy-budget search",
@@ -138,6 +138,52 @@ def _use_preset(a) -> None:
         raise UserError("give --preset or --pipeline, not both",
                         f"a preset's name stands for its pipeline inside -p too: -p '{a.pipeline},{preset.name}'")
     a.pipeline = preset.name
+
+
+def _search_compile(a) -> int:
+    """`tcc compile MODEL --max-accuracy-drop D [--objective] [--time-limit] [--search-dir]`."""
+    from tcc import report as reports
+    from tcc.errors import AccuracyBudgetError, UserError
+    from tcc.search import parse_drop, parse_duration, search
+    if a.pipeline:
+        raise UserError("--pipeline and --max-accuracy-drop do not go together: the search chooses the pipeline",
+                        "drop --pipeline, or drop --max-accuracy-drop to compile a pipeline of your own")
+    if a.backend != "tvm":
+        raise UserError("the accuracy search compiles with the tvm backend", "drop --backend")
+    max_drop = parse_drop(a.max_accuracy_drop)
+    budget = parse_duration(a.budget) if a.budget else None
+    out = Path(a.output or _default_out(a.model, a.target))
+    work = Path(a.search_dir) if a.search_dir else out.with_name(out.name + "-search")
+    if a.report:
+        reports.check_path(a.report, a.force)
+    try:
+        result = search(a.model, a.target, max_drop=max_drop, objective=a.objective or "latency", budget_s=budget,
+                        work_dir=work, out=out, calibration_text=a.calibration,
+                        calibration_samples=a.calibration_samples, seq_len=a.seq_len, batch=a.batch, task=a.task,
+                        force=a.force, tokenizer=a.tokenizer)
+    except AccuracyBudgetError as e:
+        if a.report and (work / "search.json").exists():
+            failed = reports.build({}, [], {"exit_status": e.exit_code, "error": reports.error_json(e)}, {})
+            reports.write_json(a.report, failed | {"search": json.loads((work / "search.json").read_text())})
+        raise
+    if a.report:
+        reports.write_json(a.report, reports.read(result.artifact))
+    c = result.chosen
+    summary = {"artifact": str(result.artifact), "pipeline": c["pipeline"], "drop": c["drop"],
+               "held_out_drop": c["held_out"]["drop"],
+               "latency_ms": c.get("measured", {}).get("latency_ms", c["latency_ms"]),
+               "size_bytes": c["size_bytes"], "cost_source": "measured" if c.get("measured") else "model",
+               "trials": len(result.trials), "search_dir": str(work), "stopped": result.stopped}
+    if a.json:
+        print(json.dumps(summary))
+    else:
+        print(f"chosen pipeline: {c['pipeline']}")
+        print(f"accuracy drop: {c['drop']:.3%} (search), {c['held_out']['drop']:.3%} (held-out, "
+              f"{c['held_out']['measured_on']}); budget {max_drop:.2%}")
+        print(f"latency {summary['latency_ms']:.2f} ms ({summary['cost_source']}), "
+              f"weights {c['size_bytes'] / 1e6:.1f} MB")
+        print(f"artifact: {result.artifact}; {len(result.trials)} trials, front and plot in {work}")
+    return 0
 
 
 def _bundle(artifact, out, force: bool) -> dict:
