@@ -83,8 +83,8 @@ def test_budget_table_becomes_the_search_flags(tmp_path, monkeypatch):
     """[budget] reaches the accuracy-budget search as its flags would (the search itself is not run)."""
     path = write(tmp_path, 'model = "minilm"\n[budget]\nmax_accuracy_drop = "1%"\nobjective = "size"\ntime = 600\n')
     seen = {}
-    import tcc.search
-    monkeypatch.setattr(tcc.search, "cli_compile", lambda a: seen.update(vars(a)) or 0)
+    import tcc.cli
+    monkeypatch.setattr(tcc.cli, "_search_compile", lambda a: seen.update(vars(a)) or 0)
     argv = ["compile", "--recipe", str(path), "--objective", "latency"]
     a = build_parser().parse_args(argv)
     a.argv = argv
