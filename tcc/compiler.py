@@ -451,7 +451,7 @@ def _generation_context(model, task, tgt, backend: str, generate: bool | None, m
                         seq_len: int, max_seq_len: int | None) -> int | None:
     """The KV-cache size when the artifact gets generation entry points, else None. Checked before any
     slow work: an explicit generate=True that cannot be honoured is a UserError."""
-    from .frontends import models
+    from .frontends import models, registry as frontends
     from .generation import default_max_context
 
     def off(reason: str):
@@ -474,13 +474,10 @@ def _generation_context(model, task, tgt, backend: str, generate: bool | None, m
         if ids is None or 1 not in ids.dynamic_dims:
             return off("the program was traced with a static length (trace it with max_seq_len=N)")
         limit = ids.max_shape[1]
-    elif not isinstance(model, (str, Path)) or Path(str(model)).suffix == ".onnx" or str(model) == "vit":
-        return off("generation is built for Hugging Face causal LMs (folders, .gguf files, aliases)")
+    elif (config := frontends.config(model)) is None:  # the frontend registered for the model's kind
+        return off(f"generation is built for Hugging Face causal LMs (folders, .gguf files, aliases), not "
+                   f"{frontends.what(model)}")
     else:
-        path = models.resolve(model)
-        if path.suffix == ".onnx":
-            return off("generation is built for Hugging Face causal LMs, not ONNX files")
-        config = models.load_config(path)
         if (task or models.infer_task(config)) != "causal-lm":
             return off("the model is not a causal LM")
         limit = getattr(config, "max_position_embeddings", None)

@@ -1,5 +1,5 @@
-"""Frontends: a Hugging Face folder, a GGUF file, an ONNX file (tcc.frontends.onnx_frontend) or an `nn.Module`
--> `torch.export` -> Program.
+"""Frontends: a Hugging Face folder, a GGUF file, an ONNX file (tcc.frontends.onnx_frontend), an `nn.Module`
+or an ExportedProgram -> `torch.export` -> Program; `trace` dispatches through tcc.frontends.registry.
 
 Task contracts (static batch; static sequence length, or any length 1..max_seq_len when given):
   feature-extraction  inputs input_ids[B,S] int64, attention_mask[B,S] int64 -> last_hidden_state[B,S,H]
@@ -87,8 +87,9 @@ def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
           output_names: list[str] | None = None, max_seq_len: int | None = None, weights: str = "fp32") -> Program:
     """Trace a model into a Program.
 
-    `model` is a path or alias (see tcc.frontends.models.resolve) or an `nn.Module`. For a module, give
-    `example_inputs` by name (positional order = dict order); outputs are named from `output_names`,
+    `model` is a path or alias (see tcc.frontends.models.resolve), an `nn.Module` or a
+    `torch.export.ExportedProgram`; the frontend registered for its kind reads it
+    (tcc.frontends.registry.find). For a module, give `example_inputs` by name (positional order = dict order); outputs are named from `output_names`,
     or `output`, `output_1`... For HF models the task decides inputs and outputs.
     `max_seq_len`: export the token inputs with a dynamic sequence length 1..max_seq_len (the example
     length is min(seq_len, max_seq_len)); None keeps every shape static.
@@ -100,35 +101,58 @@ def trace(model, *, task: str | None = None, seq_len: int = 128, batch: int = 1,
     if max_seq_len is not None and max_seq_len < 2:
         raise UserError(f"--max-seq-len must be at least 2 (got {max_seq_len})",
                         "leave it out for a static sequence length")
-    if isinstance(model, torch.nn.Module):
-        if not example_inputs:
-            raise UserError("tracing an nn.Module needs example_inputs={name: tensor}")
-        prog = _trace_module(model.eval(), example_inputs, output_names, task=task or "custom",
-                             source={"kind": "module", "class": type(model).__qualname__},
-                             dynamic=_dynamic_shapes(example_inputs, max_seq_len))
-        prog.source["sha256"] = prog.fingerprint()
-        return prog
+    from .registry import find
+    return find(model).load(model, task=task, seq_len=seq_len, batch=batch, example_inputs=example_inputs,
+                            output_names=output_names, max_seq_len=max_seq_len, weights=weights)
 
-    path = models.resolve(model)
-    if path.suffix == ".onnx":
-        if max_seq_len is not None:
-            raise UserError("--max-seq-len is not supported for ONNX models yet", "leave it out for a static length")
-        from .onnx_frontend import trace_onnx
-        return trace_onnx(path, task=task, seq_len=seq_len, batch=batch,
-                          source_name=str(model) if str(model) in models.ALIASES else None)
+
+def trace_module(model: torch.nn.Module, *, example_inputs=None, output_names=None, task=None, max_seq_len=None,
+                 **_) -> Program:
+    """The "module" frontend: an nn.Module traced on `example_inputs` ({name: tensor})."""
+    if not example_inputs:
+        raise UserError("tracing an nn.Module needs example_inputs={name: tensor}")
+    prog = _trace_module(model.eval(), example_inputs, output_names, task=task or "custom",
+                         source={"kind": "module", "class": type(model).__qualname__},
+                         dynamic=_dynamic_shapes(example_inputs, max_seq_len))
+    prog.source["sha256"] = prog.fingerprint()
+    return prog
+
+
+def trace_exported(ep: torch.export.ExportedProgram, *, example_inputs=None, output_names=None, task=None,
+                   max_seq_len=None, **_) -> Program:
+    """The "exported-program" frontend: a torch.export.ExportedProgram as it was exported (its own
+    dynamic dims); inputs named after its signature, examples from `example_inputs` or its own."""
+    if max_seq_len is not None:
+        raise UserError("--max-seq-len does not apply to an ExportedProgram: it keeps the shapes it was exported with",
+                        "export it with dynamic_shapes instead")
+    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    if not example_inputs:
+        args, kwargs = ep.example_inputs or ((), {})
+        if kwargs or len(args) != len(names) or not all(isinstance(a, torch.Tensor) for a in args):
+            raise UserError("this ExportedProgram has no positional tensor example inputs",
+                            "pass example_inputs={name: tensor}")
+        example_inputs = dict(zip(names, args))
+    prog = _from_export(ep, example_inputs, output_names, task or "custom", {"kind": "exported-program"})
+    prog.source["sha256"] = prog.fingerprint()
+    return prog
+
+
+def trace_hf(path, *, task=None, seq_len=128, batch=1, max_seq_len=None, weights="fp32", shown=None, **_) -> Program:
+    """The "huggingface" and "gguf" frontends: a Hugging Face folder or a .gguf file (`path`, resolved;
+    `shown` the alias the user typed) through transformers and torch.export, with the trace cache."""
     model_sha = models.model_hash(path)
     # the trace cache holds static programs only
     key = (cache.trace_key(model_sha, path, task, seq_len, batch)
            if cache.enabled() and max_seq_len is None and weights == "fp32" else None)
     hit = cache.load_trace(key) if key else None
-    shown_path = str(model) if str(model) in models.ALIASES else str(path)  # the key holds the resolved path
+    shown_path = shown or str(path)  # the key holds the resolved path
     if hit is not None:
         ep, inputs, meta = hit
         with status("traced program from the cache"):
             # the tokenizer is looked for again: its files are not part of the cache key
             return _hf_program(ep, inputs, {**meta, "source": {**meta["source"], "path": shown_path},
                                             "tokenizer_dir": models.tokenizer_dir(path)})
-    with status(f"loading {model}"):
+    with status(f"loading {shown or path}"):
         hf, task, tok_dir = models.load_hf(path, task, weights)
     stand_ins = _fp32_stand_ins(hf) if weights == "bf16" else {}
     cfg = hf.config

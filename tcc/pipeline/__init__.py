@@ -34,14 +34,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
-import importlib.metadata
 import importlib.util
 import logging
 import math
 import re
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -52,6 +50,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..ir import ops  # noqa: F401  (registers torch.ops.tcc.* so graphs with them run)
 from ..errors import AccuracyBudgetError, InternalError, UserError
+from ..plugins import PluginWarning, load_entry_points  # noqa: F401  (PluginWarning: a plugin was skipped)
 from ..ir.graph import set_val  # noqa: F401  (passes import it from here)
 from ..ir.program import Program, attribute
 
@@ -347,10 +346,6 @@ _builtins_loaded = False
 _plugins_tried: set[str] = set()
 
 
-class PluginWarning(UserWarning):
-    """A third-party pass plugin could not be loaded and was skipped."""
-
-
 def register(cls: type[Pass]) -> type[Pass]:
     """Class decorator: make a Pass findable by its `name`."""
     if not (isinstance(cls, type) and issubclass(cls, Pass)):
@@ -422,19 +417,19 @@ def _load_builtins() -> None:
 
 
 def _load_plugins(only: str | None = None) -> None:
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _plugins_tried or (only is not None and ep.name != only):
-            continue
-        _plugins_tried.add(ep.name)
-        try:
-            obj = ep.load()
-            if isinstance(obj, type) and issubclass(obj, Pass):
-                register(obj)
-            elif not hasattr(obj, "__path__") and not hasattr(obj, "__file__"):
-                raise TypeError(f"entry point gives {type(obj).__name__}, expected a Pass subclass or a module")
-        except Exception as e:  # a broken plugin must not break tcc
-            warnings.warn(f"tcc: skipping pass plugin '{ep.name}' ({ep.value}): {type(e).__name__}: {e}",
-                          PluginWarning, stacklevel=3)
+    def skip(name: str) -> bool:
+        if name in _plugins_tried or (only is not None and name != only):
+            return True
+        _plugins_tried.add(name)
+        return False
+
+    def use(obj) -> None:
+        if isinstance(obj, type) and issubclass(obj, Pass):
+            register(obj)
+        elif not hasattr(obj, "__path__") and not hasattr(obj, "__file__"):
+            raise TypeError(f"entry point gives {type(obj).__name__}, expected a Pass subclass or a module")
+
+    load_entry_points(ENTRY_POINT_GROUP, "pass", use, skip)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,11 +28,10 @@ themselves (.ci/lint-imports checks it).
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
-import warnings
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import UserError
+from ..plugins import instance, load_entry_points
 
 ENTRY_POINT_GROUP = "tcc.backends"
 DEFAULT = "tvm"
@@ -73,15 +72,8 @@ def _load() -> None:
         return
     _loaded = True
     importlib.import_module("tcc.backends")  # tcc's own backends register themselves
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY:
-            continue
-        try:
-            obj = ep.load()
-            register_backend(obj() if isinstance(obj, type) else obj)
-        except Exception as e:  # a broken plugin must not break tcc
-            warnings.warn(f"tcc: skipping backend plugin '{ep.name}' ({ep.value}): {type(e).__name__}: {e}",
-                          stacklevel=3)
+    load_entry_points(ENTRY_POINT_GROUP, "backend", lambda obj: register_backend(instance(obj)),
+                      skip=lambda name: name in _REGISTRY)
 
 
 def get_backend(name: str = DEFAULT) -> Backend:
