@@ -9,10 +9,12 @@ when no other kind of node reads that tensor and its module path matches no `ski
 shared by the embedding and a tied LM head becomes one bf16 tensor both read. The weight is
 rounded to bfloat16 (round to nearest even, torch's `.to(torch.bfloat16)`) into a buffer
 `<module>.weight_bf16` beside it and the float32 weight is deleted: those tensors take half the
-bytes. Biases, norms and every other tensor stay float32; activations, outputs and the sums stay
-float32 (tcc/ir/ops.py defines the numerics; backends/kernels/bf16_kernels.cc runs them). On a
-checkpoint saved in bf16 the rounding is exact: the weights are the checkpoint's own. Elsewhere each
-weight moves by at most 2^-9 of its magnitude (bf16 keeps 8 significant bits).
+bytes. Each float32 weight's pages are handed back (tcc.memory.page_out) as soon as its bf16 copy
+exists, so a checkpoint mapped from its file is not held twice. Biases, norms and every other
+tensor stay float32; activations, outputs and the sums stay float32 (tcc/ir/ops.py defines the
+numerics; backends/kernels/bf16_kernels.cc runs them). On a checkpoint saved in bf16 the rounding
+is exact: the weights are the checkpoint's own. Elsewhere each weight moves by at most 2^-9 of its
+magnitude (bf16 keeps 8 significant bits).
 
 `tcc compile --dtype bf16` appends this pass to the pipeline, and so does the default for a
 checkpoint whose weights are stored in bf16 (tcc.compiler); passes before it (quantize) see the
@@ -30,6 +32,7 @@ from tcc.errors import InternalError
 from tcc.pipeline import Option, Pass, PassContext, register
 from tcc.ir.program import Program, attribute as _attr
 from tcc.compress.quantization import glob_matches, module_path
+from tcc.memory import page_out
 
 from tcc.ir.graph import register_tensors as _register, replace_node as _replace
 
@@ -92,6 +95,10 @@ def rewrite(gm: fx.GraphModule, chosen: dict[str, list[fx.Node]]) -> list[dict]:
     for target, nodes in chosen.items():
         w = _attr(gm, target)
         names = _register(gm, target, {"bf16": w.detach().to(torch.bfloat16)})
+        # a weight mapped from the checkpoint file: its pages leave RSS now that its bf16 copy exists
+        # (the mapping lives as long as any tensor of the file does: without this the float32 weights
+        # stay resident beside their bf16 copies until the end of the compile; issue 15)
+        page_out([w])
         for n in nodes:
             if n.target is EMBEDDING:
                 _replace(gm, n, tcc_ops.embedding_bf16.default, lambda get, n=n: (n.args[1], get("bf16")), names)

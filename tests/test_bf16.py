@@ -199,11 +199,11 @@ LOGIT_RTOL_PROGRAM = 1e-4  # artifact vs the bf16-weight program in PyTorch (ker
 LOGIT_RTOL_FP32 = 2e-2     # artifact vs the fp32 model: bf16 rounding of every weight (2^-9 each)
 
 
-def _tiny_llama(path, dtype):
+def _tiny_llama(path, dtype, hidden=64, intermediate=160, vocab=500):
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, vocab_size=500,
+    cfg = AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
                                max_position_embeddings=64, tie_word_embeddings=True)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     model.to(dtype).save_pretrained(path, safe_serialization=True)
@@ -248,6 +248,50 @@ def test_bf16_pass_rounds_weights_and_shares_a_tied_table(fp32_llama):
     assert 0.5 < out.param_bytes() / fp32_bytes < 0.56
     got = out(feeds)["logits"]
     assert 0 < _rel(got, want) <= LOGIT_RTOL_FP32
+
+
+def _resident_bytes(path) -> int:
+    """This process's resident bytes of the mappings of file `path` (/proc/self/smaps)."""
+    total, mapped = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and ":" not in head[0]:
+                mapped = len(head) > 5 and head[5] == str(path)
+            elif mapped and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads /proc/self/smaps (Linux)")
+def test_bf16_pass_hands_back_the_float32_weights(tmp_path):
+    """On an fp32 checkpoint (mapped from its file by transformers) the bf16 pass leaves no float32
+    weight resident beside its bf16 copy (issue 15: the 1B compile held both, 8.4 GB for 4.7 GB of
+    weights), and its results are the same: each bf16 tensor is its float32 weight rounded (bit for
+    bit), the Program's logits those of the model with its weights rounded to bf16 in PyTorch."""
+    import tcc
+    from tcc.pipeline import Pipeline
+    from transformers import AutoModelForCausalLM
+    path = tmp_path / "llama"
+    _tiny_llama(path, torch.float32, hidden=512, intermediate=1376, vocab=4096)  # 31 MB
+    prog = tcc.trace(str(path), seq_len=8)
+    weights = {n: t for n, t in prog.named_tensors().items() if t.dim() == 2}
+    file = next(path.glob("*.safetensors")).resolve()
+    size = file.stat().st_size
+    assert _resident_bytes(file) > 0.9 * size  # traced and run once: the checkpoint's pages are resident
+    out = Pipeline.parse("bf16").run(prog, in_place=True)
+    # the float32 weights' pages are handed back; what stays: the norms' pages, and the kernel's fault-around
+    # (up to 16 neighbouring pages mapped with each one the run after the pass reads)
+    assert _resident_bytes(file) < 0.1 * size
+    stored = {n.removesuffix("_bf16"): t for n, t in out.named_tensors().items() if t.dtype == torch.bfloat16}
+    assert set(stored) <= set(weights)  # every matrix converted (the tied table once, under one of its names)
+    assert {weights[n].data_ptr() for n in stored} == {t.data_ptr() for t in weights.values()}
+    for name, t in stored.items():  # read again from the file where paged out: the same values
+        assert torch.equal(t.view(torch.int16), weights[name].to(torch.bfloat16).view(torch.int16)), name
+    ids = np.random.default_rng(7).integers(0, 4096, (1, 8)).astype(np.int64)
+    ref = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    ref.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in ref.state_dict().items()})
+    assert _rel(out({"input_ids": ids})["logits"], _logits(ref, ids)) <= 1e-5
 
 
 def test_dtype_bf16_artifact_matches_torch(fp32_llama, tmp_path):
