@@ -570,7 +570,7 @@ def _special_ids(program: Program) -> list[int]:
 def _refuse_causal(program: Program) -> None:
     """UserError when the first attention hides positions from each other on inputs with every
     token valid (a causal or sliding-window mask)."""
-    from tcc.compress.calibration import GraphRunner
+    from tcc.ir.runner import GraphRunner
 
     a = next(b.attention for b in program.info.blocks if b.attention is not None)
     core = nodes_by_name(program.gm)[a.core]

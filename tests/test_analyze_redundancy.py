@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoModel
 
 from tcc.frontends import frontend, models
 from conftest import WIKITEXT
-from tcc.compress.calibration import CalibrationLoss, GraphRunner, calibration_loss, default_text, text_feeds
+from tcc.compress.calibration import CalibrationLoss, calibration_loss, default_text, text_feeds
+from tcc.ir.runner import GraphRunner
 from tcc.errors import UserError
 from tcc.frontends.frontend import FeatureExtraction
 from tcc.pipeline import PassContext, Pipeline

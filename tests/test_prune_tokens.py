@@ -267,7 +267,7 @@ def test_protect_keeps_first_tokens():
     """protect=3 keeps tokens 0..2 at every stage even where they rank lowest: check the kept
     indices in the graph (tcc.compress.tokens.keep_top: per kept slot p, the count of positions whose running
     count of kept tokens is <= p - a sum over a `le` comparison)."""
-    from tcc.compress.calibration import GraphRunner
+    from tcc.ir.runner import GraphRunner
     _, prog = text_model()
     out, _ = prune(prog, "prune-tokens(schedule=[1,0.5,0.34],protect=3)")
 
@@ -481,7 +481,7 @@ def test_minilm_cosine(tmp_path):
     compiled for x86 matches itself in PyTorch to mean-pooled cosine >= 0.999 (merge near-ties flip
     under float rounding: measured 0.99964 to 1.0 depending on the thread count)."""
     import tcc
-    from tcc.compress.calibration import GraphRunner
+    from tcc.ir.runner import GraphRunner
     from tcc.evaluate import cosine, sentences
 
     program = tcc.trace("minilm", seq_len=128)

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import tcc.ir.ops as ops
 from tcc.frontends import frontend, models
-from tcc.compress.calibration import GraphRunner
+from tcc.ir.runner import GraphRunner
 from tcc.errors import UserError
 from tcc.frontends.frontend import CausalLM, FeatureExtraction, reexport
 from tcc.pipeline import PassContext, Pipeline

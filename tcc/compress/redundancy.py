@@ -18,7 +18,8 @@ import time
 import numpy as np
 import torch
 
-from .calibration import CalibrationLoss, GraphRunner
+from ..ir.runner import GraphRunner
+from .calibration import CalibrationLoss
 from .elimination import ANALYSIS, PARTS, block_weights, sites
 from ..errors import UserError
 from ..pipeline import Option, PassContext, format_value

@@ -763,7 +763,7 @@ def _infer_task(prog: Program) -> str:
 def _causal(prog: Program) -> bool:
     """Whether the first attention core hides later positions: its is_causal flag, or its mask
     (or the eager chain's probabilities) on example inputs."""
-    from ..compress.calibration import GraphRunner
+    from ..ir.runner import GraphRunner
     from ..ir.structure import SDPA, nodes_by_name, op_name
 
     a = next(b.attention for b in prog.info.blocks if b.attention is not None)
