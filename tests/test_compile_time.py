@@ -99,3 +99,25 @@ def test_the_smoothquant_alpha_search_runs_on_fewer_feeds_for_big_models(tmp_pat
     assert q._search_feeds(program, feeds, 8, 7) == feeds[:3]
     monkeypatch.setattr(q, "SEARCH_FLOP", 1.0)
     assert q._search_feeds(program, feeds, 8, 7) == feeds[:1]
+
+
+@pytest.mark.parametrize("max_seq_len", [None, 16])
+def test_tracing_takes_output_specs_from_the_graph(tmp_path, monkeypatch, max_seq_len):
+    """Tracing does not run the model to learn its outputs (a forward pass of a 1B model, 10-14 s of its
+    trace on 2 cores): the graph's fake values give the specs a run gives (dtype, example shape, the
+    dynamic range), and the source's sha256, read beside loading and tracing, is the checkpoint's."""
+    import numpy as np
+    from tcc import cache
+    from tcc.frontends import frontend, models
+    from test_tokenizerless import save_decoder
+    save_decoder(tmp_path / "m", "qwen2")
+    with cache.use(False):
+        fast = frontend.trace(str(tmp_path / "m"), seq_len=8, max_seq_len=max_seq_len)
+        assert frontend._graph_outputs(fast.gm) is not None  # the specs came from the graph
+        monkeypatch.setattr(frontend, "_graph_outputs", lambda gm: None)  # the fallback: run it once
+        ran = frontend.trace(str(tmp_path / "m"), seq_len=8, max_seq_len=max_seq_len)
+    assert fast.outputs == ran.outputs and fast.inputs == ran.inputs
+    assert (fast.outputs[0].max_shape is not None) == (max_seq_len is not None)
+    got = fast(fast.example_inputs())["logits"]
+    assert got.shape == fast.outputs[0].shape and got.dtype == np.dtype(fast.outputs[0].dtype)
+    assert fast.source["sha256"] == ran.source["sha256"] == models.model_hash((tmp_path / "m").resolve())
