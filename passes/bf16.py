@@ -31,10 +31,10 @@ import torch.fx as fx
 from tcc.errors import InternalError
 from tcc.pipeline import Option, Pass, PassContext, register
 from tcc.ir.program import Program, attribute as _attr
-from tcc.compress.quantization import glob_matches, module_path
+from tcc.compress.quantization import glob_matches
 from tcc.memory import page_out
 
-from tcc.ir.graph import register_tensors as _register, replace_node as _replace
+from tcc.ir.graph import linear_bias, module_path, register_tensors as _register, replace_node as _replace
 
 aten, tcc_ops = torch.ops.aten, torch.ops.tcc
 DENSE = (aten.linear.default, tcc_ops.dense.default)
@@ -103,7 +103,7 @@ def rewrite(gm: fx.GraphModule, chosen: dict[str, list[fx.Node]]) -> list[dict]:
             if n.target is EMBEDDING:
                 _replace(gm, n, tcc_ops.embedding_bf16.default, lambda get, n=n: (n.args[1], get("bf16")), names)
             else:
-                b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+                b = linear_bias(n)
                 _replace(gm, n, tcc_ops.dense_bf16.default, lambda get, n=n, b=b: (n.args[0], get("bf16"), b), names)
         notes.append({"weight": target, "modules": sorted({module_path(n) for n in nodes}), "shape": list(w.shape),
                       "format": "bf16", "bytes_before": w.numel() * w.element_size(), "bytes_after": w.numel() * 2})

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tcc.compress.calibration import CalibrationLoss, is_causal, text_feeds
+from tcc.compress.calibration import CalibrationLoss, text_feeds
+from tcc.ir.structure import is_causal_lm
 from tcc.errors import UserError
 from tcc.pipeline import Option, Pass, PassContext, register
 from tcc.ir.program import Program
@@ -95,7 +96,7 @@ class Heal(Pass):
         params = self._parameters(program)
         if not params:
             raise UserError(f"heal(train={self.train}) found no float parameters to train")
-        causal = is_causal(program)
+        causal = is_causal_lm(program)
         targets = [self._target(teacher, f, causal) for f in eval_feeds]
         before = self._measure(program, teacher, eval_feeds, targets, causal)
         saved = {name: p.detach().clone() for name, p in params.items()}

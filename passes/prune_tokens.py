@@ -76,7 +76,7 @@ import torch.fx as fx
 from tcc.errors import InternalError, UserError
 from tcc.pipeline import Option, Pass, PassContext, check_runs, register
 from tcc.ir.program import Program
-from tcc.ir.structure import SDPA, ancestors, descendants, nodes_by_name, op_name
+from tcc.ir.structure import SDPA, ancestors, attention_visibility, descendants, nodes_by_name, op_name
 from tcc.compress.tokens import (add_log_size, drop_key, inline, keep_top, keys_metric, merge_round, pyramid,
                         received_from_probs, received_from_scores, resize, take, take_mask, token_counts)
 
@@ -570,27 +570,7 @@ def _special_ids(program: Program) -> list[int]:
 def _refuse_causal(program: Program) -> None:
     """UserError when the first attention hides positions from each other on inputs with every
     token valid (a causal or sliding-window mask)."""
-    from tcc.ir.runner import GraphRunner
-
-    a = next(b.attention for b in program.info.blocks if b.attention is not None)
-    core = nodes_by_name(program.gm)[a.core]
-    if op_name(core) in SDPA:
-        causal = core.args[5] if op_name(core) == "tcc.sdpa" else (core.args[5] if len(core.args) > 5 else
-                                                                    core.kwargs.get("is_causal", False))
-        watch = _sdpa_mask(core)[0]
-    else:
-        causal, watch = False, nodes_by_name(program.gm).get(a.softmax)
-    if not causal and watch is not None:
-        feeds = program.example_inputs()
-        args = [torch.from_numpy(s.check(feeds[s.name])) for s in program.inputs]
-        v = GraphRunner(program.gm).run(args, record=[watch.name]).values[watch.name]
-        if op_name(watch) in ("aten.softmax", "aten._softmax", "aten._safe_softmax"):
-            causal = v.shape[-1] > 1 and bool((v.triu(1) == 0).all())
-        elif v.dtype == torch.bool:
-            causal = not bool(v.all())
-        else:
-            causal = bool((v < -1e3).any())
-    if causal:
+    if attention_visibility(program) != "full":
         raise UserError("prune-tokens: token pruning is for encoders/ViTs; this model's attention hides positions "
                         "from each other (causal or sliding-window)",
                         "use it on an encoder (feature-extraction) or a vision transformer")

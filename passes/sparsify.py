@@ -60,7 +60,8 @@ from tcc.compress.calibration import text_feeds
 from tcc.errors import InternalError, UserError
 from tcc.pipeline import Option, Pass, PassContext, register
 from tcc.ir.program import Program, attribute as _attr
-from tcc.compress.quantization import InputStats, blockwise, collect_stats, glob_matches, module_path, output_error
+from tcc.compress.quantization import InputStats, blockwise, collect_stats, glob_matches, output_error
+from tcc.ir.graph import module_path
 
 FLOAT_LINEARS = ("aten.linear", "tcc.dense")
 SPEED_NOTE = ("zeros alone speed nothing up: the weights are still dense tensors; a backend with a kernel for "

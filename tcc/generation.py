@@ -47,7 +47,7 @@ import torch
 
 from .errors import UserError
 from .ir.program import Program, TensorSpec, copy_sharing_weights
-from .ir.structure import ancestors, op_name
+from .ir.structure import ancestors, op_name, sdpa_operands
 
 aten = torch.ops.aten
 DEFAULT_MAX_CONTEXT = 2048
@@ -172,14 +172,7 @@ class Core:
 
 def _sdpa_core(n) -> Core:
     """An SDPA node (aten or tcc::sdpa)."""
-    if op_name(n) == "tcc.sdpa":
-        q, k, v, mask, scale, causal = n.args
-    else:
-        names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
-        a = dict(zip(names, n.args))
-        a.update(n.kwargs)
-        q, k, v, mask, scale, causal = (a["query"], a["key"], a["value"], a.get("attn_mask"), a.get("scale"),
-                                        a.get("is_causal", False))
+    q, k, v, mask, scale, causal = sdpa_operands(n)
     if scale is None:
         scale = float(q.meta["val"].shape[-1]) ** -0.5
     return Core(q, _unrepeat(k), _unrepeat(v), float(scale), mask=mask, causal=bool(causal))

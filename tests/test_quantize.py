@@ -21,7 +21,8 @@ from tcc.errors import UserError
 from tcc.frontends.frontend import CausalLM, FeatureExtraction, reexport
 from tcc.pipeline import PassContext, Pipeline
 from tcc.compress.calibration import CalibrationLoss
-from tcc.compress.quantization import Grid, gptq, int4_group, module_path, rtn
+from tcc.compress.quantization import Grid, gptq, int4_group, rtn
+from tcc.ir.graph import module_path
 
 W8, W4, A8W8 = torch.ops.tcc.dense_w8.default, torch.ops.tcc.dense_w4.default, torch.ops.tcc.dense_a8w8.default
 EMB8 = torch.ops.tcc.embedding_w8.default

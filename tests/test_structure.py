@@ -440,3 +440,39 @@ def test_smollm2():
         "model.model.layers.29.self_attn.q_proj.weight", 192, "model.model.layers.29.self_attn.o_proj.weight")
     assert info.blocks[29].mlp.gate.weight == "model.model.layers.29.mlp.gate_proj.weight"
     assert all(info.blocks[i].input == info.blocks[i - 1].output for i in range(1, 30))
+
+
+class _MaskedAttention(torch.nn.Module):
+    """x + o(SDPA(q(x), k(x), v(x), mask)) with 2 heads of 8: one attention block."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(16, 16) for _ in range(4))
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        heads = lambda t: t.view(b, s, 2, 8).transpose(1, 2)
+        a = torch.nn.functional.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)),
+                                                             attn_mask=self.mask)
+        return x + self.o(a.transpose(1, 2).reshape(b, s, 16))
+
+
+_I = torch.arange(6)
+
+
+@pytest.mark.parametrize("mask,want", [
+    (torch.ones(6, 6, dtype=torch.bool), "full"),
+    (_I[:, None] >= _I[None], "causal"),
+    ((_I[:, None] >= _I[None]) & (_I[:, None] - _I[None] < 3), "causal"),  # causal within a sliding window
+    ((_I[:, None] - _I[None]).abs() <= 1, "partial"),  # a local window both ways
+    (torch.zeros(6, 6).masked_fill(_I[:, None] < _I[None], float("-inf")), "causal"),  # additive float
+], ids=["none", "causal", "sliding", "band", "float"])
+def test_attention_visibility_reads_the_mask(mask, want):
+    """The one causal-attention rule (ONNX task inference, prune-tokens' refusal) on SDPA masks."""
+    from tcc.ir.structure import attention_visibility
+    from tcc.testing import program_of
+    program = program_of(_MaskedAttention(mask), torch.randn(1, 6, 16))
+    program.info = recover(program.gm)
+    assert len(program.info.blocks) == 1 and attention_visibility(program) == want

@@ -32,6 +32,7 @@ import torch
 from tcc.ir import ops  # registers torch.ops.tcc.*
 from tcc.errors import UserError
 from tcc.frontends.frontend import dynamic_shapes
+from tcc.ir.graph import linear_bias
 from tcc.ir.program import Program, copy_sharing_weights
 
 aten = torch.ops.aten
@@ -465,8 +466,7 @@ def _annotated_linears(gm: torch.fx.GraphModule, anns: dict, accept):
     for i, n in enumerate(list(gm.graph.nodes)):
         if n.op != "call_function" or n.target != aten.linear.default:
             continue
-        x, w, *rest = n.args
-        b = rest[0] if rest else n.kwargs.get("bias")
+        x, w, b = n.args[0], n.args[1], linear_bias(n)
         ann = anns.get(getattr(w, "target", None))
         if not (w is not None and _stored(gm, w) and ann):
             continue
@@ -756,8 +756,7 @@ def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
         if n.op != "call_function":
             continue
         if n.target == aten.linear.default:
-            x, w, *rest = n.args
-            b = rest[0] if rest else n.kwargs.get("bias")
+            x, w, b = n.args[0], n.args[1], linear_bias(n)
             with g.inserting_before(n):
                 new = g.call_function(tcc_ops.dense.default, (x, w, b))
         elif n.target == tcc_ops.sdpa_kv.default:

@@ -42,6 +42,7 @@ import torch
 
 from ..errors import UserError
 from ..ir.runner import GraphRunner, Patch, RunResult  # noqa: F401  (moved to tcc.ir.runner)
+from ..ir.structure import is_causal_lm
 from ..progress import console, status
 
 DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
@@ -220,10 +221,6 @@ def calibration_data(program, path=None, n_samples: int = 8, seed: int = 0, star
 
 # -- the calibration loss -------------------------------------------------------------------------------
 
-def is_causal(program) -> bool:
-    return program.task == "causal-lm" or any(s.name == "logits" for s in program.outputs)
-
-
 class CalibrationLoss:
     """loss(outputs_per_feed) for one fixed list of feeds; see the module docstring.
 
@@ -232,7 +229,7 @@ class CalibrationLoss:
 
     def __init__(self, reference, feeds: list[dict]):
         self.feeds = feeds
-        self.causal = is_causal(reference)
+        self.causal = is_causal_lm(reference)
         self.names = [s.name for s in reference.outputs]
         self.kind = ("next-token cross-entropy (nats)" if self.causal
                      else "1 - cosine of mean-pooled hidden states vs the unmodified program")

@@ -746,6 +746,7 @@ def trace_onnx(path: Path, *, task: str | None = None, seq_len: int = 128, batch
 
 
 def _infer_task(prog: Program) -> str:
+    from ..ir.structure import attention_visibility
     info, names = prog.info, [s.name for s in prog.inputs]
     out = prog.outputs[0].shape
     if not info.blocks or "input_ids" not in names or len(out) != 3:
@@ -753,36 +754,8 @@ def _infer_task(prog: Program) -> str:
     ids = next(s for s in prog.inputs if s.name == "input_ids").shape
     if tuple(out[:2]) != tuple(ids):
         return "custom"
-    if set(names) <= {"input_ids", "attention_mask"} and out[-1] == info.vocab_size and _causal(prog):
+    if set(names) <= {"input_ids", "attention_mask"} and out[-1] == info.vocab_size and attention_visibility(prog) == "causal":
         return "causal-lm"
     if set(names) <= set(TOKEN_INPUTS) and out[-1] == info.hidden_size:
         return "feature-extraction"
     return "custom"
-
-
-def _causal(prog: Program) -> bool:
-    """Whether the first attention core hides later positions: its is_causal flag, or its mask
-    (or the eager chain's probabilities) on example inputs."""
-    from ..ir.runner import GraphRunner
-    from ..ir.structure import SDPA, nodes_by_name, op_name
-
-    a = next(b.attention for b in prog.info.blocks if b.attention is not None)
-    core = nodes_by_name(prog.gm)[a.core]
-    if op_name(core) in SDPA:
-        args = list(core.args) + [None] * 6
-        if args[5] or core.kwargs.get("is_causal"):
-            return True
-        watch = args[3] if args[3] is not None else core.kwargs.get("attn_mask")
-    else:
-        watch = nodes_by_name(prog.gm)[a.softmax]
-    if watch is None:
-        return False
-    feeds = prog.example_inputs()
-    v = GraphRunner(prog.gm).run([torch.from_numpy(feeds[s.name]) for s in prog.inputs], record=[watch.name]).values[watch.name]
-    if v.shape[-1] < 2:
-        return False
-    upper = torch.ones(v.shape[-2:], dtype=torch.bool).triu(1)
-    if v.dtype == torch.bool:
-        return not bool(v[..., upper].any())
-    hidden = v[..., upper]
-    return bool((hidden == 0).all()) if op_name(watch).endswith("softmax") else bool((hidden < -1e3).all())

@@ -2,6 +2,9 @@
 
 nodes(gm, op, where)      the matcher: call_function nodes of an op ("aten.div") where a predicate holds
 op_name(node)             "aten.linear", "tcc.dense_w8": a node's op without its overload
+module_path(node)         "model.layers.0.mlp.up_proj": the module a node was traced in
+linear_bias(node)         the bias operand of aten.linear / tcc::dense* (its position from tcc.ir.ops.OPERANDS)
+sdpa_operands(node)       q, k, v, mask, scale, causal of an SDPA node (aten or tcc::sdpa)
 remove_dead(gm)           dead nodes, then attributes nothing reads and empty submodules (the
                           clean-up the pass manager runs after every pass that changed the program;
                           passes/dead_code.py is the same as a pass, `dce`)
@@ -14,17 +17,73 @@ replace_node(gm, node, op, make_args, names)
 """
 from __future__ import annotations
 
+import operator
+import re
+
 import torch
 import torch.fx as fx
 
 
-def op_name(n: fx.Node) -> str:
-    """"aten.linear", "tcc.dense_w8", ... : a call_function node's op without its overload."""
-    packet = getattr(n.target, "overloadpacket", None)
-    if packet is not None:
-        ns, _, name = str(packet._qualified_op_name).partition("::")
-        return f"{ns}.{name}"
-    return getattr(n.target, "__name__", str(n.target))
+def op_name(n) -> str:
+    """"aten.linear", "tcc.dense_w8", "getitem" ... : a call_function node's op without its overload;
+    the node kind ("placeholder", "get_attr", "output") for other nodes, "" for what is not a node."""
+    if not isinstance(n, fx.Node):
+        return ""
+    if n.op != "call_function":
+        return n.op
+    t = n.target
+    if t is operator.getitem:
+        return "getitem"
+    if isinstance(t, torch._ops.OpOverload):
+        return f"{t.namespace}.{t._opname}"
+    return getattr(t, "__name__", str(t))
+
+
+def module_path(node: fx.Node, fallback: bool = True) -> str:
+    """The module a node was traced in ('model.layers.0.mlp.up_proj': the innermost entry of
+    meta["nn_module_stack"], without torch.export's L['self'] and with indices as dotted parts), else
+    with `fallback` its weight's owner path (a linear's args[1], an embedding's args[0]: graphs
+    without module stacks), else ""."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        path = re.sub(r"^L\['self'\]\.?", "", path)
+        return re.sub(r"\[(\d+)\]", r".\1", path).replace("['", ".").replace("']", "").strip(".")
+    if not fallback:
+        return ""
+    w = node.args[1] if len(node.args) > 1 else None
+    if node.target is torch.ops.aten.embedding.default:
+        w = node.args[0]
+    return w.target.rpartition(".")[0] if isinstance(w, fx.Node) and w.op == "get_attr" else ""
+
+
+def _bias_positions() -> dict[str, int]:
+    from .ops import OPERANDS
+    return {"aten.linear": 2, **{f"tcc.{op}": i for op, spec in OPERANDS.items() for i, (name, *_) in spec.items()
+                                 if name == "b"}}
+
+
+BIAS_AT = _bias_positions()  # {"aten.linear": 2, "tcc.dense": 2, "tcc.dense_w8": 3, "tcc.dense_w4": 5, ...}
+
+
+def linear_bias(n: fx.Node):
+    """The bias operand of a linear node (aten.linear, a tcc::dense* op): args[BIAS_AT[op]], else the
+    keyword "bias" / "b"; None when it has none."""
+    at = BIAS_AT[op_name(n)]
+    return n.args[at] if len(n.args) > at else n.kwargs.get("bias", n.kwargs.get("b"))
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def sdpa_operands(n: fx.Node) -> tuple:
+    """(q, k, v, mask or None, scale or None (1/sqrt(head dim)), causal) of an SDPA node:
+    aten.scaled_dot_product_attention (positional or keyword) or tcc::sdpa(q, k, v, mask, scale, causal)."""
+    if op_name(n) == "tcc.sdpa":
+        q, k, v, mask, scale, causal = n.args
+        return q, k, v, mask, scale, bool(causal)
+    a = {**dict(zip(_SDPA_ARGS, n.args)), **n.kwargs}
+    return a["query"], a["key"], a["value"], a.get("attn_mask"), a.get("scale"), bool(a.get("is_causal", False))
 
 
 def nodes(gm: fx.GraphModule, op: str, where=None) -> list[fx.Node]:
