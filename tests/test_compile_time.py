@@ -121,3 +121,25 @@ def test_tracing_takes_output_specs_from_the_graph(tmp_path, monkeypatch, max_se
     got = fast(fast.example_inputs())["logits"]
     assert got.shape == fast.outputs[0].shape and got.dtype == np.dtype(fast.outputs[0].dtype)
     assert fast.source["sha256"] == ran.source["sha256"] == models.model_hash((tmp_path / "m").resolve())
+
+
+def test_distinct_rows_keep_the_order_rows_first_occur_in(monkeypatch):
+    """structure._distinct_rows (recover()'s per-head feature layout, deduplicated in torch) is the
+    ordered set of rows Python's dict gives, on random repeats, a real head layout, and rows whose
+    one-number keys collide (the exact fallback)."""
+    from tcc.ir.structure import _distinct_rows
+
+    def by_dict(rows):
+        return [list(r) for r in dict.fromkeys(tuple(r) for r in rows.to(torch.int64).tolist())]
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(100):
+        n, d, kinds = (int(v) for v in torch.randint(1, 40, (3,), generator=g))
+        base = torch.randint(0, 4, (kinds, d), generator=g).double()
+        rows = base[torch.randint(0, kinds, (n,), generator=g)]
+        assert _distinct_rows(rows) == by_dict(rows)
+    heads = torch.arange(512, dtype=torch.float64).expand(1, 16, 512).reshape(1, 16, 8, 64).transpose(1, 2)
+    assert _distinct_rows(heads.reshape(-1, 64)) == [list(range(h * 64, h * 64 + 64)) for h in range(8)]
+    rows = torch.tensor([[1.0, 2.0], [2.0, 1.0], [1.0, 2.0], [3.0, 3.0]])
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: torch.ones(2, dtype=torch.int64))  # every key collides
+    assert _distinct_rows(rows) == by_dict(rows) == [[1, 2], [2, 1], [3, 3]]

@@ -553,11 +553,22 @@ def _head_features(lin: fx.Node, path: set, head_dim: int, g: _Graph) -> list[Ra
 def _distinct_rows(rows: torch.Tensor) -> list[list[int]]:
     """The distinct rows of a 2-D tensor of feature indices, as int lists in the order they first
     occur (each row is repeated for every position of the sequence: deduplicated in torch, not in
-    Python; 2.6 of a 1B Llama's 2.8 s of recover() before)."""
-    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    first = torch.full((len(uniq),), len(rows), dtype=torch.int64).scatter_reduce_(
+    Python: 2.6 of a 1B Llama's 2.8 s of recover() before, which every pass that changes the Program runs)."""
+    rows = rows.to(torch.int64)
+    if not rows.numel():
+        return []
+    # each row by one number (a random integer projection, wrapping: equal rows, equal numbers; 1-D unique
+    # is far cheaper than unique(dim=0)); distinct rows that meet on one number are caught below
+    mix = torch.randint(1, 2 ** 62, (rows.shape[1],), generator=torch.Generator().manual_seed(0)) | 1
+    key = (rows * mix).sum(1)
+    _, inverse = torch.unique(key, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(rows), dtype=torch.int64).scatter_reduce_(
         0, inverse, torch.arange(len(rows)), "amin")
-    return uniq[first.argsort()].to(torch.int64).tolist()
+    if not torch.equal(rows[first][inverse], rows):  # two distinct rows met on one number: exactly instead
+        uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        first = torch.full((len(uniq),), len(rows), dtype=torch.int64).scatter_reduce_(
+            0, inverse, torch.arange(len(rows)), "amin")
+    return rows[first.sort().values].tolist()
 
 
 def _o_head_features(core: fx.Node, o: fx.Node, head_dim: int, g: _Graph) -> list[Ranges] | None:
