@@ -561,7 +561,7 @@ def _special_ids(program: Program) -> list[int]:
     if not program.tokenizer_dir or "input_ids" not in {s.name for s in program.inputs}:
         return []
     from tcc.compress.calibration import _special_tokens
-    from tcc.evaluate import load_tokenizer
+    from tcc.frontends.models import load_tokenizer
     tok = load_tokenizer(program.tokenizer_dir)
     before, after = _special_tokens(tok)
     return sorted(set(before + after) - {tok.pad_token_id})

@@ -52,6 +52,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import UserError
+from .frontends.models import load_tokenizer  # noqa: F401  (moved to tcc.frontends.models; read from here too)
 from .progress import track
 
 Run = Callable[[dict], dict]
@@ -59,30 +60,6 @@ _HEADING = re.compile(r"^\s*=.*=\s*$")
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
-
-def load_tokenizer(tokenizer_dir):
-    """AutoTokenizer from a Hugging Face folder, a .gguf file or a folder holding only a .gguf."""
-    from transformers import AutoTokenizer
-    if tokenizer_dir is None:
-        raise UserError("no tokenizer for this model", "pass --tokenizer DIR (a Hugging Face folder with tokenizer files)")
-    path = Path(tokenizer_dir)
-    if not path.exists():
-        raise UserError(f"tokenizer folder {path} not found", "pass --tokenizer DIR (a Hugging Face folder with tokenizer files)")
-    kwargs = {}
-    if path.is_file() and path.suffix == ".gguf":
-        path, kwargs = path.parent, {"gguf_file": path.name}
-    elif not any(path.glob("tokenizer*")) and sorted(path.glob("*.gguf")):
-        kwargs = {"gguf_file": sorted(path.glob("*.gguf"))[0].name}
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
-    except Exception as e:
-        raise UserError(f"cannot load a tokenizer from {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                        "pass --tokenizer DIR (a Hugging Face folder with tokenizer files)")
-    if not tok("a b", add_special_tokens=False)["input_ids"]:  # transformers builds an empty one from a config
-        raise UserError(f"{path} has no tokenizer files (its tokenizer has no vocabulary)",
-                        "pass --tokenizer DIR (a Hugging Face folder with tokenizer files)")
-    return tok
-
 
 def attach_tokenizer(program, tokenizer_dir) -> None:
     """Give `program` the tokenizer in `tokenizer_dir` (--tokenizer DIR) after checking that it loads

@@ -68,7 +68,7 @@ def _ids_spec(program, n_samples: int, what: str, hint: str):
 
 def text_feeds(program, text_path=None, n_samples: int = 8, seq_len: int | None = None, seed: int = 0,
                start: float | None = None) -> list[dict[str, np.ndarray]]:
-    from ..evaluate import load_tokenizer
+    from ..frontends.models import load_tokenizer
     path = Path(text_path) if text_path is not None else default_text()
     if not path.is_file():
         raise UserError(f"calibration text {path} not found",

