@@ -6,7 +6,7 @@
   tcc compile MODEL --max-accuracy-drop 1% [--objective latency|size] [--time-limit 20m] [--search-dir DIR]
   tcc run ARTIFACT --inputs in.npz -o out.npz [--force]
   tcc eval ARTIFACT --text FILE [--max-tokens N] [--json]
-  tcc generate ARTIFACT (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S] [--speculate lookup|draft [--compare]] [--json]
+  tcc generate ARTIFACT (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S] [--speculate lookup|draft|auto [--compare]] [--json]
   tcc bench ARTIFACT [--repeats N] [--json]
   tcc analyze MODEL --structure | -o DIR [--force]
   tcc passes [--json]
@@ -528,9 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this probability")
     gn.add_argument("--seed", type=int, default=0, help="sampling seed")
     gn.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    gn.add_argument("--speculate", choices=("off", "lookup", "draft"), default="off",
+    gn.add_argument("--speculate", choices=("off", "lookup", "draft", "auto"), default="off",
                     help="speculative decoding: the target checks proposed tokens in one call each: lookup (n-grams "
-                    "of the context, no draft model) or draft (the artifact's --draft program); the same tokens when "
+                    "of the context, no draft model), draft (the artifact's --draft program, prompt lookup filling "
+                    "the rows it leaves) or auto (draft where the artifact has one, else lookup); the same tokens when "
                     "greedy, the same distribution when sampling")
     gn.add_argument("--compare", action="store_true", help="with --speculate: also generate without it and report "
                     "the decode speed-up and whether the tokens are the same")

@@ -98,7 +98,8 @@ class Loaded:
         text_so_far)` is called per new token (text None, and "text" None, for an artifact without a
         tokenizer: its output is the token ids). Returns {"text", "token_ids", "prompt_tokens",
         "prefill_tokens_per_s", "decode_tokens_per_s", ...}. `speculate`: "lookup" (prompt lookup) or
-        "draft" (the artifact's draft program, tcc compile --draft) proposes tokens that the target
+        "draft" (the artifact's draft program, tcc compile --draft; the verify rows it leaves empty get
+        prompt lookup's tokens) or "auto" (draft where the artifact has one, else lookup) proposes tokens that the target
         checks in one `verify` call each (tcc.speculative: greedy output identical, sampling keeps the
         target's distribution); the result then has "speculative" (acceptance rate, tokens per target
         call)."""
@@ -136,7 +137,7 @@ class Loaded:
     def _speculative_loop(self, session, speculate: str):
         """decode_loop over `session`, or (speculate "lookup" / "draft") tcc.speculative's loop."""
         from .generation import decode_loop
-        from .speculative import SPECULATE, LookupDraft, ModelDraft, speculative_loop
+        from .speculative import CONFIDENCE, SPECULATE, LookupDraft, ModelDraft, speculative_loop
         if speculate not in SPECULATE:
             raise UserError(f"--speculate {speculate!r} is not a speculation mode", f"choose one of: {', '.join(SPECULATE)}")
         if speculate == "off":
@@ -144,15 +145,19 @@ class Loaded:
         if not session.verify_len:
             raise UserError(f"the artifact {self.dir} has no verify entry (compiled before speculative decoding)",
                             "compile it again with this tcc, or generate without --speculate")
-        if speculate == "lookup":
-            draft = LookupDraft()
+        gen = self.manifest["generation"]
+        if speculate == "auto":  # the draft program where the artifact has one (with prompt lookup's fill)
+            speculate = "draft" if "draft" in gen else "lookup"
+        if speculate == "lookup":  # free proposals: every round proposes as many as verify takes
+            draft, how = LookupDraft(), {"adapt": False}
         else:
-            gen = self.manifest["generation"]
             if "draft" not in gen:
                 raise UserError(f"the artifact {self.dir} has no draft program", "compile it with --draft PIPELINE, "
                                 "or speculate with --speculate lookup (prompt lookup needs no draft)")
-            draft = ModelDraft(GenerationSession(self._impl, {**gen["draft"], "functions": gen["functions"]}, prefix="draft_"))
-        return lambda *a, **kw: speculative_loop(session, draft, *a, **kw)
+            draft = ModelDraft(GenerationSession(self._impl, {**gen["draft"], "functions": gen["functions"]},
+                                                 prefix="draft_"), confidence=CONFIDENCE)
+            how = {"fill": True}
+        return lambda *a, **kw: speculative_loop(session, draft, *a, **how, **kw)
 
     def close(self):
         if hasattr(self._impl, "close"):

@@ -9,8 +9,10 @@ rows.
 
 One round, with t0 the last token emitted (not yet in the target's cache) at position p:
   propose  the draft proposes d1..dk (k adapts: all accepted -> k + 2, else k - 1, within
-           1..verify_len - 1), with the distribution q_i each was drawn from (None: a point mass,
-           as prompt lookup's);
+           1..verify_len - 1; prompt lookup always proposes verify_len - 1, as it costs nothing), with
+           the distribution q_i each was drawn from (None: a point mass, as prompt lookup's). A model
+           draft stops early once its probability of its whole proposal falls below CONFIDENCE, and
+           prompt lookup fills the verify rows it leaves (fill: verify costs the same for any k);
   verify   one target call on [t0, d1..dk] at p gives p_0..p_k;
   accept   greedy: the longest prefix with d_i = argmax p_{i-1}, then argmax p_j: the tokens are
            the target's own greedy tokens. Sampling (Leviathan et al. 2023): d_i is accepted with
@@ -36,7 +38,10 @@ import numpy as np
 from .errors import UserError
 from .generation import check_generation, prefill_prompt, probabilities, sample
 
-SPECULATE = ("off", "lookup", "draft")
+SPECULATE = ("off", "lookup", "draft", "auto")
+# a model draft stops proposing once its own probability of the whole proposal falls below this
+# (tuned on wikitext-2 valid.txt prompts, SmolLM2 fp32 + a W4A8 draft: 0.1-0.2 best, docs/GENERATION.md)
+CONFIDENCE = 0.2
 
 
 class LookupDraft:
@@ -67,12 +72,16 @@ class LookupDraft:
 
 class ModelDraft:
     """A draft program's session (prefill/decode over its own cache). Proposes by decoding: greedy,
-    or sampling from its own distribution q with the target's temperature / top-k / top-p."""
+    or sampling from its own distribution q with the target's temperature / top-k / top-p. It stops
+    early once the chain's probability under the draft (the product of each proposed token's
+    probability: its chance, as the draft sees it, that the target accepts them all) falls below
+    `confidence`."""
 
-    def __init__(self, session):
+    def __init__(self, session, confidence: float = 0.0):
         self.session = session
         self.have = 0  # context positions in the draft's cache
         self.name = (getattr(session, "gen", None) or {}).get("pipeline")  # the --draft pipeline
+        self.confidence = confidence
 
     def start(self, prompt: list[int]) -> None:
         # the prompt but its last token, which propose() feeds (its logits give the first draft)
@@ -89,16 +98,22 @@ class ModelDraft:
         for pos in range(self.have, len(context)):  # t0 (and the last round's unfed accepted draft)
             logits = self._feed(context[pos], pos)
         self.have = len(context)
+        chain = 1.0  # the draft's probability of all its tokens so far
         for i in range(k):
             if i:
+                if chain < self.confidence:
+                    break
                 logits = s.decode(tokens[-1], self.have)
                 self.have += 1
             if temperature > 0:
                 q = probabilities(logits, *sampling)
                 tokens.append(int(rng.choice(q.size, p=q)))
                 qs.append(q)
+                chain *= q[tokens[-1]]
             else:
                 tokens.append(int(np.argmax(logits)))
+                if self.confidence:  # softmax(logits)[token] = 1 / sum(exp(logits - logits[token]))
+                    chain /= float(np.exp(logits - logits[tokens[-1]]).sum())
         return tokens, (qs if temperature > 0 else None)
 
     def _feed(self, token: int, pos: int) -> np.ndarray:
@@ -124,10 +139,11 @@ def accept(rows: np.ndarray, drafts: list[int], qs: list | None, rng, sampling: 
         return j, int(np.argmax(rows[j]))
     for j, d in enumerate(drafts):
         p = probabilities(rows[j], *sampling)
-        qd = 1.0 if qs is None else qs[j][d]
+        q = None if qs is None else qs[j]  # None: a point mass on d (prompt lookup's tokens)
+        qd = 1.0 if q is None else q[d]
         if rng.random() * qd < p[d]:  # accepted with probability min(1, p(d) / q(d))
             continue
-        residual = np.maximum(p - (_point(d, p.size) if qs is None else qs[j]), 0.0)
+        residual = np.maximum(p - (_point(d, p.size) if q is None else q), 0.0)
         total = residual.sum()
         residual = residual / total if total > 0 else p
         return j, int(rng.choice(residual.size, p=residual))
@@ -142,23 +158,27 @@ def _point(d: int, size: int) -> np.ndarray:
 
 def speculative_loop(target, draft, prompt: list[int], max_new_tokens: int, max_context: int, chunk: int, *,
                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                     stop: set[int] | None = None, stats: dict | None = None, k: int | None = None) -> Iterator[int]:
+                     stop: set[int] | None = None, stats: dict | None = None, k: int | None = None,
+                     adapt: bool = True, fill: bool = False) -> Iterator[int]:
     """Yield up to `max_new_tokens` new token ids, as tcc.generation.decode_loop does (the same
     tokens when greedy; the same distribution when sampling), checking the draft's proposals with
     target.verify. `stats` gets decode_loop's fields plus target_calls (verify and decode steps),
     drafted, accepted and draft_seconds (inside decode_seconds). `k`: the first proposal length
-    (default verify_len - 1; it adapts)."""
+    (default verify_len - 1; it adapts unless `adapt` is False). `fill`: the rows of the verify call
+    that the draft leaves empty (it runs verify_len rows whatever the proposal's length) get prompt
+    lookup's tokens, which cost nothing (point masses when sampling)."""
     check_generation(prompt, max_context, temperature, top_k, top_p)
     k_max = max(0, getattr(target, "verify_len", 0) - 1)
     k = min(k or k_max, k_max)
     sampling = (temperature, top_k, top_p)
     rng = np.random.default_rng(seed)
+    lookup = LookupDraft() if fill else None
     stats = stats if stats is not None else {}
     t0 = time.perf_counter()
     logits = prefill_prompt(target.prefill, prompt, chunk, max_context)
     draft.start(prompt)
     stats.update(prefill_seconds=time.perf_counter() - t0, prefill_tokens=len(prompt), decode_seconds=0.0,
-                 decode_tokens=0, target_calls=0, drafted=0, accepted=0, draft_seconds=0.0, verify_calls=0,
+                 decode_tokens=0, target_calls=0, drafted=0, filled=0, accepted=0, draft_seconds=0.0, verify_calls=0,
                  k_max=k_max, draft=getattr(draft, "name", None))
     budget = min(max_new_tokens, max_context - len(prompt))
     context = list(prompt)
@@ -171,9 +191,15 @@ def speculative_loop(target, draft, prompt: list[int], max_new_tokens: int, max_
             return
         t1 = time.perf_counter()
         p = len(context) - 1  # t0 = context[-1] goes in at position p
-        room = min(k, budget - new - 1) if p + k_max + 1 <= max_context else 0
+        width = min(k_max, budget - new - 1) if p + k_max + 1 <= max_context else 0  # proposals verify can take
+        room = min(k, width)
         drafts, qs = draft.propose(context, room, rng, sampling) if room > 0 else ([], None)
         drafts, qs = drafts[:room], (qs[:room] if qs is not None else None)
+        proposed = len(drafts)  # the draft's own (k adapts to them), then prompt lookup's
+        if fill and len(drafts) < width:
+            more = lookup.propose(context + drafts, width - len(drafts), rng, sampling)[0]
+            drafts, qs = drafts + more, (qs + [None] * len(more) if qs is not None else None)
+            stats["filled"] += len(more)
         t2 = time.perf_counter()
         stats["draft_seconds"] += t2 - t1
         stats["target_calls"] += 1
@@ -185,7 +211,8 @@ def speculative_loop(target, draft, prompt: list[int], max_new_tokens: int, max_
             stats["drafted"] += len(drafts)
             stats["accepted"] += j
             stats["verify_calls"] += 1
-            k = min(k + 2, k_max) if j == len(drafts) else max(1, k - 1)
+            if adapt:
+                k = min(k + 2, k_max) if j >= proposed else max(1, k - 1)
             target.rollback(p + j + 1)
             draft.rollback(p + j + 1)
             emitted = drafts[:j] + [nxt]
@@ -202,13 +229,14 @@ def speculative_loop(target, draft, prompt: list[int], max_new_tokens: int, max_
 def summary(stats: dict) -> dict:
     """What speculation did: the draft (its pipeline, or prompt lookup), acceptance rate (accepted /
     drafted), tokens per target call in the decode phase, k (the mean proposal length of the verify
-    calls; it adapts within 1..k_max), drafted and accepted counts, the seconds the draft took."""
+    calls; it adapts within 1..k_max), drafted (prompt lookup's fill included) and accepted counts,
+    filled (the proposals prompt lookup added after a model draft's), the seconds the draft took."""
     calls, drafted = stats.get("target_calls", 0), stats.get("drafted", 0)
     verifies = stats.get("verify_calls", 0)
     return {"draft": stats.get("draft"), "acceptance_rate": round(stats["accepted"] / drafted, 4) if drafted else None,
             "k_mean": round(drafted / verifies, 3) if verifies else None, "k_max": stats.get("k_max"),
             "tokens_per_target_call": round(stats["decode_tokens"] / calls, 3) if calls else None,
-            "target_calls": calls, "drafted": drafted, "accepted": stats.get("accepted", 0),
+            "target_calls": calls, "drafted": drafted, "filled": stats.get("filled", 0), "accepted": stats.get("accepted", 0),
             "draft_seconds": round(stats.get("draft_seconds", 0.0), 4)}
 
 

@@ -72,10 +72,10 @@ def test_verify_rows_and_rollback(art):
         s.verify([1], 11)
 
 
-@pytest.mark.parametrize("speculate", ["lookup", "draft"])
+@pytest.mark.parametrize("speculate", ["lookup", "draft", "auto"])
 def test_greedy_identical_to_the_target(art, speculate):
     rng = np.random.default_rng(0)
-    accepted = 0
+    accepted = filled = 0
     for _ in range(3):
         base = [int(t) for t in rng.integers(0, 128, 4)]
         prompt = base * 2 + [int(t) for t in rng.integers(0, 128, 3)]
@@ -83,31 +83,68 @@ def test_greedy_identical_to_the_target(art, speculate):
         got = art.generate(prompt, 18, stop_at_eos=False, speculate=speculate)
         assert got["token_ids"] == want
         accepted += got["speculative"]["accepted"]
+        filled += got["speculative"]["filled"]
+        assert got["speculative"]["draft"] == (LookupDraft().name if speculate == "lookup" else
+                                               art.manifest["generation"]["draft"]["pipeline"])
     assert accepted > 0  # tokens came from the draft, not only from the target's own steps
+    # the random-init draft is never confident (chain probability < CONFIDENCE after one token):
+    # prompt lookup fills the verify rows it leaves; lookup alone fills nothing
+    assert (filled > 0) == (speculate != "lookup")
+
+
+class FixedSession:
+    """A draft session whose decode returns logits giving its argmax (token 2) the probabilities
+    `probs` in turn (vocab 4: logits [0, 0, z, 0] with e^z / (e^z + 3) = p)."""
+    chunk, max_context = 4, 64
+
+    def __init__(self, probs):
+        self.probs, self.calls = list(probs), 0
+
+    def decode(self, token, pos):
+        p = self.probs[self.calls]
+        self.calls += 1
+        return np.array([0.0, 0.0, np.log(3 * p / (1 - p)), 0.0], dtype=np.float32)
+
+    prefill = decode
+
+    def rollback(self, length):
+        pass
+
+
+@pytest.mark.parametrize("confidence,want", [(0.0, 4), (0.5, 2), (0.42, 3), (0.95, 1)])
+def test_model_draft_stops_below_the_confidence(confidence, want):
+    from tcc.speculative import ModelDraft
+    session = FixedSession([0.9, 0.5, 0.9, 0.9, 0.9])  # chain 0.9, 0.45, 0.405, 0.3645
+    d = ModelDraft(session, confidence=confidence)
+    d.have = 5
+    tokens, qs = d.propose([1] * 6, 4, None, (0.0, 0, 1.0))
+    assert tokens == [2] * want and qs is None and session.calls == want  # each token but the first costs a decode
 
 
 class RandomDraft:
-    """Proposes tokens drawn from a fixed distribution q unlike the target's (so drafts get both
-    accepted and rejected, and the residual max(0, p - q) is not p)."""
+    """Proposes (up to `most`) tokens drawn from a fixed distribution q unlike the target's (so
+    drafts get both accepted and rejected, and the residual max(0, p - q) is not p)."""
 
-    def __init__(self, q):
-        self.q = q
+    def __init__(self, q, most=None):
+        self.q, self.most = q, most
 
     def start(self, prompt):
         pass
 
     def propose(self, context, k, rng, sampling):
+        k = min(k, self.most or k)
         return [int(rng.choice(self.q.size, p=self.q)) for _ in range(k)], [self.q] * k
 
     def rollback(self, length):
         pass
 
 
-@pytest.mark.parametrize("new", [3, 4])
-def test_sampling_keeps_the_target_distribution(art, new):
+@pytest.mark.parametrize("new,fill", [(3, False), (4, False), (4, True)])
+def test_sampling_keeps_the_target_distribution(art, new, fill):
     """new 3: one draft per round (room for t2 and t3): acceptance, residual, the bonus token from the
     verify row and a decode step; new 4: two drafts in the first round (the second is checked only
-    after the first is accepted)."""
+    after the first is accepted); fill: one draft from q, then prompt lookup's token (a point mass)
+    in the verify row left."""
     from scipy.stats import chi2
     sampling = dict(temperature=1.0, top_k=3)
     prompt = [3, 9, 27, 81, 1, 2, 4]
@@ -136,12 +173,17 @@ def test_sampling_keeps_the_target_distribution(art, new):
             for t3 in np.flatnonzero(p3):
                 exact[(t1, t2, int(t3))] = p1[t1] * second[t1][t2] * p3[t3]
                 q_wrong[(t1, t2, int(t3))] = p1[t1] * q[t2] * p3[t3]
-    draft = RandomDraft(q)
+    draft = RandomDraft(q, most=1 if fill else None)
     n = 2000
     counts: dict = {}
+    filled = 0
     for seed in range(n):
-        out = tuple(speculative_loop(s, draft, prompt, new, 32, s.chunk, seed=seed, **sampling))[:3]
+        stats: dict = {}
+        out = tuple(speculative_loop(s, draft, prompt, new, 32, s.chunk, seed=seed, stats=stats, fill=fill,
+                                     **sampling))[:3]
         counts[out] = counts.get(out, 0) + 1
+        filled += stats["filled"]
+    assert (filled > 0) == fill
     assert set(counts) <= {k for k, v in exact.items() if v > 0}  # only tokens the target can give
 
     def chi_square(probs):
