@@ -15,6 +15,7 @@ from tcc.errors import UserError, deferred_interrupts
 from tcc.ir.program import Program
 from tcc.progress import status
 
+from .cuda import build_library as build_cuda
 from .lower import to_relax
 from .schedule import pipeline as cpu_pipeline
 from .targets import Target
@@ -62,8 +63,9 @@ def _build_library(program: Program, target: Target, lib_path: Path, report: lis
         if functions:
             raise UserError(f"generation entry points are built for CPU targets only, not {target.name}",
                             "compile with --no-generate for a cuda target")
-        from .cuda import build_library as build_cuda
-        params = build_cuda(program, target, lib_path, report, device_code)
+        with status("importing into TVM Relax"):
+            mod, params = to_relax(program, report, device="cuda")
+        build_cuda(mod, target, lib_path, device_code)
         return params, {"main": [n for n, _ in params]}
     with status("importing into TVM Relax"):
         memo: dict = {}  # the functions share their fused and packed weights (lower.derived)

@@ -1,8 +1,8 @@
 """The cuda targets: Program -> a TVM library for NVIDIA GPUs, with device code compiled ahead of
 time by nvcc. Built and compiled here, never run here (no GPU on this host); see docs/CUDA.md.
 
-build_library(program, target, lib_path, report=None, device_code=None) -> [(param name, array)]
-  1. Lowering (lower.to_relax(device="cuda")): float32 dense, weight-only int8 dense and attention
+build_library(mod, target, lib_path, device_code=None)   (build.py lowers the Program first)
+  1. Lowering (lower.to_relax(device="cuda"), with the pieces below): float32 dense, weight-only int8 dense and attention
      become Relax ops (matmul, softmax, ...) that TVM schedules for the GPU; W8A8 and int4 dense call
      tcc's CUDA kernels (backends/kernels/cuda) on the CPU kernels' packed layouts; a float32 linear
      whose weight is annotated 2:4 (and holds it) calls the sparse tensor-core kernel on
@@ -17,7 +17,8 @@ build_library(program, target, lib_path, report=None, device_code=None) -> [(par
   `device_code` receives what the manifest records: {arch: {"tvm_kernels": cubin file,
   "tcc_kernels": "model.so"}, "sources": {...}, "compiled_with": "nvcc X.Y.Z", "run": False, "note"}.
 
-Lowering pieces lower.py calls for device "cuda":
+Lowering pieces lower.py calls for device "cuda" (this module imports only backends/tvm/converters.py,
+the pieces both share, never lower.py):
   sparse_24(gm, annotations, report) -> {weight targets lowered}   2:4 linears -> tcc_tvm::dense_sp24
   note_dense(gm, sparse, report)     the sparse tensors left: stored and run dense
   CONVERT_MAP                        custom_convert_map for from_exported_program
@@ -35,11 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tcc.errors import InternalError, UserError
-from tcc.ir.program import Program
+from tcc.errors import InternalError
 from tcc.progress import status
 
-from . import lower
+from .converters import a8w8_converter, annotated_linears, arg, attr, convert_embedding_w8, dense_converter, note, \
+    replace_linear
 from .targets import Target
 
 aten = torch.ops.aten
@@ -49,15 +50,14 @@ NOTE = ("compiled, not run on a GPU here: model.so carries the generated CUDA so
         "source compiled ahead of time by nvcc; tcc's kernels are linked into model.so as SASS")
 
 
-def build_library(program: Program, target: Target, lib_path: Path, report: list | None = None,
-                  device_code: dict | None = None):
+def build_library(mod, target: Target, lib_path: Path, device_code: dict | None = None) -> None:
+    """`mod`: the Program as lowered for "cuda" (lower.to_relax(device="cuda"), which calls this
+    module's lowering pieces: so this module does not import lower)."""
     import tvm
     from tvm import relax
 
     from tcc.backends.kernels.build import CUDA_DIR, build_cuda_kernels, nvcc_version
 
-    with status("importing into TVM Relax"):
-        mod, params = lower.to_relax(program, report, device="cuda")
     out = Path(lib_path).parent
     work = Path(tempfile.mkdtemp(prefix="tcc-build-"))
     try:
@@ -88,7 +88,6 @@ def build_library(program: Program, target: Target, lib_path: Path, report: list
                             for arch in target.gpu_archs})
         device_code.update(sources={"tvm": "model.cu", "tcc": list(KERNEL_SOURCES)},
                            compiled_with=f"nvcc {nvcc_version()}", run=False, note=NOTE)
-    return params
 
 
 def pipeline(target):
@@ -163,15 +162,15 @@ def sparse_24(gm: torch.fx.GraphModule, anns: dict, report: list | None) -> set:
     from tcc.backends.kernels.cuda.layout import compress_24, is_24
 
     done = set()
-    for i, n, x, w, b, ann, weight in lower._annotated_linears(gm, anns, lambda a, t: _is_24(a) and is_24(t)):
+    for i, n, x, w, b, ann, weight in annotated_linears(gm, anns, lambda a, t: _is_24(a) and is_24(t)):
         values, meta = compress_24(weight)
-        lower._replace_linear(gm, n, torch.ops.tcc_tvm.dense_sp24.default, x,
-                              [(f"_tcc_sp24_{i}_values", values), (f"_tcc_sp24_{i}_meta", meta.view(np.int16))],
-                              b, weight.shape[1])
+        replace_linear(gm, n, torch.ops.tcc_tvm.dense_sp24.default, x,
+                       [(f"_tcc_sp24_{i}_values", values), (f"_tcc_sp24_{i}_meta", meta.view(np.int16))],
+                       b, weight.shape[1])
         done.add(w.target)
-        lower._note(report, w.target, ann, weight, "2:4 (float16 values + 2-bit indices)",
-                    "tcc_cuda_dense_sp24 (mma.sp sparse tensor cores, weights and activations in float16)",
-                    weight.numel() * 4, values.nbytes + meta.nbytes)
+        note(report, w.target, ann, weight, "2:4 (float16 values + 2-bit indices)",
+             "tcc_cuda_dense_sp24 (mma.sp sparse tensor cores, weights and activations in float16)",
+             weight.numel() * 4, values.nbytes + meta.nbytes)
     return done
 
 
@@ -179,17 +178,17 @@ def note_dense(gm: torch.fx.GraphModule, sparse: dict, report: list | None) -> N
     """The stored tensors in `sparse` still in the graph: stored and multiplied dense on the GPU."""
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.target in sparse:
-            t = lower._attr(gm, n).detach()
+            t = attr(gm, n).detach()
             nbytes = t.numel() * t.element_size()
-            lower._note(report, n.target, sparse[n.target], t, "dense",
-                        "dense (cuda: only float32 weights holding 2:4 take the sparse kernel)", nbytes, nbytes)
+            note(report, n.target, sparse[n.target], t, "dense",
+                 "dense (cuda: only float32 weights holding 2:4 take the sparse kernel)", nbytes, nbytes)
 
 
 def _convert_dense(node, importer):
     from tvm import relax
     x, w, *rest = (list(node.args) + [None])[:3]
     b = rest[0]
-    args = [lower._arg(importer, x), lower._arg(importer, w)] + ([lower._arg(importer, b)] if b is not None else [])
+    args = [arg(importer, x), arg(importer, w)] + ([arg(importer, b)] if b is not None else [])
     return importer.block_builder.emit(relax.op.linear(*args))
 
 
@@ -198,9 +197,9 @@ def _convert_dense_w8(node, importer):
     from tvm import relax
     x, qw, scale, b = (list(node.args) + [None])[:4]
     bb = importer.block_builder
-    w = bb.emit(relax.op.multiply(relax.op.astype(lower._arg(importer, qw), "float32"),
-                                  relax.op.expand_dims(lower._arg(importer, scale), -1)))
-    return bb.emit(relax.op.linear(lower._arg(importer, x), w, None if b is None else lower._arg(importer, b)))
+    w = bb.emit(relax.op.multiply(relax.op.astype(arg(importer, qw), "float32"),
+                                  relax.op.expand_dims(arg(importer, scale), -1)))
+    return bb.emit(relax.op.linear(arg(importer, x), w, None if b is None else arg(importer, b)))
 
 
 def _convert_sdpa(node, importer):
@@ -210,13 +209,13 @@ def _convert_sdpa(node, importer):
     bb = importer.block_builder
     h, hkv = int(q.meta["val"].shape[1]), int(k.meta["val"].shape[1])
     sq, sk = int(q.meta["val"].shape[2]), int(k.meta["val"].shape[2])
-    qe, ke, ve = (lower._arg(importer, t) for t in (q, k, v))
+    qe, ke, ve = (arg(importer, t) for t in (q, k, v))
     if hkv != h:
         ke, ve = (bb.emit(relax.op.repeat(t, h // hkv, axis=1)) for t in (ke, ve))
     s = bb.emit(relax.op.matmul(qe, relax.op.permute_dims(ke, [0, 1, 3, 2])))
     s = bb.emit(relax.op.multiply(s, relax.const(float(scale), "float32")))
     if mask is not None:
-        s = bb.emit(relax.op.add(s, lower._arg(importer, mask)))
+        s = bb.emit(relax.op.add(s, arg(importer, mask)))
     if causal:
         keep = np.tril(np.ones((sq, sk), bool), sk - sq)
         s = bb.emit(relax.op.add(s, relax.const(np.where(keep, 0.0, -np.inf).astype(np.float32))))
@@ -228,8 +227,8 @@ CONVERT_MAP = {
     "dense.default": _convert_dense,
     "dense_w8.default": _convert_dense_w8,
     "sdpa.default": _convert_sdpa,
-    "dense_a8w8_packed.default": lower._a8w8_converter("tcc_cuda_dense_a8w8"),
-    "dense_w4_packed.default": lower._dense_converter("tcc_cuda_dense_w4", 4),  # (x, qw_p, scale_t, zero_t, b?, n)
-    "dense_sp24.default": lower._dense_converter("tcc_cuda_dense_sp24", 3),     # (x, values, meta, b?, k)
-    "embedding_w8.default": lower._convert_embedding_w8,
+    "dense_a8w8_packed.default": a8w8_converter("tcc_cuda_dense_a8w8"),
+    "dense_w4_packed.default": dense_converter("tcc_cuda_dense_w4", 4),  # (x, qw_p, scale_t, zero_t, b?, n)
+    "dense_sp24.default": dense_converter("tcc_cuda_dense_sp24", 3),     # (x, values, meta, b?, k)
+    "embedding_w8.default": convert_embedding_w8,
 }

@@ -23,10 +23,8 @@ variables (`_out_sinfo`); slices of position buffers by the length keep the leng
 """
 from __future__ import annotations
 
-import functools
 import operator
 
-import numpy as np
 import torch
 
 from tcc.ir import ops  # registers torch.ops.tcc.*
@@ -34,6 +32,12 @@ from tcc.errors import UserError
 from tcc.frontends.frontend import dynamic_shapes
 from tcc.ir.graph import linear_bias
 from tcc.ir.program import Program, copy_sharing_weights
+
+from . import cuda
+from .converters import (a8w8_converter as _a8w8_converter, annotated_linears as _annotated_linears, arg as _arg,
+                         attr as _attr, convert_embedding_w8 as _convert_embedding_w8,
+                         dense_converter as _dense_converter, note as _note, out_sinfo as _out_sinfo,
+                         replace_linear as _replace_linear, stored as _stored)
 
 aten = torch.ops.aten
 tcc_ops = torch.ops.tcc
@@ -52,10 +56,6 @@ def _zero_unattended_rows(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return out * mask.any(-1, keepdim=True).to(out.dtype)
 
 
-def _attr(gm, node):
-    return gm.get_parameter(node.target) if node.target in dict(gm.named_parameters()) else gm.get_buffer(node.target)
-
-
 # Dense-family ops: (tensor args concatenated along output channels, args that must be the same
 # node/value across a fused group). Argument positions follow the op schemas in tcc/ir/ops.py.
 _FUSIBLE = {
@@ -65,10 +65,6 @@ _FUSIBLE = {
     tcc_ops.dense_w4.default: ((1, 2, 3, 5), (4, 6)),
     tcc_ops.dense_bf16.default: ((1, 2), ()),
 }
-
-
-def _stored(gm, a):
-    return a is None or (isinstance(a, torch.fx.Node) and a.op == "get_attr")
 
 
 def derived(memo: dict | None, what: str, sources: list, make):
@@ -451,42 +447,6 @@ def _sparsity(annotations: dict | None) -> dict:
     return {t: a["sparsity"] for t, a in (annotations or {}).items() if isinstance(a, dict) and "sparsity" in a}
 
 
-def _note(report, tensor, ann, t, storage, kernel, before, after, **extra):
-    """One row of the manifest's "sparsity": the annotation's pattern, the zeros actually stored in `t`
-    (both storages are lossless, so a stale annotation costs speed or bytes, never correctness)."""
-    if report is not None:
-        report.append({"tensor": tensor, "pattern": ann.get("pattern"), "block": ann.get("block"),
-                       "sparsity": ann.get("sparsity") if t is None else round(float((t == 0).float().mean()), 4), "storage": storage, "kernel": kernel,
-                       "bytes_before": int(before), "bytes_after": int(after), **extra})
-
-
-def _annotated_linears(gm: torch.fx.GraphModule, anns: dict, accept):
-    """(index, node, x, weight node, bias, annotation, weight) for each aten.linear whose stored float32
-    weight has an annotation that `accept(annotation, weight)` takes."""
-    for i, n in enumerate(list(gm.graph.nodes)):
-        if n.op != "call_function" or n.target != aten.linear.default:
-            continue
-        x, w, b = n.args[0], n.args[1], linear_bias(n)
-        ann = anns.get(getattr(w, "target", None))
-        if not (w is not None and _stored(gm, w) and ann):
-            continue
-        weight = _attr(gm, w).detach()
-        if weight.dtype == torch.float32 and weight.dim() == 2 and accept(ann, weight):
-            yield i, n, x, w, b, ann, weight
-
-
-def _replace_linear(gm: torch.fx.GraphModule, n, op, x, arrays: list[tuple[str, np.ndarray]], b, k: int) -> None:
-    """Linear node `n` -> op(x, *arrays, b, k), the arrays registered as parameters under their names."""
-    g = gm.graph
-    for name, a in arrays:
-        gm.register_parameter(name, torch.nn.Parameter(torch.from_numpy(a), requires_grad=False))
-    with g.inserting_before(n):
-        new = g.call_function(op, (x, *[g.get_attr(name) for name, _ in arrays], b, int(k)))
-    new.meta = dict(n.meta)
-    n.replace_all_uses_with(new)
-    g.erase_node(n)
-
-
 def _block_sparse(gm: torch.fx.GraphModule, anns: dict, report: list | None) -> set:
     """aten.linear with a stored fp32 weight annotated `block` at >= BSR_MIN_SPARSITY -> tcc_tvm::dense_bsr
     on the BSR arrays (registered as parameters). Returns the weight targets so lowered."""
@@ -731,7 +691,6 @@ def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
     _buffers_to_parameters(gm)
     anns = _sparsity(annotations)
     if device == "cuda":
-        from . import cuda
         lowered = cuda.sparse_24(gm, anns, report)
     else:
         lowered = _block_sparse(gm, anns, report)
@@ -800,74 +759,6 @@ def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
 # Relax import: tcc ops -> call_dps_packed
 # ---------------------------------------------------------------------------------------------
 
-def _size_vars(importer) -> dict:
-    """The importer's TIR size variables by name: TVM names them after the torch symbols (s70...)
-    when it creates the Relax types of the graph inputs."""
-    from tvm import relax, tirx
-    table = {}
-    for node, expr in importer.env.items():
-        ty = getattr(expr, "ty", None)
-        if getattr(node, "op", None) == "placeholder" and isinstance(ty, relax.TensorType) and ty.shape is not None:
-            table.update({d.name: d for d in ty.shape if isinstance(d, tirx.Var)})
-    return table
-
-
-def _tir_size(e, table: dict):
-    """A sympy size expression of torch.export (s70, s70 + 1, 2*s70, s70 // 2...) as a TIR expression
-    over the importer's own variables (a fresh tirx.Var of the same name would be another variable)."""
-    import sympy
-    from tvm import tirx
-    if isinstance(e, sympy.Integer):
-        return tirx.IntImm("int64", int(e))
-    if isinstance(e, sympy.Symbol):
-        if str(e) not in table:
-            raise UserError(f"the symbolic size {e} is not a dimension of any graph input",
-                            "compile without --max-seq-len")
-        return table[str(e)]
-    parts = [_tir_size(a, table) for a in e.args]
-    if isinstance(e, sympy.Add):
-        return functools.reduce(operator.add, parts)
-    if isinstance(e, sympy.Mul):
-        return functools.reduce(operator.mul, parts)
-    if type(e).__name__ == "FloorDiv":
-        return tirx.floordiv(*parts)
-    if type(e).__name__ in ("Mod", "PythonMod"):
-        return tirx.floormod(*parts)
-    raise UserError(f"the symbolic size {e} ({type(e).__name__}) cannot be lowered to TVM", "compile without --max-seq-len")
-
-
-def _out_sinfo(node, importer=None):
-    """The Relax type of a tcc op's output; symbolic sizes (a dynamic-length graph) become TIR
-    expressions over the importer's size variables."""
-    from tvm import relax
-    val = node.meta["val"]
-    if importer is not None and any(isinstance(s, torch.SymInt) for s in val.shape):
-        table = _size_vars(importer)
-        shape = [_tir_size(s.node.expr, table) if isinstance(s, torch.SymInt) else int(s) for s in val.shape]
-    else:
-        shape = [int(s) for s in val.shape]
-    return relax.TensorType(shape, str(val.dtype).replace("torch.", ""))
-
-
-def _arg(importer, a):
-    return importer.env[a]
-
-
-def _dense_converter(kernel: str, n_inputs: int):
-    """tcc dense-family op -> call of `kernel` (`{kernel}_f32` with a bias, `{kernel}_nobias_f32` without);
-    the op's first `n_inputs` arguments are tensors, an optional bias follows."""
-    def convert(node, importer):
-        from tvm import relax
-        args = list(node.args) + [None]
-        bias = args[n_inputs]
-        tensors = [_arg(importer, a) for a in args[:n_inputs]]
-        name = f"{kernel}_nobias_f32" if bias is None else f"{kernel}_f32"
-        if bias is not None:
-            tensors.append(_arg(importer, bias))
-        return importer.block_builder.emit(relax.call_dps_packed(name, relax.Tuple(tensors), _out_sinfo(node, importer)))
-    return convert
-
-
 def _convert_sdpa(node, importer):
     import tvm
     from tvm import relax
@@ -895,41 +786,6 @@ def _convert_sdpa_kv(node, importer, caches=("k_cache", "v_cache"), kernel="tcc_
 
 def _convert_sdpa_kv_int8(node, importer):
     return _convert_sdpa_kv(node, importer, ("k_codes", "k_scales", "v_codes", "v_scales"), "tcc_sdpa_kv_i8_f32")
-
-
-def _a8w8_converter(kernel: str):
-    """tcc_tvm::dense_a8w8_packed -> `kernel`{_static}{_nobias}_f32 (quant_kernels.cc's argument lists)."""
-    def convert(node, importer):
-        return _convert_a8w8(node, importer, kernel)
-    return convert
-
-
-def _convert_a8w8(node, importer, name: str):
-    import tvm
-    from tvm import relax
-    x, qw_p, wsum, w_scale, b, x_scale, x_zero, asym = node.args
-    args = [_arg(importer, t) for t in (x, qw_p, wsum, w_scale)]
-    if x_scale is not None:
-        name += "_static"
-    if b is not None:
-        args.append(_arg(importer, b))
-    else:
-        name += "_nobias"
-    if x_scale is not None:
-        zero = _arg(importer, x_zero) if x_zero is not None else relax.const(np.zeros(1, np.float32))
-        args += [_arg(importer, x_scale), zero]
-    args.append(relax.prim_value(tvm.tirx.IntImm("bool", bool(asym))))
-    return importer.block_builder.emit(relax.call_dps_packed(name + "_f32", relax.Tuple(args), _out_sinfo(node, importer)))
-
-
-def _convert_embedding_w8(node, importer):
-    """Rows of the int8 table, dequantised: plain Relax ops TVM fuses into one gather kernel."""
-    from tvm import relax
-    ids, qw, scale = (_arg(importer, t) for t in node.args)
-    bb = importer.block_builder
-    rows = bb.emit(relax.op.astype(relax.op.take(qw, ids, axis=0), "float32"))
-    scales = bb.emit(relax.op.expand_dims(relax.op.take(scale, ids, axis=0), -1))
-    return bb.emit(relax.op.multiply(rows, scales))
 
 
 def _convert_embedding_bf16(node, importer):
@@ -1047,9 +903,7 @@ def to_relax(program: Program, report: list | None = None, device: str = "cpu", 
     `memo`: shared by the functions of one library (kernelize)."""
     from tvm.relax.frontend import detach_params
 
-    convert_map = CONVERT_MAP
-    if device == "cuda":
-        from .cuda import CONVERT_MAP as convert_map
+    convert_map = cuda.CONVERT_MAP if device == "cuda" else CONVERT_MAP
     gm = kernelize(program.gm, program.annotations, report, device, memo)
     feeds = program.example_inputs()
     args = tuple(torch.from_numpy(feeds[s.name]) for s in program.inputs)
