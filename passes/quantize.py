@@ -46,26 +46,22 @@ Methods (`method`):
                columns by decreasing Hessian diagonal with every group's scale fitted up front (on
                SmolLM2 int4 g64: +6.8% perplexity vs +17% in the paper's column order, where groups
                are fitted as they come: act_order=false).
-  awq          per input group (linears reading the same value x): grid search of s = mean|x|^a
-               (a = 0, 0.05 .. 0.95) minimising, on the first 8 calibration feeds, the squared error
-               of the output of the sub-block the group feeds (the attention's output projection for
-               q/k/v, the MLP's down projection for gate/up, else the group's own outputs) when the
-               group's weights are W * s quantized, over inputs x / s; then (int4) AWQ's clipping
-               search per row and group (bounds max|w| * 1, 0.95 .. 0.55, least d^T H_g d with H_g the
-               group's block of the input Hessian); x / s is folded, exactly, into (1) the preceding norm's
-               weight (and bias) when x is that norm's output and only these linears read it, else
-               (2) the rows of the previous linear for attention v -> o (query heads sharing a KV
-               head share one s) and gated MLP up -> down, else (3) an explicit `mul(x, 1/s)`.
-  smoothquant  W8A8 only: s_j = max|X_j|^alpha / max|W_j|^(1-alpha) (max over the group's linears),
-               folded as (1) or (2) above ((2) goes beyond the paper: exact, and free for int8 rows);
-               a group with neither stays unsmoothed (noted with the reason). alpha=auto (default)
-               picks one alpha for the model from 0.3, 0.4 .. 0.8: the one whose output, with every
-               candidate linear emulated as quantized (smoothed W8A8 rtn, activations per token
-               whatever act_scheme; embedding tables float), moves least from the float program's on
-               the first 8 calibration feeds: mean KL of the next-token distributions for causal
-               LMs, 1 - cosine of the pooled output for encoders (tcc.compress.calibration.CalibrationLoss).
-               The record's `alpha_search` holds each alpha's score, its calibration loss, and the
-               float program's loss.
+  awq          the `smooth` pass's step (tcc.compress.smoothing: AWQ's per-group s = mean|x|^a, searched
+               for this pass's int4 / int8 grid, folded exactly into norms, previous linears' rows or an
+               explicit mul), then (int4) AWQ's clipping search per row and group (bounds max|w| * 1,
+               0.95 .. 0.55, least d^T H_g d with H_g the group's block of the input Hessian, here the
+               smoothing statistics' scaled by 1 / (s s^T)), then rtn. The same numbers as
+               `smooth(method=awq,...),quantize(...,clip=awq)` up to rounding in H_g.
+  smoothquant  W8A8 only: the `smooth` pass's SmoothQuant step (s_j = max|X_j|^alpha / max|W_j|^(1-alpha),
+               folded into a norm or the previous linear's rows, else the group stays unsmoothed;
+               alpha=auto picks one alpha for the model from 0.3 .. 0.8 by the calibration loss with
+               every candidate linear emulated as smoothed W8A8: mean KL of the next-token distributions
+               for causal LMs, 1 - cosine of the pooled output for encoders), then rtn; bit for bit
+               `smooth(method=smoothquant,...),quantize(weights=int8,acts=int8,...)`. The record's
+               `alpha_search` holds each alpha's score, its calibration loss, and the float program's loss.
+  clip=awq     (int4, method=rtn; after a `smooth` pass) AWQ's clipping as above, against the Hessian
+               blocks of each layer's input in the program as given (one calibration run); noted in `clip`.
+  See passes/smooth.py and tcc/compress/smoothing.py for the scale searches and folds.
   A tied lm_head is never smoothed (its weight is the embedding table).
 
 Sparse weights (annotated by `sparsify`, see tcc/compress/sparsity.py) stay sparse: every format stores a
@@ -76,17 +72,21 @@ columns and rows, which keeps zeros. The annotation moves to the codes (`<w>_int
 with format, scale, zero and group (a layer mixed precision keeps in fp32 keeps it on the weight).
 
 Calibration: ctx.calibration (the first `samples` feeds) when given, else `samples` windows of
-the default text (tcc.compress.calibration.text_feeds). Needed by gptq, awq, smoothquant, static
-activations and mixed precision; plain rtn with dynamic activations needs none.
+the default text (tcc.compress.calibration.text_feeds). Needed by gptq, awq, smoothquant, clip=awq,
+static activations and mixed precision; plain rtn with dynamic activations needs none.
 
-Mixed precision: keep=N keeps the N layers whose quantization alone raises the calibration loss
+Mixed precision (here, not a pass of its own: a layer's sensitivity is measured with the codes this
+pass gives it - GPTQ's block by block, AWQ's clipped weights - and a promoted layer is quantized again
+from this pass's statistics, e.g. GPTQ's Hessians; a pass before quantize could only guess with rtn
+codes, one after it no longer has the float weights): keep=N keeps the N layers whose quantization alone raises the calibration loss
 most (measured on up to 4 feeds, every layer quantized in its base format in turn, the rest
 float) at higher precision: int8 instead of int4, fp32 instead of int8 / W8A8. avg_bits=B instead
 promotes layers in that order as long as the average storage bits per weight (scales and zeros
 included) of the candidate linears stays <= B. Tied lm_heads are no candidates.
 
 Checks (UserError, naming the option): weights=int4 with acts=int8 and act_scheme=static;
-method=smoothquant without acts=int8 or with int4; method=awq with weights=int8,acts=int8; sym=false with int8 weight-only; an odd int4 group; int4 for
+method=smoothquant without acts=int8 or with int4; method=awq with weights=int8,acts=int8; clip=awq
+without weights=int4,method=rtn; sym=false with int8 weight-only; an odd int4 group; int4 for
 a layer with an odd K (the layer is named); keep with avg_bits; keep above the number of
 layers; an avg_bits below what the base format needs; calibration text too short (text_feeds).
 After rewriting: every quantized op's buffers have the dtypes and shapes the op needs, no
@@ -96,58 +96,37 @@ tensor still holds its pattern.
 Notes: options, calibration feeds, per layer and table {weight, modules, shape, format,
 bytes_before, bytes_after[, group, error, rtn_error, shares]} (error = ||(W-Q)X|| / ||WX|| on the
 calibration tokens, with gptq), group fallbacks, skipped layers with the reason, smoothing per group
-{linears, fold, ratio, clip | alpha}, the alpha search, mixed-precision sensitivities and choices,
-removed attributes.
+{linears, fold, ratio, clip | alpha}, the alpha search, clip=awq's per group {linears, clip},
+mixed-precision sensitivities and choices. The float weights it replaced are dead afterwards: the
+pass manager removes them (removed_attributes) and recovers ModelInfo.
 """
 from __future__ import annotations
-
-import dataclasses
-import math
 
 import torch
 import torch.fx as fx
 
-from tcc.compress import sparsity
-from tcc.compress.calibration import CalibrationLoss, GraphRunner, text_feeds
+from tcc.compress import smoothing, sparsity
+from tcc.compress.calibration import CalibrationLoss, text_feeds
+from tcc.compress.quantization import (Grid, InputStats, Layer, Plan, TABLES, awq_clip_groups, bits_per_weight, blockwise,
+                                       collect_stats, feed_args, gptq, group_fallback, int4_group, linear_reads, match as plan_of,
+                                       output_error, rtn, static_scale)
 from tcc.errors import InternalError, UserError
-from tcc.pipeline import Option, Pass, PassContext, estimate_flops, register, set_val
+from tcc.ir.graph import linear_bias, module_path, op_name, register_tensors as _register, replace_node as _replace
 from tcc.ir.program import Program, attribute as _attr
-from tcc.progress import track
-from tcc.ir.ops import quantize_rows
-from tcc.compress.quantization import (Grid, InputStats, QWeight, awq_clip, awq_scale, bits_per_weight, blockwise, collect,
-                              collect_stats, feed_args, glob_matches, gptq, int4_group, module_path, output_error, rtn, run_range,
-                              smoothquant_scales, static_scale)
+from tcc.ir.runner import GraphRunner
 from tcc.memory import page_out
-from tcc.ir.structure import IDENTITY, op_name
+from tcc.pipeline import Option, Pass, PassContext, register
+from tcc.progress import track
 
-from tcc.ir.graph import free_name as _free_name, register_tensors as _register, remove_dead, replace_node as _replace
-
-aten, tcc_ops = torch.ops.aten, torch.ops.tcc
-# tcc::dense_bf16 / embedding_bf16: a bf16 checkpoint's own tensors (tcc.frontends.frontend), read widened to float32
-DENSE = (aten.linear.default, tcc_ops.dense.default, tcc_ops.dense_bf16.default)
-EMBEDDING = aten.embedding.default
-TABLES = {EMBEDDING: (0, 1), tcc_ops.embedding_bf16.default: (1, 0)}  # embedding op -> (table, ids) positions
-ASSERT = aten._assert_tensor_metadata.default
+tcc_ops = torch.ops.tcc
 OPS = {"w8": tcc_ops.dense_w8.default, "w4": tcc_ops.dense_w4.default, "a8w8": tcc_ops.dense_a8w8.default}
 HIGHER = {"w4": "w8", "w8": "fp32", "a8w8": "fp32"}
-AWQ_FEEDS, AWQ_GRID = 8, 20
-ALPHA_FEEDS, ALPHA_GRID = 8, (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 SENSITIVITY_FEEDS = 4
-
-
-def _alpha_problem(v: str) -> str | None:
-    if v == "auto":
-        return None
-    try:
-        ok = 0 <= float(v) <= 1
-    except ValueError:
-        ok = False
-    return None if ok else f"must be auto or a number in [0, 1], got {v}"
 
 
 @register
 class Quantize(Pass):
-    """int8/int4 weights (rtn, gptq, awq), W8A8 (rtn, gptq, smoothquant), int8 embeddings, mixed precision."""
+    """int8/int4 weights (rtn, gptq, awq = smooth + AWQ clipping), W8A8 (rtn, gptq, smoothquant), int8 embeddings, mixed precision."""
 
     name = "quantize"
     kind = "transform"
@@ -157,7 +136,7 @@ class Quantize(Pass):
     def reads_bf16_weights(self) -> bool:
         """bf16 weights are read widened to float32, one layer at a time; smoothquant's scales are powers
         of two where they scale a bf16 weight (_exact_scales). AWQ's clipping would round: float32 load."""
-        return self.method != "awq"
+        return self.method != "awq" and self.clip != "awq"
     options = {
         "weights": Option(str, "int8", "weight format", choices=("int8", "int4")),
         "group": Option(int, 128, "int4: input features per scale (even; a K it does not divide uses the largest even "
@@ -172,8 +151,10 @@ class Quantize(Pass):
         "zero": Option(str, "int", "int4 zero points with sym=false: int (codes 0..15) or float (fractional, "
                        "float32: each group's grid starts at its minimum, as llama.cpp's Q4_1)", choices=("int", "float")),
         "method": Option(str, "rtn", "how weights are quantized", choices=("rtn", "gptq", "awq", "smoothquant")),
+        "clip": Option(str, "none", "int4, method=rtn: AWQ's clipping search per row and group before rounding "
+                       "(method=awq always clips)", choices=("none", "awq")),
         "alpha": Option(str, "auto", "SmoothQuant migration strength in [0, 1], or auto: the one of 0.3 .. 0.8 "
-                        "that moves the calibration output least", validator=lambda v: _alpha_problem(v)),
+                        "that moves the calibration output least", validator=smoothing.alpha_problem),
         "damp": Option(float, 0.01, "GPTQ damping, a fraction of the mean Hessian diagonal",
                        validator=lambda v: None if v > 0 else "must be > 0"),
         "act_order": Option(bool, True, "GPTQ: columns by decreasing Hessian diagonal, groups fitted up front "
@@ -214,6 +195,9 @@ class Quantize(Pass):
             raise bad("zero", "zero=float is for asymmetric int4 weights", "add weights=int4,sym=false, or drop zero=float")
         if self.group and self.group % 2:
             raise bad("group", f"group={self.group} is odd; two int4 codes share a byte", "use an even group, e.g. 128")
+        if self.clip == "awq" and (self.weights != "int4" or self.method != "rtn"):
+            raise bad("clip", "clip=awq searches clipping bounds for round-to-nearest int4 codes",
+                      "use weights=int4 with method=rtn (method=awq clips by itself), or drop clip=awq")
         if self.keep and self.avg_bits:
             raise bad("keep", "give keep or avg_bits, not both", "keep=N layers, or avg_bits=bits per weight")
 
@@ -225,16 +209,18 @@ class Quantize(Pass):
     def base_format(self) -> str:
         return "w4" if self.weights == "int4" else ("a8w8" if self.acts == "int8" else "w8")
 
-    def run(self, program: Program, ctx: PassContext) -> Program:
+    def run(self, program: Program, ctx: PassContext) -> bool:
         gm = program.gm
         plan = match(program, self)
         fallback = group_fallback(plan, self.group)
         for line in fallback:
             ctx.logger.warning("quantize: %s", line)
         feeds = self._feeds(program, ctx) if plan.layers and self._calibrates() else []
-        smoothing, alpha_search = [], None
-        if feeds and self.method in ("awq", "smoothquant"):
-            smoothing, alpha_search = smooth(program, plan, feeds, self)
+        smoothed, clipped = None, None
+        if feeds and self.method in smoothing.METHODS:  # = smooth(method=...) then (awq, int4) AWQ's clipping
+            smoothed = smooth_in_place(program, plan, feeds, self)
+        elif feeds and self.clip == "awq":
+            clipped = clip_awq(program, plan, feeds, self)
         if self.method == "gptq":
             stats = gptq_blocks(program, plan, feeds, self)
         else:
@@ -247,14 +233,11 @@ class Quantize(Pass):
         self._kept_float = {l.weight for l in plan.layers.values() if l.format == "fp32"}
         quantized = rewrite(gm, plan, self)
         carry_sparsity(program, plan)
-        removed = remove_dead(gm)[1] if quantized or plan.tables else []
         gm.recompile()
         ctx.note(options=dict(self.opts), calibration={"feeds": len(feeds)}, quantized=quantized,
-                 group_fallback=fallback, skipped=plan.skipped, smoothing=smoothing, alpha_search=alpha_search,
-                 mixed=mixed, removed_attributes=removed)
-        if quantized or plan.tables:
-            ctx.refresh_info(program)
-        return program
+                 group_fallback=fallback, skipped=plan.skipped, smoothing=smoothed.notes if smoothed else [],
+                 alpha_search=smoothed.alpha_search if smoothed else None, clip=clipped, mixed=mixed)
+        return bool(quantized or plan.tables)  # the manager removes the float weights (dead now), refreshes ModelInfo
 
     def ensures(self, program: Program) -> None:
         verify(program.gm)
@@ -266,7 +249,7 @@ class Quantize(Pass):
             raise InternalError(f"quantize left float weights it should have quantized: {sorted(left)}")
 
     def _calibrates(self) -> bool:
-        return self.method != "rtn" or self._static() or bool(self.keep or self.avg_bits)
+        return self.method != "rtn" or self.clip != "none" or self._static() or bool(self.keep or self.avg_bits)
 
     def _static(self) -> bool:
         return self.acts == "int8" and self.act_scheme == "static"
@@ -279,106 +262,53 @@ class Quantize(Pass):
 
 # -- match --------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Layer:
-    weight: str  # get_attr target of the float weight
-    nodes: list[fx.Node]  # the linear nodes reading it (usually one)
-    shape: tuple[int, int]  # [N, K]
-    format: str  # "w8" | "w4" | "a8w8" | "fp32"
-    tied: str | None = None  # the embedding table whose int8 buffers it reads
-    group: int = 0  # int4: the input features per scale this layer uses (int4_group)
-    q: QWeight | None = None
-    act: dict = dataclasses.field(default_factory=dict)  # node name -> (x_scale, x_zero) when static
-    info: dict = dataclasses.field(default_factory=dict)
-    sparsity: dict | None = None  # the weight's sparsity annotation (tcc.compress.sparsity), carried to its codes
-    stored: dict = dataclasses.field(default_factory=dict)  # suffix ("int8", "scale", ...) -> new buffer target
-
-    @property
-    def modules(self) -> list[str]:
-        return sorted({module_path(n) for n in self.nodes})
-
-
-@dataclasses.dataclass
-class Plan:
-    layers: dict[str, Layer]  # by weight target, in graph order
-    tables: dict[str, list[fx.Node]]  # embedding table target -> embedding nodes
-    skipped: list[dict]
-
-
 def match(program: Program, opts: Quantize, check_groups: bool = True) -> Plan:
+    """The layers and tables to quantize (tcc.compress.quantization.match with this pass's options)."""
+    return plan_of(program, opts.base_format, group=opts.group, tied_format="a8w8" if opts.acts == "int8" else "w8",
+                   min_size=opts.min_size, skip=opts.skip, embeddings=opts.embeddings, check_groups=check_groups)
+
+
+# -- smoothing and clipping -------------------------------------------------------------------------
+
+def target(opts: Quantize) -> smoothing.Target:
+    """The format these options quantize to, as the smoothing searches see it."""
+    grid = Grid("int4", opts.sym, opts.zero == "float") if opts.weights == "int4" else Grid("int8", opts.sym)
+    return smoothing.Target(grid, opts.group, act_asym=not opts.sym)
+
+
+def smooth_in_place(program: Program, plan: Plan, feeds: list[dict], opts: Quantize) -> smoothing.Smoothed:
+    """method=awq|smoothquant: the `smooth` pass's step (tcc.compress.smoothing) on this plan, then, for
+    awq with int4 weights, AWQ's clipping against the smoothing statistics' Hessian blocks scaled by
+    1 / (s s^T) (the Hessian of x / s, without another calibration run). Each group's note gets "clip"."""
+    clip = opts.method == "awq" and opts.weights == "int4"
+    done = smoothing.smooth(program, plan.layers, feeds, opts.method, None if opts.auto_alpha else float(opts.alpha),
+                            target(opts), hessian_blocks=clip)
+    if clip:
+        def hessian(x: fx.Node) -> torch.Tensor:
+            h = done.stats[x.name].H_blocks
+            if x.name in done.applied:
+                full = done.applied[x.name].reshape(h.shape[0], -1).to(torch.float64)
+                h = h / (full[:, :, None] * full[:, None, :])
+            return h
+        ratios = awq_clip_groups(program.gm, plan.layers, done.groups, hessian, target(opts).grid, opts.group)
+        for note, ratio in zip(done.notes, ratios):
+            note["clip"] = ratio
+    return done
+
+
+def clip_awq(program: Program, plan: Plan, feeds: list[dict], opts: Quantize) -> list[dict]:
+    """clip=awq: AWQ's clipping of every int4 layer against the Hessian blocks of its input in this
+    program (after a `smooth` pass: the smoothed input). One calibration run; notes per input group."""
     gm = program.gm
-    candidates: dict[str, list[fx.Node]] = {}
-    tables: dict[str, list[fx.Node]] = {}
-    skipped: list[dict] = []
-    for n in gm.graph.nodes:
-        if n.op != "call_function" or n.target not in DENSE + tuple(TABLES):
-            continue
-        is_table = n.target in TABLES
-        if is_table and not opts.embeddings:
-            continue
-        w = n.args[TABLES[n.target][0]] if is_table else (n.args[1] if len(n.args) > 1 else None)
-        path = module_path(n)
-        if not isinstance(w, fx.Node) or w.op != "get_attr":
-            skipped.append({"module": path, "node": n.name, "reason": "weight is computed, not a stored tensor"})
-            continue
-        t = _attr(gm, w.target)
-        reason = None
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2:
-            reason = "weight is not a 2-D float tensor"
-        elif t.numel() < opts.min_size:
-            reason = f"{t.numel()} weights < min_size={opts.min_size}"
-        elif any(glob_matches(g, path) for g in opts.skip):
-            reason = "matches skip"
-        if reason:
-            skipped.append({"module": path, "node": n.name, "reason": reason})
-        else:
-            (tables if is_table else candidates).setdefault(w.target, []).append(n)
-
-    readers: dict[str, set[fx.Node]] = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            readers.setdefault(n.target, set()).update(n.users)
-    layers = {}
-    for target, nodes in candidates.items():
-        others = [u for u in readers[target] if u not in nodes]
-        shape = tuple(_attr(gm, target).shape)
-        if others and target in tables and all(u in tables[target] for u in others):
-            layers[target] = Layer(target, nodes, shape, "a8w8" if opts.acts == "int8" else "w8", tied=target)
-        elif others:
-            reason = f"weight '{target}' is also read by {sorted(u.name for u in others)}"
-            skipped += [{"module": module_path(n), "node": n.name, "reason": reason} for n in nodes]
-        else:
-            layer = layers[target] = Layer(target, nodes, shape, opts.base_format,
-                                           sparsity=sparsity.annotation(program, target))
-            if opts.base_format == "w4":
-                layer.group = int4_group(shape[1], opts.group) or 0
-                if check_groups and not layer.group:
-                    raise UserError(f"pass 'quantize' option 'weights': layer {layer.modules[0] or target} cannot be "
-                                    f"quantized to int4: its {shape[1]} input features are odd (two int4 codes "
-                                    "share a byte, so a group must be even)",
-                                    f"skip=[{layer.modules[0] or target}] the layer, or use weights=int8")
-    return Plan(layers, tables, skipped)
-
-
-def group_fallback(plan: Plan, group: int) -> list[str]:
-    """One line per (K, group used) where int4 layers could not use the requested group."""
-    counts: dict[tuple[int, int], int] = {}
-    for l in plan.layers.values():
-        if l.format == "w4" and l.group != (group or l.shape[1]):
-            counts[(l.shape[1], l.group)] = counts.get((l.shape[1], l.group), 0) + 1
-    return [f"group {group} does not divide K={k} for {n} layer{'s' * (n > 1)}: used {g}"
-            for (k, g), n in sorted(counts.items())]
+    groups = smoothing.input_groups(gm, plan.layers)
+    width = lambda lins: _attr(gm, lins[0].args[1].target).shape[1]
+    stats = {x.name: InputStats(width(lins), blocks=int4_group(width(lins), opts.group)) for x, lins in groups}
+    collect_stats(program, feeds, stats, "quantize: awq clipping")
+    ratios = awq_clip_groups(gm, plan.layers, groups, lambda x: stats[x.name].H_blocks, target(opts).grid, opts.group)
+    return [{"linears": [module_path(n) or n.name for n in lins], "clip": r} for (_, lins), r in zip(groups, ratios)]
 
 
 # -- calibrate -----------------------------------------------------------------------------------------
-
-def _x(n: fx.Node) -> fx.Node:
-    return n.args[0]
-
-
-def _bias(n: fx.Node):
-    return n.args[2] if len(n.args) > 2 else n.kwargs.get("bias", n.kwargs.get("b"))
-
 
 def calibrate(program: Program, plan: Plan, feeds: list[dict], opts: Quantize) -> dict[str, InputStats]:
     """Statistics of every quantized linear's input (the |x| percentile for static activations)."""
@@ -391,9 +321,9 @@ def _input_stats(layers, n_feeds: int, opts: Quantize) -> dict[str, InputStats]:
     stats: dict[str, InputStats] = {}
     for layer in layers:
         for n in layer.nodes:
-            if _x(n).name not in stats:
+            if n.args[0].name not in stats:
                 static = opts._static() and layer.format == "a8w8"
-                stats[_x(n).name] = InputStats(layer.shape[1], hessian=opts.method == "gptq",
+                stats[n.args[0].name] = InputStats(layer.shape[1], hessian=opts.method == "gptq",
                                                percentile=opts.percentile if static else None,
                                                signed=not opts.sym, feeds=n_feeds)
     return stats
@@ -417,427 +347,6 @@ def gptq_blocks(program: Program, plan: Plan, feeds: list[dict], opts: Quantize)
     return kept
 
 
-# -- smooth (awq, smoothquant) ------------------------------------------------------------------------
-
-def smooth(program: Program, plan: Plan, feeds: list[dict], opts: Quantize) -> list[dict]:
-    """Scale each input group's weights by s and fold x / s into the graph (exact in fp32)."""
-    gm = program.gm
-    width = lambda lins: _attr(gm, lins[0].args[1].target).shape[1]
-    groups = _input_groups(gm, plan)
-    clip = opts.method == "awq" and opts.weights == "int4"
-    stats = {x.name: InputStats(width(lins), blocks=int4_group(width(lins), opts.group) if clip else 0)
-             for x, lins in groups}
-    reference = collect(program, feeds, stats, f"quantize: calibrating {opts.method}")[0]
-    notes, todo = [], []
-    for x, lins in groups:
-        note = {"linears": [module_path(n) or n.name for n in lins]}
-        notes.append(note)
-        fold = _find_fold(program, x, lins, plan)
-        if isinstance(fold, str):
-            note["fold"] = "none: " + fold
-        elif fold[0] == "mul" and opts.method == "smoothquant":
-            note["fold"] = "none: the input is no norm's own output and no v->o / up->down projection"
-        elif not any(n.args[1].target in plan.layers for n in lins):
-            note["fold"] = "none: no quantized linear reads it"
-        else:
-            todo.append((x, lins, fold, note))
-    search = None
-    if opts.method == "awq":
-        scales = awq_scales(program, plan, todo, stats, feeds[:AWQ_FEEDS], opts)
-    else:
-        alpha = None if opts.auto_alpha else float(opts.alpha)
-        if alpha is None and todo:  # nothing to smooth: no alpha to choose
-            search = search_alpha(program, plan, todo, stats, _search_feeds(program, feeds, ALPHA_FEEDS,
-                                                                            1 + len(ALPHA_GRID)), opts)
-            alpha = search["chosen"]
-        scales = _smoothquant_scales(gm, todo, stats, alpha)
-    applied = {}  # x name -> the per-feature s its linears' weights were multiplied by
-    for (x, lins, fold, note), s in zip(todo, scales):
-        if opts.method == "smoothquant":
-            note["alpha"] = alpha
-        elif note["ratio"] == 0:
-            note["fold"] = "none: the search kept s = 1"
-            continue
-        full = s if fold[-1] is None else s[fold[-1]]
-        with torch.no_grad():
-            for n in lins:
-                _attr(gm, n.args[1].target).mul_(full[None, :])
-        note["fold"] = _apply_fold(gm, fold, s, full, x, lins)
-        applied[x.name] = full
-    gm.recompile()
-    _check_exact(program, feeds[0], reference)
-    if clip:
-        _clip(gm, plan, groups, stats, applied, notes, opts)
-    return notes, search
-
-
-def _smoothquant_scales(gm, todo: list, stats: dict, alpha: float) -> list[torch.Tensor]:
-    return [_exact_scales(gm, lins, smoothquant_scales(stats[x.name].abs_max, [_attr(gm, n.args[1].target) for n in lins],
-                                                       alpha, fold[-1]))
-            for x, lins, fold, _ in todo]
-
-
-def _exact_scales(gm, lins: list[fx.Node], s: torch.Tensor) -> torch.Tensor:
-    """s, or s rounded to the nearest power of two where it scales a weight stored in bf16 (a bf16
-    checkpoint's own tensors, tcc.frontends.frontend): W * s and the folded rows / s then stay exact in bf16, so
-    smoothing writes no float32 copy of the weights (issue 15). float32 weights: s as it is."""
-    if any(_attr(gm, n.args[1].target).dtype == torch.bfloat16 for n in lins):
-        return torch.exp2(torch.round(torch.log2(s)))
-    return s
-
-
-SEARCH_FLOP = 2e12  # the alpha search's forward passes together: about this many FLOPs (at least one feed)
-
-
-def _search_feeds(program: Program, feeds: list[dict], most: int, runs: int) -> list[dict]:
-    """At most `most` of `feeds`, fewer for big models: `runs` forward passes over them stay within
-    SEARCH_FLOP (estimate_flops; a Llama-3.2-1B shape at 128 tokens, 2.8e11 FLOPs a feed: the alpha
-    search's 7 runs on one feed, where 8 feeds took 56 forward passes; SmolLM2 keeps 8; issue 15)."""
-    try:
-        per_feed = estimate_flops(program.gm)
-    except InternalError:  # a node without shapes
-        return feeds[:most]
-    return feeds[:int(max(1, min(most, SEARCH_FLOP // max(runs * per_feed, 1))))]
-
-
-def search_alpha(program: Program, plan: Plan, todo: list, stats: dict, feeds: list[dict], opts: Quantize) -> dict:
-    """SmoothQuant's alpha for the whole model: for each alpha in ALPHA_GRID, run `feeds` through the
-    program with every quantized linear emulated as smoothed W8A8 (x / s fake-quantized per token,
-    times Q(W * s) with Q int8 per row; float32 products, which differ from the op's exact integer
-    sums only by rounding; the float program is not changed) and score it by how far its output
-    moves from the float program's: causal LMs the mean KL(float || quantized) of the next-token
-    distributions (less noisy than the cross-entropy against the text, also recorded as "loss"),
-    encoders the calibration loss (1 - cosine to the float program). Returns {chosen, losses, float}."""
-    gm = program.gm
-    runner = GraphRunner(gm)
-    objective = CalibrationLoss(program, feeds)
-    args = [feed_args(program, f) for f in feeds]
-    base, reference = [], []
-    for i, a in enumerate(args):
-        out = runner.run(a).outputs
-        base.append(objective.terms(i, out))
-        if objective.causal:
-            reference.append(_log_probs(program, out))
-    smoothed = {x.name: (fold[-1], i) for i, (x, _, fold, _) in enumerate(todo)}
-    asym = not opts.sym
-    losses = []
-    for alpha in track(ALPHA_GRID, f"quantize: smoothquant alpha on {len(feeds)} feeds"):
-        scales = _smoothquant_scales(gm, todo, stats, alpha)
-        patches = {}
-        for layer in plan.layers.values():
-            w = _attr(gm, layer.tied or layer.weight).detach().to(torch.float32)
-            for n in layer.nodes:
-                x, b = _x(n), _bias(n)
-                s = None
-                if x.name in smoothed and not layer.tied:
-                    expand, i = smoothed[x.name]
-                    s = scales[i] if expand is None else scales[i][expand]
-                wq = rtn(w if s is None else w * s[None, :], Grid("int8"), w.shape[1])  # codes: 1/4 the float bytes
-                patches[n.name] = (_fake_a8w8(x.name, wq, s, b.name if isinstance(b, fx.Node) else b, asym), _needs(n))
-        terms, kl = [], []
-        for i, a in enumerate(args):
-            out = runner.run(a, patches=patches).outputs
-            terms.append(objective.terms(i, out))
-            if objective.causal:
-                p = reference[i]
-                kl.append((float((p.exp() * (p - _log_probs(program, out))).sum()), p.shape[0]))
-        losses.append({"alpha": alpha, "loss": _digits(CalibrationLoss.combine(terms))})
-        if kl:
-            losses[-1]["kl"] = _digits(CalibrationLoss.combine(kl))
-    key = "kl" if objective.causal else "loss"
-    best = min(losses, key=lambda r: r[key])
-    return {"chosen": best["alpha"], "by": key, "losses": losses, "float": _digits(CalibrationLoss.combine(base)),
-            "feeds": len(feeds), "metric": objective.kind}
-
-
-def _digits(v: float) -> float:
-    return float(f"{v:.6g}")
-
-
-def _log_probs(program: Program, outputs: list) -> torch.Tensor:
-    """log-softmax of a causal LM's logits output, [positions, vocab]."""
-    names = [s.name for s in program.outputs]
-    logits = torch.as_tensor(outputs[names.index("logits") if "logits" in names else 0]).to(torch.float32)
-    return torch.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
-
-
-def _fake_a8w8(x: str, wq: QWeight, s: torch.Tensor | None, b, asym: bool):
-    """A GraphRunner patch: linear(fake-quantized x / s, wq dequantized) + b."""
-    def fn(v, get):
-        xv = get(x).to(torch.float32)
-        xv = xv if s is None else xv / s
-        q, scale, zero = quantize_rows(xv.reshape(-1, xv.shape[-1]), None, None, asym)
-        y = torch.nn.functional.linear(((q - zero) * scale).reshape(xv.shape), wq.dequantize())
-        return y + get(b) if isinstance(b, str) else (y + b if b is not None else y)
-    return fn
-
-
-def _clip(gm, plan: Plan, groups: list, stats: dict, applied: dict, notes: list[dict], opts: Quantize) -> None:
-    """AWQ's clipping of every quantized int4 weight, against its (smoothed: x / s) input."""
-    grid = Grid("int4", opts.sym, opts.zero == "float")
-    for (x, lins), note in zip(groups, notes):
-        h = stats[x.name].H_blocks
-        k = h.shape[0] * h.shape[1]
-        if x.name in applied:
-            full = applied[x.name].reshape(h.shape[0], -1).to(torch.float64)
-            h = h / (full[:, :, None] * full[:, None, :])
-        ratios = []
-        for n in lins:
-            if n.args[1].target in plan.layers:
-                w = _attr(gm, n.args[1].target)
-                clipped, ratio = awq_clip(w, h, grid, int4_group(k, opts.group))
-                with torch.no_grad():
-                    w.copy_(clipped)
-                ratios.append(ratio)
-        note["clip"] = round(sum(ratios) / len(ratios), 4) if ratios else None
-
-
-def awq_scales(program: Program, plan: Plan, todo: list, stats: dict, feeds: list[dict], opts: Quantize) -> list:
-    """Per group, AWQ's s: the a in 0, 1/20 .. 19/20 for which the output of the sub-block the group
-    feeds (attention output projection for q/k/v, down projection for gate/up, else the group's own
-    linears) changes least, in squared error over `feeds`, when the group's quantized linears compute
-    with Q(W * s) / s. Groups are independent: each is measured on the unchanged float program, from
-    the values its sub-block reads (kept per feed from one run of the graph)."""
-    gm = program.gm
-    runner = GraphRunner(gm)
-    grid = Grid("int4", opts.sym, opts.zero == "float") if opts.weights == "int4" else Grid("int8", opts.sym)
-    spans, reads = [], []
-    for _, lins, _, _ in todo:
-        start, stop = min(runner.position[n.name] for n in lins), runner.position[_inspect_end(program, lins).name]
-        inside = set(runner.nodes[start:stop + 1])
-        spans.append((start, stop))
-        reads.append({a for n in inside for a in n.all_input_nodes if a not in inside})
-    inputs = [[] for _ in todo]
-    for feed in track(feeds, f"quantize: awq inputs of {len(todo)} groups"):
-        snapshots = runner.run(feed_args(program, feed), snapshot_at={start for start, _ in spans}).snapshots
-        for g, (start, _) in enumerate(spans):
-            inputs[g].append({a: snapshots[start][a] for a in reads[g]})
-        del snapshots
-    out = []
-    for g, (x, lins, fold, note) in enumerate(track(todo, "quantize: awq search")):
-        start, stop = spans[g]
-        end = runner.nodes[stop]
-        refs = [run_range(runner, env, start, stop)[end] for env in inputs[g]]
-        quantized = [n for n in lins if n.args[1].target in plan.layers]
-        best = (math.inf, 0.0, None)
-        for a in [i / AWQ_GRID for i in range(AWQ_GRID)]:
-            s = awq_scale(stats[x.name].abs_mean, a, fold[-1])
-            full = s if fold[-1] is None else s[fold[-1]]
-            overrides = {n: _with_weight(n, _dequantized_scaled(gm, n, full, grid, opts)) for n in quantized}
-            err = sum(float(((run_range(runner, env, start, stop, overrides)[end] - ref) ** 2).sum())
-                      for env, ref in zip(inputs[g], refs))
-            if err < best[0]:
-                best = (err, a, s)
-        inputs[g] = None
-        note["ratio"] = best[1]
-        out.append(best[2])
-    return out
-
-
-def _dequantized_scaled(gm, n: fx.Node, full: torch.Tensor, grid: Grid, opts: Quantize) -> torch.Tensor:
-    w = _attr(gm, n.args[1].target).detach()
-    group = int4_group(w.shape[1], opts.group) if grid.kind == "int4" else w.shape[1]
-    return rtn(w * full[None, :], grid, group).dequantize() / full[None, :]
-
-
-def _with_weight(n: fx.Node, w: torch.Tensor):
-    """A run_range override: linear node n computed with weight w."""
-    x, b = _x(n), _bias(n)
-    return lambda get: torch.nn.functional.linear(get(x), w, get(b) if isinstance(b, fx.Node) else b)
-
-
-def _inspect_end(program: Program, lins: list[fx.Node]) -> fx.Node:
-    names, nodes = {n.name for n in lins}, {n.name: n for n in program.gm.graph.nodes}
-    for b in program.info.blocks if program.info else []:
-        a, m = b.attention, b.mlp
-        if a and a.o and names & {l.node for l in (a.q, a.k, a.v, a.qkv) if l}:
-            return nodes[a.o.node]
-        if m and names & {l.node for l in (m.gate, m.up, m.gate_up) if l}:
-            return nodes[m.down.node]
-    return lins[-1]
-
-
-def _input_groups(gm, plan: Plan) -> list[tuple[fx.Node, list[fx.Node]]]:
-    """(x, every linear reading x) for each input of a quantized, untied linear; graph order."""
-    seen, out = set(), []
-    for layer in plan.layers.values():
-        if layer.tied:
-            continue
-        for n in layer.nodes:
-            x = _x(n)
-            if x in seen:
-                continue
-            seen.add(x)
-            out.append((x, [u for u in x.users if u.target in DENSE and u.args[0] is x]))
-    return out
-
-
-def _find_fold(program: Program, x: fx.Node, lins: list[fx.Node], plan: Plan):
-    """("norm", w, b, None) | ("rows", prev linear, rows, expand) | ("mul", None), or the reason (str)
-    why x / s cannot go anywhere exact."""
-    gm = program.gm
-    for n in lins:
-        w = n.args[1]
-        if not isinstance(w, fx.Node) or w.op != "get_attr" or _readers(gm, w.target) != {n}:
-            return f"the weight of {n.name} is shared or computed"
-    users = _users(x)
-    if all(u in lins for u in users):
-        src = x
-        while op_name(src) in IDENTITY and len(_users(src.args[0])) == 1:
-            src = src.args[0]
-        affine = _norm_affine(program, src)
-        k = _attr(gm, lins[0].args[1].target).shape[1]
-        if affine is not None and all(p is None or _attr(gm, p.target).shape == (k,) for p in affine):
-            return ("norm", *affine, None)
-    if len(lins) == 1:
-        prev = _prev_rows(program, lins[0])
-        if prev is not None:
-            node, rows = prev
-            uniq, expand = torch.unique(rows, return_inverse=True)
-            return ("rows", node, uniq, expand)
-    return ("mul", None)
-
-
-def _apply_fold(gm, fold, s: torch.Tensor, full: torch.Tensor, x: fx.Node, lins: list[fx.Node]) -> str:
-    kind = fold[0]
-    with torch.no_grad():
-        if kind == "norm":
-            _, w, b, _ = fold
-            for p in (w, b):
-                if p is not None:
-                    _attr(gm, p.target).div_(s)
-            return f"norm weight {w.target}" + (f" and bias {b.target}" if b is not None else "")
-        if kind == "rows":
-            _, prev, rows, _ = fold
-            _attr(gm, prev.args[1].target)[rows] /= s[:, None]
-            b = _bias(prev)
-            if isinstance(b, fx.Node):
-                _attr(gm, b.target)[rows] /= s
-            return f"rows of {module_path(prev) or prev.name}"
-    # an explicit x * (1/s) before the group
-    owner_path = lins[0].args[1].target.rpartition(".")[0]
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    name = _free_name(owner, "input_smooth")
-    owner.register_buffer(name, (1.0 / full).to(torch.float32))
-    first = min(lins, key=lambda n: list(gm.graph.nodes).index(n))
-    with gm.graph.inserting_before(first):
-        inv = gm.graph.get_attr(f"{owner_path}.{name}" if owner_path else name)
-        mul = gm.graph.call_function(aten.mul.Tensor, (x, inv))
-    set_val(gm, inv, _attr(gm, inv.target))
-    set_val(gm, mul)
-    for n in lins:
-        n.replace_input_with(x, mul)
-    return f"explicit mul ({inv.target})"
-
-
-def _users(n: fx.Node) -> list[fx.Node]:
-    return [u for u in n.users if u.target is not ASSERT]
-
-
-def _readers(gm, target: str) -> set[fx.Node]:
-    return {u for n in gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users}
-
-
-def _param(gm, a) -> fx.Node | None:
-    """a, when it is a get_attr of a 1-D tensor read by nothing but one node."""
-    ok = isinstance(a, fx.Node) and a.op == "get_attr" and _attr(gm, a.target).dim() == 1
-    return a if ok and len(_readers(gm, a.target)) == 1 else None
-
-
-def _norm_affine(program: Program, src: fx.Node):
-    """(weight, bias or None) get_attr nodes of the affine end of the norm producing src, else None:
-    aten.layer_norm / rms_norm, or decomposed y * w [+ b] with y a normalised value."""
-    gm = program.gm
-    if src.target in (aten.layer_norm.default, aten.rms_norm.default):
-        a = list(src.args) + [None] * 4
-        w, b = _param(gm, a[2]), (_param(gm, a[3]) if src.target is aten.layer_norm.default else None)
-        has_bias = src.target is aten.layer_norm.default and a[3] is not None
-        return (w, b) if w is not None and (b is not None or not has_bias) else None
-    if op_name(src) not in ("aten.mul", "aten.add") or len(src.args) != 2:
-        return None
-    bias, m = None, src
-    if op_name(m) == "aten.add":
-        bias = next((a for a in m.args if _param(gm, a) is not None), None)
-        m = next((a for a in m.args if a is not bias), None)
-        if bias is None or op_name(m) != "aten.mul" or len(m.args) != 2 or len(_users(m)) != 1:
-            return None
-    w = next((a for a in m.args if _param(gm, a) is not None), None)
-    y = next((a for a in m.args if a is not w), None)
-    if w is None or not isinstance(y, fx.Node):
-        return None
-    known = {nm.node for nm in _norms(program.info)}
-    return (w, bias) if src.name in known or _normalised(y) else None
-
-
-def _norms(info) -> list:
-    if info is None:
-        return []
-    out = [info.final_norm]
-    for b in info.blocks:
-        out += [b.attention.norm, b.attention.out_norm] if b.attention else []
-        out += [b.mlp.norm, b.mlp.out_norm] if b.mlp else []
-    return [n for n in out if n is not None]
-
-
-def _normalised(y: fx.Node, depth: int = 4) -> bool:
-    """y = v * rsqrt(...) or v / sqrt(...), maybe through casts."""
-    for _ in range(depth):
-        if op_name(y) in ("aten.mul", "aten.div"):
-            return any(isinstance(a, fx.Node) and op_name(a) in ("aten.rsqrt", "aten.sqrt") for a in y.args)
-        if op_name(y) not in IDENTITY:
-            return False
-        y = y.args[0]
-    return False
-
-
-def _ranges(r) -> list[int]:
-    return [f for lo, hi in r for f in range(lo, hi)]
-
-
-def _prev_rows(program: Program, lin: fx.Node):
-    """(previous linear, its output row for each input feature of lin) for attention v -> o and a
-    gated MLP's up -> down, from ModelInfo; None otherwise."""
-    info, nodes = program.info, {n.name: n for n in program.gm.graph.nodes}
-    for b in info.blocks if info else []:
-        a, m = b.attention, b.mlp
-        if a and a.o and a.o.node == lin.name and a.o_heads and a.v_heads and len(a.o_heads) % len(a.v_heads) == 0:
-            src = a.v or a.qkv
-            per = len(a.o_heads) // len(a.v_heads)
-            rows = torch.full((a.o.in_features,), -1, dtype=torch.long)
-            for h, ranges in enumerate(a.o_heads):
-                of, vf = _ranges(ranges), _ranges(a.v_heads[h // per])
-                if len(of) != len(vf):
-                    return None
-                rows[of] = torch.tensor(vf)
-            return (nodes[src.node], rows) if bool((rows >= 0).all()) and _plain(nodes[src.node]) else None
-        if m and m.down.node == lin.name and m.act:
-            if m.up and m.gate and m.up.out_features == m.down.in_features:
-                return (nodes[m.up.node], torch.arange(m.down.in_features)) if _plain(nodes[m.up.node]) else None
-            if m.gate_up and m.gate_up_slices.get("up"):
-                rows = torch.tensor(_ranges(m.gate_up_slices["up"]))
-                ok = len(rows) == m.down.in_features and _plain(nodes[m.gate_up.node])
-                return (nodes[m.gate_up.node], rows) if ok else None
-    return None
-
-
-def _plain(n: fx.Node) -> bool:
-    """A float linear whose get_attr weight (and bias) only it reads."""
-    w, b = n.args[1], _bias(n)
-    return (n.target in DENSE and isinstance(w, fx.Node) and w.op == "get_attr"
-            and len(_readers(n.graph.owning_module, w.target)) == 1
-            and (b is None or (isinstance(b, fx.Node) and b.op == "get_attr")))
-
-
-def _check_exact(program: Program, feed: dict, reference: list) -> None:
-    """Smoothing must not change the float program (beyond rounding)."""
-    after = program(feed)
-    for spec, ref in zip(program.outputs, reference):
-        ref = ref.detach().numpy()
-        rel = float(abs(after[spec.name] - ref).max()) / max(float(abs(ref).max()), 1e-12)
-        if rel > 1e-3:
-            raise InternalError(f"quantize: folding the smoothing scales changed output '{spec.name}' by {rel:.2e}")
-
-
 # -- quantize ------------------------------------------------------------------------------------------
 
 def quantize_layer(gm, layer: Layer, stats: dict[str, InputStats], opts: Quantize) -> None:
@@ -853,7 +362,7 @@ def quantize_layer(gm, layer: Layer, stats: dict[str, InputStats], opts: Quantiz
     group = layer.group if layer.format == "w4" else k
     h = None
     if opts.method == "gptq":
-        h = sum(stats[_x(n).name].H for n in layer.nodes)
+        h = sum(stats[n.args[0].name].H for n in layer.nodes)
         layer.q = gptq(w, h, grid, group, opts.damp, opts.act_order, zeros=_zeros(w, layer))
         layer.info["error"] = round(output_error(w, layer.q.dequantize(), h), 6)
         layer.info["rtn_error"] = round(output_error(w, rtn(w, grid, group).dequantize(), h), 6)
@@ -862,7 +371,7 @@ def quantize_layer(gm, layer: Layer, stats: dict[str, InputStats], opts: Quantiz
     # a weight mapped from the checkpoint file: its pages leave RSS now that its codes exist (issue 15)
     page_out([_attr(gm, layer.weight)])
     if layer.format == "a8w8" and opts._static():
-        layer.act = {n.name: static_scale(stats[_x(n).name], opts.sym) for n in layer.nodes}
+        layer.act = {n.name: static_scale(stats[n.args[0].name], opts.sym) for n in layer.nodes}
 
 
 # -- mixed precision -----------------------------------------------------------------------------------
@@ -910,7 +419,7 @@ def sensitivity(program: Program, cands: list[Layer], feeds: list[dict], opts: Q
     objective = CalibrationLoss(program, feeds)
     changes = {}
     for l in cands:
-        patches = {n.name: (_patch(_emulate(l, n, not opts.sym), runner), _needs(n)) for n in l.nodes}
+        patches = {n.name: (_patch(_emulate(l, n, not opts.sym), runner), linear_reads(n)) for n in l.nodes}
         changes[l.weight] = (min(runner.position[n.name] for n in l.nodes), patches)
     base, terms = [], {key: [] for key in changes}
     for f, feed in enumerate(track(feeds, f"quantize: sensitivity of {len(cands)} layers")):
@@ -929,14 +438,9 @@ def _patch(fn, runner: GraphRunner):
     return lambda v, get: fn(lambda node: get(node.name))
 
 
-def _needs(n: fx.Node) -> tuple[str, ...]:
-    b = _bias(n)
-    return (_x(n).name,) + ((b.name,) if isinstance(b, fx.Node) else ())
-
-
 def _emulate(layer: Layer, n: fx.Node, asym: bool):
     """fn(get): node n's value as the quantized layer computes it (get reads other nodes' values)."""
-    x, b = _x(n), _bias(n)
+    x, b = n.args[0], linear_bias(n)
     bias = (lambda get: get(b)) if isinstance(b, fx.Node) else (lambda get: b)
     if layer.format == "a8w8":
         xs, xz = layer.act.get(n.name, (None, None))
@@ -983,7 +487,7 @@ def rewrite(gm: fx.GraphModule, plan: Plan, opts: Quantize) -> list[dict]:
             if q.kind == "int4":
                 note["group"] = q.group
         for n in layer.nodes:
-            x, b = _x(n), _bias(n)
+            x, b = n.args[0], linear_bias(n)
             names_n = dict(names)
             xs, xz = layer.act.get(n.name, (None, None))
             if xs is not None:

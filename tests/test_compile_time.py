@@ -85,10 +85,10 @@ def test_big_models_check_each_pass_on_fewer_feeds_and_skip_the_baseline(tmp_pat
 
 
 def test_the_smoothquant_alpha_search_runs_on_fewer_feeds_for_big_models(tmp_path, monkeypatch):
-    """quantize's alpha search (7 forward passes per feed) takes as many calibration feeds as fit
+    """the smoothquant alpha search (tcc.compress.smoothing; 7 forward passes per feed) takes as many calibration feeds as fit
     SEARCH_FLOP (all 8 for a small model; its record's alpha_search.feeds says how many)."""
     import tcc
-    from tcc.passes import quantize as q
+    from tcc.compress import smoothing as q
     from tcc.pipeline import estimate_flops
     from test_tokenizerless import save_decoder
     save_decoder(tmp_path / "m", "qwen2")

@@ -1,4 +1,4 @@
-"""Quantization math and calibration statistics, shared by the quantize passes.
+"""Quantization math, calibration statistics and the quantization plan, shared by quantize, smooth and sparsify.
 
 Weight formats (the numerics are tcc/ir/ops.py's; these functions only choose codes and scales):
   int8  per output channel, symmetric (tcc::dense_w8, tcc::dense_a8w8, tcc::embedding_w8 rows):
@@ -64,22 +64,39 @@ blockwise(program, layers, feeds, stats_for, process, what)
     Layers processed block by block (GPTQ, SparseGPT): each block's layers see the inputs the program
     computes with the blocks before them already processed; see its docstring.
 
-module_path(node), glob_matches(glob, path): the module a node was traced in, and skip globs.
+module_path(node), glob_matches(glob, path): the module a node was traced in (tcc.ir.graph's), and skip globs.
+
+match(program, base_format, group=, tied_format=, min_size=, skip=, embeddings=) -> Plan
+    the quantization plan `quantize` rewrites and `smooth` searches for: Plan.layers {weight target:
+    Layer(weight, nodes, shape, format, tied, group, ...)} in graph order, Plan.tables (int8 embedding
+    tables), Plan.skipped (module, node, reason); see its docstring.
+group_fallback(plan, group) -> lines  one per (K, group used) where int4 layers could not use `group`.
+linear_reads(node)  the names a linear reads besides its weight (x, a bias node): a GraphRunner patch's needs.
+awq_clip_groups(gm, layers, groups, hessian_blocks, grid, group) -> ratios
+    awq_clip applied in place to every quantized linear of each input group (tcc.compress.smoothing's groups).
 """
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
 import math
-import re
 
 import numpy as np
 import torch
 import torch.fx as fx
 
-from .calibration import GraphRunner
+from . import sparsity
+from ..ir.runner import GraphRunner
+from ..errors import UserError
+from ..ir.graph import linear_bias, module_path  # noqa: F401  (module_path: callers import it from here too)
+from ..ir.program import attribute
 from ..ir.ops import dequantize_w4, pack_int4
 from ..progress import track
+
+aten, tcc_ops = torch.ops.aten, torch.ops.tcc
+# the linears quantize and smoothing rewrite; tcc::dense_bf16: a bf16 checkpoint's own tensors, read widened to float32
+DENSE = (aten.linear.default, tcc_ops.dense.default, tcc_ops.dense_bf16.default)
+TABLES = {aten.embedding.default: (0, 1), tcc_ops.embedding_bf16.default: (1, 0)}  # embedding op -> (table, ids) positions
 
 
 # -- formats -----------------------------------------------------------------------------------------
@@ -477,7 +494,7 @@ def collect(program, feeds: list[dict], stats: dict[str, InputStats], what: str 
 def collect_stats(program, feeds: list[dict], stats: dict[str, InputStats], what: str = "calibrating") -> None:
     """`collect` for callers that need only the statistics: reused from tcc's cache (keyed by the
     program's content, the feeds and what is collected) when the same calibration ran before."""
-    from .. import cache
+    from . import stats_cache as cache
     if not cache.load_stats(program, feeds, stats):
         collect(program, feeds, stats, what)
         cache.save_stats(program, feeds, stats)
@@ -485,20 +502,135 @@ def collect_stats(program, feeds: list[dict], stats: dict[str, InputStats], what
 
 # -- names ---------------------------------------------------------------------------------------------
 
-def module_path(node: fx.Node) -> str:
-    """The module a node was traced in ('model.layers.0.mlp.up_proj'), else its weight's owner path."""
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        path = re.sub(r"^L\['self'\]\.?", "", path)
-        return re.sub(r"\[(\d+)\]", r".\1", path).replace("['", ".").replace("']", "").strip(".")
-    w = node.args[1] if len(node.args) > 1 else None
-    if node.target is torch.ops.aten.embedding.default:
-        w = node.args[0]
-    return w.target.rpartition(".")[0] if isinstance(w, fx.Node) and w.op == "get_attr" else ""
-
-
 def glob_matches(glob: str, path: str) -> bool:
     """A glob matches a module path or any dotted suffix of it ('lm_head' matches 'model.lm_head')."""
     parts = path.split(".")
     return any(fnmatch.fnmatchcase(".".join(parts[i:]), glob) for i in range(len(parts)))
+
+
+# -- the quantization plan: which linears and tables, in which format --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Layer:
+    weight: str  # get_attr target of the float weight
+    nodes: list[fx.Node]  # the linear nodes reading it (usually one)
+    shape: tuple[int, int]  # [N, K]
+    format: str  # "w8" | "w4" | "a8w8" | "fp32"
+    tied: str | None = None  # the embedding table whose int8 buffers it reads
+    group: int = 0  # int4: the input features per scale this layer uses (int4_group)
+    q: QWeight | None = None
+    act: dict = dataclasses.field(default_factory=dict)  # node name -> (x_scale, x_zero) when static
+    info: dict = dataclasses.field(default_factory=dict)
+    sparsity: dict | None = None  # the weight's sparsity annotation (tcc.compress.sparsity), carried to its codes
+    stored: dict = dataclasses.field(default_factory=dict)  # suffix ("int8", "scale", ...) -> new buffer target
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({module_path(n) for n in self.nodes})
+
+
+@dataclasses.dataclass
+class Plan:
+    layers: dict[str, Layer]  # by weight target, in graph order
+    tables: dict[str, list[fx.Node]]  # embedding table target -> embedding nodes
+    skipped: list[dict]
+
+
+def match(program, base_format: str, *, group: int, tied_format: str, min_size: int, skip: list[str],
+          embeddings: bool, check_groups: bool = True, who: str = "quantize") -> Plan:
+    """The quantization plan: every linear (DENSE) whose weight is a float 2-D get_attr tensor with >=
+    min_size elements, whose module path matches no `skip` glob and whose weight nothing else reads
+    becomes a Layer in `base_format` ("w8" | "w4" | "a8w8"); with `embeddings`, embedding tables too
+    (Plan.tables), and a linear reading such a table (a tied lm_head) a Layer in `tied_format` that
+    shares its int8 buffers (Layer.tied). int4 layers get int4_group(K, group); an odd K is a
+    UserError of pass `who` (check_groups)."""
+    gm = program.gm
+    candidates: dict[str, list[fx.Node]] = {}
+    tables: dict[str, list[fx.Node]] = {}
+    skipped: list[dict] = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in DENSE + tuple(TABLES):
+            continue
+        is_table = n.target in TABLES
+        if is_table and not embeddings:
+            continue
+        w = n.args[TABLES[n.target][0]] if is_table else (n.args[1] if len(n.args) > 1 else None)
+        path = module_path(n)
+        if not isinstance(w, fx.Node) or w.op != "get_attr":
+            skipped.append({"module": path, "node": n.name, "reason": "weight is computed, not a stored tensor"})
+            continue
+        t = attribute(gm, w.target)
+        reason = None
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2:
+            reason = "weight is not a 2-D float tensor"
+        elif t.numel() < min_size:
+            reason = f"{t.numel()} weights < min_size={min_size}"
+        elif any(glob_matches(g, path) for g in skip):
+            reason = "matches skip"
+        if reason:
+            skipped.append({"module": path, "node": n.name, "reason": reason})
+        else:
+            (tables if is_table else candidates).setdefault(w.target, []).append(n)
+
+    readers: dict[str, set[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            readers.setdefault(n.target, set()).update(n.users)
+    layers = {}
+    for target, nodes in candidates.items():
+        others = [u for u in readers[target] if u not in nodes]
+        shape = tuple(attribute(gm, target).shape)
+        if others and target in tables and all(u in tables[target] for u in others):
+            layers[target] = Layer(target, nodes, shape, tied_format, tied=target)
+        elif others:
+            reason = f"weight '{target}' is also read by {sorted(u.name for u in others)}"
+            skipped += [{"module": module_path(n), "node": n.name, "reason": reason} for n in nodes]
+        else:
+            layer = layers[target] = Layer(target, nodes, shape, base_format,
+                                           sparsity=sparsity.annotation(program, target))
+            if base_format == "w4":
+                layer.group = int4_group(shape[1], group) or 0
+                if check_groups and not layer.group:
+                    raise UserError(f"pass '{who}' option 'weights': layer {layer.modules[0] or target} cannot be "
+                                    f"quantized to int4: its {shape[1]} input features are odd (two int4 codes "
+                                    "share a byte, so a group must be even)",
+                                    f"skip=[{layer.modules[0] or target}] the layer, or use weights=int8")
+    return Plan(layers, tables, skipped)
+
+
+def group_fallback(plan: Plan, group: int) -> list[str]:
+    """One line per (K, group used) where int4 layers could not use the requested group."""
+    counts: dict[tuple[int, int], int] = {}
+    for l in plan.layers.values():
+        if l.format == "w4" and l.group != (group or l.shape[1]):
+            counts[(l.shape[1], l.group)] = counts.get((l.shape[1], l.group), 0) + 1
+    return [f"group {group} does not divide K={k} for {n} layer{'s' * (n > 1)}: used {g}"
+            for (k, g), n in sorted(counts.items())]
+
+
+def linear_reads(n: fx.Node) -> tuple[str, ...]:
+    """The node names a linear's computation reads besides its weight: x, and its bias when that is a node
+    (what a GraphRunner patch replacing the linear needs)."""
+    b = linear_bias(n)
+    return (n.args[0].name,) + ((b.name,) if isinstance(b, fx.Node) else ())
+
+
+def awq_clip_groups(gm, layers: dict, groups: list, hessian_blocks, grid: Grid, group: int) -> list[float | None]:
+    """AWQ's clipping (awq_clip) of every quantized linear's weight in place, group by group of linears
+    reading one input x: hessian_blocks(x) is the diagonal int4-group blocks of x's Hessian as the
+    linears see it. Returns each group's mean clip ratio (None when it has no quantized linear)."""
+    out = []
+    for x, lins in groups:
+        h = hessian_blocks(x)
+        k = h.shape[0] * h.shape[1]
+        ratios = []
+        for n in lins:
+            if n.args[1].target in layers:
+                w = attribute(gm, n.args[1].target)
+                clipped, ratio = awq_clip(w, h, grid, int4_group(k, group))
+                with torch.no_grad():
+                    w.copy_(clipped)
+                ratios.append(ratio)
+        out.append(round(sum(ratios) / len(ratios), 4) if ratios else None)
+    return out
+
