@@ -26,7 +26,8 @@ import torch
 from torch.fx.node import map_arg
 
 from tcc.errors import InternalError
-from tcc.pipeline import Option, Pass, PassContext, register, set_val
+from tcc.ir.graph import new_attribute
+from tcc.pipeline import Option, Pass, PassContext, register
 from tcc.ir.program import Program, attribute as _attr
 
 
@@ -134,15 +135,9 @@ def _attr_sources(n: torch.fx.Node, values: dict) -> list[torch.fx.Node]:
 
 def _fold(gm: torch.fx.GraphModule, node: torch.fx.Node, values: dict) -> dict:
     tensor = values[node].detach().clone(memory_format=torch.contiguous_format)
-    name = f"_folded_{node.name}"
-    while hasattr(gm, name):
-        name += "_"
-    gm.register_buffer(name, tensor)
-    with gm.graph.inserting_before(node):
-        new = gm.graph.get_attr(name)
+    new = new_attribute(gm, f"_folded_{node.name}", tensor, node)
     new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
-    set_val(gm, new, tensor)
     node.replace_all_uses_with(new)
-    return {"node": node.name, "into": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
+    return {"node": node.name, "into": new.target, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
             "from": sorted(a.target for a in _attr_sources(node, values)), "elements": math.prod(tensor.shape)}
 

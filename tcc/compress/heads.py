@@ -51,6 +51,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import UserError
+from ..ir.graph import BIAS_AT, new_attribute
 from ..pipeline import set_val
 from ..ir.structure import (IDENTITY, SHAPE, Attention, Linear, ancestors, descendants, is_size, nodes_by_name,
                         op_name, size_hint)
@@ -493,16 +494,9 @@ def _add_bias(gm: fx.GraphModule, node: fx.Node, lin: Linear, delta: torch.Tenso
         with torch.no_grad():
             b += delta.to(b.dtype)
         return
-    at = 3 if lin.op == "tcc.dense_w8" else 2
+    at = BIAS_AT[lin.op]
     if len(node.args) > at or node.kwargs:
         raise UserError(f"cannot add a bias to '{lin.node}': its bias argument is computed")
     owner_path, _, _ = (lin.weight or "").rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    name = "bias"
-    while hasattr(owner, name):
-        name += "_"
-    owner.register_parameter(name, torch.nn.Parameter(delta.detach().to(torch.float32).clone(), requires_grad=False))
-    with gm.graph.inserting_before(node):
-        b = gm.graph.get_attr(f"{owner_path}.{name}" if owner_path else name)
-    set_val(gm, b, _attr(gm, b.target))
+    b = new_attribute(gm, "bias", delta.detach().to(torch.float32).clone(), node, owner=owner_path, parameter=True)
     node.args = tuple(node.args) + (None,) * (at - len(node.args)) + (b,)

@@ -77,6 +77,7 @@ def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
 import torch.fx as fx  # noqa: E402
 
 from ..errors import UserError  # noqa: E402
+from ..ir.graph import new_attribute  # noqa: E402
 from ..ir.program import attribute as _attr  # noqa: E402
 from ..ir.structure import LINEAR, PASSTHROUGH, Linear, ModelInfo, nodes_by_name, op_name  # noqa: E402
 
@@ -211,14 +212,8 @@ def rotate_residual(gm: fx.GraphModule, info: ModelInfo, seed: int = 0, online_b
     token_targets = {e.weight for e in stream_embeddings}
     if info.lm_head.weight in token_targets or info.lm_head_tied:
         table = _attr(gm, info.lm_head.weight)
-        name = "rotate_lm_head_weight"
-        while hasattr(gm, name):
-            name += "_"
-        gm.register_parameter(name, torch.nn.Parameter(table.detach().clone(), requires_grad=False))
-        with gm.graph.inserting_before(head):
-            g = gm.graph.get_attr(name)
-        from ..pipeline import set_val
-        set_val(gm, g, _attr(gm, name))
+        g = new_attribute(gm, "rotate_lm_head_weight", table.detach().clone(), head, parameter=True)
+        name = g.target
         head.replace_input_with(head.args[1], g)
         untied = table.numel() * table.element_size()
         by = nodes_by_name(gm)

@@ -10,6 +10,9 @@ remove_dead(gm)           dead nodes, then attributes nothing reads and empty su
                           passes/dead_code.py is the same as a pass, `dce`)
 mutates(node)             whether a node writes into its first argument (an in-place op)
 free_name(module, name)   `name`, or name_, name__ ... : an attribute name the module does not have
+new_attribute(gm, name, tensor, before, owner="", parameter=False)
+                          `tensor` registered under a free name on submodule `owner`, read by a new
+                          get_attr node (with meta['val']) inserted before `before`
 register_tensors(gm, target, {suffix: tensor})
                           buffers `<attr>_<suffix>` next to the attribute at `target`; {suffix: path}
 replace_node(gm, node, op, make_args, names)
@@ -97,6 +100,24 @@ def free_name(module: torch.nn.Module, name: str) -> str:
     while hasattr(module, name):
         name += "_"
     return name
+
+
+def new_attribute(gm: fx.GraphModule, name: str, tensor: torch.Tensor, before: fx.Node, owner: str = "",
+                  parameter: bool = False) -> fx.Node:
+    """`tensor` registered on the submodule at path `owner` (the graph module itself for "") under
+    `name` or a free variant of it (a Parameter without grad when `parameter`, else a buffer), and a
+    get_attr node of it inserted before `before`, with a meta['val'] when the graph has them."""
+    module = gm.get_submodule(owner) if owner else gm
+    name = free_name(module, name)
+    if parameter:
+        module.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    else:
+        module.register_buffer(name, tensor)
+    target = f"{owner}.{name}" if owner else name
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(target)
+    set_val(gm, node, getattr(module, name))
+    return node
 
 
 def register_tensors(gm: fx.GraphModule, target: str, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
