@@ -43,7 +43,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import InternalError
-from ..ir.graph import free_name as _free_name, linear_bias, module_path, op_name, set_val
+from ..ir.graph import linear_bias, module_path, new_attribute, op_name, set_val
 from ..ir.ops import quantize_rows
 from ..ir.program import Program, attribute as _attr
 from ..ir.structure import IDENTITY
@@ -365,15 +365,11 @@ def _apply_fold(gm, fold, s: torch.Tensor, full: torch.Tensor, x: fx.Node, lins:
                 _attr(gm, b.target)[rows] /= s
             return f"rows of {module_path(prev) or prev.name}"
     # an explicit x * (1/s) before the group
-    owner_path = lins[0].args[1].target.rpartition(".")[0]
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    name = _free_name(owner, "input_smooth")
-    owner.register_buffer(name, (1.0 / full).to(torch.float32))
     first = min(lins, key=lambda n: list(gm.graph.nodes).index(n))
+    inv = new_attribute(gm, "input_smooth", (1.0 / full).to(torch.float32), first,
+                        owner=lins[0].args[1].target.rpartition(".")[0])
     with gm.graph.inserting_before(first):
-        inv = gm.graph.get_attr(f"{owner_path}.{name}" if owner_path else name)
         mul = gm.graph.call_function(aten.mul.Tensor, (x, inv))
-    set_val(gm, inv, _attr(gm, inv.target))
     set_val(gm, mul)
     for n in lins:
         n.replace_input_with(x, mul)
