@@ -10,8 +10,9 @@ passes (fp32) and with the w8a8 preset's pipeline; each holds the target's prefi
 (8 rows) and the draft's prefill / decode. An artifact already in --out is reused (delete it to
 rebuild). Calibration: wikitext-2 valid.txt.
 Prompts: --prompts windows of PROMPT tokens of ../shared/data/wikitext-2/test.txt (SmolLM2's
-tokenizer), evenly spaced. Each prompt generates NEW greedy tokens three ways on the same artifact,
-interleaved: the target alone (decode), --speculate lookup, --speculate draft; every run's tokens
+tokenizer), evenly spaced. Each prompt generates NEW greedy tokens four ways on the same artifact,
+interleaved: the target alone (decode), --speculate lookup, --speculate draft, and "draft-v0" (the
+draft as before 9bf8ebe: k adapting, no confidence stop, no prompt-lookup fill); every run's tokens
 must equal the target alone's (the script stops otherwise). Decode tokens per second = the tokens
 after the first / the seconds after prefill (draft and verify calls included), summed over the
 prompts. Per-call costs: median milliseconds of 20 target decode, verify (8 rows) and draft decode
@@ -71,6 +72,17 @@ def per_call_ms(art, prompt: list[int]) -> dict:
     return out
 
 
+def draft_v0(art, prompt: list[int], new: int) -> dict:
+    """The draft loop before 9bf8ebe (a same-run baseline): k adapts, no confidence stop, no fill."""
+    from tcc.runtime import GenerationSession
+    from tcc.speculative import ModelDraft, speculative_loop, summary
+    gen = art.manifest["generation"]
+    draft = ModelDraft(GenerationSession(art._impl, {**gen["draft"], "functions": gen["functions"]}, prefix="draft_"))
+    stats: dict = {}
+    ids = list(speculative_loop(art.session(), draft, prompt, new, gen["max_context"], gen["prefill_len"], stats=stats))
+    return {"token_ids": ids, "decode_seconds": stats["decode_seconds"], "speculative": summary(stats)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="build/speculative")
@@ -80,6 +92,8 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--draft", default=DRAFT)
     ap.add_argument("--artifacts", default="fp32,w8a8")
+    ap.add_argument("--count-mismatches", action="store_true", help="count the runs whose greedy tokens differ "
+                    "from the target alone's (column 'differ') instead of stopping at the first")
     a = ap.parse_args()
     import tcc
     rows = []
@@ -93,17 +107,20 @@ def main() -> int:
             tok = art.tokenizer()
             ps = prompts(tok, a.prompts, a.prompt)
             calls = per_call_ms(art, ps[0])
-            totals = {m: {"tokens": 0, "seconds": 0.0, "target_calls": 0, "drafted": 0, "accepted": 0}
-                      for m in ("off", "lookup", "draft")}
+            totals = {m: {"tokens": 0, "seconds": 0.0, "target_calls": 0, "drafted": 0, "accepted": 0, "differ": 0}
+                      for m in ("off", "lookup", "draft", "draft-v0")}
             art.generate(ps[0], 8, stop_at_eos=False)  # warm-up
             for prompt in ps:
                 want = None
-                for mode in ("off", "lookup", "draft"):
-                    r = art.generate(prompt, a.new, stop_at_eos=False, speculate=mode)
+                for mode in ("off", "lookup", "draft", "draft-v0"):
+                    r = draft_v0(art, prompt, a.new) if mode == "draft-v0" else \
+                        art.generate(prompt, a.new, stop_at_eos=False, speculate=mode)
                     if want is None:
                         want = r["token_ids"]
                     elif r["token_ids"] != want:
-                        sys.exit(f"{name} {mode}: greedy tokens differ from the target alone's")
+                        if not a.count_mismatches:
+                            sys.exit(f"{name} {mode}: greedy tokens differ from the target alone's")
+                        totals[mode]["differ"] += 1
                     t = totals[mode]
                     t["tokens"] += len(r["token_ids"]) - 1
                     t["seconds"] += r["decode_seconds"]
@@ -113,20 +130,22 @@ def main() -> int:
             base = totals["off"]["tokens"] / totals["off"]["seconds"]
             for mode, t in totals.items():
                 tps = t["tokens"] / t["seconds"]
-                rows.append({"artifact": name, "mode": mode, "draft": draft if mode == "draft" else None,
+                rows.append({"artifact": name, "mode": mode, "draft": draft if mode.startswith("draft") else None,
                              "decode_tokens_per_s": round(tps, 2), "speed_up": round(tps / base, 3),
                              "acceptance_rate": round(t["accepted"] / t["drafted"], 3) if t["drafted"] else None,
                              "tokens_per_target_call": round(t["tokens"] / t["target_calls"], 3),
-                             "drafted_per_call": round(t["drafted"] / t["target_calls"], 3), **calls})
+                             "drafted_per_call": round(t["drafted"] / t["target_calls"], 3), "differ": t["differ"],
+                             **calls})
     print(f"\nSmolLM2-135M, {a.prompts} prompts of {a.prompt} tokens (wikitext-2 test), {a.new} greedy tokens each, "
-          f"batch 1, {os.cpu_count()} cores, target {a.target}; draft {a.draft}")
+          f"batch 1, {os.cpu_count()} cores, target {a.target}; draft {a.draft}; load average at the end "
+          f"{os.getloadavg()[0]:.1f}")
     print("| artifact | speculate | decode tok/s | vs target alone | acceptance | tokens / target call | "
-          "drafts / call | decode ms | verify(8) ms | draft decode ms |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "drafts / call | decode ms | verify(8) ms | draft decode ms | differ |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['artifact']} | {r['mode']} | {r['decode_tokens_per_s']} | {r['speed_up']}x | {r['acceptance_rate']} | "
               f"{r['tokens_per_target_call']} | {r['drafted_per_call']} | {r['decode_ms']} | {r['verify_ms']} | "
-              f"{r.get('draft_decode_ms')} |")
+              f"{r.get('draft_decode_ms')} | {r['differ']} |")
     print(json.dumps(rows))
     return 0
 

@@ -531,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--speculate", choices=("off", "lookup", "draft", "auto"), default="off",
                     help="speculative decoding: the target checks proposed tokens in one call each: lookup (n-grams "
                     "of the context, no draft model), draft (the artifact's --draft program, prompt lookup filling "
-                    "the rows it leaves) or auto (draft where the artifact has one, else lookup); the same tokens when "
+                    "the rows it leaves) or auto (draft where the artifact has one of at most 0.3x the target's parameter "
+                    "bytes, else lookup); the same tokens when "
                     "greedy, the same distribution when sampling")
     gn.add_argument("--compare", action="store_true", help="with --speculate: also generate without it and report "
                     "the decode speed-up and whether the tokens are the same")

@@ -99,7 +99,8 @@ class Loaded:
         tokenizer: its output is the token ids). Returns {"text", "token_ids", "prompt_tokens",
         "prefill_tokens_per_s", "decode_tokens_per_s", ...}. `speculate`: "lookup" (prompt lookup) or
         "draft" (the artifact's draft program, tcc compile --draft; the verify rows it leaves empty get
-        prompt lookup's tokens) or "auto" (draft where the artifact has one, else lookup) proposes tokens that the target
+        prompt lookup's tokens) or "auto" (draft where the artifact has one whose parameter bytes are at most
+        speculative.AUTO_DRAFT_COST of the target's, else lookup) proposes tokens that the target
         checks in one `verify` call each (tcc.speculative: greedy output identical, sampling keeps the
         target's distribution); the result then has "speculative" (acceptance rate, tokens per target
         call)."""
@@ -137,7 +138,7 @@ class Loaded:
     def _speculative_loop(self, session, speculate: str):
         """decode_loop over `session`, or (speculate "lookup" / "draft") tcc.speculative's loop."""
         from .generation import decode_loop
-        from .speculative import CONFIDENCE, SPECULATE, LookupDraft, ModelDraft, speculative_loop
+        from .speculative import CONFIDENCE, SPECULATE, LookupDraft, ModelDraft, draft_pays, speculative_loop
         if speculate not in SPECULATE:
             raise UserError(f"--speculate {speculate!r} is not a speculation mode", f"choose one of: {', '.join(SPECULATE)}")
         if speculate == "off":
@@ -146,8 +147,8 @@ class Loaded:
             raise UserError(f"the artifact {self.dir} has no verify entry (compiled before speculative decoding)",
                             "compile it again with this tcc, or generate without --speculate")
         gen = self.manifest["generation"]
-        if speculate == "auto":  # the draft program where the artifact has one (with prompt lookup's fill)
-            speculate = "draft" if "draft" in gen else "lookup"
+        if speculate == "auto":  # the draft program where it is cheap enough (with prompt lookup's fill)
+            speculate = "draft" if draft_pays(self.manifest) else "lookup"
         if speculate == "lookup":  # free proposals: every round proposes as many as verify takes
             draft, how = LookupDraft(), {"adapt": False}
         else:

@@ -21,7 +21,7 @@ import pytest
 import tcc
 from tcc.errors import UserError
 from tcc.generation import probabilities
-from tcc.speculative import LookupDraft, speculative_loop
+from tcc.speculative import LookupDraft, draft_pays, speculative_loop
 
 from test_dynamic import tiny
 
@@ -84,12 +84,20 @@ def test_greedy_identical_to_the_target(art, speculate):
         assert got["token_ids"] == want
         accepted += got["speculative"]["accepted"]
         filled += got["speculative"]["filled"]
-        assert got["speculative"]["draft"] == (LookupDraft().name if speculate == "lookup" else
+        lookup = speculate == "lookup" or (speculate == "auto" and not draft_pays(art.manifest))
+        assert got["speculative"]["draft"] == (LookupDraft().name if lookup else
                                                art.manifest["generation"]["draft"]["pipeline"])
     assert accepted > 0  # tokens came from the draft, not only from the target's own steps
     # the random-init draft is never confident (chain probability < CONFIDENCE after one token):
     # prompt lookup fills the verify rows it leaves; lookup alone fills nothing
-    assert (filled > 0) == (speculate != "lookup")
+    assert (filled > 0) == (not lookup)
+
+
+def test_auto_takes_a_cheap_draft_only():
+    sizes = {"program_param_bytes": 1000}
+    assert draft_pays({"generation": {"draft": {"param_bytes": 300}}, "sizes": sizes})  # AUTO_DRAFT_COST 0.3
+    assert not draft_pays({"generation": {"draft": {"param_bytes": 301}}, "sizes": sizes})
+    assert not draft_pays({"generation": {}, "sizes": sizes})
 
 
 class FixedSession:
