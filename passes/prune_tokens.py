@@ -76,7 +76,7 @@ import torch.fx as fx
 from tcc.errors import InternalError, UserError
 from tcc.pipeline import Option, Pass, PassContext, check_runs, register
 from tcc.ir.program import Program
-from tcc.ir.structure import SDPA, ancestors, attention_visibility, descendants, nodes_by_name, op_name
+from tcc.ir.structure import SDPA, ancestors, attention_visibility, descendants, nodes_by_name, op_name, sdpa_operands
 from tcc.compress.tokens import (add_log_size, drop_key, inline, keep_top, keys_metric, merge_round, pyramid,
                         received_from_probs, received_from_scores, resize, take, take_mask, token_counts)
 
@@ -543,10 +543,7 @@ def _sdpa_mask(core: fx.Node):
 
 
 def _sdpa_scale(core: fx.Node) -> float:
-    if op_name(core) == "tcc.sdpa":
-        return float(core.args[4])
-    scale = core.kwargs.get("scale")
-    return float(scale) if scale is not None else _shape(core.args[0])[-1] ** -0.5
+    return float(sdpa_operands(core)[4])
 
 
 def _set(u: fx.Node, where: tuple, value: fx.Node) -> None:

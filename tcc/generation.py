@@ -172,9 +172,7 @@ class Core:
 
 def _sdpa_core(n) -> Core:
     """An SDPA node (aten or tcc::sdpa)."""
-    q, k, v, mask, scale, causal = sdpa_operands(n)
-    if scale is None:
-        scale = float(q.meta["val"].shape[-1]) ** -0.5
+    q, k, v, mask, scale, causal = sdpa_operands(n)  # scale: SDPA's default when the node leaves it out
     return Core(q, _unrepeat(k), _unrepeat(v), float(scale), mask=mask, causal=bool(causal))
 
 

@@ -80,13 +80,19 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 
 def sdpa_operands(n: fx.Node) -> tuple:
-    """(q, k, v, mask or None, scale or None (1/sqrt(head dim)), causal) of an SDPA node:
-    aten.scaled_dot_product_attention (positional or keyword) or tcc::sdpa(q, k, v, mask, scale, causal)."""
+    """(q, k, v, mask or None, scale, causal) of an SDPA node: aten.scaled_dot_product_attention
+    (positional or keyword) or tcc::sdpa(q, k, v, mask, scale, causal). A scale left out is SDPA's
+    1/sqrt(head dim) (None when q has no meta['val'])."""
     if op_name(n) == "tcc.sdpa":
         q, k, v, mask, scale, causal = n.args
-        return q, k, v, mask, scale, bool(causal)
-    a = {**dict(zip(_SDPA_ARGS, n.args)), **n.kwargs}
-    return a["query"], a["key"], a["value"], a.get("attn_mask"), a.get("scale"), bool(a.get("is_causal", False))
+    else:
+        a = {**dict(zip(_SDPA_ARGS, n.args)), **n.kwargs}
+        q, k, v, mask, scale, causal = (a["query"], a["key"], a["value"], a.get("attn_mask"), a.get("scale"),
+                                        a.get("is_causal", False))
+    val = q.meta.get("val") if isinstance(q, fx.Node) else None
+    if scale is None and val is not None:
+        scale = float(val.shape[-1]) ** -0.5
+    return q, k, v, mask, scale, bool(causal)
 
 
 def nodes(gm: fx.GraphModule, op: str, where=None) -> list[fx.Node]:
