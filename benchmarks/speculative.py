@@ -39,8 +39,8 @@ PIPELINES = {"fp32": "", "w8a8": "quantize(acts=int8,method=smoothquant,embeddin
 DRAFT = "drop-blocks(ratio=0.25),quantize(weights=int4,acts=int8,embeddings=true)"
 
 
-def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
-    ids = tokenizer(TEST.read_text()[:400_000])["input_ids"]
+def prompts(tokenizer, n: int, length: int, text: Path = TEST) -> list[list[int]]:
+    ids = tokenizer(text.read_text()[:400_000])["input_ids"]
     starts = np.linspace(0, len(ids) - length - 1, n).astype(int)
     return [ids[s:s + length] for s in starts]
 

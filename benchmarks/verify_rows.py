@@ -1,0 +1,45 @@
+"""Do an artifact's decode, verify and prefill entries give the same logits for the same position?
+(issue 19: greedy speculation is the target's own tokens only if they do.) After prefilling a
+128-token wikitext-2 test.txt prompt, 7 tokens go in one at a time (decode), as one verify call, and
+as the end of a fresh chunked prefill each; prints each row's max |difference| / max |logit| against
+the prefill, and the three argmaxes.
+
+    python benchmarks/verify_rows.py ARTIFACT [--prompt-index 1]
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> int:
+    import tcc
+    from speculative import prompts
+    from tcc.generation import prefill_prompt
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifact")
+    ap.add_argument("--prompt-index", type=int, default=1)
+    a = ap.parse_args()
+    with tcc.load(a.artifact) as art:
+        prompt = prompts(art.tokenizer(), 6, 128)[a.prompt_index]
+        s = art.session()
+        p = len(prompt)
+        prefill_prompt(s.prefill, prompt, s.chunk, s.max_context)
+        toks = [int(t) for t in prompt[:7]]
+        dec = [s.decode(t, p + i) for i, t in enumerate(toks)]
+        s.rollback(p)
+        rows = s.verify(toks, p)
+        for i in range(7):
+            r = art.session()
+            ref = prefill_prompt(r.prefill, prompt + toks[:i + 1], r.chunk, r.max_context)
+            rel = lambda x: float(np.abs(x - ref).max() / np.abs(ref).max())  # noqa: E731
+            print(f"row {i}: decode vs prefill {rel(dec[i]):.2e}, verify vs prefill {rel(rows[i]):.2e}; argmax "
+                  f"{int(np.argmax(dec[i]))} {int(np.argmax(rows[i]))} {int(np.argmax(ref))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
