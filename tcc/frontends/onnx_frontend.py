@@ -380,7 +380,7 @@ def load(path: Path):
 
 def _sha256(path: Path, external: list[Path]) -> str:
     """The file's sha256, or, with external data, one over each file's name and sha256."""
-    from .models import file_sha256
+    from ..store import file_sha256
     if not external:
         return file_sha256(path)
     h = hashlib.sha256()
