@@ -1,10 +1,10 @@
 """Do an artifact's decode, verify and prefill entries give the same logits for the same position?
 (issue 19: greedy speculation is the target's own tokens only if they do.) After prefilling a
-128-token wikitext-2 test.txt prompt, 7 tokens go in one at a time (decode), as one verify call, and
+128-token wikitext-2 test.txt prompt, 7 of its tokens (from --offset) go in one at a time (decode), as one verify call, and
 as the end of a fresh chunked prefill each; prints each row's max |difference| / max |logit| against
 the prefill, and the three argmaxes.
 
-    python benchmarks/verify_rows.py ARTIFACT [--prompt-index 1]
+    python benchmarks/verify_rows.py ARTIFACT [--prompt-index 1] [--offset 0]
 """
 import argparse
 import os
@@ -22,13 +22,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifact")
     ap.add_argument("--prompt-index", type=int, default=1)
+    ap.add_argument("--offset", type=int, default=0, help="the 7 tokens: the prompt's from here (0: they repeat its start)")
     a = ap.parse_args()
     with tcc.load(a.artifact) as art:
         prompt = prompts(art.tokenizer(), 6, 128)[a.prompt_index]
         s = art.session()
         p = len(prompt)
         prefill_prompt(s.prefill, prompt, s.chunk, s.max_context)
-        toks = [int(t) for t in prompt[:7]]
+        toks = [int(t) for t in prompt[a.offset:a.offset + 7]]
         dec = [s.decode(t, p + i) for i, t in enumerate(toks)]
         s.rollback(p)
         rows = s.verify(toks, p)
