@@ -6,7 +6,7 @@
     art = tcc.compile(program, "x86", out="build/minilm", pipeline=str(pipe))
     outputs = tcc.load("build/minilm")({"input_ids": ..., "attention_mask": ...})
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401
 
 import os as _os
 

@@ -18,37 +18,6 @@ from .errors import UserError
 from .ir.program import TensorSpec
 
 
-def host_cpu_features() -> set[str] | None:
-    """This CPU's feature flags (/proc/cpuinfo "flags" on x86, "Features" on Arm); None where the
-    file says nothing (not Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return None
-
-
-def missing_cpu_features(target: dict) -> list[str]:
-    """The manifest target's `cpu_features` this CPU lacks ([] when the host's flags are unknown)."""
-    have = host_cpu_features()
-    return [] if have is None else [f for f in target.get("cpu_features", []) if f not in have]
-
-
-def check_cpu(target: dict, dir: Path | str = "the artifact") -> None:
-    """UserError when this CPU lacks a feature the artifact's code uses: refused here instead of an
-    illegal-instruction crash in the middle of a call."""
-    missing = missing_cpu_features(target)
-    if missing:
-        raise UserError(f"{dir} was compiled for --target {target['name']} and needs CPU features this CPU lacks: "
-                        f"{', '.join(missing)}",
-                        "compile it again for a lower target: --target x86 (x86-64-v3, AVX2) or x86-64-v2, "
-                        "or --target native on this machine (tcc targets lists them)")
-
-
 class Loaded:
     """A loaded artifact. `loaded(feeds) -> {output name: array}`."""
 

@@ -14,12 +14,13 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from .version import __version__
 
 
 def cache_dir(*parts: str) -> Path:
@@ -81,7 +82,7 @@ DEPENDS = {  # package -> the files (globs) a cached value is computed by
 def source_hash(kind: str) -> str:
     """Hash of the tcc source files DEPENDS lists for `kind`, computed once per process."""
     import importlib
-    h = hashlib.sha256(sys.modules[__package__].__version__.encode())  # tcc.__version__, not imported (tcc/__init__ imports the driver lazily)
+    h = hashlib.sha256(__version__.encode())
     for package, globs in DEPENDS[kind].items():
         root = Path(importlib.import_module(package).__file__).parent
         for f in sorted({p for g in globs for p in root.glob(g) if p.is_file()}):

@@ -26,7 +26,7 @@ from test_cli import assert_user_error, tcc_cli
 
 from tcc.backends.tvm.targets import TARGETS, X86_EXTENSIONS, X86_LEVELS, get_target, host_cpu
 from tcc.errors import UserError
-from tcc.runtime import host_cpu_features
+from tcc.backends.tvm.targets import host_cpu_features
 
 ROOT = Path(__file__).resolve().parents[1]
 X86_HOST = os.uname().machine == "x86_64"

@@ -150,7 +150,7 @@ def spec_lines(art: Path, manifest: dict) -> list[str]:
 
 def make_bundle(artifact_dir, out, force: bool = False) -> dict:
     """Write the bundle of the artifact at `artifact_dir` to `out` (see the module doc)."""
-    from tcc import __version__
+    from tcc.version import __version__
     art = Path(artifact_dir)
     manifest = read_manifest(art)
     target = manifest.get("target", {})

@@ -10,7 +10,7 @@ import numpy as np
 
 from tcc.errors import UserError
 from tcc.ir.program import TensorSpec
-from tcc.runtime import check_cpu
+from .targets import check_cpu
 
 
 def session(dir: Path, manifest: dict):

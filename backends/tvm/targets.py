@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 from tcc.errors import UserError
 
@@ -57,7 +58,6 @@ class Target:
     @property
     def missing_features(self) -> list[str]:
         """The target's CPU features this host lacks, when the library would run natively here."""
-        from tcc.runtime import missing_cpu_features
         return missing_cpu_features(self.to_json()) if self.arch == os.uname().machine else []
 
     @property
@@ -101,7 +101,6 @@ def _x86(name: str, mcpu: str) -> Target:
 def _native() -> Target:
     """This host's CPU: LLVM's name for it, gcc -march=native, and the host's flags among the levels'
     and X86_EXTENSIONS as the features the artifact needs."""
-    from tcc.runtime import host_cpu_features
     if os.uname().machine != "x86_64":
         raise UserError("--target native means this host's x86-64 CPU, and this host is not x86-64",
                         "use arm64 or arm64-dotprod, or an x86 preset (x86, x86-64-v2/v3/v4) to cross-compile")
@@ -148,6 +147,37 @@ TARGETS = {
 ALIASES = {"x86_64": "x86", "host": "native", "aarch64": "arm64", "arm64-v8.2": "arm64-dotprod",
            "neoverse-n1": "arm64-dotprod", "cuda": "sm80", "sm_80": "sm80", "sm_90": "sm90", "ampere": "sm80",
            "hopper": "sm90"}
+
+
+def host_cpu_features() -> set[str] | None:
+    """This CPU's feature flags (/proc/cpuinfo "flags" on x86, "Features" on Arm); None where the
+    file says nothing (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def missing_cpu_features(target: dict) -> list[str]:
+    """The manifest target's `cpu_features` this CPU lacks ([] when the host's flags are unknown)."""
+    have = host_cpu_features()
+    return [] if have is None else [f for f in target.get("cpu_features", []) if f not in have]
+
+
+def check_cpu(target: dict, dir: Path | str = "the artifact") -> None:
+    """UserError when this CPU lacks a feature the artifact's code uses: refused here instead of an
+    illegal-instruction crash in the middle of a call."""
+    missing = missing_cpu_features(target)
+    if missing:
+        raise UserError(f"{dir} was compiled for --target {target['name']} and needs CPU features this CPU lacks: "
+                        f"{', '.join(missing)}",
+                        "compile it again for a lower target: --target x86 (x86-64-v3, AVX2) or x86-64-v2, "
+                        "or --target native on this machine (tcc targets lists them)")
 
 
 def host_cpu() -> str:
