@@ -77,7 +77,7 @@ def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
 import torch.fx as fx  # noqa: E402
 
 from ..errors import UserError  # noqa: E402
-from ..ir.graph import new_attribute  # noqa: E402
+from ..ir.graph import new_attribute, readers  # noqa: E402
 from ..ir.program import attribute as _attr  # noqa: E402
 from ..ir.structure import LINEAR, PASSTHROUGH, Linear, ModelInfo, nodes_by_name, op_name  # noqa: E402
 
@@ -88,9 +88,7 @@ _HINT = "rotate runs on a float32 pre-norm decoder (Llama, Qwen, Mistral, SmolLM
 def _readers(n: fx.Node) -> list[fx.Node]:
     """The nodes that consume n's value, looking through casts and views; assertion nodes skipped."""
     out = []
-    for u in n.users:
-        if op_name(u).startswith("aten._assert"):
-            continue
+    for u in readers(n):
         out += _readers(u) if op_name(u) in PASSTHROUGH else [u]
     return out
 

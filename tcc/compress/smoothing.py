@@ -43,7 +43,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import InternalError
-from ..ir.graph import linear_bias, module_path, new_attribute, op_name, set_val
+from ..ir.graph import linear_bias, module_path, new_attribute, op_name, readers, set_val
 from ..ir.ops import quantize_rows
 from ..ir.program import Program, attribute as _attr
 from ..ir.structure import IDENTITY
@@ -55,7 +55,6 @@ from .quantization import (DENSE, Grid, InputStats, QWeight, awq_scale, collect,
                            rtn, run_range, smoothquant_scales)
 
 aten = torch.ops.aten
-ASSERT = aten._assert_tensor_metadata.default
 AWQ_FEEDS, AWQ_GRID = 8, 20
 ALPHA_FEEDS, ALPHA_GRID = 8, (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 METHODS = ("awq", "smoothquant")
@@ -330,10 +329,10 @@ def _find_fold(program: Program, x: fx.Node, lins: list[fx.Node]):
         w = n.args[1]
         if not isinstance(w, fx.Node) or w.op != "get_attr" or _readers(gm, w.target) != {n}:
             return f"the weight of {n.name} is shared or computed"
-    users = _users(x)
+    users = readers(x)
     if all(u in lins for u in users):
         src = x
-        while op_name(src) in IDENTITY and len(_users(src.args[0])) == 1:
+        while op_name(src) in IDENTITY and len(readers(src.args[0])) == 1:
             src = src.args[0]
         affine = _norm_affine(program, src)
         k = _attr(gm, lins[0].args[1].target).shape[1]
@@ -376,10 +375,6 @@ def _apply_fold(gm, fold, s: torch.Tensor, full: torch.Tensor, x: fx.Node, lins:
     return f"explicit mul ({inv.target})"
 
 
-def _users(n: fx.Node) -> list[fx.Node]:
-    return [u for u in n.users if u.target is not ASSERT]
-
-
 def _readers(gm, target: str) -> set[fx.Node]:
     return {u for n in gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users}
 
@@ -405,7 +400,7 @@ def _norm_affine(program: Program, src: fx.Node):
     if op_name(m) == "aten.add":
         bias = next((a for a in m.args if _param(gm, a) is not None), None)
         m = next((a for a in m.args if a is not bias), None)
-        if bias is None or op_name(m) != "aten.mul" or len(m.args) != 2 or len(_users(m)) != 1:
+        if bias is None or op_name(m) != "aten.mul" or len(m.args) != 2 or len(readers(m)) != 1:
             return None
     w = next((a for a in m.args if _param(gm, a) is not None), None)
     y = next((a for a in m.args if a is not w), None)

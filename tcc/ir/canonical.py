@@ -47,6 +47,8 @@ import math
 import torch
 import torch.fx as fx
 
+from .graph import readers
+
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _TRANSPOSES = (aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default)
@@ -184,15 +186,10 @@ def _num(a) -> float | None:
     return float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else None
 
 
-def _readers(n: fx.Node) -> list[fx.Node]:
-    """n's users, without torch.export's metadata checks (_assert_tensor_metadata)."""
-    return [u for u in n.users if u.target is not aten._assert_tensor_metadata.default]
-
-
 def _only_user(n: fx.Node):
     if not isinstance(n, fx.Node):
         return None
-    r = _readers(n)
+    r = readers(n)
     return r[0] if len(r) == 1 else None
 
 
@@ -365,7 +362,7 @@ _KEEP = (aten.dropout.default, aten.clone.default, aten.alias.default, aten.cont
 def _scaled(n: fx.Node) -> tuple[fx.Node, float]:
     """(x, s) for n = x * s or x / s with a number s (single use), else (n, 1)."""
     if n.target in (aten.mul.Tensor, aten.div.Tensor) and len(n.args) == 2 and _num(n.args[1]) is not None \
-            and isinstance(n.args[0], fx.Node) and len(_readers(n)) == 1:
+            and isinstance(n.args[0], fx.Node) and len(readers(n)) == 1:
         s = _num(n.args[1])
         if s != 0:
             return n.args[0], (s if n.target is aten.mul.Tensor else 1.0 / s)
@@ -397,10 +394,10 @@ def _probs_to_pv(gm: fx.GraphModule, sm: fx.Node):
 
 def _nan_guard(gm: fx.GraphModule, p: fx.Node):
     """[isnan, where] when p's only readers are where(isnan(p), 0, p), else None."""
-    if len(_readers(p)) != 2:
+    if len(readers(p)) != 2:
         return None
-    nan = next((u for u in _readers(p) if u.target is aten.isnan.default), None)
-    w = next((u for u in _readers(p) if u is not nan), None)
+    nan = next((u for u in readers(p) if u.target is aten.isnan.default), None)
+    w = next((u for u in readers(p) if u is not nan), None)
     if nan is None or _only_user(nan) is not w or w.target not in (aten.where.self, aten.where.ScalarSelf):
         return None
     return [nan, w] if w.args[0] is nan and w.args[2] is p and _zero(gm, w.args[1]) else None
@@ -449,7 +446,7 @@ def _match_attention(gm: fx.GraphModule, sm: fx.Node):
     pv, after = found
     n, scale, mask, before = sm.args[0], 1.0, None, []
     while isinstance(n, fx.Node) and n.target is not aten.matmul.default:
-        if len(_readers(n)) != 1:
+        if len(readers(n)) != 1:
             return None
         x, s = _scaled(n)
         if x is not n:
@@ -468,7 +465,7 @@ def _match_attention(gm: fx.GraphModule, sm: fx.Node):
             continue
         return None
     scores = n
-    if not isinstance(scores, fx.Node) or len(_readers(scores)) != 1:
+    if not isinstance(scores, fx.Node) or len(readers(scores)) != 1:
         return None
     q, sq = _scaled(scores.args[0])
     kt, sk = _scaled(scores.args[1])
@@ -497,9 +494,9 @@ def _reaches_matmul(n) -> bool:
 def _untranspose(g: fx.Graph, kt: fx.Node) -> fx.Node:
     """k from k^T: through the transpose or permute that made it, else a new transpose."""
     rank = 4
-    if kt.target is aten.transpose.int and sorted(d % rank for d in kt.args[1:3]) == [2, 3] and len(_readers(kt)) == 1:
+    if kt.target is aten.transpose.int and sorted(d % rank for d in kt.args[1:3]) == [2, 3] and len(readers(kt)) == 1:
         return kt.args[0]
-    if kt.target is aten.permute.default and len(_readers(kt)) == 1:
+    if kt.target is aten.permute.default and len(readers(kt)) == 1:
         perm = [d % rank for d in kt.args[1]]
         perm[2], perm[3] = perm[3], perm[2]
         if perm == list(range(rank)):

@@ -42,6 +42,12 @@ def op_name(n) -> str:
     return getattr(t, "__name__", str(t))
 
 
+def readers(n: fx.Node) -> list[fx.Node]:
+    """n's users that read its value: torch.export's assertion nodes (aten._assert_tensor_metadata and
+    the like, which only check it) left out."""
+    return [u for u in n.users if not op_name(u).startswith("aten._assert")]
+
+
 def module_path(node: fx.Node, fallback: bool = True) -> str:
     """The module a node was traced in ('model.layers.0.mlp.up_proj': the innermost entry of
     meta["nn_module_stack"], without torch.export's L['self'] and with indices as dotted parts), else
