@@ -261,6 +261,10 @@ def cmd_generate(a) -> int:
         sys.stdout.flush()
 
     with tcc.load(a.artifact) as art:
+        if a.speculate != "off" and "acts=int8" in art.manifest.get("pipeline", ""):
+            print("tcc: warning: this artifact quantizes activations to int8 per token; its verify rows and decode "
+                  "steps differ in float rounding, which the int8 rounding can amplify (docs/GENERATION.md), so "
+                  "speculative tokens may differ from plain decoding's: --compare checks", file=sys.stderr)
         r = art.generate(prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                          seed=a.seed, stream=stream, speculate=a.speculate)
         if a.compare and a.speculate != "off":
@@ -275,6 +279,7 @@ def cmd_generate(a) -> int:
             sp = r["speculative"]
             print(f"[speculate {sp['mode']} ({sp.get('draft')}): acceptance {sp['acceptance_rate']}, k {sp.get('k_mean')}, "
                   f"{sp['tokens_per_target_call']} tokens per target call" + (f", {sp['speed_up']}x the target alone's decode" if sp.get("speed_up") else "")
+                  + ({True: ", the same tokens", False: ", NOT the same tokens"}.get(sp.get("same_tokens"), "") if a.temperature == 0 else "")
                   + "]", file=sys.stderr)
     return 0
 

@@ -215,17 +215,28 @@ def test_lookup_draft_proposes_what_followed():
     assert d.propose([1, 2, 3], 4, None, ()) == ([], None)
 
 
-def test_cli_speculate_and_errors(art, tmp_path, capsys):
+def test_cli_speculate_and_errors(art, tmp_path, capsys, monkeypatch):
     from tcc.cli import main
     assert main(["generate", str(art.dir), "--prompt-ids", "1,2,3,4,1,2,3", "--max-new-tokens", "10",
                  "--speculate", "lookup", "--compare", "--json"]) == 0
-    sp = json.loads(capsys.readouterr().out)["speculative"]
+    out = capsys.readouterr()
+    assert "warning" not in out.err  # float activations: verify rows are the decode steps' up to 1e-6
+    sp = json.loads(out.out)["speculative"]
     assert sp["same_tokens"] is True and sp["mode"] == "lookup" and sp["tokens_per_target_call"] >= 1
     assert {"acceptance_rate", "speed_up", "plain_decode_tokens_per_s"} <= set(sp)
     assert sp["draft"] == "prompt lookup (3-gram)" and sp["k_max"] == 7
     assert sp["k_mean"] is None or 1 <= sp["k_mean"] <= 7
     with pytest.raises(UserError, match="not a speculation mode"):
         art.generate([1, 2], 4, speculate="medusa")
+    load = tcc.load  # an artifact with int8 activations (only its manifest's pipeline is read): a warning
+
+    def int8_acts(path):
+        loaded = load(path)
+        loaded.manifest = {**loaded.manifest, "pipeline": "dce,quantize(acts=int8)"}
+        return loaded
+    monkeypatch.setattr(tcc, "load", int8_acts)
+    assert main(["generate", str(art.dir), "--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--speculate", "lookup"]) == 0
+    assert "tcc: warning: this artifact quantizes activations to int8" in capsys.readouterr().err
     with pytest.raises(UserError, match="--draft builds a draft program"):
         tcc.compile(tiny("llama"), "x86", out=tmp_path / "b", generate=False, draft=DRAFT)
     assert not (tmp_path / "b").exists()
