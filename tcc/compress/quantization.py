@@ -24,6 +24,8 @@ int4_group(k, group) -> int | None                  the group a layer with k inp
     when it divides k (0: k), else the largest even divisor of k below it (576 -> 96 for 128);
     None when k is odd (no even divisor: two codes share a byte).
 rtn(w, grid, group) -> QWeight                      round to nearest, group by group
+fake_quantize(w, grid, scale, zero) -> w on the grid, with a straight-through gradient (heal's training
+    through the quantizer)
 gptq(w, H, grid, group, damp=0.01, act_order=False, zeros=None) -> QWeight
     GPTQ (Frantar et al. 2023): columns one by one, each quantized and its error (w - q) / U[i,i] spread
     over the columns not yet quantized through the upper Cholesky factor U of H^-1 (H = sum x x^T over
@@ -140,6 +142,23 @@ class Grid:
     def values(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         shape = (-1,) + (1,) * (codes.dim() - 1)
         return (codes - zero.reshape(shape)) * scale.reshape(shape)
+
+
+def fake_quantize(w: torch.Tensor, grid: Grid, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """Quantize-dequantize w [N, K] on a grid, differentiably: scale (and zero) [N, K / group] per row and
+    group (int8: [N] or [N, 1], zero None), the codes Grid.codes gives, rounded with a straight-through
+    gradient (round's gradient taken as 1; the clamp's as 0 outside the grid). The value equals
+    Grid.values(Grid.codes(...)); the gradient reaches w and, when it requires one, scale."""
+    n, k = w.shape
+    s = scale.reshape(n, -1, 1)
+    g = w.reshape(n, s.shape[1], -1)
+    z = torch.zeros_like(s) if zero is None and grid.kind == "int8" else \
+        (torch.full_like(s, 8.0) if zero is None else zero.reshape(n, -1, 1).to(torch.float32))
+    u = g / s + z if grid.float_zero else g / s
+    u = u + (torch.round(u) - u).detach()
+    c = u if grid.float_zero else u + z
+    c = c.clamp(-127, 127) if grid.kind == "int8" else c.clamp(0, 15)
+    return ((c - z) * s).reshape(n, k)
 
 
 F16_MIN, F16_MAX = 2.0 ** -24, 65504.0  # float16's smallest subnormal and largest finite value
