@@ -9,7 +9,8 @@ a multiple of the 2 or 4 weight rows per block. TVM_NUM_THREADS=2 splits the col
 Tolerance: |got - ref| <= 1e-6 * (|x| @ |w|^T + |b|) per element (fp32 rounding of the summation order
 only; eps = 6e-8). Exactness: each row of an M-row call equals the M = 1 call on that row bit for bit
 (the path sums every output element in the same order whatever M is), which is what lets a
-speculative verify reproduce the decode step's logits.
+speculative verify reproduce the decode step's logits. The same for tcc_sdpa's few-rows path (Sq <= 16):
+8 causal query rows (D = 70) against each row alone over the keys it sees, within 1e-5 of torch.
 """
 from __future__ import annotations
 
@@ -48,6 +49,19 @@ CASES = {f"m{m}_k37": dense_case(m, 37) for m in (*range(1, 10), 16, 17)}
 CASES |= {f"m{m}_k601": dense_case(m, 601) for m in (1, 8, 17)}
 CASES |= {"m1_k37_nobias": dense_case(1, 37, bias=False), "m6_k37_nobias": dense_case(6, 37, bias=False),
           "m3_k1": dense_case(3, 1)}  # K = 1: shorter than a vector, all tail
+
+
+def sdpa_case(q, k, v):
+    """Causal attention of q's rows over the keys (query i sees keys <= i + Sk - Sq), scale 0.3."""
+    ref = ops.sdpa(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), None, 0.3, True).numpy()
+    return Case("tcc_sdpa_nomask_f32", [q, k, v], [0.3, True], ref, np.full(ref.shape, 1e-5, np.float32))
+
+
+# sdpa's few-rows path (Sq <= 16: a decode step, a verify): 8 query rows over 29 keys, 2 query heads on
+# one KV head, D = 70 (4 zmm + 6, 8 ymm + 6); each row alone over the keys it sees (22 + i)
+SDPA_Q, SDPA_K, SDPA_V = (rng.standard_normal(s).astype(np.float32) for s in ((1, 2, 8, 70), (1, 1, 29, 70), (1, 1, 29, 70)))
+CASES |= {"sdpa_q8": sdpa_case(SDPA_Q, SDPA_K, SDPA_V)}
+CASES |= {f"sdpa_q1_row{i}": sdpa_case(SDPA_Q[:, :, i:i + 1], SDPA_K[:, :, :22 + i], SDPA_V[:, :, :22 + i]) for i in range(8)}
 X86 = {"native": "avx512f", "x86-64-v3": "avx2", "x86-64": None}
 
 
@@ -72,6 +86,14 @@ def test_rows_are_bit_identical_to_one_row_calls(x86, name, single):
     x, *rest = CASES[name].arrays
     one_by_one = np.concatenate([run(x86, single, [x[i:i + 1], *rest]) for i in range(len(x))])
     assert np.array_equal(run(x86, name, CASES[name].arrays), one_by_one)
+
+
+def test_attention_rows_are_bit_identical_to_one_row_calls(x86):
+    """A verify's row i (8 query rows at once) is the decode step at its position (one query row over
+    the keys up to it) bit for bit."""
+    rows = run(x86, "sdpa_q8", CASES["sdpa_q8"].arrays)
+    for i in range(8):
+        assert np.array_equal(rows[:, :, i:i + 1], run(x86, f"sdpa_q1_row{i}", CASES[f"sdpa_q1_row{i}"].arrays)), i
 
 
 ARM_CASES = {n: CASES[n] for n in ("m1_k37", "m2_k37", "m5_k37", "m8_k37", "m16_k37", "m8_k601", "m6_k37_nobias",

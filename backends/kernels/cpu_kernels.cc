@@ -31,7 +31,9 @@
 // Math: fp32 GEMMs are cblas_sgemm from scipy-openblas32 (symbols prefixed scipy_), except dense up
 // to 16 rows (dense_small_m: each weight row streamed once for all rows, FMA in registers). dense_w8 keeps
 // the weights int8 in memory; up to 4 rows it is a GEMV over the codes, above that it dequantizes blocks of output channels (64 KiB of fp32 for M <= 16,
-// else 512 KiB) into a per-thread scratch buffer, one sgemm per block. Threads: OpenBLAS is set to
+// else 512 KiB) into a per-thread scratch buffer, one sgemm per block. sdpa with up to 16 query rows
+// (a decode step, a speculative verify) runs sdpa_rows, no BLAS: each row is summed in one order
+// whatever the rows around it, so a verify row is the decode step's bit for bit. Threads: OpenBLAS is set to
 // one thread and the kernels split their work over TVM's own thread pool (TVMBackendParallelLaunch,
 // resolved from libtvm_runtime when the module is loaded), so TVM's and OpenBLAS's pools never
 // fight for cores: dense splits the longer of M and N, sdpa splits (batch, head, block of 64 query
@@ -380,6 +382,63 @@ void sdpa_block(const Sdpa& s, int64_t b, int64_t h, int64_t i0, int64_t i1) {
   sgemm_nn(rows, s.dv, cols, scores, cols, v, s.dv, 0.0f, out, s.dv);
 }
 
+constexpr int64_t kSdpaRows = 16;
+
+// Few query rows (a decode step, a speculative verify: Sq <= kSdpaRows). Each row's result depends
+// only on its query and the keys it sees, never on the rows or the padding around it: the scores
+// are dot_tile's (each q.k summed in one order whatever the tile), the softmax runs over exactly
+// the row's visible keys, and p v is summed key by key in key order. So a verify row at position t
+// equals the decode step at t bit for bit (sdpa_block's BLAS sums in another order for 1 and for 8
+// rows, and its softmax runs over the block's columns, the masked ones included).
+void sdpa_rows(const Sdpa& s, int64_t b, int64_t h, int64_t i0, int64_t i1) {
+  const int64_t hkv = h / (s.heads / s.kv_heads), shift = s.sk - s.sq;
+  const float* q = s.q + (b * s.heads + h) * s.sq * s.d;
+  const float* k = s.k + (b * s.kv_heads + hkv) * s.kv_rows * s.d;
+  const float* v = s.v + (b * s.kv_heads + hkv) * s.kv_rows * s.dv;
+  float* out = s.out + (b * s.heads + h) * s.sq * s.dv;
+  // row i sees keys [first(i), end(i)): causal up to i + shift, the last `window` of them if sliding
+  auto end = [&](int64_t i) { return s.causal ? std::clamp<int64_t>(i + shift + 1, 0, s.sk) : s.sk; };
+  auto first = [&](int64_t i) {
+    return s.causal && s.window > 0 ? std::clamp<int64_t>(i + shift - s.window + 1, 0, end(i)) : int64_t{0};
+  };
+  float* scores = scratch<float>((i1 - i0) * s.sk);
+  for (int64_t i = i0; i < i1; i += 4) {  // scores of up to 4 rows at once (the keys read once)
+    const int mr = static_cast<int>(std::min<int64_t>(4, i1 - i));
+    const int64_t j0 = first(i), j1 = end(i + mr - 1);
+    float* sc = scores + (i - i0) * s.sk;
+    for (int r = 0; r < mr; ++r) std::fill(sc + r * s.sk + j0, sc + r * s.sk + j1, 0.0f);
+    int64_t j = j0;
+    for (; j + kNR <= j1; j += kNR) dot_rows<kNR>(mr, q + i * s.d, k + j * s.d, s.d, sc + j, s.sk);
+    for (; j < j1; ++j) dot_rows<1>(mr, q + i * s.d, k + j * s.d, s.d, sc + j, s.sk);
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t j0 = first(i), j1 = end(i);
+    float* row = scores + (i - i0) * s.sk;
+    float* o = out + i * s.dv;
+    if (j1 == 0) {
+      std::fill(o, o + s.dv, std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
+    for (int64_t j = j0; j < j1; ++j) row[j] *= s.scale;
+    if (s.softcap > 0.0f) {
+      for (int64_t j = j0; j < j1; ++j) row[j] = s.softcap * std::tanh(row[j] / s.softcap);
+    }
+    if (s.mask) {
+      const float* m = s.mask + b * s.mask_stride[0] + h * s.mask_stride[1] + i * s.mask_stride[2];
+      const int64_t mj = s.mask_stride[3];
+      for (int64_t j = j0; j < j1; ++j) row[j] += m[j * mj];
+    }
+    softmax_row(row + j0, j1 - j0);
+    std::fill(o, o + s.dv, 0.0f);
+    for (int64_t j = j0; j < j1; ++j) {
+      const float p = row[j];
+      const float* vj = v + j * s.dv;
+#pragma omp simd
+      for (int64_t e = 0; e < s.dv; ++e) o[e] += p * vj[e];
+    }
+  }
+}
+
 void run_sdpa(const Sdpa& s, int64_t out_numel);
 
 // Checks sdpa and sdpa_kv share: query heads a multiple of the KV heads; out is [B, H, Sq, Dv].
@@ -450,7 +509,8 @@ void run_sdpa(const Sdpa& s, int64_t out_numel) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t blk = t % qblocks, bh = t / qblocks;
       const int64_t i0 = blk * kQueryBlock, i1 = std::min(s.sq, i0 + kQueryBlock);
-      sdpa_block(s, bh / s.heads, bh % s.heads, i0, i1);
+      if (s.sq <= kSdpaRows) sdpa_rows(s, bh / s.heads, bh % s.heads, i0, i1);
+      else sdpa_block(s, bh / s.heads, bh % s.heads, i0, i1);
     }
   });
 }
