@@ -1,5 +1,5 @@
 """Compile tcc's hand-written CPU kernels (cpu_kernels.cc, quant_kernels.cc, sparse_kernels.cc,
-bf16_kernels.cc) into
+bf16_kernels.cc, rotate_kernels.cc) into
 one object a TVM module links in.
 
 Contract:
@@ -57,7 +57,8 @@ from pathlib import Path
 from tcc.errors import InternalError, UserError
 
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "cpu_kernels.cc", HERE / "quant_kernels.cc", HERE / "sparse_kernels.cc", HERE / "bf16_kernels.cc")
+SOURCES = (HERE / "cpu_kernels.cc", HERE / "quant_kernels.cc", HERE / "sparse_kernels.cc", HERE / "bf16_kernels.cc",
+           HERE / "rotate_kernels.cc")
 ARCHES = ("x86_64", "aarch64")
 CUDA_DIR = HERE / "cuda"
 CUDA_SOURCES = (CUDA_DIR / "quant_gemm.cu", CUDA_DIR / "sparse24_gemm.cu")

@@ -47,9 +47,11 @@
 // codes per group, and per group and column acc += s_w s_x (sum_k q code - zero sum_k q) in fp32:
 //   M <= 32 (decode): per tile of 16 columns and 4 rows, the codes unpack in registers (and/shift)
 //     and vpdpbusd / maddubs / sdot / smull them against the activation quads, 4 chains per row.
-//   M > 32 (prefill): a GEMM. Per panel of tiles the codes unpack once to one byte each (the layout
-//     int8_tile reads); blocks of rows run vpdpbusd on it (VNNI: 8 rows x 3 tiles) or int8_tile
-//     (the other ISAs), and each group's int32 sums fold into fp32 accumulators.
+//   M > 32 (prefill): a GEMM. Per panel of tiles the codes unpack once to one signed byte each,
+//     code - zero (integer zero points: the zero point leaves the per-row work), in the layout
+//     int8_tile reads; blocks of rows run vpdpbusd on it (VNNI: 8 rows x 3 tiles, activations as
+//     q + 128, each group's accumulators starting at -128 sum_k w) or int8_tile (the other ISAs),
+//     and each group's int32 sums fold into fp32 accumulators: acc += T (s_w s_x).
 //
 // Threads: TVM's pool (common.h `parallel`). dense_a8w8 quantizes the rows in one launch, then
 // splits the columns (in tiles of 16) or, when M > N, the rows; dense_w4 splits the longer of M, N.
@@ -854,7 +856,9 @@ void w4a8_quantize(const W4A8& p, int64_t r0, int64_t r1, T* a, int32_t off, flo
       float s = std::max(hi, -lo) / 127.0f;
       s = s > 0.0f ? s : 1.0f;
       int32_t sum = 0;
-      for (int64_t i = 0; i < p.group; ++i) {
+      const int64_t group = p.group;  // (a local: stores through T* may alias p)
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < group; ++i) {
         float v = x[i] / s;
         v = v < -127.0f ? -127.0f : v;
         v = v > 127.0f ? 127.0f : v;
@@ -899,24 +903,37 @@ void w4a8_direct(const W4A8& p, const int8_t* a, const float* xs, const int32_t*
 }
 
 // The GEMM (M > kW4DirectRows, prefill): a panel of up to kGemmNV tiles (16 kGemmNV output columns)
-// unpacks once into one code (0..15) per byte, [G][kGemmNV][Q][16][4] (Q = 2 octets quads of k per
-// group, the layout int8_tile reads), with the tiles' scales and zero points as float32; then every
-// block of rows runs on it: per group, the integer sums c = sum_k q code, and as w4a8_direct
-// acc += (s sx) (c - z qsum), here ((c - z qsum) sx) s.
+// unpacks once into one signed weight code per byte, w = code - zero (integer zero points) or code
+// (fractional ones), [G][kGemmNV][Q][16][4] (Q = 2 octets quads of k per group, the layout
+// int8_tile reads), with the tiles' scales (and scale x zero point, fractional zero points only) as
+// float32; then every block of rows runs on it: per group, the integer sums T = sum_k q w, exact,
+// and acc += T (s sx) (- (s z) (qsum sx) for fractional zero points) in float32. The integer zero
+// point thus costs nothing per row: it is in the codes.
 #if TCC_INT8_VNNI
-constexpr int kGemmMR = 8, kGemmNV = 3;  // 24 int32 accumulators + 3 tiles of codes in zmm
-using GemmCode = int8_t;
+// vpdpbusd multiplies uint8 by int8: the activation codes are q + 128 (uint8) and the weights w
+// (int8, -15..15); sum_k (q + 128) w = T + 128 sum_k w, so each group's int32 accumulators start at
+// -128 sum_k w (w.init, per column; padded k have q = 0 on both sides of the identity).
+// 8 rows x 3 tiles: 24 int32 accumulators + 3 weight vectors + 1 broadcast in zmm (the float32
+// accumulators go to L1 once per group; 4 x 3 with all of them in registers measured no faster).
+constexpr int kGemmMR = 8, kGemmNV = 3;
+using GemmCode = uint8_t;
+constexpr int32_t kGemmCodeOffset = 128;
 #else
 constexpr int kGemmMR = kMR, kGemmNV = kNV;  // int8_tile's blocking
 using GemmCode = Code;
+constexpr int32_t kGemmCodeOffset = 0;
 #endif
 
 struct W4A8Panel {
   int64_t quads;   // Q, quads of k per group
   int8_t* w;       // [G][kGemmNV][Q][64]
   float* s;        // [G][kGemmNV][16]
-  float* sz;       // [G][kGemmNV][16]: scale * zero point
+  float* sz;       // [G][kGemmNV][16]: scale * zero point (fractional zero points only)
+  int32_t* init;   // [G][kGemmNV][16]: -kGemmCodeOffset * sum_k w, each group's accumulators' start
 };
+
+typedef uint8_t vb __attribute__((vector_size(kLanes * 4)));
+typedef uint8_t vb_u __attribute__((vector_size(kLanes * 4), aligned(1), may_alias));
 
 // Unpacks tiles [t0, t0 + nv) into the panel.
 void w4a8_unpack(const W4A8& p, int64_t t0, int nv, const W4A8Panel& w) {
@@ -924,73 +941,87 @@ void w4a8_unpack(const W4A8& p, int64_t t0, int nv, const W4A8Panel& w) {
   for (int v = 0; v < nv; ++v)
     for (int64_t g = 0; g < p.groups; ++g) {
       const int64_t at = ((t0 + v) * p.groups + g) * kTile, slot = (g * kGemmNV + v) * kTile;
-      const F16 s = w4a8_scale(p, at), z = w4a8_zero(p, at);
-      UNROLL for (int i = 0; i < kVecs; ++i) {
-        *reinterpret_cast<vf_u*>(w.s + slot + i * kLanes) = s.v[i];
-        *reinterpret_cast<vf_u*>(w.sz + slot + i * kLanes) = s.v[i] * z.v[i];
+      const F16 s = w4a8_scale(p, at);
+      vu zrep[kVecs];  // the integer zero point of each column, in each of its 4 bytes
+      if (p.zero_f32) {
+        const F16 z = load_f16(p.zero_f32 + at);
+        UNROLL for (int i = 0; i < kVecs; ++i) {
+          *reinterpret_cast<vf_u*>(w.sz + slot + i * kLanes) = s.v[i] * z.v[i];
+          zrep[i] = vu{};
+        }
+      } else {
+        UNROLL for (int i = 0; i < kVecs; ++i)
+          UNROLL for (int j = 0; j < kLanes; ++j) zrep[i][j] = p.zero[at + i * kLanes + j] * 0x01010101u;
       }
+      UNROLL for (int i = 0; i < kVecs; ++i) *reinterpret_cast<vf_u*>(w.s + slot + i * kLanes) = s.v[i];
       const uint8_t* src = p.qw + ((t0 + v) * p.groups + g) * p.octets * 64;
       int8_t* dst = w.w + (g * kGemmNV + v) * w.quads * 64;
       for (int64_t o = 0; o < p.octets; ++o)
         UNROLL for (int i = 0; i < kVecs; ++i) {
           const vu c = *reinterpret_cast<const vu_u*>(src + o * 64 + i * kLanes * 4);
-          *reinterpret_cast<vu_u*>(dst + 2 * o * 64 + i * kLanes * 4) = c & m4;
-          *reinterpret_cast<vu_u*>(dst + (2 * o + 1) * 64 + i * kLanes * 4) = (c >> 4) & m4;
+          // bytewise code - zero (no borrow between the bytes of a lane)
+          *reinterpret_cast<vb_u*>(dst + 2 * o * 64 + i * kLanes * 4) = (vb)(c & m4) - (vb)zrep[i];
+          *reinterpret_cast<vb_u*>(dst + (2 * o + 1) * 64 + i * kLanes * 4) = (vb)((c >> 4) & m4) - (vb)zrep[i];
         }
+#if TCC_INT8_VNNI
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t q = 0; q < w.quads; ++q)
+        sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(static_cast<char>(kGemmCodeOffset)), _mm512_loadu_si512(dst + q * 64));
+      _mm512_storeu_si512(w.init + slot, _mm512_sub_epi32(_mm512_setzero_si512(), sum));
+#endif
     }
 }
 
 // acc[(r kGemmNV + v) 16 + j] = row row0 + r (r < MR), column j of the panel's tile v (v < NV), over
-// all groups (acc: float32 accumulators in memory, which the function writes).
+// all groups (acc: float32, which the function writes). FZ: fractional zero points.
 #if TCC_INT8_VNNI
-// c[r][v][16] = one group's sums of rows r < MR x the panel's tiles v < NV: vpdpbusd of the tiles'
-// codes (uint8, in registers) and each row's activation quad (int8, broadcast), as int8_tile's loop.
-// (Not inlined, and the sums go through memory: with float32 accumulators live in registers too,
-// GCC 12 copies or spills the int32 ones around every vpdpbusd.)
-template <int MR, int NV>
-[[gnu::noinline]] void w4a8_sums(const int8_t* w, int64_t quads, const GemmCode* a, int64_t lda, int32_t* c) {
-  __m512i acc[MR][NV];
-  UNROLL for (int r = 0; r < MR; ++r) UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
-  for (int64_t q = 0; q < quads; ++q) {
-    __m512i wv[NV];
-    UNROLL for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + (v * quads + q) * 64);
-    UNROLL for (int r = 0; r < MR; ++r) {
-      int32_t a4;
-      std::memcpy(&a4, a + r * lda + 4 * q, 4);
-      const __m512i av = _mm512_set1_epi32(a4);
-      UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], wv[v], av);
-    }
-  }
-  UNROLL for (int r = 0; r < MR; ++r)
-    UNROLL for (int v = 0; v < NV; ++v) _mm512_storeu_si512(c + (r * NV + v) * kTile, acc[r][v]);
+// acc += vpdpbusd(a uint8, b int8) with acc tied to its register (GCC 12 copies the intrinsic's
+// accumulators into new registers around every call when float32 accumulators are live beside them).
+inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
 }
 
-// Per group: the sums, then acc += c (s sx) - (s z) (qsum sx) in float32 (acc in memory, L1).
-template <int MR, int NV>
+template <int MR, int NV, bool FZ>
 void w4a8_gemm_block(const W4A8& p, const GemmCode* a, const float* xs, const float* qsx, const W4A8Panel& w,
-                     int64_t row0, float* acc) {
-  alignas(64) int32_t c[MR * NV * kTile];
-  UNROLL for (int r = 0; r < MR; ++r)
-    UNROLL for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + (r * kGemmNV + v) * kTile, _mm512_setzero_ps());
+                     int64_t row0, float* out) {
+  __m512 f[MR][NV];
+  UNROLL for (int r = 0; r < MR; ++r) UNROLL for (int v = 0; v < NV; ++v) f[r][v] = _mm512_setzero_ps();
+  const GemmCode* a0 = a + row0 * p.lda;
   for (int64_t g = 0; g < p.groups; ++g) {
-    w4a8_sums<MR, NV>(w.w + g * kGemmNV * w.quads * 64, w.quads, a + row0 * p.lda + g * w.quads * 4, p.lda, c);
+    const int8_t* wg = w.w + g * kGemmNV * w.quads * 64;
+    const GemmCode* ag = a0 + g * w.quads * 4;
+    __m512i acc[MR][NV];
+    UNROLL for (int v = 0; v < NV; ++v) {
+      const __m512i init = _mm512_loadu_si512(w.init + (g * kGemmNV + v) * kTile);
+      UNROLL for (int r = 0; r < MR; ++r) acc[r][v] = init;
+    }
+    for (int64_t q = 0; q < w.quads; ++q) {
+      __m512i wv[NV];
+      UNROLL for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(wg + (v * w.quads + q) * 64);
+      UNROLL for (int r = 0; r < MR; ++r) {
+        int32_t a4;
+        std::memcpy(&a4, ag + r * p.lda + 4 * q, 4);
+        const __m512i av = _mm512_set1_epi32(a4);
+        UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = dpbusd(acc[r][v], av, wv[v]);
+      }
+    }
     UNROLL for (int v = 0; v < NV; ++v) {
       const int64_t slot = (g * kGemmNV + v) * kTile;
-      const __m512 s = _mm512_loadu_ps(w.s + slot), sz = _mm512_loadu_ps(w.sz + slot);
+      const __m512 s = _mm512_loadu_ps(w.s + slot);
       UNROLL for (int r = 0; r < MR; ++r) {
         const int64_t rg = (row0 + r) * p.groups + g;
-        float* y = acc + (r * kGemmNV + v) * kTile;
-        const __m512 ci = _mm512_cvtepi32_ps(_mm512_load_si512(c + (r * NV + v) * kTile));
-        const __m512 f = _mm512_fmadd_ps(ci, _mm512_mul_ps(s, _mm512_set1_ps(xs[rg])), _mm512_loadu_ps(y));
-        _mm512_storeu_ps(y, _mm512_fnmadd_ps(sz, _mm512_set1_ps(qsx[rg]), f));
+        f[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][v]), _mm512_mul_ps(s, _mm512_set1_ps(xs[rg])), f[r][v]);
+        if (FZ) f[r][v] = _mm512_fnmadd_ps(_mm512_loadu_ps(w.sz + slot), _mm512_set1_ps(qsx[rg]), f[r][v]);
       }
     }
   }
+  UNROLL for (int r = 0; r < MR; ++r)
+    UNROLL for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + (r * kGemmNV + v) * kTile, f[r][v]);
 }
 #else
 // int8_tile per group into memory, then the group's sums fold into float32 accumulators.
-
-template <int MR, int NV>
+template <int MR, int NV, bool FZ>
 void w4a8_gemm_block(const W4A8& p, const GemmCode* a, const float* xs, const float* qsx, const W4A8Panel& w,
                      int64_t row0, float* out) {
   alignas(64) int32_t c[MR * NV * kTile];
@@ -1006,8 +1037,8 @@ void w4a8_gemm_block(const W4A8& p, const GemmCode* a, const float* xs, const fl
         const int64_t slot = (g * kGemmNV + v) * kTile;
         UNROLL for (int i = 0; i < kVecs; ++i) {
           const vf ci = __builtin_convertvector(*reinterpret_cast<const vi_u*>(c + (r * NV + v) * kTile + i * kLanes), vf);
-          acc[r][v].v[i] += ci * (*reinterpret_cast<const vf_u*>(w.s + slot + i * kLanes) * sx) -
-                            *reinterpret_cast<const vf_u*>(w.sz + slot + i * kLanes) * qs;
+          acc[r][v].v[i] += ci * (*reinterpret_cast<const vf_u*>(w.s + slot + i * kLanes) * sx);
+          if (FZ) acc[r][v].v[i] -= *reinterpret_cast<const vf_u*>(w.sz + slot + i * kLanes) * qs;
         }
       }
     }
@@ -1020,22 +1051,24 @@ void w4a8_gemm_block(const W4A8& p, const GemmCode* a, const float* xs, const fl
 
 using GemmBlock = void (*)(const W4A8&, const GemmCode*, const float*, const float*, const W4A8Panel&, int64_t,
                            float*);
-template <int MR, int... V>
+template <bool FZ, int MR, int... V>
 constexpr std::array<GemmBlock, sizeof...(V)> gemm_row(std::integer_sequence<int, V...>) {
-  return {w4a8_gemm_block<MR, V + 1>...};
+  return {w4a8_gemm_block<MR, V + 1, FZ>...};
 }
-template <int... R>
+template <bool FZ, int... R>
 constexpr std::array<std::array<GemmBlock, kGemmNV>, kGemmMR> gemm_table(std::integer_sequence<int, R...>) {
-  return {gemm_row<R + 1>(std::make_integer_sequence<int, kGemmNV>{})...};
+  return {gemm_row<FZ, R + 1>(std::make_integer_sequence<int, kGemmNV>{})...};
 }
-// kGemmBlocks[mr - 1][nv - 1] = w4a8_gemm_block<mr, nv>
-constexpr auto kGemmBlocks = gemm_table(std::make_integer_sequence<int, kGemmMR>{});
+// kGemmBlocks[fz][mr - 1][nv - 1] = w4a8_gemm_block<mr, nv, fz>
+constexpr std::array<std::array<std::array<GemmBlock, kGemmNV>, kGemmMR>, 2> kGemmBlocks = {
+    gemm_table<false>(std::make_integer_sequence<int, kGemmMR>{}),
+    gemm_table<true>(std::make_integer_sequence<int, kGemmMR>{})};
 
 // out[row0 : row0 + mr, the panel's nv tiles t0 ...] (+ b).
 void w4a8_gemm_rows(const W4A8& p, const GemmCode* a, const float* xs, const float* qsx, const W4A8Panel& w,
                     int64_t t0, int nv, int64_t row0, int mr) {
   alignas(64) float acc[kGemmMR * kGemmNV * kTile];
-  kGemmBlocks[mr - 1][nv - 1](p, a, xs, qsx, w, row0, acc);
+  kGemmBlocks[p.zero_f32 != nullptr][mr - 1][nv - 1](p, a, xs, qsx, w, row0, acc);
   for (int v = 0; v < nv; ++v) {
     const int64_t n0 = (t0 + v) * kTile, cols = std::min<int64_t>(kTile, p.n - n0);
     float bias[kTile] = {};
@@ -1087,7 +1120,7 @@ void w4a8_run(const W4A8& p) {
   parallel([&](int task, int num_tasks) {
     int64_t r0, r1;
     split(p.m, 1, task, num_tasks, &r0, &r1);
-    w4a8_quantize(p, r0, r1, ac, 0, xs, qsum);
+    w4a8_quantize(p, r0, r1, ac, kGemmCodeOffset, xs, qsum);
     for (int64_t i = r0 * p.groups; i < r1 * p.groups; ++i) qsx[i] = static_cast<float>(qsum[i]) * xs[i];
   });
   parallel([&](int task, int num_tasks) {
@@ -1100,6 +1133,7 @@ void w4a8_run(const W4A8& p) {
     w.w = scratch<int8_t, 9>(p.groups * kGemmNV * w.quads * 64);
     w.s = scratch<float, 11>(p.groups * kGemmNV * kTile);
     w.sz = scratch<float, 12>(p.groups * kGemmNV * kTile);
+    w.init = scratch<int32_t, 13>(p.groups * kGemmNV * kTile);
     for (int64_t t = t0; t < t1; t += kGemmNV) {
       const int nv = static_cast<int>(std::min<int64_t>(kGemmNV, t1 - t));
       w4a8_unpack(p, t, nv, w);

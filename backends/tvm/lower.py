@@ -8,7 +8,8 @@ Steps:
     (aten.linear -> tcc::dense, aten.scaled_dot_product_attention -> tcc::sdpa with an additive
     float mask; 2-D convolutions and transposed convolutions -> tcc::dense between layout ops, an
     inference batch norm after one folded into it: `_lower_convolutions`); ops already in tcc form
-    (tcc::dense_w8 from quantize-weights) stay.
+    (tcc::dense_w8 from quantize-weights) stay; on the CPU, rotate's online Hadamard (a matmul by a
+    stored Walsh-Hadamard matrix) -> tcc_tvm::fwht, the fast Walsh-Hadamard kernel.
  2. `torch.export` the copy again and import it with `from_exported_program(keep_params_as_input=
     True, custom_convert_map=...)`: each tcc op becomes `R.call_dps_packed("tcc_...", ...)`, a call
     into backends/kernels (BLAS-backed); everything else (norms, activations, embeddings, rotary,
@@ -243,6 +244,47 @@ def dense_w4a8_packed(x: torch.Tensor, qw_p: torch.Tensor, scale_t: torch.Tensor
 @dense_w4a8_packed.register_fake
 def _(x, qw_p, scale_t, zero_t, b, n):
     return x.new_empty((*x.shape[:-1], n))
+
+
+# -- rotate's online Hadamard: x.view(..., K / n, n) @ H_n -> the fast Walsh-Hadamard kernel ----------
+
+@torch.library.custom_op("tcc_tvm::fwht", mutates_args=())
+def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x @ H_block on the last dim (tcc/compress/rotation.py fwht, the kernel tcc_fwht_f32's reference)."""
+    from tcc.compress.rotation import fwht as reference
+    return reference(x, block)
+
+
+@fwht.register_fake
+def _(x, block):
+    return torch.empty_like(x)
+
+
+def _online_hadamards(gm: torch.fx.GraphModule) -> int:
+    """Every matmul(x, H) whose right operand is a stored square matrix equal to the normalised
+    Walsh-Hadamard matrix of its order (what rotate(online=...) inserts before a down projection)
+    becomes tcc_tvm::fwht(x, order): log2(n) butterfly stages instead of an n x n GEMM. Returns how many."""
+    from tcc.compress.rotation import walsh_hadamard
+    done = 0
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target != aten.matmul.default or len(n.args) != 2:
+            continue
+        x, h = n.args
+        if not isinstance(h, torch.fx.Node) or h.op != "get_attr":
+            continue
+        w = _attr(gm, h)
+        order = w.shape[0] if w.dim() == 2 else 0
+        if (order < 2 or order & (order - 1) or w.shape[1] != order or w.dtype != torch.float32
+                or getattr(x.meta.get("val"), "dtype", None) != torch.float32
+                or not torch.equal(w, walsh_hadamard(order, torch.float32))):
+            continue
+        with gm.graph.inserting_before(n):
+            new = gm.graph.call_function(torch.ops.tcc_tvm.fwht.default, (x, order))
+        new.meta = dict(n.meta)
+        n.replace_all_uses_with(new)
+        gm.graph.erase_node(n)
+        done += 1
+    return done
 
 
 def _pack_quantized(gm: torch.fx.GraphModule, sparse: dict | None = None, report: list | None = None,
@@ -710,6 +752,8 @@ def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
     else:
         _compress_sparse(gm, sparse, report)
     _lower_convolutions(gm)
+    if device != "cuda":
+        _online_hadamards(gm)
     g = gm.graph
     for n in list(g.nodes):
         if n.op != "call_function":
@@ -788,6 +832,14 @@ def _convert_sdpa_kv_int8(node, importer):
     return _convert_sdpa_kv(node, importer, ("k_codes", "k_scales", "v_codes", "v_scales"), "tcc_sdpa_kv_i8_f32")
 
 
+def _convert_fwht(node, importer):
+    import tvm
+    from tvm import relax
+    x, block = node.args
+    args = relax.Tuple([_arg(importer, x), relax.prim_value(tvm.tirx.IntImm("int64", int(block)))])
+    return importer.block_builder.emit(relax.call_dps_packed("tcc_fwht_f32", args, _out_sinfo(node, importer)))
+
+
 def _convert_embedding_bf16(node, importer):
     from tvm import relax
     args = relax.Tuple([_arg(importer, t) for t in node.args[:2]])
@@ -848,6 +900,7 @@ CONVERT_MAP = {
     "embedding_w8.default": _convert_embedding_w8,
     "dense_bf16_bits.default": _dense_converter("tcc_dense_bf16", 2),
     "embedding_bf16_bits.default": _convert_embedding_bf16,
+    "fwht.default": _convert_fwht,
 }
 
 
