@@ -41,6 +41,7 @@ CASES = {
     "b128_view": fwht_case((1, 7, 12, 128), 128),      # a down projection's input, K = 1536, 7 tokens
     "b64_smollm2_shaped": fwht_case((9, 192), 64, scale=30.0),
     "b256_whole_row": fwht_case((3, 256), 256),
+    "b128_threads": fwht_case((40, 512), 128),            # > 16384 elements: TVM's thread pool splits the blocks
 }
 BAD = {
     "bad_block": ("tcc_fwht_f32", [np.ones((2, 12), np.float32)], [3], (2, 12), r"block 3 must be a power of two dividing K = 12"),

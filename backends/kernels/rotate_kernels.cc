@@ -14,7 +14,8 @@
 // rounding (tests/test_rotate_kernel.py).
 // block: a power of two dividing K (a ValueError otherwise). Stages with h below the vector width
 // permute lanes in registers (GCC vector extensions: zmm, ymm, or NEON q); the rest add and subtract
-// whole vectors. Threads: TVM's pool (common.h `parallel`) splits the row blocks.
+// whole vectors. Threads: TVM's pool (common.h `parallel`) splits the row blocks; up to 16384
+// elements (a decode step's rows) the calling thread runs alone.
 #include "common.h"
 
 #include <cmath>
@@ -29,6 +30,7 @@ constexpr int kFwhtLanes = 8;
 #else
 constexpr int kFwhtLanes = 4;
 #endif
+constexpr int64_t kFwhtSerial = 16384;  // elements up to which the calling thread does it alone
 typedef float fv __attribute__((vector_size(kFwhtLanes * 4)));
 typedef float fv_u __attribute__((vector_size(kFwhtLanes * 4), aligned(1), may_alias));
 typedef int32_t iv __attribute__((vector_size(kFwhtLanes * 4)));
@@ -88,6 +90,10 @@ void fwht_f32(TensorView x, int64_t block, TensorView out) {
   const int64_t blocks = k ? x.numel() / block : 0;
   const float scale = static_cast<float>(std::pow(static_cast<double>(block), -0.5));  // Python's block ** -0.5
   if (blocks == 0) return;
+  if (x.numel() <= kFwhtSerial) {  // a decode step's row: a thread launch would cost more than the transform
+    for (int64_t b = 0; b < blocks; ++b) fwht_block(xp + b * block, op + b * block, block, scale);
+    return;
+  }
   parallel([&](int task, int num_tasks) {
     int64_t b0, b1;
     split(blocks, 1, task, num_tasks, &b0, &b1);
