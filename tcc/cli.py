@@ -261,10 +261,10 @@ def cmd_generate(a) -> int:
         sys.stdout.flush()
 
     with tcc.load(a.artifact) as art:
-        if a.speculate != "off" and "acts=int8" in art.manifest.get("pipeline", ""):
-            print("tcc: warning: this artifact quantizes activations to int8 per token; its verify rows and decode "
-                  "steps differ in float rounding, which the int8 rounding can amplify (docs/GENERATION.md), so "
-                  "speculative tokens may differ from plain decoding's: --compare checks", file=sys.stderr)
+        from .speculative import verify_warning
+        warning = verify_warning(art.manifest) if a.speculate != "off" else None
+        if warning:
+            print(f"tcc: warning: this artifact's greedy speculation may not be exact: {warning}", file=sys.stderr)
         r = art.generate(prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                          seed=a.seed, stream=stream, speculate=a.speculate)
         if a.compare and a.speculate != "off":

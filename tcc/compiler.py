@@ -264,6 +264,8 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
                 final["accuracy"] = {"measured_with": "artifact", "vs_source": drift, "vs_program": errors}
             if checked:
                 final["generation"] = checked
+                if "verify_vs_decode" in checked:  # read by tcc.speculative (verify_difference)
+                    manifest["generation"]["verify_vs_decode"] = checked["verify_vs_decode"]
         if not final.get("accuracy"):
             final.setdefault("accuracy_note", "not measured: verification was skipped (--no-verify)")
         run["cache"] = {e["kind"]: e["outcome"] for e in caches.events()[seen_events:]}
@@ -545,20 +547,21 @@ def _check_generation(art, run: dict, source: _Reference, generation: dict) -> d
     allow) and decode. Reports top-1 agreement at every position the artifact returns logits for
     (each chunk's last one and each decode step; 1.0 for an uncompressed model up to float ties)
     and the largest logit difference; run.seconds.generation_check says what each side cost."""
-    from .generation import check_split, compare_logits, teacher_forced
+    from .generation import check_split, compare_logits, teacher_forced, verify_vs_decode
     context, chunk = generation["max_context"], generation["prefill_len"]
     ids = source.gen_ids
     prefilled = check_split(len(ids), chunk, context)
     with status(f"checking generation: {len(ids)} teacher-forced tokens vs the source model"):
         t1 = time.perf_counter()
         got = teacher_forced(art.session(), ids, chunk, prefilled)
+        verify = verify_vs_decode(art.session(), ids, chunk, prefilled, got)  # speculation's premise
     run["seconds"]["generation_check"] = {"source": source.gen_seconds, "artifact": round(time.perf_counter() - t1, 2)}
     agreement = {**compare_logits(source.gen_logits, got), "prompt_tokens": prefilled, "sequence_tokens": len(ids),
                  "reference": "the source model's argmax at each position of one full forward (PyTorch), "
                               "teacher-forced through prefill and decode"}
     run["generation_agreement"] = agreement["rate"]
     return {"max_context": context, "prefill_len": chunk, "kv_cache": generation["kv_cache"],
-            "cache_bytes": generation["cache_bytes"],
+            "cache_bytes": generation["cache_bytes"], **({"verify_vs_decode": verify} if verify is not None else {}),
             "agreement": agreement, **({"draft": _draft_summary(generation["draft"])} if generation.get("draft") else {})}
 
 

@@ -504,6 +504,22 @@ def teacher_forced(session, ids: list[int], chunk: int, prefilled: int) -> dict[
     return out
 
 
+def verify_vs_decode(session, ids: list[int], chunk: int, prefilled: int, decoded: dict[int, np.ndarray]) -> float | None:
+    """How far the `verify` entry's rows are from the decode steps for the same tokens at the same
+    positions: ids[:prefilled] prefilled, then ids[prefilled:] (up to verify_len of them) in one verify
+    call against `decoded` (teacher_forced's decode logits by position); max |difference| / max |logit|,
+    0.0 when every row is bit-identical (greedy speculation is then exactly the target's own tokens).
+    None without a verify entry or a token after the prefill."""
+    n = min(getattr(session, "verify_len", 0), len(ids) - prefilled)
+    if n < 1 or prefilled < 1:
+        return None
+    for _ in prefill_chunks(session.prefill, ids[:prefilled], chunk, getattr(session, "max_context", None)):
+        pass
+    rows = np.asarray(session.verify(ids[prefilled:prefilled + n], prefilled), np.float64)
+    want = np.stack([decoded[prefilled + i] for i in range(n)]).astype(np.float64)
+    return float(np.abs(rows - want).max() / max(float(np.abs(want).max()), 1e-30))
+
+
 def source_logits(program: Program, ids: list[int]) -> np.ndarray:
     """One full-sequence forward of a (dynamic-length) causal-LM Program on `ids`: logits [len(ids), V]."""
     feeds = {}

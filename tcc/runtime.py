@@ -107,7 +107,8 @@ class Loaded:
     def _speculative_loop(self, session, speculate: str):
         """decode_loop over `session`, or (speculate "lookup" / "draft") tcc.speculative's loop."""
         from .generation import decode_loop
-        from .speculative import CONFIDENCE, SPECULATE, LookupDraft, ModelDraft, draft_pays, speculative_loop
+        from .speculative import (CONFIDENCE, SPECULATE, VERIFY_GUARD, LookupDraft, ModelDraft, draft_pays,
+                                  speculative_loop, verify_difference)
         if speculate not in SPECULATE:
             raise UserError(f"--speculate {speculate!r} is not a speculation mode", f"choose one of: {', '.join(SPECULATE)}")
         if speculate == "off":
@@ -127,6 +128,7 @@ class Loaded:
             draft = ModelDraft(GenerationSession(self._impl, {**gen["draft"], "functions": gen["functions"]},
                                                  prefix="draft_"), confidence=CONFIDENCE)
             how = {"fill": True}
+        how["guard"] = VERIFY_GUARD * (verify_difference(self.manifest) or 0.0)  # 0: rows exact (or not measured)
         return lambda *a, **kw: speculative_loop(session, draft, *a, **how, **kw)
 
     def close(self):

@@ -46,6 +46,35 @@ CONFIDENCE = 0.2
 # target's (decode reads the weights once a step; the draft is fed every emitted token, so with ~3.2
 # tokens per verify of ~1.5 decode steps it beats prompt lookup's ~1.9 tokens per verify below ~0.3)
 AUTO_DRAFT_COST = 0.3
+# greedy speculation where an artifact's verify rows are not its decode steps bit for bit (the compile
+# measures the largest difference, manifest generation.verify_vs_decode, relative to the largest logit):
+# a verify row whose top-2 logit gap is at most VERIFY_GUARD times that difference (of the row's largest
+# logit) does not choose its token; a decode step does, as without speculation
+VERIFY_GUARD = 8.0
+
+
+def verify_difference(manifest: dict) -> float | None:
+    """The compile's measured max |verify row - decode step| / max |logit| (0.0: bit-identical, which
+    greedy speculation relies on); None for an artifact built before the measurement."""
+    value = manifest.get("generation", {}).get("verify_vs_decode")
+    return None if value is None else float(value)
+
+
+def verify_warning(manifest: dict) -> str | None:
+    """What `tcc generate --speculate` warns about: verify rows that differ from the decode steps
+    (measured), or, not measured (an older artifact), int8 activations, which turn any last-bit
+    difference into other int8 codes."""
+    diff = verify_difference(manifest)
+    if diff is None and "acts=int8" not in manifest.get("pipeline", ""):
+        return None
+    if diff == 0.0:
+        return None
+    what = (f"its verify rows differ from its decode steps by up to {diff:.1e} of the largest logit (measured "
+            "when it was compiled)" if diff is not None else "it quantizes activations to int8 per token and was "
+            "compiled before tcc checked that its verify rows equal its decode steps")
+    return (f"{what}; a greedy token whose top two logits are that close is left to a decode step, but the KV cache "
+            "rows differ too, so speculative tokens may differ from plain decoding's (docs/GENERATION.md): "
+            "--compare checks, compiling it again with this tcc may make them equal")
 
 
 def draft_pays(manifest: dict) -> bool:
@@ -139,15 +168,23 @@ class ModelDraft:
         self.session.rollback(self.have)
 
 
-def accept(rows: np.ndarray, drafts: list[int], qs: list | None, rng, sampling: tuple) -> tuple[int, int]:
+def accept(rows: np.ndarray, drafts: list[int], qs: list | None, rng, sampling: tuple,
+           guard: float = 0.0) -> tuple[int, int | None]:
     """(how many drafts are accepted, the token after them) from the target's logits rows
-    [len(drafts) + 1, V] (module doc: greedy, or the speculative-sampling rule)."""
+    [len(drafts) + 1, V] (module doc: greedy, or the speculative-sampling rule). Greedy with `guard`
+    > 0: a row whose top-2 gap is at most guard * its largest |logit| stops the acceptance there and
+    gives None for the token after (a decode step chooses it)."""
     temperature = sampling[0]
     if temperature <= 0:
+        def close(row):
+            if guard <= 0 or row.size < 2:
+                return False
+            top2 = np.partition(row, -2)[-2:]
+            return float(top2[1] - top2[0]) <= guard * float(np.abs(row).max())
         j = 0
-        while j < len(drafts) and int(np.argmax(rows[j])) == drafts[j]:
+        while j < len(drafts) and not close(rows[j]) and int(np.argmax(rows[j])) == drafts[j]:
             j += 1
-        return j, int(np.argmax(rows[j]))
+        return j, None if close(rows[j]) else int(np.argmax(rows[j]))
     for j, d in enumerate(drafts):
         p = probabilities(rows[j], *sampling)
         q = None if qs is None else qs[j]  # None: a point mass on d (prompt lookup's tokens)
@@ -170,14 +207,15 @@ def _point(d: int, size: int) -> np.ndarray:
 def speculative_loop(target, draft, prompt: list[int], max_new_tokens: int, max_context: int, chunk: int, *,
                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                      stop: set[int] | None = None, stats: dict | None = None, k: int | None = None,
-                     adapt: bool = True, fill: bool = False) -> Iterator[int]:
+                     adapt: bool = True, fill: bool = False, guard: float = 0.0) -> Iterator[int]:
     """Yield up to `max_new_tokens` new token ids, as tcc.generation.decode_loop does (the same
     tokens when greedy; the same distribution when sampling), checking the draft's proposals with
     target.verify. `stats` gets decode_loop's fields plus target_calls (verify and decode steps),
     drafted, accepted and draft_seconds (inside decode_seconds). `k`: the first proposal length
     (default verify_len - 1; it adapts unless `adapt` is False). `fill`: the rows of the verify call
     that the draft leaves empty (it runs verify_len rows whatever the proposal's length) get prompt
-    lookup's tokens, which cost nothing (point masses when sampling)."""
+    lookup's tokens, which cost nothing (point masses when sampling). `guard` (greedy): accept's; where
+    a verify row is too close to call, the token after the accepted drafts comes from a decode step."""
     check_generation(prompt, max_context, temperature, top_k, top_p)
     k_max = max(0, getattr(target, "verify_len", 0) - 1)
     k = min(k or k_max, k_max)
@@ -189,7 +227,7 @@ def speculative_loop(target, draft, prompt: list[int], max_new_tokens: int, max_
     logits = prefill_prompt(target.prefill, prompt, chunk, max_context)
     draft.start(prompt)
     stats.update(prefill_seconds=time.perf_counter() - t0, prefill_tokens=len(prompt), decode_seconds=0.0,
-                 decode_tokens=0, target_calls=0, drafted=0, filled=0, accepted=0, draft_seconds=0.0, verify_calls=0,
+                 decode_tokens=0, target_calls=0, drafted=0, filled=0, accepted=0, draft_seconds=0.0, verify_calls=0, guarded=0,
                  k_max=k_max, draft=getattr(draft, "name", None))
     budget = min(max_new_tokens, max_context - len(prompt))
     context = list(prompt)
@@ -218,12 +256,17 @@ def speculative_loop(target, draft, prompt: list[int], max_new_tokens: int, max_
             emitted = [sample(target.decode(token, p), rng, *sampling)]
         else:
             rows = target.verify([token] + drafts, p)
-            j, nxt = accept(rows, drafts, qs, rng, sampling)
+            j, nxt = accept(rows, drafts, qs, rng, sampling, guard)
             stats["drafted"] += len(drafts)
             stats["accepted"] += j
             stats["verify_calls"] += 1
             if adapt:
                 k = min(k + 2, k_max) if j >= proposed else max(1, k - 1)
+            if nxt is None:  # too close to call from the verify row: the decode step of its token decides
+                target.rollback(p + j)
+                nxt = sample(target.decode(([token] + drafts)[j], p + j), rng, *sampling)
+                stats["guarded"] += 1
+                stats["target_calls"] += 1
             target.rollback(p + j + 1)
             draft.rollback(p + j + 1)
             emitted = drafts[:j] + [nxt]
@@ -248,6 +291,7 @@ def summary(stats: dict) -> dict:
             "k_mean": round(drafted / verifies, 3) if verifies else None, "k_max": stats.get("k_max"),
             "tokens_per_target_call": round(stats["decode_tokens"] / calls, 3) if calls else None,
             "target_calls": calls, "drafted": drafted, "filled": stats.get("filled", 0), "accepted": stats.get("accepted", 0),
+            "guarded": stats.get("guarded", 0),
             "draft_seconds": round(stats.get("draft_seconds", 0.0), 4)}
 
 
