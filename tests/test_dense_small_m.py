@@ -9,7 +9,8 @@ a multiple of the 2 or 4 weight rows per block. TVM_NUM_THREADS=2 splits the col
 Tolerance: |got - ref| <= 1e-6 * (|x| @ |w|^T + |b|) per element (fp32 rounding of the summation order
 only; eps = 6e-8). Exactness: each row of an M-row call equals the M = 1 call on that row bit for bit
 (the path sums every output element in the same order whatever M is), which is what lets a
-speculative verify reproduce the decode step's logits. The same for tcc_sdpa's few-rows path (Sq <= 16):
+speculative verify reproduce the decode step's logits. The same for tcc_dense_w8 (int8 codes, per-row
+scales: M = 1, 5, 6, 8, 16 read the codes directly, 17 dequantizes for sgemm) and tcc_sdpa's few-rows path (Sq <= 16):
 8 causal query rows (D = 70) against each row alone over the keys it sees, within 1e-5 of torch.
 """
 from __future__ import annotations
@@ -50,6 +51,26 @@ CASES |= {f"m{m}_k601": dense_case(m, 601) for m in (1, 8, 17)}
 CASES |= {"m1_k37_nobias": dense_case(1, 37, bias=False), "m6_k37_nobias": dense_case(6, 37, bias=False),
           "m3_k1": dense_case(3, 1)}  # K = 1: shorter than a vector, all tail
 
+QW8 = {k: (rng.integers(-127, 128, (n, k)).astype(np.int8), (rng.random(n) * 0.02 + 1e-3).astype(np.float32),
+           rng.standard_normal(n).astype(np.float32)) for k, n in ((37, 29), (601, 70))}
+
+
+def w8_case(m, k, bias=True):
+    """tcc_dense_w8: x[m, k] against the int8 codes QW8[k] and their per-row scales (the same for every
+    case of one K); small M reads the codes directly, 17 rows dequantize blocks for sgemm."""
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    qw, scale, b = QW8[k]
+    ref = ops.dense_w8(torch.from_numpy(x), torch.from_numpy(qw), torch.from_numpy(scale),
+                       torch.from_numpy(b) if bias else None).numpy()
+    bound = 1e-6 * ((np.abs(x) @ np.abs(qw.astype(np.float32)).T) * scale + (np.abs(b) if bias else 0))
+    return Case("tcc_dense_w8_f32" if bias else "tcc_dense_w8_nobias_f32", [x, qw, scale, b] if bias else [x, qw, scale],
+                [], ref, bound)
+
+
+CASES |= {f"w8_m{m}_k37": w8_case(m, 37) for m in (1, 5, 8, 16, 17)}
+CASES |= {f"w8_m{m}_k601": w8_case(m, 601) for m in (1, 8)} | {"w8_m1_k37_nobias": w8_case(1, 37, False),
+                                                              "w8_m6_k37_nobias": w8_case(6, 37, False)}
+
 
 def sdpa_case(q, k, v):
     """Causal attention of q's rows over the keys (query i sees keys <= i + Sk - Sq), scale 0.3."""
@@ -81,7 +102,9 @@ def test_small_m_dense_matches_torch(x86, name):
 
 
 @pytest.mark.parametrize("name,single", [("m8_k37", "m1_k37"), ("m9_k37", "m1_k37"), ("m8_k601", "m1_k601"),
-                                         ("m6_k37_nobias", "m1_k37_nobias")])
+                                         ("m6_k37_nobias", "m1_k37_nobias"), ("w8_m8_k37", "w8_m1_k37"),
+                                         ("w8_m16_k37", "w8_m1_k37"), ("w8_m8_k601", "w8_m1_k601"),
+                                         ("w8_m6_k37_nobias", "w8_m1_k37_nobias")])
 def test_rows_are_bit_identical_to_one_row_calls(x86, name, single):
     x, *rest = CASES[name].arrays
     one_by_one = np.concatenate([run(x86, single, [x[i:i + 1], *rest]) for i in range(len(x))])
@@ -97,7 +120,7 @@ def test_attention_rows_are_bit_identical_to_one_row_calls(x86):
 
 
 ARM_CASES = {n: CASES[n] for n in ("m1_k37", "m2_k37", "m5_k37", "m8_k37", "m16_k37", "m8_k601", "m6_k37_nobias",
-                                   "m3_k1")}
+                                   "m3_k1", "w8_m5_k37", "w8_m8_k601")}
 
 
 @pytest.mark.arm64

@@ -30,7 +30,7 @@
 //
 // Math: fp32 GEMMs are cblas_sgemm from scipy-openblas32 (symbols prefixed scipy_), except dense up
 // to 16 rows (dense_small_m: each weight row streamed once for all rows, FMA in registers). dense_w8 keeps
-// the weights int8 in memory; up to 4 rows it is a GEMV over the codes, above that it dequantizes blocks of output channels (64 KiB of fp32 for M <= 16,
+// the weights int8 in memory; up to 16 rows it multiplies the codes directly (dense_small_m's tiles), above that it dequantizes blocks of output channels (64 KiB of fp32 for M <= 16,
 // else 512 KiB) into a per-thread scratch buffer, one sgemm per block. sdpa with up to 16 query rows
 // (a decode step, a speculative verify) runs sdpa_rows, no BLAS: each row is summed in one order
 // whatever the rows around it, so a verify row is the decode step's bit for bit. Threads: OpenBLAS is set to
@@ -118,6 +118,9 @@ void for_each_tile(const DenseShape& s, float* op, const float* bp, F gemm) {
 typedef __m512 F32V;
 constexpr int kF32Lanes = 16, kNR = 4;
 inline F32V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline F32V vload(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 inline F32V vzero() { return _mm512_setzero_ps(); }
 inline F32V vfma(F32V a, F32V b, F32V c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(F32V v) { return _mm512_reduce_add_ps(v); }
@@ -125,6 +128,9 @@ inline float vsum(F32V v) { return _mm512_reduce_add_ps(v); }
 typedef __m256 F32V;
 constexpr int kF32Lanes = 8, kNR = 2;
 inline F32V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline F32V vload(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline F32V vzero() { return _mm256_setzero_ps(); }
 inline F32V vfma(F32V a, F32V b, F32V c) { return _mm256_fmadd_ps(a, b, c); }
 inline float vsum(F32V v) {
@@ -136,6 +142,11 @@ inline float vsum(F32V v) {
 typedef float32x4_t F32V;
 constexpr int kF32Lanes = 4, kNR = 4;
 inline F32V vload(const float* p) { return vld1q_f32(p); }
+inline F32V vload(const int8_t* p) {
+  int32_t four;
+  std::memcpy(&four, p, 4);
+  return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(four))))));
+}
 inline F32V vzero() { return vdupq_n_f32(0.0f); }
 inline F32V vfma(F32V a, F32V b, F32V c) { return vfmaq_f32(c, a, b); }
 inline float vsum(F32V v) { return vaddvq_f32(v); }
@@ -144,6 +155,9 @@ typedef float F32V __attribute__((vector_size(16)));
 typedef float F32V_u __attribute__((vector_size(16), aligned(1), may_alias));
 constexpr int kF32Lanes = 4, kNR = 2;
 inline F32V vload(const float* p) { return *reinterpret_cast<const F32V_u*>(p); }
+inline F32V vload(const int8_t* p) {
+  return F32V{static_cast<float>(p[0]), static_cast<float>(p[1]), static_cast<float>(p[2]), static_cast<float>(p[3])};
+}
 inline F32V vzero() { return F32V{0.0f, 0.0f, 0.0f, 0.0f}; }
 inline F32V vfma(F32V a, F32V b, F32V c) { return a * b + c; }
 inline float vsum(F32V v) { return (v[0] + v[1]) + (v[2] + v[3]); }
@@ -153,9 +167,10 @@ inline float vsum(F32V v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 #endif
 constexpr int64_t kSmallRows = TCC_DENSE_SMALL_ROWS;
 
-// out[i * ldo + r] += x[i, :] . w[r, :] for i < MR, r < NR (x and w rows k apart)
-template <int MR, int NR>
-void dot_tile(const float* x, const float* w, int64_t k, float* out, int64_t ldo) {
+// out[i * ldo + r] += x[i, :] . w[r, :] for i < MR, r < NR (x and w rows k apart; w float32, or int8
+// codes converted to float32 as they are loaded)
+template <int MR, int NR, typename W = float>
+void dot_tile(const float* x, const W* w, int64_t k, float* out, int64_t ldo) {
   F32V acc[MR][NR];
 #pragma GCC unroll 4
   for (int i = 0; i < MR; ++i)
@@ -176,18 +191,20 @@ void dot_tile(const float* x, const float* w, int64_t k, float* out, int64_t ldo
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) {
       float s = vsum(acc[i][r]);
-      for (int64_t jj = j; jj < k; ++jj) s += x[i * k + jj] * w[r * k + jj];
+      // the tail's products round to float32 before each add (exact in double): no FMA contraction,
+      // which the compiler may apply in one instantiation and not in another
+      for (int64_t jj = j; jj < k; ++jj) s += static_cast<float>(static_cast<double>(x[i * k + jj]) * w[r * k + jj]);
       out[i * ldo + r] += s;
     }
 }
 
-template <int NR>
-void dot_rows(int64_t mr, const float* x, const float* w, int64_t k, float* out, int64_t ldo) {
+template <int NR, typename W = float>
+void dot_rows(int64_t mr, const float* x, const W* w, int64_t k, float* out, int64_t ldo) {
   switch (mr) {
-    case 1: dot_tile<1, NR>(x, w, k, out, ldo); break;
-    case 2: dot_tile<2, NR>(x, w, k, out, ldo); break;
-    case 3: dot_tile<3, NR>(x, w, k, out, ldo); break;
-    default: dot_tile<4, NR>(x, w, k, out, ldo); break;
+    case 1: dot_tile<1, NR, W>(x, w, k, out, ldo); break;
+    case 2: dot_tile<2, NR, W>(x, w, k, out, ldo); break;
+    case 3: dot_tile<3, NR, W>(x, w, k, out, ldo); break;
+    default: dot_tile<4, NR, W>(x, w, k, out, ldo); break;
   }
 }
 
@@ -217,9 +234,12 @@ void dense(const TensorView& x, const TensorView& w, const TensorView* b, const 
   });
 }
 
-// Up to this many rows of x, dense_w8 is a GEMV over the int8 codes (a decode step reads a quarter
-// of the bytes a dequantized fp32 copy would take: SmolLM2's tied int8 LM head 2.0 -> 0.6 ms).
-constexpr int64_t kW8GemvRows = 4;
+// Up to this many rows of x (a decode step, a speculative verify), dense_w8 reads the int8 codes
+// directly (a decode step reads a quarter of the bytes a dequantized fp32 copy would take: SmolLM2's
+// tied int8 LM head 2.0 -> 0.6 ms): dense_small_m's dot tiles with each block of kNR code rows
+// converted to fp32 as it is loaded, once for up to 4 rows of x, so each output is summed in the
+// same order whatever M is (a verify row equals the decode step bit for bit).
+constexpr int64_t kW8SmallRows = 16;
 
 // Output channels dequantized per block, a multiple of 16: about 64 KiB of fp32 weights when
 // there are few rows (the block is read once, so it should stay in L1/L2), 512 KiB otherwise (fewer,
@@ -237,17 +257,23 @@ void dense_w8(const TensorView& x, const TensorView& qw, const TensorView& scale
   const float* sp = f32_in(scale, kernel, "scale", 1, 1);
   const float* bp = b ? f32_in(*b, kernel, "b", 1, 1) : nullptr;
   float* op = f32_out(out, kernel, 1, 64);
-  if (s.m <= kW8GemvRows) {  // decode: straight from the int8 codes, out[i, r] += scale[r] * (x[i] . q[r])
+  if (s.m <= kW8SmallRows) {  // decode, verify: straight from the codes, out[i, r] += scale[r] * (x[i] . q[r])
     for_each_tile(s, op, bp, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-      for (int64_t r = n0; r < n1; ++r) {
-        const int8_t* q = qp + r * s.k;
-        for (int64_t i = m0; i < m1; ++i) {
-          const float* xr = xp + i * s.k;
-          float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t j = 0; j < s.k; ++j) acc += xr[j] * static_cast<float>(q[j]);
-          op[i * s.n + r] += acc * sp[r];
+      float acc[4 * kNR];
+      for (int64_t r = n0; r < n1;) {
+        const int nr = r + kNR <= n1 ? kNR : 1;
+        for (int64_t i = m0; i < m1; i += 4) {
+          const int64_t mr = std::min<int64_t>(4, m1 - i);
+          std::fill(acc, acc + 4 * kNR, 0.0f);
+          if (nr == kNR) dot_rows<kNR, int8_t>(mr, xp + i * s.k, qp + r * s.k, s.k, acc, kNR);
+          else dot_rows<1, int8_t>(mr, xp + i * s.k, qp + r * s.k, s.k, acc, kNR);
+          // (the product rounds to float32 before the add, in every instantiation: a float multiply-add
+          // could be contracted to an FMA in one loop shape and not in another)
+          for (int64_t ii = 0; ii < mr; ++ii)
+            for (int rr = 0; rr < nr; ++rr)
+              op[(i + ii) * s.n + r + rr] += static_cast<float>(static_cast<double>(acc[ii * kNR + rr]) * sp[r + rr]);
         }
+        r += nr;
       }
     });
     return;
