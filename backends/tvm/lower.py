@@ -10,8 +10,10 @@ Steps:
     inference batch norm after one folded into it: `_lower_convolutions`); ops already in tcc form
     (tcc::dense_w8 from quantize-weights) stay; on the CPU, rotate's online Hadamard (a matmul by a
     stored Walsh-Hadamard matrix) -> tcc_tvm::fwht, the fast Walsh-Hadamard kernel.
- 2. `torch.export` the copy again and import it with `from_exported_program(keep_params_as_input=
-    True, custom_convert_map=...)`: each tcc op becomes `R.call_dps_packed("tcc_...", ...)`, a call
+ 2. `torch.export` the copy again (decomposed to core ATen only where an op is outside _DIRECT_OPS or
+    TVM's converter fails on it: the decomposition re-traces the graph) and import it with
+    `from_exported_program(keep_params_as_input=True, custom_convert_map=...)`: each tcc op becomes
+    `R.call_dps_packed("tcc_...", ...)`, a call
     into backends/kernels (BLAS-backed); everything else (norms, activations, embeddings, rotary,
     reshapes) is legalised and fused by TVM's CPU pipeline.
  3. Parameters stay function inputs (not constants baked into the library): they are stored in
@@ -884,8 +886,34 @@ def _convert_max_dim(node, importer):
     return bb.emit(relax.Tuple([values, indices]))
 
 
+def _convert_to(node, importer):
+    """aten.to (.dtype, .dtype_layout, .device) of a graph imported without decompositions: a cast to
+    the dtype torch gives the result, none where it is the input's (run_decompositions drops those,
+    TVM's converter would keep a copy; the library runs on one device)."""
+    from tvm import relax
+    x = importer.env[node.args[0]]
+    dtype = node.meta["val"].dtype
+    if dtype == node.args[0].meta["val"].dtype:
+        return x
+    return importer.block_builder.emit(relax.op.astype(x, str(dtype).removeprefix("torch.")))
+
+
+def _convert_new_ones(node, importer):
+    """aten.new_ones in the dtype torch gives it (TVM's converter takes the input's dtype, ignoring
+    the dtype argument: a bool mask built from int64 ids came out int64)."""
+    from tvm import relax
+    args = importer.retrieve_args(node)
+    size = args[1] if isinstance(args[1], (list, tuple)) else args[1:]
+    dtype = str(node.meta["val"].dtype).removeprefix("torch.")
+    return importer.block_builder.emit(relax.op.full(relax.ShapeExpr(list(size)), relax.const(1, dtype), dtype))
+
+
 CONVERT_MAP = {
     "max.dim": _convert_max_dim,
+    "to.device": _convert_to,
+    "to.dtype": _convert_to,
+    "to.dtype_layout": _convert_to,
+    "new_ones.default": _convert_new_ones,
     "slice.Tensor": _convert_slice,
     "dense_bsr.default": _dense_converter("tcc_dense_bsr", 4),  # (x, values, col_idx, row_ptr, b?, k)
     "unmask.default": _convert_unmask,
@@ -930,12 +958,32 @@ def safe_gathers(mod):
     return clip.builder_.get()
 
 
-def _import(ep, convert_map):
+class _Mistyped(Exception):
+    """TVM's importer gave a node another dtype or rank than torch's (a converter of a not-decomposed op
+    that drops an argument, e.g. new_ones' dtype): to_relax imports the decomposed graph instead, as it
+    does when a converter fails on a not-decomposed op (layer_norm without a bias)."""
+
+
+def _checked(convert):
+    def check(node):
+        from tvm import relax
+        out = convert(node)
+        val, ty = node.meta.get("val"), getattr(out, "ty", None)
+        if isinstance(val, torch.Tensor) and isinstance(ty, relax.TensorType):
+            dtype = str(getattr(ty.dtype, "dtype", ty.dtype))
+            if dtype != str(val.dtype).removeprefix("torch.") or ty.ndim not in (-1, val.dim()):
+                raise _Mistyped(f"{node.name} ({node.target}): {dtype}/{ty.ndim}-d, torch {val.dtype}/{val.dim()}-d")
+        return out
+    return check
+
+
+def _import(ep, convert_map, checked: bool = False):
     """TVM's from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False), except
     that the parameters are not converted to TVM tensors for the module's "params" attribute, which
     to_relax drops (detach_params) and stores the torch tensors instead: TVM takes a tensor's memory
     only where it is 64-byte aligned (DLPack), so tensors mapped from a checkpoint file at odd offsets
-    were copied, a transient copy of most of the weights (issue 15)."""
+    were copied, a transient copy of most of the weights (issue 15). `checked`: every op TVM converts
+    must give torch's dtype and rank, else _Mistyped (for a graph not decomposed to core ATen)."""
     import tvm
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
@@ -946,7 +994,35 @@ def _import(ep, convert_map):
         def _convert_pytorch_tensor_to_tvm(self, tensor):
             return placeholder if id(tensor) in params else ExportedProgramImporter._convert_pytorch_tensor_to_tvm(tensor)
 
-    return Importer().from_exported_program(ep, True, False, False, convert_map)
+    importer = Importer()
+    if checked:
+        importer.convert_map = {k: _checked(f) for k, f in importer.convert_map.items()}
+    return importer.from_exported_program(ep, True, False, False, convert_map)
+
+
+# Ops of torch.export's graph (before run_decompositions) whose TVM converters were checked against
+# PyTorch on the decoders and encoders of tests/test_architectures*.py. Not here on purpose, among
+# others: batch norm (TVM's converter of the not-decomposed op computes batch statistics), cumsum
+# (its dtype), new_ones (tcc converts it, _convert_new_ones: TVM ignores the dtype).
+_DIRECT_OPS = frozenset("""
+    getitem sym_size.int _assert_tensor_metadata.default alias.default
+    add.Tensor sub.Tensor mul.Tensor div.Tensor neg.default pow.Tensor_Scalar rsqrt.default sqrt.default
+    mean.dim cos.default sin.default exp.default tanh.default sigmoid.default silu.default gelu.default
+    relu.default layer_norm.default embedding.default index_select.default index.Tensor
+    view.default reshape.default transpose.int unsqueeze.default expand.default slice.Tensor
+    cat.default split_with_sizes.default to.dtype to.dtype_layout arange.default arange.start
+    ones_like.default zeros.default __and__.Tensor le.Tensor any.dim bitwise_not.default
+    masked_fill.Scalar
+""".split())
+
+
+def _imports_directly(ep, convert_map: dict) -> bool:
+    """Whether every op of `ep`, as torch.export left it, is one of _DIRECT_OPS or tcc's own
+    (`convert_map`). Then `run_decompositions` is skipped: it re-traces the whole graph (42 of the
+    TVM import's 90 s at 1B, issue 15) only to spell the same computation in core ATen (transpose as
+    permute, silu as x * sigmoid(x), to as _to_copy, ...)."""
+    return all(getattr(n.target, "__name__", None) in _DIRECT_OPS or n.target.__name__ in convert_map
+               for n in ep.graph.nodes if n.op == "call_function")
 
 
 def to_relax(program: Program, report: list | None = None, device: str = "cpu", memo: dict | None = None):
@@ -961,9 +1037,19 @@ def to_relax(program: Program, report: list | None = None, device: str = "cpu", 
     feeds = program.example_inputs()
     args = tuple(torch.from_numpy(feeds[s.name]) for s in program.inputs)
     with torch.no_grad():
-        ep = torch.export.export(gm, args, dynamic_shapes=dynamic_shapes(program), strict=False).run_decompositions()
+        ep = torch.export.export(gm, args, dynamic_shapes=dynamic_shapes(program), strict=False)
+        direct = device == "cpu" and _imports_directly(ep, convert_map)
+        if not direct:
+            ep = ep.run_decompositions()
     try:
-        mod = _import(ep, convert_map)
+        try:
+            mod = _import(ep, convert_map, checked=direct)
+        except Exception:  # noqa: BLE001 (not decomposed: a TVM converter that fails on it, _Mistyped)
+            if not direct:
+                raise
+            with torch.no_grad():
+                ep = ep.run_decompositions()
+            mod = _import(ep, convert_map)
     except AssertionError as e:
         if "Unsupported function types" in str(e):
             raise UserError(f"the TVM backend cannot lower these ops: {str(e).split('types')[-1].strip()}",
