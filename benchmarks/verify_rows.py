@@ -1,8 +1,8 @@
 """Do an artifact's decode, verify and prefill entries give the same logits for the same position?
 (issue 19: greedy speculation is the target's own tokens only if they do.) After prefilling a
 128-token wikitext-2 test.txt prompt, 7 of its tokens (from --offset) go in one at a time (decode), as one verify call, and
-as the end of a fresh chunked prefill each; prints each row's max |difference| / max |logit| against
-the prefill, and the three argmaxes.
+as the end of a fresh chunked prefill each; prints whether each verify row equals the decode step (else
+their max |difference| / max |logit|), each row's difference against the prefill, and the three argmaxes.
 
     python benchmarks/verify_rows.py ARTIFACT [--prompt-index 1] [--offset 0]
 """
@@ -37,7 +37,10 @@ def main() -> int:
             r = art.session()
             ref = prefill_prompt(r.prefill, prompt + toks[:i + 1], r.chunk, r.max_context)
             rel = lambda x: float(np.abs(x - ref).max() / np.abs(ref).max())  # noqa: E731
-            print(f"row {i}: decode vs prefill {rel(dec[i]):.2e}, verify vs prefill {rel(rows[i]):.2e}; argmax "
+            same = "bit-identical" if np.array_equal(rows[i], dec[i]) else \
+                f"{float(np.abs(rows[i] - dec[i]).max() / np.abs(dec[i]).max()):.2e}"
+            print(f"row {i}: verify vs decode {same}; decode vs prefill {rel(dec[i]):.2e}, verify vs prefill "
+                  f"{rel(rows[i]):.2e}; argmax "
                   f"{int(np.argmax(dec[i]))} {int(np.argmax(rows[i]))} {int(np.argmax(ref))}")
     return 0
 
