@@ -4,6 +4,13 @@ the matmul by H_block the Program holds (what the lowering ran before: TVM's leg
 tcc's CPU schedules), beside the down projection it feeds (W4A8 g128 and W8A8).
 
     python benchmarks/rotate_latency.py [--repeats 9] [--threads 2] [--rows 1 128]
+    python benchmarks/rotate_latency.py --whole build/rotate_latency   # SmolLM2, whole model
+
+--whole DIR: SmolLM2-135M compiled (tcc.compile "native", max_context 256, no latency) with
+rotate(online=true) and rotate(online=false) before W4A8 g128
+(quantize(weights=int4,group=128,sym=true,acts=int8,embeddings=true)), artifacts under DIR (reused
+when there); per artifact the best of --repeats of a 128-token prefill and of a decode step (wall and
+process CPU ms), the two alternating call by call: the difference is what the online transform costs.
 
 Per model shape (the down projection's K, N; block = min(128, the largest power of two dividing K),
 rotate's default) and rows M: microseconds per call, the minimum over repeats of the mean of a batch
@@ -55,14 +62,51 @@ def matmul_module(m: int, k: int, block: int, work: Path):
     return relax.VirtualMachine(tvm.runtime.load_module(str(so)), tvm.cpu())
 
 
+WHOLE = {"online": "rotate(online=true)", "no online": "rotate(online=false)"}
+W4A8 = "quantize(weights=int4,group=128,sym=true,acts=int8,embeddings=true)"
+
+
+def whole_model(out: Path, repeats: int) -> None:
+    import time
+    # benchmarks/kernels.py would shadow the `kernels` package transformers imports
+    sys.path[:] = [q for q in sys.path if Path(q or ".").resolve() != Path(__file__).resolve().parent]
+    import tcc
+    arts = {}
+    for name, rot in WHOLE.items():
+        d = out / f"smollm2-{name.replace(' ', '-')}"
+        arts[name] = tcc.load(d) if (d / "manifest.json").exists() else tcc.compile(
+            "smollm2", "native", out=d, seq_len=128, max_context=256, pipeline=f"{rot},{W4A8}", latency=False)
+    ids = np.random.default_rng(0).integers(0, 49152, 128)
+    sessions = {name: a.session() for name, a in arts.items()}
+    best = {(n, what): [float("inf")] * 2 for n in arts for what in ("prefill", "decode")}
+    for i in range(repeats + 1):
+        for n, s in sessions.items():
+            for what, call in (("prefill", lambda: s.prefill(ids, 0, 127)), ("decode", lambda: s.decode(5, 128))):
+                t0, c0 = time.perf_counter(), time.process_time()
+                call()
+                if i:
+                    b = best[n, what]
+                    b[0], b[1] = min(b[0], time.perf_counter() - t0), min(b[1], time.process_time() - c0)
+    print(f"SmolLM2-135M, {W4A8}, TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}: best of {repeats}, ms (wall / CPU)")
+    print("| rotate | prefill 128 wall | prefill CPU | decode wall | decode CPU |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for n in arts:
+        p, d = best[n, "prefill"], best[n, "decode"]
+        print(f"| {WHOLE[n]} | {p[0] * 1e3:.1f} | {p[1] * 1e3:.1f} | {d[0] * 1e3:.2f} | {d[1] * 1e3:.2f} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 128])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--whole", metavar="DIR", help="whole-model SmolLM2 prefill/decode with and without the online transform")
     a = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
+    if a.whole:
+        whole_model(Path(a.whole), a.repeats)
+        return 0
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import tvm
     import torch
