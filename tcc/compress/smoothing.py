@@ -142,10 +142,19 @@ def smooth(program: Program, layers: dict, feeds: list[dict], method: str, alpha
     return Smoothed(notes, search, stats, applied, groups)
 
 
-def _smoothquant_scales(gm, todo: list, stats: dict, alpha: float) -> list[torch.Tensor]:
-    return [_exact_scales(gm, lins, smoothquant_scales(stats[x.name].abs_max, [_attr(gm, n.args[1].target) for n in lins],
-                                                       alpha, fold[-1]))
-            for x, lins, fold, _ in todo]
+def _smoothquant_scales(gm, todo: list, stats: dict, alpha: float, w_max: list | None = None) -> list[torch.Tensor]:
+    """`w_max` (_column_maxima(gm, todo)): the weights' column maxima, which do not depend on alpha
+    (the alpha search computes them once, not once per alpha; the same scales bit for bit)."""
+    w_max = w_max or _column_maxima(gm, todo)
+    return [_exact_scales(gm, lins, smoothquant_scales(stats[x.name].abs_max, [m], alpha, fold[-1]))
+            for (x, lins, fold, _), m in zip(todo, w_max)]
+
+
+def _column_maxima(gm, todo: list) -> list[torch.Tensor]:
+    """Per group of linears reading one input: max over their rows of |W|, as a [1, K] tensor (the
+    one "weight" whose column maxima smoothquant_scales then takes: the same values)."""
+    return [torch.stack([_attr(gm, n.args[1].target).abs().amax(dim=0) for n in lins]).amax(dim=0)[None, :]
+            for _, lins, _, _ in todo]
 
 
 def _exact_scales(gm, lins: list[fx.Node], s: torch.Tensor) -> torch.Tensor:
@@ -191,8 +200,9 @@ def search_alpha(program: Program, layers: dict, todo: list, stats: dict, feeds:
             reference.append(_log_probs(program, out))
     smoothed = {x.name: (fold[-1], i) for i, (x, _, fold, _) in enumerate(todo)}
     losses = []
+    w_max = _column_maxima(gm, todo)
     for alpha in track(ALPHA_GRID, f"smoothing: smoothquant alpha on {len(feeds)} feeds"):
-        scales = _smoothquant_scales(gm, todo, stats, alpha)
+        scales = _smoothquant_scales(gm, todo, stats, alpha, w_max)
         patches = {}
         for layer in layers.values():
             w = _attr(gm, layer.tied or layer.weight).detach().to(torch.float32)
