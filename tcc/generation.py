@@ -509,9 +509,11 @@ def verify_vs_decode(session, ids: list[int], chunk: int, prefilled: int, decode
     positions: ids[:prefilled] prefilled, then ids[prefilled:] (up to verify_len of them) in one verify
     call against `decoded` (teacher_forced's decode logits by position); max |difference| / max |logit|,
     0.0 when every row is bit-identical (greedy speculation is then exactly the target's own tokens).
-    None without a verify entry or a token after the prefill."""
-    n = min(getattr(session, "verify_len", 0), len(ids) - prefilled)
-    if n < 1 or prefilled < 1:
+    None without a verify entry, a token after the prefill, or room in the context for the verify
+    chunk (it runs verify_len positions whatever the tokens)."""
+    width = getattr(session, "verify_len", 0)
+    n = min(width, len(ids) - prefilled)
+    if n < 1 or prefilled < 1 or prefilled + width > getattr(session, "max_context", prefilled + width):
         return None
     for _ in prefill_chunks(session.prefill, ids[:prefilled], chunk, getattr(session, "max_context", None)):
         pass
