@@ -1010,7 +1010,7 @@ _DIRECT_OPS = frozenset("""
     mean.dim cos.default sin.default exp.default tanh.default sigmoid.default silu.default gelu.default
     relu.default layer_norm.default embedding.default index_select.default index.Tensor
     view.default reshape.default transpose.int unsqueeze.default expand.default slice.Tensor
-    cat.default split_with_sizes.default to.dtype to.dtype_layout arange.default arange.start
+    cat.default split_with_sizes.default to.dtype to.dtype_layout _to_copy.default arange.default arange.start
     ones_like.default zeros.default __and__.Tensor le.Tensor any.dim bitwise_not.default
     masked_fill.Scalar
 """.split())
