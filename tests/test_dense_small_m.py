@@ -30,7 +30,8 @@ from tcc.backends.kernels import build
 
 tvm = pytest.importorskip("tvm")
 
-from test_quant_kernels import ARM_TOOLS, Case, _host_has, arm64_artifact, check, run, x86_vm  # noqa: E402
+from test_quant_kernels import (FLOAT_BUILDS, ARM_TOOLS, Case, arm64_artifact, check, run,  # noqa: E402
+                                x86_float_vm)  # noqa: E402
 
 rng = np.random.default_rng(7)
 WEIGHTS = {k: (rng.standard_normal((n, k)).astype(np.float32), rng.standard_normal(n).astype(np.float32))
@@ -83,17 +84,9 @@ def sdpa_case(q, k, v):
 SDPA_Q, SDPA_K, SDPA_V = (rng.standard_normal(s).astype(np.float32) for s in ((1, 2, 8, 70), (1, 1, 29, 70), (1, 1, 29, 70)))
 CASES |= {"sdpa_q8": sdpa_case(SDPA_Q, SDPA_K, SDPA_V)}
 CASES |= {f"sdpa_q1_row{i}": sdpa_case(SDPA_Q[:, :, i:i + 1], SDPA_K[:, :, :22 + i], SDPA_V[:, :, :22 + i]) for i in range(8)}
-X86 = {"native": "avx512f", "x86-64-v3": "avx2", "x86-64": None}
-
-
-@pytest.fixture(scope="module", params=list(X86))
+@pytest.fixture(scope="module", params=list(FLOAT_BUILDS))
 def x86(request, tmp_path_factory):
-    flag = X86[request.param]
-    if flag and not _host_has(flag):
-        pytest.skip(f"the host has no {flag}")
-    out = tmp_path_factory.mktemp(f"dense-{request.param}")
-    lib = build.build_kernels("x86_64", out, [f"-march={request.param}"])
-    return x86_vm(lib, out, CASES, {})
+    return x86_float_vm(request.param, tmp_path_factory, CASES, {}, "dense")
 
 
 @pytest.mark.parametrize("name", list(CASES))

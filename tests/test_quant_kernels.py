@@ -238,6 +238,20 @@ X86_BUILDS = {  # -march -> the int8 path it must compile
 }
 
 
+# -march -> the CPU flag the host needs to run it (test_dense_small_m, test_rotate_kernel)
+FLOAT_BUILDS = {"native": "avx512f", "x86-64-v3": "avx2", "x86-64": None}
+
+
+def x86_float_vm(march: str, tmp_path_factory, cases: dict, bad: dict, prefix: str):
+    """The kernels built with -march=`march` (skipped when the host lacks FLOAT_BUILDS[march]), in a VM
+    over `cases` / `bad`."""
+    flag = FLOAT_BUILDS[march]
+    if flag and not _host_has(flag):
+        pytest.skip(f"the host has no {flag}")
+    out = tmp_path_factory.mktemp(f"{prefix}-{march}")
+    return x86_vm(build.build_kernels("x86_64", out, [f"-march={march}"]), out, cases, bad)
+
+
 def _host_has(flag: str) -> bool:
     try:
         return flag in open("/proc/cpuinfo").read().split()

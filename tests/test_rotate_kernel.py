@@ -21,7 +21,8 @@ from tcc.compress.rotation import fwht, walsh_hadamard
 
 tvm = pytest.importorskip("tvm")
 
-from test_quant_kernels import ARM_TOOLS, Case, _host_has, arm64_artifact, check, run, x86_vm  # noqa: E402
+from test_quant_kernels import (FLOAT_BUILDS, ARM_TOOLS, Case, arm64_artifact, check, run,  # noqa: E402
+                                x86_float_vm)  # noqa: E402
 
 rng = np.random.default_rng(7)
 
@@ -47,17 +48,9 @@ BAD = {
     "bad_block": ("tcc_fwht_f32", [np.ones((2, 12), np.float32)], [3], (2, 12), r"block 3 must be a power of two dividing K = 12"),
     "bad_divide": ("tcc_fwht_f32", [np.ones((2, 24), np.float32)], [16], (2, 24), r"block 16 must be a power of two dividing K = 24"),
 }
-X86 = {"native": "avx512f", "x86-64-v3": "avx2", "x86-64": None}
-
-
-@pytest.fixture(scope="module", params=list(X86))
+@pytest.fixture(scope="module", params=list(FLOAT_BUILDS))
 def vm(request, tmp_path_factory):
-    flag = X86[request.param]
-    if flag and not _host_has(flag):
-        pytest.skip(f"the host has no {flag}")
-    out = tmp_path_factory.mktemp(f"fwht-{request.param}")
-    lib = build.build_kernels("x86_64", out, [f"-march={request.param}"])
-    return x86_vm(lib, out, CASES, BAD)
+    return x86_float_vm(request.param, tmp_path_factory, CASES, BAD, "fwht")
 
 
 @pytest.mark.parametrize("name", list(CASES))

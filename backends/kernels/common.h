@@ -29,6 +29,16 @@ namespace {
 
 using tvm::ffi::TensorView;
 
+// float32 lanes of the widest vector register the build targets (1 zmm, 1 ymm, or an xmm / NEON q
+// register): the width of GCC vector-extension types such as `float __attribute__((vector_size(kVecLanes * 4)))`.
+#if defined(__AVX512F__)
+constexpr int kVecLanes = 16;
+#elif defined(__AVX2__)
+constexpr int kVecLanes = 8;
+#else
+constexpr int kVecLanes = 4;
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Argument checks
 // ---------------------------------------------------------------------------------------------

@@ -421,13 +421,7 @@ void dense_a8w8(const TensorView& x, const TensorView& qw, const TensorView& wsu
 
 // 16 columns of float32 as native vectors (GCC vector extensions at the register width, so the
 // arithmetic compiles to plain SIMD): 1 zmm, 2 ymm, or 4 xmm / NEON q registers.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#elif defined(__AVX2__)
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;
-#endif
+constexpr int kLanes = kVecLanes;  // common.h
 constexpr int kVecs = kTile / kLanes;
 typedef float vf __attribute__((vector_size(kLanes * 4)));
 typedef float vf_u __attribute__((vector_size(kLanes * 4), aligned(1), may_alias));

@@ -23,13 +23,7 @@
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kFwhtLanes = 16;
-#elif defined(__AVX2__)
-constexpr int kFwhtLanes = 8;
-#else
-constexpr int kFwhtLanes = 4;
-#endif
+constexpr int kFwhtLanes = kVecLanes;  // common.h
 constexpr int64_t kFwhtSerial = 16384;  // elements up to which the calling thread does it alone
 typedef float fv __attribute__((vector_size(kFwhtLanes * 4)));
 typedef float fv_u __attribute__((vector_size(kFwhtLanes * 4), aligned(1), may_alias));
