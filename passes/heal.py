@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from tcc.compress.calibration import CalibrationLoss, text_feeds
 from tcc.compress.quantization import Grid, fake_quantize
 from tcc.ir.ops import pack_int4, quantize_blocks, quantize_rows, unpack_int4
+from tcc.ir.graph import BIAS_AT
 from tcc.ir.structure import is_causal_lm
 from tcc.errors import UserError
 from tcc.pipeline import Option, Pass, PassContext, register
@@ -136,8 +137,9 @@ class Heal(Pass):
 
         # -- rewrite: train ---------------------------------------------------------------------------
         torch.manual_seed(self.seed)
-        codes = [p for k, p in params.items() if k.startswith(_QuantizedWeights.PREFIX) and not k.endswith(".gain")]
-        rest = [p for k, p in params.items() if not (k.startswith(_QuantizedWeights.PREFIX) and not k.endswith(".gain"))]
+        is_master = {k: k.startswith(_QuantizedWeights.PREFIX) and not k.endswith(".gain") for k in params}
+        codes = [p for k, p in params.items() if is_master[k]]
+        rest = [p for k, p in params.items() if not is_master[k]]
         opt = torch.optim.AdamW([{"params": rest}] + ([{"params": codes, "lr": self.code_lr}] if codes else []),
                                 lr=self.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / self.steps)))
@@ -383,14 +385,12 @@ class _ThroughQuantizer(fx.Interpreter):
         x, weight = full[0], w.value()
         if kind == "e8":
             return F.embedding(x, weight)
+        b = full[BIAS_AT[target.name().replace("::", ".")]]
         if kind == "w4":
-            b = full[5]
             if full[6] == "int8":
                 x = _ste(x, quantize_blocks(x.to(torch.float32), full[4]).to(x.dtype))
-        elif kind == "w8":
-            b = full[3]
-        else:  # a8w8: x quantized per token (or with the static x_scale / x_zero), as the op does
-            b, x_scale, x_zero, asym = full[3], full[4], full[5], full[6]
+        elif kind == "a8w8":  # x quantized per token (or with the static x_scale / x_zero), as the op does
+            x_scale, x_zero, asym = full[4], full[5], full[6]
             q, s, z = quantize_rows(x.reshape(-1, x.shape[-1]), x_scale, x_zero, asym)
             x = _ste(x, ((q - z) * s).reshape(x.shape).to(x.dtype))
         return F.linear(x, weight.to(x.dtype), b)
