@@ -13,15 +13,21 @@ Each format pairs a tcc artifact with a GGUF made from the same checkpoint:
   format  tcc pipeline                                                                  llama.cpp
   fp32    (none)                                                                        F32
   w8a8    quantize(acts=int8,embeddings=true)                                           Q8_0
-  q4_0    quantize(weights=int4,group=32,sym=true,acts=int8,embeddings=true)            Q4_0
-  q4_1    quantize(weights=int4,group=32,sym=false,zero=float,acts=int8,embeddings=true) Q4_1
+  q4_0    quantize(weights=int4,group=32,sym=true,acts=int8,embeddings=true,embedding_format=int4)  Q4_0
+  q4_1    quantize(weights=int4,group=32,sym=false,zero=float,acts=int8,embeddings=true,
+          embedding_format=int4)                                                        Q4_1
+  q4_0e8  quantize(weights=int4,group=32,sym=true,acts=int8,embeddings=true)            Q4_0
+  q4_1e8  quantize(weights=int4,group=32,sym=false,zero=float,acts=int8,embeddings=true) Q4_1
   q4_0w   quantize(weights=int4,group=32,sym=true,embeddings=true)                      Q4_0
   q4_1w   quantize(weights=int4,group=32,sym=false,zero=float,embeddings=true)          Q4_1
 
 q4_0 / q4_1 are W4A8 as llama.cpp computes Q4_0 / Q4_1: int4 x int8 dot products, the activations
 quantized to int8 per block of 32 (llama.cpp's Q8_0 / Q8_1); q4_0w / q4_1w (not run by default) are
-tcc's weight-only int4, which converts codes to float. The tied embedding / LM head is int8 per row in
-tcc (embeddings=true); llama.cpp's quantizer keeps output.weight at Q8_0 or Q6_K (its choice).
+tcc's weight-only int4, which converts codes to float. The tied embedding / LM head: int8 per row in
+tcc's w8a8 / q4_0w / q4_1w (embeddings=true); in q4_0 / q4_1 the body's int4 grid (embedding_format=int4:
+the LM head is a W4A8 GEMV on the table's codes, stored once; q4_0e8 / q4_1e8, not run by default, keep
+it int8). llama.cpp's quantizer keeps token_embd at Q4_0 / Q4_1 but output.weight at Q8_0 (0.5B) or
+Q6_K (1B): with the int4 LM head tcc reads fewer bytes a step than llama.cpp at the same body format.
 
 tcc: `tcc compile DIR --target native -p PIPELINE --seq-len PROMPT --max-context CONTEXT --no-cache
 --no-latency`, one subprocess per artifact (its compile wall and peak RSS are recorded).
@@ -80,11 +86,18 @@ SHAPES = {"qwen05b": "Qwen2.5-0.5B shape (896 x 24, 14 heads / 2 KV)",
 FORMATS = {
     "fp32": ("fp32", "", "F32", "LLAMA_FTYPE_ALL_F32"),
     "w8a8": ("W8A8", "quantize(acts=int8,embeddings=true)", "Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"),
-    "q4_0": ("W4A8 g32 sym", "quantize(weights=int4,group=32,sym=true,acts=int8,embeddings=true)", "Q4_0",
+    "q4_0": ("W4A8 g32 sym, int4 LM head",
+             "quantize(weights=int4,group=32,sym=true,acts=int8,embeddings=true,embedding_format=int4)", "Q4_0",
              "LLAMA_FTYPE_MOSTLY_Q4_0"),
-    "q4_1": ("W4A8 g32 asym zero=float",
-             "quantize(weights=int4,group=32,sym=false,zero=float,acts=int8,embeddings=true)", "Q4_1",
-             "LLAMA_FTYPE_MOSTLY_Q4_1"),
+    "q4_1": ("W4A8 g32 asym zero=float, int4 LM head",
+             "quantize(weights=int4,group=32,sym=false,zero=float,acts=int8,embeddings=true,embedding_format=int4)",
+             "Q4_1", "LLAMA_FTYPE_MOSTLY_Q4_1"),
+    # the same with the int8 LM head (embeddings=true alone), not run unless asked for
+    "q4_0e8": ("W4A8 g32 sym, int8 LM head", "quantize(weights=int4,group=32,sym=true,acts=int8,embeddings=true)",
+               "Q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0"),
+    "q4_1e8": ("W4A8 g32 asym zero=float, int8 LM head",
+               "quantize(weights=int4,group=32,sym=false,zero=float,acts=int8,embeddings=true)", "Q4_1",
+               "LLAMA_FTYPE_MOSTLY_Q4_1"),
     # weight-only int4 (codes converted to float in the kernel), not run unless asked for
     "q4_0w": ("int4 g32 sym", "quantize(weights=int4,group=32,sym=true,embeddings=true)", "Q4_0",
               "LLAMA_FTYPE_MOSTLY_Q4_0"),
@@ -294,7 +307,7 @@ def main(argv=None) -> int:
         for s in a.shapes:
             if llama_cpp is not None and conv is not None:
                 f32 = out / "gguf" / f"{s}-F32.gguf"
-                if not f32.exists():
+                if not f32.exists() and not all(ggufs[s, f].exists() for f in a.formats):
                     convert_f32(conv, models[s], f32)
                 for f in a.formats:
                     if not ggufs[s, f].exists():

@@ -16,6 +16,8 @@
 //   tcc_dense_w4_f32(x[..., K], qw uint8[ceil(N/16), K/2, 16], scale[G, 16 ceil(N/16)],
 //                    zero uint8 or float32 [G, 16 ceil(N/16)], b[N], out[..., N])     group = K / G
 //   tcc_dense_w4_nobias_f32(x, qw, scale, zero, out)
+//   tcc_embedding_w4_f32(ids int64 [...], qw (pack_w4a8's or pack_w4's), scale, zero, int64 V, out[..., D])
+//                    rows of an int4 table (tcc::embedding_w4) read from a tied LM head's packed codes
 //
 // asym comes as a Relax PrimValue. x_zero is read only when asym (then an integer in [0, 255]);
 // x_scale must be positive. x must be finite (a NaN/inf row gives an unspecified result).
@@ -1185,6 +1187,86 @@ void dense_w4a8(const TensorView& x, const TensorView& qw, const TensorView& sca
 }
 
 // ---------------------------------------------------------------------------------------------
+// embedding_w4: rows of an int4 table stored in a dense kernel's packed layout (a tied LM head's
+// codes, stored once): out[i, k] = (code(row, k) - zero(row, k / group)) * scale(row, k / group) in
+// float32, as tcc::embedding_w4 (bit-exact: one subtraction and one product, both exact roundings)
+//   qw rank 5, pack_w4a8: qw [T, G, O, 16, 4], scale / zero [T, G, 16]
+//   qw rank 3, pack_w4:   qw [T, D/2, 16],     scale / zero [G, 16 T]
+// scale float16 or float32, zero uint8 or float32; ids clipped to 0..V-1 (as R.take(mode="clip")).
+// ---------------------------------------------------------------------------------------------
+
+void embedding_w4(const TensorView& ids, const TensorView& qw, const TensorView& scale, const TensorView& zero,
+                  int64_t v, const TensorView& out, const char* kernel) {
+  const int64_t* id = data_of<const int64_t>(ids, kernel, "ids", kDLInt, 64, 0, 63);
+  const bool w4a8 = qw.ndim() == 5;
+  const uint8_t* codes = data_of<const uint8_t>(qw, kernel, "qw", kDLUInt, 8, 3, 5);
+  const bool half = scale.dtype().code == kDLFloat && scale.dtype().bits == 16;
+  const uint16_t* scale_h = half ? data_of<const uint16_t>(scale, kernel, "scale", kDLFloat, 16, 2, 3) : nullptr;
+  const float* scale_f = half ? nullptr : f32_in(scale, kernel, "scale", 2, 3);
+  const bool zf = zero.dtype().code == kDLFloat;
+  const float* zero_f = zf ? f32_in(zero, kernel, "zero", 2, 3) : nullptr;
+  const uint8_t* zero_u = zf ? nullptr : data_of<const uint8_t>(zero, kernel, "zero", kDLUInt, 8, 2, 3);
+  float* o = f32_out(out, kernel, ids.ndim() + 1, ids.ndim() + 1);
+  for (int i = 0; i < ids.ndim(); ++i) check_dim(out, kernel, "out", i, ids.size(i), "the dims of ids");
+  const int64_t d = out.size(ids.ndim()), count = ids.numel(), tiles = qw.size(0);
+  if (qw.ndim() == 4) TVM_FFI_THROW(ValueError) << kernel << ": argument 'qw' must have rank 3 (pack_w4) or 5 (pack_w4a8)";
+  const int64_t groups = w4a8 ? qw.size(1) : scale.size(0);
+  if (v <= 0 || v > tiles * kTile) {
+    if (count > 0) TVM_FFI_THROW(ValueError) << kernel << ": V = " << v << " rows do not fit qw " << shape_str(qw);
+    return;
+  }
+  if (groups == 0 || d % groups != 0 || (d / groups) % 2 != 0) {
+    TVM_FFI_THROW(ValueError) << kernel << ": D = " << d << " (the last dim of out) must split into " << groups
+                              << " groups of even size";
+  }
+  const int64_t group = d / groups, octets = ceil_div(group, 8);
+  const std::string layout = w4a8 ? " (pack_w4a8's layout)" : " (pack_w4's layout)";
+  if (w4a8) {
+    check_dim(qw, kernel, "qw", 2, octets, ("ceil(group / 8)" + layout).c_str());
+    check_dim(qw, kernel, "qw", 3, kTile, ("16 rows per tile" + layout).c_str());
+    check_dim(qw, kernel, "qw", 4, 4, ("4 k per nibble" + layout).c_str());
+  } else {
+    check_dim(qw, kernel, "qw", 1, d / 2, ("D / 2" + layout).c_str());
+    check_dim(qw, kernel, "qw", 2, kTile, ("16 rows per tile" + layout).c_str());
+  }
+  for (const auto* a : {&scale, &zero}) {
+    const char* name = a == &scale ? "scale" : "zero";
+    if (a->ndim() != (w4a8 ? 3 : 2)) TVM_FFI_THROW(ValueError) << kernel << ": argument '" << name << "' has rank "
+                                                              << a->ndim() << layout;
+    if (w4a8) {
+      check_dim(*a, kernel, name, 0, tiles, ("T, the tiles of qw" + layout).c_str());
+      check_dim(*a, kernel, name, 1, groups, "G, the groups of qw");
+      check_dim(*a, kernel, name, 2, kTile, ("16 rows per tile" + layout).c_str());
+    } else {
+      check_dim(*a, kernel, name, 0, groups, "G");
+      check_dim(*a, kernel, name, 1, tiles * kTile, ("16 T, the rows of qw" + layout).c_str());
+    }
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t row = std::min(std::max<int64_t>(id[i], 0), v - 1), t = row / kTile, c = row % kTile;
+    float* dst = o + i * d;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t at = w4a8 ? (t * groups + g) * kTile + c : g * tiles * kTile + row;
+      const float s = half ? half_to_float(scale_h[at]) : scale_f[at];
+      const float z = zf ? zero_f[at] : static_cast<float>(zero_u[at]);
+      for (int64_t kk = 0; kk < group; ++kk) {
+        uint8_t code;
+        if (w4a8) {  // byte [t, g, o, c, i]: k = 8 o + i low nibble, k = 8 o + i + 4 high nibble
+          const int64_t oc = kk / 8, i4 = kk % 8;
+          const uint8_t byte = codes[(((t * groups + g) * octets + oc) * kTile + c) * 4 + (i4 & 3)];
+          code = i4 < 4 ? byte & 15 : byte >> 4;
+        } else {  // byte [t, j, c]: k = 2 j low nibble, k = 2 j + 1 high nibble
+          const int64_t k = g * group + kk;
+          const uint8_t byte = codes[(t * (d / 2) + k / 2) * kTile + c];
+          code = k % 2 ? byte >> 4 : byte & 15;
+        }
+        dst[g * group + kk] = (static_cast<float>(code) - z) * s;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Exported kernels
 // ---------------------------------------------------------------------------------------------
 
@@ -1216,6 +1298,10 @@ void dense_w4_nobias_f32(TensorView x, TensorView qw, TensorView scale, TensorVi
   dense_w4(x, qw, scale, zero, nullptr, out, "tcc_dense_w4_nobias_f32");
 }
 
+void embedding_w4_f32(TensorView ids, TensorView qw, TensorView scale, TensorView zero, int64_t v, TensorView out) {
+  embedding_w4(ids, qw, scale, zero, v, out, "tcc_embedding_w4_f32");
+}
+
 void dense_w4a8_f32(TensorView x, TensorView qw, TensorView scale, TensorView zero, TensorView b, TensorView out) {
   dense_w4a8(x, qw, scale, zero, &b, out, "tcc_dense_w4a8_f32");
 }
@@ -1234,3 +1320,4 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_w4_f32, dense_w4_f32);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_w4_nobias_f32, dense_w4_nobias_f32);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_w4a8_f32, dense_w4a8_f32);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_dense_w4a8_nobias_f32, dense_w4a8_nobias_f32);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tcc_embedding_w4_f32, embedding_w4_f32);

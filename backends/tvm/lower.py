@@ -248,6 +248,29 @@ def _(x, qw_p, scale_t, zero_t, b, n):
     return x.new_empty((*x.shape[:-1], n))
 
 
+@torch.library.custom_op("tcc_tvm::embedding_w4_packed", mutates_args=())
+def embedding_w4_packed(ids: torch.Tensor, qw_p: torch.Tensor, scale_t: torch.Tensor, zero_t: torch.Tensor,
+                        v: int, d: int) -> torch.Tensor:
+    """tcc::embedding_w4 ([V, D] table) on the packed layout of the dense op reading the same codes (a tied
+    LM head): pack_w4a8's (qw_p rank 5) or pack_w4's (rank 3); the kernel tcc_embedding_w4_f32."""
+    if qw_p.dim() == 5:
+        tiles, groups = qw_p.shape[:2]
+        codes = torch.stack([qw_p & 15, qw_p >> 4], dim=3)  # [T, G, O, 2, 16, 4]
+        codes = codes.permute(0, 4, 1, 2, 3, 5).reshape(tiles * 16, groups, -1)[:v, :, :d // groups].reshape(v, d)
+        rows = lambda a: a.permute(0, 2, 1).reshape(tiles * 16, groups)[:v]  # noqa: E731
+    else:
+        tiles = qw_p.shape[0]
+        codes = torch.stack([qw_p & 15, qw_p >> 4], dim=2).permute(0, 3, 1, 2).reshape(tiles * 16, d)[:v]
+        rows = lambda a: a.T[:v]  # noqa: E731
+    scale = rows(scale_t).contiguous()
+    return ops.embedding_w4(ids, ops.pack_int4(codes), scale, rows(zero_t).contiguous(), d // scale.shape[1])
+
+
+@embedding_w4_packed.register_fake
+def _(ids, qw_p, scale_t, zero_t, v, d):
+    return scale_t.new_empty((*ids.shape, d), dtype=torch.float32)
+
+
 # -- rotate's online Hadamard: x.view(..., K / n, n) @ H_n -> the fast Walsh-Hadamard kernel ----------
 
 @torch.library.custom_op("tcc_tvm::fwht", mutates_args=())
@@ -300,7 +323,12 @@ def _pack_quantized(gm: torch.fx.GraphModule, sparse: dict | None = None, report
     from tcc.backends.kernels.quant_layout import pack_a8w8, pack_w4, pack_w4a8
 
     g = gm.graph
+    memo = {} if memo is None else memo  # a tied table and LM head (embedding_w4) share one packed copy
+    params: dict[int, list[str]] = {}  # id(packed arrays) -> their parameters
     for i, n in enumerate(list(g.nodes)):
+        if n.op == "call_function" and n.target == tcc_ops.embedding_w4.default:
+            _pack_embedding_w4(gm, n, i, memo, params)
+            continue
         if n.op != "call_function" or n.target not in (tcc_ops.dense_a8w8.default, tcc_ops.dense_w4.default):
             continue
         a = list(n.args) + [None] * (7 - len(n.args))
@@ -332,11 +360,9 @@ def _pack_quantized(gm: torch.fx.GraphModule, sparse: dict | None = None, report
                       "stored and multiplied as any other: no saving)", nbytes, nbytes)
             tensors, target = packed, dense_w4_packed
         names = []
-        for j, t in enumerate(tensors):
-            name = f"_tcc_packed_{i}_{j}"
-            t = torch.from_numpy(t)
-            half = target is dense_w4_packed and j == 1 and s.dtype == torch.float16
-            gm.register_parameter(name, torch.nn.Parameter(t.to(torch.float16) if half else t, requires_grad=False))
+        half_scale = target is dense_w4_packed and s.dtype == torch.float16
+        for j, name in enumerate(_packed_params(gm, tensors, i, half_scale, params)):
+            half = half_scale and j == 1
             with g.inserting_before(n):
                 names.append(g.get_attr(name))
                 if half:
@@ -355,6 +381,48 @@ def _pack_quantized(gm: torch.fx.GraphModule, sparse: dict | None = None, report
         g.erase_node(n)
     from tcc.ir.graph import remove_dead
     remove_dead(gm)  # the unpacked weights: not stored twice
+
+
+def _packed_params(gm, tensors, i: int, half_scale: bool, params: dict) -> list[str]:
+    """The parameters holding packed arrays `tensors` (registered once per arrays: `params`); the scale
+    (index 1) as float16 when half_scale (pack_w4 of a float16 scale)."""
+    if id(tensors) not in params:
+        names = []
+        for j, t in enumerate(tensors):
+            name, t = f"_tcc_packed_{i}_{j}", torch.from_numpy(t)
+            gm.register_parameter(name, torch.nn.Parameter(t.to(torch.float16) if half_scale and j == 1 else t,
+                                                           requires_grad=False))
+            names.append(name)
+        params[id(tensors)] = names
+    return params[id(tensors)]
+
+
+def _pack_embedding_w4(gm, n, i: int, memo: dict, params: dict) -> None:
+    """tcc::embedding_w4 -> tcc_tvm::embedding_w4_packed on the packed arrays of the dense_w4 reading the
+    same codes (a tied LM head: W4A8's pack_w4a8, weight-only's pack_w4; pack_w4a8 for a table nothing
+    else reads), made through the same derived() key, so the table is stored once."""
+    from tcc.backends.kernels.quant_layout import pack_w4, pack_w4a8
+    g = gm.graph
+    ids, qw, scale, zero, group = n.args
+    if not all(_stored(gm, t) for t in (qw, scale, zero)):
+        raise UserError(f"node {n.name}: tcc::embedding_w4 with a computed table cannot be lowered",
+                        "int4 tables must be stored tensors")
+    tied = [u for u in g.nodes if u.op == "call_function" and u.target == tcc_ops.dense_w4.default
+            and isinstance(u.args[1], torch.fx.Node) and u.args[1].target == qw.target]
+    w4a8 = not tied or any((u.args[6] if len(u.args) > 6 else u.kwargs.get("acts", "none")) == "int8" for u in tied)
+    q, s = _attr(gm, qw), _attr(gm, scale)
+    zt = None if zero is None else _attr(gm, zero)
+    if w4a8:
+        tensors = derived(memo, "w4a8", [q, s, zt], lambda: pack_w4a8(q, s, zt))
+    else:
+        tensors = derived(memo, "w4", [q, s, zt], lambda: pack_w4(q, s.to(torch.float32), zt))
+    names = _packed_params(gm, tensors, i, not w4a8 and s.dtype == torch.float16, params)
+    with g.inserting_before(n):
+        new = g.call_function(torch.ops.tcc_tvm.embedding_w4_packed.default,
+                              (ids, *(g.get_attr(m) for m in names), int(q.shape[0]), int(q.shape[1]) * 2))
+    new.meta = dict(n.meta)
+    n.replace_all_uses_with(new)
+    g.erase_node(n)
 
 
 # -- bf16 weights: the kernels read the bit patterns as int16 (numpy and TVM tensors here have no bf16) -----
@@ -745,6 +813,9 @@ def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
     if device == "cuda" and any(n.target == torch.ops.tcc_tvm.dense_w4a8_packed.default for n in gm.graph.nodes):
         raise UserError("int4 weights with int8 activations (W4A8, quantize weights=int4,acts=int8) run on the CPU "
                         "kernels only", "use quantize(weights=int4,acts=none) for a cuda target")
+    if device == "cuda" and any(n.target == torch.ops.tcc_tvm.embedding_w4_packed.default for n in gm.graph.nodes):
+        raise UserError("int4 embedding tables (quantize embedding_format=int4) run on the CPU kernels only",
+                        "use embedding_format=int8 for a cuda target")
     if device == "cuda" and any(n.target == torch.ops.tcc_tvm.dense_w4_packed.default
                                 and _attr(gm, n.args[3]).dtype == torch.float32 for n in gm.graph.nodes):
         raise UserError("int4 weights with fractional zero points (quantize zero=float) run on the CPU kernels only; "
@@ -842,6 +913,15 @@ def _convert_fwht(node, importer):
     return importer.block_builder.emit(relax.call_dps_packed("tcc_fwht_f32", args, _out_sinfo(node, importer)))
 
 
+def _convert_embedding_w4(node, importer):
+    import tvm
+    from tvm import relax
+    ids, qw, scale, zero, v, _d = node.args
+    args = relax.Tuple([_arg(importer, t) for t in (ids, qw, scale, zero)]
+                       + [relax.prim_value(tvm.tirx.IntImm("int64", int(v)))])
+    return importer.block_builder.emit(relax.call_dps_packed("tcc_embedding_w4_f32", args, _out_sinfo(node, importer)))
+
+
 def _convert_embedding_bf16(node, importer):
     from tvm import relax
     args = relax.Tuple([_arg(importer, t) for t in node.args[:2]])
@@ -926,6 +1006,7 @@ CONVERT_MAP = {
     "dense_w4_packed.default": _dense_converter("tcc_dense_w4", 4),  # (x, qw_p, scale_t, zero_t, b?, n)
     "dense_w4a8_packed.default": _dense_converter("tcc_dense_w4a8", 4),  # (x, qw_p, scale_t, zero_t, b?, n)
     "embedding_w8.default": _convert_embedding_w8,
+    "embedding_w4_packed.default": _convert_embedding_w4,
     "dense_bf16_bits.default": _dense_converter("tcc_dense_bf16", 2),
     "embedding_bf16_bits.default": _convert_embedding_bf16,
     "fwht.default": _convert_fwht,

@@ -535,7 +535,7 @@ class Layer:
     nodes: list[fx.Node]  # the linear nodes reading it (usually one)
     shape: tuple[int, int]  # [N, K]
     format: str  # "w8" | "w4" | "a8w8" | "fp32"
-    tied: str | None = None  # the embedding table whose int8 buffers it reads
+    tied: str | None = None  # the embedding table whose int8 (or int4) buffers it reads
     group: int = 0  # int4: the input features per scale this layer uses (int4_group)
     q: QWeight | None = None
     act: dict = dataclasses.field(default_factory=dict)  # node name -> (x_scale, x_zero) when static
@@ -561,7 +561,7 @@ def match(program, base_format: str, *, group: int, tied_format: str, min_size: 
     min_size elements, whose module path matches no `skip` glob and whose weight nothing else reads
     becomes a Layer in `base_format` ("w8" | "w4" | "a8w8"); with `embeddings`, embedding tables too
     (Plan.tables), and a linear reading such a table (a tied lm_head) a Layer in `tied_format` that
-    shares its int8 buffers (Layer.tied). int4 layers get int4_group(K, group); an odd K is a
+    shares its buffers (Layer.tied; "w4": the table's int4 codes, the quantize pass's embedding_format=int4). int4 layers get int4_group(K, group); an odd K is a
     UserError of pass `who` (check_groups)."""
     gm = program.gm
     candidates: dict[str, list[fx.Node]] = {}
@@ -600,7 +600,8 @@ def match(program, base_format: str, *, group: int, tied_format: str, min_size: 
         others = [u for u in readers[target] if u not in nodes]
         shape = tuple(attribute(gm, target).shape)
         if others and target in tables and all(u in tables[target] for u in others):
-            layers[target] = Layer(target, nodes, shape, tied_format, tied=target)
+            layers[target] = Layer(target, nodes, shape, tied_format, tied=target,
+                                   group=int4_group(shape[1], group) or 0 if tied_format == "w4" else 0)
         elif others:
             reason = f"weight '{target}' is also read by {sorted(u.name for u in others)}"
             skipped += [{"module": module_path(n), "node": n.name, "reason": reason} for n in nodes]

@@ -37,6 +37,12 @@ Ops:
                                       acts="none" (the default): x as it is, fp32.
   tcc::embedding_w8(ids, qw, scale)   rows of an int8 table: out = qw[ids] * scale[ids, None]
                                       qw int8 [V, D] per-row symmetric, scale f32 [V]
+  tcc::embedding_w4(ids, qw, scale, zero?, group)
+                                      rows of an int4 table stored as dense_w4's weight (qw uint8 [V, D/2],
+                                      scale f16/f32 [V, D/group], zero as dense_w4's or None = 8):
+                                      out = dequantize_w4(qw[ids], scale[ids], zero[ids], group), each
+                                      value (code - zero) * scale in float32 (quantize's embeddings=true,
+                                      embedding_format=int4: a tied LM head reads the same codes by dense_w4)
   tcc::dense_bf16(x, w, b?)           bf16 weights: y = x @ float32(w).T + b; w bfloat16 [N, K] (each
                                       value widened exactly to float32), x, b and y float32, the sum
                                       in float32. Activations are not rounded: the kernels' error vs
@@ -208,6 +214,19 @@ def _(ids, qw, scale):
     return scale.new_empty((*ids.shape, qw.shape[1]))
 
 
+@torch.library.custom_op("tcc::embedding_w4", mutates_args=())
+def embedding_w4(ids: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 group: int) -> torch.Tensor:
+    rows = ids.reshape(-1)
+    w = dequantize_w4(qw[rows], scale[rows], None if zero is None else zero[rows], group)
+    return w.reshape(*ids.shape, qw.shape[1] * 2)
+
+
+@embedding_w4.register_fake
+def _(ids, qw, scale, zero, group):
+    return scale.new_empty((*ids.shape, qw.shape[1] * 2), dtype=torch.float32)
+
+
 @torch.library.custom_op("tcc::dense_bf16", mutates_args=())
 def dense_bf16(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     return torch.nn.functional.linear(x, w.to(x.dtype), b)
@@ -320,6 +339,8 @@ OPERANDS: dict[str, dict[int, tuple[str, tuple | None, int | None]]] = {
     "dense_w4": {1: ("qw", (torch.uint8,), 2), 2: ("scale", (_F32, _F16), 2), 3: ("zero", (torch.uint8, _F32, _F16), 2),
                  5: ("b", None, 1)},
     "embedding_w8": {0: ("ids", _INT, None), 1: ("qw", (torch.int8,), 2), 2: ("scale", (_F32,), 1)},
+    "embedding_w4": {0: ("ids", _INT, None), 1: ("qw", (torch.uint8,), 2), 2: ("scale", (_F32, _F16), 2),
+                     3: ("zero", (torch.uint8, _F32, _F16), 2)},
     "dense_bf16": {1: ("w", (_BF16,), 2), 2: ("b", None, 1)},
     "embedding_bf16": {0: ("ids", _INT, None), 1: ("w", (_BF16,), 2)},
     "sdpa": {0: ("q", None, 4), 1: ("k", None, 4), 2: ("v", None, 4)},
@@ -329,7 +350,8 @@ OPERANDS: dict[str, dict[int, tuple[str, tuple | None, int | None]]] = {
                      4: ("k_scales", (_F32,), 3), 5: ("v_codes", (torch.int8,), 4), 6: ("v_scales", (_F32,), 3),
                      7: ("pos", (torch.int64,), None)},
 }
-_ROWS = {"dense_w8": (1, 2), "dense_a8w8": (1, 2), "embedding_w8": (1, 2), "dense_w4": (1, 2)}  # scale rows == N
+_ROWS = {"dense_w8": (1, 2), "dense_a8w8": (1, 2), "embedding_w8": (1, 2), "dense_w4": (1, 2),
+         "embedding_w4": (1, 2)}  # scale rows == N
 
 
 def operand_problems(gm) -> list[str]:
