@@ -88,7 +88,8 @@ def bandwidth() -> float:
 def decode_bytes(art) -> int:
     """Bytes of the stored tensors a decode step reads: all of decode's parameters but an embedding
     table that is only gathered from (one row a step) - the row-major int8 table of a tied LM head
-    whose matmul reads its own packed copy (W8A8). A table the LM head reads itself counts, and so
+    whose matmul reads its own packed copy (W8A8), any row-major table when the LM head is packed, one of
+    two equal packed sets (an int4 table beside its own int4 lm_head). A table the LM head reads itself counts, and so
     does one of two equal tables (a checkpoint that stores lm_head.weight next to its tied table). Reads
     the safetensors header only (shapes, dtypes, byte ranges), not the tensors."""
     with open(art.dir / "weights.safetensors", "rb") as f:
@@ -97,7 +98,7 @@ def decode_bytes(art) -> int:
     nbytes = {n: v["data_offsets"][1] - v["data_offsets"][0] for n, v in header.items() if n != "__metadata__"}
     size = {n: int(np.prod(s)) for n, s in shape.items()}
     itemsize = {n: nbytes[n] // max(size[n], 1) for n in shape}
-    names = art.manifest["generation"]["functions"]["decode"]["params"]
+    names = list(dict.fromkeys(art.manifest["generation"]["functions"]["decode"]["params"]))  # stored once
     vocab = art.manifest["outputs"][0]["shape"][-1]
     tables = [n for n in names if len(shape[n]) == 2 and shape[n][0] == vocab]
     copies = lambda t: [n for n in names if n != t and itemsize[n] == itemsize[t]
@@ -105,6 +106,17 @@ def decode_bytes(art) -> int:
     gathered = [t for t in tables if copies(t)]
     if gathered and all(c in tables for t in gathered for c in copies(t)):
         gathered = gathered[1:]  # the copies are tables themselves (embedding + its own lm_head): one is read whole
+    # packed vocab-row tensors (leading dim ceil(vocab / 16): an LM head's packed codes, scales, zeros) mean
+    # the LM head reads its own copy: a row-major table is then only gathered (an int8 table next to an
+    # int4 head), and of two packed sets of one shape (an int4 table, embedding_format=int4, next to the
+    # checkpoint's own int4 lm_head) one is only gathered
+    packed = [n for n in names if len(shape[n]) >= 3 and shape[n][0] == -(-vocab // 16)]
+    if packed:
+        gathered += [t for t in tables if t not in gathered]
+        sets: dict = {}
+        for n in packed:
+            sets.setdefault((shape[n], itemsize[n]), []).append(n)
+        gathered += [n for same in sets.values() for n in same[1:]]
     return int(sum(nbytes[n] for n in names if n not in gathered))
 
 
