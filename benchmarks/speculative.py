@@ -7,16 +7,17 @@ with a draft program built into the artifact, against the target alone, in one r
 
 Artifacts: tcc.compile("smollm2", TARGET, seq_len=PROMPT, max_context=512, draft=DRAFT) with no
 passes (fp32) and with the w8a8 preset's pipeline; each holds the target's prefill / decode / verify
-(8 rows) and the draft's prefill / decode. An artifact already in --out is reused (delete it to
+(8 rows) / verify4 (4 rows) and the draft's prefill / decode. An artifact already in --out is reused (delete it to
 rebuild). Calibration: wikitext-2 valid.txt.
 Prompts: --prompts windows of PROMPT tokens of ../shared/data/wikitext-2/test.txt (SmolLM2's
-tokenizer), evenly spaced. Each prompt generates NEW greedy tokens four ways on the same artifact,
-interleaved: the target alone (decode), --speculate lookup, --speculate draft, and "draft-v0" (the
+tokenizer), evenly spaced. Each prompt generates NEW greedy tokens five ways on the same artifact,
+interleaved: the target alone (decode), --speculate lookup, "lookup-v0" (prompt lookup before the
+4-row verify entry: 7 tokens every round, 8 rows every verify), --speculate draft, and "draft-v0" (the
 draft as before 9bf8ebe: k adapting, no confidence stop, no prompt-lookup fill); every run's tokens
 must equal the target alone's (the script stops otherwise). Decode tokens per second = the tokens
 after the first / the seconds after prefill (draft and verify calls included), summed over the
-prompts. Per-call costs: median milliseconds of 20 target decode, verify (8 rows) and draft decode
-calls. Batch 1; TVM's threads = the host's cores (2 here).
+prompts. Per-call costs: median milliseconds of 20 target decode, verify (4 and 8 rows) and draft
+decode calls. Batch 1; TVM's threads = the host's cores (2 here).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ TEST = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
 os.environ.setdefault("TCC_CALIBRATION_TEXT", str(TEST.with_name("valid.txt")))
 PIPELINES = {"fp32": "", "w8a8": "quantize(acts=int8,method=smoothquant,embeddings=true)"}
 DRAFT = "drop-blocks(ratio=0.25),quantize(weights=int4,acts=int8,embeddings=true)"
+MODES = ("off", "lookup", "lookup-v0", "draft", "draft-v0")
 
 
 def prompts(tokenizer, n: int, length: int, text: Path = TEST) -> list[list[int]]:
@@ -65,6 +67,8 @@ def per_call_ms(art, prompt: list[int]) -> dict:
 
     out["decode_ms"] = median(lambda: (s.rollback(p), s.decode(prompt[-1], p)))
     out["verify_ms"] = median(lambda: (s.rollback(p), s.verify(prompt[-s.verify_len:], p)))
+    for n in getattr(s, "verify_lens", [])[:-1]:  # the shorter verify entries
+        out[f"verify{n}_ms"] = median(lambda: (s.rollback(p), s.verify(prompt[-n:], p)))
     if "draft" in gen:
         d = GenerationSession(art._impl, {**gen["draft"], "functions": gen["functions"]}, prefix="draft_")
         prefill_prompt(d.prefill, prompt, d.chunk, d.max_context)
@@ -80,6 +84,19 @@ def draft_v0(art, prompt: list[int], new: int) -> dict:
     draft = ModelDraft(GenerationSession(art._impl, {**gen["draft"], "functions": gen["functions"]}, prefix="draft_"))
     stats: dict = {}
     ids = list(speculative_loop(art.session(), draft, prompt, new, gen["max_context"], gen["prefill_len"], stats=stats))
+    return {"token_ids": ids, "decode_seconds": stats["decode_seconds"], "speculative": summary(stats)}
+
+
+def lookup_v0(art, prompt: list[int], new: int) -> dict:
+    """Prompt lookup as before the short verify entry (a same-run baseline): 7 tokens every round, every
+    verify through the 8-row entry."""
+    from tcc.speculative import LookupDraft, speculative_loop, summary
+    gen = art.manifest["generation"]
+    s = art.session()
+    s.verify_lens = [s.verify_len]  # the 8-row entry only
+    stats: dict = {}
+    ids = list(speculative_loop(s, LookupDraft(), prompt, new, gen["max_context"], gen["prefill_len"], stats=stats,
+                                adapt=False))
     return {"token_ids": ids, "decode_seconds": stats["decode_seconds"], "speculative": summary(stats)}
 
 
@@ -108,13 +125,13 @@ def main() -> int:
             ps = prompts(tok, a.prompts, a.prompt)
             calls = per_call_ms(art, ps[0])
             totals = {m: {"tokens": 0, "seconds": 0.0, "target_calls": 0, "drafted": 0, "accepted": 0, "differ": 0}
-                      for m in ("off", "lookup", "draft", "draft-v0")}
+                      for m in MODES}
             art.generate(ps[0], 8, stop_at_eos=False)  # warm-up
             for prompt in ps:
                 want = None
-                for mode in ("off", "lookup", "draft", "draft-v0"):
-                    r = draft_v0(art, prompt, a.new) if mode == "draft-v0" else \
-                        art.generate(prompt, a.new, stop_at_eos=False, speculate=mode)
+                for mode in MODES:
+                    r = draft_v0(art, prompt, a.new) if mode == "draft-v0" else lookup_v0(art, prompt, a.new) \
+                        if mode == "lookup-v0" else art.generate(prompt, a.new, stop_at_eos=False, speculate=mode)
                     if want is None:
                         want = r["token_ids"]
                     elif r["token_ids"] != want:
@@ -140,12 +157,12 @@ def main() -> int:
           f"batch 1, {os.cpu_count()} cores, target {a.target}; draft {a.draft}; load average at the end "
           f"{os.getloadavg()[0]:.1f}")
     print("| artifact | speculate | decode tok/s | vs target alone | acceptance | tokens / target call | "
-          "drafts / call | decode ms | verify(8) ms | draft decode ms | differ |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "drafts / call | decode ms | verify(4) ms | verify(8) ms | draft decode ms | differ |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['artifact']} | {r['mode']} | {r['decode_tokens_per_s']} | {r['speed_up']}x | {r['acceptance_rate']} | "
-              f"{r['tokens_per_target_call']} | {r['drafted_per_call']} | {r['decode_ms']} | {r['verify_ms']} | "
-              f"{r.get('draft_decode_ms')} | {r['differ']} |")
+              f"{r['tokens_per_target_call']} | {r['drafted_per_call']} | {r['decode_ms']} | {r.get('verify4_ms')} | "
+              f"{r['verify_ms']} | {r.get('draft_decode_ms')} | {r['differ']} |")
     print(json.dumps(rows))
     return 0
 

@@ -61,6 +61,9 @@ KV_CACHES = ("fp32", "int8")
 # the rows of the `verify` entry (speculative decoding: the token before the drafts, and up to
 # VERIFY_LEN - 1 drafted tokens checked in one call)
 VERIFY_LEN = 8
+# shorter verify entries (`verify{n}`), for proposals they hold: a verify's cost grows with its rows
+# (the small-M kernels are FMA-bound past ~4 rows at fp32: 8 rows cost ~1.55 decode steps, 4 about one)
+VERIFY_SHORT = (4,)
 
 
 def check_prompt(tokenizer, vocab: int) -> list[int]:
@@ -377,10 +380,15 @@ def verify_program(program: Program, length: int) -> Program:
 
 def add_verify(gen: Generation, functions: dict, manifest: dict) -> None:
     """Add speculative decoding's `verify` entry (verify_program, VERIFY_LEN rows or the context if
-    shorter) to a generation artifact's `functions`, and its length to the generation `manifest`."""
+    shorter) to a generation artifact's `functions`, and its length to the generation `manifest`; and
+    the shorter entries `verify{n}` (n in VERIFY_SHORT, below that length), listed in `verify_lens`."""
     length = min(VERIFY_LEN, gen.max_context)
     functions["verify"] = verify_program(gen.program, length)
     manifest["verify_len"] = length
+    short = [n for n in VERIFY_SHORT if n < length]
+    for n in short:
+        functions[f"verify{n}"] = verify_program(gen.program, n)
+    manifest["verify_lens"] = short + [length]
 
 
 def at_length(program: Program, length: int) -> Program:
@@ -510,16 +518,21 @@ def verify_vs_decode(session, ids: list[int], chunk: int, prefilled: int, decode
     call against `decoded` (teacher_forced's decode logits by position); max |difference| / max |logit|,
     0.0 when every row is bit-identical (greedy speculation is then exactly the target's own tokens).
     None without a verify entry, a token after the prefill, or room in the context for the verify
-    chunk (it runs verify_len positions whatever the tokens)."""
+    chunk (it runs verify_len positions whatever the tokens). Each verify entry (verify_lens: the
+    shorter ones too) is measured, the largest difference returned."""
     width = getattr(session, "verify_len", 0)
     n = min(width, len(ids) - prefilled)
     if n < 1 or prefilled < 1 or prefilled + width > getattr(session, "max_context", prefilled + width):
         return None
     for _ in prefill_chunks(session.prefill, ids[:prefilled], chunk, getattr(session, "max_context", None)):
         pass
-    rows = np.asarray(session.verify(ids[prefilled:prefilled + n], prefilled), np.float64)
     want = np.stack([decoded[prefilled + i] for i in range(n)]).astype(np.float64)
-    return float(np.abs(rows - want).max() / max(float(np.abs(want).max()), 1e-30))
+    worst = 0.0
+    for entry in getattr(session, "verify_lens", None) or [width]:
+        m = min(entry, n)
+        rows = np.asarray(session.verify(ids[prefilled:prefilled + m], prefilled, entry=entry), np.float64)
+        worst = max(worst, float(np.abs(rows - want[:m]).max() / max(float(np.abs(want[:m]).max()), 1e-30)))
+    return worst
 
 
 def source_logits(program: Program, ids: list[int]) -> np.ndarray:

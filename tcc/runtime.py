@@ -108,7 +108,7 @@ class Loaded:
         """decode_loop over `session`, or (speculate "lookup" / "draft") tcc.speculative's loop."""
         from .generation import decode_loop
         from .speculative import (CONFIDENCE, SPECULATE, VERIFY_GUARD, LookupDraft, ModelDraft, draft_pays,
-                                  speculative_loop, verify_difference)
+                                  short_proposal, speculative_loop, verify_difference)
         if speculate not in SPECULATE:
             raise UserError(f"--speculate {speculate!r} is not a speculation mode", f"choose one of: {', '.join(SPECULATE)}")
         if speculate == "off":
@@ -120,7 +120,7 @@ class Loaded:
         if speculate == "auto":  # the draft program where it is cheap enough (with prompt lookup's fill)
             speculate = "draft" if draft_pays(self.manifest) else "lookup"
         if speculate == "lookup":  # free proposals: every round proposes as many as verify takes
-            draft, how = LookupDraft(), {"adapt": False}
+            draft, how = LookupDraft(weak=short_proposal(session)), {"adapt": False}
         else:
             if "draft" not in gen:
                 raise UserError(f"the artifact {self.dir} has no draft program", "compile it with --draft PIPELINE, "
@@ -158,12 +158,20 @@ class GenerationSession:
         # speculative decoding's entry (tcc.speculative): absent from artifacts built before it
         self.verify_len = gen.get("verify_len", 0) if f"{prefix}verify" in fns else 0
         self._verify = impl.function(f"{prefix}verify", fns[f"{prefix}verify"], self.caches) if self.verify_len else None
+        # the shorter verify entries (verify{n}, tcc.generation.VERIFY_SHORT): a proposal runs the shortest that holds it
+        self.verify_lens = [n for n in gen.get("verify_lens", []) if n < self.verify_len and f"{prefix}verify{n}" in fns] \
+            + ([self.verify_len] if self.verify_len else [])
+        self._verifies = {n: impl.function(f"{prefix}verify{n}", fns[f"{prefix}verify{n}"], self.caches)
+                          for n in self.verify_lens[:-1]}
+        if self.verify_len:
+            self._verifies[self.verify_len] = self._verify
         self.next_pos = 0  # rows of the cache filled so far
 
-    def verify(self, ids, pos: int):
+    def verify(self, ids, pos: int, entry: int | None = None):
         """Speculative decoding's check: up to verify_len tokens at positions pos.. (pos at most the
-        next position), padded to verify_len; returns the logits of every real row [len(ids), V] (row i
-        is the distribution of the token after ids[i]). The cache then holds pos + len(ids) positions;
+        next position), padded to the shortest verify entry that holds them (`entry`: that entry's
+        length, one of verify_lens); returns the logits of every real row [len(ids), V] (row i is the
+        distribution of the token after ids[i]). The cache then holds pos + len(ids) positions;
         rollback() keeps the accepted ones."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         n = self.verify_len
@@ -175,12 +183,16 @@ class GenerationSession:
         if not 0 < pos <= self.next_pos:
             raise UserError(f"verify at position {pos}, but the cache holds {self.next_pos} positions",
                             "prefill the prompt first and verify where it (or the accepted tokens) ended")
-        if pos + n > self.max_context:
-            raise UserError(f"a verify chunk of {n} positions at {pos} runs past the context of {self.max_context}",
+        if entry is None:
+            entry = next((e for e in self.verify_lens if e >= ids.size), n)
+        elif entry not in self._verifies or ids.size > entry:
+            raise UserError(f"no verify entry of {entry} rows for {ids.size} tokens", f"choose one of {self.verify_lens}")
+        if pos + entry > self.max_context:
+            raise UserError(f"a verify chunk of {entry} positions at {pos} runs past the context of {self.max_context}",
                             "decode one token at a time near the end of the context")
-        block = np.zeros((1, n), dtype=np.int64)
+        block = np.zeros((1, entry), dtype=np.int64)
         block[0, :ids.size] = ids
-        out = self._verify([block, np.array([pos]), np.arange(n, dtype=np.int64)])
+        out = self._verifies[entry]([block, np.array([pos]), np.arange(entry, dtype=np.int64)])
         self.next_pos = pos + ids.size
         return out[0, :ids.size]
 

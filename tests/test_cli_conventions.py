@@ -255,7 +255,7 @@ def test_info_on_a_causal_lm_with_generation(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["model"]["task"] == "causal-lm" and info["pipeline"]["preset"] == "q4_0"
     f = info["formats"]
-    assert (f["functions"], f["kv_cache"], f["max_context"]) == (["decode", "prefill", "verify"], "fp32", 16)
+    assert (f["functions"], f["kv_cache"], f["max_context"]) == (["decode", "prefill", "verify", "verify4"], "fp32", 16)
     assert f["cache_bytes"] == manifest["generation"]["cache_bytes"]
     assert sum(f["weights"].values()) == manifest["sizes"]["weight_bytes"]
     assert info["measured"]["generation"] == report["final"]["generation"]
@@ -264,7 +264,7 @@ def test_info_on_a_causal_lm_with_generation(tmp_path, capsys):
     text = capsys.readouterr().out
     agreement = report["final"]["generation"]["agreement"]
     assert f"top-1 agreement with the source model {agreement['rate']:.3f}" in text
-    assert "functions decode, prefill, verify; KV cache fp32, 16 positions" in text and "(preset q4_0)" in text
+    assert "functions decode, prefill, verify, verify4; KV cache fp32, 16 positions" in text and "(preset q4_0)" in text
 
 
 def _completions(line: str, tmp_path) -> list[str]:

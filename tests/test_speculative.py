@@ -44,8 +44,9 @@ def _prefilled(art, prompt):
 
 def test_verify_rows_and_rollback(art):
     gen = art.manifest["generation"]
-    assert gen["verify_len"] == 8 and set(gen["functions"]) == {"prefill", "decode", "verify", "draft_prefill",
-                                                                "draft_decode"}
+    assert gen["verify_len"] == 8 and set(gen["functions"]) == {"prefill", "decode", "verify", "verify4",
+                                                                "draft_prefill", "draft_decode"}
+    assert gen["verify_lens"] == [4, 8] and gen["verify_vs_decode"] == 0.0  # both entries measured
     assert len(gen["draft"]["cache_layers"]) == 1 and gen["cache_layers"] == [0, 1]  # the draft keeps one block
     prompt = [3, 9, 27, 81, 1, 2, 4]
     s, _ = _prefilled(art, prompt)
@@ -54,6 +55,11 @@ def test_verify_rows_and_rollback(art):
     ref, _ = _prefilled(art, prompt)
     want = [ref.decode(t, 7 + i) for i, t in enumerate([5, 77, 3, 8, 9])]
     assert all(np.array_equal(r, w) for r, w in zip(rows, want))
+    for entry in (4, 8):  # 3 tokens: the 4-row entry by default, the same rows through the 8-row one
+        s.rollback(7)
+        assert all(np.array_equal(r, w) for r, w in zip(s.verify([5, 77, 3], 7, entry=entry), want))
+    with pytest.raises(UserError, match="no verify entry of 4 rows for 5 tokens"):
+        s.verify([5, 77, 3, 8, 9], 7, entry=4)
     # roll back to the first verified token: later calls overwrite the rejected rows
     s.rollback(8)
     got = [s.decode(40, 8), s.decode(41, 9)]
@@ -122,6 +128,8 @@ def test_w8a8_verify_rows_are_the_decode_steps_bit_for_bit(w8a8):
         want = [s.decode(t, n + i) for i, t in enumerate(toks)]
         s.rollback(n)
         assert all(np.array_equal(r, w) for r, w in zip(s.verify(toks, n), want)), n
+        s.rollback(n)  # the 4-row entry's rows too
+        assert all(np.array_equal(r, w) for r, w in zip(s.verify(toks[:4], n), want)), n
 
 
 def test_w8a8_greedy_identical_to_the_target(w8a8):
@@ -331,6 +339,10 @@ def test_lookup_draft_proposes_what_followed():
     assert d.propose([1, 2, 3, 9, 9, 1, 2, 3], 3, None, ()) == ([9, 9, 1], None)
     assert d.propose([5, 1, 7, 2, 1], 2, None, ()) == ([7, 2], None)  # the 1-gram [1]: its latest earlier match
     assert d.propose([1, 2, 3], 4, None, ()) == ([], None)
+    # weak: a match shorter than the n-gram proposes at most that many (the short verify entry's)
+    d = LookupDraft(ngram=3, weak=2)
+    assert d.propose([1, 2, 3, 9, 8, 7, 6, 1, 2, 3], 5, None, ()) == ([9, 8, 7, 6, 1], None) and d.matched == 3
+    assert d.propose([5, 1, 7, 2, 4, 8, 1], 5, None, ()) == ([7, 2], None) and d.matched == 1
 
 
 def test_cli_speculate_and_errors(art, tmp_path, capsys, monkeypatch):
