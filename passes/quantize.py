@@ -549,11 +549,13 @@ def _int4_table(w: torch.Tensor, target: str, nodes: list, opts: Quantize):
 
 def _float_left(gm: fx.GraphModule, min_size: int) -> dict:
     """What stays in float after quantize: {bytes, tensors, large: [{name, shape}] (>= min_size elements)}."""
-    quantized_ops = set(OPS.values()) | {tcc_ops.embedding_w8.default, getattr(tcc_ops, "embedding_w4", None)}
+    quantized_ops = set(OPS.values()) | {getattr(tcc_ops, e).default for e in ("embedding_w8", "embedding_w4")
+                                         if hasattr(tcc_ops, e)}
     codes_of = {a.target for n in gm.graph.nodes if n.target in quantized_ops  # scales, zeros: part of the codes
                 for i, a in enumerate(n.args) if i >= 1 and i != BIAS_AT.get(op_name(n)) and isinstance(a, fx.Node)}
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"} - codes_of
-    left = [(k, t) for k, t in {**dict(gm.named_parameters()), **dict(gm.named_buffers())}.items()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.users} - codes_of  # the replaced: no users
+    tensors = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+    left = [(k, t) for k, t in tensors.items()
             if k in used and t.is_floating_point()]
     return {"bytes": sum(t.numel() * t.element_size() for _, t in left), "tensors": len(left),
             "large": [{"name": k, "shape": list(t.shape)} for k, t in left if t.numel() >= max(min_size, 1)]}

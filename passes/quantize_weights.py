@@ -49,7 +49,7 @@ class QuantizeWeights(Pass):
     def __init__(self, **opts):
         super().__init__(**opts)
         self.impl = get_pass("quantize")(weights="int8", acts="none", method="rtn", min_size=self.min_size,
-                                         skip=self.skip)
+                                         skip=self.skip, embeddings=False)  # linears only (quantize's default: tables too)
 
     def run(self, program: Program, ctx: PassContext) -> Program:
         return self.impl.run(program, ctx)

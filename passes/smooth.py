@@ -73,8 +73,8 @@ class Smooth(Pass):
         "min_size": Option(int, 4096, "smooth for the weights quantize will take: at least this many elements",
                            validator=lambda v: None if v >= 0 else "must be >= 0"),
         "skip": Option(list[str], [], "module-path globs quantize will keep in float"),
-        "embeddings": Option(bool, False, "quantize will quantize embedding tables (a tied lm_head then counts "
-                             "as quantized in the smoothquant alpha search)"),
+        "embeddings": Option(bool, True, "quantize will quantize embedding tables, its default (a tied lm_head then "
+                             "counts as quantized in the smoothquant alpha search)"),
     }
 
     def __init__(self, **opts):

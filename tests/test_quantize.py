@@ -131,10 +131,12 @@ def llama():
 def test_rtn_formats(arch, bounds):
     program = tiny(arch)
     # every live linear: 7 per LLaMA layer + lm_head; 6 per BERT layer (its pooler is dead code); 4 per
-    # GPT-2 layer, whose lm_head is tied to the embedding and stays fp32 without embeddings=true
+    # GPT-2 layer, whose lm_head is tied to the embedding and stays fp32 with embeddings=false (the tables
+    # stay float: this test measures the linears' formats alone)
     n_linear = {"llama": 15, "bert": 12, "gpt2": 8}[arch]
-    for (text, op), bound in zip([("quantize(min_size=0)", W8), ("quantize(weights=int4,group=32,min_size=0)", W4),
-                                  ("quantize(acts=int8,min_size=0)", A8W8)], bounds):
+    for (text, op), bound in zip([("quantize(min_size=0,embeddings=false)", W8),
+                                  ("quantize(weights=int4,group=32,min_size=0,embeddings=false)", W4),
+                                  ("quantize(acts=int8,min_size=0,embeddings=false)", A8W8)], bounds):
         q, record, err = quantize(program, text)
         assert count(q, op) == n_linear
         assert 1e-4 < err < bound, (text, err)
@@ -246,7 +248,8 @@ def test_smoothquant_w8a8_with_activation_outliers():
 def test_smoothquant_alpha_auto_picks_the_least_calibration_loss():
     program = inject_outliers(tiny("llama"), 30.0)
     calibration = feeds(program, CALIB, seed=0)
-    q, record, err = quantize(program, "quantize(acts=int8,min_size=0,method=smoothquant)", calibration)
+    # embeddings=false: the search emulates the quantized linears, not an int8 embedding table's rounding
+    q, record, err = quantize(program, "quantize(acts=int8,min_size=0,method=smoothquant,embeddings=false)", calibration)
     search = record["details"]["alpha_search"]
     losses = {r["alpha"]: r["loss"] for r in search["losses"]}
     kl = {r["alpha"]: r["kl"] for r in search["losses"]}
@@ -260,14 +263,15 @@ def test_smoothquant_alpha_auto_picks_the_least_calibration_loss():
     # the other way); the alphas differ by 1e-4 here: a random-init model predicts nearly uniformly (ln 256)
     loss = CalibrationLoss(program, calibration[:8])
     assert loss([q(f) for f in calibration[:8]]) == pytest.approx(losses[search["chosen"]], abs=1e-5)
-    fixed, record, _ = quantize(program, "quantize(acts=int8,min_size=0,method=smoothquant,alpha=0.7)", calibration)
+    fixed, record, _ = quantize(program, "quantize(acts=int8,min_size=0,method=smoothquant,alpha=0.7,embeddings=false)",
+                                calibration)
     assert loss([fixed(f) for f in calibration[:8]]) == pytest.approx(losses[0.7], abs=1e-4)
     assert record["details"]["alpha_search"] is None and record["options"]["alpha"] == "0.7"
 
 
 def test_bert_and_gpt2_smoothing_where_exact():
     bert = tiny("bert")
-    q, record, err = quantize(bert, "quantize(acts=int8,min_size=0,method=smoothquant)")
+    q, record, err = quantize(bert, "quantize(acts=int8,min_size=0,method=smoothquant,embeddings=false)")  # linears only
     layer = "model.encoder.layer.1."
     folds = {s["linears"][0].removeprefix(layer): s["fold"] for s in record["details"]["smoothing"]
              if s["linears"][0].startswith(layer)}
@@ -277,13 +281,13 @@ def test_bert_and_gpt2_smoothing_where_exact():
     assert all(folds[k].startswith("none") for k in ("attention.self.query", "intermediate.dense", "output.dense"))
     assert folds["attention.output.dense"] == f"rows of {layer}attention.self.value"
     assert err < 0.0008  # measured 0.0004
-    _, awq_record, awq_err = quantize(bert, "quantize(weights=int4,group=32,min_size=0,method=awq)")
+    _, awq_record, awq_err = quantize(bert, "quantize(weights=int4,group=32,min_size=0,method=awq,embeddings=false)")
     kinds = {s["fold"].split(" ")[0] for s in awq_record["details"]["smoothing"]}
     assert kinds <= {"explicit", "rows", "none:"} and "explicit" in kinds
     assert awq_err < 0.007  # measured 0.0042 (rtn 0.0042)
 
     gpt2 = tiny("gpt2")
-    q, record, err = quantize(gpt2, "quantize(acts=int8,min_size=0,method=smoothquant)")
+    q, record, err = quantize(gpt2, "quantize(acts=int8,min_size=0,method=smoothquant,embeddings=false)")
     folds = {s["linears"][0].removeprefix("model.transformer.h.0."): s["fold"] for s in record["details"]["smoothing"]
              if s["linears"][0].startswith("model.transformer.h.0.")}
     h0 = "model.transformer.h.0"
@@ -335,9 +339,17 @@ def test_embeddings_with_tied_lm_head_and_byte_ratios():
     assert q4.param_bytes() == linears // 2 + 2 * (linears // 32) + 1024 * 64 + 4 * 1024 + other  # f16 scales
     assert err < 0.2  # measured 0.12
 
-    _, record, _ = quantize(program, "quantize(min_size=0)")  # without embeddings: the tied head stays fp32
+    _, record, _ = quantize(program, "quantize(min_size=0,embeddings=false)")  # the tied head stays fp32
     (skip,) = record["details"]["skipped"]
     assert skip["module"] == "model.lm_head" and "also read by ['embedding']" in skip["reason"]
+    assert [1024, 64] in [x["shape"] for x in record["details"]["float"]["large"]]  # the table (min_size=0: norms too)
+
+    # the default (issue 18): the int8 table, as with embeddings=true; the record says what stays float
+    d, record, _ = quantize(program, "quantize(min_size=0)")
+    assert count(d, EMB8) == 1 and count(d, W8) == 15 and d.param_bytes() == q.param_bytes()
+    left = record["details"]["float"]
+    assert left["bytes"] == other and {x["name"].rpartition(".")[0].rpartition(".")[2] for x in left["large"]} == {
+        "input_layernorm", "post_attention_layernorm", "norm", "rotary_emb"}  # nothing else stays float
 
 
 def test_mixed_precision_keeps_the_most_sensitive_layer():
@@ -366,7 +378,7 @@ def test_group_that_does_not_divide_k_falls_back():
     assert [int4_group(k, g) for k, g in ((576, 128), (1536, 128), (576, 0), (100, 48), (64, 128), (63, 32))] == \
         [96, 128, 576, 20, 64, None]
     program = tiny("llama", intermediate_size=96)  # K = 64 (q, k, v, o, gate, up, lm_head) and 96 (down)
-    q, record, err = quantize(program, "quantize(weights=int4,group=48,min_size=0)")
+    q, record, err = quantize(program, "quantize(weights=int4,group=48,min_size=0,embeddings=false)")
     groups = {module_path(n): n.args[4] for n in q.gm.graph.nodes if n.target is W4}
     assert len(groups) == 15 and all(g == (48 if m.endswith("down_proj") else 32) for m, g in groups.items())
     details = record["details"]
@@ -379,7 +391,7 @@ def test_group_that_does_not_divide_k_falls_back():
 
 def test_quantize_weights_runs_quantize_int8_rtn(llama):
     a, _, _ = quantize(llama, "quantize-weights(min_size=0)")
-    b, _, _ = quantize(llama, "quantize(weights=int8,min_size=0)")
+    b, _, _ = quantize(llama, "quantize(weights=int8,min_size=0,embeddings=false)")  # quantize-weights: linears only
     ta, tb = a.named_tensors(), b.named_tensors()
     assert sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
 
