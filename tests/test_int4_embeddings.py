@@ -98,6 +98,7 @@ def test_compiled_int4_table_matches_and_is_stored_once(tmp_path, tied, text):
 
 
 def test_int4_tables_need_int4_weights_and_embeddings():
-    for text in ("quantize(embeddings=true,embedding_format=int4)", "quantize(weights=int4,embedding_format=int4)"):
+    for text in ("quantize(embeddings=true,embedding_format=int4)",
+                 "quantize(weights=int4,embeddings=false,embedding_format=int4)"):
         with pytest.raises(UserError, match="embedding_format"):
             Pipeline.parse(text)
