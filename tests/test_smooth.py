@@ -130,3 +130,28 @@ def test_bad_options_are_one_user_error(text, option):
     with pytest.raises(UserError) as e:
         Pipeline.parse(text)
     assert f"option '{option}'" in str(e.value)
+
+
+def test_the_alpha_search_scores_each_alpha_by_the_quantized_program_itself():
+    """SmoothQuant's alpha search (smoothing.search_alpha) runs every quantized linear as the program's own
+    tcc::dense_a8w8 on x / s (codes from smoothing._int8_rows: rtn's, bit for bit; the float linear does not run
+    beside it): each alpha's recorded calibration loss is the loss of the program quantized with that alpha
+    fixed, up to the 6 digits the record keeps (measured: equal for all six alphas); embeddings=false
+    (the search leaves embedding tables in float)."""
+    from tcc.compress import smoothing
+    from tcc.compress.calibration import CalibrationLoss
+    from tcc.compress.quantization import Grid, rtn
+    w, s = torch.randn(48, 64), torch.rand(64) + 0.5
+    codes, scale = smoothing._int8_rows(w, s)
+    ref = rtn(w * s[None, :], Grid("int8"), 64)
+    assert torch.equal(codes, ref.codes) and torch.equal(scale, ref.scale)
+    program, _ = tiny("llama")
+    calibration = feeds(program, 4, seed=3)
+    _, record = run_pass("quantize(acts=int8,min_size=0,method=smoothquant,embeddings=false)", program, calibration)
+    search = record["details"]["alpha_search"]
+    assert search["feeds"] == 4 and [r["alpha"] for r in search["losses"]] == list(smoothing.ALPHA_GRID)
+    loss = CalibrationLoss(program, calibration)
+    for r in search["losses"][::2]:
+        q, _ = run_pass(f"quantize(acts=int8,min_size=0,method=smoothquant,alpha={r['alpha']},embeddings=false)",
+                        program, calibration)
+        assert loss([q(f) for f in calibration]) == pytest.approx(r["loss"], abs=2e-6 * r["loss"]), r

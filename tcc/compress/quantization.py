@@ -493,8 +493,10 @@ def feed_args(program, feed: dict) -> list[torch.Tensor]:
     return [torch.from_numpy(spec.check(feed[spec.name])) for spec in program.inputs]
 
 
-def collect(program, feeds: list[dict], stats: dict[str, InputStats], what: str = "calibrating") -> list:
-    """Run every feed once, tapping node `name`'s value into stats[name]; returns each feed's outputs."""
+def collect(program, feeds: list[dict], stats: dict[str, InputStats], what: str = "calibrating",
+            keep: int | None = None) -> list:
+    """Run every feed once, tapping node `name`'s value into stats[name]; returns each feed's outputs
+    (the first `keep` feeds' only, when given)."""
     runner = GraphRunner(program.gm)
 
     def tap(st):
@@ -505,8 +507,10 @@ def collect(program, feeds: list[dict], stats: dict[str, InputStats], what: str 
 
     patches = {name: (tap(st), ()) for name, st in stats.items()}
     outputs = []
-    for feed in track(feeds, f"{what} ({len(feeds)} feeds, {len(stats)} inputs)"):
-        outputs.append(runner.run(feed_args(program, feed), patches=patches).outputs)
+    for i, feed in enumerate(track(feeds, f"{what} ({len(feeds)} feeds, {len(stats)} inputs)")):
+        out = runner.run(feed_args(program, feed), patches=patches).outputs
+        if keep is None or i < keep:
+            outputs.append(out)
     return outputs
 
 

@@ -19,7 +19,7 @@ is the embedding table).
 
 smooth(program, layers, feeds, method, alpha, target, hessian_blocks=False) -> Smoothed
     the whole step: per-input statistics over `feeds` (one GraphRunner pass, which also gives the
-    float outputs of feeds[0]), the fold of each group, the scales, W * s and the folds applied, and a
+    float outputs the check and the alpha search compare against), the fold of each group, the scales, W * s and the folds applied, and a
     check that the outputs on feeds[0] moved by < 1e-3 relative (InternalError otherwise). Returns the
     per-group notes {linears, fold, ratio | alpha}, the alpha search (SmoothQuant, alpha=None), the
     statistics (with the diagonal int4-group blocks of the input Hessian when hessian_blocks: AWQ's
@@ -44,14 +44,14 @@ import torch.fx as fx
 
 from ..errors import InternalError
 from ..ir.graph import linear_bias, module_path, new_attribute, op_name, readers, set_val
-from ..ir.ops import quantize_rows
+from ..ir.ops import dense_a8w8
 from ..ir.program import Program, attribute as _attr
 from ..ir.structure import IDENTITY
 from ..pipeline import estimate_flops
 from ..progress import track
 from ..ir.runner import GraphRunner
 from .calibration import CalibrationLoss
-from .quantization import (DENSE, Grid, InputStats, QWeight, awq_scale, collect, feed_args, int4_group, linear_reads,
+from .quantization import (DENSE, Grid, InputStats, awq_scale, collect, feed_args, int4_group, linear_reads,
                            rtn, run_range, smoothquant_scales)
 
 aten = torch.ops.aten
@@ -101,7 +101,10 @@ def smooth(program: Program, layers: dict, feeds: list[dict], method: str, alpha
     groups = input_groups(gm, layers)
     stats = {x.name: InputStats(width(lins), blocks=int4_group(width(lins), target.group) if hessian_blocks else 0)
              for x, lins in groups}
-    reference = collect(program, feeds, stats, f"smoothing: calibrating {method}")[0]
+    searched = (_search_feeds(program, feeds, ALPHA_FEEDS, 1 + len(ALPHA_GRID))
+                if method == "smoothquant" and alpha is None else feeds[:1])
+    outputs = collect(program, feeds, stats, f"smoothing: calibrating {method}", keep=len(searched))
+    reference = outputs[0]
     notes, todo = [], []
     for x, lins in groups:
         note = {"linears": [module_path(n) or n.name for n in lins]}
@@ -119,11 +122,11 @@ def smooth(program: Program, layers: dict, feeds: list[dict], method: str, alpha
     if method == "awq":
         scales = awq_scales(program, layers, todo, stats, feeds[:AWQ_FEEDS], target)
     else:
+        w_max = _column_maxima(gm, todo)
         if alpha is None and todo:  # nothing to smooth: no alpha to choose
-            search = search_alpha(program, layers, todo, stats, _search_feeds(program, feeds, ALPHA_FEEDS,
-                                                                              1 + len(ALPHA_GRID)), target.act_asym)
+            search = search_alpha(program, layers, todo, stats, searched, target.act_asym, w_max, outputs)
             alpha = search["chosen"]
-        scales = _smoothquant_scales(gm, todo, stats, alpha)
+        scales = _smoothquant_scales(gm, todo, stats, alpha, w_max)
     applied = {}
     for (x, lins, fold, note), s in zip(todo, scales):
         if method == "smoothquant":
@@ -180,47 +183,52 @@ def _search_feeds(program: Program, feeds: list[dict], most: int, runs: int) -> 
     return feeds[:int(max(1, min(most, SEARCH_FLOP // max(runs * per_feed, 1))))]
 
 
-def search_alpha(program: Program, layers: dict, todo: list, stats: dict, feeds: list[dict], asym: bool) -> dict:
+def search_alpha(program: Program, layers: dict, todo: list, stats: dict, feeds: list[dict], asym: bool,
+                 w_max: list | None = None, float_outputs: list | None = None) -> dict:
     """SmoothQuant's alpha for the whole model: for each alpha in ALPHA_GRID, run `feeds` through the
-    program with every quantized linear emulated as smoothed W8A8 (x / s fake-quantized per token,
-    times Q(W * s) with Q int8 per row; float32 products, which differ from the op's exact integer
-    sums only by rounding; the float program is not changed) and score it by how far its output
+    program with every quantized linear computed as smoothed W8A8 (x / s quantized per token, times
+    Q(W * s) with Q int8 per row: tcc::dense_a8w8 itself, its exact integer sums; the float linear does
+    not run beside it and the float program is not changed) and score it by how far its output
     moves from the float program's: causal LMs the mean KL(float || quantized) of the next-token
     distributions (less noisy than the cross-entropy against the text, also recorded as "loss"),
-    encoders the calibration loss (1 - cosine to the float program). Returns {chosen, losses, float}."""
+    encoders the calibration loss (1 - cosine to the float program). `w_max`: _column_maxima(gm, todo);
+    `float_outputs`: the float program's outputs on `feeds` when the caller has them (the statistics'
+    run), else one run per feed. Returns {chosen, losses, float}."""
     gm = program.gm
     runner = GraphRunner(gm)
     objective = CalibrationLoss(program, feeds)
     args = [feed_args(program, f) for f in feeds]
     base, reference = [], []
     for i, a in enumerate(args):
-        out = runner.run(a).outputs
+        out = float_outputs[i] if float_outputs else runner.run(a).outputs
         base.append(objective.terms(i, out))
         if objective.causal:
             reference.append(_log_probs(program, out))
     smoothed = {x.name: (fold[-1], i) for i, (x, _, fold, _) in enumerate(todo)}
     losses = []
-    w_max = _column_maxima(gm, todo)
+    w_max = w_max or _column_maxima(gm, todo)
     for alpha in track(ALPHA_GRID, f"smoothing: smoothquant alpha on {len(feeds)} feeds"):
         scales = _smoothquant_scales(gm, todo, stats, alpha, w_max)
-        patches = {}
+        replace = {}
         for layer in layers.values():
-            w = _attr(gm, layer.tied or layer.weight).detach().to(torch.float32)
+            w = _attr(gm, layer.tied or layer.weight).detach()
             for n in layer.nodes:
                 x, b = n.args[0], linear_bias(n)
                 s = None
                 if x.name in smoothed and not layer.tied:
                     expand, i = smoothed[x.name]
                     s = scales[i] if expand is None else scales[i][expand]
-                wq = rtn(w if s is None else w * s[None, :], Grid("int8"), w.shape[1])  # codes: 1/4 the float bytes
-                patches[n.name] = (_fake_a8w8(x.name, wq, s, b.name if isinstance(b, fx.Node) else b, asym), linear_reads(n))
+                codes, w_scale = _int8_rows(w, s)  # 1/4 of the float bytes
+                replace[n.name] = (_a8w8(x.name, codes, w_scale, s, b.name if isinstance(b, fx.Node) else b, asym),
+                                   linear_reads(n))
         terms, kl = [], []
         for i, a in enumerate(args):
-            out = runner.run(a, patches=patches).outputs
+            out = runner.run(a, replace=replace).outputs
             terms.append(objective.terms(i, out))
             if objective.causal:
                 p = reference[i]
                 kl.append((float((p.exp() * (p - _log_probs(program, out))).sum()), p.shape[0]))
+        del replace
         losses.append({"alpha": alpha, "loss": _digits(CalibrationLoss.combine(terms))})
         if kl:
             losses[-1]["kl"] = _digits(CalibrationLoss.combine(kl))
@@ -228,6 +236,15 @@ def search_alpha(program: Program, layers: dict, todo: list, stats: dict, feeds:
     best = min(losses, key=lambda r: r[key])
     return {"chosen": best["alpha"], "by": key, "losses": losses, "float": _digits(CalibrationLoss.combine(base)),
             "feeds": len(feeds), "metric": objective.kind}
+
+
+def _int8_rows(w: torch.Tensor, s: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int8 [N, K], scale float32 [N]) of rtn(w * s, Grid("int8"), K), bit for bit, computed in
+    place on one float32 copy of w (rtn's abs, division and rounding each allocate another)."""
+    ws = w.to(torch.float32) * s[None, :] if s is not None else w.to(torch.float32, copy=True)
+    amax = torch.maximum(ws.amax(dim=1), ws.amin(dim=1).neg_())
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return ws.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
 def _digits(v: float) -> float:
@@ -241,14 +258,12 @@ def _log_probs(program: Program, outputs: list) -> torch.Tensor:
     return torch.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
 
 
-def _fake_a8w8(x: str, wq: QWeight, s: torch.Tensor | None, b, asym: bool):
-    """A GraphRunner patch: linear(fake-quantized x / s, wq dequantized) + b."""
-    def fn(v, get):
+def _a8w8(x: str, codes: torch.Tensor, w_scale: torch.Tensor, s: torch.Tensor | None, b, asym: bool):
+    """A GraphRunner replacement: tcc::dense_a8w8(x / s, codes, w_scale, b) with x's rows quantized per token."""
+    def fn(get):
         xv = get(x).to(torch.float32)
-        xv = xv if s is None else xv / s
-        q, scale, zero = quantize_rows(xv.reshape(-1, xv.shape[-1]), None, None, asym)
-        y = torch.nn.functional.linear(((q - zero) * scale).reshape(xv.shape), wq.dequantize())
-        return y + get(b) if isinstance(b, str) else (y + b if b is not None else y)
+        return dense_a8w8(xv if s is None else xv / s, codes, w_scale, get(b) if isinstance(b, str) else b,
+                          None, None, asym)
     return fn
 
 

@@ -1,11 +1,12 @@
 """A graph runner that taps and patches node values (the calibration statistics, the redundancy
 analysis, the scale searches and the structure checks run graphs with it).
 
-GraphRunner(gm).run(args, record=, patches=, snapshot_at=, resume=)
+GraphRunner(gm).run(args, record=, patches=, snapshot_at=, resume=, replace=)
     Runs a torch.fx graph node by node (freeing values after their last use), returns the outputs,
     the values of the `record`ed nodes, and snapshots of the live values before chosen positions;
     `patches` replace a node's value by fn(value, get) (`get(name)` reads another node's value) and
-    `resume` starts from a snapshot, so a change deep in the model re-runs only what follows it.
+    `resume` starts from a snapshot, so a change deep in the model re-runs only what follows it;
+    `replace` computes a node by fn(get) instead of its own target (which then does not run).
 """
 from __future__ import annotations
 
@@ -43,11 +44,13 @@ class GraphRunner:
                         and isinstance(n.args[0], fx.Node)}
 
     def run(self, args, record=(), patches: dict[str, tuple[Patch, tuple[str, ...]]] | None = None,
-            snapshot_at=(), resume: tuple[int, dict] | None = None) -> RunResult:
-        """`patches`: {node name: (fn, names fn reads through get)}; `resume`: (position, snapshot)."""
-        patches = patches or {}
+            snapshot_at=(), resume: tuple[int, dict] | None = None,
+            replace: dict[str, tuple[Callable, tuple[str, ...]]] | None = None) -> RunResult:
+        """`patches`: {node name: (fn, names fn reads through get)}; `replace` likewise, fn(get) computing
+        the node's value in place of its target; `resume`: (position, snapshot)."""
+        patches, replace = patches or {}, replace or {}
         last = dict(self.last_use)
-        for name, (_, needs) in patches.items():
+        for name, (_, needs) in [*patches.items(), *replace.items()]:
             for need in needs:
                 node = self.by_name[need]
                 last[node] = max(last[node], self.position[name])
@@ -74,15 +77,18 @@ class GraphRunner:
                 if n.op == "output":
                     outputs = fx.node.map_arg(n.args[0], env.__getitem__)
                     break
-                a, kw = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
-                if n.op == "get_attr":
+                if n.name in replace:
+                    v = replace[n.name][0](get)
+                elif n.op == "get_attr":
                     v = self.attrs[n]
-                elif n.op == "call_function":
-                    v = n.target(*a, **kw)
-                elif n.op == "call_module":
-                    v = self.gm.get_submodule(n.target)(*a, **kw)
-                else:  # call_method
-                    v = getattr(a[0], n.target)(*a[1:], **kw)
+                else:
+                    a, kw = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+                    if n.op == "call_function":
+                        v = n.target(*a, **kw)
+                    elif n.op == "call_module":
+                        v = self.gm.get_submodule(n.target)(*a, **kw)
+                    else:  # call_method
+                        v = getattr(a[0], n.target)(*a[1:], **kw)
                 if n.name in patches:
                     v = patches[n.name][0](v, get)
                 env[n] = v
