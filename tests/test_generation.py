@@ -208,6 +208,7 @@ def test_smollm2_greedy_equals_transformers(tmp_path):
             ids = tok(prompt, return_tensors="pt")["input_ids"]
             want = model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
             assert got == want, prompt
+        assert art.tokenizer() is art.tokenizer()  # loaded once, not on every generate() (about 1 s each)
     import contextlib
     import io
     buf = io.StringIO()
