@@ -43,6 +43,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import InternalError
+from ..memory import page_out
 from ..ir.graph import linear_bias, module_path, new_attribute, op_name, readers, set_val
 from ..ir.ops import dense_a8w8
 from ..ir.program import Program, attribute as _attr
@@ -90,6 +91,7 @@ class Smoothed:
     groups: list[tuple[fx.Node, list[fx.Node]]]
 
 
+@torch.no_grad()  # the Program's weights are parameters: |W|.amax(0) under autograd kept each |W| (a second copy)
 def smooth(program: Program, layers: dict, feeds: list[dict], method: str, alpha: float | None, target: Target,
            hessian_blocks: bool = False) -> Smoothed:
     """Scale each input group's weights by s and fold x / s into the graph (exact in fp32); see the
@@ -135,14 +137,27 @@ def smooth(program: Program, layers: dict, feeds: list[dict], method: str, alpha
             note["fold"] = "none: the search kept s = 1"
             continue
         full = s if fold[-1] is None else s[fold[-1]]
-        with torch.no_grad():
-            for n in lins:
-                _attr(gm, n.args[1].target).mul_(full[None, :])
+        for n in lins:
+            _scale_columns(_attr(gm, n.args[1].target), full)
         note["fold"] = _apply_fold(gm, fold, s, full, x, lins)
         applied[x.name] = full
     gm.recompile()
     _check_exact(program, feeds[0], reference)
     return Smoothed(notes, search, stats, applied, groups)
+
+
+def _scale_columns(w: torch.Tensor, s: torch.Tensor) -> None:
+    """w[:, j] *= s[j], written into new memory that `w` then holds (set_: the same tensor object, its
+    version bumped as by an in-place op). In place (mul_) a weight mapped from the checkpoint file
+    became private copies of its pages, which MADV_PAGEOUT cannot reclaim without swap and quantize's
+    page_out then left in RSS: a second copy of every smoothed weight (issue 15; 1B W8A8 compile)."""
+    _hold(w, (w * s[None, :]).to(w.dtype))
+
+
+def _hold(w: torch.Tensor, values: torch.Tensor) -> None:
+    """`w` holds `values` (new memory of its shape and dtype) from now on; its old pages leave RSS."""
+    page_out([w])  # a weight mapped from the checkpoint: its file pages go (a no-op for other memory)
+    w.set_(values)
 
 
 def _smoothquant_scales(gm, todo: list, stats: dict, alpha: float, w_max: list | None = None) -> list[torch.Tensor]:
@@ -383,7 +398,10 @@ def _apply_fold(gm, fold, s: torch.Tensor, full: torch.Tensor, x: fx.Node, lins:
             return f"norm weight {w.target}" + (f" and bias {b.target}" if b is not None else "")
         if kind == "rows":
             _, prev, rows, _ = fold
-            _attr(gm, prev.args[1].target)[rows] /= s[:, None]
+            w = _attr(gm, prev.args[1].target)
+            divided = w.clone()
+            divided[rows] /= s[:, None]
+            _hold(w, divided)
             b = linear_bias(prev)
             if isinstance(b, fx.Node):
                 _attr(gm, b.target)[rows] /= s
