@@ -206,7 +206,7 @@ def test_exported_functions_are_the_kernels():
         "tcc_dense_w4a8_f32", "tcc_dense_w4a8_nobias_f32",
         "tcc_dense_bsr_f32", "tcc_dense_bsr_nobias_f32", "tcc_unmask",
         "tcc_dense_bf16_f32", "tcc_dense_bf16_nobias_f32", "tcc_embedding_bf16_f32",
-        "tcc_fwht_f32"}
+        "tcc_fwht_f32", "tcc_embedding_w4_f32"}
 
 
 def test_build_is_cached(kernels, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ def _run(*args, tmp_path):
 
 def test_bad_arguments_exit_2_with_the_choices(tmp_path):
     r = _run("--formats", "fp32,q5_k", tmp_path=tmp_path)
-    assert r.returncode == 2 and "unknown q5_k" in r.stderr and "fp32, w8a8, q4_0, q4_1, q4_0w, q4_1w" in r.stderr
+    assert r.returncode == 2 and "unknown q5_k" in r.stderr and "fp32, w8a8, q4_0, q4_1, q4_0e8, q4_1e8, q4_0w, q4_1w" in r.stderr
     r = _run("--shapes", "llama3b", tmp_path=tmp_path)
     assert r.returncode == 2 and "unknown llama3b" in r.stderr
     r = _run("--context", "100", tmp_path=tmp_path)
