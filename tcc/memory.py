@@ -131,7 +131,7 @@ def recorded(name: str) -> dict | None:
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-BIG_BLOCK = 4 << 20  # bytes: blocks at least this big are mapped and unmapped on their own
+BIG_BLOCK = 256 << 10  # bytes: blocks at least this big are mapped and unmapped on their own
 
 
 def return_freed_blocks() -> bool:
@@ -141,7 +141,11 @@ def return_freed_blocks() -> bool:
     from the heap and stay in RSS once freed: on the Qwen2.5-0.5B shape, taking |W|.amax(0) of every
     weight kept 1.2 GB of freed blocks resident (0.0 GB with a fixed threshold), and the SmoothQuant
     compile of the Llama-3.2-1B shape peaked at 11.9 GB for 4.7 GB of weights. mallopt with a fixed
-    value also turns glibc's adjustment off. Process-wide; True where it took effect (glibc), else False."""
+    value also turns glibc's adjustment off. 256 KiB, not a few MiB: a freed block under the threshold
+    goes back to the heap, where a small allocation made meanwhile can split it, so the next block of
+    that size extends the heap instead (a 4 MiB threshold left 77 MB of 3.2 MB |W| blocks resident in
+    one run of three in test_freed_weight_sized_temporaries_leave_rss, 1 MiB 11 MB of 0.46 MB blocks
+    in one of six; 256 KiB 0.6 MB in every run). Process-wide; True where it took effect (glibc)."""
     import ctypes
     try:
         mallopt = ctypes.CDLL(None).mallopt
