@@ -134,17 +134,18 @@ def test_bad_options_are_one_user_error(text, option):
 
 def test_the_alpha_search_scores_each_alpha_by_the_quantized_program_itself():
     """SmoothQuant's alpha search (smoothing.search_alpha) runs every quantized linear as the program's own
-    tcc::dense_a8w8 on x / s (codes from smoothing._int8_rows: rtn's, bit for bit; the float linear does not run
+    tcc::dense_a8w8 on x / s (codes from quantization.quantize_per_channel(w, s): rtn's, bit for bit; the float linear does not run
     beside it): each alpha's recorded calibration loss is the loss of the program quantized with that alpha
     fixed, up to the 6 digits the record keeps (measured: equal for all six alphas); embeddings=false
     (the search leaves embedding tables in float)."""
     from tcc.compress import smoothing
     from tcc.compress.calibration import CalibrationLoss
-    from tcc.compress.quantization import Grid, rtn
+    from tcc.compress.quantization import Grid, quantize_per_channel, rtn
     w, s = torch.randn(48, 64), torch.rand(64) + 0.5
-    codes, scale = smoothing._int8_rows(w, s)
-    ref = rtn(w * s[None, :], Grid("int8"), 64)
-    assert torch.equal(codes, ref.codes) and torch.equal(scale, ref.scale)
+    for scaled in (s, None):
+        codes, scale = quantize_per_channel(w, scaled)
+        ref = rtn(w * s[None, :] if scaled is not None else w, Grid("int8"), 64)
+        assert torch.equal(codes, ref.codes) and torch.equal(scale, ref.scale)
     program, _ = tiny("llama")
     calibration = feeds(program, 4, seed=3)
     _, record = run_pass("quantize(acts=int8,min_size=0,method=smoothquant,embeddings=false)", program, calibration)

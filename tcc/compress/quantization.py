@@ -234,10 +234,14 @@ def rtn(w: torch.Tensor, grid: Grid, group: int) -> QWeight:
     return _qweight(grid, codes, scale, zero, group)
 
 
-def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output channel (row): (qweight int8 [N, K], scale float32 [N])."""
-    q = rtn(w, Grid("int8"), w.shape[1])
-    return q.codes, q.scale
+def quantize_per_channel(w: torch.Tensor, s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel (row) of w, or of w * s (s [K], a smoothing scale per input
+    column): (qweight int8 [N, K], scale float32 [N]), rtn(w * s, Grid("int8"), K)'s bit for bit,
+    computed in place on one float32 copy of w (rtn's abs, division and rounding each allocate one)."""
+    ws = w.to(torch.float32) * s[None, :] if s is not None else w.to(torch.float32, copy=True)
+    amax = torch.maximum(ws.amax(dim=1), ws.amin(dim=1).neg_())
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return ws.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
 # -- GPTQ --------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from ..progress import track
 from ..ir.runner import GraphRunner
 from .calibration import CalibrationLoss
 from .quantization import (DENSE, Grid, InputStats, awq_scale, collect, feed_args, int4_group, linear_reads,
-                           rtn, run_range, smoothquant_scales)
+                           quantize_per_channel, rtn, run_range, smoothquant_scales)
 
 aten = torch.ops.aten
 AWQ_FEEDS, AWQ_GRID = 8, 20
@@ -233,7 +233,7 @@ def search_alpha(program: Program, layers: dict, todo: list, stats: dict, feeds:
                 if x.name in smoothed and not layer.tied:
                     expand, i = smoothed[x.name]
                     s = scales[i] if expand is None else scales[i][expand]
-                codes, w_scale = _int8_rows(w, s)  # 1/4 of the float bytes
+                codes, w_scale = quantize_per_channel(w, s)  # 1/4 of the float bytes
                 replace[n.name] = (_a8w8(x.name, codes, w_scale, s, b.name if isinstance(b, fx.Node) else b, asym),
                                    linear_reads(n))
         terms, kl = [], []
@@ -251,15 +251,6 @@ def search_alpha(program: Program, layers: dict, todo: list, stats: dict, feeds:
     best = min(losses, key=lambda r: r[key])
     return {"chosen": best["alpha"], "by": key, "losses": losses, "float": _digits(CalibrationLoss.combine(base)),
             "feeds": len(feeds), "metric": objective.kind}
-
-
-def _int8_rows(w: torch.Tensor, s: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes int8 [N, K], scale float32 [N]) of rtn(w * s, Grid("int8"), K), bit for bit, computed in
-    place on one float32 copy of w (rtn's abs, division and rounding each allocate another)."""
-    ws = w.to(torch.float32) * s[None, :] if s is not None else w.to(torch.float32, copy=True)
-    amax = torch.maximum(ws.amax(dim=1), ws.amin(dim=1).neg_())
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    return ws.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
 def _digits(v: float) -> float:
