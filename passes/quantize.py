@@ -391,8 +391,25 @@ def quantize_layer(gm, layer: Layer, stats: dict[str, InputStats], opts: Quantiz
         layer.q = rtn(w, grid, group)
     # a weight mapped from the checkpoint file: its pages leave RSS now that its codes exist (issue 15)
     page_out([_attr(gm, layer.weight)])
+    if not (opts.keep or opts.avg_bits):  # mixed precision may choose the float weight back
+        _release(gm, layer)
     if layer.format == "a8w8" and opts._static():
         layer.act = {n.name: static_scale(stats[n.args[0].name], opts.sym) for n in layer.nodes}
+
+
+def _release(gm, layer: Layer) -> None:
+    """Free the float weight whose codes layer.q now holds, where only this layer's linears read it:
+    a weight in new memory (SmoothQuant's / AWQ's scaled copy, a converted GGUF or bf16 tensor) would
+    otherwise stay beside every layer's codes until the pass ends (issue 15: the SmoothQuant W8A8 compile
+    of the Llama-3.2-1B shape peaked at 7.4 GB there). The tensor keeps its object (the graph's
+    get_attr) with no elements; rewrite's bytes_before comes from layer.info."""
+    readers_ = {u for n in gm.graph.nodes if n.op == "get_attr" and n.target == layer.weight for u in n.users}
+    if not readers_ <= set(layer.nodes):
+        return
+    w = _attr(gm, layer.weight)
+    layer.info["bytes_before"] = w.numel() * w.element_size()
+    with torch.no_grad():
+        w.set_(torch.empty(0, dtype=w.dtype))
 
 
 # -- mixed precision -----------------------------------------------------------------------------------
