@@ -1,6 +1,7 @@
 """What keeps a compile's bookkeeping cheap (issue 15, item 3) without changing a number:
-dense_a8w8's integer dot products through int8 x int8 -> int32 (tcc.ir.ops._int_dot) equal the
-float64 sums they replace, bit for bit."""
+dense_a8w8's integer dot products (tcc.ir.ops._int_dot: int8 x int8 -> int32 on CPUs with VNNI, else
+float32 GEMMs over column blocks whose sums stay exact) equal the float64 sums they replace, bit for bit;
+each case runs both paths, whatever this CPU has."""
 from __future__ import annotations
 
 import pytest
@@ -9,9 +10,12 @@ import torch
 from tcc.ir import ops
 
 
+@pytest.mark.parametrize("vnni", [True, False])
 @pytest.mark.parametrize("m,k,n,asym,static", [(1, 576, 96, False, False), (5, 577, 9, True, False),
-                                               (33, 256, 64, True, True), (8, 130, 40, False, True)])
-def test_dense_a8w8_integer_sums_equal_the_float64_ones(m, k, n, asym, static):
+                                               (33, 256, 64, True, True), (8, 130, 40, False, True),
+                                               (4, 2048, 16, True, False)])
+def test_dense_a8w8_integer_sums_equal_the_float64_ones(m, k, n, asym, static, vnni, monkeypatch):
+    monkeypatch.setattr(ops, "_fast_int_mm", lambda: vnni)
     torch.manual_seed(k)
     x = torch.randn(m, k) * 3
     x[0, :7] = 40.0  # an outlier row: codes reach the ends of the range
