@@ -118,7 +118,7 @@ from tcc.compress.quantization import (Grid, InputStats, Layer, Plan, TABLES, aw
                                        collect_stats, feed_args, gptq, group_fallback, int4_group, linear_reads, match as plan_of,
                                        output_error, rtn, static_scale)
 from tcc.errors import InternalError, UserError
-from tcc.ir.graph import BIAS_AT, linear_bias, module_path, op_name, register_tensors as _register, replace_node as _replace
+from tcc.ir.graph import BIAS_AT, linear_bias, module_path, op_name, readers, register_tensors as _register, replace_node as _replace
 from tcc.ir.program import Program, attribute as _attr
 from tcc.ir.runner import GraphRunner
 from tcc.memory import page_out
@@ -403,8 +403,8 @@ def _release(gm, layer: Layer) -> None:
     otherwise stay beside every layer's codes until the pass ends (issue 15: the SmoothQuant W8A8 compile
     of the Llama-3.2-1B shape peaked at 7.4 GB there). The tensor keeps its object (the graph's
     get_attr) with no elements; rewrite's bytes_before comes from layer.info."""
-    readers_ = {u for n in gm.graph.nodes if n.op == "get_attr" and n.target == layer.weight for u in n.users}
-    if not readers_ <= set(layer.nodes):
+    if not {u for n in gm.graph.nodes if n.op == "get_attr" and n.target == layer.weight
+            for u in readers(n)} <= set(layer.nodes):
         return
     w = _attr(gm, layer.weight)
     layer.info["bytes_before"] = w.numel() * w.element_size()

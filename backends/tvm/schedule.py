@@ -188,8 +188,7 @@ def _accumulate_serially(data, indices, values):
     flattened data: topi.scatter_elements loops over the updates serially on a 1-D tensor, so
     repeated indices add up in one order on every call."""
     from tvm import te, topi
-    shape, rank = list(data.shape), len(indices)
-    bshape = list(topi.broadcast_to(indices[0], _broadcast([i.shape for i in indices])).shape) if rank else []
+    shape, bshape = list(data.shape), _broadcast([i.shape for i in indices])
 
     def at(t, ix):  # t's element at broadcast index ix (right-aligned; size-1 axes read 0)
         off = len(ix) - len(t.shape)
