@@ -210,8 +210,11 @@ def test_exit_1_when_a_pass_crashes(work, tiny_bert_dir, tmp_path):
 
 
 def test_exit_130_when_interrupted(work, tiny_bert_dir):
+    # SIGINT back to its default in the child: a shell without job control starts background jobs (pytest run
+    # with `&`) with SIGINT ignored, children inherit that, and an ignored Ctrl-C is no interrupt to test
     proc = subprocess.Popen([sys.executable, "-m", "tcc.cli", "compile", str(tiny_bert_dir), "-o", str(work / "out"),
-                             "--seq-len", "8", "--no-cache"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--seq-len", "8", "--no-cache"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not any(p.name.startswith(".out.tmp-") for p in work.iterdir()):  # it is compiling (staging)
         assert proc.poll() is None, proc.communicate()
