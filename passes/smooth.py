@@ -102,7 +102,7 @@ class Smooth(Pass):
 
     def run(self, program: Program, ctx: PassContext) -> bool:
         base = "w4" if self.format == "int4" else ("a8w8" if self.method == "smoothquant" else "w8")
-        plan = match(program, base, group=self.group, tied_format="a8w8" if self.method == "smoothquant" else "w8",
+        plan = match(program, base, group=self.group, tied_format="w8",  # what quantize reads a tied head as
                      min_size=self.min_size, skip=self.skip, embeddings=self.embeddings, who="smooth")
         if not plan.layers:
             ctx.note(options=dict(self.opts), calibration={"feeds": 0}, smoothing=[], alpha_search=None)
