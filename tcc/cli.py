@@ -412,9 +412,12 @@ COMPILE_DEFAULTS = {"target": "x86", "seq_len": 128, "batch": 1, "pipeline": "",
 TOKENIZER_HELP = "the model's tokenizer (a Hugging Face folder with tokenizer files), for a model saved without one"
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
 def _compile_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices["compile"]
+    return _subcommands(parser)["compile"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -597,7 +600,7 @@ def _complete(parser: argparse.ArgumentParser) -> None:
     """Answer the shell's completion request (argcomplete sets _ARGCOMPLETE) and exit; else nothing."""
     if "_ARGCOMPLETE" in os.environ:
         import argcomplete
-        for p in [parser, *next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.values()]:
+        for p in [parser, *_subcommands(parser).values()]:
             for action in p._actions:  # argcomplete shows the helps as the choices' descriptions
                 action.help = _text(action.help)
         argcomplete.autocomplete(parser)
@@ -629,7 +632,7 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         return super()._format_action(action)
 
     def _get_help_string(self, action):
-        text = _text(action.help) or ""
+        text = action.help or ""  # a str: _format_action made it one
         if (action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
                 and "default" not in text and action.option_strings and action.nargs != 0):
             text += " (default: %(default)s)"
