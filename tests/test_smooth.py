@@ -132,12 +132,16 @@ def test_bad_options_are_one_user_error(text, option):
     assert f"option '{option}'" in str(e.value)
 
 
-def test_the_alpha_search_scores_each_alpha_by_the_quantized_program_itself():
+@pytest.mark.parametrize("n_feeds", [4, 1])
+def test_the_alpha_search_scores_each_alpha_by_the_quantized_program_itself(monkeypatch, n_feeds):
     """SmoothQuant's alpha search (smoothing.search_alpha) runs every quantized linear as the program's own
     tcc::dense_a8w8 on x / s (codes from quantization.quantize_per_channel(w, s): rtn's, bit for bit; the float linear does not run
     beside it): each alpha's recorded calibration loss is the loss of the program quantized with that alpha
     fixed, up to the 6 digits the record keeps (measured: equal for all six alphas); embeddings=false
-    (the search leaves embedding tables in float)."""
+    (the search leaves embedding tables in float). On several feeds each linear's codes are made once an
+    alpha; on one (a big model's search) they are made as the linear runs and dropped after it: never
+    more than one linear's codes alive (issue 15: an int8 copy of every weight was the 1B compile's peak)."""
+    import weakref
     from tcc.compress import smoothing
     from tcc.compress.calibration import CalibrationLoss
     from tcc.compress.quantization import Grid, quantize_per_channel, rtn
@@ -146,11 +150,23 @@ def test_the_alpha_search_scores_each_alpha_by_the_quantized_program_itself():
         codes, scale = quantize_per_channel(w, scaled)
         ref = rtn(w * s[None, :] if scaled is not None else w, Grid("int8"), 64)
         assert torch.equal(codes, ref.codes) and torch.equal(scale, ref.scale)
+    made, most_alive = [], [0]
+
+    def counted(w, s=None):
+        q = quantize_per_channel(w, s)
+        made.append(weakref.ref(q[0]))
+        most_alive[0] = max(most_alive[0], sum(r() is not None for r in made))
+        return q
+    monkeypatch.setattr(smoothing, "quantize_per_channel", counted)
     program, _ = tiny("llama")
-    calibration = feeds(program, 4, seed=3)
+    calibration = feeds(program, n_feeds, seed=3)
     _, record = run_pass("quantize(acts=int8,min_size=0,method=smoothquant,embeddings=false)", program, calibration)
     search = record["details"]["alpha_search"]
-    assert search["feeds"] == 4 and [r["alpha"] for r in search["losses"]] == list(smoothing.ALPHA_GRID)
+    assert search["feeds"] == n_feeds and [r["alpha"] for r in search["losses"]] == list(smoothing.ALPHA_GRID)
+    linears = 7 * 2 + 1  # q, k, v, o, gate, up, down in 2 layers, the LM head
+    assert len(made) == linears * len(smoothing.ALPHA_GRID)
+    assert most_alive[0] == (1 if n_feeds == 1 else linears)
+    monkeypatch.undo()
     loss = CalibrationLoss(program, calibration)
     for r in search["losses"][::2]:
         q, _ = run_pass(f"quantize(acts=int8,min_size=0,method=smoothquant,alpha={r['alpha']},embeddings=false)",

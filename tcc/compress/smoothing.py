@@ -233,8 +233,7 @@ def search_alpha(program: Program, layers: dict, todo: list, stats: dict, feeds:
                 if x.name in smoothed and not layer.tied:
                     expand, i = smoothed[x.name]
                     s = scales[i] if expand is None else scales[i][expand]
-                codes, w_scale = quantize_per_channel(w, s)  # 1/4 of the float bytes
-                replace[n.name] = (_a8w8(x.name, codes, w_scale, s, b.name if isinstance(b, fx.Node) else b, asym),
+                replace[n.name] = (_a8w8(x.name, w, s, b.name if isinstance(b, fx.Node) else b, asym, len(feeds) > 1),
                                    linear_reads(n))
         terms, kl = [], []
         for i, a in enumerate(args):
@@ -264,11 +263,20 @@ def _log_probs(program: Program, outputs: list) -> torch.Tensor:
     return torch.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
 
 
-def _a8w8(x: str, codes: torch.Tensor, w_scale: torch.Tensor, s: torch.Tensor | None, b, asym: bool):
-    """A GraphRunner replacement: tcc::dense_a8w8(x / s, codes, w_scale, b) with x's rows quantized per token."""
+def _a8w8(x: str, w: torch.Tensor, s: torch.Tensor | None, b, asym: bool, keep: bool):
+    """A GraphRunner replacement: tcc::dense_a8w8(x / s, Q(w * s), b) with x's rows quantized per token and
+    Q int8 per row (quantize_per_channel). The codes are made when the linear runs; `keep` (the search runs
+    several feeds) holds them for the next feed. With one feed (a big model: _search_feeds) nothing holds
+    them, so the search never keeps an int8 copy of every weight beside the float ones (1.2 GB on the
+    Llama-3.2-1B shape, the SmoothQuant W8A8 compile's peak; issue 15)."""
+    held = []
+
     def fn(get):
+        q = held[0] if held else quantize_per_channel(w, s)  # 1/4 of the float bytes
+        if keep and not held:
+            held.append(q)
         xv = get(x).to(torch.float32)
-        return dense_a8w8(xv if s is None else xv / s, codes, w_scale, get(b) if isinstance(b, str) else b,
+        return dense_a8w8(xv if s is None else xv / s, q[0], q[1], get(b) if isinstance(b, str) else b,
                           None, None, asym)
     return fn
 
