@@ -17,6 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # .ci/run's worker processes share the cores: one compute thread each (torch's, OpenBLAS's, and TVM's pool
+    # where a test does not ask for more), inherited by the `tcc` subprocesses, instead of two pools per core
+    # spinning against each other (measured on the 2-core EPYC, warm cache: 44 min in one process, 38 with two
+    # workers of two threads, 18.5 with two workers of one thread; docs/BENCHMARKS.md "Test suite")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # the report's baseline timing and held-out accuracy cost a build and seconds per compile: the suite turns
