@@ -48,8 +48,9 @@ def _rel(got, want) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-def test_trace_keeps_the_checkpoints_bf16_tensors(bf16_llama):
+def test_trace_keeps_the_checkpoints_bf16_tensors(bf16_llama, monkeypatch):
     import tcc
+    from tcc.ir import ops
     from tcc.pipeline import Pipeline
     kept = tcc.trace(str(bf16_llama), seq_len=8, weights="bf16")
     widened = tcc.trace(str(bf16_llama), seq_len=8)  # every weight loaded as float32
@@ -62,6 +63,9 @@ def test_trace_keeps_the_checkpoints_bf16_tensors(bf16_llama):
     assert all(t.dtype == torch.float32 for n, t in tensors.items() if "norm" in n)
     feeds = kept.example_inputs(seed=2)
     assert np.array_equal(kept(feeds)["logits"], widened(feeds)["logits"])  # the same float32 math, bit for bit
+    monkeypatch.setattr(ops, "WIDEN_BYTES", 64 * 64 * 4)  # dense_bf16 widens 64 rows at a time (big models' weights)
+    assert np.array_equal(kept(feeds)["logits"], widened(feeds)["logits"])
+    monkeypatch.undo()
     # int4 from the bf16 tensors (each widened as the quantizer reads it) = int4 from the float32 load
     q_kept, q_widened = Pipeline.parse("q4").run(kept), Pipeline.parse("q4").run(widened)
     codes = lambda p: {n: t for n, t in p.named_tensors().items() if t.dtype in (torch.uint8, torch.int8, torch.float16)}

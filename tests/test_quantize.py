@@ -144,6 +144,25 @@ def test_rtn_formats(arch, bounds):
         assert f"tcc.{op._opname}.default" in str(reexport(q).graph)  # what the backends consume
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rtn_a_few_rows_at_a_time_gives_the_whole_weights_codes(monkeypatch, dtype):
+    """rtn and quantize_per_channel quantize a chunk of rows at a time (float32 temporaries of at most
+    ROW_CHUNK_BYTES, issue 15): codes, scales and zero points equal one chunk's, bit for bit, for every grid."""
+    from tcc.compress import quantization as qz
+    torch.manual_seed(0)
+    w, s = torch.randn(37, 64).to(dtype), torch.rand(64) + 0.5
+    grids = [(Grid("int8"), 64), (Grid("int4"), 16), (Grid("int4", sym=False), 32), (Grid("int4", False, True), 32)]
+    whole = [rtn(w, g, group) for g, group in grids] + [qz.quantize_per_channel(w, s), qz.quantize_per_channel(w)]
+    monkeypatch.setattr(qz, "ROW_CHUNK_BYTES", 5 * 4 * 64)  # 5 rows a chunk: 8 chunks, the last of 2 rows
+    assert len(qz._row_chunks(37, 64)) == 8
+    chunked = [rtn(w, g, group) for g, group in grids] + [qz.quantize_per_channel(w, s), qz.quantize_per_channel(w)]
+    for a, b in zip(whole[:4], chunked[:4]):
+        assert a.kind == b.kind and a.group == b.group and torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
+        assert (a.zero is None and b.zero is None) or torch.equal(a.zero, b.zero)
+    for (ca, sa), (cb, sb) in zip(whole[4:], chunked[4:]):
+        assert torch.equal(ca, cb) and torch.equal(sa, sb)
+
+
 def test_int4_codes_round_trip():
     torch.manual_seed(0)
     w = torch.randn(48, 96) * torch.logspace(-2, 1, 48)[:, None]

@@ -92,7 +92,7 @@ from ..ir.runner import GraphRunner
 from ..errors import UserError
 from ..ir.graph import linear_bias, module_path  # noqa: F401  (module_path: callers import it from here too)
 from ..ir.program import attribute
-from ..ir.ops import dequantize_w4, pack_int4
+from ..ir.ops import dequantize_w4, pack_int4, row_blocks
 from ..progress import track
 
 aten, tcc_ops = torch.ops.aten, torch.ops.tcc
@@ -222,11 +222,31 @@ def _qweight(grid: Grid, codes: torch.Tensor, scale: torch.Tensor, zero: torch.T
     return QWeight("int4", codes.to(torch.uint8), scale.to(torch.float16), z, group)
 
 
+ROW_CHUNK_BYTES = 1 << 25  # rtn / quantize_per_channel: float32 temporaries of at most this many bytes
+
+
+def _row_chunks(n: int, k: int) -> list[slice]:
+    """Slices of rows whose float32 values take at most ROW_CHUNK_BYTES (at least one row). Per-row
+    quantization computes each row on its own, so a chunk's codes are the whole weight's bit for bit,
+    and its temporaries are a few chunk-sized tensors instead of a few weight-sized ones (rtn's abs,
+    division and rounding of a 49,152 x 3,072 LM head: 0.6 GB each; issue 15)."""
+    return row_blocks(n, k, ROW_CHUNK_BYTES, 4)
+
+
 def rtn(w: torch.Tensor, grid: Grid, group: int) -> QWeight:
-    """Round to nearest, a scale (and zero) per row and group; int8 is per row (group = K)."""
-    w = w.detach().to(torch.float32)
+    """Round to nearest, a scale (and zero) per row and group; int8 is per row (group = K). Row chunks
+    at a time (_row_chunks)."""
     n, k = w.shape
     group = k if grid.kind == "int8" else group
+    parts = [_rtn_rows(w[rows].detach().to(torch.float32), grid, group) for rows in _row_chunks(n, k)]
+    if len(parts) == 1:
+        return parts[0]
+    zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
+    return QWeight(parts[0].kind, torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]), zero, group)
+
+
+def _rtn_rows(w: torch.Tensor, grid: Grid, group: int) -> QWeight:
+    n, k = w.shape
     g = w.reshape(n, k // group, group)
     scale, zero = grid.fit(g.reshape(-1, group))
     scale, zero = scale.reshape(n, k // group), zero.reshape(n, k // group)
@@ -237,11 +257,17 @@ def rtn(w: torch.Tensor, grid: Grid, group: int) -> QWeight:
 def quantize_per_channel(w: torch.Tensor, s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output channel (row) of w, or of w * s (s [K], a smoothing scale per input
     column): (qweight int8 [N, K], scale float32 [N]), rtn(w * s, Grid("int8"), K)'s bit for bit,
-    computed in place on one float32 copy of w (rtn's abs, division and rounding each allocate one)."""
-    ws = w.to(torch.float32) * s[None, :] if s is not None else w.to(torch.float32, copy=True)
-    amax = torch.maximum(ws.amax(dim=1), ws.amin(dim=1).neg_())
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    return ws.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+    computed in place on a float32 copy of a chunk of rows at a time (_row_chunks)."""
+    codes, scales = [], []
+    for rows in _row_chunks(*w.shape):
+        ws = w[rows].to(torch.float32) * s[None, :] if s is not None else w[rows].to(torch.float32, copy=True)
+        amax = torch.maximum(ws.amax(dim=1), ws.amin(dim=1).neg_())
+        scales.append(torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)))
+        codes.append(ws.div_(scales[-1][:, None]).round_().clamp_(-127, 127).to(torch.int8))
+        del ws
+    if len(codes) == 1:
+        return codes[0], scales[0]
+    return torch.cat(codes), torch.cat(scales)
 
 
 # -- GPTQ --------------------------------------------------------------------------------------------
