@@ -3,10 +3,11 @@ with a draft program built into the artifact, against the target alone, in one r
 
     python benchmarks/speculative.py [--out build/speculative] [--target native] [--prompts 8]
                                      [--prompt 128] [--new 64] [--draft PIPELINE]
-                                     [--artifacts fp32,w8a8]
+                                     [--artifacts fp32,w8a8[,int4,w4a8]]
 
 Artifacts: tcc.compile("smollm2", TARGET, seq_len=PROMPT, max_context=512, draft=DRAFT) with no
-passes (fp32) and with the w8a8 preset's pipeline; each holds the target's prefill / decode / verify
+passes (fp32) and with the w8a8 preset's pipeline (int4: the q4 preset's, w4a8: the same with int8
+activations; PIPELINES); each holds the target's prefill / decode / verify
 (8 rows) / verify4 (4 rows) and the draft's prefill / decode. An artifact already in --out is reused (delete it to
 rebuild). Calibration: wikitext-2 valid.txt.
 Prompts: --prompts windows of PROMPT tokens of ../shared/data/wikitext-2/test.txt (SmolLM2's
@@ -36,7 +37,10 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 ROOT = Path(__file__).resolve().parents[1]
 TEST = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
 os.environ.setdefault("TCC_CALIBRATION_TEXT", str(TEST.with_name("valid.txt")))
-PIPELINES = {"fp32": "", "w8a8": "quantize(acts=int8,method=smoothquant,embeddings=true)"}
+PIPELINES = {"fp32": "", "w8a8": "quantize(acts=int8,method=smoothquant,embeddings=true)",
+             # int4 targets (not run unless asked for): the q4 preset (weight-only, Q4_1's grid) and W4A8
+             "int4": "quantize(weights=int4,group=32,sym=false,zero=float,embeddings=true)",
+             "w4a8": "quantize(weights=int4,group=32,sym=false,zero=float,acts=int8,embeddings=true)"}
 DRAFT = "drop-blocks(ratio=0.25),quantize(weights=int4,acts=int8,embeddings=true)"
 MODES = ("off", "lookup", "lookup-v0", "draft", "draft-v0")
 
