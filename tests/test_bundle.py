@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -117,6 +118,28 @@ def test_tcc_generate_matches_tcc_generate(x86):
     assert _run(cmd + ["--temperature", "1.0", "--top-k", "1", "--seed", "9"]).stdout == _run(cmd).stdout
 
 
+def test_tcc_generate_speculates_with_the_verify_entries(x86):
+    """tcc-generate --speculate lookup: prompt lookup's proposals checked by tcc_verify and rewound (the
+    bundle carries the artifact's verify and verify4 entries) give plain greedy decoding's ids, in fewer
+    model calls; a prompt that repeats itself makes lookup propose."""
+    artifact, bundle, _ = x86
+    spec = (bundle / "tcc-bundle.spec").read_text()
+    assert "input verify/input_ids" in spec and "input verify4/input_ids" in spec and "draft_" not in spec
+    prompt = PROMPT + PROMPT[:6]  # the second copy's start is a 3-gram match
+    cmd = [str(bundle / "bin" / "tcc-generate"), "--ids", ",".join(map(str, prompt)), "--max-new-tokens", "24",
+           "--no-stop", "--timing"]
+    plain, fast = _run(cmd), _run(cmd + ["--speculate", "lookup"])
+    with tcc.load(artifact) as art:
+        want = art.generate(prompt, max_new_tokens=24, stop_at_eos=False)["token_ids"]
+    assert [int(t) for t in plain.stdout.strip().split(",")] == want
+    assert fast.stdout == plain.stdout
+    calls, verifies, accepted, proposed = map(int, re.search(
+        r"speculate lookup: (\d+) model calls \((\d+) verify\), (\d+) of (\d+) proposed", fast.stderr).groups())
+    assert verifies >= 1 and proposed >= accepted and calls < 24  # plain greedy: 23 decode calls
+    r = _run(cmd + ["--speculate", "lookup", "--temperature", "0.5"], check=False)
+    assert r.returncode == 2 and "greedily" in r.stderr
+
+
 def test_example_program_links_against_the_bundle(x86, tmp_path):
     """examples/c-api/run_model.c built with pkg-config against the deployed bundle."""
     artifact, bundle, _ = x86
@@ -175,7 +198,7 @@ def test_refuses_a_directory_tcc_did_not_write(x86, tmp_path):
 def test_arm64_bundle_under_qemu(llama_dir, tmp_path_factory, tmp_path):
     """The arm64 bundle, deployed elsewhere, under qemu-aarch64 whose only root is the aarch64 system
     libraries: tcc-run equals tcc.load (the artifact under tcc's own qemu driver), tcc-generate equals
-    `tcc generate`'s greedy ids."""
+    `tcc generate`'s greedy ids, with and without --speculate lookup."""
     from conftest import missing_arm64_tools
     if missing_arm64_tools():
         pytest.skip(f"arm64 needs {', '.join(missing_arm64_tools())}")
@@ -191,3 +214,8 @@ def test_arm64_bundle_under_qemu(llama_dir, tmp_path_factory, tmp_path):
     r = _run([*qemu, str(bundle / "bin" / "tcc-generate"), "--ids", ",".join(map(str, PROMPT)), "--max-new-tokens",
               "12", "--no-stop"])
     assert [int(t) for t in r.stdout.strip().split(",")] == _python_greedy(artifact, 12)
+    # prompt-lookup speculation through the arm64 verify entries: the same ids (a repeating prompt makes it propose)
+    prompt = ",".join(map(str, PROMPT + PROMPT[:6]))
+    plain, fast = (_run([*qemu, str(bundle / "bin" / "tcc-generate"), "--ids", prompt, "--max-new-tokens", "12",
+                         "--no-stop", "--timing", *extra]) for extra in ([], ["--speculate", "lookup"]))
+    assert fast.stdout == plain.stdout and re.search(r"\(([1-9]\d*) verify\)", fast.stderr), fast.stderr

@@ -10,7 +10,8 @@ Contract:
     lib/pkgconfig/tcc.pc     `pkg-config --cflags --libs tcc` (PKG_CONFIG_PATH=DIR/lib/pkgconfig)
     include/tcc.h            the C API
     bin/tcc-run              inputs from .npy files, outputs to .npy files
-    bin/tcc-generate         (causal LMs with prefill/decode) token ids in, token ids out
+    bin/tcc-generate         (causal LMs with prefill/decode) token ids in, token ids out; --speculate
+                             lookup: greedy prompt-lookup speculation through the verify entries
     weights.safetensors, manifest.json, tokenizer/ (where the artifact has one: the application tokenizes)
     tcc-bundle.spec          what libtcc reads: sha256 of model.so and the weights (checked at tcc_open),
                              the tensors' offsets in the weights and the functions' signatures
@@ -30,6 +31,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -48,7 +50,7 @@ FORMAT = "tcc-bundle/1"
 WHAT = "bundle directory (--bundle)"
 CXXFLAGS = ["-std=c++17", "-O2"]
 RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_ffi.so", "libscipy_openblas.so")
-GENERATION_FUNCTIONS = ("prefill", "decode")
+GENERATION_FUNCTIONS = ("prefill", "decode")  # and the verify entries, where the artifact has them (_bundled)
 
 
 def is_bundle(dir: Path) -> bool:
@@ -138,7 +140,7 @@ def spec_lines(art: Path, manifest: dict) -> list[str]:
         lines += [_spec_line(kind, s.name, s.dtype, o, _nbytes(s), s.shape) for s, o in zip(specs, _layout(specs))]
     gen = manifest.get("generation")
     if gen:
-        gen = {**gen, "functions": {n: gen["functions"][n] for n in GENERATION_FUNCTIONS}}
+        gen = {**gen, "functions": {n: f for n, f in gen["functions"].items() if _bundled(n)}}
         m = {**manifest, "generation": gen}
         functions = _function_specs(m)
         lines.append(f"vocab {functions['decode'][1][0].shape[-1]}")
@@ -146,6 +148,12 @@ def spec_lines(art: Path, manifest: dict) -> list[str]:
         lines += [f"eos {t}" for t in gen.get("eos_token_ids") or []]
         lines += _generation_lines(weights, m, functions)
     return lines
+
+
+def _bundled(function: str) -> bool:
+    """The generation entry points a bundle carries: prefill, decode, and speculative decoding's verify
+    entries (`verify`, `verify4`: tcc_verify); not a draft program's (the C API has no draft yet)."""
+    return function in GENERATION_FUNCTIONS or re.fullmatch(r"verify\d*", function) is not None
 
 
 def make_bundle(artifact_dir, out, force: bool = False) -> dict:

@@ -83,6 +83,18 @@ tcc_status tcc_prefill(tcc_model* model, const int64_t* ids, int64_t n, float* l
 /* Append one token; logits (may be NULL) receives the vocab_size logits after it. */
 tcc_status tcc_decode(tcc_model* model, int64_t token, float* logits);
 
+/* -- speculative decoding: check several proposed tokens in one call, then keep the accepted ones -- */
+/* The most tokens one tcc_verify takes (0: the bundle has no verify entry). */
+int64_t tcc_verify_len(const tcc_model* model);
+/* Append n tokens (1 <= n <= tcc_verify_len) through the shortest verify entry that holds them;
+ * logits (may be NULL) receives n x vocab_size logits, row i the distribution of the token after ids[i]
+ * (the row a decode step of ids[i] gives, bit for bit, where the manifest's generation.verify_vs_decode
+ * is 0). Needs a prefilled sequence, and n verify positions left in the context. */
+tcc_status tcc_verify(tcc_model* model, const int64_t* ids, int64_t n, float* logits);
+/* Keep the first `length` tokens of the sequence (0 <= length <= tcc_position): drops rejected
+ * proposals; the next call writes over their cache rows. */
+tcc_status tcc_rewind(tcc_model* model, int64_t length);
+
 /* Choosing the next token: greedy when temperature <= 0 (the first largest logit), else a draw from
  * softmax(logits / temperature) cut to the top_k tokens (0: all) and the smallest set whose
  * probability reaches top_p (1: all). The seeded generator (xoshiro256**) is not numpy's: sampled

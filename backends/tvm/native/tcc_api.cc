@@ -7,7 +7,7 @@
 //   input  NAME ... / output NAME ...                main's inputs and outputs, in call order
 //   tensor NAME ...     a stored tensor main does not take
 //   state  NAME ...     a tensor kept between calls, zero at the start and after reset (KV caches)
-//   use    FN/NAME x 0 0 0   the next parameter of FN (prefill, decode): the param or tensor NAME
+//   use    FN/NAME x 0 0 0   the next parameter of FN (prefill, decode, verify, verify4): the param or tensor NAME
 //   input  FN/NAME ... / output FN/NAME ...          FN's inputs and outputs
 // main is called as main(inputs..., params...); FN as FN(inputs..., states..., its parameters...).
 // (backends/tvm/driver/tcc_driver.cc, the qemu driver of tcc.load, reads the same line format.)
@@ -175,6 +175,7 @@ struct tcc_model {
   std::map<std::string, std::pair<int64_t, int64_t>> ranges;  // integer inputs' valid values [lo, hi)
   std::vector<int64_t> eos, tokens;  // tokens: the sequence in the cache (a prefill near the end re-reads some)
   std::vector<float> scratch;
+  std::vector<std::pair<int64_t, std::string>> verifies;  // (rows, entry): "verify" and "verify<N>", by rows
 
   Entry& Get(const std::string& fn) {
     auto it = entries.find(fn);
@@ -395,6 +396,15 @@ void Load(tcc_model* m) {
     }
     if (m->Get("prefill").inputs[0].shape[1] != m->chunk)
       throw Error(TCC_ERROR_CORRUPT, "tcc-bundle.spec: the prefill chunk does not match its input");
+    for (auto& [name, e] : m->entries) {
+      if (name.rfind("verify", 0) != 0) continue;
+      const int64_t rows = e.inputs.empty() || e.inputs[0].shape.size() != 2 ? 0 : e.inputs[0].shape[1];
+      if (e.inputs.size() != 3 || e.outputs.size() != 1 || rows < 1 || e.inputs[2].shape != std::vector<int64_t>{rows} ||
+          e.outputs[0].shape != std::vector<int64_t>{1, rows, m->vocab})
+        throw Error(TCC_ERROR_CORRUPT, "tcc-bundle.spec: " + name + " is not (ids [1, L], pos, last [L]) -> logits [1, L, V]");
+      m->verifies.emplace_back(rows, name);
+    }
+    std::sort(m->verifies.begin(), m->verifies.end());
   }
 }
 
@@ -589,6 +599,46 @@ tcc_status tcc_decode(tcc_model* m, int64_t token, float* logits) {
     m->CheckTokens(&token, 1);
     m->Step("decode", &token, 1, pos, 0, logits);
     m->tokens.push_back(token);
+  });
+}
+
+int64_t tcc_verify_len(const tcc_model* m) { return m && !m->verifies.empty() ? m->verifies.back().first : 0; }
+
+tcc_status tcc_verify(tcc_model* m, const int64_t* ids, int64_t n, float* logits) {
+  return Guard([&] {
+    NeedLM(m);
+    if (m->verifies.empty())
+      throw Error(TCC_ERROR_UNSUPPORTED, "the model has no verify entry (compiled or bundled before speculative decoding "
+                                         "reached bundles): compile and bundle it again");
+    const int64_t most = m->verifies.back().first, pos = static_cast<int64_t>(m->tokens.size());
+    Need(ids != nullptr && n >= 1 && n <= most, "verify takes 1 to " + std::to_string(most) + " tokens, got " + std::to_string(n));
+    if (pos == 0) throw Error(TCC_ERROR_INVALID_ARGUMENT, "verify before prefill: the KV cache is empty");
+    const auto& [rows, name] = *std::find_if(m->verifies.begin(), m->verifies.end(), [&](const auto& v) { return v.first >= n; });
+    Need(pos + rows <= m->max_context, "a verify chunk of " + std::to_string(rows) + " positions at " + std::to_string(pos) +
+                                          " runs past the context of " + std::to_string(m->max_context) +
+                                          ": decode one token at a time near the end");
+    m->CheckTokens(ids, n);
+    Entry& e = m->Get(name);
+    int64_t* dst = static_cast<int64_t*>(e.input_tensors[0].data_ptr());
+    std::fill(dst, dst + rows, 0);
+    std::copy(ids, ids + n, dst);
+    *static_cast<int64_t*>(e.input_tensors[1].data_ptr()) = pos;
+    int64_t* last = static_cast<int64_t*>(e.input_tensors[2].data_ptr());
+    for (int64_t i = 0; i < rows; ++i) last[i] = i;
+    std::vector<ffi::Tensor> outs = m->Call(name, e);
+    if (logits)
+      std::memcpy(logits, static_cast<const char*>(outs[0].data_ptr()) + outs[0].byte_offset(), sizeof(float) * m->vocab * n);
+    m->tokens.insert(m->tokens.end(), ids, ids + n);
+  });
+}
+
+tcc_status tcc_rewind(tcc_model* m, int64_t length) {
+  return Guard([&] {
+    NeedLM(m);
+    const int64_t have = static_cast<int64_t>(m->tokens.size());
+    Need(length >= 0 && length <= have, "cannot rewind to " + std::to_string(length) + " tokens: the sequence holds " +
+                                            std::to_string(have));
+    m->tokens.resize(length);
   });
 }
 
