@@ -145,6 +145,24 @@ def test_w8a8_greedy_identical_to_the_target(w8a8):
     assert accepted > 0
 
 
+@pytest.mark.arm64
+def test_arm64_lookup_greedy_identical_under_qemu(tmp_path):
+    """An arm64 artifact under tcc's qemu driver: `generate(speculate="lookup")` goes through its verify
+    entries and rollback and gives the target alone's greedy tokens (native bundles: tests/test_bundle.py)."""
+    from conftest import missing_arm64_tools
+    if missing_arm64_tools():
+        pytest.skip(f"arm64 needs {', '.join(missing_arm64_tools())}")
+    from test_generation import _tiny_folder
+    _tiny_folder(tmp_path / "llama")
+    with tcc.compile(str(tmp_path / "llama"), "arm64", out=tmp_path / "a", latency=False, seq_len=8, max_context=32) as a:
+        base = [3, 77, 12, 100, 9]
+        prompt = base * 2 + [101, 5]
+        want = a.generate(prompt, 12, stop_at_eos=False)["token_ids"]
+        got = a.generate(prompt, 12, stop_at_eos=False, speculate="lookup")
+        assert got["token_ids"] == want and got["speculative"]["target_calls"] < 11
+        assert got["speculative"]["drafted"] > 0
+
+
 class NearTieTarget:
     """A target whose verify rows differ from its decode steps by up to 2e-6 of the largest logit, as a
     verify path with another float summation order could: where the decode step's top two logits are
