@@ -853,13 +853,34 @@ void w4a8_quantize(const W4A8& p, int64_t r0, int64_t r1, T* a, int32_t off, flo
       s = s > 0.0f ? s : 1.0f;
       int32_t sum = 0;
       const int64_t group = p.group;  // (a local: stores through T* may alias p)
+      int64_t i = 0;
+      if (group % kLanes == 0) {
+        // Whole vectors, the same operations lane by lane (so the same codes): GCC's own vectorized loop
+        // (below) runs 4 vectors a step and sent a group of 32 through its scalar tail, which made this
+        // function 22 % of the W4A8 GEMM's time in a 0.5B prefill (perf, Zen 5).
+        typedef T vt __attribute__((vector_size(kLanes * sizeof(T))));
+        const vf sv = vf{} + s, lo127 = vf{} - 127.0f, hi127 = vf{} + 127.0f, magic = vf{} + 12582912.0f;
+        vi acc{};
+        for (; i < group; i += kLanes) {
+          vf v;
+          std::memcpy(&v, x + i, sizeof v);
+          v = v / sv;
+          v = v < lo127 ? lo127 : v;
+          v = v > hi127 ? hi127 : v;
+          const vi c = __builtin_convertvector((v + magic) - magic, vi);
+          acc += c;
+          const vt out = __builtin_convertvector(c + off, vt);
+          std::memcpy(q + i, &out, sizeof out);
+        }
+        for (int l = 0; l < kLanes; ++l) sum += acc[l];
+      }
 #pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < group; ++i) {
-        float v = x[i] / s;
+      for (int64_t j = i; j < group; ++j) {
+        float v = x[j] / s;
         v = v < -127.0f ? -127.0f : v;
         v = v > 127.0f ? 127.0f : v;
         const int32_t c = static_cast<int32_t>(round_even(v));
-        q[i] = static_cast<T>(c + off);
+        q[j] = static_cast<T>(c + off);
         sum += c;
       }
       std::fill(q + p.group, q + p.octets * 8, static_cast<T>(off));
