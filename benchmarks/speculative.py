@@ -39,7 +39,7 @@ TEST = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
 os.environ.setdefault("TCC_CALIBRATION_TEXT", str(TEST.with_name("valid.txt")))
 PIPELINES = {"fp32": "", "w8a8": "quantize(acts=int8,method=smoothquant,embeddings=true)",
              # int4 targets (not run unless asked for): the q4 preset (weight-only, Q4_1's grid) and W4A8
-             "int4": "quantize(weights=int4,group=32,sym=false,zero=float,embeddings=true)",
+             "int4": "q4",
              "w4a8": "quantize(weights=int4,group=32,sym=false,zero=float,acts=int8,embeddings=true)"}
 DRAFT = "drop-blocks(ratio=0.25),quantize(weights=int4,acts=int8,embeddings=true)"
 MODES = ("off", "lookup", "lookup-v0", "draft", "draft-v0")

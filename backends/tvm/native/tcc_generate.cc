@@ -125,6 +125,7 @@ int main(int argc, char** argv) {
     const long long width = p + verify_len <= context ? std::min<long long>(verify_len - 1, budget - n - 1) : 0;
     std::vector<int64_t> drafts = width > 0 ? Lookup(ctx, width, weak) : std::vector<int64_t>{};
     ++calls;
+    bool ended = false;  // an accepted draft ended the generation
     if (drafts.empty()) {
       s = tcc_decode(model, token, logits.data());
       if (s == TCC_OK) s = tcc_sample(&sampler, logits.data(), vocab, &token);
@@ -138,7 +139,6 @@ int main(int argc, char** argv) {
       while (j < drafts.size() && static_cast<int64_t>(Argmax(rows.data() + j * vocab, vocab)) == drafts[j]) ++j;
       ++verifies, proposed += drafts.size(), accepted += j;
       if ((s = tcc_rewind(model, p + j + 1))) break;
-      bool ended = false;
       for (size_t i = 0; i < j && !ended; ++i) {  // the accepted drafts; the row after them gives the next token
         ctx.push_back(drafts[i]);
         out += "," + std::to_string(drafts[i]);
@@ -146,12 +146,9 @@ int main(int argc, char** argv) {
       }
       decoded += j + 1;
       token = static_cast<int64_t>(Argmax(rows.data() + j * vocab, vocab));
-      if (ended) {
-        decode_s += std::chrono::duration<double>(clock::now() - t1).count();
-        break;
-      }
     }
     decode_s += std::chrono::duration<double>(clock::now() - t1).count();
+    if (ended) break;
   }
   int rc = 0;
   if (s) {
