@@ -37,11 +37,9 @@ Program's parameter bytes and the ONNX files' sizes.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
-import struct
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +48,7 @@ import numpy as np
 
 from .artifact import read_manifest
 from .errors import UserError
+from .frontends.models import safetensors_header
 from .progress import info, status
 
 BASELINES = ("onnxruntime", "pytorch")
@@ -251,9 +250,7 @@ def _safetensors_bytes(path: Path) -> int | None:
     """Sum of the tensors' byte sizes, from the safetensors header (no tensor is read)."""
     if not path.exists():
         return None
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    header = safetensors_header(path)
     return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
 
 

@@ -11,6 +11,7 @@ transformers' greedy tokens for 32 new tokens on three prompts (measured: all eq
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,6 +150,61 @@ def test_artifact_greedy_equals_transformers(tmp_path):
     want = model.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False)
     assert got["token_ids"] == want[0, len(prompt):].tolist()
     assert got["prompt_tokens"] == 11 and got["decode_tokens_per_s"] > 0
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "none"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+def _mapping_of(address: int) -> dict:
+    """The /proc/self/smaps entry (start, end, fields) of the mapping that holds `address`."""
+    entry = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            if entry and entry["start"] <= address < entry["end"]:
+                return entry
+            entry = {"start": lo, "end": hi, "path": line.split()[5] if len(line.split()) > 5 else ""}
+        elif entry and ":" in head:
+            entry[head.rstrip(":")] = line.split()[1:]
+    assert entry and entry["start"] <= address < entry["end"], hex(address)
+    return entry
+
+
+def test_weights_load_into_one_huge_page_mapping(tmp_path):
+    """tcc.load reads every stored tensor straight into one anonymous mapping with transparent huge pages
+    asked for (backends/tvm/session.py HostMemory): the TVM tensors hold the file's values, 64-byte
+    aligned, zero-copy views of that one mapping, which carries the huge-page advice (smaps VmFlags "hg")
+    and, at a size that holds a 2 MiB page, is eligible for huge pages where THP is on ("always" or
+    "madvise"); greedy generation is unchanged (the test above)."""
+    from tcc.backends.tvm.session import HostMemory
+    from safetensors.numpy import load_file
+    _tiny_folder(tmp_path / "tiny")
+    with tcc.compile(str(tmp_path / "tiny"), "x86", out=tmp_path / "a", seq_len=8, max_context=40,
+                     latency=False) as art:
+        art.generate([1, 2, 3], max_new_tokens=2, stop_at_eos=False)
+        stored = load_file(str(art.dir / "weights.safetensors"))
+        tensors = art._impl.by_name
+        assert tensors and set(tensors) <= set(stored)
+        mappings = set()
+        for name, t in tensors.items():
+            np.testing.assert_array_equal(t.numpy(), stored[name], err_msg=name)
+            assert t.data_ptr() % 64 == 0, name
+            m = _mapping_of(t.data_ptr())
+            assert m["path"] == "", (name, m["path"])  # anonymous, not the file
+            mappings.add(m["start"])
+        assert len(mappings) == 1
+        assert "hg" in m["VmFlags"], m["VmFlags"]
+    memory = HostMemory(8 << 20)
+    t = memory.tensor("float32", [2 << 20])
+    assert t.data_ptr() % HostMemory.HUGE == 0 and not t.numpy().any()
+    if _thp_mode() in ("always", "madvise"):
+        assert _mapping_of(t.data_ptr())["THPeligible"] == ["1"]
 
 
 def test_sampling_is_seeded_and_bounded():

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import numpy as np
 
 from tcc import progress
 from tcc.errors import InternalError, UserError
+from tcc.frontends.models import safetensors_index
 from tcc.store import cache_dir
 from tcc.ir.program import TensorSpec
 
@@ -159,9 +159,7 @@ def _spec_line(kind: str, name: str, dtype: str, offset: int, nbytes: int, shape
 
 def _param_lines(weights: Path, names: list[str]) -> list[str]:
     """Spec lines pointing into the safetensors file (8-byte header size, JSON header, then data)."""
-    with open(weights, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    header, start = safetensors_index(weights)
     lines = []
     for name in names:
         if name not in header:
@@ -171,7 +169,7 @@ def _param_lines(weights: Path, names: list[str]) -> list[str]:
         if e["dtype"] not in ST_DTYPES:
             raise UserError(f"parameter '{name}' has dtype {e['dtype']}, which the arm64 runtime cannot load")
         begin, end = e["data_offsets"]
-        lines.append(_spec_line("param", name, ST_DTYPES[e["dtype"]], 8 + n + begin, end - begin, e["shape"]))
+        lines.append(_spec_line("param", name, ST_DTYPES[e["dtype"]], start + begin, end - begin, e["shape"]))
     return lines
 
 

@@ -117,11 +117,17 @@ def model_hash(path: Path) -> str:
 
 def safetensors_header(path: Path) -> dict:
     """The JSON header of a safetensors file (tensor name -> dtype, shape, data_offsets); no tensor is read."""
+    return safetensors_index(path)[0]
+
+
+def safetensors_index(path: Path) -> tuple[dict, int]:
+    """(the JSON header of a safetensors file, the file offset its data_offsets count from: 8 bytes of
+    header length, then the header); no tensor is read."""
     import json
     import struct
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
+        return json.loads(f.read(n)), 8 + n
 
 
 FLOAT_DTYPES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F64": "fp64"}

@@ -19,6 +19,7 @@
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -136,12 +137,60 @@ struct AlignedAlloc {  // 64-byte aligned host memory, the alignment TVM-generat
   void FreeData(DLTensor* t) { std::free(t->data); }
 };
 
-ffi::Tensor Empty(const Spec& s) {
-  ffi::Tensor t = ffi::Tensor::FromNDAlloc(AlignedAlloc(), ffi::ShapeView(s.shape.data(), s.shape.size()),
-                                           ffi::StringToDLDataType(s.dtype), kCPU);
+size_t Padded(size_t n) { return (n + 63) / 64 * 64; }
+
+// Tensors carved from one private anonymous mapping, 64-byte aligned, with transparent huge pages asked
+// for (madvise; the mapping is used from a 2 MiB boundary): a decode step streams every weight once, and
+// with 4 KiB pages each page costs a TLB walk and stops the hardware prefetcher (tcc.load does the same:
+// backends/tvm/session.py HostMemory). Zero until written; freed with the last tensor in it.
+struct Mapping {
+  static constexpr size_t kHuge = size_t(2) << 20;
+  char* base = nullptr;
+  size_t size = 0, next = 0;
+  explicit Mapping(size_t n) : size(n + kHuge) {
+    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw Error(TCC_ERROR_IO, "out of memory");
+#ifdef MADV_HUGEPAGE
+    madvise(p, size, MADV_HUGEPAGE);  // a hint: where huge pages are off, ordinary pages
+#endif
+    base = static_cast<char*>(p);
+    next = (kHuge - reinterpret_cast<uintptr_t>(p) % kHuge) % kHuge;
+  }
+  ~Mapping() { munmap(base, size); }
+};
+
+struct MappedAlloc {
+  std::shared_ptr<Mapping> mapping;
+  void AllocData(DLTensor* t) {
+    const size_t n = Padded(ffi::GetDataSize(*t));
+    if (mapping->next + n > mapping->size) throw Error(TCC_ERROR_IO, "tensor mapping too small");  // a bug, not input
+    t->data = mapping->base + mapping->next;
+    mapping->next += n;
+  }
+  void FreeData(DLTensor*) {}
+};
+
+ffi::Tensor Checked(ffi::Tensor t, const Spec& s) {
   if (ffi::GetDataSize(t.numel(), t.dtype()) != s.nbytes)
     throw Error(TCC_ERROR_CORRUPT, s.name + ": " + std::to_string(s.nbytes) + " bytes do not fit its dtype and shape");
   return t;
+}
+
+ffi::Tensor Empty(const Spec& s) {
+  return Checked(ffi::Tensor::FromNDAlloc(AlignedAlloc(), ffi::ShapeView(s.shape.data(), s.shape.size()),
+                                          ffi::StringToDLDataType(s.dtype), kCPU), s);
+}
+
+// The tensors of `specs` in one Mapping (zero until written).
+std::vector<ffi::Tensor> Mapped(const std::vector<Spec>& specs) {
+  size_t n = 0;
+  for (const Spec& s : specs) n += Padded(s.nbytes);
+  auto mapping = std::make_shared<Mapping>(n);
+  std::vector<ffi::Tensor> out;
+  for (const Spec& s : specs)
+    out.push_back(Checked(ffi::Tensor::FromNDAlloc(MappedAlloc{mapping}, ffi::ShapeView(s.shape.data(), s.shape.size()),
+                                                   ffi::StringToDLDataType(s.dtype), kCPU), s));
+  return out;
 }
 
 std::string ShapeStr(const int64_t* shape, size_t ndim) {
@@ -345,8 +394,10 @@ void Load(tcc_model* m) {
   if (!w) throw Error(TCC_ERROR_IO, "cannot open " + weights);
   std::unique_ptr<std::FILE, int (*)(std::FILE*)> closer(w, std::fclose);
   std::map<std::string, ffi::Tensor> by_name;
-  for (const Spec& s : stored) {
-    ffi::Tensor t = Empty(s);
+  std::vector<ffi::Tensor> tensors = Mapped(stored);
+  for (size_t i = 0; i < stored.size(); ++i) {
+    const Spec& s = stored[i];
+    ffi::Tensor t = tensors[i];
     if (std::fseek(w, s.offset, SEEK_SET) != 0 || std::fread(t.data_ptr(), 1, s.nbytes, w) != s.nbytes)
       throw Error(TCC_ERROR_CORRUPT, weights + ": short read of " + s.name);
     by_name[s.name] = t;
