@@ -14,7 +14,7 @@
 //
 // dense_bf16 has two paths:
 //   M <= kDirectRows (decode, small batches: memory-bound, the weights stream from memory once, at
-//   half fp32's bytes): a fused loop over 4 (or 2) weight rows at a time for all M activation rows.
+//   half fp32's bytes): one weight row at a time, front to back, for all M activation rows (`direct`).
 //     AVX-512 BF16 (__AVX512BF16__, -march with avx512bf16): vdpbf16ps, 32 k per instruction. The
 //       activations are split once per call into hi = bf16(x) and lo = bf16(x - hi) and both halves
 //       are multiplied (acc += hi w + lo w; bf16 x bf16 products are exact in fp32), so x is carried
@@ -137,60 +137,78 @@ inline void store(const Dense& p, int64_t row, int64_t col, float s) {
   p.out[row * p.n + col] = s + (p.b ? p.b[col] : 0.0f);
 }
 
+// One weight row at a time, front to back, for all MR rows of x: a decode step then reads W as one
+// stream, which the hardware prefetcher follows and a software prefetch kAhead bytes ahead keeps in
+// flight. Blocks of 4 weight rows read at once (4 streams a row apart, restarting every row block)
+// streamed 33-40 GB/s on the 2-core Zen 5 EPYC where the a8w8 GEMV streamed 46-50 in the same
+// process; this loop streamed 50-80, as fast as a8w8 or faster (benchmarks in docs/BENCHMARKS.md,
+// session 16). Each x row sums over k in kAccs interleaved accumulators (vector u of each step of
+// kAccs vectors into accumulator u, a partial vector into accumulator 0), the same order for every
+// MR: a speculative verify's row equals the decode step's bit for bit.
+constexpr int64_t kAhead = 8192;
 #if defined(TCC_BF16_DPBF16)
-// out[0:MR, n0:n0+NR] with vdpbf16ps on the hi and lo halves of x.
-template <int MR, int NR>
-void direct(const Dense& p, int64_t n0) {
-  __m512 acc[MR][NR];
-  UNROLL for (int r = 0; r < MR; ++r) UNROLL for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
-  const uint16_t* w = p.w + n0 * p.k;
-  for (int64_t k = 0; k < p.k; k += 32) {
-    const __mmask32 mask = p.k - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (p.k - k)) - 1;
-    __m512i wv[NR];
-    UNROLL for (int j = 0; j < NR; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, w + j * p.k + k);
-    UNROLL for (int r = 0; r < MR; ++r) {
-      const __m512i h = _mm512_loadu_si512(p.xh + r * p.kp + k), l = _mm512_loadu_si512(p.xl + r * p.kp + k);
-      UNROLL for (int j = 0; j < NR; ++j) {
-        acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)h, (__m512bh)wv[j]);
-        acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)l, (__m512bh)wv[j]);
-      }
-    }
-  }
-  UNROLL for (int r = 0; r < MR; ++r) UNROLL for (int j = 0; j < NR; ++j)
-    store(p, r, n0 + j, hsum((vf)acc[r][j]));
+constexpr int64_t kStep = 32;  // k per vector
+constexpr int kAccs = 4;
+typedef __m512 Acc;
+typedef __m512i WVec;
+inline WVec load_w(const uint16_t* w, int64_t k, int64_t k_end) {  // zero past k_end
+  const __mmask32 mask = k_end - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (k_end - k)) - 1;
+  return _mm512_maskz_loadu_epi16(mask, w + k);
 }
-constexpr int kRowsAtOnce = 4;
+// acc + x[r, k:k+32] . w, with x as its hi and lo bf16 halves (zero-padded to kp)
+inline Acc madd(const Dense& p, int r, int64_t k, WVec w, Acc acc) {
+  acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(p.xh + r * p.kp + k), (__m512bh)w);
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(p.xl + r * p.kp + k), (__m512bh)w);
+}
+constexpr bool kMaskedTail = true;  // the last partial vector too (masked), no scalar tail
 #else
-// out[0:MR, n0:n0+NR]: bf16 widened to fp32, FMA; the k past the last full vector in scalar.
-template <int MR, int NR>
-void direct(const Dense& p, int64_t n0) {
-  vf acc[MR][NR];
-  UNROLL for (int r = 0; r < MR; ++r) UNROLL for (int j = 0; j < NR; ++j) acc[r][j] = vf{};
-  const uint16_t* w = p.w + n0 * p.k;
-  const int64_t kv = p.k / kLanes * kLanes;
-  for (int64_t k = 0; k < kv; k += kLanes) {
-    vf wv[NR];
-    UNROLL for (int j = 0; j < NR; ++j) wv[j] = widen(w + j * p.k + k);
-    UNROLL for (int r = 0; r < MR; ++r) {
-      const vf xv = *reinterpret_cast<const vf_u*>(p.x + r * p.k + k);
-      UNROLL for (int j = 0; j < NR; ++j) acc[r][j] = fmadd(xv, wv[j], acc[r][j]);
+// bf16 widened to fp32, FMA; the k past the last full vector in scalar
+constexpr int64_t kStep = kLanes;
+constexpr int kAccs = kRegs >= 32 ? 4 : 2;  // MR x kAccs accumulators, a weight vector and x fit the registers
+typedef vf Acc;
+typedef vf WVec;
+inline WVec load_w(const uint16_t* w, int64_t k, int64_t) { return widen(w + k); }
+inline Acc madd(const Dense& p, int r, int64_t k, WVec w, Acc acc) {
+  return fmadd(*reinterpret_cast<const vf_u*>(p.x + r * p.k + k), w, acc);
+}
+constexpr bool kMaskedTail = false;
+#endif
+
+// out[0:MR, c] (+ b).
+template <int MR>
+void direct(const Dense& p, int64_t c) {
+  const uint16_t* w = p.w + c * p.k;
+  Acc acc[MR][kAccs];
+  UNROLL for (int r = 0; r < MR; ++r) UNROLL for (int u = 0; u < kAccs; ++u) acc[r][u] = Acc{};
+  const int64_t full = kMaskedTail ? p.k : p.k / kStep * kStep;  // the k the vector loop covers
+  int64_t k = 0;
+  for (; k + kAccs * kStep <= full; k += kAccs * kStep) {
+    for (int64_t b = 0; b < kAccs * kStep * 2; b += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(w + k) + kAhead + b, 0, 3);
+    UNROLL for (int u = 0; u < kAccs; ++u) {
+      const WVec wv = load_w(w, k + u * kStep, p.k);
+      UNROLL for (int r = 0; r < MR; ++r) acc[r][u] = madd(p, r, k + u * kStep, wv, acc[r][u]);
     }
   }
-  UNROLL for (int r = 0; r < MR; ++r) UNROLL for (int j = 0; j < NR; ++j) {
-    float s = hsum(acc[r][j]);
-    for (int64_t k = kv; k < p.k; ++k) s += p.x[r * p.k + k] * bf16_to_f32(w[j * p.k + k]);
-    store(p, r, n0 + j, s);
+  for (; k < full; k += kStep) {
+    const WVec wv = load_w(w, k, p.k);
+    UNROLL for (int r = 0; r < MR; ++r) acc[r][0] = madd(p, r, k, wv, acc[r][0]);
+  }
+  UNROLL for (int r = 0; r < MR; ++r) {
+    Acc t = acc[r][0];
+    UNROLL for (int u = 1; u < kAccs; ++u) t = t + acc[r][u];
+    float s = hsum((vf)t);
+    // the scalar tail's products round to float32 before each add (exact in double): no FMA
+    // contraction, which the compiler may apply in one instantiation and not in another
+    for (int64_t j = full; j < p.k; ++j)
+      s += static_cast<float>(static_cast<double>(p.x[r * p.k + j]) * static_cast<double>(bf16_to_f32(w[j])));
+    store(p, r, c, s);
   }
 }
-// weight rows per step: the accumulators (MR x NR vectors) and the weights fit the registers
-constexpr int kRowsAtOnce = kRegs >= 32 ? 4 : 2;
-#endif
 
 template <int MR>
 void direct_rows(const Dense& p, int64_t n0, int64_t n1) {
-  int64_t c = n0;
-  for (; c + kRowsAtOnce <= n1; c += kRowsAtOnce) direct<MR, kRowsAtOnce>(p, c);
-  for (; c < n1; ++c) direct<MR, 1>(p, c);
+  for (int64_t c = n0; c < n1; ++c) direct<MR>(p, c);
 }
 
 // out[m0:m1, c0:c1] += x W[c0:c1]^T: the rows c0..c1 of W widened into buf [c1 - c0][K], then sgemm.
