@@ -8,8 +8,8 @@ best of --repeats runs of `Loaded.generate` (prompt: the first --prompt tokens o
 test.txt by SmolLM2's tokenizer, then --new greedy tokens; benchmarks/generation.py time_tcc), the
 bytes one decode step reads (benchmarks/generation.py decode_bytes: the decode function's stored
 tensors but an embedding table only gathered from; the KV cache not counted), and decode vs the
-read-bandwidth limit = tok/s x bytes a step / bandwidth (generation.bandwidth: torch.sum of 1 GiB, 2
-threads, best of 5). --rounds R measures the artifacts R times in turn (round robin: on a shared
+read-bandwidth limit = tok/s x bytes a step / bandwidth (generation.bandwidth: torch.sum of 1 GiB in ordinary and in huge pages, 2
+threads, best of 5 processes). --rounds R measures the artifacts R times in turn (round robin: on a shared
 machine the load then falls on all of them alike) and keeps each one's best.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from generation import bandwidth, decode_bytes, prompt_ids, time_tcc  # benchmarks/generation.py
+from generation import METHOD, bandwidth, decode_bytes, prompt_ids, time_tcc  # benchmarks/generation.py
 
 import tcc
 
@@ -42,7 +42,7 @@ def main() -> int:
             old = best.get(path)
             if old is None or r["decode_tokens_per_s"] > old["decode_tokens_per_s"]:
                 best[path] = r
-    print(f"read bandwidth {bw / 1e9:.1f} GB/s (torch.sum of 1 GiB, 2 threads, best of 5)")
+    print(f"read bandwidth {bw / 1e9:.1f} GB/s ({METHOD})")
     print("| artifact | prefill tok/s | decode tok/s | MB a step reads | decode vs read-bandwidth limit |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for path, r in best.items():

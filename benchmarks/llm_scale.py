@@ -49,7 +49,7 @@ llama.cpp alternating; the best load is the row: a process's memory decides its 
 --threads threads (TVM_NUM_THREADS; llama.cpp n_threads and n_threads_batch). tcc: Loaded.generate
 (benchmarks/generation.py time_tcc); llama.cpp: benchmarks/llamacpp.py tokens_per_s (n_ctx
 max(512, PROMPT + NEW + 1)). Decode's share of the read-bandwidth limit: decode tok/s x bytes a step
-reads / read bandwidth (benchmarks/generation.py bandwidth(): torch.sum over 1 GiB, best of 5, in 5 processes, measured
+reads / read bandwidth (benchmarks/generation.py bandwidth(): torch.sum over 1 GiB in ordinary and in huge pages, best of 5, in 5 processes, measured
 at the start of the measure phase). Bytes a step reads: tcc, its decode function's stored tensors but an
 embedding table only gathered from (generation.decode_bytes); llama.cpp, every tensor of the GGUF
 but token_embd when the GGUF has an output.weight (these checkpoints store lm_head.weight next to the
@@ -370,7 +370,7 @@ def main(argv=None) -> int:
                   "sgemm; unset it (and OPENBLAS_L2_SIZE) in this command to measure what this CPU runs", file=sys.stderr)
         if not res.get(kind="bandwidth"):
             res.add({"kind": "bandwidth", "bytes_per_s": generation.bandwidth(),
-                     "method": "torch.sum over 1 GiB, 2 threads, best of 5, best of 5 processes",
+                     "method": generation.METHOD,
                      "openblas_core": generation.blas_core()})
         for s in a.shapes:
             for f in a.formats:
