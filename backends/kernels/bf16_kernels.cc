@@ -140,8 +140,8 @@ inline void store(const Dense& p, int64_t row, int64_t col, float s) {
 // One weight row at a time, front to back, for all MR rows of x: a decode step then reads W as one
 // stream, which the hardware prefetcher follows and a software prefetch kAhead bytes ahead keeps in
 // flight. Blocks of 4 weight rows read at once (4 streams a row apart, restarting every row block)
-// streamed 33-40 GB/s on the 2-core Zen 5 EPYC where the a8w8 GEMV streamed 46-50 in the same
-// process; this loop streamed 50-80, as fast as a8w8 or faster (benchmarks in docs/BENCHMARKS.md,
+// streamed 28-40 GB/s on the 2-core Zen 5 EPYC where the a8w8 GEMV streamed 43-52 in the same
+// process; this loop streams 40-85, about as fast as a8w8 (benchmarks/gemv_ab.py, docs/BENCHMARKS.md
 // session 16). Each x row sums over k in kAccs interleaved accumulators (vector u of each step of
 // kAccs vectors into accumulator u, a partial vector into accumulator 0), the same order for every
 // MR: a speculative verify's row equals the decode step's bit for bit.

@@ -897,9 +897,10 @@ inline F16 w4a8_zero(const W4A8& p, int64_t at) {
 
 // How far ahead (bytes) w4a8_direct asks for its weight stream: each thread reads its tiles' codes
 // front to back (1 and 2 bytes a k per 16 columns at group 32), and the hardware prefetcher alone
-// left a decode GEMV at 43-50 GB/s where the a8w8 one streamed 56-60 in the same process; prefetching
-// 8 KiB ahead took it to 50-65 (benchmarks in docs/BENCHMARKS.md, session 16; 2, 4 and 16 KiB and
-// prefetching the scales too were no better). The a8w8 tile gained nothing from it.
+// left a decode GEMV at 43-50 GB/s where the a8w8 one streamed 56-60 in the same process (4 KiB pages);
+// prefetching 8 KiB ahead took it to 50-65, and +2-10 % with the weights in huge pages
+// (benchmarks/gemv_ab.py, docs/BENCHMARKS.md session 16; 2, 4 and 16 KiB and prefetching the scales
+// too were no better). The a8w8 tile gained nothing from it.
 constexpr int64_t kW4A8Ahead = 8192;
 
 // out[row0 : row0 + MR, 16 t : 16 t + 16] (clipped to N) = the integer path:
