@@ -79,18 +79,14 @@ def _target_line(name: str | None) -> str | None:
     return dict(targets()).get(name)
 
 
-_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
 def _weight_dtypes(path: Path) -> dict:
-    from .frontends.models import safetensors_header
+    from .frontends.models import SAFETENSORS_DTYPES, safetensors_header
     if not path.is_file():
         return {}
     out: dict[str, int] = {}
     for key, t in safetensors_header(path).items():
         if key != "__metadata__":
-            dtype = _DTYPES.get(t["dtype"], t["dtype"].lower())
+            dtype = SAFETENSORS_DTYPES.get(t["dtype"], t["dtype"].lower())
             out[dtype] = out.get(dtype, 0) + t["data_offsets"][1] - t["data_offsets"][0]
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 

@@ -138,14 +138,13 @@ inline void store(const Dense& p, int64_t row, int64_t col, float s) {
 }
 
 // One weight row at a time, front to back, for all MR rows of x: a decode step then reads W as one
-// stream, which the hardware prefetcher follows and a software prefetch kAhead bytes ahead keeps in
-// flight. Blocks of 4 weight rows read at once (4 streams a row apart, restarting every row block)
-// streamed 28-40 GB/s on the 2-core Zen 5 EPYC where the a8w8 GEMV streamed 43-52 in the same
+// stream, which the hardware prefetcher follows and a software prefetch (common.h kPrefetchAhead)
+// keeps in flight. Blocks of 4 weight rows read at once (4 streams a row apart, restarting every row
+// block) streamed 28-40 GB/s on the 2-core Zen 5 EPYC where the a8w8 GEMV streamed 43-52 in the same
 // process; this loop streams 40-85, about as fast as a8w8 (benchmarks/gemv_ab.py, docs/BENCHMARKS.md
 // session 16). Each x row sums over k in kAccs interleaved accumulators (vector u of each step of
 // kAccs vectors into accumulator u, a partial vector into accumulator 0), the same order for every
 // MR: a speculative verify's row equals the decode step's bit for bit.
-constexpr int64_t kAhead = 8192;
 #if defined(TCC_BF16_DPBF16)
 constexpr int64_t kStep = 32;  // k per vector
 constexpr int kAccs = 4;
@@ -184,7 +183,7 @@ void direct(const Dense& p, int64_t c) {
   int64_t k = 0;
   for (; k + kAccs * kStep <= full; k += kAccs * kStep) {
     for (int64_t b = 0; b < kAccs * kStep * 2; b += 64)
-      __builtin_prefetch(reinterpret_cast<const char*>(w + k) + kAhead + b, 0, 3);
+      __builtin_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetchAhead + b, 0, 3);
     UNROLL for (int u = 0; u < kAccs; ++u) {
       const WVec wv = load_w(w, k + u * kStep, p.k);
       UNROLL for (int r = 0; r < MR; ++r) acc[r][u] = madd(p, r, k + u * kStep, wv, acc[r][u]);

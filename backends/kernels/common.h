@@ -39,6 +39,12 @@ constexpr int kVecLanes = 8;
 constexpr int kVecLanes = 4;
 #endif
 
+// How far ahead (bytes) a decode GEMV asks for the weight stream it reads front to back
+// (__builtin_prefetch): the hardware prefetcher alone left the W4A8 and bf16 GEMVs below what the a8w8
+// one streamed in the same process; 8 KiB ahead brought them level (2, 4 and 16 KiB no better; Zen 5,
+// benchmarks/gemv_ab.py, docs/BENCHMARKS.md session 16).
+constexpr int64_t kPrefetchAhead = 8192;
+
 // ---------------------------------------------------------------------------------------------
 // Argument checks
 // ---------------------------------------------------------------------------------------------

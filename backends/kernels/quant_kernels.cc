@@ -895,14 +895,6 @@ inline F16 w4a8_zero(const W4A8& p, int64_t at) {
   return p.zero_f32 ? load_f16(p.zero_f32 + at) : to_float(load_u8x16(p.zero + at));
 }
 
-// How far ahead (bytes) w4a8_direct asks for its weight stream: each thread reads its tiles' codes
-// front to back (1 and 2 bytes a k per 16 columns at group 32), and the hardware prefetcher alone
-// left a decode GEMV at 43-50 GB/s where the a8w8 one streamed 56-60 in the same process (4 KiB pages);
-// prefetching 8 KiB ahead took it to 50-65, and +2-10 % with the weights in huge pages
-// (benchmarks/gemv_ab.py, docs/BENCHMARKS.md session 16; 2, 4 and 16 KiB and prefetching the scales
-// too were no better). The a8w8 tile gained nothing from it.
-constexpr int64_t kW4A8Ahead = 8192;
-
 // out[row0 : row0 + MR, 16 t : 16 t + 16] (clipped to N) = the integer path:
 // sum_g xs[r][g] scale[n][g] (sum_k q[r][k] code[n][k] - zero[n][g] qsum[r][g]) + b.
 template <int MR>
@@ -913,7 +905,9 @@ void w4a8_direct(const W4A8& p, const int8_t* a, const float* xs, const int32_t*
   const uint8_t* w = p.qw + t * p.groups * p.octets * 64;
   alignas(64) int32_t c[MR][kTile];
   for (int64_t g = 0; g < p.groups; ++g) {
-    for (int64_t o = 0; o < p.octets; ++o) __builtin_prefetch(w + (g * p.octets + o) * 64 + kW4A8Ahead, 0, 3);
+    // the tile's codes front to back (common.h kPrefetchAhead: +2-10 % with the weights in huge pages, +12-20 %
+    // in 4 KiB pages; prefetching the scales too, and the same for the a8w8 tile, gained nothing)
+    for (int64_t o = 0; o < p.octets; ++o) __builtin_prefetch(w + (g * p.octets + o) * 64 + kPrefetchAhead, 0, 3);
     w4a8_dot<MR>(w + g * p.octets * 64, p.octets, a + row0 * p.lda + g * p.octets * 8, p.lda, c);
     const int64_t at = (t * p.groups + g) * kTile;
     const F16 s = w4a8_scale(p, at), z = w4a8_zero(p, at);

@@ -34,7 +34,7 @@ import numpy as np
 
 from tcc import progress
 from tcc.errors import InternalError, UserError
-from tcc.frontends.models import safetensors_index
+from tcc.frontends.models import SAFETENSORS_DTYPES, safetensors_index
 from tcc.store import cache_dir
 from tcc.ir.program import TensorSpec
 
@@ -50,10 +50,6 @@ WHEELS = {
 PLATFORM, PYTHON_VERSION = "manylinux_2_28_aarch64", "3.11"
 CXXFLAGS = ["-std=c++17", "-O2"]
 LIBS = ["-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-lscipy_openblas", "-Wl,--as-needed"]
-# safetensors dtype -> TVM dtype string
-ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-             "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
-             "U8": "uint8", "BOOL": "bool"}
 APT_HINT = "install the Debian packages: apt-get install g++-aarch64-linux-gnu qemu-user"
 
 
@@ -166,10 +162,10 @@ def _param_lines(weights: Path, names: list[str]) -> list[str]:
             raise UserError(f"parameter '{name}' listed in manifest.json is missing from {weights}",
                             "rebuild the artifact; its files do not belong together")
         e = header[name]
-        if e["dtype"] not in ST_DTYPES:
+        if e["dtype"] not in SAFETENSORS_DTYPES:
             raise UserError(f"parameter '{name}' has dtype {e['dtype']}, which the arm64 runtime cannot load")
         begin, end = e["data_offsets"]
-        lines.append(_spec_line("param", name, ST_DTYPES[e["dtype"]], start + begin, end - begin, e["shape"]))
+        lines.append(_spec_line("param", name, SAFETENSORS_DTYPES[e["dtype"]], start + begin, end - begin, e["shape"]))
     return lines
 
 

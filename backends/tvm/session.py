@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from tcc.errors import UserError
-from tcc.frontends.models import safetensors_index
+from tcc.frontends.models import SAFETENSORS_DTYPES, safetensors_index
 from tcc.ir.program import TensorSpec
 from .targets import check_cpu
 
@@ -90,7 +90,7 @@ class HostVM:
             if self._stored is None:
                 header, start = safetensors_index(self.weights_path)
                 header.pop("__metadata__", None)
-                need = sum(HostMemory.footprint(_NUMPY[e["dtype"]], e["shape"]) for e in header.values())
+                need = sum(HostMemory.footprint(SAFETENSORS_DTYPES[e["dtype"]], e["shape"]) for e in header.values())
                 self._stored = HostMemory(need), header, start
             memory, header, start = self._stored
             e = header[name]
@@ -102,7 +102,7 @@ class HostVM:
                     if f.readinto(buffer) != end - begin:
                         raise UserError(f"{self.weights_path} is shorter than its header says ({name})",
                                         "rebuild the artifact; the file was cut short")
-            self.by_name[name] = memory.tensor(_NUMPY[e["dtype"]], e["shape"], fill=read)
+            self.by_name[name] = memory.tensor(SAFETENSORS_DTYPES[e["dtype"]], e["shape"], fill=read)
         return self.by_name[name]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -111,11 +111,6 @@ class HostVM:
         out = self.main(*args)
         outs = [out] if hasattr(out, "numpy") else list(out)
         return {s.name: o.numpy() for s, o in zip(self.outputs, outs)}
-
-
-# safetensors dtype -> numpy dtype (an artifact stores bf16 as int16: numpy has no bfloat16)
-_NUMPY = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32", "I16": "int16",
-          "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool"}
 
 
 class HostMemory:
@@ -152,7 +147,7 @@ class HostMemory:
         if self._next + n > len(self._bytes):
             raise RuntimeError("HostMemory: more tensors than the mapping was sized for")
         view = self._bytes[self._next:self._next + n]
-        self._next += self.footprint(dtype, shape)
+        self._next += -(-n // self.ALIGN) * self.ALIGN
         if fill is not None and n:
             fill(view)
         if n == 0:  # DLPack cannot export a zero-byte view of the mapping

@@ -120,6 +120,12 @@ def safetensors_header(path: Path) -> dict:
     return safetensors_index(path)[0]
 
 
+# safetensors dtype -> numpy / TVM dtype name (artifacts store bf16 as int16: numpy has no bfloat16)
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+                      "U8": "uint8", "BOOL": "bool"}
+
+
 def safetensors_index(path: Path) -> tuple[dict, int]:
     """(the JSON header of a safetensors file, the file offset its data_offsets count from: 8 bytes of
     header length, then the header); no tensor is read."""
