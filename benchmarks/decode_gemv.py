@@ -13,6 +13,7 @@ so every call reads its weights from memory, as a decode step does; best of --re
            reads them after its float16 -> float32 cast, which is not timed here)
   w4a8     tcc_dense_w4a8_f32 (acts="int8"), group 32, uint8 zero points, float16 scales
   w4a8 fz  the same with float32 (fractional, Q4_1-grid) zero points
+  w4a8 sym the same, symmetric: one zero point, 8 (the Q4_0 grid)
 The tcc kernels run on TVM's thread pool with TVM_NUM_THREADS (2 here unless set).
 
 --rows M...: each kernel at x[M, K] too (a speculative verify runs M = k + 1 rows); the cell gives the
@@ -55,7 +56,7 @@ def weights(kind: str, k: int, n: int, rng) -> list[np.ndarray]:
         return [packed, wsum, np.full(n, 0.01, np.float32), b]
     q4 = rng.integers(0, 256, (n, k // 2)).astype(np.uint8)
     s4 = (rng.random((n, k // GROUP)) * 0.01).astype(np.float32)
-    z4 = rng.integers(0, 16, (n, k // GROUP)).astype(np.uint8)
+    z4 = None if kind == "w4a8 sym" else rng.integers(0, 16, (n, k // GROUP)).astype(np.uint8)
     if kind == "w4":
         return [*quant_layout.pack_w4(q4, s4, z4), b]
     if kind == "w4a8 fz":
@@ -64,7 +65,8 @@ def weights(kind: str, k: int, n: int, rng) -> list[np.ndarray]:
 
 
 KERNELS = {"fp32": "tcc_dense_f32", "a8w8": "tcc_dense_a8w8_f32", "w4": "tcc_dense_w4_f32",
-           "w4a8": "tcc_dense_w4a8_f32", "w4a8 fz": "tcc_dense_w4a8_f32", "fp32 sgemm": "tcc_dense_f32"}
+           "w4a8": "tcc_dense_w4a8_f32", "w4a8 fz": "tcc_dense_w4a8_f32",
+           "w4a8 sym": "tcc_dense_w4a8_f32", "fp32 sgemm": "tcc_dense_f32"}
 
 
 def time_kernel(mod, kind, k, n, repeats, copies, rng, m=1) -> tuple[float, int]:

@@ -1,9 +1,10 @@
-"""Decode GEMVs (M = 1) of kernel variants timed interleaved in one process (issue 15, session 16).
+"""Decode GEMVs (M = 1) or prefill GEMMs (--m 128) of kernel variants timed interleaved in one process
+(issue 15, sessions 16-17).
 
     python benchmarks/gemv_ab.py VARIANT [VARIANT ...] [--shapes llama1b qwen05b] [--rounds 12]
-        [--small-pages]
+        [--small-pages] [--m 1]
 
-VARIANT is NAME=KIND[:SOURCE][:FLAGS]: KIND one of a8w8, w4a8, w4a8 fz, fp32, bf16 (the kernels of
+VARIANT is NAME=KIND[:SOURCE][:FLAGS]: KIND one of a8w8, w4a8, w4a8 fz, w4a8 sym, fp32, bf16 (the kernels of
 benchmarks/decode_gemv.py, plus tcc_dense_bf16_f32); SOURCE another version of one of
 backends/kernels/*.cc, under the same file name, built in its place for this variant (e.g. `git show
 HEAD~1:backends/kernels/bf16_kernels.cc > /tmp/old/bf16_kernels.cc`); FLAGS extra compiler flags
@@ -16,8 +17,9 @@ call reads its weights from memory, as a decode step does), placed as tcc.load p
 (backends/tvm/session.py HostMemory: one mapping with transparent huge pages asked for;
 --small-pages: ordinary TVM tensors). Then --rounds rounds, each timing one pass over all copies of
 every variant in turn: on a machine whose memory speed drifts, the variants see the same drift.
-Prints GB/s of weight bytes read (best / median of the rounds); the variants' ratios are the result,
-the absolute figures move with the machine. TVM_NUM_THREADS: 2 unless set.
+Prints GB/s of weight bytes read (best / median of the rounds); with --m M > 1 (a prefill's GEMM,
+compute-bound) GOP/s = 2 M N K / time instead. The variants' ratios are the result, the absolute
+figures move with the machine. TVM_NUM_THREADS: 2 unless set.
 """
 from __future__ import annotations
 
@@ -82,6 +84,7 @@ def main() -> int:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--small-pages", action="store_true", help="weights in ordinary TVM tensors, not huge pages")
+    p.add_argument("--m", type=int, default=1, help="rows of x (1: a decode GEMV; 128: a prefill GEMM)")
     a = p.parse_args()
     variants = {}
     for v in a.variants:
@@ -98,13 +101,14 @@ def main() -> int:
             (Path(work) / name).mkdir()
             mods[name] = build(name, source, flags, Path(work) / name)
         print(f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, weights in "
-              f"{'ordinary pages' if a.small_pages else 'huge pages (HostMemory)'}; GB/s best / median of {a.rounds} rounds")
+              f"{'ordinary pages' if a.small_pages else 'huge pages (HostMemory)'}; M = {a.m}, "
+              f"{'GB/s' if a.m == 1 else 'GOP/s'} best / median of {a.rounds} rounds")
         print("| shape | layer | K x N | " + " | ".join(variants) + " |")
         print("| --- | --- | --- |" + " ---: |" * len(variants))
         for shape in a.shapes:
             for layer, k, n in SHAPES[shape]:
-                x = tensor(rng.standard_normal((1, k)).astype(np.float32), True)
-                out = tensor(np.empty((1, n), np.float32), True)
+                x = tensor(rng.standard_normal((a.m, k)).astype(np.float32), True)
+                out = tensor(np.empty((a.m, n), np.float32), True)
                 runs = {}
                 for name, (kind, _, _) in variants.items():
                     first = weights(kind, k, n, rng)
@@ -123,7 +127,8 @@ def main() -> int:
                         t0 = time.perf_counter()
                         for s in sets:
                             f(x, *s, *extra, out)
-                        speeds[name].append(total / (time.perf_counter() - t0) / 1e9)
+                        work = total if a.m == 1 else 2 * a.m * n * k * len(sets)
+                        speeds[name].append(work / (time.perf_counter() - t0) / 1e9)
                 print(f"| {shape} | {layer} | {k} x {n} | "
                       + " | ".join(f"{max(v):.1f} / {statistics.median(v):.1f}" for v in speeds.values()) + " |",
                       flush=True)

@@ -922,34 +922,159 @@ void w4a8_direct(const W4A8& p, const int8_t* a, const float* xs, const int32_t*
   store_tile<MR>(acc, p.out, p.b, p.n, t, row0);
 }
 
-// The GEMM (M > kW4DirectRows, prefill): a panel of up to kGemmNV tiles (16 kGemmNV output columns)
-// unpacks once into one signed weight code per byte, w = code - zero (integer zero points) or code
-// (fractional ones), [G][kGemmNV][Q][16][4] (Q = 2 octets quads of k per group, the layout
-// int8_tile reads), with the tiles' scales (and scale x zero point, fractional zero points only) as
-// float32; then every block of rows runs on it: per group, the integer sums T = sum_k q w, exact,
-// and acc += T (s sx) (- (s z) (qsum sx) for fractional zero points) in float32. The integer zero
-// point thus costs nothing per row: it is in the codes.
+// The GEMM (M > kW4DirectRows, prefill). Both forms compute, per group, the integer sums
+// T = sum_k q (code - z), exact in int32, then acc += T (s sx) in float32 (fractional zero points:
+// T = sum_k q code, and acc -= (s z) (qsum sx)), per block of rows and panel of output tiles; the
+// activations quantize first (row by row, in parallel), then the threads split the panels (or the
+// rows, when M > N).
 #if TCC_INT8_VNNI
-// vpdpbusd multiplies uint8 by int8: the activation codes are q + 128 (uint8) and the weights w
-// (int8, -15..15); sum_k (q + 128) w = T + 128 sum_k w, so each group's int32 accumulators start at
-// -128 sum_k w (w.init, per column; padded k have q = 0 on both sides of the identity).
-// 8 rows x 3 tiles: 24 int32 accumulators + 3 weight vectors + 1 broadcast in zmm (the float32
-// accumulators go to L1 once per group; 4 x 3 with all of them in registers measured no faster).
+// AVX-512 VNNI reads the packed codes where they lie: per octet of k, one 64-byte load per tile gives
+// the low nibbles (k 0..3) and, shifted, the high ones (k 4..7) as uint8, and vpdpbusd multiplies
+// them by the int8 activation codes (4 bytes broadcast per row). Each group's int32 sums start at the
+// zero points' share, -z qsum, so they end at T:
+//   kZeroOne:   one integer zero point for the whole panel (symmetric int4: 8), a broadcast per row;
+//   kZeroEach:  integer zero points per column and group, vpmulld per row and tile;
+//   kZeroFloat: fractional zero points, subtracted in float32 (above).
+// (Unpacking each panel to int8 code - z first, as the other ISAs do, cost 14 % of the time at
+// M = 128, K = 896, and a pass over the output another 7 %: session 17, benchmarks/gemv_ab.py --m 128.)
+// 8 rows x 3 tiles: 24 int32 accumulators + 3 code vectors + 1 broadcast + the nibble mask in zmm
+// (the float32 accumulators go to L1 once per group).
+enum ZeroPoints { kZeroFloat, kZeroOne, kZeroEach };
 constexpr int kGemmMR = 8, kGemmNV = 3;
-using GemmCode = uint8_t;
-constexpr int32_t kGemmCodeOffset = 128;
+
+// acc += vpdpbusd(a uint8, b int8) with acc tied to its register (GCC 12 copies the intrinsic's
+// accumulators into new registers around every call when float32 accumulators are live beside them).
+inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+// out[row0 : row0 + MR, tiles t ... t + NV - 1] (+ b); zero: the panel's zero point (kZeroOne).
+template <int MR, int NV, int ZP>
+void w4a8_gemm_block(const W4A8& p, const int8_t* a, const float* xs, const int32_t* qsum, const float* qsx,
+                     int64_t t, int64_t row0, int32_t zero) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const int64_t tile_bytes = p.groups * p.octets * 64, tile_groups = p.groups * kTile;
+  __m512 f[MR][NV];
+  UNROLL for (int r = 0; r < MR; ++r) UNROLL for (int v = 0; v < NV; ++v) f[r][v] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t at = (t * p.groups + g) * kTile;  // tile t + v's scales and zero points: at + v tile_groups
+    __m512i acc[MR][NV];
+    UNROLL for (int r = 0; r < MR; ++r) {
+      const int32_t qs = qsum[(row0 + r) * p.groups + g];
+      UNROLL for (int v = 0; v < NV; ++v) {
+        if (ZP == kZeroFloat) {
+          acc[r][v] = _mm512_setzero_si512();
+        } else if (ZP == kZeroOne) {
+          acc[r][v] = _mm512_set1_epi32(-zero * qs);
+        } else {
+          const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.zero + at + v * tile_groups)));
+          acc[r][v] = _mm512_mullo_epi32(z, _mm512_set1_epi32(-qs));
+        }
+      }
+    }
+    const uint8_t* wg = p.qw + t * tile_bytes + g * p.octets * 64;
+    const int8_t* ag = a + row0 * p.lda + g * p.octets * 8;
+    for (int64_t o = 0; o < p.octets; ++o) {
+      UNROLL for (int h = 0; h < 2; ++h) {  // low nibbles: k 8 o + 0..3, high: 8 o + 4..7
+        __m512i c[NV];
+        UNROLL for (int v = 0; v < NV; ++v) {
+          const __m512i raw = _mm512_loadu_si512(wg + v * tile_bytes + o * 64);
+          c[v] = _mm512_and_si512(h ? _mm512_srli_epi16(raw, 4) : raw, m4);
+        }
+        UNROLL for (int r = 0; r < MR; ++r) {
+          int32_t a4;
+          std::memcpy(&a4, ag + r * p.lda + 8 * o + 4 * h, 4);
+          const __m512i av = _mm512_set1_epi32(a4);
+          UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = dpbusd(acc[r][v], c[v], av);
+        }
+      }
+    }
+    UNROLL for (int v = 0; v < NV; ++v) {
+      const __m512 s = w4a8_scale(p, at + v * tile_groups).v[0];
+      const __m512 sz = ZP == kZeroFloat ? _mm512_mul_ps(s, _mm512_loadu_ps(p.zero_f32 + at + v * tile_groups)) : s;
+      UNROLL for (int r = 0; r < MR; ++r) {
+        const int64_t rg = (row0 + r) * p.groups + g;
+        f[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][v]), _mm512_mul_ps(s, _mm512_set1_ps(xs[rg])), f[r][v]);
+        if (ZP == kZeroFloat) f[r][v] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(qsx[rg]), f[r][v]);
+      }
+    }
+  }
+  UNROLL for (int v = 0; v < NV; ++v) {
+    const int64_t n0 = (t + v) * kTile;
+    const __mmask16 cols = n0 + kTile <= p.n ? 0xFFFF : static_cast<__mmask16>((1u << (p.n - n0)) - 1);
+    const __m512 bias = p.b ? _mm512_maskz_loadu_ps(cols, p.b + n0) : _mm512_setzero_ps();
+    UNROLL for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(p.out + (row0 + r) * p.n + n0, cols, _mm512_add_ps(f[r][v], bias));
+  }
+}
+
+using GemmBlock = void (*)(const W4A8&, const int8_t*, const float*, const int32_t*, const float*, int64_t, int64_t,
+                           int32_t);
+template <int ZP, int MR, int... V>
+constexpr std::array<GemmBlock, sizeof...(V)> gemm_row(std::integer_sequence<int, V...>) {
+  return {w4a8_gemm_block<MR, V + 1, ZP>...};
+}
+template <int ZP, int... R>
+constexpr std::array<std::array<GemmBlock, kGemmNV>, kGemmMR> gemm_table(std::integer_sequence<int, R...>) {
+  return {gemm_row<ZP, R + 1>(std::make_integer_sequence<int, kGemmNV>{})...};
+}
+// kGemmBlocks[zp][mr - 1][nv - 1] = w4a8_gemm_block<mr, nv, zp>
+constexpr std::array<std::array<std::array<GemmBlock, kGemmNV>, kGemmMR>, 3> kGemmBlocks = {
+    gemm_table<kZeroFloat>(std::make_integer_sequence<int, kGemmMR>{}),
+    gemm_table<kZeroOne>(std::make_integer_sequence<int, kGemmMR>{}),
+    gemm_table<kZeroEach>(std::make_integer_sequence<int, kGemmMR>{})};
+
+// The zero points of tiles [t, t + nv) (their columns < N): kZeroOne with *zero set where all are equal.
+int panel_zero_points(const W4A8& p, int64_t t, int nv, int32_t* zero) {
+  if (p.zero_f32) return kZeroFloat;
+  const int64_t cols = std::min<int64_t>(nv * kTile, p.n - t * kTile);
+  *zero = p.zero[t * p.groups * kTile];
+  for (int64_t v = 0; v * kTile < cols; ++v)
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const uint8_t* z = p.zero + ((t + v) * p.groups + g) * kTile;
+      for (int64_t j = 0; j < std::min<int64_t>(kTile, cols - v * kTile); ++j)
+        if (z[j] != *zero) return kZeroEach;
+    }
+  return kZeroOne;
+}
+
+void w4a8_gemm(const W4A8& p, float* xs, int32_t* qsum) {
+  int8_t* a = scratch<int8_t, 8>(p.m * p.lda);
+  float* qsx = scratch<float, 10>(p.m * p.groups);  // qsum * xs
+  parallel([&](int task, int num_tasks) {
+    int64_t r0, r1;
+    split(p.m, 1, task, num_tasks, &r0, &r1);
+    w4a8_quantize(p, r0, r1, a, 0, xs, qsum);
+    for (int64_t i = r0 * p.groups; i < r1 * p.groups; ++i) qsx[i] = static_cast<float>(qsum[i]) * xs[i];
+  });
+  parallel([&](int task, int num_tasks) {
+    const int64_t tiles = ceil_div(p.n, kTile);
+    int64_t m0 = 0, m1 = p.m, t0 = 0, t1 = tiles;
+    if (p.n >= p.m) split(tiles, 1, task, num_tasks, &t0, &t1);
+    else split(p.m, kGemmMR, task, num_tasks, &m0, &m1);
+    for (int64_t t = t0; t < t1; t += kGemmNV) {
+      const int nv = static_cast<int>(std::min<int64_t>(kGemmNV, t1 - t));
+      int32_t zero = 0;
+      const auto& blocks = kGemmBlocks[panel_zero_points(p, t, nv, &zero)];
+      for (int64_t r = m0; r < m1; r += kGemmMR)
+        blocks[std::min<int64_t>(kGemmMR, m1 - r) - 1][nv - 1](p, a, xs, qsum, qsx, t, r, zero);
+    }
+  });
+}
 #else
+// The other ISAs unpack a panel of up to kGemmNV tiles (16 kGemmNV output columns) once into one
+// signed weight code per byte, w = code - zero (integer zero points) or code (fractional ones),
+// [G][kGemmNV][Q][16][4] (Q = 2 octets quads of k per group, the layout int8_tile reads), with the
+// tiles' scales (and scale x zero point, fractional zero points only) as float32; then every block of
+// rows runs on it (int8_tile per group into memory, then the group's sums fold into float32
+// accumulators). The integer zero point thus costs nothing per row: it is in the codes.
 constexpr int kGemmMR = kMR, kGemmNV = kNV;  // int8_tile's blocking
-using GemmCode = Code;
-constexpr int32_t kGemmCodeOffset = 0;
-#endif
 
 struct W4A8Panel {
-  int64_t quads;   // Q, quads of k per group
-  int8_t* w;       // [G][kGemmNV][Q][64]
-  float* s;        // [G][kGemmNV][16]
-  float* sz;       // [G][kGemmNV][16]: scale * zero point (fractional zero points only)
-  int32_t* init;   // [G][kGemmNV][16]: -kGemmCodeOffset * sum_k w, each group's accumulators' start
+  int64_t quads;  // Q, quads of k per group
+  int8_t* w;      // [G][kGemmNV][Q][64]
+  float* s;       // [G][kGemmNV][16]
+  float* sz;      // [G][kGemmNV][16]: scale * zero point (fractional zero points only)
 };
 
 typedef uint8_t vb __attribute__((vector_size(kLanes * 4)));
@@ -983,66 +1108,13 @@ void w4a8_unpack(const W4A8& p, int64_t t0, int nv, const W4A8Panel& w) {
           *reinterpret_cast<vb_u*>(dst + 2 * o * 64 + i * kLanes * 4) = (vb)(c & m4) - (vb)zrep[i];
           *reinterpret_cast<vb_u*>(dst + (2 * o + 1) * 64 + i * kLanes * 4) = (vb)((c >> 4) & m4) - (vb)zrep[i];
         }
-#if TCC_INT8_VNNI
-      __m512i sum = _mm512_setzero_si512();
-      for (int64_t q = 0; q < w.quads; ++q)
-        sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(static_cast<char>(kGemmCodeOffset)), _mm512_loadu_si512(dst + q * 64));
-      _mm512_storeu_si512(w.init + slot, _mm512_sub_epi32(_mm512_setzero_si512(), sum));
-#endif
     }
 }
 
 // acc[(r kGemmNV + v) 16 + j] = row row0 + r (r < MR), column j of the panel's tile v (v < NV), over
 // all groups (acc: float32, which the function writes). FZ: fractional zero points.
-#if TCC_INT8_VNNI
-// acc += vpdpbusd(a uint8, b int8) with acc tied to its register (GCC 12 copies the intrinsic's
-// accumulators into new registers around every call when float32 accumulators are live beside them).
-inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
-  return acc;
-}
-
 template <int MR, int NV, bool FZ>
-void w4a8_gemm_block(const W4A8& p, const GemmCode* a, const float* xs, const float* qsx, const W4A8Panel& w,
-                     int64_t row0, float* out) {
-  __m512 f[MR][NV];
-  UNROLL for (int r = 0; r < MR; ++r) UNROLL for (int v = 0; v < NV; ++v) f[r][v] = _mm512_setzero_ps();
-  const GemmCode* a0 = a + row0 * p.lda;
-  for (int64_t g = 0; g < p.groups; ++g) {
-    const int8_t* wg = w.w + g * kGemmNV * w.quads * 64;
-    const GemmCode* ag = a0 + g * w.quads * 4;
-    __m512i acc[MR][NV];
-    UNROLL for (int v = 0; v < NV; ++v) {
-      const __m512i init = _mm512_loadu_si512(w.init + (g * kGemmNV + v) * kTile);
-      UNROLL for (int r = 0; r < MR; ++r) acc[r][v] = init;
-    }
-    for (int64_t q = 0; q < w.quads; ++q) {
-      __m512i wv[NV];
-      UNROLL for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(wg + (v * w.quads + q) * 64);
-      UNROLL for (int r = 0; r < MR; ++r) {
-        int32_t a4;
-        std::memcpy(&a4, ag + r * p.lda + 4 * q, 4);
-        const __m512i av = _mm512_set1_epi32(a4);
-        UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = dpbusd(acc[r][v], av, wv[v]);
-      }
-    }
-    UNROLL for (int v = 0; v < NV; ++v) {
-      const int64_t slot = (g * kGemmNV + v) * kTile;
-      const __m512 s = _mm512_loadu_ps(w.s + slot);
-      UNROLL for (int r = 0; r < MR; ++r) {
-        const int64_t rg = (row0 + r) * p.groups + g;
-        f[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][v]), _mm512_mul_ps(s, _mm512_set1_ps(xs[rg])), f[r][v]);
-        if (FZ) f[r][v] = _mm512_fnmadd_ps(_mm512_loadu_ps(w.sz + slot), _mm512_set1_ps(qsx[rg]), f[r][v]);
-      }
-    }
-  }
-  UNROLL for (int r = 0; r < MR; ++r)
-    UNROLL for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + (r * kGemmNV + v) * kTile, f[r][v]);
-}
-#else
-// int8_tile per group into memory, then the group's sums fold into float32 accumulators.
-template <int MR, int NV, bool FZ>
-void w4a8_gemm_block(const W4A8& p, const GemmCode* a, const float* xs, const float* qsx, const W4A8Panel& w,
+void w4a8_gemm_block(const W4A8& p, const Code* a, const float* xs, const float* qsx, const W4A8Panel& w,
                      int64_t row0, float* out) {
   alignas(64) int32_t c[MR * NV * kTile];
   F16 acc[MR][NV];
@@ -1067,10 +1139,8 @@ void w4a8_gemm_block(const W4A8& p, const GemmCode* a, const float* xs, const fl
     UNROLL for (int v = 0; v < NV; ++v)
       UNROLL for (int i = 0; i < kVecs; ++i) *reinterpret_cast<vf_u*>(out + (r * kGemmNV + v) * kTile + i * kLanes) = acc[r][v].v[i];
 }
-#endif
 
-using GemmBlock = void (*)(const W4A8&, const GemmCode*, const float*, const float*, const W4A8Panel&, int64_t,
-                           float*);
+using GemmBlock = void (*)(const W4A8&, const Code*, const float*, const float*, const W4A8Panel&, int64_t, float*);
 template <bool FZ, int MR, int... V>
 constexpr std::array<GemmBlock, sizeof...(V)> gemm_row(std::integer_sequence<int, V...>) {
   return {w4a8_gemm_block<MR, V + 1, FZ>...};
@@ -1085,7 +1155,7 @@ constexpr std::array<std::array<std::array<GemmBlock, kGemmNV>, kGemmMR>, 2> kGe
     gemm_table<true>(std::make_integer_sequence<int, kGemmMR>{})};
 
 // out[row0 : row0 + mr, the panel's nv tiles t0 ...] (+ b).
-void w4a8_gemm_rows(const W4A8& p, const GemmCode* a, const float* xs, const float* qsx, const W4A8Panel& w,
+void w4a8_gemm_rows(const W4A8& p, const Code* a, const float* xs, const float* qsx, const W4A8Panel& w,
                     int64_t t0, int nv, int64_t row0, int mr) {
   alignas(64) float acc[kGemmMR * kGemmNV * kTile];
   kGemmBlocks[p.zero_f32 != nullptr][mr - 1][nv - 1](p, a, xs, qsx, w, row0, acc);
@@ -1105,42 +1175,13 @@ void w4a8_gemm_rows(const W4A8& p, const GemmCode* a, const float* xs, const flo
   }
 }
 
-void w4a8_run(const W4A8& p) {
-  if (p.m == 0 || p.n == 0) return;
-  if (p.k == 0) {
-    return parallel([&](int task, int num_tasks) {
-      int64_t n0, n1;
-      split(p.n, kTile, task, num_tasks, &n0, &n1);
-      if (n0 < n1) fill_bias(p.out, p.b, p.n, 0, p.m, n0, n1);
-    });
-  }
-  float* xs = scratch<float, 5>(p.m * p.groups);
-  int32_t* qsum = scratch<int32_t, 6>(p.m * p.groups);
-  if (p.m <= kW4DirectRows) {
-    int8_t* a = scratch<int8_t, 4>(p.m * p.lda);
-    w4a8_quantize(p, 0, p.m, a, 0, xs, qsum);
-    return parallel([&](int task, int num_tasks) {
-      int64_t n0, n1;
-      split(p.n, kTile, task, num_tasks, &n0, &n1);  // the weight rows (output columns), evenly
-      for (int64_t t = n0 / kTile; t * kTile < n1; ++t)
-        for (int64_t r = 0; r < p.m; r += 4) {
-          switch (std::min<int64_t>(4, p.m - r)) {
-            case 1: w4a8_direct<1>(p, a, xs, qsum, t, r); break;
-            case 2: w4a8_direct<2>(p, a, xs, qsum, t, r); break;
-            case 3: w4a8_direct<3>(p, a, xs, qsum, t, r); break;
-            default: w4a8_direct<4>(p, a, xs, qsum, t, r); break;
-          }
-        }
-    });
-  }
-  // The GEMM: the activations quantize (row by row, in parallel), then the threads split the
-  // panels (or the rows, when M > N); each unpacks its panels once and runs every row block on them.
-  GemmCode* ac = scratch<GemmCode, 8>(p.m * p.lda);
+void w4a8_gemm(const W4A8& p, float* xs, int32_t* qsum) {
+  Code* a = scratch<Code, 8>(p.m * p.lda);
   float* qsx = scratch<float, 10>(p.m * p.groups);  // qsum * xs
   parallel([&](int task, int num_tasks) {
     int64_t r0, r1;
     split(p.m, 1, task, num_tasks, &r0, &r1);
-    w4a8_quantize(p, r0, r1, ac, kGemmCodeOffset, xs, qsum);
+    w4a8_quantize(p, r0, r1, a, 0, xs, qsum);
     for (int64_t i = r0 * p.groups; i < r1 * p.groups; ++i) qsx[i] = static_cast<float>(qsum[i]) * xs[i];
   });
   parallel([&](int task, int num_tasks) {
@@ -1153,13 +1194,42 @@ void w4a8_run(const W4A8& p) {
     w.w = scratch<int8_t, 9>(p.groups * kGemmNV * w.quads * 64);
     w.s = scratch<float, 11>(p.groups * kGemmNV * kTile);
     w.sz = scratch<float, 12>(p.groups * kGemmNV * kTile);
-    w.init = scratch<int32_t, 13>(p.groups * kGemmNV * kTile);
     for (int64_t t = t0; t < t1; t += kGemmNV) {
       const int nv = static_cast<int>(std::min<int64_t>(kGemmNV, t1 - t));
       w4a8_unpack(p, t, nv, w);
       for (int64_t r = m0; r < m1; r += kGemmMR)
-        w4a8_gemm_rows(p, ac, xs, qsx, w, t, nv, r, static_cast<int>(std::min<int64_t>(kGemmMR, m1 - r)));
+        w4a8_gemm_rows(p, a, xs, qsx, w, t, nv, r, static_cast<int>(std::min<int64_t>(kGemmMR, m1 - r)));
     }
+  });
+}
+#endif
+
+void w4a8_run(const W4A8& p) {
+  if (p.m == 0 || p.n == 0) return;
+  if (p.k == 0) {
+    return parallel([&](int task, int num_tasks) {
+      int64_t n0, n1;
+      split(p.n, kTile, task, num_tasks, &n0, &n1);
+      if (n0 < n1) fill_bias(p.out, p.b, p.n, 0, p.m, n0, n1);
+    });
+  }
+  float* xs = scratch<float, 5>(p.m * p.groups);
+  int32_t* qsum = scratch<int32_t, 6>(p.m * p.groups);
+  if (p.m > kW4DirectRows) return w4a8_gemm(p, xs, qsum);
+  int8_t* a = scratch<int8_t, 4>(p.m * p.lda);
+  w4a8_quantize(p, 0, p.m, a, 0, xs, qsum);
+  parallel([&](int task, int num_tasks) {
+    int64_t n0, n1;
+    split(p.n, kTile, task, num_tasks, &n0, &n1);  // the weight rows (output columns), evenly
+    for (int64_t t = n0 / kTile; t * kTile < n1; ++t)
+      for (int64_t r = 0; r < p.m; r += 4) {
+        switch (std::min<int64_t>(4, p.m - r)) {
+          case 1: w4a8_direct<1>(p, a, xs, qsum, t, r); break;
+          case 2: w4a8_direct<2>(p, a, xs, qsum, t, r); break;
+          case 3: w4a8_direct<3>(p, a, xs, qsum, t, r); break;
+          default: w4a8_direct<4>(p, a, xs, qsum, t, r); break;
+        }
+      }
   });
 }
 
