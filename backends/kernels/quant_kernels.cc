@@ -937,10 +937,11 @@ void w4a8_direct(const W4A8& p, const int8_t* a, const float* xs, const int32_t*
 //   kZeroFloat: fractional zero points, subtracted in float32 (above).
 // (Unpacking each panel to int8 code - z first, as the other ISAs do, cost 14 % of the time at
 // M = 128, K = 896, and a pass over the output another 7 %: session 17, benchmarks/gemv_ab.py --m 128.)
-// 8 rows x 3 tiles: 24 int32 accumulators + 3 code vectors + 1 broadcast + the nibble mask in zmm
-// (the float32 accumulators go to L1 once per group).
+// 3 rows x 4 tiles: 12 int32 and 12 float32 accumulators, 4 code vectors, 1 broadcast and the nibble
+// mask in zmm. (8 x 3, the float32 accumulators in L1, as the unpacked panel had it: 12-17 % slower
+// with one zero point, 2-5 % with zero points per column; 4 x 3 and 6 x 2 between; gemv_ab.py --m 128.)
 enum ZeroPoints { kZeroFloat, kZeroOne, kZeroEach };
-constexpr int kGemmMR = 8, kGemmNV = 3;
+constexpr int kGemmMR = 3, kGemmNV = 4;
 
 // acc += vpdpbusd(a uint8, b int8) with acc tied to its register (GCC 12 copies the intrinsic's
 // accumulators into new registers around every call when float32 accumulators are live beside them).
