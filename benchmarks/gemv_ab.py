@@ -2,7 +2,7 @@
 (issue 15, sessions 16-17).
 
     python benchmarks/gemv_ab.py VARIANT [VARIANT ...] [--shapes llama1b qwen05b] [--rounds 12]
-        [--small-pages] [--m 1]
+        [--small-pages] [--m 1] [--group 32]
 
 VARIANT is NAME=KIND[:SOURCE][:FLAGS]: KIND one of a8w8, w4a8, w4a8 fz, w4a8 sym, fp32, bf16 (the kernels of
 benchmarks/decode_gemv.py, plus tcc_dense_bf16_f32); SOURCE another version of one of
@@ -85,7 +85,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--small-pages", action="store_true", help="weights in ordinary TVM tensors, not huge pages")
     p.add_argument("--m", type=int, default=1, help="rows of x (1: a decode GEMV; 128: a prefill GEMM)")
+    p.add_argument("--group", type=int, default=decode_gemv.GROUP, help="int4 group (default 32)")
     a = p.parse_args()
+    decode_gemv.GROUP = a.group
     variants = {}
     for v in a.variants:
         name, _, spec = v.partition("=")
