@@ -41,7 +41,9 @@
 // hyper-threading), all of them elsewhere.
 #include "common.h"
 
+#include <array>
 #include <cmath>
+#include <utility>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -124,6 +126,9 @@ inline F32V vload(const int8_t* p) {
 inline F32V vzero() { return _mm512_setzero_ps(); }
 inline F32V vfma(F32V a, F32V b, F32V c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(F32V v) { return _mm512_reduce_add_ps(v); }
+inline F32V vset1(float x) { return _mm512_set1_ps(x); }
+inline void vstore(float* p, F32V v) { _mm512_storeu_ps(p, v); }
+constexpr int kPvRows = 6;  // sdpa's p v: rows x 4 vectors of accumulators in registers (of 32)
 #elif defined(__AVX2__) && defined(__FMA__)
 typedef __m256 F32V;
 constexpr int kF32Lanes = 8, kNR = 2;
@@ -133,6 +138,9 @@ inline F32V vload(const int8_t* p) {
 }
 inline F32V vzero() { return _mm256_setzero_ps(); }
 inline F32V vfma(F32V a, F32V b, F32V c) { return _mm256_fmadd_ps(a, b, c); }
+inline F32V vset1(float x) { return _mm256_set1_ps(x); }
+inline void vstore(float* p, F32V v) { _mm256_storeu_ps(p, v); }
+constexpr int kPvRows = 3;  // (of 16 registers)
 inline float vsum(F32V v) {
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -150,6 +158,9 @@ inline F32V vload(const int8_t* p) {
 inline F32V vzero() { return vdupq_n_f32(0.0f); }
 inline F32V vfma(F32V a, F32V b, F32V c) { return vfmaq_f32(c, a, b); }
 inline float vsum(F32V v) { return vaddvq_f32(v); }
+inline F32V vset1(float x) { return vdupq_n_f32(x); }
+inline void vstore(float* p, F32V v) { vst1q_f32(p, v); }
+constexpr int kPvRows = 6;  // (of 32 registers)
 #else
 typedef float F32V __attribute__((vector_size(16)));
 typedef float F32V_u __attribute__((vector_size(16), aligned(1), may_alias));
@@ -161,6 +172,9 @@ inline F32V vload(const int8_t* p) {
 inline F32V vzero() { return F32V{0.0f, 0.0f, 0.0f, 0.0f}; }
 inline F32V vfma(F32V a, F32V b, F32V c) { return a * b + c; }
 inline float vsum(F32V v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+inline F32V vset1(float x) { return F32V{x, x, x, x}; }
+inline void vstore(float* p, F32V v) { *reinterpret_cast<F32V_u*>(p) = v; }
+constexpr int kPvRows = 3;  // (of 16 registers)
 #endif
 #ifndef TCC_DENSE_SMALL_ROWS  // -DTCC_DENSE_SMALL_ROWS=0: OpenBLAS only (benchmarks/decode_gemv.py --rows compares)
 #define TCC_DENSE_SMALL_ROWS 16
@@ -409,58 +423,111 @@ void sdpa_block(const Sdpa& s, int64_t b, int64_t h, int64_t i0, int64_t i1) {
 }
 
 constexpr int64_t kSdpaRows = 16;
+constexpr int kPvVecs = 4;  // p v: vectors of lanes per row in one pass over the keys
 
-// Few query rows (a decode step, a speculative verify: Sq <= kSdpaRows). Each row's result depends
-// only on its query and the keys it sees, never on the rows or the padding around it: the scores
-// are dot_tile's (each q.k summed in one order whatever the tile), the softmax runs over exactly
-// the row's visible keys, and p v is summed key by key in key order. So a verify row at position t
-// equals the decode step at t bit for bit (sdpa_block's BLAS sums in another order for 1 and for 8
-// rows, and its softmax runs over the block's columns, the masked ones included).
-void sdpa_rows(const Sdpa& s, int64_t b, int64_t h, int64_t i0, int64_t i1) {
-  const int64_t hkv = h / (s.heads / s.kv_heads), shift = s.sk - s.sq;
-  const float* q = s.q + (b * s.heads + h) * s.sq * s.d;
+// o_r[e0 : e0 + VC lanes] = sum over keys j in [j0, j1), in key order, of p_r[j] v[j][e0 ...] for RC
+// rows that see the same keys. The rows' accumulators stay in registers and their chains interleave
+// (one row at a time, o in memory, was bound by the FMA's latency: 4 cycles a key).
+template <int RC, int VC>
+void pv_tile(const float* const* p, const float* v, int64_t dv, int64_t j0, int64_t j1, int64_t e0, float* const* o) {
+  F32V acc[RC][VC];
+#pragma GCC unroll 8
+  for (int r = 0; r < RC; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < VC; ++c) acc[r][c] = vzero();
+  for (int64_t j = j0; j < j1; ++j) {
+    F32V vj[VC];
+#pragma GCC unroll 4
+    for (int c = 0; c < VC; ++c) vj[c] = vload(v + j * dv + e0 + c * kF32Lanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < RC; ++r) {
+      const F32V pr = vset1(p[r][j]);
+#pragma GCC unroll 4
+      for (int c = 0; c < VC; ++c) acc[r][c] = vfma(pr, vj[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RC; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < VC; ++c) vstore(o[r] + e0 + c * kF32Lanes, acc[r][c]);
+}
+
+template <int RC>
+void pv_rows(const float* const* p, const float* v, int64_t dv, int64_t j0, int64_t j1, float* const* o) {
+  int64_t e = 0;
+  for (; e + kPvVecs * kF32Lanes <= dv; e += kPvVecs * kF32Lanes) pv_tile<RC, kPvVecs>(p, v, dv, j0, j1, e, o);
+  for (; e + kF32Lanes <= dv; e += kF32Lanes) pv_tile<RC, 1>(p, v, dv, j0, j1, e, o);
+  for (; e < dv; ++e)
+    for (int r = 0; r < RC; ++r) {
+      float acc = 0.0f;
+      for (int64_t j = j0; j < j1; ++j) acc += p[r][j] * v[j * dv + e];
+      o[r][e] = acc;
+    }
+}
+
+template <int... R>
+constexpr std::array<void (*)(const float* const*, const float*, int64_t, int64_t, int64_t, float* const*), sizeof...(R)>
+pv_table(std::integer_sequence<int, R...>) {
+  return {pv_rows<R + 1>...};
+}
+constexpr auto kPvRowsFns = pv_table(std::make_integer_sequence<int, kPvRows>{});  // [rows - 1]
+
+// Few query rows (a decode step, a speculative verify: Sq <= kSdpaRows), heads [h0, h1) of batch b,
+// which share one KV head: at each position their rows see the same keys, so they run together (the
+// keys read once for all of them; grouped-query attention has 4-8 query heads per KV head). Each
+// row's result depends only on its query and the keys it sees, never on the rows or the padding
+// around it: the scores are dot_tile's (each q.k summed in one order whatever the tile), the softmax
+// runs over exactly the row's visible keys, and p v is summed key by key in key order. So a verify row
+// at position t equals the decode step at t bit for bit (sdpa_block's BLAS sums in another order for 1
+// and for 8 rows, and its softmax runs over the block's columns, the masked ones included).
+void sdpa_rows(const Sdpa& s, int64_t b, int64_t h0, int64_t h1) {
+  const int64_t nh = h1 - h0, hkv = h0 / (s.heads / s.kv_heads), shift = s.sk - s.sq;
   const float* k = s.k + (b * s.kv_heads + hkv) * s.kv_rows * s.d;
   const float* v = s.v + (b * s.kv_heads + hkv) * s.kv_rows * s.dv;
-  float* out = s.out + (b * s.heads + h) * s.sq * s.dv;
   // row i sees keys [first(i), end(i)): causal up to i + shift, the last `window` of them if sliding
   auto end = [&](int64_t i) { return s.causal ? std::clamp<int64_t>(i + shift + 1, 0, s.sk) : s.sk; };
   auto first = [&](int64_t i) {
     return s.causal && s.window > 0 ? std::clamp<int64_t>(i + shift - s.window + 1, 0, end(i)) : int64_t{0};
   };
-  float* scores = scratch<float>((i1 - i0) * s.sk);
-  for (int64_t i = i0; i < i1; i += 4) {  // scores of up to 4 rows at once (the keys read once)
-    const int mr = static_cast<int>(std::min<int64_t>(4, i1 - i));
-    const int64_t j0 = first(i), j1 = end(i + mr - 1);
-    float* sc = scores + (i - i0) * s.sk;
-    for (int r = 0; r < mr; ++r) std::fill(sc + r * s.sk + j0, sc + r * s.sk + j1, 0.0f);
-    int64_t j = j0;
-    for (; j + kNR <= j1; j += kNR) dot_rows<kNR>(mr, q + i * s.d, k + j * s.d, s.d, sc + j, s.sk);
-    for (; j < j1; ++j) dot_rows<1>(mr, q + i * s.d, k + j * s.d, s.d, sc + j, s.sk);
-  }
-  for (int64_t i = i0; i < i1; ++i) {
+  // the heads' query rows at position i, one after another (dot_tile reads rows d apart)
+  float* qrows = scratch<float, 3>(nh * s.d);
+  float* scores = scratch<float>(nh * s.sk);
+  for (int64_t i = 0; i < s.sq; ++i) {
     const int64_t j0 = first(i), j1 = end(i);
-    float* row = scores + (i - i0) * s.sk;
-    float* o = out + i * s.dv;
+    auto out = [&](int64_t r) { return s.out + ((b * s.heads + h0 + r) * s.sq + i) * s.dv; };
     if (j1 == 0) {
-      std::fill(o, o + s.dv, std::numeric_limits<float>::quiet_NaN());
+      for (int64_t r = 0; r < nh; ++r) std::fill(out(r), out(r) + s.dv, std::numeric_limits<float>::quiet_NaN());
       continue;
     }
-    for (int64_t j = j0; j < j1; ++j) row[j] *= s.scale;
-    if (s.softcap > 0.0f) {
-      for (int64_t j = j0; j < j1; ++j) row[j] = s.softcap * std::tanh(row[j] / s.softcap);
+    for (int64_t r = 0; r < nh; ++r)
+      std::memcpy(qrows + r * s.d, s.q + ((b * s.heads + h0 + r) * s.sq + i) * s.d, sizeof(float) * s.d);
+    for (int64_t r = 0; r < nh; r += 4) {  // scores of up to 4 rows at once (the keys read once)
+      const int mr = static_cast<int>(std::min<int64_t>(4, nh - r));
+      float* sc = scores + r * s.sk;
+      for (int m = 0; m < mr; ++m) std::fill(sc + m * s.sk + j0, sc + m * s.sk + j1, 0.0f);
+      int64_t j = j0;
+      for (; j + kNR <= j1; j += kNR) dot_rows<kNR>(mr, qrows + r * s.d, k + j * s.d, s.d, sc + j, s.sk);
+      for (; j < j1; ++j) dot_rows<1>(mr, qrows + r * s.d, k + j * s.d, s.d, sc + j, s.sk);
     }
-    if (s.mask) {
-      const float* m = s.mask + b * s.mask_stride[0] + h * s.mask_stride[1] + i * s.mask_stride[2];
-      const int64_t mj = s.mask_stride[3];
-      for (int64_t j = j0; j < j1; ++j) row[j] += m[j * mj];
+    for (int64_t r = 0; r < nh; ++r) {
+      float* row = scores + r * s.sk;
+      for (int64_t j = j0; j < j1; ++j) row[j] *= s.scale;
+      if (s.softcap > 0.0f) {
+        for (int64_t j = j0; j < j1; ++j) row[j] = s.softcap * std::tanh(row[j] / s.softcap);
+      }
+      if (s.mask) {
+        const float* m = s.mask + b * s.mask_stride[0] + (h0 + r) * s.mask_stride[1] + i * s.mask_stride[2];
+        const int64_t mj = s.mask_stride[3];
+        for (int64_t j = j0; j < j1; ++j) row[j] += m[j * mj];
+      }
+      softmax_row(row + j0, j1 - j0);
     }
-    softmax_row(row + j0, j1 - j0);
-    std::fill(o, o + s.dv, 0.0f);
-    for (int64_t j = j0; j < j1; ++j) {
-      const float p = row[j];
-      const float* vj = v + j * s.dv;
-#pragma omp simd
-      for (int64_t e = 0; e < s.dv; ++e) o[e] += p * vj[e];
+    for (int64_t r = 0; r < nh; r += kPvRows) {
+      const int rc = static_cast<int>(std::min<int64_t>(kPvRows, nh - r));
+      const float* p[kPvRows];
+      float* o[kPvRows];
+      for (int m = 0; m < rc; ++m) p[m] = scores + (r + m) * s.sk, o[m] = out(r + m);
+      kPvRowsFns[rc - 1](p, v, s.dv, j0, j1, o);
     }
   }
 }
@@ -527,6 +594,18 @@ void run_sdpa(const Sdpa& s, int64_t out_numel) {
     std::fill(s.out, s.out + out_numel, std::numeric_limits<float>::quiet_NaN());
     return;
   }
+  if (s.sq <= kSdpaRows) {  // each thread a range of heads, run by the runs that share a KV head
+    const int64_t group = s.heads / s.kv_heads;
+    return parallel([&](int task, int num_tasks) {
+      int64_t t0, t1;
+      split(s.batch * s.heads, 1, task, num_tasks, &t0, &t1);
+      for (int64_t t = t0; t < t1;) {
+        const int64_t b = t / s.heads, h = t % s.heads, h1 = std::min((h / group + 1) * group, t1 - b * s.heads);
+        sdpa_rows(s, b, h, h1);
+        t = b * s.heads + h1;
+      }
+    });
+  }
   const int64_t qblocks = (s.sq + kQueryBlock - 1) / kQueryBlock;
   const int64_t tasks = s.batch * s.heads * qblocks;
   parallel([&](int task, int num_tasks) {
@@ -535,8 +614,7 @@ void run_sdpa(const Sdpa& s, int64_t out_numel) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t blk = t % qblocks, bh = t / qblocks;
       const int64_t i0 = blk * kQueryBlock, i1 = std::min(s.sq, i0 + kQueryBlock);
-      if (s.sq <= kSdpaRows) sdpa_rows(s, bh / s.heads, bh % s.heads, i0, i1);
-      else sdpa_block(s, bh / s.heads, bh % s.heads, i0, i1);
+      sdpa_block(s, bh / s.heads, bh % s.heads, i0, i1);
     }
   });
 }
