@@ -79,9 +79,10 @@ def sdpa_case(q, k, v):
     return Case("tcc_sdpa_nomask_f32", [q, k, v], [0.3, True], ref, np.full(ref.shape, 1e-5, np.float32))
 
 
-# sdpa's few-rows path (Sq <= 16: a decode step, a verify): 8 query rows over 29 keys, 2 query heads on
-# one KV head, D = 70 (4 zmm + 6, 8 ymm + 6); each row alone over the keys it sees (22 + i)
-SDPA_Q, SDPA_K, SDPA_V = (rng.standard_normal(s).astype(np.float32) for s in ((1, 2, 8, 70), (1, 1, 29, 70), (1, 1, 29, 70)))
+# sdpa's few-rows path (Sq <= 16: a decode step, a verify): 8 query rows over 29 keys, 14 query heads on
+# 2 KV heads (each thread's 7 heads run together: p v in blocks of 6 and 1 rows, or 3 on 16-register ISAs),
+# D = 70 (4 zmm + 6, 8 ymm + 6); each row alone over the keys it sees (22 + i)
+SDPA_Q, SDPA_K, SDPA_V = (rng.standard_normal(s).astype(np.float32) for s in ((1, 14, 8, 70), (1, 2, 29, 70), (1, 2, 29, 70)))
 CASES |= {"sdpa_q8": sdpa_case(SDPA_Q, SDPA_K, SDPA_V)}
 CASES |= {f"sdpa_q1_row{i}": sdpa_case(SDPA_Q[:, :, i:i + 1], SDPA_K[:, :, :22 + i], SDPA_V[:, :, :22 + i]) for i in range(8)}
 @pytest.fixture(scope="module", params=list(FLOAT_BUILDS))
