@@ -1039,28 +1039,17 @@ int panel_zero_points(const W4A8& p, int64_t t, int nv, int32_t* zero) {
   return kZeroOne;
 }
 
-void w4a8_gemm(const W4A8& p, float* xs, int32_t* qsum) {
-  int8_t* a = scratch<int8_t, 8>(p.m * p.lda);
-  float* qsx = scratch<float, 10>(p.m * p.groups);  // qsum * xs
-  parallel([&](int task, int num_tasks) {
-    int64_t r0, r1;
-    split(p.m, 1, task, num_tasks, &r0, &r1);
-    w4a8_quantize(p, r0, r1, a, 0, xs, qsum);
-    for (int64_t i = r0 * p.groups; i < r1 * p.groups; ++i) qsx[i] = static_cast<float>(qsum[i]) * xs[i];
-  });
-  parallel([&](int task, int num_tasks) {
-    const int64_t tiles = ceil_div(p.n, kTile);
-    int64_t m0 = 0, m1 = p.m, t0 = 0, t1 = tiles;
-    if (p.n >= p.m) split(tiles, 1, task, num_tasks, &t0, &t1);
-    else split(p.m, kGemmMR, task, num_tasks, &m0, &m1);
-    for (int64_t t = t0; t < t1; t += kGemmNV) {
-      const int nv = static_cast<int>(std::min<int64_t>(kGemmNV, t1 - t));
-      int32_t zero = 0;
-      const auto& blocks = kGemmBlocks[panel_zero_points(p, t, nv, &zero)];
-      for (int64_t r = m0; r < m1; r += kGemmMR)
-        blocks[std::min<int64_t>(kGemmMR, m1 - r) - 1][nv - 1](p, a, xs, qsum, qsx, t, r, zero);
-    }
-  });
+using GemmCode = int8_t;
+
+// out[m0:m1, tiles t0 .. t1 - 1] (+ b), panel by panel.
+void w4a8_gemm_panels(const W4A8& p, const GemmCode* a, const float* xs, const int32_t* qsum, const float* qsx,
+                      int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; t += kGemmNV) {
+    const int nv = static_cast<int>(std::min<int64_t>(kGemmNV, t1 - t));
+    int32_t zero = 0;
+    const auto& blocks = kGemmBlocks[panel_zero_points(p, t, nv, &zero)];
+    for (int64_t r = m0; r < m1; r += kGemmMR) blocks[std::min<int64_t>(kGemmMR, m1 - r) - 1][nv - 1](p, a, xs, qsum, qsx, t, r, zero);
+  }
 }
 #else
 // The other ISAs unpack a panel of up to kGemmNV tiles (16 kGemmNV output columns) once into one
@@ -1176,8 +1165,25 @@ void w4a8_gemm_rows(const W4A8& p, const Code* a, const float* xs, const float* 
   }
 }
 
+using GemmCode = Code;
+
+void w4a8_gemm_panels(const W4A8& p, const GemmCode* a, const float* xs, const int32_t*, const float* qsx,
+                      int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+  W4A8Panel w{2 * p.octets};
+  w.w = scratch<int8_t, 9>(p.groups * kGemmNV * w.quads * 64);
+  w.s = scratch<float, 11>(p.groups * kGemmNV * kTile);
+  w.sz = scratch<float, 12>(p.groups * kGemmNV * kTile);
+  for (int64_t t = t0; t < t1; t += kGemmNV) {
+    const int nv = static_cast<int>(std::min<int64_t>(kGemmNV, t1 - t));
+    w4a8_unpack(p, t, nv, w);
+    for (int64_t r = m0; r < m1; r += kGemmMR)
+      w4a8_gemm_rows(p, a, xs, qsx, w, t, nv, r, static_cast<int>(std::min<int64_t>(kGemmMR, m1 - r)));
+  }
+}
+#endif
+
 void w4a8_gemm(const W4A8& p, float* xs, int32_t* qsum) {
-  Code* a = scratch<Code, 8>(p.m * p.lda);
+  GemmCode* a = scratch<GemmCode, 8>(p.m * p.lda);
   float* qsx = scratch<float, 10>(p.m * p.groups);  // qsum * xs
   parallel([&](int task, int num_tasks) {
     int64_t r0, r1;
@@ -1190,20 +1196,9 @@ void w4a8_gemm(const W4A8& p, float* xs, int32_t* qsum) {
     int64_t m0 = 0, m1 = p.m, t0 = 0, t1 = tiles;
     if (p.n >= p.m) split(tiles, 1, task, num_tasks, &t0, &t1);
     else split(p.m, kGemmMR, task, num_tasks, &m0, &m1);
-    if (m0 >= m1 || t0 >= t1) return;
-    W4A8Panel w{2 * p.octets};
-    w.w = scratch<int8_t, 9>(p.groups * kGemmNV * w.quads * 64);
-    w.s = scratch<float, 11>(p.groups * kGemmNV * kTile);
-    w.sz = scratch<float, 12>(p.groups * kGemmNV * kTile);
-    for (int64_t t = t0; t < t1; t += kGemmNV) {
-      const int nv = static_cast<int>(std::min<int64_t>(kGemmNV, t1 - t));
-      w4a8_unpack(p, t, nv, w);
-      for (int64_t r = m0; r < m1; r += kGemmMR)
-        w4a8_gemm_rows(p, a, xs, qsx, w, t, nv, r, static_cast<int>(std::min<int64_t>(kGemmMR, m1 - r)));
-    }
+    if (m0 < m1 && t0 < t1) w4a8_gemm_panels(p, a, xs, qsum, qsx, m0, m1, t0, t1);
   });
 }
-#endif
 
 void w4a8_run(const W4A8& p) {
   if (p.m == 0 || p.n == 0) return;
