@@ -154,7 +154,7 @@ def test_rtn_a_few_rows_at_a_time_gives_the_whole_weights_codes(monkeypatch, dty
     grids = [(Grid("int8"), 64), (Grid("int4"), 16), (Grid("int4", sym=False), 32), (Grid("int4", False, True), 32)]
     whole = [rtn(w, g, group) for g, group in grids] + [qz.quantize_per_channel(w, s), qz.quantize_per_channel(w)]
     monkeypatch.setattr(qz, "ROW_CHUNK_BYTES", 5 * 4 * 64)  # 5 rows a chunk: 8 chunks, the last of 2 rows
-    assert len(qz._row_chunks(37, 64)) == 8
+    assert len(qz.row_chunks(37, 64)) == 8
     chunked = [rtn(w, g, group) for g, group in grids] + [qz.quantize_per_channel(w, s), qz.quantize_per_channel(w)]
     for a, b in zip(whole[:4], chunked[:4]):
         assert a.kind == b.kind and a.group == b.group and torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)

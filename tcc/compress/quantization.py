@@ -225,7 +225,7 @@ def _qweight(grid: Grid, codes: torch.Tensor, scale: torch.Tensor, zero: torch.T
 ROW_CHUNK_BYTES = 1 << 25  # rtn / quantize_per_channel: float32 temporaries of at most this many bytes
 
 
-def _row_chunks(n: int, k: int) -> list[slice]:
+def row_chunks(n: int, k: int) -> list[slice]:
     """Slices of rows whose float32 values take at most ROW_CHUNK_BYTES (at least one row). Per-row
     quantization computes each row on its own, so a chunk's codes are the whole weight's bit for bit,
     and its temporaries are a few chunk-sized tensors instead of a few weight-sized ones (rtn's abs,
@@ -235,10 +235,10 @@ def _row_chunks(n: int, k: int) -> list[slice]:
 
 def rtn(w: torch.Tensor, grid: Grid, group: int) -> QWeight:
     """Round to nearest, a scale (and zero) per row and group; int8 is per row (group = K). Row chunks
-    at a time (_row_chunks)."""
+    at a time (row_chunks)."""
     n, k = w.shape
     group = k if grid.kind == "int8" else group
-    parts = [_rtn_rows(w[rows].detach().to(torch.float32), grid, group) for rows in _row_chunks(n, k)]
+    parts = [_rtn_rows(w[rows].detach().to(torch.float32), grid, group) for rows in row_chunks(n, k)]
     if len(parts) == 1:
         return parts[0]
     zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
@@ -257,9 +257,9 @@ def _rtn_rows(w: torch.Tensor, grid: Grid, group: int) -> QWeight:
 def quantize_per_channel(w: torch.Tensor, s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output channel (row) of w, or of w * s (s [K], a smoothing scale per input
     column): (qweight int8 [N, K], scale float32 [N]), rtn(w * s, Grid("int8"), K)'s bit for bit,
-    computed in place on a float32 copy of a chunk of rows at a time (_row_chunks)."""
+    computed in place on a float32 copy of a chunk of rows at a time (row_chunks)."""
     codes, scales = [], []
-    for rows in _row_chunks(*w.shape):
+    for rows in row_chunks(*w.shape):
         ws = w[rows].to(torch.float32) * s[None, :] if s is not None else w[rows].to(torch.float32, copy=True)
         amax = torch.maximum(ws.amax(dim=1), ws.amin(dim=1).neg_())
         scales.append(torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)))
