@@ -32,12 +32,13 @@
 // to 16 rows (dense_small_m: each weight row streamed once for all rows, FMA in registers). dense_w8 keeps
 // the weights int8 in memory; up to 16 rows it multiplies the codes directly (dense_small_m's tiles), above that it dequantizes blocks of output channels (64 KiB of fp32 for M <= 16,
 // else 512 KiB) into a per-thread scratch buffer, one sgemm per block. sdpa with up to 16 query rows
-// (a decode step, a speculative verify) runs sdpa_rows, no BLAS: each row is summed in one order
-// whatever the rows around it, so a verify row is the decode step's bit for bit. Threads: OpenBLAS is set to
+// (a decode step, a speculative verify) runs sdpa_rows, no BLAS, the query heads that share a KV head
+// together: each row is summed in one order whatever the rows around it, so a verify row is the
+// decode step's bit for bit. Threads: OpenBLAS is set to
 // one thread and the kernels split their work over TVM's own thread pool (TVMBackendParallelLaunch,
 // resolved from libtvm_runtime when the module is loaded), so TVM's and OpenBLAS's pools never
 // fight for cores: dense splits the longer of M and N, sdpa splits (batch, head, block of 64 query
-// rows). The pool's size is TVM's: TVM_NUM_THREADS, else half the logical CPUs on x86 (TVM assumes
+// rows), or with up to 16 query rows ranges of (batch, head). The pool's size is TVM's: TVM_NUM_THREADS, else half the logical CPUs on x86 (TVM assumes
 // hyper-threading), all of them elsewhere.
 #include "common.h"
 
