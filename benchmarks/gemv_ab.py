@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -64,18 +65,18 @@ def tensor(a: np.ndarray, small_pages: bool):
 
 
 def build(name: str, source: str, flags: list[str], work: Path):
-    """The kernel library with `source` (a file) in place of its namesake in backends/kernels."""
+    """The kernel library with `source` (a file) in place of its namesake in backends/kernels: built from a
+    copy of that folder in `work` (the repository's sources are never written)."""
     if not source:
         return tcc_library(work, ["-march=native", *flags])
-    target = KERNELS_DIR / Path(source).name
-    if not target.exists():
+    if not (KERNELS_DIR / Path(source).name).exists():
         sys.exit(f"gemv_ab: {name}: {source} is not named like a file of backends/kernels (e.g. .../bf16_kernels.cc)")
-    keep = target.read_bytes()
-    target.write_bytes(Path(source).read_bytes())
-    try:
-        return tcc_library(work, ["-march=native", *flags])
-    finally:
-        target.write_bytes(keep)
+    tree = work / "src"
+    tree.mkdir()
+    for f in [*KERNELS_DIR.glob("*.cc"), *KERNELS_DIR.glob("*.h")]:
+        shutil.copy2(f, tree / f.name)
+    shutil.copy2(source, tree / Path(source).name)
+    return tcc_library(work, ["-march=native", *flags], tree)
 
 
 def main() -> int:

@@ -69,11 +69,11 @@ def timeit(fn, repeats: int) -> float:
     return best
 
 
-def tcc_library(work: Path, cflags: list[str] | None = None):
+def tcc_library(work: Path, cflags: list[str] | None = None, source_dir: Path | None = None):
     import tvm
 
     from tcc.backends.kernels import build
-    lib = build.build_kernels("x86_64", work, cflags)
+    lib = build.build_kernels("x86_64", work, cflags, source_dir)
     so = work / "tcc_kernels.so"
     subprocess.run(["g++", "-shared", "-fPIC", "-o", str(so), str(lib.object), *lib.link_options()], check=True)
     return tvm.runtime.load_module(str(so))

@@ -89,15 +89,18 @@ class KernelLib:
                 "-Wl,--push-state,--no-as-needed", "-l:libscipy_openblas.so", "-lstdc++", "-Wl,--pop-state"]
 
 
-def build_kernels(arch: str, out_dir: Path, cflags: list[str] | None = None) -> KernelLib:
+def build_kernels(arch: str, out_dir: Path, cflags: list[str] | None = None, source_dir: Path | None = None) -> KernelLib:
+    """The kernel object for `arch` (cached by sources, compiler and flags). `source_dir`: a folder holding
+    the same files as this one (another version of them: benchmarks/gemv_ab.py times variants this way)."""
     if arch not in ARCHES:
         raise UserError(f"no CPU kernels for architecture '{arch}'", f"use one of: {', '.join(ARCHES)}")
+    src = Path(source_dir) if source_dir is not None else HERE
     cxx = _compiler(arch)
     flags = BASE_FLAGS + list(cflags if cflags is not None else _default_cflags(arch))
     includes = _include_dirs()
-    cached = _cache_dir() / f"tcc_kernels-{arch}-{_key(arch, cxx, flags)}.o"
+    cached = _cache_dir() / f"tcc_kernels-{arch}-{_key(arch, cxx, flags, src)}.o"
     if not cached.exists():
-        _compile(cxx, flags, includes, cached, user_flags=cflags)
+        _compile(cxx, flags, includes, cached, user_flags=cflags, src=src)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     obj = out_dir / f"tcc_kernels_{arch}.o"
@@ -208,12 +211,12 @@ def _cache_dir() -> Path:
     return d
 
 
-def _key(arch: str, cxx: str, flags: list[str]) -> str:
+def _key(arch: str, cxx: str, flags: list[str], src: Path = HERE) -> str:
     import scipy_openblas32
     import tvm_ffi
     h = hashlib.sha256()
-    h.update(" ".join(src.name for src in SOURCES).encode() + b"\0")  # which sources the object holds
-    for f in sorted(HERE.glob("*.cc")) + sorted(HERE.glob("*.h")):
+    h.update(" ".join(s.name for s in SOURCES).encode() + b"\0")  # which sources the object holds
+    for f in sorted(src.glob("*.cc")) + sorted(src.glob("*.h")):
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     h.update("\0".join([arch, os.path.realpath(shutil.which(cxx)), _run([cxx, "--version"]), *flags,
                         tvm_ffi.__version__, scipy_openblas32.__version__]).encode())
@@ -226,16 +229,17 @@ def _run(cmd: list[str]) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
 
-def _compile(cxx: str, flags: list[str], includes: list[str], dest: Path, user_flags: list[str] | None) -> None:
+def _compile(cxx: str, flags: list[str], includes: list[str], dest: Path, user_flags: list[str] | None,
+             src: Path = HERE) -> None:
     tmp = _temp_file(dest)
     with tempfile.TemporaryDirectory(dir=dest.parent) as work:
-        objects = [str(Path(work) / f"{src.stem}.o") for src in SOURCES]
-        for src, obj in zip(SOURCES, objects):
+        objects = [str(Path(work) / f"{s.stem}.o") for s in SOURCES]
+        for s, obj in zip(SOURCES, objects):
             # Run in the source directory with a relative file name, and map the include directories
             # (named by __FILE__ in error messages), so no absolute path enters the object.
             cmd = [cxx, *flags, *(f"-I{d}" for d in includes), *(f"-ffile-prefix-map={d}=include" for d in includes),
-                   "-c", src.name, "-o", obj]
-            _check(subprocess.run(cmd, cwd=HERE, capture_output=True, text=True), cmd, src.name, cxx, user_flags, tmp)
+                   "-c", s.name, "-o", obj]
+            _check(subprocess.run(cmd, cwd=src, capture_output=True, text=True), cmd, s.name, cxx, user_flags, tmp)
         cmd = [cxx, "-r", "-nostdlib", *objects, "-o", tmp]
         _check(subprocess.run(cmd, capture_output=True, text=True), cmd, "the kernel objects", cxx, None, tmp)
     os.replace(tmp, dest)

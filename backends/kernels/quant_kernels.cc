@@ -960,18 +960,16 @@ void w4a8_gemm_block(const W4A8& p, const int8_t* a, const float* xs, const int3
   UNROLL for (int r = 0; r < MR; ++r) UNROLL for (int v = 0; v < NV; ++v) f[r][v] = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.groups; ++g) {
     const int64_t at = (t * p.groups + g) * kTile;  // tile t + v's scales and zero points: at + v tile_groups
-    __m512i acc[MR][NV];
+    __m512i acc[MR][NV], z[NV];
+    if (ZP == kZeroEach)
+      UNROLL for (int v = 0; v < NV; ++v)
+        z[v] = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.zero + at + v * tile_groups)));
     UNROLL for (int r = 0; r < MR; ++r) {
       const int32_t qs = qsum[(row0 + r) * p.groups + g];
       UNROLL for (int v = 0; v < NV; ++v) {
-        if (ZP == kZeroFloat) {
-          acc[r][v] = _mm512_setzero_si512();
-        } else if (ZP == kZeroOne) {
-          acc[r][v] = _mm512_set1_epi32(-zero * qs);
-        } else {
-          const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.zero + at + v * tile_groups)));
-          acc[r][v] = _mm512_mullo_epi32(z, _mm512_set1_epi32(-qs));
-        }
+        if (ZP == kZeroFloat) acc[r][v] = _mm512_setzero_si512();
+        else if (ZP == kZeroOne) acc[r][v] = _mm512_set1_epi32(-zero * qs);
+        else acc[r][v] = _mm512_mullo_epi32(z[v], _mm512_set1_epi32(-qs));
       }
     }
     const uint8_t* wg = p.qw + t * tile_bytes + g * p.octets * 64;

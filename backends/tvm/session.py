@@ -147,7 +147,7 @@ class HostMemory:
         if self._next + n > len(self._bytes):
             raise RuntimeError("HostMemory: more tensors than the mapping was sized for")
         view = self._bytes[self._next:self._next + n]
-        self._next += -(-n // self.ALIGN) * self.ALIGN
+        self._next += self.footprint(dtype, shape)
         if fill is not None and n:
             fill(view)
         if n == 0:  # DLPack cannot export a zero-byte view of the mapping
