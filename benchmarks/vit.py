@@ -5,7 +5,8 @@ compressed, compiled for x86 and timed against ONNX Runtime running the original
     python benchmarks/vit.py [--phase all|accuracy|compile|latency|table] [--out build/vit] [--repeats 20]
 
 Formats: fp32; W8A8 (quantize(acts=int8), SmoothQuant off: rtn with per-token dynamic activations);
-prune-tokens merge (ToMe) at keep 0.7 / 0.5 and attention (drop) at keep 0.5; W8A8 + merge 0.5.
+prune-tokens merge (ToMe) at keep 0.7 / 0.5 and attention (drop) at keep 0.5; W8A8 + merge 0.5; W4A8
+(int4 weights, asymmetric, groups of 32 or 128, int8 activations per block at run time; rtn, and gptq at g32).
 Inputs: there is no image dataset on this machine. Scored on 8 real photos: 4 crops (corners,
 resized to 224x224) of each of the two photos matplotlib ships as sample data (grace_hopper.jpg,
 Minduka_Present_Blue_Pack.png); calibrated on 4 synthetic images (blocky random fields plus bright
@@ -31,7 +32,10 @@ from _suite import latency_cells
 FORMATS = [("fp32", ""), ("W8A8", "quantize(acts=int8)"),
            ("merge 0.7", "prune-tokens(keep=0.7,method=merge)"), ("merge 0.5", "prune-tokens(keep=0.5,method=merge)"),
            ("attention 0.5", "prune-tokens(keep=0.5,method=attention)"),
-           ("merge 0.5 + W8A8", "prune-tokens(keep=0.5,method=merge),quantize(acts=int8)")]
+           ("merge 0.5 + W8A8", "prune-tokens(keep=0.5,method=merge),quantize(acts=int8)"),
+           ("W4A8 g32", "quantize(weights=int4,group=32,sym=false,acts=int8)"),
+           ("W4A8 g32 gptq", "quantize(weights=int4,group=32,sym=false,acts=int8,method=gptq)"),
+           ("W4A8 g128", "quantize(weights=int4,group=128,sym=false,acts=int8)")]
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 

@@ -52,7 +52,10 @@ Methods (`method`):
                (the model runs about twice per feed); `damp`; act_order=true (default) quantizes
                columns by decreasing Hessian diagonal with every group's scale fitted up front (on
                SmolLM2 int4 g64: +6.8% perplexity vs +17% in the paper's column order, where groups
-               are fitted as they come: act_order=false).
+               are fitted as they come: act_order=false). GPTQ wants many more calibration tokens than
+               a Hessian's size (MiniLM int4 g32: 16 windows of 128 -> cosine 0.986, 256 -> 0.990;
+               docs/BENCHMARKS.md): raise `samples` and give the compile as many windows
+               (--calibration-samples) from a text long enough to hold them.
   awq          the `smooth` pass's step (tcc.compress.smoothing: AWQ's per-group s = mean|x|^a, searched
                for this pass's int4 / int8 grid, folded exactly into norms, previous linears' rows or an
                explicit mul), then (int4) AWQ's clipping search per row and group (bounds max|w| * 1,
