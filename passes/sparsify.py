@@ -31,7 +31,7 @@ the share of one threshold over all selected layers' scores, each divided by its
 (tcc.compress.sparsity.allocate; sparsegpt allocates by Wanda's score), then prunes each layer at its share
 as for layer. The overall sparsity is then `sparsity` within rounding; the layers' shares differ.
 
-Calibration: ctx.calibration (the first `samples` feeds), else `samples` windows of the default text
+Calibration: ctx.calibration (every feed; the first `samples` if `samples` is set), else `samples` windows of the default text
 (tcc.compress.calibration.text_feeds) when the program has a tokenizer; wanda and sparsegpt need one of them,
 magnitude none.
 
@@ -56,7 +56,7 @@ import torch
 import torch.fx as fx
 
 from tcc.compress import sparsity as sp
-from tcc.compress.calibration import text_feeds
+from tcc.compress.calibration import pass_feeds
 from tcc.errors import InternalError, UserError
 from tcc.pipeline import Option, Pass, PassContext, register
 from tcc.ir.program import Program, attribute as _attr
@@ -94,7 +94,7 @@ class Sparsify(Pass):
         "method": Option(str, "magnitude", "how weights are scored", choices=("magnitude", "wanda", "sparsegpt")),
         "scope": Option(str, "layer", "layer: every layer at `sparsity`; global: one threshold over all layers' "
                         "normalised scores", choices=("layer", "global")),
-        "samples": Option(int, 16, "calibration windows", validator=lambda v: None if v >= 1 else "must be >= 1"),
+        "samples": Option(int, 16, "calibration windows: the first N of the compile's calibration feeds (default: every one), else N windows of the calibration text", validator=lambda v: None if v >= 1 else "must be >= 1"),
         "damp": Option(float, 0.01, "SparseGPT damping, a fraction of the mean Hessian diagonal",
                        validator=lambda v: None if v > 0 else "must be > 0"),
         "min_size": Option(int, 4096, "prune weights with at least this many elements",
@@ -148,13 +148,11 @@ class Sparsify(Pass):
             raise InternalError(f"sparsify: annotated tensors break their pattern: {broken}")
 
     def _feeds(self, program: Program, ctx: PassContext) -> list[dict]:
-        if ctx.calibration:
-            return ctx.calibration[: self.samples]
-        if not program.tokenizer_dir:
+        if not ctx.calibration and not program.tokenizer_dir:
             raise UserError(f"pass 'sparsify' option 'method': method={self.method} needs calibration inputs "
                             "(the layers' activations) and there are none, nor a tokenizer to cut them from text",
                             "give calibration feeds (PassContext(calibration=...)), or use method=magnitude")
-        return text_feeds(program, n_samples=self.samples)
+        return pass_feeds(program, ctx, self.samples, "samples" in self.given)
 
 
 # -- match ---------------------------------------------------------------------------------------------

@@ -454,3 +454,16 @@ def test_bad_input_for_the_model(llama, tmp_path, monkeypatch):
     program.tokenizer_dir = str(models.resolve("minilm"))
     with pytest.raises(UserError, match=r"calibration text .*short.txt \(from 50% of the file on\) has 0 tokens, fewer than 16 x 1 windows"):
         Pipeline.parse("quantize(method=gptq,min_size=0)").run(program, PassContext())
+
+
+def test_calibrating_passes_take_every_feed_unless_samples_is_set():
+    """The compile's calibration feeds reach GPTQ / smoothing whole (`--calibration-samples N` alone gives N
+    windows); an explicit samples=K takes the first K."""
+    program = tiny("llama")
+    given = feeds(program, 24, seed=0)
+    for text, want in (("quantize(weights=int4,group=32,method=gptq)", 24),
+                       ("quantize(weights=int4,group=32,method=gptq,samples=5)", 5),
+                       ("smooth(method=awq,group=32)", 24), ("smooth(method=awq,group=32,samples=7)", 7)):
+        ctx = PassContext(calibration=given)
+        Pipeline.parse(text).run(program.clone(), ctx)
+        assert ctx.records[-1]["details"]["calibration"]["feeds"] == want, text

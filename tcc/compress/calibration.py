@@ -51,6 +51,15 @@ def default_text() -> Path:
     return Path(os.environ.get("TCC_CALIBRATION_TEXT") or DEFAULT_TEXT)
 
 
+def pass_feeds(program, ctx, samples: int, explicit: bool) -> list[dict[str, np.ndarray]]:
+    """A calibrating pass's feeds: the compile's calibration feeds (every one, or the first `samples` when
+    the pass was given `samples` explicitly), else `samples` windows of the calibration text. So
+    `--calibration-samples 256` reaches GPTQ without also writing samples=256 into the pipeline."""
+    if ctx.calibration:
+        return ctx.calibration[:samples] if explicit else list(ctx.calibration)
+    return text_feeds(program, n_samples=samples)
+
+
 # -- feeds from text ---------------------------------------------------------------------------------
 
 def _ids_spec(program, n_samples: int, what: str, hint: str):
