@@ -16,7 +16,8 @@ text (default tcc/data/calibration.txt), the accuracy is scored on its beginning
 
 Search (greedy, cheap first, every trial recorded; "feasible" = drop <= max_drop * (1 - margin)):
   0. the uncompressed program (the reference; never chosen);
-  1. quantization alone: int8 weight-only, W8A8 SmoothQuant, int4 GPTQ (asymmetric) (and, when asked
+  1. quantization alone: int8 weight-only, W8A8 SmoothQuant, int4 GPTQ (asymmetric), W4A8 (the same int4
+     with int8 activations; CPU targets) (and, when asked
      for with quantization=(..., "int4-rotate"), the same int4 after `rotate`), all with int8
      embedding tables; the best feasible one by the objective is kept. A scheme that would beat it
      but misses the budget is retried with its most sensitive layers at higher precision
@@ -94,12 +95,14 @@ QUANT = {  # scheme -> quantize options (int8 embedding tables in every scheme)
     "w8a8": "acts=int8,method=smoothquant,embeddings=true",
     "int4": "weights=int4,method=gptq,sym=false,embeddings=true",
     "int4-rotate": "weights=int4,method=gptq,sym=false,embeddings=true",  # after `rotate` (ROTATED)
+    "w4a8": "weights=int4,method=gptq,sym=false,acts=int8,embeddings=true",  # int4 x int8 integer kernels (CPU)
 }
 ROTATED = {"int4-rotate"}  # schemes whose pipeline rotates the residual stream first (pre-norm RMSNorm decoders;
 #                            others record the trial as an error: rotate refuses them)
 # the schemes a search tries unless told: not int4-rotate, which made SmolLM2's int4 worse (docs/BENCHMARKS.md
 # "Rotations"); quantization=(..., "int4-rotate") asks for it
-DEFAULT_QUANT = ("int8", "w8a8", "int4")
+DEFAULT_QUANT = ("int8", "w8a8", "int4", "w4a8")
+CPU_ONLY = {"w4a8"}  # no CUDA kernel (the lowering refuses W4A8 for cuda): left out of a cuda target's default
 KEEP_STEPS = (1, 2, 4, 8, 16)
 HEAD_RATIOS = (0.125, 0.25, 0.375, 0.5)
 BLOCK_SPARSITY = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -211,10 +214,10 @@ class Metric:
 # fused attention ~8 % of MiniLM (0.15 GFLOP -> 108). Everything else is memory traffic: norms (TVM's
 # default reduction schedule, 1.7 ms for MiniLM's 2.6 MB of outputs), other element-wise ops, weights
 # (the GEMV roofline at M = 1: SmolLM2 qkv 2.2 MB in 48 us) and tcc_unmask (37 GB/s).
-# W4A8 (int4 x int8 integer GEMM, benchmarks/w4a8_gemm.py): 0.41-0.61x W8A8's GOP/s at group 32 and
-# 0.53-0.82x at group 128 on the MiniLM, SmolLM2 and Qwen2.5-0.5B layer shapes at M = 128 -> ~0.5 x 900.
+# W4A8 (int4 x int8 integer GEMM on the packed codes, benchmarks/gemv_ab.py --m 128, session 17): 0.69-0.84x
+# W8A8's GOP/s at group 32 and about 1.0x at group 128 (whole-model prefill 1.00-1.02x) -> ~0.8 x 900.
 HOST_GOPS = {"dense": 225.0, "dense_w8": 218.0, "dense_a8w8_packed": 900.0, "dense_w4_packed": 215.0,
-             "dense_w4a8_packed": 450.0, "dense_bsr": 160.0, "sdpa": 108.0}
+             "dense_w4a8_packed": 720.0, "dense_bsr": 160.0, "sdpa": 108.0}
 HOST_GBPS = {"norm": 1.5, "elementwise": 30.0, "weights": 40.0, "unmask": 37.0}
 CALL_MS = 0.1  # VM overhead per call
 INT8_KERNELS = ("dense_a8w8_packed", "dense_w4a8_packed")
@@ -510,12 +513,13 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
            budget_s: float | None = None, work_dir, out=None, calibration_text=None, calibration_samples: int = 8,
            seq_len: int = 128, batch: int = 1, task: str | None = None, margin: float = 0.1, measure: int = 3,
            eval_tokens: int = 2048, eval_samples: int = 32, held_out_text=None,
-           quantization: tuple[str, ...] = DEFAULT_QUANT, structure: tuple[str, ...] = STRUCTURE,
+           quantization: tuple[str, ...] | None = None, structure: tuple[str, ...] = STRUCTURE,
            heal_steps: int = 0, max_trials: int | None = None, force: bool = False,
            tokenizer=None) -> SearchResult:
     """Search, choose and (with `out`) compile; see the module docstring. `work_dir` and `out` may
     hold only what tcc wrote there (a search directory, an artifact) unless `force`. `quantization` and
-    `structure` narrow the search space (names from QUANT and STRUCTURE); `max_trials` caps the
+    `structure` narrow the search space (names from QUANT and STRUCTURE; quantization defaults to
+    DEFAULT_QUANT, less CPU_ONLY on a cuda target); `max_trials` caps the
     trials run in this call, the reference (which always runs) included; finished ones read back
     from the log do not count."""
     from .pipeline.backend import get_backend, get_target
@@ -528,6 +532,12 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
         raise UserError(f"max_drop must be a fraction >= 0, got {max_drop!r}", "e.g. 0.01 for 1%")
     if not 0 <= margin < 1:
         raise UserError(f"margin must be in [0, 1), got {margin}")
+    tgt = get_target(target)
+    if quantization is None:
+        quantization = tuple(q for q in DEFAULT_QUANT if not (tgt.device == "cuda" and q in CPU_ONLY))
+    elif tgt.device == "cuda" and CPU_ONLY & set(quantization):
+        raise UserError(f"quantization scheme(s) {sorted(CPU_ONLY & set(quantization))} have no {tgt.name} kernels",
+                        "leave them out for a cuda target, or search a CPU target")
     unknown = sorted(set(quantization) - set(QUANT)) + sorted(set(structure) - set(STRUCTURE))
     if unknown:
         raise UserError(f"unknown search axes {unknown}", f"quantization: {list(QUANT)}; structure: {list(STRUCTURE)}")
@@ -535,7 +545,6 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
         from .artifact import WHAT, is_artifact
         check_dir(out, WHAT, is_artifact, force)
     check_dir(work_dir, "search directory (--search-dir)", is_search_dir, force)
-    tgt = get_target(target)
     if out is not None:
         get_backend("tvm").check_toolchain(tgt)
     work = Path(work_dir)

@@ -181,6 +181,20 @@ def test_no_candidate_within_budget_raises_and_writes_no_artifact(tiny, tmp_path
     assert section["chosen"] is None and section["trials"] >= 3
 
 
+def test_w4a8_scheme_on_cpu_targets_only(tiny, tmp_path):
+    """W4A8 is a default scheme on CPU targets (int4 GPTQ codes with int8 activations: the int4 trial's bytes,
+    W8A8's kind of kernel); a cuda target, which has no W4A8 kernel, refuses it by name."""
+    assert "w4a8" in search_mod.DEFAULT_QUANT
+    space = {**SPACE, "quantization": ("int4", "w4a8"), "structure": ()}
+    r = search(tiny, "x86", max_drop=0.5, objective="latency", work_dir=tmp_path, **space)
+    trials = {t["pipeline"]: t for t in r.trials[1:] if not t.get("error")}
+    w4a8 = next(t for p, t in trials.items() if "acts=int8" in p)
+    int4 = next(t for p, t in trials.items() if "acts=int8" not in p)
+    assert w4a8["size_bytes"] == int4["size_bytes"] and w4a8["latency_ms"] < int4["latency_ms"]
+    with pytest.raises(UserError, match=r"\['w4a8'\] have no sm80 kernels"):
+        search(tiny, "cuda", max_drop=0.5, work_dir=tmp_path / "cuda", **space)
+
+
 # -- through the CLI ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("drop", ["abc", "-1%", "150"])
@@ -233,8 +247,9 @@ def test_minilm_search_meets_the_budget_on_held_out_text(tmp_path):
 
 
 def test_cost_model_knows_w4a8(tiny):
-    """W4A8 (tcc_dense_w4a8's integer GEMM, HOST_GOPS from benchmarks/w4a8_gemm.py) is modelled between
-    W8A8 and weight-only int4 (dequantize + sgemm) in speed, and stores fewer bytes than W8A8."""
+    """W4A8 (tcc_dense_w4a8's integer GEMM, HOST_GOPS from benchmarks/gemv_ab.py --m 128) is modelled faster
+    than weight-only int4 (dequantize + sgemm) and, on this 8-token model where the weight bytes bound the
+    dense kernels, no slower than W8A8, whose bytes it halves."""
     from tcc.pipeline import PassContext, Pipeline
     feeds = [tiny.example_inputs(seed=i) for i in range(4)]
 
@@ -243,5 +258,5 @@ def test_cost_model_knows_w4a8(tiny):
 
     w8a8, w4a8 = cost("quantize(acts=int8)"), cost("quantize(weights=int4,group=32,acts=int8)")
     w4 = cost("quantize(weights=int4,group=32)")
-    assert w8a8["latency_ms"] < w4a8["latency_ms"] < w4["latency_ms"]
+    assert w4a8["latency_ms"] <= w8a8["latency_ms"] and w4a8["latency_ms"] < w4["latency_ms"]
     assert w4a8["size_bytes"] < w8a8["size_bytes"] and w4a8["flops"] == w8a8["flops"]
