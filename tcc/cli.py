@@ -3,7 +3,7 @@
   tcc compile MODEL --target {x86,arm64,...} [-o DIR] [--seq-len N] [--pipeline TEXT] [--report PATH] [--force]
   tcc compile MODEL --preset {q8,w8a8,q4,q4-fast,q4_0}   (a named pipeline; `tcc presets` lists them)
   tcc compile --recipe FILE.toml [MODEL] [flags: given explicitly, they win over the recipe]
-  tcc compile MODEL --max-accuracy-drop 1% [--objective latency|size] [--time-limit 20m] [--search-dir DIR]
+  tcc compile MODEL --max-accuracy-drop 1% [--objective latency|size] [--time-limit 20m] [--heal-steps N] [--search-dir DIR]
   tcc run ARTIFACT --inputs in.npz -o out.npz [--force]
   tcc eval ARTIFACT --text FILE [--max-tokens N] [--json]
   tcc generate ARTIFACT (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S] [--speculate lookup|draft|auto [--compare]] [--json]
@@ -86,9 +86,9 @@ def cmd_compile(a) -> int:
 
         with cache.use(not a.no_cache):
             return _search_compile(a)
-    if a.objective or a.budget or a.search_dir:
+    if a.objective or a.budget or a.search_dir or a.heal_steps is not None:
         from tcc.errors import UserError
-        raise UserError("--objective, --time-limit and --search-dir set up the accuracy-budget search",
+        raise UserError("--objective, --time-limit, --heal-steps and --search-dir set up the accuracy-budget search",
                         "add --max-accuracy-drop (e.g. 1%)")
     out = a.output or _default_out(a.model, a.target)
     art = tcc.compile(a.model, a.target, out=out, pipeline=a.pipeline or "", seq_len=a.seq_len,
@@ -156,7 +156,7 @@ def _search_compile(a) -> int:
         result = search(a.model, a.target, max_drop=max_drop, objective=a.objective or "latency", budget_s=budget,
                         work_dir=work, out=out, calibration_text=a.calibration,
                         calibration_samples=a.calibration_samples, seq_len=a.seq_len, batch=a.batch, task=a.task,
-                        force=a.force, tokenizer=a.tokenizer)
+                        force=a.force, tokenizer=a.tokenizer, heal_steps=a.heal_steps or 0)
     except AccuracyBudgetError as e:
         if a.report and (work / "search.json").exists():
             failed = reports.build({}, [], {"exit_status": e.exit_code, "error": reports.error_json(e)}, {})
@@ -484,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--objective", choices=["latency", "size"], help="search: minimise latency (default) or weight bytes")
     c.add_argument("--time-limit", "--budget", dest="budget", metavar="TIME", action=_Renamed,
                    help="search: start no new trial after this long (20m, 90s, 1h); --budget is its old name")
+    c.add_argument("--heal-steps", type=int, metavar="N",
+                   help="search: heal N steps after structural passes, and retry a quantization that misses the "
+                        "budget healed through its quantizer (off by default: minutes a trial)")
     c.add_argument("--search-dir", metavar="DIR", help="search: trials, Pareto front, plot (default OUTPUT-search; "
                    "a rerun resumes)")
     c.add_argument("--bundle", metavar="DIR", help="also write a self-contained bundle of the artifact here (tcc export)")

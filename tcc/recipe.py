@@ -60,7 +60,8 @@ TOP = {
 CALIBRATION = {"text": ("--calibration", str, "a text file"), "samples": ("--calibration-samples", int, "a positive integer")}
 BUDGET = {"max_accuracy_drop": ("--max-accuracy-drop", (str, float, int), "an accuracy drop, e.g. 0.01 or \"1%\""),
           "objective": ("--objective", str, "latency or size"),
-          "time": ("--time-limit", (str, float, int), "a time limit, e.g. \"20m\" or seconds")}
+          "time": ("--time-limit", (str, float, int), "a time limit, e.g. \"20m\" or seconds"),
+          "heal_steps": ("--heal-steps", int, "heal steps in the search's trials, e.g. 50")}
 PATHS = ("output", "calibration.text")
 
 

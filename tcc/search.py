@@ -20,8 +20,10 @@ Search (greedy, cheap first, every trial recorded; "feasible" = drop <= max_drop
      with int8 activations; CPU targets) (and, when asked
      for with quantization=(..., "int4-rotate"), the same int4 after `rotate`), all with int8
      embedding tables; the best feasible one by the objective is kept. A scheme that would beat it
-     but misses the budget is retried with its most sensitive layers at higher precision
-     (quantize's per-layer sensitivity, keep = 1, 2, 4, 8, 16: the knee);
+     but misses the budget is retried, with heal_steps, healed through its quantizer first
+     (`quantize(...),heal(steps=heal_steps)`: quantization-aware, the codes stay on their grid), then
+     with its most sensitive layers at higher precision (quantize's per-layer sensitivity,
+     keep = 1, 2, 4, 8, 16: the knee);
   2. structure on top of it, one step at a time: each step tries one more notch of every axis
      still open - drop-attention / drop-mlp (explicit layers, ranked once by analyze-redundancy:
      attention by input/output similarity, MLPs by calibration-loss increase), prune-heads ratio
@@ -107,7 +109,8 @@ KEEP_STEPS = (1, 2, 4, 8, 16)
 HEAD_RATIOS = (0.125, 0.25, 0.375, 0.5)
 BLOCK_SPARSITY = (0.3, 0.4, 0.5, 0.6, 0.7)
 STRUCTURE = ("drop-attention", "prune-heads", "drop-mlp", "sparsify")  # tried in this order
-ORDER = ("drop-attention", "drop-mlp", "prune-heads", "sparsify", "heal", "rotate", "quantize")  # in a pipeline
+ORDER = ("drop-attention", "drop-mlp", "prune-heads", "sparsify", "heal", "rotate", "quantize", "heal-quantized")
+# heal-quantized: heal after quantize, trained through the quantizer (passes/heal.py), with heal_steps
 _clock = time.monotonic  # tests replace it
 
 
@@ -458,6 +461,11 @@ class _Search:
             bar = self.cost(best) if best else self.cost(base)
             if self.feasible(r) or r.get("error") or self.cost(r) >= bar:
                 continue
+            if self.heal_steps:  # first, the same format healed through its quantizer (codes stay on the grid)
+                h = self.trial({**scheme(name), "heal-quantized": f"heal(steps={self.heal_steps})"}, "quantize-heal")
+                if self.feasible(h) and self.cost(h) < bar:
+                    best = h
+                    continue
             for keep in KEEP_STEPS:  # the knee: the fewest sensitive layers kept at higher precision
                 k = self.trial(scheme(name, f",keep={keep}"), "quantize-keep")
                 if k.get("error"):
@@ -468,7 +476,7 @@ class _Search:
                     break
         if best is None or self.cost(best) >= self.cost(base):
             return {}
-        return {k: v for k, v in best["state"].items() if k in ("rotate", "quantize")}
+        return {k: v for k, v in best["state"].items() if k in ("rotate", "quantize", "heal-quantized")}
 
     def structure(self, state: dict[str, str], axes: list[Axis], base: dict) -> None:
         notch = {a.name: 0 for a in axes}
@@ -532,6 +540,8 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
         raise UserError(f"max_drop must be a fraction >= 0, got {max_drop!r}", "e.g. 0.01 for 1%")
     if not 0 <= margin < 1:
         raise UserError(f"margin must be in [0, 1), got {margin}")
+    if not (isinstance(heal_steps, int) and heal_steps >= 0):
+        raise UserError(f"heal steps must be an integer >= 0, got {heal_steps!r}", "e.g. --heal-steps 50")
     tgt = get_target(target)
     if quantization is None:
         quantization = tuple(q for q in DEFAULT_QUANT if not (tgt.device == "cuda" and q in CPU_ONLY))

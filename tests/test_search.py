@@ -195,6 +195,21 @@ def test_w4a8_scheme_on_cpu_targets_only(tiny, tmp_path):
         search(tiny, "cuda", max_drop=0.5, work_dir=tmp_path / "cuda", **space)
 
 
+def test_heal_steps_retry_a_quantization_healed_through_its_quantizer(tiny, tmp_path):
+    """With heal_steps, a scheme that would win but misses the budget is tried again as quantize(...),heal(...):
+    the heal pass trains through the quantizer and keeps the format (same bytes)."""
+    space = {**SPACE, "quantization": ("int4",), "structure": ()}
+    with pytest.raises(AccuracyBudgetError):
+        search(tiny, "x86", max_drop=1e-9, objective="size", work_dir=tmp_path, heal_steps=2, max_trials=3, **space)
+    trials = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    plain = next(t for t in trials if t.get("stage") == "quantize")
+    healed = next(t for t in trials if t.get("stage") == "quantize-heal")
+    assert healed["pipeline"] == plain["pipeline"] + ",heal(steps=2)" and not healed.get("error")
+    assert healed["size_bytes"] == plain["size_bytes"]  # heal keeps the format (here it kept the codes too)
+    with pytest.raises(UserError, match="heal steps"):
+        search(tiny, "x86", max_drop=0.5, work_dir=tmp_path / "bad", heal_steps=-1, **space)
+
+
 # -- through the CLI ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("drop", ["abc", "-1%", "150"])
