@@ -2,7 +2,7 @@
 the quantizer; perplexity with benchmarks/rotate.py's protocol.
 
     python benchmarks/heal_qat.py [--method gptq] [--heal 'heal(steps=40,samples=40,eval_samples=4)']
-                                  [--samples 32] [--out build/heal_qat]
+                                  [--samples 32] [--acts none|int8] [--out build/heal_qat]
 
 Heal's forward and backward at seq 512 take ~60 s a step on a shared 2-core machine, so the pipeline
 runs on the Program traced at seq 128: quantize (calibration --samples windows of 128 tokens of
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--method", default="gptq", choices=("rtn", "gptq", "awq"))
     ap.add_argument("--heal", default="heal(steps=40,samples=40,eval_samples=4)")
     ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--acts", default="none", choices=("none", "int8"), help="int8: W4A8")
     ap.add_argument("--out", default=str(ROOT / "build" / "heal_qat"))
     a = ap.parse_args()
     import torch
@@ -45,14 +46,15 @@ def main() -> None:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    quantize = f"quantize(weights=int4,group=128{'' if a.method == 'rtn' else ',method=' + a.method})"
+    acts = ",acts=int8" if a.acts == "int8" else ""
+    quantize = f"quantize(weights=int4,group=128{acts}{'' if a.method == 'rtn' else ',method=' + a.method})"
     short = tcc.trace("smollm2", seq_len=128)
     calibration = text_feeds(short, n_samples=a.samples)
     t0 = time.perf_counter()
     program = Pipeline.parse(quantize).run(short.clone(), PassContext(calibration=calibration, check_feeds=1))
     quantize_s = time.perf_counter() - t0
     long = tcc.trace("smollm2", seq_len=512)
-    scored = Pipeline.parse("quantize(weights=int4,group=128)").run(  # the format at seq 512; values copied in
+    scored = Pipeline.parse(f"quantize(weights=int4,group=128{acts})").run(  # the format at seq 512; values copied in
         long.clone(), PassContext(calibration=text_feeds(long, n_samples=1)))
 
     def score(src, name: str, **extra) -> None:

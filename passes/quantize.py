@@ -81,8 +81,8 @@ as error to the columns not yet quantized instead of filling them in; awq and sm
 columns and rows, which keeps zeros. The annotation moves to the codes (`<w>_int8` / `<w>_int4`)
 with format, scale, zero and group (a layer mixed precision keeps in fp32 keeps it on the weight).
 
-Calibration: ctx.calibration when given (every feed; the first `samples` if `samples` is set), else
-`samples` windows of the default text (tcc.compress.calibration.text_feeds). Needed by gptq, awq, smoothquant, clip=awq,
+Calibration: ctx.calibration when given (every feed; the first `samples` if samples > 0), else
+`samples` (0: 16) windows of the default text (tcc.compress.calibration.text_feeds). Needed by gptq, awq, smoothquant, clip=awq,
 static activations and mixed precision; plain rtn with dynamic activations needs none.
 
 Mixed precision (here, not a pass of its own: a layer's sensitivity is measured with the codes this
@@ -169,7 +169,9 @@ class Quantize(Pass):
                        validator=lambda v: None if v > 0 else "must be > 0"),
         "act_order": Option(bool, True, "GPTQ: columns by decreasing Hessian diagonal, groups fitted up front "
                             "(false: the paper's order, groups fitted as they come)"),
-        "samples": Option(int, 16, "calibration windows: the first N of the compile's calibration feeds (default: every one), else N windows of the calibration text", validator=lambda v: None if v >= 1 else "must be >= 1"),
+        "samples": Option(int, 0, "calibration windows: the first N of the compile's calibration feeds, else N windows "
+                          "of the calibration text (0: every feed, else 16 windows)",
+                          validator=lambda v: None if v >= 0 else "must be >= 0"),
         "min_size": Option(int, 4096, "quantize weights with at least this many elements",
                            validator=lambda v: None if v >= 0 else "must be >= 0"),
         "skip": Option(list[str], [], "module-path globs to keep in float, e.g. [lm_head,*.classifier]"),
@@ -272,7 +274,7 @@ class Quantize(Pass):
         return self.acts == "int8" and self.act_scheme == "static"
 
     def _feeds(self, program: Program, ctx: PassContext) -> list[dict]:
-        return pass_feeds(program, ctx, self.samples, "samples" in self.given)
+        return pass_feeds(program, ctx, self.samples)
 
 
 # -- match --------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ clipping is not here: it changes the function, so it is quantization (`quantize(
 `quantize(method=awq|smoothquant)` runs this same step (tcc.compress.smoothing.smooth) inside
 quantize and gives the numbers it always gave.
 
-Calibration: ctx.calibration when given (every feed; the first `samples` if `samples` is set), else
-`samples` windows of the default text. Checks (UserError naming the option): smoothquant with weights=int4; alpha with awq;
+Calibration: ctx.calibration when given (every feed; the first `samples` if samples > 0), else
+`samples` (0: 16) windows of the default text. Checks (UserError naming the option): smoothquant with weights=int4; alpha with awq;
 zero=float without weights=int4,sym=false; an odd group; int4 for a layer with an odd K.
 Notes: options, calibration feeds, per group {linears, fold, ratio | alpha}, the alpha search.
 """
@@ -69,7 +69,9 @@ class Smooth(Pass):
         "sym": Option(bool, True, "symmetric int4 weights / int8 activations, as quantize's sym"),
         "zero": Option(str, "int", "int4 with sym=false: int or float zero points, as quantize's zero",
                        choices=("int", "float")),
-        "samples": Option(int, 16, "calibration windows: the first N of the compile's calibration feeds (default: every one), else N windows of the calibration text", validator=lambda v: None if v >= 1 else "must be >= 1"),
+        "samples": Option(int, 0, "calibration windows: the first N of the compile's calibration feeds, else N windows "
+                          "of the calibration text (0: every feed, else 16 windows)",
+                          validator=lambda v: None if v >= 0 else "must be >= 0"),
         "min_size": Option(int, 4096, "smooth for the weights quantize will take: at least this many elements",
                            validator=lambda v: None if v >= 0 else "must be >= 0"),
         "skip": Option(list[str], [], "module-path globs quantize will keep in float"),
@@ -107,7 +109,7 @@ class Smooth(Pass):
         if not plan.layers:
             ctx.note(options=dict(self.opts), calibration={"feeds": 0}, smoothing=[], alpha_search=None)
             return False
-        feeds = pass_feeds(program, ctx, self.samples, "samples" in self.given)
+        feeds = pass_feeds(program, ctx, self.samples)
         alpha = None if self.alpha == "auto" else float(self.alpha)
         done = smoothing.smooth(program, plan.layers, feeds, self.method, alpha, self.target())
         ctx.note(options=dict(self.opts), calibration={"feeds": len(feeds)}, smoothing=done.notes,

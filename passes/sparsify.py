@@ -31,7 +31,7 @@ the share of one threshold over all selected layers' scores, each divided by its
 (tcc.compress.sparsity.allocate; sparsegpt allocates by Wanda's score), then prunes each layer at its share
 as for layer. The overall sparsity is then `sparsity` within rounding; the layers' shares differ.
 
-Calibration: ctx.calibration (every feed; the first `samples` if `samples` is set), else `samples` windows of the default text
+Calibration: ctx.calibration (every feed; the first `samples` if samples > 0), else `samples` (0: 16) windows of the default text
 (tcc.compress.calibration.text_feeds) when the program has a tokenizer; wanda and sparsegpt need one of them,
 magnitude none.
 
@@ -94,7 +94,9 @@ class Sparsify(Pass):
         "method": Option(str, "magnitude", "how weights are scored", choices=("magnitude", "wanda", "sparsegpt")),
         "scope": Option(str, "layer", "layer: every layer at `sparsity`; global: one threshold over all layers' "
                         "normalised scores", choices=("layer", "global")),
-        "samples": Option(int, 16, "calibration windows: the first N of the compile's calibration feeds (default: every one), else N windows of the calibration text", validator=lambda v: None if v >= 1 else "must be >= 1"),
+        "samples": Option(int, 0, "calibration windows: the first N of the compile's calibration feeds, else N windows "
+                          "of the calibration text (0: every feed, else 16 windows)",
+                          validator=lambda v: None if v >= 0 else "must be >= 0"),
         "damp": Option(float, 0.01, "SparseGPT damping, a fraction of the mean Hessian diagonal",
                        validator=lambda v: None if v > 0 else "must be > 0"),
         "min_size": Option(int, 4096, "prune weights with at least this many elements",
@@ -152,7 +154,7 @@ class Sparsify(Pass):
             raise UserError(f"pass 'sparsify' option 'method': method={self.method} needs calibration inputs "
                             "(the layers' activations) and there are none, nor a tokenizer to cut them from text",
                             "give calibration feeds (PassContext(calibration=...)), or use method=magnitude")
-        return pass_feeds(program, ctx, self.samples, "samples" in self.given)
+        return pass_feeds(program, ctx, self.samples)
 
 
 # -- match ---------------------------------------------------------------------------------------------

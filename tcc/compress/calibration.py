@@ -51,13 +51,16 @@ def default_text() -> Path:
     return Path(os.environ.get("TCC_CALIBRATION_TEXT") or DEFAULT_TEXT)
 
 
-def pass_feeds(program, ctx, samples: int, explicit: bool) -> list[dict[str, np.ndarray]]:
-    """A calibrating pass's feeds: the compile's calibration feeds (every one, or the first `samples` when
-    the pass was given `samples` explicitly), else `samples` windows of the calibration text. So
-    `--calibration-samples 256` reaches GPTQ without also writing samples=256 into the pipeline."""
+PASS_WINDOWS = 16  # a calibrating pass's windows of text when it has no feeds and samples=0
+
+
+def pass_feeds(program, ctx, samples: int) -> list[dict[str, np.ndarray]]:
+    """A calibrating pass's feeds for its `samples` option: the compile's calibration feeds (all of them when
+    samples = 0, the default, else the first `samples`), or without feeds `samples` (0: PASS_WINDOWS) windows
+    of the calibration text. So `--calibration-samples 256` reaches GPTQ without samples=256 in the pipeline."""
     if ctx.calibration:
-        return ctx.calibration[:samples] if explicit else list(ctx.calibration)
-    return text_feeds(program, n_samples=samples)
+        return ctx.calibration[:samples] if samples else list(ctx.calibration)
+    return text_feeds(program, n_samples=samples or PASS_WINDOWS)
 
 
 # -- feeds from text ---------------------------------------------------------------------------------

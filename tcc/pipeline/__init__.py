@@ -231,7 +231,6 @@ class Pass:
             valid = ", ".join(f"{k} ({o.type_name})" for k, o in self.options.items()) or "none"
             raise UserError(f"pass '{self.name}' has no option '{unknown[0]}'", f"valid options: {valid}")
         self.opts: dict[str, Any] = {}
-        self.given: frozenset[str] = frozenset(opts)  # the options the caller set (the rest are defaults)
         for key, opt in self.options.items():
             value = opts.get(key, opt.default)
             try:
