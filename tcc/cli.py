@@ -1,7 +1,7 @@
 """The `tcc` command.
 
   tcc compile MODEL --target {x86,arm64,...} [-o DIR] [--seq-len N] [--pipeline TEXT] [--report PATH] [--force]
-  tcc compile MODEL --preset {q8,w8a8,q4,q4-fast,q4_0}   (a named pipeline; `tcc presets` lists them)
+  tcc compile MODEL --preset {q8,w8a8,q4,q4-fast,w4a8,q4_0}   (a named pipeline; `tcc presets` lists them)
   tcc compile --recipe FILE.toml [MODEL] [flags: given explicitly, they win over the recipe]
   tcc compile MODEL --max-accuracy-drop 1% [--objective latency|size] [--time-limit 20m] [--heal-steps N] [--search-dir DIR]
   tcc run ARTIFACT --inputs in.npz -o out.npz [--force]

@@ -21,6 +21,7 @@ SPELLED_OUT = {
     "q4_1": "quantize(weights=int4,group=32,sym=false,zero=float,embeddings=true)",
     "q4-fast": "quantize(weights=int4,group=128,sym=false,method=gptq,embeddings=true)",
     "q4_0": "quantize(weights=int4,group=32,sym=true,embeddings=true)",
+    "w4a8": "quantize(weights=int4,group=128,sym=false,method=gptq,acts=int8,embeddings=true)",
 }
 
 
@@ -288,3 +289,33 @@ def test_shell_completion_of_commands_flags_and_choices(tmp_path, capsys):
     assert _completions("tcc compile minilm --tar", tmp_path) == ["--target"]
     assert _completions("tcc compile minilm --preset ", tmp_path) == presets.names()
     assert set(_completions("tcc compile minilm --target ", tmp_path)) >= {"x86", "native", "arm64", "cuda"}
+
+
+def test_w4a8_preset_on_a_causal_lm(tmp_path):
+    """`--preset w4a8` on a tiny Llama: int4 codes and int8 activations run the W4A8 kernels in prefill and
+    decode; the artifact's logits match the quantized Program in PyTorch within the int8 activation
+    rounding's reach (a code that rounds the other way), and a verify row equals the decode step."""
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import tcc
+    from tcc.pipeline import presets
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama", safe_serialization=True)
+    out = tmp_path / "art"
+    rng = np.random.default_rng(0)  # no tokenizer: GPTQ's calibration as token ids
+    calibration = [{"input_ids": rng.integers(0, 128, (1, 8)).astype(np.int64)} for _ in range(8)]
+    tcc.compile(str(tmp_path / "llama"), "x86", out=out, pipeline="w4a8", seq_len=8, max_context=32,
+                calibration=calibration, latency=False).close()
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert presets.matching(manifest["pipeline"]) == "w4a8", manifest["pipeline"]
+    fidelity = report["final"]["accuracy"]["vs_program"]["logits"]
+    assert fidelity["max_rel_err"] < 1e-2, fidelity  # 2.5e-7 on Zen 5: every activation code the same
+    assert report["final"]["generation"]["verify_vs_decode"] == 0.0
+    assert report["final"]["size"]["ratio"] < 0.3, report["final"]["size"]
+    kernels = (out / "model.so").read_bytes()
+    assert b"tcc_dense_w4a8" in kernels
