@@ -141,6 +141,8 @@ def _compile(model, target: str, out: Path, facts: dict, records: list, final: d
     facts["pipeline"] = pipe.canonical()
     seen_events = len(caches.events())
     user.check_outputs(force)  # a pass's own output paths (analyze-redundancy out=), before the slow work
+    if hasattr(builder, "check_pipeline"):
+        builder.check_pipeline(pipe, tgt)  # a format the target has no kernel for, before the passes run
     _stale_staging(Path(out))
     # Staging checks the output path now, before the slow work; the libraries' own output goes to build.log
     with Staging(out, force) as stage, library_output(stage.dir / "build.log"), memory.recording() as steps:

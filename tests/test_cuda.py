@@ -210,6 +210,32 @@ def test_cuda_lowering_refuses_fractional_int4_zero_points():
     kernelize(prog.gm, prog.annotations, [], device="cpu")
 
 
+def test_cuda_target_refuses_cpu_only_formats_before_the_passes_run(tmp_path):
+    """The formats the CUDA lowering refuses (above) are refused from the pipeline text, before any pass
+    runs: `--preset w4a8 --target cuda` stopped after 55 s of GPTQ on SmolLM2 before; now at once."""
+    from tcc.backends.tvm.lower import CUDA_REFUSALS, cuda_pipeline_refusal
+    from tcc.pipeline.backend import get_backend, get_target
+    cases = {"w4a8": "w4a8", "quantize(weights=int4,acts=int8)": "w4a8",
+             "quantize(weights=int4,embeddings=true,embedding_format=int4)": "int4 embeddings",
+             "q4": "fractional zero points", "drop-blocks(count=1),q4_1": "fractional zero points"}
+    for text, kind in cases.items():
+        err = cuda_pipeline_refusal(Pipeline.parse(text))
+        assert err is not None and str(err).startswith(CUDA_REFUSALS[kind][0]), text
+    for text in ("q4-fast", "w8a8", "q8", "q4_0", "quantize(weights=int8,acts=int8)", "bf16", ""):
+        assert cuda_pipeline_refusal(Pipeline.parse(text) if text else Pipeline([])) is None, text
+    backend = get_backend("tvm")
+    with pytest.raises(UserError, match="W4A8"):
+        backend.check_pipeline(Pipeline.parse("w4a8"), get_target("cuda"))
+    backend.check_pipeline(Pipeline.parse("w4a8"), get_target("x86"))
+    if not HAVE_NVCC:
+        return
+    # the whole compile: GPTQ without calibration text or a tokenizer would fail if it ran; the refusal comes first
+    prog, _ = build("llama")
+    with pytest.raises(UserError, match="W4A8"):
+        tcc.compile(prog, "cuda", out=tmp_path / "art", pipeline="w4a8", latency=False)
+    assert not (tmp_path / "art").exists()
+
+
 # -- nvcc: hand-written kernels ---------------------------------------------------------------------
 
 @needs_nvcc

@@ -33,6 +33,14 @@ class TVMBackend:
         from .build import check_toolchain
         check_toolchain(target)
 
+    def check_pipeline(self, pipeline, target) -> None:
+        """What the lowering would refuse for `target` in `pipeline` (tcc.pipeline.backend), before the passes run."""
+        if target.device == "cuda":
+            from .lower import cuda_pipeline_refusal
+            refusal = cuda_pipeline_refusal(pipeline)
+            if refusal is not None:
+                raise refusal
+
     def build(self, program, target, dir: Path, functions: dict | None = None) -> dict:
         """model.so and weights.safetensors in `dir`; the library dict (tcc.pipeline.backend.Backend.build)."""
         from .build import build_library

@@ -792,6 +792,39 @@ def _conv_transpose_gemm(gm, name: str, c: _Conv, weight: torch.Tensor, bias) ->
     return y
 
 
+
+# What the cuda lowering refuses (CPU kernels only), by format: (error, hint). The lowering raises it when a
+# graph holds such an op; cuda_pipeline_refusal finds it in pipeline text before any pass runs.
+CUDA_REFUSALS = {
+    "w4a8": ("int4 weights with int8 activations (W4A8, quantize weights=int4,acts=int8) run on the CPU kernels only",
+             "use quantize(weights=int4,acts=none) for a cuda target"),
+    "int4 embeddings": ("int4 embedding tables (quantize embedding_format=int4) run on the CPU kernels only",
+                        "use embedding_format=int8 for a cuda target"),
+    "fractional zero points": ("int4 weights with fractional zero points (quantize zero=float) run on the CPU kernels "
+                               "only; tcc's CUDA int4 kernel takes integer zero points", "use zero=int for a cuda target"),
+}
+
+
+def cuda_refusal(kind: str) -> UserError:
+    return UserError(*CUDA_REFUSALS[kind])
+
+
+def cuda_pipeline_refusal(pipeline) -> UserError | None:
+    """The refusal the cuda lowering would raise for what `pipeline`'s quantize passes ask (a preset
+    expanded), else None: so a compile for a cuda target stops before the passes run (GPTQ takes minutes)."""
+    for p in pipeline:
+        o = getattr(p, "opts", {})
+        if p.name != "quantize" or o.get("weights") != "int4":
+            continue
+        if o.get("acts") == "int8":
+            return cuda_refusal("w4a8")
+        if o.get("embeddings") and o.get("embedding_format") == "int4":
+            return cuda_refusal("int4 embeddings")
+        if o.get("zero") == "float":
+            return cuda_refusal("fractional zero points")
+    return None
+
+
 def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
               report: list | None = None, device: str = "cpu", memo: dict | None = None) -> torch.fx.GraphModule:
     """A copy of `gm` whose dense ops are tcc custom ops the TVM backend maps to kernels.
@@ -811,15 +844,12 @@ def kernelize(gm: torch.fx.GraphModule, annotations: dict | None = None,
     _pack_quantized(gm, sparse, report, memo)
     _bf16_bits(gm, memo)
     if device == "cuda" and any(n.target == torch.ops.tcc_tvm.dense_w4a8_packed.default for n in gm.graph.nodes):
-        raise UserError("int4 weights with int8 activations (W4A8, quantize weights=int4,acts=int8) run on the CPU "
-                        "kernels only", "use quantize(weights=int4,acts=none) for a cuda target")
+        raise cuda_refusal("w4a8")
     if device == "cuda" and any(n.target == torch.ops.tcc_tvm.embedding_w4_packed.default for n in gm.graph.nodes):
-        raise UserError("int4 embedding tables (quantize embedding_format=int4) run on the CPU kernels only",
-                        "use embedding_format=int8 for a cuda target")
+        raise cuda_refusal("int4 embeddings")
     if device == "cuda" and any(n.target == torch.ops.tcc_tvm.dense_w4_packed.default
                                 and _attr(gm, n.args[3]).dtype == torch.float32 for n in gm.graph.nodes):
-        raise UserError("int4 weights with fractional zero points (quantize zero=float) run on the CPU kernels only; "
-                        "tcc's CUDA int4 kernel takes integer zero points", "use zero=int for a cuda target")
+        raise cuda_refusal("fractional zero points")
     if device == "cuda":
         cuda.note_dense(gm, sparse, report)
     else:

@@ -14,6 +14,10 @@ backends/onnxruntime/__init__.py):
   cost_model(program)                     the program as the backend will execute it (its kernels),
                                           for the accuracy-budget search's latency model
   identity()                              versions that decide whether a cached build is still good
+and optionally:
+  check_pipeline(pipeline, target)        UserError for what `build` would refuse for this target in the
+                                          Pipeline's passes (e.g. a format with no kernel there), raised
+                                          before the passes run
 and, for a backend that defines targets (tvm):
   targets()                               [(name, one-line description)] (`tcc targets`)
   aliases()                               {other name: target name}
