@@ -792,7 +792,6 @@ def _conv_transpose_gemm(gm, name: str, c: _Conv, weight: torch.Tensor, bias) ->
     return y
 
 
-
 # What the cuda lowering refuses (CPU kernels only), by format: (error, hint). The lowering raises it when a
 # graph holds such an op; cuda_pipeline_refusal finds it in pipeline text before any pass runs.
 CUDA_REFUSALS = {

@@ -46,8 +46,8 @@ PRESETS = {p.name: p for p in (
            "the smallest (0.16-0.20x the bytes); SmolLM2 perplexity +10 %, MiniLM cosine 0.977; compiles slower (GPTQ)"),
     Preset("w4a8", "quantize(weights=int4,group=128,sym=false,method=gptq,acts=int8,embeddings=true)",
            "int4 weights in groups of 128 with zero points, fitted by GPTQ, and per-block int8 activations: "
-           "int4 x int8 integer dot products (VNNI on x86, sdot on arm64); int8 embedding table",
-           "the fastest format on a CPU (not CUDA): SmolLM2 decode 1.38x q4-fast and 1.27x w8a8, prefill as fast as "
+           "int4 x int8 integer dot products (AVX-512 VNNI or AVX2 on x86, sdot on arm64); int8 embedding table",
+           "the fastest decode on a CPU (not CUDA): SmolLM2 decode 1.38x q4-fast and 1.27x w8a8, prefill as fast as "
            "w8a8 (2.9x q4-fast), q4-fast's bytes; SmolLM2 perplexity +13 %, MiniLM cosine 0.976; compiles slower (GPTQ)"),
     Preset("q4_0", "quantize(weights=int4,group=32,embeddings=true)",
            "int4 weights in groups of 32, symmetric: one scale per group, no zero point (llama.cpp Q4_0's grid); "
