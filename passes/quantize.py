@@ -116,7 +116,7 @@ import torch
 import torch.fx as fx
 
 from tcc.compress import smoothing, sparsity
-from tcc.compress.calibration import CalibrationLoss, pass_feeds
+from tcc.compress.calibration import CalibrationLoss, pass_feeds, samples_option
 from tcc.compress.quantization import (Grid, InputStats, Layer, Plan, QWeight, TABLES, awq_clip_groups, bits_per_weight, blockwise,
                                        collect_stats, feed_args, gptq, group_fallback, int4_group, linear_reads, match as plan_of,
                                        output_error, rtn, static_scale)
@@ -169,9 +169,7 @@ class Quantize(Pass):
                        validator=lambda v: None if v > 0 else "must be > 0"),
         "act_order": Option(bool, True, "GPTQ: columns by decreasing Hessian diagonal, groups fitted up front "
                             "(false: the paper's order, groups fitted as they come)"),
-        "samples": Option(int, 0, "calibration windows: the first N of the compile's calibration feeds, else N windows "
-                          "of the calibration text (0: every feed, else 16 windows)",
-                          validator=lambda v: None if v >= 0 else "must be >= 0"),
+        "samples": samples_option(),
         "min_size": Option(int, 4096, "quantize weights with at least this many elements",
                            validator=lambda v: None if v >= 0 else "must be >= 0"),
         "skip": Option(list[str], [], "module-path globs to keep in float, e.g. [lm_head,*.classifier]"),

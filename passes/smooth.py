@@ -37,7 +37,7 @@ Notes: options, calibration feeds, per group {linears, fold, ratio | alpha}, the
 from __future__ import annotations
 
 from tcc.compress import smoothing
-from tcc.compress.calibration import pass_feeds
+from tcc.compress.calibration import pass_feeds, samples_option
 from tcc.compress.quantization import Grid, match
 from tcc.errors import UserError
 from tcc.ir.program import Program
@@ -69,9 +69,7 @@ class Smooth(Pass):
         "sym": Option(bool, True, "symmetric int4 weights / int8 activations, as quantize's sym"),
         "zero": Option(str, "int", "int4 with sym=false: int or float zero points, as quantize's zero",
                        choices=("int", "float")),
-        "samples": Option(int, 0, "calibration windows: the first N of the compile's calibration feeds, else N windows "
-                          "of the calibration text (0: every feed, else 16 windows)",
-                          validator=lambda v: None if v >= 0 else "must be >= 0"),
+        "samples": samples_option(),
         "min_size": Option(int, 4096, "smooth for the weights quantize will take: at least this many elements",
                            validator=lambda v: None if v >= 0 else "must be >= 0"),
         "skip": Option(list[str], [], "module-path globs quantize will keep in float"),

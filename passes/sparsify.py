@@ -56,7 +56,7 @@ import torch
 import torch.fx as fx
 
 from tcc.compress import sparsity as sp
-from tcc.compress.calibration import pass_feeds
+from tcc.compress.calibration import pass_feeds, samples_option
 from tcc.errors import InternalError, UserError
 from tcc.pipeline import Option, Pass, PassContext, register
 from tcc.ir.program import Program, attribute as _attr
@@ -94,9 +94,7 @@ class Sparsify(Pass):
         "method": Option(str, "magnitude", "how weights are scored", choices=("magnitude", "wanda", "sparsegpt")),
         "scope": Option(str, "layer", "layer: every layer at `sparsity`; global: one threshold over all layers' "
                         "normalised scores", choices=("layer", "global")),
-        "samples": Option(int, 0, "calibration windows: the first N of the compile's calibration feeds, else N windows "
-                          "of the calibration text (0: every feed, else 16 windows)",
-                          validator=lambda v: None if v >= 0 else "must be >= 0"),
+        "samples": samples_option(),
         "damp": Option(float, 0.01, "SparseGPT damping, a fraction of the mean Hessian diagonal",
                        validator=lambda v: None if v > 0 else "must be > 0"),
         "min_size": Option(int, 4096, "prune weights with at least this many elements",

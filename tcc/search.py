@@ -104,7 +104,6 @@ ROTATED = {"int4-rotate"}  # schemes whose pipeline rotates the residual stream 
 # the schemes a search tries unless told: not int4-rotate, which made SmolLM2's int4 worse (docs/BENCHMARKS.md
 # "Rotations"); quantization=(..., "int4-rotate") asks for it
 DEFAULT_QUANT = ("int8", "w8a8", "int4", "w4a8")
-CPU_ONLY = {"w4a8"}  # no CUDA kernel (the lowering refuses W4A8 for cuda): left out of a cuda target's default
 KEEP_STEPS = (1, 2, 4, 8, 16)
 HEAD_RATIOS = (0.125, 0.25, 0.375, 0.5)
 BLOCK_SPARSITY = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -517,6 +516,20 @@ def _evaluate(search: _Search, state: dict[str, str], text: str, stage: str) -> 
     return record
 
 
+def _refused_schemes(backend, tgt) -> set[str]:
+    """The QUANT schemes whose quantize the backend refuses for `tgt` (Backend.check_pipeline: no kernels there)."""
+    from .pipeline import Pipeline
+    check = getattr(backend, "check_pipeline", None)
+    refused = set()
+    for name, options in QUANT.items():
+        try:
+            if check is not None:
+                check(Pipeline.parse(f"quantize({options})"), tgt)
+        except UserError:
+            refused.add(name)
+    return refused
+
+
 def search(model_or_program, target: str = "x86", *, max_drop: float, objective: str = "latency",
            budget_s: float | None = None, work_dir, out=None, calibration_text=None, calibration_samples: int = 8,
            seq_len: int = 128, batch: int = 1, task: str | None = None, margin: float = 0.1, measure: int = 3,
@@ -527,7 +540,7 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
     """Search, choose and (with `out`) compile; see the module docstring. `work_dir` and `out` may
     hold only what tcc wrote there (a search directory, an artifact) unless `force`. `quantization` and
     `structure` narrow the search space (names from QUANT and STRUCTURE; quantization defaults to
-    DEFAULT_QUANT, less CPU_ONLY on a cuda target); `max_trials` caps the
+    DEFAULT_QUANT, less the schemes the backend has no kernels for on the target); `max_trials` caps the
     trials run in this call, the reference (which always runs) included; finished ones read back
     from the log do not count."""
     from .pipeline.backend import get_backend, get_target
@@ -543,14 +556,15 @@ def search(model_or_program, target: str = "x86", *, max_drop: float, objective:
     if not (isinstance(heal_steps, int) and heal_steps >= 0):
         raise UserError(f"heal steps must be an integer >= 0, got {heal_steps!r}", "e.g. --heal-steps 50")
     tgt = get_target(target)
-    if quantization is None:
-        quantization = tuple(q for q in DEFAULT_QUANT if not (tgt.device == "cuda" and q in CPU_ONLY))
-    elif tgt.device == "cuda" and CPU_ONLY & set(quantization):
-        raise UserError(f"quantization scheme(s) {sorted(CPU_ONLY & set(quantization))} have no {tgt.name} kernels",
-                        "leave them out for a cuda target, or search a CPU target")
-    unknown = sorted(set(quantization) - set(QUANT)) + sorted(set(structure) - set(STRUCTURE))
+    unknown = sorted(set(quantization or ()) - set(QUANT)) + sorted(set(structure) - set(STRUCTURE))
     if unknown:
         raise UserError(f"unknown search axes {unknown}", f"quantization: {list(QUANT)}; structure: {list(STRUCTURE)}")
+    no_kernels = _refused_schemes(get_backend("tvm"), tgt)
+    if quantization is None:
+        quantization = tuple(q for q in DEFAULT_QUANT if q not in no_kernels)
+    elif no_kernels & set(quantization):
+        raise UserError(f"quantization scheme(s) {sorted(no_kernels & set(quantization))} have no {tgt.name} kernels",
+                        "leave them out for this target, or search a CPU target")
     if out is not None:
         from .artifact import WHAT, is_artifact
         check_dir(out, WHAT, is_artifact, force)

@@ -54,6 +54,14 @@ def default_text() -> Path:
 PASS_WINDOWS = 16  # a calibrating pass's windows of text when it has no feeds and samples=0
 
 
+def samples_option():
+    """The `samples` option of the calibrating passes (quantize, smooth, sparsify): what pass_feeds reads."""
+    from ..pipeline import Option
+    return Option(int, 0, "calibration windows: the first N of the compile's calibration feeds, else N windows of "
+                  f"the calibration text (0: every feed, else {PASS_WINDOWS} windows)",
+                  validator=lambda v: None if v >= 0 else "must be >= 0")
+
+
 def pass_feeds(program, ctx, samples: int) -> list[dict[str, np.ndarray]]:
     """A calibrating pass's feeds for its `samples` option: the compile's calibration feeds (all of them when
     samples = 0, the default, else the first `samples`), or without feeds `samples` (0: PASS_WINDOWS) windows
