@@ -45,6 +45,12 @@ constexpr int kVecLanes = 4;
 // benchmarks/gemv_ab.py, docs/BENCHMARKS.md session 16).
 constexpr int64_t kPrefetchAhead = 8192;
 
+// Asks for the cache lines of [p, p + bytes) (prefetches never fault: p may run past an array's end).
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  for (int64_t l = 0; l < bytes; l += 64) __builtin_prefetch(reinterpret_cast<const void*>(a + l), 0, 3);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Argument checks
 // ---------------------------------------------------------------------------------------------
