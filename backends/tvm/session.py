@@ -70,10 +70,13 @@ class HostVM:
         # one (whose caches are then freed with its session; `fn` keeps its own closure)
         self.vm.save_function(name, f"{name}_bound", *inputs, *state, *[self._param(n) for n in signature["params"]])
         fn = self.vm[f"{name}_bound"]
+        # numpy views of the inputs (token ids and positions), written in place: Tensor.copyfrom of a
+        # fresh array cost 5 us per input, 16 of the ~25 us of Python around a decode call
+        views = [np.from_dlpack(t) for t in inputs]
 
         def call(arrays):
-            for spec, t, a in zip(specs, inputs, arrays):
-                t.copyfrom(np.ascontiguousarray(a, dtype=spec.dtype).reshape(spec.shape))
+            for view, a in zip(views, arrays):
+                view[...] = np.reshape(a, view.shape)
             out = fn()
             return (out if hasattr(out, "numpy") else out[0]).numpy()
         return call
