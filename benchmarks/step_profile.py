@@ -144,13 +144,14 @@ def native_instrument(vm):
 
     import tvm_ffi
     from tvm_ffi import libinfo
-    out = Path(tempfile.mkdtemp(prefix="step_profile-"))
-    (out / "instrument.cc").write_text(INSTRUMENT)
-    cmd = ["g++", "-O2", "-shared", "-fPIC", "-std=c++17", f"-I{libinfo.find_include_path()}",
-           f"-I{libinfo.find_dlpack_include_path()}", str(out / "instrument.cc"), "-o", str(out / "instrument.so"),
-           libinfo.find_libtvm_ffi()]
-    subprocess.run(cmd, check=True)
-    ctypes.CDLL(str(out / "instrument.so"), mode=ctypes.RTLD_GLOBAL)
+    with tempfile.TemporaryDirectory(prefix="step_profile-") as tmp:  # (a loaded library outlives its file)
+        out = Path(tmp)
+        (out / "instrument.cc").write_text(INSTRUMENT)
+        cmd = ["g++", "-O2", "-shared", "-fPIC", "-std=c++17", f"-I{libinfo.find_include_path()}",
+               f"-I{libinfo.find_dlpack_include_path()}", str(out / "instrument.cc"), "-o", str(out / "instrument.so"),
+               libinfo.find_libtvm_ffi()]
+        subprocess.run(cmd, check=True)
+        ctypes.CDLL(str(out / "instrument.so"), mode=ctypes.RTLD_GLOBAL)
     vm.set_instrument(tvm_ffi.get_global_func("step_profile.instrument"))
     get = tvm_ffi.get_global_func("step_profile.report")
 

@@ -520,11 +520,12 @@ def _refused_schemes(backend, tgt) -> set[str]:
     """The QUANT schemes whose quantize the backend refuses for `tgt` (Backend.check_pipeline: no kernels there)."""
     from .pipeline import Pipeline
     check = getattr(backend, "check_pipeline", None)
+    if check is None:
+        return set()
     refused = set()
     for name, options in QUANT.items():
         try:
-            if check is not None:
-                check(Pipeline.parse(f"quantize({options})"), tgt)
+            check(Pipeline.parse(f"quantize({options})"), tgt)
         except UserError:
             refused.add(name)
     return refused
